@@ -1,0 +1,124 @@
+"""
+Throughput of metrics.py on one core.
+
+$ python bench/bench_metrics.py [--n_texts=3000] [--seed=0]
+
+Synthesises deterministic TinyStories-like texts (~200 words, with dialogue),
+prints texts/s per text metric, the cost of all metrics together per text, and
+NGramScorer fit/score throughput in tokens/s for vocab 512 and 4096.
+Target: the tokenizer encodes ~12,000 stories/s/core; all text metrics together
+should stay within 2x of that, i.e. >= ~5,000 texts/s/core.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+import metrics  # noqa: E402
+
+NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy"]
+NOUNS = ["dog", "cat", "ball", "tree", "park", "box", "cake", "bird", "car", "flower", "toy",
+         "house", "garden", "boat", "sun", "friend", "mom", "dad", "sister", "brother", "king"]
+ADJS = ["big", "little", "happy", "sad", "red", "shiny", "funny", "scary", "kind", "soft",
+        "pretty", "angry", "brave", "tired", "good", "bad"]
+VERBS = ["saw", "found", "liked", "wanted", "played with", "took", "hugged", "lost", "made",
+         "shared", "broke", "loved", "hated", "helped"]
+OPEN = ["Once upon a time, there was a", "One day, a", "There was a"]
+SAY = ["said", "asked", "shouted", "cried", "whispered"]
+LINES = ["I want to play!", "Can I have it?", "This is so much fun.", "I am sorry.",
+         "Do not be sad, I will help you.", "Look at that!", "Thank you, you are my best friend.",
+         "No, it is mine!", "Let's go to the park.", "I don't like it."]
+ENDS = ["They were very happy.", "From that day on, they were best friends.",
+        "The end.", "She learned to share.", "He never did that again."]
+
+
+def make_texts(n: int, seed: int = 0, target_words: int = 250) -> list[str]:
+    rng = np.random.default_rng(seed)
+
+    def pick(xs):
+        return xs[int(rng.integers(len(xs)))]
+
+    out = []
+    for _ in range(n):
+        name = pick(NAMES)
+        s = [f"{pick(OPEN)} {pick(ADJS)} {pick(NOUNS)} named {name}."]
+        words = 12
+        while words < target_words:
+            r = rng.random()
+            if r < 0.35:
+                t = f'"{pick(LINES)}" {pick(SAY)} {pick(NAMES)}.'
+            elif r < 0.7:
+                t = f"{pick(NAMES)} {pick(VERBS)} the {pick(ADJS)} {pick(NOUNS)}."
+            else:
+                t = (f"The {pick(NOUNS)} was very {pick(ADJS)}, so {pick(['he', 'she', 'they'])} "
+                     f"went to the {pick(NOUNS)} with {pick(['his', 'her', 'their'])} {pick(NOUNS)}.")
+            s.append(t)
+            words += len(t.split())
+        s.append(pick(ENDS))
+        out.append(" ".join(s))
+    return out
+
+
+def rate(fn, n_items, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n_items / best, best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n_texts", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    try:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
+    except (AttributeError, OSError):
+        pass
+    texts = make_texts(a.n_texts, a.seed)
+    print(f"{len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f} chars, "
+          f"{np.mean([len(t.split()) for t in texts]):.0f} whitespace words")
+    metrics.text_metrics(texts[:200])  # warm caches (as in a long pretokenize run)
+
+    print(f"{'metric':22s} {'texts/s':>10s} {'us/text':>9s}")
+    for name in metrics.text_metric_names():
+        r, _ = rate(lambda: metrics.text_metrics(texts, [name]), len(texts))
+        print(f"{name:22s} {r:10.0f} {1e6 / r:9.1f}")
+    r_all, _ = rate(lambda: metrics.text_metrics(texts), len(texts))
+    print(f"{'ALL (one call)':22s} {r_all:10.0f} {1e6 / r_all:9.1f}")
+    no_v = [n for n in metrics.text_metric_names() if n != "sentiment"]
+    r_nov, _ = rate(lambda: metrics.text_metrics(texts, no_v), len(texts))
+    print(f"{'ALL but sentiment':22s} {r_nov:10.0f} {1e6 / r_nov:9.1f}")
+
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    sia = SentimentIntensityAnalyzer()
+    sub = texts[:300]
+    r_lib, _ = rate(lambda: [sia.polarity_scores(t) for t in sub], len(sub), repeat=1)
+    print(f"{'(vaderSentiment lib)':22s} {r_lib:10.0f} {1e6 / r_lib:9.1f}")
+    tok_cost = 1e6 / 12000
+    print(f"target: tokenizer ~12000 stories/s = {tok_cost:.0f} us/text; metrics budget "
+          f"<= 2x => >= ~5000 texts/s.  all metrics: {1e6 / r_all:.0f} us/text = "
+          f"{(1e6 / r_all) / tok_cost:.2f}x tokenizer -> {'OK' if r_all >= 5000 else 'BELOW TARGET'}")
+
+    rng = np.random.default_rng(a.seed)
+    for V in (512, 4096):
+        fit_tok = rng.integers(0, V, 5_000_000, dtype=np.int64).astype(np.uint16)
+        sc = metrics.NGramScorer(order=3, vocab_size=V)
+        r_fit, t_fit = rate(lambda: sc.fit([fit_tok]), fit_tok.size, repeat=1)
+        seqs = [rng.integers(0, V, 257).astype(np.uint16) for _ in range(4000)]  # ~1M tokens
+        n_tok = sum(len(s) for s in seqs)
+        r_sc, t_sc = rate(lambda: sc.nll_many(seqs), n_tok, repeat=2)
+        print(f"NGramScorer V={V:5d} order=3: fit {r_fit / 1e6:6.2f} M tok/s ({t_fit:.2f} s for 5M), "
+              f"score {r_sc / 1e6:6.2f} M tok/s ({t_sc:.2f} s for {n_tok / 1e6:.2f}M)")
+
+
+if __name__ == "__main__":
+    main()

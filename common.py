@@ -1,0 +1,179 @@
+"""
+Shared plumbing for every stage script: typed --key=value configs, device/dtype
+choice, atomic writes, one-line user errors and run records.
+
+Nothing here knows about models or data; it is imported by all the scripts so that
+each of these concepts has exactly one home.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, never as a traceback."""
+
+
+def main_guard(fn):
+    """Run fn(); turn UserError into one line on stderr and exit code 1."""
+    try:
+        return fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# config: a dataclass is the schema; --key=value only for existing fields
+
+def _convert(name, typ, raw):
+    if typ is bool or typ == "bool":
+        if raw.lower() in ("1", "true", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "no"):
+            return False
+        raise UserError(f"--{name}={raw}: expected True or False")
+    for t, tname in ((int, "int"), (float, "float")):
+        if typ is t or typ == tname:
+            try:
+                return t(raw)
+            except ValueError:
+                raise UserError(f"--{name}={raw}: expected {tname}") from None
+    return raw  # str
+
+
+def config_help(cfg) -> str:
+    lines = [f"options for {type(cfg).__name__} (--key=value):"]
+    for f in dataclasses.fields(cfg):
+        lines.append(f"  --{f.name}={getattr(cfg, f.name)!r}")
+    return "\n".join(lines)
+
+
+def parse_config(cfg, argv, choices=None):
+    """Override fields of the dataclass instance cfg from argv ('--key=value' or a
+    '.json' config file). Unknown keys, bad values, or values outside `choices`
+    (field name -> allowed values) are a UserError naming the valid options."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    choices = choices or {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(config_help(cfg))
+            sys.exit(0)
+        if arg.endswith(".json") and not arg.startswith("--"):
+            try:
+                items = json.loads(Path(arg).read_text()).items()
+            except (OSError, ValueError) as e:
+                raise UserError(f"config file {arg}: {e}") from None
+            items = [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in items]
+        elif arg.startswith("--") and "=" in arg:
+            items = [arg[2:].split("=", 1)]
+        else:
+            raise UserError(f"bad argument {arg!r}: use --key=value (see --help)")
+        for key, raw in items:
+            if key not in fields:
+                raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+            val = _convert(key, fields[key].type, str(raw))
+            if key in choices and val not in choices[key]:
+                raise UserError(f"--{key}={val}: choose one of {', '.join(map(str, choices[key]))}")
+            setattr(cfg, key, val)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# device and dtype
+
+def auto_device(device: str = "auto") -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def auto_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 on a CUDA device that supports it, float32 otherwise."""
+    import torch
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def autocast_ctx(device: str, dtype: str):
+    import torch
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.amp.autocast(device_type=device.split(":")[0], dtype=ptdtype)
+
+
+# -----------------------------------------------------------------------------
+# atomic writes: write to a temp file in the same folder, then rename
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path next to `path`; on success rename it onto `path`, on error
+    remove it, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path, text: str):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv_atomic(df, path):
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+# -----------------------------------------------------------------------------
+# run records
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "numpy", "sentencepiece", "pandas", "sacrebleu", "rouge-score",
+                "vaderSentiment"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,878 @@
+"""
+The one yardstick: every text metric, the reference n-gram scorer and the
+hypothesis/reference overlap scores live here and nowhere else.
+
+The same functions score (a) the decoded text of every pretraining window at
+pretokenize time (millions of ~1,300-character texts, so speed matters) and
+(b) the model's generated outputs at eval time.
+
+Definitions shared by all text metrics
+--------------------------------------
+word      : a match of WORD_RE on the lowercased text, i.e. a maximal run of
+            Unicode letters/digits, optionally joined by internal apostrophes
+            (' or the curly ’, which is normalised to ').  "Lily's" and "don't"
+            are one word, "ice-cream" is two, "3.5" is two, an emoji is no word,
+            a run of CJK characters without spaces is one word.
+sentence  : the text is cut at every run of [.!?] characters; each piece that
+            contains at least one word is a sentence (so a trailing fragment
+            without an end mark counts, "..." alone does not; abbreviations such
+            as "Mr." end a sentence: no abbreviation list is used).
+            Every word belongs to exactly one sentence.
+empty     : a text with no words has n_words = n_sentences = 0, n_chars =
+            len(text), and every ratio/mean/readability/diversity value NaN
+            (never an exception).  gender counts are 0, gender_ratio NaN;
+            sentiment follows VADER (0.0 for a text with no tokens).
+
+Use text_metrics(texts, names) for batches; it shares the tokenisation between
+metrics and is the only supported entry point (the per-metric docstrings below
+are the definitions).  Bump METRICS_VERSION and the metric's version when any
+definition changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import string
+from dataclasses import dataclass
+from itertools import chain, compress
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+METRICS_VERSION = "1.0"
+
+# -----------------------------------------------------------------------------
+# registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    version: int
+    description: str
+    kind: str = "ratio"          # "count" | "ratio" | "score"
+    empty: str = "nan"           # value for a text with no words
+
+
+_M = [
+    Metric("n_chars", 1, "number of Unicode code points, len(text)", "count", "0"),
+    Metric("n_words", 1, "number of words (WORD_RE matches on the lowercased text)", "count", "0"),
+    Metric("n_sentences", 1, "number of [.!?]-run-delimited pieces that contain a word", "count", "0"),
+    Metric("mean_sentence_len", 1, "n_words / n_sentences (words per sentence)"),
+    Metric("ttr", 1, "type-token ratio: distinct lowercase words / n_words"),
+    Metric("mtld", 1, "MTLD (McCarthy & Jarvis), TTR threshold 0.72, mean of forward and "
+                      "backward passes; a pass with 0 factors scores n_words"),
+    Metric("flesch_reading_ease", 1, "206.835 - 1.015*words/sentences - 84.6*syllables/words "
+                                     "(syllables: vowel groups with silent-e rule)", "score"),
+    Metric("fk_grade", 1, "Flesch-Kincaid grade: 0.39*words/sentences + 11.8*syllables/words - 15.59",
+           "score"),
+    Metric("sentiment", 1, "VADER compound score in [-1, 1] of the whole text (vaderSentiment 3.3.2, "
+                           "exact re-implementation)", "score", "0"),
+    Metric("dialogue_share", 1, "share of words inside double quotes (\" “ ” toggle; an unclosed quote "
+                                "runs to the end of the text)"),
+    Metric("rep3", 1, "share of word 3-grams that repeat an earlier 3-gram of the same text "
+                      "(NaN below 3 words)"),
+    Metric("gender_male", 1, "number of words in the male word list", "count", "0"),
+    Metric("gender_female", 1, "number of words in the female word list", "count", "0"),
+    Metric("gender_ratio", 1, "gender_male / (gender_male + gender_female); NaN when both are 0"),
+]
+TEXT_METRICS: dict[str, Metric] = {m.name: m for m in _M}
+
+
+def text_metric_names() -> list[str]:
+    """All text metric names in registry (stable) order."""
+    return list(TEXT_METRICS)
+
+
+def resolve_metrics(spec: str | list[str] | None) -> list[str]:
+    """"all"/None/"" -> every metric; "a,b" or ["a", "b"] -> those, in registry order,
+    without duplicates.  An unknown name raises ValueError with the valid choices."""
+    if spec is None:
+        return text_metric_names()
+    if isinstance(spec, str):
+        if spec.strip().lower() in ("", "all"):
+            return text_metric_names()
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = [str(s).strip() for s in spec]
+        if len(items) == 1 and items[0].lower() == "all":
+            return text_metric_names()
+    bad = [s for s in items if s not in TEXT_METRICS]
+    if bad:
+        raise ValueError(f"unknown metric(s) {', '.join(bad)}; valid: all, {', '.join(TEXT_METRICS)}")
+    want = set(items)
+    return [n for n in TEXT_METRICS if n in want]
+
+
+def metric_versions(names=None) -> dict[str, int]:
+    """{name: version} for the resolved names (default all)."""
+    return {n: TEXT_METRICS[n].version for n in resolve_metrics(names)}
+
+
+# -----------------------------------------------------------------------------
+# tokenisation
+
+WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+# the same words plus straight double quotes as separate tokens; an ASCII-only
+# twin (identical results on ASCII text, faster) and the Unicode version
+_WORDQ_A = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*|\"", re.ASCII)
+_WORDQ_U = re.compile(r"[^\W_]+(?:'[^\W_]+)*|\"")
+# one match per sentence: the last letter/digit of a piece, then non-word
+# characters up to an end mark or the end of text (linear time, possessive)
+_SENT_A = re.compile(r"[a-z0-9][^.!?a-z0-9]*+(?:[.!?]|\Z)", re.ASCII)
+_SENT_U = re.compile(r"[^\W_](?:[^\w.!?]|_)*+(?:[.!?]|\Z)")
+# curly apostrophe -> ', curly double quotes -> "
+_NORM = str.maketrans({"\u2019": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def _normalise(text: str):
+    """(lowercased text with curly quotes/apostrophes made straight, is_ascii)."""
+    low = text.lower()
+    if low.isascii():
+        return low, True
+    return low.translate(_NORM), False
+
+
+def words_of(text: str) -> list[str]:
+    """The word tokens of text as every metric sees them (lowercased, ’ -> ')."""
+    low, _ = _normalise(text)
+    return WORD_RE.findall(low)
+
+
+def _tokens(low: str, ascii_: bool):
+    """(words, number of words inside double quotes) of a normalised text."""
+    toks = (_WORDQ_A if ascii_ else _WORDQ_U).findall(low)
+    if '"' not in low:
+        return toks, 0
+    qpos = []
+    j = -1
+    index = toks.index
+    try:
+        while True:
+            j = index('"', j + 1)
+            qpos.append(j)
+    except ValueError:
+        pass
+    if not qpos:
+        return toks, 0
+    bounds = [-1] + qpos + [len(toks)]
+    parts = [toks[bounds[k] + 1:bounds[k + 1]] for k in range(len(bounds) - 1)]
+    return list(chain.from_iterable(parts)), sum(map(len, parts[1::2]))
+
+
+def _n_sentences(low: str, ascii_: bool) -> int:
+    return len((_SENT_A if ascii_ else _SENT_U).findall(low))
+
+
+# -----------------------------------------------------------------------------
+# syllables: own heuristic, cached per word
+
+_VOWELS = "aeiouyàáâãäåæèéêëìíîïòóôõöøùúûüýÿœ"
+_VOWEL_GROUP = re.compile(f"[{_VOWELS}]+")
+
+
+def count_syllables(word: str) -> int:
+    """Heuristic syllable count of one lowercase word.
+
+    Count maximal groups of vowels (a e i o u y and their accented forms).
+    Silent-e rule: if the word ends in 'e' whose previous letter is not a
+    vowel, and that e is not part of a consonant+'le' ending (table, little),
+    the final e is not a syllable -- unless it is the only vowel group (he, the).
+    Every word has at least one syllable (so digits, CJK, 'hmm' count 1).
+    Examples: cat 1, make 1, little 2, table 2, whale 1, tree 1, agree 2, happy 2.
+    """
+    n = len(_VOWEL_GROUP.findall(word))
+    if (n > 1 and len(word) >= 2 and word[-1] == "e" and word[-2] not in _VOWELS
+            and not (word[-2] == "l" and len(word) >= 3 and word[-3] not in _VOWELS)):
+        n -= 1
+    return n if n > 0 else 1
+
+
+# -----------------------------------------------------------------------------
+# gendered words (configurable)
+
+DEFAULT_MALE_WORDS = (
+    "he", "him", "his", "himself", "boy", "boys", "man", "men", "father", "fathers", "dad",
+    "dads", "daddy", "papa", "brother", "brothers", "son", "sons", "king", "kings", "prince",
+    "princes", "mr", "sir", "grandpa", "grandfather", "uncle", "uncles", "husband", "nephew",
+    "gentleman", "gentlemen", "lord", "mister",
+)
+DEFAULT_FEMALE_WORDS = (
+    "she", "her", "hers", "herself", "girl", "girls", "woman", "women", "mother", "mothers",
+    "mom", "moms", "mommy", "mama", "mum", "mummy", "sister", "sisters", "daughter",
+    "daughters", "queen", "queens", "princess", "princesses", "mrs", "ms", "miss", "madam",
+    "grandma", "grandmother", "aunt", "aunts", "wife", "niece", "lady", "ladies",
+)
+GENDER_WORDS_ENV = "METRICS_GENDER_WORDS"
+
+_MALE: frozenset = frozenset()
+_FEMALE: frozenset = frozenset()
+
+
+def set_gender_words(male: Iterable[str] | None = None, female: Iterable[str] | None = None) -> None:
+    """Replace the gendered word lists (None -> module default).  Words are matched
+    against lowercase word tokens, so give them in lowercase, one token each."""
+    global _MALE, _FEMALE
+    m = frozenset(w.lower() for w in (DEFAULT_MALE_WORDS if male is None else male))
+    f = frozenset(w.lower() for w in (DEFAULT_FEMALE_WORDS if female is None else female))
+    if m & f:
+        raise ValueError(f"gender word lists overlap: {', '.join(sorted(m & f))}")
+    _MALE, _FEMALE = m, f
+    _WORD_INFO.clear()
+
+
+def load_gender_words(path) -> None:
+    """Set the lists from a JSON file {"male": [...], "female": [...]} (a missing key
+    keeps that default).  Also applied at import when $METRICS_GENDER_WORDS names a file."""
+    try:
+        d = json.loads(Path(path).read_text())
+        male, female = d.get("male"), d.get("female")
+    except Exception as e:  # noqa: BLE001 - one-line message
+        raise ValueError(f"{path}: cannot read gender word lists ({e})") from None
+    set_gender_words(male, female)
+
+
+def gender_words() -> tuple[list[str], list[str]]:
+    """The lists in use, sorted (record them with results if you override them)."""
+    return sorted(_MALE), sorted(_FEMALE)
+
+
+# per-word cache: syllables + (male << 24) + (female << 48); summing the packed
+# values over a text gives the three totals in one C-level pass.
+_SHIFT_M, _SHIFT_F, _MASK = 24, 48, (1 << 24) - 1
+
+
+class _WordInfo(dict):
+    def __missing__(self, w):
+        v = count_syllables(w) + ((w in _MALE) << _SHIFT_M) + ((w in _FEMALE) << _SHIFT_F)
+        if len(self) > 2_000_000:
+            self.clear()
+        self[w] = v
+        return v
+
+
+_WORD_INFO = _WordInfo()
+set_gender_words()
+if os.environ.get(GENDER_WORDS_ENV):
+    load_gender_words(os.environ[GENDER_WORDS_ENV])
+
+
+# -----------------------------------------------------------------------------
+# MTLD
+
+MTLD_THRESHOLD = 0.72
+
+
+def _mtld_factors(words) -> float:
+    """Factor count of one MTLD pass: a factor closes when the running TTR of the
+    current segment is <= 0.72; the leftover segment adds (1 - TTR) / (1 - 0.72)."""
+    factors = 0.0
+    seen = set()
+    add = seen.add
+    cnt = 0
+    for w in words:
+        add(w)
+        cnt += 1
+        if len(seen) / cnt <= MTLD_THRESHOLD:
+            factors += 1.0
+            seen = set()
+            add = seen.add
+            cnt = 0
+    if cnt:
+        factors += (1.0 - len(seen) / cnt) / (1.0 - MTLD_THRESHOLD)
+    return factors
+
+
+def mtld(words: list[str]) -> float:
+    """MTLD of a word list: mean over the forward and the backward pass of
+    n_words / factors.  A pass with 0 factors (every word distinct so far, the
+    usual case below ~10 words) scores n_words.  NaN for no words.  Values for
+    texts under ~50 words are noisy by nature."""
+    n = len(words)
+    if n == 0:
+        return math.nan
+    f = _mtld_factors(words)
+    b = _mtld_factors(reversed(words))
+    return 0.5 * ((n / f if f > 0 else n) + (n / b if b > 0 else n))
+
+
+# -----------------------------------------------------------------------------
+# VADER: exact, faster re-implementation of SentimentIntensityAnalyzer().
+# polarity_scores(text)["compound"], using the package's own lexicon, emoji
+# table and constants.  It tokenises once, looks words up through caches and
+# only runs the context rules around lexicon hits (the library rebuilds the
+# lowercase token list several times per lexicon hit).
+
+_V = None  # lazily initialised state
+
+
+def _vader_state():
+    global _V
+    if _V is None:
+        from vaderSentiment import vaderSentiment as vs
+        sia = vs.SentimentIntensityAnalyzer()
+        punct = string.punctuation
+
+        class _Strip(dict):
+            def __missing__(self, tok):
+                s = tok.strip(punct)
+                if len(s) <= 2:
+                    s = tok
+                if len(self) > 1_000_000:
+                    self.clear()
+                self[tok] = s
+                return s
+
+        class _Lower(dict):
+            def __missing__(self, tok):
+                s = strip[tok].lower()
+                if len(self) > 1_000_000:
+                    self.clear()
+                self[tok] = s
+                return s
+
+        strip = _Strip()
+        _V = dict(
+            vs=vs, sia=sia, lex=sia.lexicon, emojis=sia.emojis,
+            emoji_chars=frozenset(k for k in sia.emojis if len(k) == 1),
+            emoji_ascii=any(len(k) == 1 and k.isascii() for k in sia.emojis),
+            strip=strip, lower=_Lower(), booster=vs.BOOSTER_DICT, negate=frozenset(vs.NEGATE),
+            special=vs.SPECIAL_CASES,
+        )
+    return _V
+
+
+def _vader_negated(word, negate):
+    return word in negate or "n't" in word
+
+
+def vader_compound(text: str) -> float:
+    """VADER compound score of text, equal to the library's
+    SentimentIntensityAnalyzer().polarity_scores(text)['compound'] (tested)."""
+    V = _V or _vader_state()
+    if (V["emoji_ascii"] or not text.isascii()) and not V["emoji_chars"].isdisjoint(text):
+        emojis = V["emojis"]
+        out = []
+        prev_space = True
+        for ch in text:
+            if ch in emojis:
+                if not prev_space:
+                    out.append(" ")
+                out.append(emojis[ch])
+                prev_space = False
+            else:
+                out.append(ch)
+                prev_space = ch == " "
+        text = "".join(out)
+    text = text.strip()
+    toks = text.split()
+    n = len(toks)
+    if n == 0:
+        return 0.0
+    lex = V["lex"]
+    booster = V["booster"]
+    lows = list(map(V["lower"].__getitem__, toks))
+    strip = V["strip"]
+    negate = V["negate"]
+    cap_diff = None  # computed lazily: only matters for an ALL-CAPS token
+
+    def is_cap_diff():
+        nonlocal cap_diff
+        if cap_diff is None:
+            n_up = sum(1 for t in toks if strip[t].isupper())
+            cap_diff = 0 < n - n_up < n
+        return cap_diff
+
+    sparse = []  # (position, valence) of non-zero valences, in order
+    for i in compress(range(n), map(lex.__contains__, lows)):
+        lw = lows[i]
+        if lw in booster:
+            continue
+        if lw == "kind" and i < n - 1 and lows[i + 1] == "of":
+            continue
+        valence = lex[lw]
+        if lw == "no" and i != n - 1 and lows[i + 1] in lex:
+            valence = 0.0
+        if ((i > 0 and lows[i - 1] == "no") or (i > 1 and lows[i - 2] == "no")
+                or (i > 2 and lows[i - 3] == "no" and lows[i - 1] in ("or", "nor"))):
+            valence = lex[lw] * -0.74
+        if strip[toks[i]].isupper() and is_cap_diff():
+            valence = valence + 0.733 if valence > 0 else valence - 0.733
+        for start_i in range(3):
+            j = i - (start_i + 1)
+            if i > start_i and lows[j] not in lex:
+                pw = lows[j]
+                s = 0.0
+                if pw in booster:
+                    s = booster[pw]
+                    if valence < 0:
+                        s *= -1
+                    if strip[toks[j]].isupper() and is_cap_diff():
+                        s = s + 0.733 if valence > 0 else s - 0.733
+                if start_i == 1 and s != 0:
+                    s = s * 0.95
+                if start_i == 2 and s != 0:
+                    s = s * 0.9
+                valence = valence + s
+                # negation check
+                if start_i == 0:
+                    if _vader_negated(lows[i - 1], negate):
+                        valence = valence * -0.74
+                elif start_i == 1:
+                    if lows[i - 2] == "never" and (lows[i - 1] == "so" or lows[i - 1] == "this"):
+                        valence = valence * 1.25
+                    elif lows[i - 2] == "without" and lows[i - 1] == "doubt":
+                        pass
+                    elif _vader_negated(lows[i - 2], negate):
+                        valence = valence * -0.74
+                else:
+                    if (lows[i - 3] == "never" and (lows[i - 2] == "so" or lows[i - 2] == "this")
+                            or (lows[i - 1] == "so" or lows[i - 1] == "this")):
+                        valence = valence * 1.25
+                    elif lows[i - 3] == "without" and (lows[i - 2] == "doubt" or lows[i - 1] == "doubt"):
+                        pass
+                    elif _vader_negated(lows[i - 3], negate):
+                        valence = valence * -0.74
+                    valence = _vader_idioms(valence, lows, i, V)
+        # "least" check
+        if i > 1 and lows[i - 1] not in lex and lows[i - 1] == "least":
+            if lows[i - 2] != "at" and lows[i - 2] != "very":
+                valence = valence * -0.74
+        elif i > 0 and lows[i - 1] not in lex and lows[i - 1] == "least":
+            valence = valence * -0.74
+        if valence != 0:
+            sparse.append([i, valence])
+    if not sparse:
+        sum_s = 0.0
+    else:
+        if "but" in lows:
+            # the library's quirky in-place loop (list.index finds the first equal
+            # value); zeros cannot change, so running it on non-zeros is exact
+            bi = lows.index("but")
+            vals = [v for _, v in sparse]
+            pos = [p for p, _ in sparse]
+            for k in range(len(vals)):
+                v = vals[k]
+                si = vals.index(v)
+                if pos[si] < bi:
+                    vals[si] = v * 0.5
+                elif pos[si] > bi:
+                    vals[si] = v * 1.5
+            sum_s = float(sum(vals))
+        else:
+            sum_s = float(sum(v for _, v in sparse))
+    if sum_s != 0:
+        ep = text.count("!")
+        amp = min(ep, 4) * 0.292
+        qm = text.count("?")
+        if qm > 1:
+            amp += qm * 0.18 if qm <= 3 else 0.96
+        sum_s = sum_s + amp if sum_s > 0 else sum_s - amp
+    comp = sum_s / math.sqrt(sum_s * sum_s + 15)
+    comp = -1.0 if comp < -1.0 else (1.0 if comp > 1.0 else comp)
+    return round(comp, 4)
+
+
+def _vader_idioms(valence, lows, i, V):
+    special, booster = V["special"], V["booster"]
+    onezero = f"{lows[i - 1]} {lows[i]}"
+    twoonezero = f"{lows[i - 2]} {lows[i - 1]} {lows[i]}"
+    twoone = f"{lows[i - 2]} {lows[i - 1]}"
+    threetwoone = f"{lows[i - 3]} {lows[i - 2]} {lows[i - 1]}"
+    threetwo = f"{lows[i - 3]} {lows[i - 2]}"
+    for seq in (onezero, twoonezero, twoone, threetwoone, threetwo):
+        if seq in special:
+            valence = special[seq]
+            break
+    if len(lows) - 1 > i:
+        zeroone = f"{lows[i]} {lows[i + 1]}"
+        if zeroone in special:
+            valence = special[zeroone]
+    if len(lows) - 1 > i + 1:
+        zeroonetwo = f"{lows[i]} {lows[i + 1]} {lows[i + 2]}"
+        if zeroonetwo in special:
+            valence = special[zeroonetwo]
+    for ng in (threetwoone, threetwo, twoone):
+        if ng in booster:
+            valence = valence + booster[ng]
+    return valence
+
+
+# -----------------------------------------------------------------------------
+# batch text metrics
+
+_NAN = math.nan
+
+
+def text_metrics(texts: list[str], names: list[str] | str | None = None) -> dict[str, np.ndarray]:
+    """Score every text; returns {name: float64 array of len(texts)} for the
+    resolved names (default all), computing only what those names need."""
+    names = resolve_metrics(names)
+    want = set(names)
+    cols: dict[str, list] = {k: [] for k in names}
+    need_read = bool(want & {"flesch_reading_ease", "fk_grade"})
+    need_sent = need_read or bool(want & {"n_sentences", "mean_sentence_len"})
+    need_info = bool(want & {"flesch_reading_ease", "fk_grade", "gender_male", "gender_female",
+                             "gender_ratio"})
+    need_dlg = "dialogue_share" in want
+    need_words = bool(want - {"n_chars", "sentiment"})
+    info_get = _WORD_INFO.__getitem__
+    c = {k: cols[k].append for k in names}
+    for text in texts:
+        if "n_chars" in want:
+            c["n_chars"](float(len(text)))
+        if "sentiment" in want:
+            c["sentiment"](vader_compound(text))
+        if not need_words:
+            continue
+        low, ascii_ = _normalise(text)
+        words, n_quoted = _tokens(low, ascii_)
+        n = len(words)
+        if "n_words" in want:
+            c["n_words"](float(n))
+        if need_sent:
+            ns = _n_sentences(low, ascii_) if n else 0
+            if "n_sentences" in want:
+                c["n_sentences"](float(ns))
+            if "mean_sentence_len" in want:
+                c["mean_sentence_len"](n / ns if ns else _NAN)
+        if "ttr" in want:
+            c["ttr"](len(set(words)) / n if n else _NAN)
+        if "mtld" in want:
+            c["mtld"](mtld(words))
+        if need_info:
+            if n < (1 << 22):
+                tot = sum(map(info_get, words))
+                syl, male, female = tot & _MASK, (tot >> _SHIFT_M) & _MASK, tot >> _SHIFT_F
+            else:  # totals could overflow a packed field
+                vals = list(map(info_get, words))
+                syl = sum(v & _MASK for v in vals)
+                male = sum((v >> _SHIFT_M) & _MASK for v in vals)
+                female = sum(v >> _SHIFT_F for v in vals)
+            if n and need_read:
+                wps, spw = n / ns, syl / n
+                fre, fk = 206.835 - 1.015 * wps - 84.6 * spw, 0.39 * wps + 11.8 * spw - 15.59
+            else:
+                fre = fk = _NAN
+            if "flesch_reading_ease" in want:
+                c["flesch_reading_ease"](fre)
+            if "fk_grade" in want:
+                c["fk_grade"](fk)
+            if "gender_male" in want:
+                c["gender_male"](float(male))
+            if "gender_female" in want:
+                c["gender_female"](float(female))
+            if "gender_ratio" in want:
+                c["gender_ratio"](male / (male + female) if male + female else _NAN)
+        if need_dlg:
+            c["dialogue_share"](n_quoted / n if n else _NAN)
+        if "rep3" in want:
+            c["rep3"](1.0 - len(set(zip(words, words[1:], words[2:]))) / (n - 2) if n > 2 else _NAN)
+    return {k: np.asarray(cols[k], dtype=np.float64).reshape(len(texts)) for k in names}
+
+
+# -----------------------------------------------------------------------------
+# reference scorer: interpolated Witten-Bell n-gram LM over token ids
+
+SCORER_FORMAT_VERSION = 1
+
+
+class NGramScorer:
+    """Token n-gram language model with interpolated Witten-Bell smoothing down to
+    a uniform distribution over vocab_size:
+
+        P_0(w)     = 1 / V
+        P_m(w | h) = (c(h w) + T(h) * P_{m-1}(w | h')) / (c(h) + T(h))   if c(h) > 0
+                   = P_{m-1}(w | h')                                      otherwise
+
+    where h is the (m-1)-token history, h' its last m-2 tokens, c(h w) the count of
+    the m-gram, c(h) = sum_w c(h w) and T(h) the number of distinct w after h (for
+    m = 1 the history is empty: c = number of tokens, T = number of distinct tokens).
+    Each P_m sums to 1 over the vocabulary, and every token has P > 0.  A position
+    whose history inside the sequence is shorter than order-1 uses the longest
+    available history.  N-grams are counted inside each fitted sequence only.
+
+    N-grams are int64 keys (base-V digits), sorted and counted with np.unique and
+    looked up with np.searchsorted: no Python loop over tokens.
+    """
+
+    def __init__(self, order: int = 3, vocab_size: int = 32000):
+        if order < 1:
+            raise ValueError(f"order must be >= 1, got {order}")
+        if vocab_size < 2 or order * math.log2(vocab_size) >= 62:
+            raise ValueError(f"vocab_size={vocab_size} with order={order} does not fit int64 keys")
+        self.order = int(order)
+        self.vocab_size = int(vocab_size)
+        self.fitted = False
+        # per m in 1..order: ngram keys (sorted), their counts; per history
+        # length m-1 >= 1: history keys (sorted), c(h), T(h)
+        self.ng_keys: list[np.ndarray] = []
+        self.ng_counts: list[np.ndarray] = []
+        self.h_keys: list[np.ndarray] = []
+        self.h_counts: list[np.ndarray] = []
+        self.h_types: list[np.ndarray] = []
+
+    # --- helpers
+    def _check(self, seq) -> np.ndarray:
+        a = np.asarray(seq)
+        if a.ndim != 1:
+            raise ValueError(f"token sequence must be 1-D, got shape {a.shape}")
+        a = a.astype(np.int64, copy=False)
+        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{a.min()}, {a.max()}]")
+        return a
+
+    def _keys(self, a: np.ndarray, starts: np.ndarray):
+        """keys[m-1][i] = key of the m-gram ending at i (valid where i - m + 1 >= start
+        of its sequence); pos[i] = offset of i in its sequence."""
+        V = self.vocab_size
+        pos = np.arange(a.size, dtype=np.int64) - np.repeat(starts, np.diff(np.append(starts, a.size)))
+        keys = [a]
+        for m in range(2, self.order + 1):
+            k = np.empty_like(a)
+            k[0] = 0
+            k[1:] = keys[-1][:-1] * V + a[1:]
+            keys.append(k)
+        return keys, pos
+
+    def _concat(self, seqs):
+        arrs = [self._check(s) for s in seqs]
+        lens = np.array([len(s) for s in arrs], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(arrs) else np.zeros(0, np.int64)
+        a = np.concatenate(arrs) if arrs else np.zeros(0, np.int64)
+        return a, lens, starts
+
+    # --- fit
+    def fit(self, sequences: Iterable[np.ndarray]) -> "NGramScorer":
+        """Count n-grams of the given token sequences (e.g. the validation shard
+        split at BOS, or the whole shard as one sequence)."""
+        if isinstance(sequences, np.ndarray) and sequences.ndim == 1:
+            sequences = [sequences]
+        a, lens, starts = self._concat(list(sequences))
+        if a.size == 0:
+            raise ValueError("NGramScorer.fit: no tokens")
+        keys, pos = self._keys(a, starts)
+        self.ng_keys, self.ng_counts, self.h_keys, self.h_counts, self.h_types = [], [], [], [], []
+        V = self.vocab_size
+        for m in range(1, self.order + 1):
+            k = keys[m - 1][pos >= m - 1]
+            uk, cnt = np.unique(k, return_counts=True)
+            self.ng_keys.append(uk)
+            self.ng_counts.append(cnt.astype(np.int64))
+            if m >= 2:
+                hk = uk // V  # sorted, since uk is sorted
+                bounds = np.flatnonzero(np.diff(hk)) + 1
+                first = np.concatenate([[0], bounds])
+                self.h_keys.append(hk[first])
+                self.h_counts.append(np.add.reduceat(cnt, first).astype(np.int64))
+                self.h_types.append(np.diff(np.append(first, hk.size)).astype(np.int64))
+        self.fitted = True
+        return self
+
+    # --- score
+    def _need_fit(self):
+        if not self.fitted:
+            raise ValueError("NGramScorer is not fitted: call fit() or load()")
+
+    @staticmethod
+    def _lookup(sorted_keys, values, q):
+        """values[index of q in sorted_keys], 0 where q is absent."""
+        if sorted_keys.size == 0:
+            return np.zeros(q.shape, np.int64)
+        idx = np.searchsorted(sorted_keys, q)
+        idx[idx >= sorted_keys.size] = sorted_keys.size - 1
+        hit = sorted_keys[idx] == q
+        return np.where(hit, values[idx], 0)
+
+    def _token_logp(self, a: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """log P(a[i] | history) for every i (including sequence starts)."""
+        V = self.vocab_size
+        keys, pos = self._keys(a, starts)
+        n1, t1 = float(self.ng_counts[0].sum()), float(self.ng_keys[0].size)
+        c1 = self._lookup(self.ng_keys[0], self.ng_counts[0], a)
+        p = (c1 + t1 / V) / (n1 + t1)
+        for m in range(2, self.order + 1):
+            ok = np.flatnonzero(pos >= m - 1)
+            if ok.size == 0:
+                break
+            hq = keys[m - 2][ok - 1]
+            ch = self._lookup(self.h_keys[m - 2], self.h_counts[m - 2], hq)
+            th = self._lookup(self.h_keys[m - 2], self.h_types[m - 2], hq)
+            seen = ch > 0
+            if not seen.any():
+                continue
+            ok, ch, th = ok[seen], ch[seen], th[seen]
+            chw = self._lookup(self.ng_keys[m - 1], self.ng_counts[m - 1], keys[m - 1][ok])
+            p[ok] = (chw + th * p[ok]) / (ch + th)
+        return np.log(p)
+
+    def prob_dist(self, context) -> np.ndarray:
+        """P(w | context) for every w in the vocabulary (for tests/inspection)."""
+        self._need_fit()
+        ctx = self._check(context)[-(self.order - 1):] if self.order > 1 else np.zeros(0, np.int64)
+        if self.order == 1:
+            ctx = np.zeros(0, np.int64)
+        V = self.vocab_size
+        seqs = np.concatenate([np.tile(ctx, (V, 1)), np.arange(V, dtype=np.int64)[:, None]], axis=1)
+        a = seqs.reshape(-1)
+        starts = np.arange(V, dtype=np.int64) * seqs.shape[1]
+        lp = self._token_logp(a, starts)
+        return np.exp(lp[starts + seqs.shape[1] - 1])
+
+    def token_nll(self, seq: np.ndarray) -> np.ndarray:
+        """nll (nats) of seq[1:], each given its prefix; length len(seq) - 1."""
+        self._need_fit()
+        a = self._check(seq)
+        if a.size < 2:
+            return np.zeros(0, np.float64)
+        return -self._token_logp(a, np.zeros(1, np.int64))[1:]
+
+    def nll(self, seq) -> float:
+        """Mean token nll of seq[1:] (NaN for fewer than 2 tokens); perplexity = exp(nll)."""
+        t = self.token_nll(seq)
+        return float(t.mean()) if t.size else math.nan
+
+    def nll_many(self, seqs: list[np.ndarray]) -> np.ndarray:
+        """nll(s) for every s, in one vectorised pass."""
+        self._need_fit()
+        if len(seqs) == 0:
+            return np.zeros(0, np.float64)
+        a, lens, starts = self._concat(seqs)
+        lp = self._token_logp(a, starts)
+        valid = np.ones(a.size, bool)
+        valid[starts[lens > 0]] = False
+        seq_id = np.repeat(np.arange(len(seqs)), lens)
+        tot = np.bincount(seq_id[valid], weights=-lp[valid], minlength=len(seqs))
+        cnt = np.maximum(lens - 1, 0)
+        out = np.full(len(seqs), np.nan)
+        nz = cnt > 0
+        out[nz] = tot[nz] / cnt[nz]
+        return out
+
+    def perplexity(self, seq) -> float:
+        return float(math.exp(self.nll(seq)))
+
+    # --- persistence
+    def _arrays(self) -> dict[str, np.ndarray]:
+        d = {}
+        for m in range(1, self.order + 1):
+            d[f"ng_keys_{m}"] = self.ng_keys[m - 1]
+            d[f"ng_counts_{m}"] = self.ng_counts[m - 1]
+            if m >= 2:
+                d[f"h_keys_{m}"] = self.h_keys[m - 2]
+                d[f"h_counts_{m}"] = self.h_counts[m - 2]
+                d[f"h_types_{m}"] = self.h_types[m - 2]
+        return d
+
+    def fingerprint(self) -> str:
+        """sha1 over format version, order, vocab_size and all count arrays."""
+        self._need_fit()
+        h = hashlib.sha1(f"{SCORER_FORMAT_VERSION}/{self.order}/{self.vocab_size}".encode())
+        for k, v in sorted(self._arrays().items()):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(v, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def save(self, path) -> None:
+        self._need_fit()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, format_version=np.int64(SCORER_FORMAT_VERSION), order=np.int64(self.order),
+                 vocab_size=np.int64(self.vocab_size), fingerprint=np.array(self.fingerprint()),
+                 **self._arrays())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "NGramScorer":
+        def bad(why):
+            return ValueError(f"{path}: {why}; re-run `python tinystories.py pretokenize`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                d = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise bad("scorer file not found") from None
+        except Exception as e:  # noqa: BLE001
+            raise bad(f"not a readable scorer file ({type(e).__name__})") from None
+        try:
+            ver = int(d["format_version"])
+            if ver != SCORER_FORMAT_VERSION:
+                raise bad(f"scorer format version {ver}, expected {SCORER_FORMAT_VERSION}")
+            s = cls(int(d["order"]), int(d["vocab_size"]))
+            for m in range(1, s.order + 1):
+                s.ng_keys.append(d[f"ng_keys_{m}"].astype(np.int64))
+                s.ng_counts.append(d[f"ng_counts_{m}"].astype(np.int64))
+                if m >= 2:
+                    s.h_keys.append(d[f"h_keys_{m}"].astype(np.int64))
+                    s.h_counts.append(d[f"h_counts_{m}"].astype(np.int64))
+                    s.h_types.append(d[f"h_types_{m}"].astype(np.int64))
+            s.fitted = True
+            fp = str(d["fingerprint"])
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise bad(f"incomplete scorer file ({type(e).__name__}: {e})") from None
+        if s.fingerprint() != fp:
+            raise bad("scorer fingerprint mismatch (corrupt file)")
+        return s
+
+
+def scorer_perplexity(scorer: NGramScorer, seqs: list[np.ndarray]) -> np.ndarray:
+    """exp(nll) per sequence under the reference scorer."""
+    return np.exp(scorer.nll_many(seqs))
+
+
+# -----------------------------------------------------------------------------
+# overlap of a generated text with an expected text
+
+_ROUGE = None
+
+
+def bleu(hyp: str, ref: str) -> float:
+    """Sentence BLEU in [0, 100]: sacrebleu.sentence_bleu(hyp, [ref]).score with
+    sacrebleu's defaults (13a tokenisation, 'exp' smoothing)."""
+    import sacrebleu
+    return float(sacrebleu.sentence_bleu(hyp, [ref]).score)
+
+
+def rouge_l(hyp: str, ref: str) -> float:
+    """ROUGE-L F1 in [0, 1] from rouge_score (no stemming; its tokenizer lowercases and
+    keeps only [a-z0-9] runs, so non-ASCII words are ignored)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return float(_ROUGE.score(ref, hyp)["rougeL"].fmeasure)
+
+
+def prefix_match(hyp_ids, ref_ids) -> int:
+    """Length of the longest common prefix of two token id sequences."""
+    h = np.asarray(hyp_ids).reshape(-1)
+    r = np.asarray(ref_ids).reshape(-1)
+    n = min(h.size, r.size)
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(h[:n] != r[:n])
+    return int(diff[0]) if diff.size else int(n)
+
+
+def overlap_metrics(hyps: list[str], refs: list[str], hyp_ids=None, ref_ids=None) -> dict[str, np.ndarray]:
+    """{'bleu', 'rouge_l'} (and 'prefix_match' when both id lists are given), float64
+    arrays of len(hyps)."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"overlap_metrics: {len(hyps)} hypotheses but {len(refs)} references")
+    out = {
+        "bleu": np.array([bleu(h, r) for h, r in zip(hyps, refs)], dtype=np.float64),
+        "rouge_l": np.array([rouge_l(h, r) for h, r in zip(hyps, refs)], dtype=np.float64),
+    }
+    if hyp_ids is not None and ref_ids is not None:
+        if not (len(hyp_ids) == len(refs) == len(ref_ids)):
+            raise ValueError("overlap_metrics: hyp_ids/ref_ids must have one entry per text")
+        out["prefix_match"] = np.array([prefix_match(h, r) for h, r in zip(hyp_ids, ref_ids)],
+                                       dtype=np.float64)
+    return out

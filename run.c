@@ -1,0 +1,835 @@
+/*
+ * run.c -- one-file C inference for the Llama-2 style models this project trains.
+ *
+ * Usage (same flags as llama2.c's run.c, plus -d):
+ *   ./run model.bin [-t temperature] [-p topp] [-s seed] [-n steps] [-i "prompt"]
+ *                   [-z tokenizer.bin] [-m generate] [-d 0|1]
+ *
+ * Model file: llama2.c "version 0" (legacy) layout. Seven int32 header fields
+ *   dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
+ * followed by float32 arrays, every matrix stored row-major as (out, in):
+ *   token_embedding (vocab, dim)
+ *   rms_att (L, dim)
+ *   wq (L, dim, dim)   wk (L, kv_dim, dim)   wv (L, kv_dim, dim)   wo (L, dim, dim)
+ *   rms_ffn (L, dim)
+ *   w1 (L, hidden, dim)   w2 (L, dim, hidden)   w3 (L, hidden, dim)
+ *   rms_final (dim)
+ *   two unused legacy RoPE tables of seq_len*head_size/2 floats each
+ *   wcls (vocab, dim)  -- only when the header's vocab_size is negative
+ * A positive vocab_size means the output classifier reuses token_embedding.
+ * The file is memory-mapped; its size must equal exactly what the header implies.
+ *
+ * Tokenizer file: int32 max_token_length, then vocab_size records of
+ *   { float32 score, int32 n_bytes, n_bytes bytes (no terminator) }.
+ *
+ * Output: text by default; with "-d 1" the generated token ids (every `next`
+ * token of the generation loop, prompt tokens after BOS included) are written to
+ * stdout as one line of space-separated decimal integers. The achieved speed is
+ * reported on stderr either way, so stdout stays machine-readable.
+ *
+ * Every problem with the user's input is reported as a single line on stderr of
+ * the form "run: error: ... (hint: ...)" and the program exits with status 1.
+ */
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BOS_ID 1
+#define UNK_ID 0
+#define HEADER_INTS 7
+#define HEADER_BYTES (HEADER_INTS * 4)
+/* the first int32 of llama2.c's versioned exports ("ak42" read as little-endian) */
+#define VERSIONED_MAGIC 0x616b3432
+
+static const char *MODEL_HINT = "hint: re-export with python export.py";
+static const char *TOK_HINT = "hint: re-export the tokenizer with python tokenizer.py";
+
+/* ------------------------------------------------------------------------- */
+/* errors and allocation                                                      */
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("run: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+/* zeroed array of `count` elements; the 128-bit product cannot overflow */
+static void *alloc_array(unsigned __int128 count, size_t elem, const char *what) {
+    unsigned __int128 bytes = count * (unsigned __int128)elem;
+    if (bytes == 0) bytes = elem;
+    if (bytes > (unsigned __int128)SIZE_MAX / 2)
+        die("cannot allocate %s: %.3g bytes is more than this machine can address",
+            what, (double)bytes);
+    void *p = calloc(1, (size_t)bytes);
+    if (p == NULL)
+        die("out of memory allocating %s (%zu bytes) (hint: use a smaller model or a smaller seq_len)",
+            what, (size_t)bytes);
+    return p;
+}
+
+/* ------------------------------------------------------------------------- */
+/* model                                                                      */
+
+typedef struct {
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+    int head_size, kv_dim;
+    int shared_classifier;
+} Config;
+
+typedef struct {
+    const float *tok_emb;   /* (vocab, dim) */
+    const float *rms_att;   /* (L, dim) */
+    const float *wq;        /* (L, dim, dim) */
+    const float *wk;        /* (L, kv_dim, dim) */
+    const float *wv;        /* (L, kv_dim, dim) */
+    const float *wo;        /* (L, dim, dim) */
+    const float *rms_ffn;   /* (L, dim) */
+    const float *w1;        /* (L, hidden, dim) */
+    const float *w2;        /* (L, dim, hidden) */
+    const float *w3;        /* (L, hidden, dim) */
+    const float *rms_final; /* (dim) */
+    const float *wcls;      /* (vocab, dim) */
+} Weights;
+
+typedef struct {
+    float *x;       /* residual stream (dim) */
+    float *xb;      /* normalised input / attention output (dim) */
+    float *xb2;     /* projection output (dim) */
+    float *hb;      /* ffn hidden (hidden) */
+    float *hb2;     /* ffn gate partner (hidden) */
+    float *q;       /* query (dim) */
+    float *att;     /* attention weights (n_heads, seq_len) */
+    float *logits;  /* (vocab) */
+    float *k_cache; /* (L, seq_len, kv_dim) */
+    float *v_cache; /* (L, seq_len, kv_dim) */
+} Buffers;
+
+typedef struct {
+    Config c;
+    Weights w;
+    Buffers b;
+    void *map;
+    size_t map_bytes;
+} Model;
+
+/* number of floats the file must hold after the header */
+static unsigned __int128 weight_floats(const Config *c, int with_classifier) {
+    typedef unsigned __int128 u;
+    u dim = (u)c->dim, hid = (u)c->hidden_dim, L = (u)c->n_layers;
+    u vocab = (u)c->vocab_size, kv = (u)c->kv_dim, seq = (u)c->seq_len, hs = (u)c->head_size;
+    u per_layer = dim            /* rms_att */
+                + dim * dim      /* wq */
+                + 2 * kv * dim   /* wk, wv */
+                + dim * dim      /* wo */
+                + dim            /* rms_ffn */
+                + 3 * hid * dim; /* w1, w2, w3 */
+    u total = vocab * dim + L * per_layer + dim + seq * hs; /* seq*hs = both RoPE tables */
+    if (with_classifier) total += vocab * dim;
+    return total;
+}
+
+static void describe_header(char *out, size_t n, const int32_t *h) {
+    snprintf(out, n, "dim=%d hidden_dim=%d n_layers=%d n_heads=%d n_kv_heads=%d vocab_size=%d seq_len=%d",
+             h[0], h[1], h[2], h[3], h[4], h[5], h[6]);
+}
+
+static void print_size(char *out, size_t n, unsigned __int128 v) {
+    if (v <= (unsigned __int128)UINT64_MAX) snprintf(out, n, "%llu", (unsigned long long)v);
+    else snprintf(out, n, "%.3g", (double)v);
+}
+
+static void load_model(Model *m, const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        die("cannot open model file '%s': %s (hint: check the path, or export a model with python export.py)",
+            path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        die("cannot stat model file '%s': %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        die("model file '%s' is not a regular file (hint: pass the path of a .bin written by python export.py)", path);
+    uint64_t fsize = (uint64_t)st.st_size;
+    if (fsize < HEADER_BYTES)
+        die("model file '%s' is only %llu bytes, too short for the %d-byte header (%s)",
+            path, (unsigned long long)fsize, HEADER_BYTES, MODEL_HINT);
+
+    int32_t h[HEADER_INTS];
+    ssize_t got = pread(fd, h, sizeof h, 0);
+    if (got != (ssize_t)sizeof h)
+        die("cannot read the header of model file '%s': %s (%s)", path,
+            got < 0 ? strerror(errno) : "short read", MODEL_HINT);
+    char hdr[256];
+    describe_header(hdr, sizeof hdr, h);
+
+    if (h[0] == VERSIONED_MAGIC)
+        die("model file '%s' is a versioned llama2.c export; this program reads only the legacy version-0 layout (hint: re-export with python export.py --version 0)", path);
+
+    Config *c = &m->c;
+    c->dim = h[0]; c->hidden_dim = h[1]; c->n_layers = h[2]; c->n_heads = h[3];
+    c->n_kv_heads = h[4]; c->seq_len = h[6];
+    if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 ||
+        c->n_kv_heads <= 0 || c->seq_len <= 0 || h[5] == 0 || h[5] == INT32_MIN)
+        die("model file '%s' has an invalid header (%s): all sizes must be positive (vocab_size may be negative) (%s)",
+            path, hdr, MODEL_HINT);
+    c->shared_classifier = h[5] > 0;
+    c->vocab_size = h[5] > 0 ? h[5] : -h[5];
+    if (c->vocab_size < 2)
+        die("model file '%s' has an invalid header (%s): vocab_size must be at least 2, token 1 is BOS (%s)",
+            path, hdr, MODEL_HINT);
+    if (c->dim % c->n_heads != 0)
+        die("model file '%s' has an invalid header (%s): n_heads does not divide dim (%s)", path, hdr, MODEL_HINT);
+    if (c->n_heads % c->n_kv_heads != 0)
+        die("model file '%s' has an invalid header (%s): n_kv_heads does not divide n_heads (%s)", path, hdr, MODEL_HINT);
+    c->head_size = c->dim / c->n_heads;
+    if (c->head_size % 2 != 0)
+        die("model file '%s' has an invalid header (%s): head size dim/n_heads=%d is odd, RoPE needs pairs (%s)",
+            path, hdr, c->head_size, MODEL_HINT);
+    c->kv_dim = c->head_size * c->n_kv_heads;
+
+    unsigned __int128 want = HEADER_BYTES + 4 * weight_floats(c, !c->shared_classifier);
+    unsigned __int128 other = HEADER_BYTES + 4 * weight_floats(c, c->shared_classifier);
+    if ((unsigned __int128)fsize != want) {
+        char wbuf[64];
+        print_size(wbuf, sizeof wbuf, want);
+        if ((unsigned __int128)fsize == other)
+            die("model file '%s' (%llu bytes) matches its header (%s) only %s a separate classifier, but the sign of vocab_size says %s (%s)",
+                path, (unsigned long long)fsize, hdr,
+                c->shared_classifier ? "with" : "without",
+                c->shared_classifier ? "it is shared" : "it is separate", MODEL_HINT);
+        if ((unsigned __int128)fsize < want)
+            die("model file '%s' is truncated or its header is wrong: the header (%s) implies %s bytes but the file has %llu (%s)",
+                path, hdr, wbuf, (unsigned long long)fsize, MODEL_HINT);
+        die("model file '%s' has %llu unexpected extra bytes: the header (%s) implies %s bytes but the file has %llu (%s)",
+            path, (unsigned long long)(fsize - (uint64_t)want), hdr, wbuf, (unsigned long long)fsize, MODEL_HINT);
+    }
+
+    void *map = mmap(NULL, (size_t)fsize, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (map == MAP_FAILED)
+        die("cannot memory-map model file '%s': %s", path, strerror(errno));
+    close(fd);
+    m->map = map;
+    m->map_bytes = (size_t)fsize;
+
+    /* the size check above guarantees every offset below lies inside the mapping */
+    size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, L = (size_t)c->n_layers;
+    size_t kv = (size_t)c->kv_dim, vocab = (size_t)c->vocab_size;
+    const float *p = (const float *)((const char *)map + HEADER_BYTES);
+    Weights *w = &m->w;
+    w->tok_emb = p;   p += vocab * dim;
+    w->rms_att = p;   p += L * dim;
+    w->wq = p;        p += L * dim * dim;
+    w->wk = p;        p += L * kv * dim;
+    w->wv = p;        p += L * kv * dim;
+    w->wo = p;        p += L * dim * dim;
+    w->rms_ffn = p;   p += L * dim;
+    w->w1 = p;        p += L * hid * dim;
+    w->w2 = p;        p += L * dim * hid;
+    w->w3 = p;        p += L * hid * dim;
+    w->rms_final = p; p += dim;
+    p += (size_t)c->seq_len * (size_t)c->head_size; /* skip the legacy RoPE tables */
+    w->wcls = c->shared_classifier ? w->tok_emb : p;
+
+    typedef unsigned __int128 u;
+    Buffers *b = &m->b;
+    b->x = alloc_array(dim, sizeof(float), "activations");
+    b->xb = alloc_array(dim, sizeof(float), "activations");
+    b->xb2 = alloc_array(dim, sizeof(float), "activations");
+    b->hb = alloc_array(hid, sizeof(float), "activations");
+    b->hb2 = alloc_array(hid, sizeof(float), "activations");
+    b->q = alloc_array(dim, sizeof(float), "activations");
+    b->att = alloc_array((u)c->n_heads * (u)c->seq_len, sizeof(float), "attention scores");
+    b->logits = alloc_array(vocab, sizeof(float), "logits");
+    b->k_cache = alloc_array((u)L * (u)c->seq_len * (u)kv, sizeof(float), "key cache");
+    b->v_cache = alloc_array((u)L * (u)c->seq_len * (u)kv, sizeof(float), "value cache");
+}
+
+static void free_model(Model *m) {
+    Buffers *b = &m->b;
+    free(b->x); free(b->xb); free(b->xb2); free(b->hb); free(b->hb2); free(b->q);
+    free(b->att); free(b->logits); free(b->k_cache); free(b->v_cache);
+    if (m->map) munmap(m->map, m->map_bytes);
+}
+
+/* ------------------------------------------------------------------------- */
+/* forward pass                                                               */
+
+/* out = w * x / sqrt(mean(x^2) + 1e-5) */
+static void rmsnorm(float *out, const float *x, const float *w, int n) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)n + 1e-5f);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (inv * x[i]);
+}
+
+static void softmax(float *v, int n) {
+    float top = v[0];
+    for (int i = 1; i < n; i++) if (v[i] > top) top = v[i];
+    float total = 0.0f;
+    for (int i = 0; i < n; i++) { v[i] = expf(v[i] - top); total += v[i]; }
+    for (int i = 0; i < n; i++) v[i] /= total;
+}
+
+/* With OpenMP, loops with fewer multiply-adds than this run on one thread: waking the
+ * thread team costs more than it saves on the matrices of tiny models. Each output row
+ * is always summed by one thread in the same order, so threads never change results. */
+#define PARALLEL_MIN_WORK 65536
+
+static inline float dot(const float *restrict a, const float *restrict b, int n) {
+    float acc = 0.0f;
+    for (int j = 0; j < n; j++) acc += a[j] * b[j];
+    return acc;
+}
+
+/* y (rows) = W (rows, cols) . x (cols); the inner loop is kept plain for the vectoriser */
+static void matvec(float *restrict y, const float *restrict W, const float *restrict x, int rows, int cols) {
+#ifdef _OPENMP
+    if ((size_t)rows * (size_t)cols >= PARALLEL_MIN_WORK) {
+        int r;
+#pragma omp parallel for
+        for (r = 0; r < rows; r++) y[r] = dot(W + (size_t)r * (size_t)cols, x, cols);
+        return;
+    }
+#endif
+    for (int r = 0; r < rows; r++) y[r] = dot(W + (size_t)r * (size_t)cols, x, cols);
+}
+
+static float *forward(Model *m, int token, int pos) {
+    const Config *c = &m->c;
+    const Weights *w = &m->w;
+    Buffers *b = &m->b;
+    const int dim = c->dim, hid = c->hidden_dim, kv_dim = c->kv_dim, hs = c->head_size;
+    const int seq = c->seq_len, n_heads = c->n_heads;
+    const int group = c->n_heads / c->n_kv_heads; /* query heads per kv head */
+    const float scale = 1.0f / sqrtf((float)hs);
+
+    memcpy(b->x, w->tok_emb + (size_t)token * dim, (size_t)dim * sizeof(float));
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const size_t lw = (size_t)l;
+        const size_t cache_off = lw * (size_t)seq * kv_dim;
+        float *k = b->k_cache + cache_off + (size_t)pos * kv_dim; /* write k, v straight into the cache */
+        float *v = b->v_cache + cache_off + (size_t)pos * kv_dim;
+
+        rmsnorm(b->xb, b->x, w->rms_att + lw * dim, dim);
+        matvec(b->q, w->wq + lw * dim * dim, b->xb, dim, dim);
+        matvec(k, w->wk + lw * kv_dim * dim, b->xb, kv_dim, dim);
+        matvec(v, w->wv + lw * kv_dim * dim, b->xb, kv_dim, dim);
+
+        /* rotary position embedding on consecutive pairs */
+        for (int i = 0; i < dim; i += 2) {
+            int within = i % hs;
+            float freq = 1.0f / powf(10000.0f, (float)within / (float)hs);
+            float angle = (float)pos * freq;
+            float co = cosf(angle), si = sinf(angle);
+            float a = b->q[i], bb = b->q[i + 1];
+            b->q[i] = a * co - bb * si;
+            b->q[i + 1] = a * si + bb * co;
+            if (i < kv_dim) {
+                a = k[i]; bb = k[i + 1];
+                k[i] = a * co - bb * si;
+                k[i + 1] = a * si + bb * co;
+            }
+        }
+
+        /* causal attention, each query head reading kv head h / group */
+        int h;
+#ifdef _OPENMP
+#pragma omp parallel for if ((size_t)n_heads * (size_t)(pos + 1) * (size_t)hs >= PARALLEL_MIN_WORK)
+#endif
+        for (h = 0; h < n_heads; h++) {
+            const float *qh = b->q + (size_t)h * hs;
+            const size_t kv_off = (size_t)(h / group) * hs;
+            float *scores = b->att + (size_t)h * seq;
+            for (int t = 0; t <= pos; t++) {
+                const float *kt = b->k_cache + cache_off + (size_t)t * kv_dim + kv_off;
+                float dot = 0.0f;
+                for (int i = 0; i < hs; i++) dot += qh[i] * kt[i];
+                scores[t] = dot * scale;
+            }
+            softmax(scores, pos + 1);
+            float *out = b->xb + (size_t)h * hs;
+            for (int i = 0; i < hs; i++) out[i] = 0.0f;
+            for (int t = 0; t <= pos; t++) {
+                const float *vt = b->v_cache + cache_off + (size_t)t * kv_dim + kv_off;
+                const float a = scores[t];
+                for (int i = 0; i < hs; i++) out[i] += a * vt[i];
+            }
+        }
+
+        matvec(b->xb2, w->wo + lw * dim * dim, b->xb, dim, dim);
+        for (int i = 0; i < dim; i++) b->x[i] += b->xb2[i];
+
+        /* SwiGLU feed-forward */
+        rmsnorm(b->xb, b->x, w->rms_ffn + lw * dim, dim);
+        matvec(b->hb, w->w1 + lw * hid * dim, b->xb, hid, dim);
+        matvec(b->hb2, w->w3 + lw * hid * dim, b->xb, hid, dim);
+        for (int i = 0; i < hid; i++) {
+            float g = b->hb[i];
+            b->hb[i] = g / (1.0f + expf(-g)) * b->hb2[i];
+        }
+        matvec(b->xb, w->w2 + lw * dim * hid, b->hb, dim, hid);
+        for (int i = 0; i < dim; i++) b->x[i] += b->xb[i];
+    }
+
+    rmsnorm(b->x, b->x, w->rms_final, dim);
+    matvec(b->logits, w->wcls, b->x, c->vocab_size, dim);
+    return b->logits;
+}
+
+/* ------------------------------------------------------------------------- */
+/* tokenizer                                                                  */
+
+typedef struct {
+    char **text;   /* piece bytes, NUL-terminated copies */
+    int *len;      /* piece lengths (pieces may in principle contain NUL) */
+    float *score;
+    int *sorted;   /* ids ordered by (bytes, id) for binary search */
+    int n;
+    int longest;   /* longest piece actually present */
+} Tokenizer;
+
+static const Tokenizer *g_sort_tok; /* qsort has no context argument */
+
+static int cmp_bytes(const char *a, int la, const char *b, int lb) {
+    int k = la < lb ? la : lb;
+    int r = memcmp(a, b, (size_t)k);
+    if (r != 0) return r;
+    return (la > lb) - (la < lb);
+}
+
+static int cmp_ids(const void *pa, const void *pb) {
+    int a = *(const int *)pa, b = *(const int *)pb;
+    int r = cmp_bytes(g_sort_tok->text[a], g_sort_tok->len[a], g_sort_tok->text[b], g_sort_tok->len[b]);
+    if (r != 0) return r;
+    return (a > b) - (a < b);
+}
+
+static void read_exact(FILE *f, void *dst, size_t n, const char *path, const char *what) {
+    if (fread(dst, 1, n, f) != n)
+        die("tokenizer file '%s' is truncated: it ends inside %s (%s)", path, what, TOK_HINT);
+}
+
+static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        die("cannot open tokenizer file '%s': %s (hint: pass -z path/to/tokenizer.bin, or create it with python tokenizer.py)",
+            path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode))
+        die("tokenizer file '%s' is not a regular file (hint: pass -z path/to/tokenizer.bin)", path);
+    uint64_t fsize = (uint64_t)st.st_size;
+
+    int32_t max_len;
+    read_exact(f, &max_len, 4, path, "the max_token_length header");
+    if (max_len <= 0 || (uint64_t)max_len > fsize)
+        die("tokenizer file '%s' has an invalid max_token_length %d (%s)", path, max_len, TOK_HINT);
+
+    t->n = vocab_size;
+    t->text = alloc_array((unsigned)vocab_size, sizeof(char *), "tokenizer pieces");
+    t->len = alloc_array((unsigned)vocab_size, sizeof(int), "tokenizer pieces");
+    t->score = alloc_array((unsigned)vocab_size, sizeof(float), "tokenizer scores");
+    t->sorted = alloc_array((unsigned)vocab_size, sizeof(int), "tokenizer index");
+    t->longest = 1;
+
+    uint64_t offset = 4;
+    for (int i = 0; i < vocab_size; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "record %d", i);
+        float score;
+        int32_t n;
+        if (offset == fsize)
+            die("tokenizer file '%s' has only %d tokens but the model's vocab_size is %d (hint: use the tokenizer the model was trained with, or re-export it with python tokenizer.py)",
+                path, i, vocab_size);
+        read_exact(f, &score, 4, path, what);
+        read_exact(f, &n, 4, path, what);
+        offset += 8;
+        if (n < 0 || n > max_len)
+            die("tokenizer file '%s' has an invalid length %d for token %d (max_token_length is %d) (%s)",
+                path, n, i, max_len, TOK_HINT);
+        if ((uint64_t)n > fsize - offset)
+            die("tokenizer file '%s' is truncated: token %d needs %d bytes but only %llu remain (%s)",
+                path, i, n, (unsigned long long)(fsize - offset), TOK_HINT);
+        t->text[i] = alloc_array((unsigned)n + 1, 1, "a tokenizer piece");
+        read_exact(f, t->text[i], (size_t)n, path, what);
+        offset += (uint64_t)n;
+        t->len[i] = n;
+        t->score[i] = score;
+        if (n > t->longest) t->longest = n;
+        t->sorted[i] = i;
+    }
+    fclose(f); /* records beyond vocab_size, if any, are ignored as in llama2.c */
+
+    g_sort_tok = t;
+    qsort(t->sorted, (size_t)vocab_size, sizeof(int), cmp_ids);
+    g_sort_tok = NULL;
+}
+
+static void free_tokenizer(Tokenizer *t) {
+    if (t->text) for (int i = 0; i < t->n; i++) free(t->text[i]);
+    free(t->text); free(t->len); free(t->score); free(t->sorted);
+}
+
+/* id of the piece equal to s[0..n); among duplicate pieces the lowest id; -1 if absent */
+static int find_piece(const Tokenizer *t, const char *s, int n) {
+    int lo = 0, hi = t->n; /* first sorted index whose piece is >= s */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        int id = t->sorted[mid];
+        if (cmp_bytes(t->text[id], t->len[id], s, n) < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo < t->n) {
+        int id = t->sorted[lo];
+        if (cmp_bytes(t->text[id], t->len[id], s, n) == 0) return id;
+    }
+    return -1;
+}
+
+/* byte fallback: byte b is token b+3 (sentencepiece's layout); unknown if the vocab is too small */
+static int byte_token(const Tokenizer *t, unsigned char b) {
+    int id = (int)b + 3;
+    return id < t->n ? id : UNK_ID;
+}
+
+/*
+ * Encode text as llama2.c does: BOS, then (for non-empty text) the piece " " as a
+ * dummy prefix, then one token per UTF-8 codepoint (a lead byte plus up to three
+ * continuation bytes) or, for codepoints not in the vocab, one byte-fallback token
+ * per byte; then repeatedly merge the adjacent pair whose concatenation is a piece
+ * with the highest score (first such pair on ties, scores must exceed -1e10).
+ * `out` needs room for strlen(text) + 2 ids. Returns the number of ids.
+ */
+static int encode(const Tokenizer *t, const char *text, int *out) {
+    int n = 0;
+    out[n++] = BOS_ID;
+    if (text[0] != '\0') {
+        int sp = find_piece(t, " ", 1);
+        out[n++] = sp >= 0 ? sp : byte_token(t, ' ');
+    }
+    const unsigned char *s = (const unsigned char *)text;
+    size_t i = 0;
+    while (s[i] != '\0') {
+        size_t start = i, len = 1;
+        while (len < 4 && (s[start + len] & 0xC0) == 0x80) len++;
+        i = start + len;
+        int id = find_piece(t, (const char *)s + start, (int)len);
+        if (id >= 0) {
+            out[n++] = id;
+        } else {
+            for (size_t j = 0; j < len; j++) out[n++] = byte_token(t, s[start + j]);
+        }
+    }
+
+    char *pair = alloc_array((unsigned)(2 * t->longest + 1), 1, "merge buffer");
+    for (;;) {
+        float best = -1e10f;
+        int best_at = -1, best_id = -1;
+        for (int k = 0; k + 1 < n; k++) {
+            int a = out[k], b = out[k + 1];
+            memcpy(pair, t->text[a], (size_t)t->len[a]);
+            memcpy(pair + t->len[a], t->text[b], (size_t)t->len[b]);
+            int id = find_piece(t, pair, t->len[a] + t->len[b]);
+            if (id >= 0 && t->score[id] > best) {
+                best = t->score[id];
+                best_at = k;
+                best_id = id;
+            }
+        }
+        if (best_at < 0) break;
+        out[best_at] = best_id;
+        memmove(out + best_at + 1, out + best_at + 2, (size_t)(n - best_at - 2) * sizeof(int));
+        n--;
+    }
+    free(pair);
+    return n;
+}
+
+static int hexval(char ch) {
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+    return -1;
+}
+
+/*
+ * Write the text of `token` following `prev`: a leading space is dropped right after
+ * BOS, "<0xXX>" pieces become that raw byte, and a single-byte result is written only
+ * if it is printable or whitespace.
+ */
+static void emit_piece(const Tokenizer *t, int prev, int token) {
+    const char *p = t->text[token];
+    int n = t->len[token];
+    if (prev == BOS_ID && n > 0 && p[0] == ' ') { p++; n--; }
+    unsigned char raw;
+    if (n == 6 && p[0] == '<' && p[1] == '0' && p[2] == 'x' && p[5] == '>' &&
+        hexval(p[3]) >= 0 && hexval(p[4]) >= 0) {
+        raw = (unsigned char)(hexval(p[3]) * 16 + hexval(p[4]));
+        p = (const char *)&raw;
+        n = 1;
+    }
+    if (n == 0) return;
+    if (n == 1 && !(isprint((unsigned char)p[0]) || isspace((unsigned char)p[0]))) return;
+    fwrite(p, 1, (size_t)n, stdout);
+}
+
+/* ------------------------------------------------------------------------- */
+/* sampler                                                                    */
+/*
+ * Reproducible sampling, mirrored exactly by the Python side:
+ *   rng: uint64 state = seed (nonzero); xorshift64*:
+ *     state ^= state >> 12; state ^= state << 25; state ^= state >> 27;
+ *     u32 = (state * 0x2545F4914F6CDD1D) >> 32
+ *   f32 = (u32 >> 8) / 16777216.0f      (24 random bits in [0, 1))
+ *   temperature 0: argmax, the first index on ties; no random number is drawn.
+ *   otherwise: logits /= temperature; softmax (max subtracted, expf, normalised);
+ *     coin = f32() (exactly one draw per sampled token), then
+ *     topp <= 0 or topp >= 1: first i whose running sum of probs exceeds coin
+ *                             (n-1 if rounding leaves none);
+ *     else (nucleus): keep ids with prob >= (1-topp)/(n-1), sort by prob descending,
+ *       take the shortest prefix whose sum exceeds topp (all kept if none does),
+ *       r = coin * sum(prefix), return the first id of the prefix whose running
+ *       sum exceeds r (the prefix's last id if rounding leaves none).
+ */
+
+typedef struct {
+    float prob;
+    int id;
+} Cand;
+
+typedef struct {
+    float temperature, topp;
+    uint64_t state;
+    Cand *cands;
+} Sampler;
+
+static uint32_t rng_u32(uint64_t *s) {
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return (uint32_t)((*s * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float rng_f32(uint64_t *s) {
+    return (float)(rng_u32(s) >> 8) / 16777216.0f;
+}
+
+static int argmax(const float *v, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (v[i] > v[best]) best = i;
+    return best;
+}
+
+static int pick_multinomial(const float *p, int n, float coin) {
+    float run = 0.0f;
+    for (int i = 0; i < n; i++) {
+        run += p[i];
+        if (coin < run) return i;
+    }
+    return n - 1;
+}
+
+static int by_prob_desc(const void *a, const void *b) {
+    float pa = ((const Cand *)a)->prob, pb = ((const Cand *)b)->prob;
+    return (pa < pb) - (pa > pb);
+}
+
+static int pick_nucleus(const float *p, int n, float topp, Cand *cands, float coin) {
+    const float cutoff = (1.0f - topp) / (float)(n - 1);
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        if (p[i] >= cutoff) { cands[m].prob = p[i]; cands[m].id = i; m++; }
+    }
+    if (m == 0) return argmax(p, n); /* cannot happen: the largest prob is >= 1/n > cutoff */
+    qsort(cands, (size_t)m, sizeof(Cand), by_prob_desc);
+    float mass = 0.0f;
+    int last = m - 1;
+    for (int i = 0; i < m; i++) {
+        mass += cands[i].prob;
+        if (mass > topp) { last = i; break; }
+    }
+    const float r = coin * mass;
+    float run = 0.0f;
+    for (int i = 0; i <= last; i++) {
+        run += cands[i].prob;
+        if (r < run) return cands[i].id;
+    }
+    return cands[last].id;
+}
+
+static int sample(Sampler *s, float *logits, int n) {
+    if (s->temperature == 0.0f) return argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= s->temperature;
+    softmax(logits, n);
+    float coin = rng_f32(&s->state);
+    if (s->topp <= 0.0f || s->topp >= 1.0f) return pick_multinomial(logits, n, coin);
+    return pick_nucleus(logits, n, s->topp, s->cands, coin);
+}
+
+/* ------------------------------------------------------------------------- */
+/* command line                                                               */
+
+static void usage(const char *problem) {
+    if (problem) fprintf(stderr, "run: error: %s\n", problem);
+    fputs("Usage:   run <checkpoint> [options]\n"
+          "Example: run model.bin -n 256 -i \"Once upon a time\"\n"
+          "Options:\n"
+          "  -t <float>  temperature in [0,inf), default 1.0 (0 = greedy)\n"
+          "  -p <float>  top-p (nucleus) sampling in [0,1], default 0.9 (0 or 1 = off)\n"
+          "  -s <int>    random seed, default time(NULL) (0 also means time)\n"
+          "  -n <int>    number of steps to run, default 256 (0 = seq_len)\n"
+          "  -i <string> input prompt\n"
+          "  -z <string> tokenizer path, default tokenizer.bin\n"
+          "  -m <string> mode: generate (the only mode)\n"
+          "  -d <int>    1 = print the generated token ids instead of text, default 0\n",
+          stderr);
+    exit(1);
+}
+
+static double parse_float(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno != 0 || end == s || *end != '\0' || !isfinite(v)) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "%s expects a number, got '%.80s'", flag, s);
+        usage(msg);
+    }
+    return v;
+}
+
+static long long parse_int(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0') {
+        char msg[160];
+        snprintf(msg, sizeof msg, "%s expects an integer, got '%.80s'", flag, s);
+        usage(msg);
+    }
+    return v;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *tok_path = "tokenizer.bin", *prompt = "", *mode = "generate";
+    double temperature = 1.0, topp = 0.9;
+    long long seed = 0, steps = 256, ids_mode = 0;
+
+    if (argc < 2) usage(NULL);
+    model_path = argv[1];
+    if (model_path[0] == '-') usage("the first argument must be the model file");
+    for (int i = 2; i < argc; i += 2) {
+        const char *flag = argv[i];
+        if (strlen(flag) != 2 || flag[0] != '-') {
+            char msg[160];
+            snprintf(msg, sizeof msg, "unexpected argument '%.80s'", flag);
+            usage(msg);
+        }
+        if (i + 1 >= argc) {
+            char msg[64];
+            snprintf(msg, sizeof msg, "%s needs a value", flag);
+            usage(msg);
+        }
+        const char *val = argv[i + 1];
+        switch (flag[1]) {
+        case 't': temperature = parse_float(flag, val); break;
+        case 'p': topp = parse_float(flag, val); break;
+        case 's': seed = parse_int(flag, val); break;
+        case 'n': steps = parse_int(flag, val); break;
+        case 'i': prompt = val; break;
+        case 'z': tok_path = val; break;
+        case 'm': mode = val; break;
+        case 'd': ids_mode = parse_int(flag, val); break;
+        default: {
+            char msg[64];
+            snprintf(msg, sizeof msg, "unknown option %s", flag);
+            usage(msg);
+        }
+        }
+    }
+    if (strcmp(mode, "generate") != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "unsupported mode '%.80s' (only 'generate' is available)", mode);
+        usage(msg);
+    }
+    if (ids_mode != 0 && ids_mode != 1) usage("-d expects 0 or 1");
+    if (temperature < 0.0) temperature = 0.0;
+    if (topp < 0.0 || topp > 1.0) topp = 0.9;
+
+    Model model;
+    memset(&model, 0, sizeof model);
+    load_model(&model, model_path);
+    const int vocab = model.c.vocab_size;
+
+    Tokenizer tok;
+    memset(&tok, 0, sizeof tok);
+    load_tokenizer(&tok, tok_path, vocab);
+
+    if (steps <= 0 || steps > model.c.seq_len) steps = model.c.seq_len;
+
+    Sampler sampler;
+    sampler.temperature = (float)temperature;
+    sampler.topp = (float)topp;
+    /* as llama2.c: the seed is taken modulo 2^64, and 0 means "use the clock" */
+    sampler.state = (uint64_t)seed;
+    if (sampler.state == 0) sampler.state = (uint64_t)time(NULL);
+    sampler.cands = alloc_array((unsigned)vocab, sizeof(Cand), "sampler buffer");
+
+    int *prompt_ids = alloc_array((unsigned __int128)strlen(prompt) + 3, sizeof(int), "prompt tokens");
+    int n_prompt = encode(&tok, prompt, prompt_ids);
+    int *generated = alloc_array((unsigned __int128)steps, sizeof(int), "output tokens");
+    int n_generated = 0;
+
+    double t0 = now_seconds();
+    int token = prompt_ids[0];
+    int pos = 0;
+    while (pos < steps) {
+        float *logits = forward(&model, token, pos);
+        int next = pos < n_prompt - 1 ? prompt_ids[pos + 1] : sample(&sampler, logits, vocab);
+        pos++;
+        if (next == BOS_ID) break;
+        if (ids_mode) {
+            generated[n_generated++] = next;
+        } else {
+            emit_piece(&tok, token, next);
+            fflush(stdout);
+        }
+        token = next;
+    }
+    double elapsed = now_seconds() - t0;
+
+    if (ids_mode) {
+        for (int i = 0; i < n_generated; i++) printf(i ? " %d" : "%d", generated[i]);
+    }
+    putchar('\n');
+    fflush(stdout);
+    if (pos > 0 && elapsed > 0.0)
+        fprintf(stderr, "achieved tok/s: %f\n", (double)pos / elapsed);
+
+    free(generated);
+    free(prompt_ids);
+    free(sampler.cands);
+    free_tokenizer(&tok);
+    free_model(&model);
+    return 0;
+}

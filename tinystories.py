@@ -1,0 +1,383 @@
+"""
+TinyStories data: download, offline sample, tokenizer training, pretokenization into
+llama2.c's .bin shards plus the batch index, batch metrics, and the batch reader.
+
+$ python tinystories.py download                       # ~1.5 GB archive -> data/TinyStories_all_data/
+$ python tinystories.py sample                         # offline: ~4,000 generated stories in 5 shards
+$ python tinystories.py train_vocab --vocab_size=512   # -> data/tok512.model
+$ python tinystories.py pretokenize --vocab_size=512   # -> data/tok512/*.bin, batch index, out/tables/batch_metrics.csv
+
+A *batch* (llama2.c's word) is one window of max_seq_len+1 tokens at offset
+i*max_seq_len of one shard. Batches are numbered in shard order, shard 0 first; shard 0
+is the validation split (llama2.c's rule). The batch index maps every batch_id back
+to its shard, offset and the stories it overlaps.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, UserError, atomic_path, main_guard, write_json_atomic
+
+# -----------------------------------------------------------------------------
+# config
+DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
+DATA_DIR = ROOT / "data"
+RAW_NAME = "TinyStories_all_data"
+MAX_SEQ_LEN = 256
+VOCAB_SIZE = 512
+INDEX_FORMAT, INDEX_VERSION = "llama2_prebiasing.batch_index", 1
+# -----------------------------------------------------------------------------
+
+
+def raw_dir(data_dir) -> Path:
+    return Path(data_dir) / RAW_NAME
+
+
+def raw_shards(data_dir) -> list[Path]:
+    shards = sorted(Path(p) for p in glob.glob(str(raw_dir(data_dir) / "data*.json")))
+    if not shards:
+        raise UserError(f"no shards in {raw_dir(data_dir)}: run python tinystories.py download "
+                        "(or python tinystories.py sample offline)")
+    return shards
+
+
+def tok_dir(data_dir, vocab_size) -> Path:
+    return Path(data_dir) / f"tok{vocab_size}"
+
+
+def sha256_file(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def load_stories(shard: Path) -> list[str]:
+    try:
+        data = json.loads(Path(shard).read_text(encoding="utf-8"))
+        return [ex["story"].strip() for ex in data]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"corrupt shard {shard} ({type(e).__name__}: {e}): delete it and re-run "
+                        "python tinystories.py download (or sample)") from None
+
+
+# -----------------------------------------------------------------------------
+# download: resumable (HTTP Range), atomic, safe extraction
+
+def download_file(url: str, dest: Path, chunk_size=1 << 20, timeout=30):
+    """Download url to dest. Bytes arrive in dest.part; a second call resumes from
+    its size with a Range request. dest appears only when complete."""
+    import requests
+    from tqdm import tqdm
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        resp = requests.get(url, stream=True, headers=headers, timeout=timeout)
+    except requests.exceptions.RequestException as e:
+        raise UserError(f"cannot reach {url} ({type(e).__name__}); offline? "
+                        "use python tinystories.py sample for the bundled offline data") from None
+    with resp:
+        if resp.status_code == 416:  # asked past the end: the .part is already complete
+            os.replace(part, dest)
+            return dest
+        if resp.status_code not in (200, 206):
+            raise UserError(f"download of {url} failed: HTTP {resp.status_code}")
+        if resp.status_code == 200:  # server ignored Range: start over
+            have = 0
+        total = int(resp.headers.get("content-length", 0)) + have
+        with open(part, "ab" if have else "wb") as f, tqdm(
+                desc=dest.name, total=total or None, initial=have, unit="iB",
+                unit_scale=True, unit_divisor=1024) as bar:
+            for data in resp.iter_content(chunk_size=chunk_size):
+                bar.update(f.write(data))
+    if total and part.stat().st_size != total:
+        raise UserError(f"download of {url} stopped at {part.stat().st_size}/{total} bytes: "
+                        "run the same command again to resume")
+    os.replace(part, dest)
+    return dest
+
+
+def extract_archive(archive: Path, target: Path):
+    """Extract a .tar.gz into target atomically: into a temp folder first, refusing
+    members that would land outside it (links, absolute paths, '..')."""
+    tmp = target.with_name(target.name + ".extracting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")  # 'data' filter rejects escaping paths
+    except (tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        archive.unlink(missing_ok=True)
+        raise UserError(f"archive {archive} is corrupt or unsafe ({e}); it was removed: "
+                        "run python tinystories.py download again") from None
+    if not list(tmp.glob("data*.json")):
+        shutil.rmtree(tmp)
+        raise UserError(f"archive {archive} holds no data*.json shards; check --url")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def download(data_dir=DATA_DIR, url=DATA_URL):
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    target = raw_dir(data_dir)
+    if list(target.glob("data*.json")) and not (target / "SAMPLE").exists():
+        print(f"{target} already holds the dataset, skipping download")
+        return target
+    archive = data_dir / f"{RAW_NAME}.tar.gz"
+    if not archive.exists():
+        download_file(url, archive)
+    extract_archive(archive, target)
+    print(f"Number of shards: {len(raw_shards(data_dir))}, in {target}")
+    return target
+
+
+def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=1337):
+    """Write generated stories (storygen.py) in TinyStories' JSON format, so that the
+    whole pipeline runs offline. A SAMPLE marker keeps it from overwriting real data."""
+    from storygen import generate_stories
+    target = raw_dir(data_dir)
+    if list(target.glob("data*.json")) and not (target / "SAMPLE").exists():
+        raise UserError(f"{target} holds downloaded data; sample would overwrite it. "
+                        "Use --data_dir=<another folder> for the sample")
+    stories = generate_stories(n_stories, seed=seed)
+    target.mkdir(parents=True, exist_ok=True)
+    for old in target.glob("data*.json"):
+        old.unlink()
+    for i, chunk in enumerate(np.array_split(np.arange(n_stories), n_shards)):
+        rows = [{"story": stories[j], "instruction": {"prompt:": "", "words": [], "features": []},
+                 "summary": "", "source": "llama2_prebiasing.storygen"} for j in chunk]
+        with atomic_path(target / f"data{i:02d}.json") as tmp:
+            tmp.write_text(json.dumps(rows, ensure_ascii=False))
+    (target / "SAMPLE").write_text(json.dumps({"n_stories": n_stories, "seed": seed}) + "\n")
+    print(f"wrote {n_stories} stories in {n_shards} shards to {target}")
+    return target
+
+
+# -----------------------------------------------------------------------------
+# tokenizer training
+
+def train_vocab(vocab_size: int, data_dir=DATA_DIR, num_shards=10):
+    """Sentencepiece BPE as llama2.c trains it (byte fallback, identity normalisation)
+    on the training shards (1..num_shards; shard 0 is kept unseen for validation)."""
+    import sentencepiece as spm
+    assert vocab_size > 0, "vocab_size must be positive"
+    shards = raw_shards(data_dir)
+    train = shards[1:num_shards + 1] or shards
+    prefix = Path(data_dir) / f"tok{vocab_size}"
+    text_file = Path(data_dir) / f"tok{vocab_size}.txt"
+    with open(text_file, "w", encoding="utf-8") as f:
+        for shard in train:
+            for story in load_stories(shard):
+                f.write(story + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(prefix), model_type="bpe",
+        vocab_size=vocab_size, input_format="text",
+        character_coverage=1.0, num_threads=os.cpu_count(), split_digits=True,
+        allow_whitespace_only_pieces=True, byte_fallback=True,
+        unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+        shuffle_input_sentence=False, minloglevel=2)
+    text_file.unlink()
+    print(f"wrote {prefix}.model (copy it to tokenizer.model to make it the default)")
+    return prefix.with_suffix(".model")
+
+
+# -----------------------------------------------------------------------------
+# pretokenize: .bin shards (uint16, BOS before each story) + batch index
+
+def _tokenize_shard(args):
+    shard, out_path, model_path = args
+    from tokenizer import BOS_ID, Tokenizer
+    enc = Tokenizer(model_path)
+    ids = enc.encode_batch(load_stories(shard))
+    lens = np.fromiter((len(t) + 1 for t in ids), dtype=np.int64, count=len(ids))
+    arr = np.empty(int(lens.sum()), dtype=np.uint16)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    arr[starts] = BOS_ID
+    flat = np.fromiter((t for story in ids for t in story), dtype=np.uint16, count=int(lens.sum()) - len(ids))
+    mask = np.ones(len(arr), dtype=bool)
+    mask[starts] = False
+    arr[mask] = flat
+    with atomic_path(out_path) as tmp:
+        arr.tofile(tmp)
+    return len(arr), len(ids)
+
+
+def shard_windows(n_tokens: int, max_seq_len: int) -> np.ndarray:
+    """Offsets of the batches in a shard of n_tokens: windows [o, o+T+1), o = i*T."""
+    n = max((n_tokens - 1) // max_seq_len, 0)
+    return np.arange(n, dtype=np.int64) * max_seq_len
+
+
+def build_index(tokens_by_shard: list[np.ndarray], max_seq_len: int) -> np.ndarray:
+    """Structured array, one row per batch: shard, offset, first and last story (index
+    within the shard) that the window's tokens overlap. Row number == batch_id."""
+    from tokenizer import BOS_ID
+    rows = []
+    for s, tok in enumerate(tokens_by_shard):
+        offs = shard_windows(len(tok), max_seq_len)
+        starts = np.flatnonzero(tok == BOS_ID)
+        r = np.zeros(len(offs), dtype=INDEX_DTYPE)
+        r["shard"], r["offset"] = s, offs
+        r["story_first"] = np.searchsorted(starts, offs, side="right") - 1
+        r["story_last"] = np.searchsorted(starts, offs + max_seq_len, side="right") - 1
+        rows.append(r)
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=INDEX_DTYPE)
+
+
+INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("story_first", "<i4"), ("story_last", "<i4")])
+
+
+def index_dir(data_dir, vocab_size, max_seq_len) -> Path:
+    return tok_dir(data_dir, vocab_size) / f"index_T{max_seq_len}"
+
+
+def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
+                workers=None, tables_dir=None, metrics="all", ref_model=""):
+    from tqdm import tqdm
+    from tokenizer import tokenizer_model_path
+    model_path = tokenizer_model_path(vocab_size, data_dir)
+    tok_sha = sha256_file(model_path)
+    shards = raw_shards(data_dir)
+    out = tok_dir(data_dir, vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    # 1) tokens: skip shards whose json and tokenizer are unchanged since the last run
+    stamp_path = out / "stamps.json"
+    stamps = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+    jobs, infos = [], []
+    for shard in shards:
+        bin_path = out / shard.with_suffix(".bin").name
+        key = f"{sha256_file(shard)}:{tok_sha}"
+        infos.append({"name": shard.name, "bin": bin_path.name, "key": key})
+        if not (bin_path.exists() and stamps.get(shard.name) == key):
+            jobs.append((shard, bin_path, model_path))
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        list(tqdm(pool.map(_tokenize_shard, jobs), total=len(jobs), desc="tokenize", disable=not jobs))
+    stamps = {i["name"]: i["key"] for i in infos}
+    write_json_atomic(stamp_path, stamps)
+    # 2) batch index over all shards, shard 0 (validation) first
+    toks = [np.memmap(out / i["bin"], dtype=np.uint16, mode="r") for i in infos]
+    index = build_index(toks, max_seq_len)
+    idir = index_dir(data_dir, vocab_size, max_seq_len)
+    idir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(idir / "batches.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, index, allow_pickle=False)
+    meta = {
+        "format": INDEX_FORMAT, "version": INDEX_VERSION, "vocab_size": vocab_size,
+        "max_seq_len": max_seq_len, "tokenizer": str(model_path.name), "tokenizer_sha256": tok_sha,
+        "n_batches": len(index), "n_val_batches": int((index["shard"] == 0).sum()),
+        "shards": [{"name": i["bin"], "n_tokens": len(t),
+                    "n_stories": int((np.asarray(t) == 1).sum())} for i, t in zip(infos, toks)],
+    }
+    write_json_atomic(idir / "meta.json", meta)
+    print(f"wrote {len(toks)} shards to {out} and {len(index)} batches "
+          f"({meta['n_val_batches']} validation) to {idir}")
+    if metrics not in (None, "", "none"):
+        import batchmetrics
+        batchmetrics.write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir, metrics, workers,
+                                         ref_model)
+    return idir
+
+
+# -----------------------------------------------------------------------------
+# reading batches back
+
+class BatchData:
+    """The pretokenized batches of one (vocab_size, max_seq_len), by batch_id.
+
+    get(ids) -> x, y int64 tensors (len(ids), max_seq_len): the window's tokens and
+    the same shifted by one, exactly as llama2.c's PretokDataset cuts them."""
+
+    def __init__(self, data_dir=DATA_DIR, vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN):
+        self.dir = index_dir(data_dir, vocab_size, max_seq_len)
+        meta_path, idx_path = self.dir / "meta.json", self.dir / "batches.npy"
+        fix = f"run python tinystories.py pretokenize --vocab_size={vocab_size} --max_seq_len={max_seq_len}"
+        if not meta_path.exists() or not idx_path.exists():
+            raise UserError(f"no batch index in {self.dir}: {fix}")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.index = np.load(idx_path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise UserError(f"corrupt batch index in {self.dir} ({e}): {fix}") from None
+        m = self.meta
+        if (m.get("format"), m.get("version")) != (INDEX_FORMAT, INDEX_VERSION) or \
+                m["vocab_size"] != vocab_size or m["max_seq_len"] != max_seq_len or \
+                self.index.dtype != INDEX_DTYPE or len(self.index) != m["n_batches"]:
+            raise UserError(f"batch index {self.dir} does not match vocab_size={vocab_size}, "
+                            f"max_seq_len={max_seq_len} or this version: {fix}")
+        self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.tokens = []
+        for s in m["shards"]:
+            p = tok_dir(data_dir, vocab_size) / s["name"]
+            if not p.exists() or p.stat().st_size != 2 * s["n_tokens"]:
+                raise UserError(f"shard {p} is missing or has changed since indexing: {fix}")
+            self.tokens.append(np.memmap(p, dtype=np.uint16, mode="r"))
+        self.n_val = m["n_val_batches"]
+
+    def __len__(self):
+        return len(self.index)
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        return np.arange(self.n_val, len(self.index), dtype=np.int64)
+
+    @property
+    def val_ids(self) -> np.ndarray:
+        return np.arange(0, self.n_val, dtype=np.int64)
+
+    def window(self, batch_id: int) -> np.ndarray:
+        """The max_seq_len+1 tokens of one batch."""
+        r = self.index[batch_id]
+        return np.asarray(self.tokens[r["shard"]][r["offset"]:r["offset"] + self.max_seq_len + 1])
+
+    def windows(self, ids) -> np.ndarray:
+        return np.stack([self.window(int(i)) for i in ids]).astype(np.int64)
+
+    def get(self, ids):
+        import torch
+        w = torch.from_numpy(self.windows(ids))
+        return w[:, :-1], w[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["download", "sample", "train_vocab", "pretokenize"])
+    ap.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)
+    ap.add_argument("--max_seq_len", type=int, default=MAX_SEQ_LEN)
+    ap.add_argument("--data_dir", default=str(DATA_DIR))
+    ap.add_argument("--url", default=DATA_URL, help="download: archive address")
+    ap.add_argument("--n_stories", type=int, default=4000, help="sample: number of stories")
+    ap.add_argument("--n_shards", type=int, default=5, help="sample: number of shards")
+    ap.add_argument("--seed", type=int, default=1337, help="sample: generator seed")
+    ap.add_argument("--workers", type=int, default=None, help="pretokenize: processes (default: all cores)")
+    ap.add_argument("--metrics", default="all", help="pretokenize: comma list of batch metrics, 'all' or 'none'")
+    ap.add_argument("--tables_dir", default=None, help="pretokenize: where batch_metrics.csv goes (default out/tables)")
+    ap.add_argument("--ref_model", default="", help="pretokenize: model.bin or ckpt .pt as reference scorer "
+                    "(default: a 3-gram model of the validation shard)")
+    a = ap.parse_args()
+    if a.stage == "download":
+        download(a.data_dir, a.url)
+    elif a.stage == "sample":
+        sample(a.data_dir, a.n_stories, a.n_shards, a.seed)
+    elif a.stage == "train_vocab":
+        train_vocab(a.vocab_size, a.data_dir)
+    elif a.stage == "pretokenize":
+        pretokenize(a.vocab_size, a.max_seq_len, a.data_dir, a.workers, a.tables_dir, a.metrics, a.ref_model)
+
+
+if __name__ == "__main__":
+    main_guard(main)

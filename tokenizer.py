@@ -1,0 +1,94 @@
+"""
+Sentencepiece tokenizer wrapper, and export to llama2.c's tokenizer.bin for run.c.
+
+$ python tokenizer.py                         # tokenizer.model -> tokenizer.bin
+$ python tokenizer.py -t data/tok512.model    # -> data/tok512.bin
+
+tokenizer.bin layout (llama2.c): int32 max_token_length, then per token
+{float32 score, int32 nbytes, bytes}, with sentencepiece's '▁' written as ' '.
+"""
+
+import argparse
+import struct
+from pathlib import Path
+
+from sentencepiece import SentencePieceProcessor
+
+from common import ROOT, UserError, atomic_path, main_guard
+
+DEFAULT_MODEL = ROOT / "tokenizer.model"
+BOS_ID, EOS_ID = 1, 2
+
+
+def tokenizer_model_path(vocab_size: int, data_dir=ROOT / "data") -> Path:
+    """Where the tokenizer of a vocab size lives: data/tok{V}.model (made by
+    `tinystories.py train_vocab`), else the bundled tokenizer.model when it has V pieces."""
+    p = Path(data_dir) / f"tok{vocab_size}.model"
+    if p.exists():
+        return p
+    if DEFAULT_MODEL.exists() and Tokenizer(DEFAULT_MODEL).vocab_size == vocab_size:
+        return DEFAULT_MODEL
+    raise UserError(f"no tokenizer for vocab_size={vocab_size} ({p} is missing): run "
+                    f"python tinystories.py train_vocab --vocab_size={vocab_size}")
+
+
+class Tokenizer:
+    def __init__(self, model_path=DEFAULT_MODEL):
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise UserError(f"tokenizer {model_path} not found: run python tinystories.py train_vocab")
+        self.sp = SentencePieceProcessor()
+        try:
+            self.sp.Load(str(model_path))
+        except (OSError, RuntimeError):
+            raise UserError(f"tokenizer {model_path} is not a sentencepiece model: "
+                            "re-run python tinystories.py train_vocab") from None
+        self.model_path = model_path
+        self.vocab_size = self.sp.vocab_size()
+        assert self.sp.bos_id() == BOS_ID and self.sp.eos_id() == EOS_ID, "unexpected special ids"
+
+    def encode(self, s: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(s)
+        return ([BOS_ID] if bos else []) + ids + ([EOS_ID] if eos else [])
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """Batched encode (sentencepiece's C++ loop, optionally threaded): no BOS."""
+        return self.sp.encode(texts, num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def pieces(self) -> list[tuple[bytes, float]]:
+        """(bytes as run.c sees them, score) for every id, in id order."""
+        out = []
+        for i in range(self.vocab_size):
+            t, s = self.sp.id_to_piece(i), self.sp.get_score(i)
+            if i == BOS_ID:
+                t = "\n<s>\n"
+            elif i == EOS_ID:
+                t = "\n</s>\n"
+            out.append((t.replace("▁", " ").encode("utf-8"), s))
+        return out
+
+    def export(self, out_path=None) -> Path:
+        out_path = Path(out_path) if out_path else self.model_path.with_suffix(".bin")
+        pieces = self.pieces()
+        with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+            f.write(struct.pack("i", max(len(b) for b, _ in pieces)))
+            for b, score in pieces:
+                f.write(struct.pack("fI", score, len(b)))
+                f.write(b)
+        return out_path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-t", "--tokenizer-model", default=str(DEFAULT_MODEL))
+    ap.add_argument("-o", "--out", default=None, help="default: the model path with .bin")
+    args = ap.parse_args()
+    out = Tokenizer(args.tokenizer_model).export(args.out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
