@@ -1,9 +1,14 @@
 # Builds of run.c. Each target writes a binary of the same name:
-#   make run       default fast build (what users should run): -Ofast -march=native,
-#                  single-threaded (see the note in bench/bench_runc.py's output)
-#   make runfast   -Ofast, portable
+#   make run       default build (what users should run): -Ofast -march=native, one thread
+#   make runfast   -Ofast, portable (no -march=native)
 #   make runomp    -Ofast -march=native with OpenMP threads (set OMP_NUM_THREADS)
-#   make runexact  plain -O3, IEEE-exact float math (reference for comparisons)
+#   make runexact  plain -O3, no fast-math (reference for comparisons)
+# All four give the same greedy ids on the models in tests/ and bench/ (each output row
+# of a matrix product is summed by one thread, so threads never change results).
+# Why `run` has no OpenMP: on the 2-core machine this project uses, runomp reached
+# ~1.4x on a 15M model when the machine was quiet, but any other load on a core (or a
+# busy host) stalls its per-matmul barriers, and it then fell to 0.1-0.5x of the
+# single-threaded speed in 2 runs out of 5. On a many-core machine, try runomp.
 # The flags of each build live in FLAGS_<name>; `make print-cmd-<name>` prints the
 # compile command so scripts (bench/bench_runc.py) can build a copy elsewhere.
 
@@ -30,8 +35,10 @@ default: run
 
 all: $(BUILDS)
 
+# build under a temporary name, then rename: a binary that another process is
+# running (e.g. a concurrent test session) is replaced atomically, never half-written
 $(BUILDS): %: run.c Makefile
-	$(CC) $(WARN) $(FLAGS_$@) -o $@ run.c $(LDLIBS)
+	$(CC) $(WARN) $(FLAGS_$@) -o $@.tmp.$$$$ run.c $(LDLIBS) && mv -f $@.tmp.$$$$ $@
 
 $(addprefix print-cmd-,$(BUILDS)): print-cmd-%:
 	@echo $(CC) $(WARN) $(FLAGS_$*) run.c $(LDLIBS)
@@ -44,4 +51,4 @@ bench:
 	$(PYTHON) bench/bench_runc.py
 
 clean:
-	rm -f $(BUILDS)
+	rm -f $(BUILDS) $(addsuffix .tmp.*,$(BUILDS))

@@ -238,31 +238,33 @@ class Transformer(nn.Module):
         from XorShift(seed + i), so row 0 with seed s equals `./run -s s`."""
         self.eval()
         dev = self.tok_embeddings.weight.device
-        B = len(prompts)
-        lens = [len(p) for p in prompts]
-        total = min(max(lens) + max_new_tokens, self.params.max_seq_len)
+        P = self.params.max_seq_len
+        prompts = [list(p)[:P] for p in prompts]
+        B, lens = len(prompts), [len(p) for p in prompts]
+        # the token at index P can still be predicted (from position P-1), as run.c does
+        total = min(max(lens) + max_new_tokens, P + 1)
         seqs = torch.zeros(B, total, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
-            seqs[i, :len(p)] = torch.tensor(p[:total], dtype=torch.long)
+            seqs[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         plen = torch.tensor(lens, device=dev)
-        cache = KVCache(self.params, B, total, dev, self.tok_embeddings.weight.dtype)
+        cache = KVCache(self.params, B, min(total, P), dev, self.tok_embeddings.weight.dtype)
         rngs = [XorShiftRng(seed + i) for i in range(B)]
         done = [False] * B
         new = [[] for _ in range(B)]
-        pos = min(lens)
+        pos = min(lens)  # the index being predicted
         logits, _ = self(seqs[:, :pos], cache=cache, start_pos=0)  # prefill the common prefix
         logits = logits[:, -1]
         while pos < total:
             nxt = sample_logits(logits, temperature, top_k, top_p, rngs)
             nxt = torch.where(pos < plen, seqs[:, pos], nxt)  # still inside a prompt: teacher-force
             for i in range(B):
-                if pos >= lens[i] and not done[i] and len(new[i]) < max_new_tokens:
+                if pos >= lens[i] and not done[i]:
                     if stop_at_bos and int(nxt[i]) == BOS_ID:
                         done[i] = True
                     else:
                         new[i].append(int(nxt[i]))
                         done[i] = len(new[i]) >= max_new_tokens
-            if all(done):
+            if all(done) or pos + 1 >= total:
                 break
             seqs[:, pos] = nxt
             logits, _ = self(nxt[:, None], cache=cache, start_pos=pos)
@@ -279,7 +281,7 @@ class Transformer(nn.Module):
         idx = torch.tensor([prompt], dtype=torch.long, device=dev)
         out = []
         for _ in range(max_new_tokens):
-            if idx.size(1) >= self.params.max_seq_len:
+            if idx.size(1) > self.params.max_seq_len:
                 break
             logits, _ = self(idx)
             nxt = int(logits[0, -1].argmax())

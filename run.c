@@ -308,6 +308,24 @@ static void matvec(float *restrict y, const float *restrict W, const float *rest
     for (int r = 0; r < rows; r++) y[r] = dot(W + (size_t)r * (size_t)cols, x, cols);
 }
 
+/* one query head h over cached positions 0..pos of kv head kvh; output into xb */
+static void attend_head(Buffers *b, const float *kc, const float *vc, int h, int kvh, int pos,
+                        int hs, int kv_dim, int seq, float scale) {
+    const float *qh = b->q + (size_t)h * hs;
+    const size_t kv_off = (size_t)kvh * hs;
+    float *scores = b->att + (size_t)h * seq;
+    for (int t = 0; t <= pos; t++)
+        scores[t] = dot(qh, kc + (size_t)t * kv_dim + kv_off, hs) * scale;
+    softmax(scores, pos + 1);
+    float *out = b->xb + (size_t)h * hs;
+    for (int i = 0; i < hs; i++) out[i] = 0.0f;
+    for (int t = 0; t <= pos; t++) {
+        const float *vt = vc + (size_t)t * kv_dim + kv_off;
+        const float a = scores[t];
+        for (int i = 0; i < hs; i++) out[i] += a * vt[i];
+    }
+}
+
 static float *forward(Model *m, int token, int pos) {
     const Config *c = &m->c;
     const Weights *w = &m->w;
@@ -347,28 +365,18 @@ static float *forward(Model *m, int token, int pos) {
         }
 
         /* causal attention, each query head reading kv head h / group */
-        int h;
+        const float *kc = b->k_cache + cache_off, *vc = b->v_cache + cache_off;
 #ifdef _OPENMP
-#pragma omp parallel for if ((size_t)n_heads * (size_t)(pos + 1) * (size_t)hs >= PARALLEL_MIN_WORK)
+        if ((size_t)n_heads * (size_t)(pos + 1) * (size_t)hs >= PARALLEL_MIN_WORK) {
+            int h;
+#pragma omp parallel for
+            for (h = 0; h < n_heads; h++)
+                attend_head(b, kc, vc, h, h / group, pos, hs, kv_dim, seq, scale);
+        } else
 #endif
-        for (h = 0; h < n_heads; h++) {
-            const float *qh = b->q + (size_t)h * hs;
-            const size_t kv_off = (size_t)(h / group) * hs;
-            float *scores = b->att + (size_t)h * seq;
-            for (int t = 0; t <= pos; t++) {
-                const float *kt = b->k_cache + cache_off + (size_t)t * kv_dim + kv_off;
-                float dot = 0.0f;
-                for (int i = 0; i < hs; i++) dot += qh[i] * kt[i];
-                scores[t] = dot * scale;
-            }
-            softmax(scores, pos + 1);
-            float *out = b->xb + (size_t)h * hs;
-            for (int i = 0; i < hs; i++) out[i] = 0.0f;
-            for (int t = 0; t <= pos; t++) {
-                const float *vt = b->v_cache + cache_off + (size_t)t * kv_dim + kv_off;
-                const float a = scores[t];
-                for (int i = 0; i < hs; i++) out[i] += a * vt[i];
-            }
+        {
+            for (int h = 0; h < n_heads; h++)
+                attend_head(b, kc, vc, h, h / group, pos, hs, kv_dim, seq, scale);
         }
 
         matvec(b->xb2, w->wo + lw * dim * dim, b->xb, dim, dim);

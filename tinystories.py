@@ -74,7 +74,7 @@ def load_stories(shard: Path) -> list[str]:
 # -----------------------------------------------------------------------------
 # download: resumable (HTTP Range), atomic, safe extraction
 
-def download_file(url: str, dest: Path, chunk_size=1 << 20, timeout=30):
+def download_file(url: str, dest: Path, chunk_size=1 << 16, timeout=30):
     """Download url to dest. Bytes arrive in dest.part; a second call resumes from
     its size with a Range request. dest appears only when complete."""
     import requests
@@ -99,8 +99,11 @@ def download_file(url: str, dest: Path, chunk_size=1 << 20, timeout=30):
         with open(part, "ab" if have else "wb") as f, tqdm(
                 desc=dest.name, total=total or None, initial=have, unit="iB",
                 unit_scale=True, unit_divisor=1024) as bar:
-            for data in resp.iter_content(chunk_size=chunk_size):
-                bar.update(f.write(data))
+            try:
+                for data in resp.iter_content(chunk_size=chunk_size):
+                    bar.update(f.write(data))
+            except requests.exceptions.RequestException:
+                pass  # connection cut: what arrived stays in .part, checked below
     if total and part.stat().st_size != total:
         raise UserError(f"download of {url} stopped at {part.stat().st_size}/{total} bytes: "
                         "run the same command again to resume")
@@ -248,9 +251,9 @@ def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DI
                 workers=None, tables_dir=None, metrics="all", ref_model=""):
     from tqdm import tqdm
     from tokenizer import tokenizer_model_path
+    shards = raw_shards(data_dir)
     model_path = tokenizer_model_path(vocab_size, data_dir)
     tok_sha = sha256_file(model_path)
-    shards = raw_shards(data_dir)
     out = tok_dir(data_dir, vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     # 1) tokens: skip shards whose json and tokenizer are unchanged since the last run

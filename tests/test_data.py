@@ -1,0 +1,259 @@
+"""Data stages: download (against a local HTTP server), sample, train_vocab,
+pretokenize (.bin shards and batch index, checked exactly), the batch reader."""
+
+import http.server
+import io
+import json
+import shutil
+import socket
+import struct
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+import tinystories
+from common import UserError
+from tokenizer import Tokenizer
+
+
+# -----------------------------------------------------------------------------
+# a local HTTP server with Range support, which can cut a response short
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+    cut_after = None  # bytes to send before dropping the connection (once)
+    ranges_seen = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        data, start = type(self).payload, 0
+        rng = self.headers.get("Range")
+        type(self).ranges_seen.append(rng)
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        cut = type(self).cut_after
+        if cut is not None:
+            type(self).cut_after = None
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    handler = type("H", (_Handler,), {"ranges_seen": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield handler, f"http://127.0.0.1:{httpd.server_address[1]}/TinyStories_all_data.tar.gz"
+    httpd.shutdown()
+
+
+def make_archive(files: dict) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+SHARDS = {f"data{i:02d}.json": json.dumps([{"story": f"Story {i} number {j}."} for j in range(50)]).encode()
+          for i in range(3)}
+
+
+def test_download_full_and_skip(server, tmp_path):
+    handler, url = server
+    handler.payload = make_archive(SHARDS)
+    tinystories.download(tmp_path, url)
+    got = sorted(p.name for p in (tmp_path / "TinyStories_all_data").iterdir())
+    assert got == sorted(SHARDS)
+    assert (tmp_path / "TinyStories_all_data" / "data01.json").read_bytes() == SHARDS["data01.json"]
+    n = len(handler.ranges_seen)
+    tinystories.download(tmp_path, url)  # already there: no request
+    assert len(handler.ranges_seen) == n
+
+
+def test_download_resumes_after_cut(server, tmp_path):
+    handler, url = server
+    handler.payload = make_archive({**SHARDS, "big.bin": np.random.default_rng(0).bytes(200_000)})
+    handler.cut_after = 70_000
+    with pytest.raises(UserError, match="run the same command again to resume"):
+        tinystories.download(tmp_path, url)
+    part = tmp_path / "TinyStories_all_data.tar.gz.part"
+    saved = part.stat().st_size  # whole chunks that arrived before the cut
+    assert 0 < saved <= 70_000
+    assert not (tmp_path / "TinyStories_all_data").exists()
+    tinystories.download(tmp_path, url)
+    assert handler.ranges_seen[-1] == f"bytes={saved}-"
+    assert (tmp_path / "TinyStories_all_data.tar.gz").read_bytes() == handler.payload
+    assert (tmp_path / "TinyStories_all_data" / "data02.json").read_bytes() == SHARDS["data02.json"]
+
+
+def test_download_rejects_corrupt_archive(server, tmp_path):
+    handler, url = server
+    handler.payload = make_archive(SHARDS)[:-200] + b"\0" * 10
+    with pytest.raises(UserError, match="corrupt"):
+        tinystories.download(tmp_path, url)
+    assert not (tmp_path / "TinyStories_all_data").exists()
+    assert not (tmp_path / "TinyStories_all_data.tar.gz").exists()  # removed, so a re-run starts clean
+
+
+def test_download_rejects_path_escape(server, tmp_path):
+    handler, url = server
+    handler.payload = make_archive({**SHARDS, "../evil.json": b"[]"})
+    with pytest.raises(UserError, match="corrupt or unsafe"):
+        tinystories.download(tmp_path / "d", url)
+    assert not (tmp_path / "evil.json").exists()
+
+
+def test_download_offline_fails_fast(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(UserError, match="tinystories.py sample"):
+        tinystories.download(tmp_path, f"http://127.0.0.1:{port}/x.tar.gz")
+
+
+# -----------------------------------------------------------------------------
+# sample, tokenizer
+
+def test_sample_format_and_determinism(tmp_path):
+    a = tinystories.sample(tmp_path / "a", n_stories=3000, n_shards=4)
+    b = tinystories.sample(tmp_path / "b", n_stories=3000, n_shards=4)
+    shards = sorted(a.glob("data*.json"))
+    assert [p.name for p in shards] == ["data00.json", "data01.json", "data02.json", "data03.json"]
+    rows = [r for p in shards for r in json.loads(p.read_text())]
+    assert len(rows) == 3000 and all(isinstance(r["story"], str) and r["story"] for r in rows)
+    assert {"story", "instruction", "summary", "source"} <= set(rows[0])
+    for p in shards:
+        assert p.read_bytes() == (b / p.name).read_bytes()
+
+
+def test_sample_refuses_to_overwrite_real_data(tmp_path):
+    raw = tmp_path / "TinyStories_all_data"
+    raw.mkdir()
+    (raw / "data00.json").write_text("[]")
+    with pytest.raises(UserError, match="overwrite"):
+        tinystories.sample(tmp_path)
+
+
+def test_tokenizer_round_trip_and_bin_export(tiny_data, tmp_path):
+    data, _ = tiny_data
+    enc = Tokenizer(data / "tok512.model")
+    text = 'Lily said, "Look, a big red ball!" Zoë smiled. 123'
+    ids = enc.encode(text, bos=True, eos=False)
+    assert ids[0] == 1 and 1 not in ids[1:] and max(ids) < 512
+    assert enc.decode(ids) == text
+    assert enc.decode(enc.encode("日本")) == "日本"  # byte fallback
+    out = enc.export(tmp_path / "tok.bin")
+    raw = out.read_bytes()
+    (maxlen,) = struct.unpack_from("i", raw)
+    pos, pieces = 4, []
+    for _ in range(512):
+        score, n = struct.unpack_from("fi", raw, pos)
+        pieces.append(raw[pos + 8: pos + 8 + n])
+        pos += 8 + n
+    assert pos == len(raw) and maxlen == max(len(p) for p in pieces)
+    assert pieces[1] == b"\n<s>\n" and pieces[3] == b"<0x00>"
+
+
+def test_train_vocab_is_deterministic(tiny_data, tmp_path):
+    data, _ = tiny_data
+    shutil.copytree(data / "TinyStories_all_data", tmp_path / "TinyStories_all_data")
+    p = tinystories.train_vocab(512, tmp_path)
+    # the model file also stores its input path; the vocabulary must be identical
+    assert Tokenizer(p).pieces() == Tokenizer(data / "tok512.model").pieces()
+
+
+# -----------------------------------------------------------------------------
+# pretokenize: exact contents on a tiny input
+
+@pytest.fixture
+def tiny_raw(tiny_data, tmp_path):
+    data, _ = tiny_data
+    raw = tmp_path / "TinyStories_all_data"
+    raw.mkdir()
+    stories = [["The cat sat.", "A dog ran fast."], ["Lily was happy.", "Tom had a red ball.", "Sun!"]]
+    for i, s in enumerate(stories):
+        (raw / f"data{i:02d}.json").write_text(json.dumps([{"story": t} for t in s]))
+    shutil.copy(data / "tok512.model", tmp_path / "tok512.model")
+    return tmp_path, stories
+
+
+def test_pretokenize_exact(tiny_raw):
+    root, stories = tiny_raw
+    enc = Tokenizer(root / "tok512.model")
+    T = 4
+    tinystories.pretokenize(512, T, root, workers=1, metrics="none")
+    expect = []
+    for s, shard in enumerate(stories):
+        toks = np.fromfile(root / "tok512" / f"data{s:02d}.bin", dtype=np.uint16)
+        want = [t for story in shard for t in [1] + enc.encode(story, bos=False)]
+        assert toks.tolist() == want
+        starts = [i for i, t in enumerate(want) if t == 1]
+        for o in range(0, len(want) - T, T):  # windows [o, o+T+1) that fit
+            first = max(i for i, st in enumerate(starts) if st <= o)
+            last = max(i for i, st in enumerate(starts) if st <= o + T)
+            expect.append((s, o, first, last))
+    data = tinystories.BatchData(root, 512, T)
+    got = [(int(r["shard"]), int(r["offset"]), int(r["story_first"]), int(r["story_last"])) for r in data.index]
+    assert got == expect
+    assert data.n_val == sum(1 for e in expect if e[0] == 0)
+    x, y = data.get([0, len(data) - 1])
+    w = np.fromfile(root / "tok512" / "data00.bin", dtype=np.uint16)
+    assert x[0].tolist() == w[:T].tolist() and y[0].tolist() == w[1:T + 1].tolist()
+
+
+def test_pretokenize_is_byte_identical_on_rerun(tiny_data, tmp_path):
+    data, _ = tiny_data
+    shutil.copytree(data / "TinyStories_all_data", tmp_path / "TinyStories_all_data")
+    shutil.copy(data / "tok512.model", tmp_path)
+    files = lambda: {p.relative_to(tmp_path): p.read_bytes() for p in sorted((tmp_path / "tok512").rglob("*"))
+                     if p.is_file() and p.suffix in (".bin", ".npy", ".json")}
+    tinystories.pretokenize(512, 64, tmp_path, workers=2, metrics="none")
+    first = files()
+    shutil.rmtree(tmp_path / "tok512")
+    tinystories.pretokenize(512, 64, tmp_path, workers=1, metrics="none")
+    assert files() == first and len(first) >= 6
+
+
+def test_missing_and_corrupt_inputs(tiny_raw, tmp_path):
+    root, _ = tiny_raw
+    with pytest.raises(UserError, match="tinystories.py download"):
+        tinystories.pretokenize(512, 4, tmp_path / "empty", metrics="none")
+    with pytest.raises(UserError, match="train_vocab"):
+        tinystories.pretokenize(4096, 4, root, metrics="none")
+    (root / "TinyStories_all_data" / "data01.json").write_text('[{"story": "ok"}, {"sto')
+    with pytest.raises(UserError, match="corrupt shard .*data01.json"):
+        tinystories.load_stories(root / "TinyStories_all_data" / "data01.json")
+    with pytest.raises(UserError, match="pretokenize --vocab_size=512 --max_seq_len=8"):
+        tinystories.BatchData(root, 512, 8)  # never indexed at this max_seq_len
+
+
+def test_batchdata_detects_changed_shard(tiny_raw):
+    root, _ = tiny_raw
+    tinystories.pretokenize(512, 4, root, workers=1, metrics="none")
+    with open(root / "tok512" / "data01.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(UserError, match="has changed since indexing"):
+        tinystories.BatchData(root, 512, 4)

@@ -1,0 +1,329 @@
+"""
+Attention maps of every checkpoint of a run, and how each head changes over training.
+
+$ python visualize_attn.py                                  # run folder out/
+$ python visualize_attn.py --out_dir=out/shuffle_s2         # another run
+$ python visualize_attn.py --probe="Tom saw a big dog. He" --probe_tokens=16
+$ python visualize_attn.py --redo=True                      # redraw every checkpoint
+
+Writes, for a run folder <out_dir>:
+  visualize/attn/attn_<iter>.png   one per checkpoint: a layers x heads grid of the
+                                   attention probabilities on the probe (row = query
+                                   token, column = key token it attends to)
+  visualize/attn_over_training.png per head vs training step: entropy, mean attention
+                                   distance, share of attention to BOS and to the
+                                   previous token; one line per head, a column per layer
+  tables/attn_entropy.csv          the numbers of that figure, one row per
+                                   (iter, layer, head):
+      entropy          mean over query positions of -sum_j p_ij ln p_ij, in nats
+                       (query 0 sees only itself and counts as 0); in [0, ln T]
+      entropy_uniform  the same for uniform causal attention (query i spreads 1/(i+1)
+                       over its i+1 keys): the largest value the entropy can take here
+      distance         mean over queries of sum_j p_ij (i - j), in tokens
+      bos_share        mean over queries 1..T-1 of p_i0 (attention to the BOS token)
+      prev_share       mean over queries 1..T-1 of p_i,i-1 (previous-token heads)
+      self_share       mean over queries 1..T-1 of p_ii
+
+The probe is the opening of the first story of the validation shard (shard 0, never
+trained on), or --probe text; it is tokenised with the run's tokenizer, BOS first, and
+cut to probe_tokens tokens so that the token labels stay readable.
+
+A checkpoint is skipped when its PNG exists, visualize/attn/settings.json says it was
+drawn with the same settings from the same checkpoint file, and the CSV holds its rows.
+"""
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from checkpoint import ckpt_dir, list_checkpoints, load_checkpoint, model_from_checkpoint
+from common import (UserError, atomic_path, main_guard, parse_config, write_csv_atomic,
+                    write_json_atomic)
+
+# -----------------------------------------------------------------------------
+# config (every field can be set with --key=value)
+@dataclass
+class AttnConfig:
+    out_dir: str = "out"  # the run folder (config.json, ckpt/)
+    data_dir: str = ""  # '' = the run's data_dir (tokenizer, validation shard)
+    probe: str = ""  # probe text; '' = the opening of the first validation story
+    probe_tokens: int = 24  # BOS included; more than ~40 makes the labels unreadable
+    redo: bool = False  # redraw checkpoints already drawn
+    dpi: int = 110
+
+
+CSV_COLUMNS = ["iter", "layer", "head", "entropy", "entropy_uniform", "distance", "bos_share",
+               "prev_share", "self_share"]
+VERSION = 1  # bump when the drawing changes, so that old PNGs are redrawn
+# -----------------------------------------------------------------------------
+
+
+# -----------------------------------------------------------------------------
+# helpers shared with visualize_embd.py: the run folder and the skip-if-done record
+
+def run_checkpoints(out_dir) -> list[tuple[int, Path]]:
+    """[(iter, path)] of a run, or a UserError when it has none."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: train first with "
+                        f"python train.py --out_dir={out_dir}")
+    return found
+
+
+def run_config(out_dir, ckpt: dict) -> dict:
+    """The run's TrainConfig as a dict: <out_dir>/config.json, else the checkpoint's copy."""
+    p = Path(out_dir) / "config.json"
+    if p.exists():
+        try:
+            return json.loads(p.read_text())
+        except ValueError:
+            raise UserError(f"{p} is not valid JSON: delete it (the checkpoints hold a copy)") from None
+    return dict(ckpt.get("config", {}))
+
+
+def ckpt_signature(path: Path) -> list:
+    """Identifies one checkpoint file (a re-trained run gets new signatures)."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+class DoneRecord:
+    """settings.json of a view: the settings it was drawn with and, per checkpoint
+    iter, the signature of the file it was drawn from. Changed settings forget all."""
+
+    def __init__(self, path: Path, settings: dict, redo: bool):
+        self.path, self.settings = Path(path), settings
+        old = {}
+        if self.path.exists() and not redo:
+            try:
+                old = json.loads(self.path.read_text())
+            except ValueError:
+                old = {}
+        self.done = old.get("done", {}) if old.get("settings") == settings else {}
+
+    def is_done(self, it: int, sig: list, png: Path) -> bool:
+        return self.done.get(str(it)) == sig and Path(png).exists()
+
+    def mark(self, it: int, sig: list):
+        self.done[str(it)] = sig
+
+    def save(self, iters):
+        keep = {str(i) for i in iters}
+        self.done = {k: v for k, v in self.done.items() if k in keep}
+        write_json_atomic(self.path, {"settings": self.settings, "done": self.done})
+
+
+def save_figure(fig, path: Path, dpi: int):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def step_axis(ax, iters):
+    """Training steps on a symlog x axis (linear in [0, 1], log above) so that the
+    log-spaced checkpoints 0, 1, 2, 4, ... are evenly spread and step 0 is shown."""
+    ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
+    ax.set_xlim(0, max(iters) * 1.15 if max(iters) > 0 else 1)
+    ax.set_xlabel("training step (symlog axis)")
+
+
+def load_tokenizer(data_dir, vocab_size: int):
+    from tokenizer import Tokenizer, tokenizer_model_path
+    return Tokenizer(tokenizer_model_path(vocab_size, data_dir))
+
+
+def piece_label(sp, i: int) -> str:
+    """A short readable label of token i: '▁' marks a word start as in sentencepiece,
+    byte tokens show as the character (or \\xNN), BOS as <s>."""
+    if sp.is_control(i) or sp.is_unknown(i):
+        return sp.id_to_piece(i)
+    if sp.is_byte(i):
+        b = int(sp.id_to_piece(i)[3:-1], 16)
+        return {10: "\\n", 32: "▁"}.get(b, chr(b) if 33 <= b < 127 else f"\\x{b:02x}")
+    return sp.id_to_piece(i)
+
+
+# -----------------------------------------------------------------------------
+# steps
+
+def probe_tokens(cfg: AttnConfig, enc, data_dir, max_seq_len: int) -> tuple[list[int], str]:
+    """Token ids of the probe (BOS first, at most probe_tokens) and a short description."""
+    if cfg.probe_tokens < 2:
+        raise UserError(f"--probe_tokens={cfg.probe_tokens}: use at least 2 (BOS and one token)")
+    if cfg.probe_tokens > max_seq_len:
+        raise UserError(f"--probe_tokens={cfg.probe_tokens} exceeds the model's max_seq_len "
+                        f"{max_seq_len}: use a smaller value")
+    if cfg.probe:
+        text, source = cfg.probe, "--probe text"
+    else:
+        from tinystories import load_stories, raw_shards
+        shard = raw_shards(data_dir)[0]
+        stories = load_stories(shard)
+        if not stories:
+            raise UserError(f"validation shard {shard} holds no stories: pass --probe=\"some text\"")
+        text, source = stories[0], f"first story of validation shard {shard.name}"
+    ids = enc.encode(text, bos=True)[:cfg.probe_tokens]
+    if len(ids) < 2:
+        raise UserError("--probe text is empty after tokenisation: pass some words")
+    return ids, source
+
+
+def head_stats(probs: np.ndarray) -> dict[str, np.ndarray]:
+    """probs (L, nh, T, T) -> per (layer, head) arrays of the CSV's statistics."""
+    T = probs.shape[-1]
+    p = probs.astype(np.float64)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    ent_q = -plogp.sum(-1)  # (L, nh, T): entropy of each query row
+    dist = (np.arange(T)[:, None] - np.arange(T)[None, :]).clip(min=0)  # (T, T) i - j
+    q = np.arange(1, T)
+    return {
+        "entropy": ent_q.mean(-1),
+        "entropy_uniform": np.full(probs.shape[:2], np.mean(np.log(np.arange(1, T + 1)))),
+        "distance": (p * dist).sum(-1).mean(-1),
+        "bos_share": p[..., 1:, 0].mean(-1),
+        "prev_share": p[..., q, q - 1].mean(-1),
+        "self_share": p[..., q, q].mean(-1),
+    }
+
+
+def stats_rows(it: int, probs: np.ndarray) -> pd.DataFrame:
+    L, nh = probs.shape[:2]
+    st = head_stats(probs)
+    rows = {"iter": np.full(L * nh, it), "layer": np.repeat(np.arange(L), nh),
+            "head": np.tile(np.arange(nh), L)}
+    rows.update({k: v.reshape(-1) for k, v in st.items()})
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def checkpoint_probs(path: Path, ids: list[int]) -> tuple[np.ndarray, float]:
+    """Attention probabilities (L, nh, T, T) of a checkpoint on the probe, and its val loss."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, "cpu").float()
+    probs = model.attention_probs(torch.tensor([ids], dtype=torch.long))  # (L, 1, nh, T, T)
+    return probs[:, 0].numpy(), ckpt.get("val_loss", float("nan"))
+
+
+def draw_maps(probs: np.ndarray, labels: list[str], it: int, val_loss: float, title: str,
+              stats: pd.DataFrame, path: Path, dpi: int):
+    from matplotlib.figure import Figure
+    L, nh, T, _ = probs.shape
+    cell = max(1.9, 0.095 * T)  # inches per map: ~0.1 in per token keeps labels apart
+    fig = Figure(figsize=(cell * nh + 1.6, cell * L + 1.5), layout="constrained")
+    axs = fig.subplots(L, nh, squeeze=False, sharex=True, sharey=True)
+    ent = stats.set_index(["layer", "head"])["entropy"]
+    for l in range(L):
+        for h in range(nh):
+            ax = axs[l, h]
+            im = ax.imshow(np.ma.masked_where(np.triu(np.ones((T, T)), 1) > 0, probs[l, h]),
+                           cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_facecolor("#eeeeee")  # masked (future) cells
+            ax.set_title(f"layer {l} head {h}  H={ent[(l, h)]:.2f} nats", fontsize=8)
+            ax.set_xticks(range(T))
+            ax.set_yticks(range(T))
+            ax.set_xticklabels(labels, rotation=90, fontsize=5.5)
+            ax.set_yticklabels(labels, fontsize=5.5)
+            ax.tick_params(length=1.5, pad=1)
+            if h == 0:
+                ax.set_ylabel("query token (row)", fontsize=8)
+            if l == L - 1:
+                ax.set_xlabel("key token attended to (column)", fontsize=8)
+    fig.colorbar(im, ax=axs, shrink=0.6, label="attention probability (each row sums to 1)")
+    fig.suptitle(f"{title}\nattention probabilities at step {it} (val loss {val_loss:.3f}); "
+                 f"grey = masked future positions; H = mean entropy over query rows", fontsize=10)
+    save_figure(fig, path, dpi)
+
+
+def draw_over_training(df: pd.DataFrame, title: str, path: Path, dpi: int):
+    from matplotlib.figure import Figure
+    L, nh = df["layer"].max() + 1, df["head"].max() + 1
+    iters = sorted(df["iter"].unique())
+    metrics = [("entropy", "entropy (nats)"), ("distance", "mean attention distance (tokens)"),
+               ("bos_share", "share of attention to BOS"),
+               ("prev_share", "share of attention to previous token")]
+    fig = Figure(figsize=(3.6 * L + 1.8, 2.5 * len(metrics) + 0.8), layout="constrained")
+    axs = fig.subplots(len(metrics), L, squeeze=False, sharex=True, sharey="row")
+    colors = [f"C{h % 10}" for h in range(nh)]
+    for r, (col, ylabel) in enumerate(metrics):
+        for l in range(L):
+            ax = axs[r, l]
+            sub = df[df["layer"] == l]
+            for h in range(nh):
+                s = sub[sub["head"] == h].sort_values("iter")
+                ax.plot(s["iter"], s[col], marker="o", ms=3, lw=1.2, color=colors[h],
+                        label=f"head {h}")
+            if col == "entropy":
+                ax.axhline(df["entropy_uniform"].iloc[0], color="k", ls="--", lw=0.8,
+                           label="uniform causal")
+                ax.set_ylim(bottom=0)
+            if col.endswith("share"):
+                ax.set_ylim(-0.02, 1.02)
+            step_axis(ax, iters)
+            ax.grid(alpha=0.3)
+            if r == 0:
+                ax.set_title(f"layer {l}", fontsize=10)
+            if l == 0:
+                ax.set_ylabel(ylabel, fontsize=9)
+            if r < len(metrics) - 1:
+                ax.set_xlabel("")
+    handles, labels = axs[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle(f"{title}: attention heads over training on the probe "
+                 f"({len(iters)} checkpoints, steps {iters[0]}..{iters[-1]})", fontsize=11)
+    save_figure(fig, path, dpi)
+
+
+def main(argv=None):
+    cfg = parse_config(AttnConfig(), sys.argv[1:] if argv is None else argv)
+    out = Path(cfg.out_dir)
+    ckpts = run_checkpoints(out)
+    last = load_checkpoint(ckpts[-1][1])
+    margs, run = last["model_args"], run_config(out, last)
+    data_dir = cfg.data_dir or run.get("data_dir", "data")
+    enc = load_tokenizer(data_dir, margs["vocab_size"])
+    ids, source = probe_tokens(cfg, enc, data_dir, margs["max_seq_len"])
+    labels = [piece_label(enc.sp, i) for i in ids]
+    title = f"run {cfg.out_dir}"
+
+    vis, table = out / "visualize", out / "tables" / "attn_entropy.csv"
+    settings = {"version": VERSION, "probe_ids": ids, "dpi": cfg.dpi}
+    record = DoneRecord(vis / "attn" / "settings.json", settings, cfg.redo)
+    old = pd.read_csv(table) if table.exists() and record.done else pd.DataFrame(columns=CSV_COLUMNS)
+
+    frames, wrote = [], []
+    for it, path in ckpts:
+        png, sig = vis / "attn" / f"attn_{it}.png", ckpt_signature(path)
+        rows = old[old["iter"] == it]
+        if record.is_done(it, sig, png) and len(rows):
+            frames.append(rows)
+            continue
+        probs, val_loss = checkpoint_probs(path, ids)
+        rows = stats_rows(it, probs)
+        draw_maps(probs, labels, it, val_loss, title, rows, png, cfg.dpi)
+        frames.append(rows)
+        record.mark(it, sig)
+        wrote.append(png)
+
+    summary = vis / "attn_over_training.png"
+    if wrote or not summary.exists() or not table.exists():
+        df = pd.concat(frames, ignore_index=True)[CSV_COLUMNS]
+        write_csv_atomic(df, table)
+        draw_over_training(df, title, summary, cfg.dpi)
+        wrote += [table, summary]
+    record.save([it for it, _ in ckpts])
+    print(f"probe ({source}, {len(ids)} tokens): {enc.decode(ids[1:])!r}")
+    if wrote:
+        n = len(wrote) - 2
+        print(f"wrote {n} attention map(s) to {vis / 'attn'}/, {summary} and {table}")
+    else:
+        print(f"nothing to do: all {len(ckpts)} checkpoints already drawn in {vis / 'attn'}/ "
+              "(--redo=True to redraw)")
+    return wrote
+
+
+if __name__ == "__main__":
+    main_guard(main)

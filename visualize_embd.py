@@ -1,0 +1,304 @@
+"""
+Token embeddings of every checkpoint of a run, by PCA in one basis shared by all
+checkpoints, so that their movement over training can be seen.
+
+$ python visualize_embd.py                                  # run folder out/
+$ python visualize_embd.py --out_dir=out/shuffle_s2         # another run
+$ python visualize_embd.py --words=he,she,king,queen --multi_piece=skip
+$ python visualize_embd.py --redo=True                      # redraw every checkpoint
+
+Writes, for a run folder <out_dir>:
+  visualize/embd/embd_<iter>.png   one per checkpoint: every token's row of
+                                   tok_embeddings.weight projected on PC1/PC2, the
+                                   highlighted words labelled
+  visualize/embd_pca.png           small multiples, one panel per checkpoint (at most
+                                   max_panels, spread over the run), same axis limits
+  visualize/embd_trajectories.png  the path of each highlighted word across checkpoints
+  tables/embd_pca.csv              iter, kind, token_id, label, pc1, pc2: one row per
+                                   token (kind piece | byte | special) and per
+                                   highlighted word (kind word, token_id -1) per checkpoint
+
+The basis: sklearn PCA (2 components) fitted on the FINAL checkpoint's embedding matrix
+(all vocab rows), then every checkpoint is projected with it: x -> (x - mean_final) @ W.
+Why the final one and not all checkpoints stacked: its axes are the structure the run
+ends up with, so each panel reads as "how far along towards the final arrangement";
+stacked fitting mixes in the isotropic noise of the random init and would tilt the axes
+towards whichever phase has more checkpoints (the log-spaced early ones). The price: an
+early checkpoint's own main directions may lie off these two axes. The axes change when
+the run gets a new final checkpoint, so then every checkpoint is redrawn.
+
+Highlighted words are encoded as inside running text (sentencepiece adds the word-start
+'▁'). A word that becomes several pieces is shown at the mean of its pieces' rows
+(--multi_piece=mean, marked '(k pieces)' in the legend) or left out with a note
+(--multi_piece=skip). The embeddings are tied to the output layer (llama2.c), so even
+tokens never seen as input (most byte-fallback tokens) move, pushed by the softmax.
+
+A checkpoint is skipped when its PNG exists and visualize/embd/settings.json says it was
+drawn with the same settings from the same checkpoint files.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from checkpoint import load_checkpoint
+from common import UserError, main_guard, parse_config, write_csv_atomic
+from visualize_attn import (DoneRecord, ckpt_signature, load_tokenizer, piece_label, run_checkpoints,
+                            run_config, save_figure)
+
+# -----------------------------------------------------------------------------
+# config (every field can be set with --key=value)
+@dataclass
+class EmbdConfig:
+    out_dir: str = "out"  # the run folder (config.json, ckpt/)
+    data_dir: str = ""  # '' = the run's data_dir (for the tokenizer)
+    # contrasting pairs frequent in TinyStories; drawn in paired colours
+    words: str = "he,she,boy,girl,mom,dad,happy,sad,dog,cat,big,little,good,bad"
+    multi_piece: str = "mean"  # a word of several pieces: 'mean' of their rows, or 'skip'
+    max_panels: int = 16  # small multiples: at most this many checkpoints
+    redo: bool = False  # redraw checkpoints already drawn
+    dpi: int = 110
+
+
+CHOICES = {"multi_piece": ("mean", "skip")}
+CSV_COLUMNS = ["iter", "kind", "token_id", "label", "pc1", "pc2"]
+VERSION = 1  # bump when the drawing changes, so that old PNGs are redrawn
+# -----------------------------------------------------------------------------
+
+
+def word_pieces(enc, words: str, multi_piece: str) -> tuple[list[tuple[str, list[int]]], list[str]]:
+    """[(word, piece ids)] of the highlighted words, and notes on those left out."""
+    out, notes = [], []
+    for w in dict.fromkeys(x.strip() for x in words.split(",")):  # de-duplicated, in order
+        if not w:
+            continue
+        ids = enc.encode(w, bos=False)
+        if not ids:
+            notes.append(f"{w!r} has no tokens")
+        elif len(ids) > 1 and multi_piece == "skip":
+            pieces = " ".join(enc.sp.id_to_piece(i) for i in ids)
+            notes.append(f"{w!r} skipped: {len(ids)} pieces ({pieces})")
+        else:
+            out.append((w, ids))
+    return out, notes
+
+
+def token_kinds(sp, V: int) -> np.ndarray:
+    return np.array(["special" if sp.is_control(i) or sp.is_unknown(i) else
+                     "byte" if sp.is_byte(i) else "piece" for i in range(V)])
+
+
+def embeddings(path: Path) -> np.ndarray:
+    """tok_embeddings.weight (V, dim) of a checkpoint, as float64."""
+    return load_checkpoint(path)["model"]["tok_embeddings.weight"].double().numpy()
+
+
+def read_table(path) -> pd.DataFrame:
+    """embd_pca.csv as written (labels stay text, floats round-trip exactly)."""
+    return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "kind": str},
+                       float_precision="round_trip")
+
+
+def fit_basis(final: np.ndarray):
+    """PCA with 2 components fitted on the final checkpoint's embeddings (V, dim)."""
+    from sklearn.decomposition import PCA
+    return PCA(n_components=2, svd_solver="full").fit(final)
+
+
+def project(pca, it: int, emb: np.ndarray, kinds, labels, words) -> pd.DataFrame:
+    """Rows of the CSV for one checkpoint: every token, then every highlighted word
+    (the mean of its pieces' rows, projected)."""
+    V = emb.shape[0]
+    wvec = np.stack([emb[ids].mean(0) for _, ids in words]) if words else np.zeros((0, emb.shape[1]))
+    xy = pca.transform(np.concatenate([emb, wvec]))
+    return pd.DataFrame({"iter": it, "kind": list(kinds) + ["word"] * len(words),
+                         "token_id": list(range(V)) + [-1] * len(words),
+                         "label": list(labels) + [w for w, _ in words],
+                         "pc1": xy[:, 0], "pc2": xy[:, 1]}, columns=CSV_COLUMNS)
+
+
+def word_colors(n: int) -> list:
+    """Consecutive words (the default list is made of pairs) get the dark and light
+    shade of one hue."""
+    from matplotlib import colormaps
+    cmap = colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
+
+
+def limits(df: pd.DataFrame) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Shared axis limits: all points of all checkpoints, with a 5% margin."""
+    out = []
+    for c in ("pc1", "pc2"):
+        lo, hi = float(df[c].min()), float(df[c].max())
+        pad = 0.05 * (hi - lo or 1.0)
+        out.append((lo - pad, hi + pad))
+    return out[0], out[1]
+
+
+def axis_labels(ax, evr, fontsize=9):
+    ax.set_xlabel(f"PC1 of final embeddings ({100 * evr[0]:.1f}% of its variance)", fontsize=fontsize)
+    ax.set_ylabel(f"PC2 ({100 * evr[1]:.1f}%)", fontsize=fontsize)
+
+
+def scatter_checkpoint(ax, rows: pd.DataFrame, words, colors, lims, annotate: bool, s=6):
+    tok = rows[rows["kind"] != "word"]
+    other = tok[tok["kind"] != "piece"]
+    piece = tok[tok["kind"] == "piece"]
+    ax.scatter(other["pc1"], other["pc2"], s=s, c="#bbbbbb", lw=0,
+               label=f"byte / special tokens ({len(other)})")
+    ax.scatter(piece["pc1"], piece["pc2"], s=s, c="#4a7bb7", alpha=0.5, lw=0,
+               label=f"text pieces ({len(piece)})")
+    wr = rows[rows["kind"] == "word"]
+    for (w, ids), color, (_, r) in zip(words, colors, wr.iterrows()):
+        ax.scatter([r["pc1"]], [r["pc2"]], s=4 * s + 10, color=color, edgecolor="k", lw=0.5,
+                   zorder=3, label=w + (f" ({len(ids)} pieces)" if len(ids) > 1 else ""))
+        if annotate:
+            ax.annotate(w, (r["pc1"], r["pc2"]), xytext=(3, 3), textcoords="offset points",
+                        fontsize=8, zorder=4)
+    ax.set_xlim(*lims[0])
+    ax.set_ylim(*lims[1])
+    ax.axhline(0, color="k", lw=0.3)
+    ax.axvline(0, color="k", lw=0.3)
+
+
+def draw_checkpoint(df_it, it, final_it, words, colors, lims, evr, title, path, dpi):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8.5, 6.0), layout="constrained")
+    ax = fig.subplots()
+    scatter_checkpoint(ax, df_it, words, colors, lims, annotate=True, s=8)
+    axis_labels(ax, evr)
+    ax.legend(loc="outside right upper", fontsize=7, markerscale=1.2)
+    ax.set_title(f"{title}: token embeddings at step {it}\nprojected on the 2 principal components "
+                 f"of step {final_it} (same basis and limits for every checkpoint)", fontsize=10)
+    save_figure(fig, path, dpi)
+
+
+def panel_iters(iters: list[int], max_panels: int) -> list[int]:
+    """At most max_panels checkpoints, evenly spread over the list (which is log-spaced
+    early), always the first and the last."""
+    if len(iters) <= max_panels:
+        return list(iters)
+    pick = np.unique(np.linspace(0, len(iters) - 1, max(2, max_panels)).round().astype(int))
+    return [iters[i] for i in pick]
+
+
+def draw_small_multiples(df, iters, max_panels, words, colors, lims, evr, title, path, dpi):
+    from matplotlib.figure import Figure
+    shown = panel_iters(iters, max_panels)
+    ncol = min(len(shown), 4)
+    nrow = -(-len(shown) // ncol)
+    fig = Figure(figsize=(3.0 * ncol + 2.2, 2.8 * nrow + 0.9), layout="constrained")
+    axs = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True)).ravel()
+    for ax, it in zip(axs, shown):
+        scatter_checkpoint(ax, df[df["iter"] == it], words, colors, lims, annotate=False, s=4)
+        ax.set_title(f"step {it}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axs[len(shown):]:
+        ax.set_visible(False)
+    for ax in axs[(nrow - 1) * ncol:]:
+        ax.set_xlabel(f"PC1 ({100 * evr[0]:.1f}%)", fontsize=8)
+    for ax in axs[::ncol]:
+        ax.set_ylabel(f"PC2 ({100 * evr[1]:.1f}%)", fontsize=8)
+    handles, labels = axs[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7)
+    note = "" if len(shown) == len(iters) else f" ({len(shown)} of {len(iters)} checkpoints shown)"
+    fig.suptitle(f"{title}: token embeddings over training{note}\none PCA basis for all panels "
+                 f"(fitted on step {iters[-1]}), same axis limits", fontsize=10)
+    save_figure(fig, path, dpi)
+
+
+def draw_trajectories(df, iters, words, colors, lims, evr, title, path, dpi):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9.0, 6.5), layout="constrained")
+    ax = fig.subplots()
+    bg = df[(df["iter"] == iters[-1]) & (df["kind"] == "piece")]
+    ax.scatter(bg["pc1"], bg["pc2"], s=5, c="#cccccc", lw=0,
+               label=f"all text pieces at step {iters[-1]}")
+    wr = df[df["kind"] == "word"]
+    for (w, ids), color in zip(words, colors):
+        path_w = wr[wr["label"] == w].sort_values("iter")
+        x, y = path_w["pc1"].to_numpy(), path_w["pc2"].to_numpy()
+        ax.plot(x, y, "-", color=color, lw=1.3, zorder=2,
+                label=w + (f" ({len(ids)} pieces)" if len(ids) > 1 else ""))
+        ax.scatter(x[1:-1], y[1:-1], s=10, color=color, zorder=3, lw=0)
+        ax.scatter(x[:1], y[:1], s=30, facecolor="white", edgecolor=color, lw=1.2, zorder=3)
+        ax.scatter(x[-1:], y[-1:], s=45, color=color, edgecolor="k", lw=0.6, zorder=4)
+        ax.annotate(w, (x[-1], y[-1]), xytext=(4, 4), textcoords="offset points", fontsize=9,
+                    zorder=5)
+    ax.set_xlim(*lims[0])
+    ax.set_ylim(*lims[1])
+    axis_labels(ax, evr)
+    ax.legend(loc="outside right upper", fontsize=8)
+    ax.set_title(f"{title}: paths of highlighted words over training (steps "
+                 f"{iters[0]}..{iters[-1]}, {len(iters)} checkpoints)\nopen circle = step {iters[0]}, "
+                 f"labelled dot = step {iters[-1]}; one PCA basis fitted on step {iters[-1]}",
+                 fontsize=10)
+    save_figure(fig, path, dpi)
+
+
+def main(argv=None):
+    cfg = parse_config(EmbdConfig(), sys.argv[1:] if argv is None else argv, CHOICES)
+    if cfg.max_panels < 1:
+        raise UserError(f"--max_panels={cfg.max_panels}: use 1 or more")
+    out = Path(cfg.out_dir)
+    ckpts = run_checkpoints(out)
+    iters = [it for it, _ in ckpts]
+    final_it, final_path = ckpts[-1]
+    final_ckpt = load_checkpoint(final_path)
+    data_dir = cfg.data_dir or run_config(out, final_ckpt).get("data_dir", "data")
+    final = final_ckpt["model"]["tok_embeddings.weight"].double().numpy()
+    del final_ckpt
+    V = final.shape[0]
+    enc = load_tokenizer(data_dir, V)
+    words, notes = word_pieces(enc, cfg.words, cfg.multi_piece)
+    kinds, labels = token_kinds(enc.sp, V), [piece_label(enc.sp, i) for i in range(V)]
+    title = f"run {cfg.out_dir}"
+
+    vis, table = out / "visualize", out / "tables" / "embd_pca.csv"
+    summaries = [vis / "embd_pca.png", vis / "embd_trajectories.png"]
+    sigs = {it: ckpt_signature(p) for it, p in ckpts}
+    # the basis and the shared limits depend on every checkpoint: any change redraws all
+    settings = {"version": VERSION, "words": [[w, ids] for w, ids in words], "dpi": cfg.dpi,
+                "max_panels": cfg.max_panels, "checkpoints": [[it, sigs[it]] for it in iters]}
+    record = DoneRecord(vis / "embd" / "settings.json", settings, cfg.redo)
+    pngs = {it: vis / "embd" / f"embd_{it}.png" for it in iters}
+    todo = [it for it in iters if not record.is_done(it, sigs[it], pngs[it])]
+    for n in notes:
+        print(f"note: {n}")
+    if not todo and table.exists() and all(p.exists() for p in summaries):
+        print(f"nothing to do: all {len(iters)} checkpoints already drawn in {vis / 'embd'}/ "
+              "(--redo=True to redraw)")
+        return []
+
+    pca = fit_basis(final)
+    evr = pca.explained_variance_ratio_
+    old = read_table(table) if table.exists() and record.done else None
+    frames = []
+    for it, p in ckpts:  # coordinates of drawn checkpoints come from the table, unchanged
+        rows = old[old["iter"] == it] if old is not None and it not in todo else []
+        if len(rows) != V + len(words):
+            rows = project(pca, it, final if it == final_it else embeddings(p), kinds, labels, words)
+        frames.append(rows)
+    df = pd.concat(frames, ignore_index=True)
+    lims, colors = limits(df), word_colors(len(words))
+    wrote = []
+    for it in todo:
+        draw_checkpoint(df[df["iter"] == it], it, final_it, words, colors, lims, evr, title,
+                        pngs[it], cfg.dpi)
+        record.mark(it, sigs[it])
+        wrote.append(pngs[it])
+    write_csv_atomic(df, table)
+    draw_small_multiples(df, iters, cfg.max_panels, words, colors, lims, evr, title, summaries[0], cfg.dpi)
+    draw_trajectories(df, iters, words, colors, lims, evr, title, summaries[1], cfg.dpi)
+    record.save(iters)
+    print(f"PCA fitted on step {final_it}: PC1 {100 * evr[0]:.1f}%, PC2 {100 * evr[1]:.1f}% of variance")
+    print(f"wrote {len(wrote)} embedding plot(s) to {vis / 'embd'}/, {summaries[0]}, {summaries[1]} "
+          f"and {table}")
+    return wrote + [table] + summaries
+
+
+if __name__ == "__main__":
+    main_guard(main)
