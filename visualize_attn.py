@@ -129,7 +129,7 @@ def step_axis(ax, iters):
     log-spaced checkpoints 0, 1, 2, 4, ... are evenly spread and step 0 is shown."""
     ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
     ax.set_xlim(0, max(iters) * 1.15 if max(iters) > 0 else 1)
-    ax.set_xlabel("training step (symlog axis)")
+    ax.set_xlabel("training step (symlog axis: linear 0..1, log above)")
 
 
 def load_tokenizer(data_dir, vocab_size: int):
@@ -212,7 +212,7 @@ def draw_maps(probs: np.ndarray, labels: list[str], it: int, val_loss: float, ti
               stats: pd.DataFrame, path: Path, dpi: int):
     from matplotlib.figure import Figure
     L, nh, T, _ = probs.shape
-    cell = max(1.9, 0.095 * T)  # inches per map: ~0.1 in per token keeps labels apart
+    cell = max(2.2, 0.12 * T)  # inches per map: ~0.12 in per token keeps labels apart
     fig = Figure(figsize=(cell * nh + 1.6, cell * L + 1.5), layout="constrained")
     axs = fig.subplots(L, nh, squeeze=False, sharex=True, sharey=True)
     ent = stats.set_index(["layer", "head"])["entropy"]
@@ -225,8 +225,8 @@ def draw_maps(probs: np.ndarray, labels: list[str], it: int, val_loss: float, ti
             ax.set_title(f"layer {l} head {h}  H={ent[(l, h)]:.2f} nats", fontsize=8)
             ax.set_xticks(range(T))
             ax.set_yticks(range(T))
-            ax.set_xticklabels(labels, rotation=90, fontsize=5.5)
-            ax.set_yticklabels(labels, fontsize=5.5)
+            ax.set_xticklabels(labels, rotation=90, fontsize=6.5)
+            ax.set_yticklabels(labels, fontsize=6.5)
             ax.tick_params(length=1.5, pad=1)
             if h == 0:
                 ax.set_ylabel("query token (row)", fontsize=8)
@@ -234,7 +234,8 @@ def draw_maps(probs: np.ndarray, labels: list[str], it: int, val_loss: float, ti
                 ax.set_xlabel("key token attended to (column)", fontsize=8)
     fig.colorbar(im, ax=axs, shrink=0.6, label="attention probability (each row sums to 1)")
     fig.suptitle(f"{title}\nattention probabilities at step {it} (val loss {val_loss:.3f}); "
-                 f"grey = masked future positions; H = mean entropy over query rows", fontsize=10)
+                 f"grey = masked future positions; H = mean entropy over query rows; '▁' marks a word start",
+                 fontsize=10)
     save_figure(fig, path, dpi)
 
 
@@ -257,9 +258,9 @@ def draw_over_training(df: pd.DataFrame, title: str, path: Path, dpi: int):
                 ax.plot(s["iter"], s[col], marker="o", ms=3, lw=1.2, color=colors[h],
                         label=f"head {h}")
             if col == "entropy":
-                ax.axhline(df["entropy_uniform"].iloc[0], color="k", ls="--", lw=0.8,
-                           label="uniform causal")
-                ax.set_ylim(bottom=0)
+                top = float(df["entropy_uniform"].iloc[0])
+                ax.axhline(top, color="k", ls="--", lw=0.8, label="uniform causal attention")
+                ax.set_ylim(0, top * 1.08)
             if col.endswith("share"):
                 ax.set_ylim(-0.02, 1.02)
             step_axis(ax, iters)

@@ -18,8 +18,12 @@ Writes, for a run folder <out_dir>:
                                    token (kind piece | byte | special) and per
                                    highlighted word (kind word, token_id -1) per checkpoint
 
-The basis: sklearn PCA (2 components) fitted on the FINAL checkpoint's embedding matrix
-(all vocab rows), then every checkpoint is projected with it: x -> (x - mean_final) @ W.
+The basis: sklearn PCA (2 components) fitted on the FINAL checkpoint's embedding rows of
+the text pieces (--fit_on=pieces; --fit_on=all adds the byte-fallback and special
+tokens), then every row of every checkpoint is projected with it:
+x -> (x - mean) @ W, mean and W of that fit. Byte and special tokens are left out of the
+fit by default because most never occur as input: their common drift (the softmax pushes
+them down through the tied output weights) would otherwise take PC1 on its own.
 Why the final one and not all checkpoints stacked: its axes are the structure the run
 ends up with, so each panel reads as "how far along towards the final arrangement";
 stacked fitting mixes in the isotropic noise of the random init and would tilt the axes
@@ -58,12 +62,13 @@ class EmbdConfig:
     # contrasting pairs frequent in TinyStories; drawn in paired colours
     words: str = "he,she,boy,girl,mom,dad,happy,sad,dog,cat,big,little,good,bad"
     multi_piece: str = "mean"  # a word of several pieces: 'mean' of their rows, or 'skip'
+    fit_on: str = "pieces"  # PCA fitted on the final rows of: 'pieces' (text pieces) or 'all'
     max_panels: int = 16  # small multiples: at most this many checkpoints
     redo: bool = False  # redraw checkpoints already drawn
     dpi: int = 110
 
 
-CHOICES = {"multi_piece": ("mean", "skip")}
+CHOICES = {"multi_piece": ("mean", "skip"), "fit_on": ("pieces", "all")}
 CSV_COLUMNS = ["iter", "kind", "token_id", "label", "pc1", "pc2"]
 VERSION = 1  # bump when the drawing changes, so that old PNGs are redrawn
 # -----------------------------------------------------------------------------
@@ -102,10 +107,12 @@ def read_table(path) -> pd.DataFrame:
                        float_precision="round_trip")
 
 
-def fit_basis(final: np.ndarray):
-    """PCA with 2 components fitted on the final checkpoint's embeddings (V, dim)."""
+def fit_basis(final: np.ndarray, kinds: np.ndarray, fit_on: str = "pieces"):
+    """PCA with 2 components fitted on the final checkpoint's embeddings (V, dim): the
+    rows of text pieces, or all rows."""
     from sklearn.decomposition import PCA
-    return PCA(n_components=2, svd_solver="full").fit(final)
+    rows = final if fit_on == "all" else final[kinds == "piece"]
+    return PCA(n_components=2, svd_solver="full").fit(rows)
 
 
 def project(pca, it: int, emb: np.ndarray, kinds, labels, words) -> pd.DataFrame:
@@ -170,8 +177,8 @@ def draw_checkpoint(df_it, it, final_it, words, colors, lims, evr, title, path, 
     ax = fig.subplots()
     scatter_checkpoint(ax, df_it, words, colors, lims, annotate=True, s=8)
     axis_labels(ax, evr)
-    ax.legend(loc="outside right upper", fontsize=7, markerscale=1.2)
-    ax.set_title(f"{title}: token embeddings at step {it}\nprojected on the 2 principal components "
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    fig.suptitle(f"{title}: token embeddings at step {it}\nprojected on the 2 principal components "
                  f"of step {final_it} (same basis and limits for every checkpoint)", fontsize=10)
     save_figure(fig, path, dpi)
 
@@ -231,8 +238,8 @@ def draw_trajectories(df, iters, words, colors, lims, evr, title, path, dpi):
     ax.set_xlim(*lims[0])
     ax.set_ylim(*lims[1])
     axis_labels(ax, evr)
-    ax.legend(loc="outside right upper", fontsize=8)
-    ax.set_title(f"{title}: paths of highlighted words over training (steps "
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{title}: paths of highlighted words over training (steps "
                  f"{iters[0]}..{iters[-1]}, {len(iters)} checkpoints)\nopen circle = step {iters[0]}, "
                  f"labelled dot = step {iters[-1]}; one PCA basis fitted on step {iters[-1]}",
                  fontsize=10)
@@ -262,6 +269,7 @@ def main(argv=None):
     sigs = {it: ckpt_signature(p) for it, p in ckpts}
     # the basis and the shared limits depend on every checkpoint: any change redraws all
     settings = {"version": VERSION, "words": [[w, ids] for w, ids in words], "dpi": cfg.dpi,
+                "fit_on": cfg.fit_on,
                 "max_panels": cfg.max_panels, "checkpoints": [[it, sigs[it]] for it in iters]}
     record = DoneRecord(vis / "embd" / "settings.json", settings, cfg.redo)
     pngs = {it: vis / "embd" / f"embd_{it}.png" for it in iters}
@@ -273,7 +281,7 @@ def main(argv=None):
               "(--redo=True to redraw)")
         return []
 
-    pca = fit_basis(final)
+    pca = fit_basis(final, kinds, cfg.fit_on)
     evr = pca.explained_variance_ratio_
     old = read_table(table) if table.exists() and record.done else None
     frames = []

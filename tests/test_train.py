@@ -1,0 +1,212 @@
+"""train.py: exact batch provenance, resume, DDP, atomic checkpoints, config errors,
+and the schedule."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import train
+from common import UserError
+from schedule import Schedule, rank_micro_batches
+from tinystories import BatchData
+
+from conftest import ROOT, TinyRun
+
+
+def recorded_ids(out_dir) -> np.ndarray:
+    return torch.cat(list(checkpoint.batch_ids_by_checkpoint(out_dir).values())).numpy()
+
+
+def schedule_of(run: TinyRun, **over):
+    cfg = train.parse_config(train.TrainConfig(), run.train_args(**over), train.CHOICES)
+    return train.build_schedule(cfg, BatchData(run.data_dir, run.vocab_size, run.max_seq_len))
+
+
+def test_checkpoints_record_exactly_the_scheduled_batches(tiny_run):
+    found = checkpoint.list_checkpoints(tiny_run.out_dir)
+    assert [it for it, _ in found] == [0, 1, 2, 4, 8, 16, 24]
+    sched = schedule_of(tiny_run)
+    want = np.stack([sched.step_ids(s) for s in range(24)])
+    assert np.array_equal(recorded_ids(tiny_run.out_dir), want)
+    prev = -1
+    for it, path in found:
+        ck = torch.load(path, weights_only=True)  # tensors and plain types only
+        assert ck["iter_num"] == it and ck["prev_iter"] == prev
+        assert ck["batch_ids"].shape == (max(it - max(prev, 0), 0), 8)
+        prev = it
+    ids = checkpoint.batch_ids_seen(tiny_run.out_dir, 8).numpy()
+    assert np.array_equal(ids, want[:8])
+    assert set(ids.ravel()) <= set(BatchData(tiny_run.data_dir, 512, 64).train_ids)
+
+
+def test_checkpoint_steps_are_log_spaced_then_regular():
+    assert train.checkpoint_steps(1000, 200) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 200, 400, 600, 800, 1000]
+    assert train.checkpoint_steps(10, 4, log_spaced=False) == [0, 4, 8, 10]
+
+
+def test_resume_after_kill_is_exact(tiny_data, tmp_path, monkeypatch):
+    data, tables = tiny_data
+    straight = TinyRun(data, tables, tmp_path / "straight")
+    train.main(straight.train_args(max_iters=10, eval_interval=4))
+    broken = TinyRun(data, tables, tmp_path / "broken")
+    real_step = train.Trainer.train_step
+
+    def dying_step(self, ids):
+        if self.iter_num == 6:  # killed between checkpoints 4 and 8
+            raise KeyboardInterrupt
+        return real_step(self, ids)
+    monkeypatch.setattr(train.Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(broken.train_args(max_iters=10, eval_interval=4))
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    assert [it for it, _ in checkpoint.list_checkpoints(broken.out_dir)] == [0, 1, 2, 4]
+    train.main(broken.train_args(max_iters=10, eval_interval=4, init_from="resume"))
+    assert np.array_equal(recorded_ids(broken.out_dir), recorded_ids(straight.out_dir))
+    a = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(straight.out_dir))
+    b = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(broken.out_dir))
+    assert a["iter_num"] == b["iter_num"] == 10
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert (straight.out_dir / "model.bin").read_bytes() == (broken.out_dir / "model.bin").read_bytes()
+
+
+def test_kill_during_checkpoint_save_keeps_previous(tiny_data, tmp_path, monkeypatch):
+    data, tables = tiny_data
+    run = TinyRun(data, tables, tmp_path / "out")
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        if obj["iter_num"] == 4:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run.train_args(max_iters=8, eval_interval=4))
+    ckdir = run.out_dir / "ckpt"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt_0.pt", "ckpt_1.pt", "ckpt_2.pt"]
+    assert checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run.out_dir))["iter_num"] == 2
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    train.main(run.train_args(max_iters=8, eval_interval=4, init_from="resume"))
+    assert np.array_equal(recorded_ids(run.out_dir), np.stack([schedule_of(run).step_ids(s) for s in range(8)]))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    data, tables = tiny_data
+    run = TinyRun(data, tables, tmp_path / "out")
+    real_step = train.Trainer.train_step
+    monkeypatch.setattr(train.Trainer, "train_step",
+                        lambda self, ids: float("nan") if self.iter_num == 3 else real_step(self, ids))
+    with pytest.raises(UserError, match="loss became nan at step 4"):
+        train.main(run.train_args(max_iters=8, eval_interval=4))
+    assert checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run.out_dir))["iter_num"] == 2
+
+
+def test_ddp_two_ranks_see_the_same_batches(tiny_data, tmp_path):
+    """torchrun with 2 gloo ranks (1 micro-step each) == 1 process with 2 micro-steps."""
+    data, tables = tiny_data
+    single = TinyRun(data, tables, tmp_path / "single")
+    train.main(single.train_args(max_iters=6, eval_interval=4))
+    ddp = TinyRun(data, tables, tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train.py"), *ddp.train_args(max_iters=6, eval_interval=4)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert np.array_equal(recorded_ids(ddp.out_dir), recorded_ids(single.out_dir))
+    for (it, pa), (_, pb) in zip(checkpoint.list_checkpoints(single.out_dir), checkpoint.list_checkpoints(ddp.out_dir)):
+        a, b = checkpoint.load_checkpoint(pa), checkpoint.load_checkpoint(pb)
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-4, it
+    losses = [line for line in out.stdout.splitlines() if line.startswith("step:4/6 loss:")]
+    assert len(losses) == 1  # only rank 0 logs
+
+
+def test_show_batches_prints_recorded_ids_and_text(tiny_run, capsys):
+    ids = train.main([f"--out_dir={tiny_run.out_dir}", "--show_batches=5"])
+    want = checkpoint.batch_ids_seen(tiny_run.out_dir, 8)[5].numpy()
+    assert np.array_equal(ids, want)
+    out = capsys.readouterr().out
+    assert "from the checkpoint ckpt_8.pt" in out and f"batch_id:{want[0]} " in out
+    ids_future = train.main([f"--out_dir={tiny_run.out_dir}", "--show_batches=30"])
+    assert np.array_equal(ids_future, schedule_of(tiny_run).step_ids(30))
+
+
+def test_run_record_and_log_lines(tiny_run):
+    import json
+    cfg = json.loads((tiny_run.out_dir / "config.json").read_text())
+    assert cfg["dim"] == 32 and cfg["max_iters"] == 24
+    run = json.loads((tiny_run.out_dir / "run.json").read_text())
+    assert run["commit"] and "torch" in run["versions"]
+
+
+@pytest.mark.parametrize("arg, msg", [
+    ("--no_such_key=1", "unknown config key 'no_such_key'; valid keys: out_dir"),
+    ("--dim=big", "--dim=big: expected int"),
+    ("--schedule=random", "choose one of shuffle, sorted, filter"),
+    ("--compile=maybe", "expected True or False"),
+])
+def test_config_errors(arg, msg):
+    with pytest.raises(UserError, match=msg):
+        train.main([arg])
+
+
+def test_data_and_shape_errors(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="no batch index"):
+        train.main(tiny_run.train_args(data_dir=tmp_path, out_dir=tmp_path / "o"))
+    with pytest.raises(UserError, match="pretokenize --vocab_size=512 --max_seq_len=32"):
+        train.main(tiny_run.train_args(max_seq_len=32, out_dir=tmp_path / "o"))
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train.main(tiny_run.train_args())
+    with pytest.raises(UserError, match="trained with n_layers=2, not 3"):
+        train.main(tiny_run.train_args(init_from="resume", n_layers=3))
+
+
+# -----------------------------------------------------------------------------
+# schedule
+
+def test_shuffle_schedule_covers_each_batch_once_per_epoch():
+    s = Schedule(np.arange(100, 130), 6, "shuffle", seed=3)
+    epoch = np.concatenate([s.step_ids(k) for k in range(5)])
+    assert sorted(epoch) == list(range(100, 130))
+    assert not np.array_equal(epoch, np.arange(100, 130))
+    again = Schedule(np.arange(100, 130), 6, "shuffle", seed=3)
+    assert np.array_equal(again.step_ids(7), s.step_ids(7))  # pure function of the step
+    assert Schedule(np.arange(100, 130), 6, seed=4).fingerprint() != s.fingerprint()
+
+
+def test_sorted_and_filter_schedules():
+    ids, metric = np.arange(10, 20), np.array([5, 3, 9, 1, np.nan, 7, 2, 8, 6, 4], dtype=float)
+    asc = Schedule(ids, 5, "sorted", metric=metric, order="asc")
+    assert asc.step_ids(0).tolist() == [13, 16, 11, 19, 10] and asc.step_ids(1).tolist() == [18, 15, 17, 12, 14]
+    desc = Schedule(ids, 5, "sorted", metric=metric, order="desc")
+    assert desc.step_ids(0).tolist() == [12, 17, 15, 18, 10]
+    filt = Schedule(ids, 2, "filter", metric=metric, lo=3, hi=6)
+    assert sorted(np.concatenate([filt.step_ids(k) for k in range(2)])) == [10, 11, 18, 19]
+    with pytest.raises(ValueError, match="no training batches"):
+        Schedule(ids, 2, "filter", metric=metric, lo=100)
+
+
+def test_rank_slices_partition_the_step():
+    step = np.arange(16)
+    parts = [rank_micro_batches(step, r, 4, 2) for r in range(4)]
+    assert all(p.shape == (2, 2) for p in parts)
+    assert np.array_equal(np.concatenate([p.ravel() for p in parts]), step)
+    assert np.array_equal(rank_micro_batches(step, 0, 1, 8).ravel(), step)
+
+
+def test_sorted_schedule_from_batch_metrics(tiny_run, tmp_path):
+    import batchmetrics
+    data = BatchData(tiny_run.data_dir, 512, 64)
+    s = schedule_of(tiny_run, schedule="sorted", schedule_metric="fk_grade")
+    fk = batchmetrics.load_metric_column(tiny_run.tables_dir, "fk_grade", data)
+    first = fk[s.step_ids(0)]
+    assert np.all(np.diff(first[~np.isnan(first)]) >= 0)
+    assert np.nanmin(fk[data.train_ids]) == first[0]
+    with pytest.raises(UserError, match="unknown batch metric 'nope'"):
+        schedule_of(tiny_run, schedule="sorted", schedule_metric="nope")
