@@ -29,7 +29,7 @@ FLAGS_runexact = -O3
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test bench $(addprefix print-cmd-,$(BUILDS))
+.PHONY: default all clean test bench demo $(addprefix print-cmd-,$(BUILDS))
 
 default: run
 
@@ -43,12 +43,27 @@ $(BUILDS): %: run.c Makefile
 $(addprefix print-cmd-,$(BUILDS)): print-cmd-%:
 	@echo $(CC) $(WARN) $(FLAGS_$*) run.c $(LDLIBS)
 
-test:
+test: run
 	$(PYTHON) -m pytest -q
 
+# The main job, offline on the bundled sample: data -> tokenizer -> batches + metrics ->
+# a short training with checkpoints -> model.bin -> a story from run.c.
+# Re-running resumes the finished run (no retraining) and reuses pretokenized data.
+DEMO_TRAIN = --max_iters=400 --eval_interval=100
+demo: run
+	$(PYTHON) tinystories.py sample
+	$(PYTHON) tinystories.py train_vocab --vocab_size=512
+	$(PYTHON) tinystories.py pretokenize --vocab_size=512
+	$(PYTHON) train.py $(DEMO_TRAIN) $(if $(wildcard out/ckpt/ckpt_*.pt),--init_from=resume)
+	$(PYTHON) tokenizer.py -t data/tok512.model -o tokenizer.bin
+	./run model.bin -z tokenizer.bin -t 0.8 -s 42 -n 256 -i "Once upon a time"
+
 # one line per benchmark script
-bench:
+bench: run
 	$(PYTHON) bench/bench_runc.py
+	$(PYTHON) bench/bench_spine.py
+	$(PYTHON) bench/bench_metrics.py
+	$(PYTHON) bench/bench_train.py
 
 clean:
 	rm -f $(BUILDS) $(addsuffix .tmp.*,$(BUILDS))

@@ -247,6 +247,28 @@ def index_dir(data_dir, vocab_size, max_seq_len) -> Path:
     return tok_dir(data_dir, vocab_size) / f"index_T{max_seq_len}"
 
 
+def write_index(data_dir, vocab_size, max_seq_len, tokenizer_name, tokenizer_sha) -> Path:
+    """Index every .bin shard of data/tok{V}/ at max_seq_len (batches.npy + meta.json)."""
+    bins = sorted(tok_dir(data_dir, vocab_size).glob("data*.bin"))
+    toks = [np.memmap(p, dtype=np.uint16, mode="r") for p in bins]
+    index = build_index(toks, max_seq_len)
+    idir = index_dir(data_dir, vocab_size, max_seq_len)
+    idir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(idir / "batches.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, index, allow_pickle=False)
+    meta = {
+        "format": INDEX_FORMAT, "version": INDEX_VERSION, "vocab_size": vocab_size,
+        "max_seq_len": max_seq_len, "tokenizer": tokenizer_name, "tokenizer_sha256": tokenizer_sha,
+        "n_batches": len(index), "n_val_batches": int((index["shard"] == 0).sum()),
+        "shards": [{"name": p.name, "n_tokens": len(t), "n_stories": int((np.asarray(t) == 1).sum())}
+                   for p, t in zip(bins, toks)],
+    }
+    write_json_atomic(idir / "meta.json", meta)
+    print(f"wrote {len(toks)} shards to {tok_dir(data_dir, vocab_size)} and {len(index)} batches "
+          f"({meta['n_val_batches']} validation) to {idir}")
+    return idir
+
+
 def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
                 workers=None, tables_dir=None, metrics="all", ref_model=""):
     from tqdm import tqdm
@@ -270,23 +292,10 @@ def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DI
         list(tqdm(pool.map(_tokenize_shard, jobs), total=len(jobs), desc="tokenize", disable=not jobs))
     stamps = {i["name"]: i["key"] for i in infos}
     write_json_atomic(stamp_path, stamps)
+    for stale in set(out.glob("data*.bin")) - {out / i["bin"] for i in infos}:
+        stale.unlink()  # its raw shard is gone
     # 2) batch index over all shards, shard 0 (validation) first
-    toks = [np.memmap(out / i["bin"], dtype=np.uint16, mode="r") for i in infos]
-    index = build_index(toks, max_seq_len)
-    idir = index_dir(data_dir, vocab_size, max_seq_len)
-    idir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(idir / "batches.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, index, allow_pickle=False)
-    meta = {
-        "format": INDEX_FORMAT, "version": INDEX_VERSION, "vocab_size": vocab_size,
-        "max_seq_len": max_seq_len, "tokenizer": str(model_path.name), "tokenizer_sha256": tok_sha,
-        "n_batches": len(index), "n_val_batches": int((index["shard"] == 0).sum()),
-        "shards": [{"name": i["bin"], "n_tokens": len(t),
-                    "n_stories": int((np.asarray(t) == 1).sum())} for i, t in zip(infos, toks)],
-    }
-    write_json_atomic(idir / "meta.json", meta)
-    print(f"wrote {len(toks)} shards to {out} and {len(index)} batches "
-          f"({meta['n_val_batches']} validation) to {idir}")
+    idir = write_index(data_dir, vocab_size, max_seq_len, model_path.name, tok_sha)
     if metrics not in (None, "", "none"):
         import batchmetrics
         batchmetrics.write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir, metrics, workers,
