@@ -227,6 +227,9 @@ class Trainer:
                 raise UserError(f"checkpoint in {self.cfg.out_dir} was trained with {k}="
                                 f"{ck['config'].get(k)!r}, not {getattr(self.cfg, k)!r}: pass the same "
                                 "value, or use another --out_dir to start a new run")
+        if ck["data"]["tokenizer_sha256"] != self.data.meta["tokenizer_sha256"]:
+            raise UserError(f"the checkpoints in {self.cfg.out_dir} were trained on data of another tokenizer "
+                            "than the current batch index: re-pretokenize with that tokenizer or start a new --out_dir")
         if ck["schedule"]["fingerprint"] != self.schedule.fingerprint():
             raise UserError(f"the data or schedule changed since the checkpoints in {self.cfg.out_dir} "
                             "were written (fingerprint mismatch); re-pretokenize the same data or start "
@@ -300,7 +303,10 @@ class Trainer:
         flops_per_step = self.raw_model.flops_per_token() * tokens_per_step
         wandb = None
         if cfg.wandb_log and self.master:
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb_log=True needs wandb: pip install wandb") from None
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
         if self.master and self.iter_num in ckpt_steps and not ckpt_path(cfg.out_dir, self.iter_num).exists():
             self.checkpoint()
