@@ -33,14 +33,14 @@ drawn with the same settings from the same checkpoint file, and the CSV holds it
 """
 
 import json
-import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from checkpoint import ckpt_dir, list_checkpoints, load_checkpoint, model_from_checkpoint
 from common import (UserError, atomic_path, main_guard, parse_config, write_csv_atomic,
@@ -129,7 +129,7 @@ def step_axis(ax, iters):
     log-spaced checkpoints 0, 1, 2, 4, ... are evenly spread and step 0 is shown."""
     ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
     ax.set_xlim(0, max(iters) * 1.15 if max(iters) > 0 else 1)
-    ax.set_xlabel("training step (symlog axis: linear 0..1, log above)")
+    ax.set_xlabel("training step (symlog)")
 
 
 def load_tokenizer(data_dir, vocab_size: int):
@@ -209,45 +209,61 @@ def checkpoint_probs(path: Path, ids: list[int]) -> tuple[np.ndarray, float]:
 
 
 def draw_maps(probs: np.ndarray, labels: list[str], it: int, val_loss: float, title: str,
-              stats: pd.DataFrame, path: Path, dpi: int):
+              probe_desc: str, stats: pd.DataFrame, path: Path, dpi: int):
     from matplotlib.figure import Figure
     L, nh, T, _ = probs.shape
-    cell = max(2.2, 0.12 * T)  # inches per map: ~0.12 in per token keeps labels apart
-    fig = Figure(figsize=(cell * nh + 1.6, cell * L + 1.5), layout="constrained")
-    axs = fig.subplots(L, nh, squeeze=False, sharex=True, sharey=True)
+    # fixed layout in inches (constrained layout costs seconds per figure with T ticks
+    # on every panel): token labels only on the left column and the bottom row
+    cell = max(2.0, 0.11 * T)  # one map; ~0.11 in per token keeps the labels apart
+    left, right, bottom, top, wgap, hgap = 1.05, 1.25, 1.05, 0.95, 0.2, 0.4
+    W, H = left + nh * cell + (nh - 1) * wgap + right, bottom + L * cell + (L - 1) * hgap + top
+    fig = Figure(figsize=(W, H))
+    gs = fig.add_gridspec(L, nh, left=left / W, right=1 - right / W, bottom=bottom / H,
+                          top=1 - top / H, wspace=wgap / cell, hspace=hgap / cell)
     ent = stats.set_index(["layer", "head"])["entropy"]
+    future = np.triu(np.ones((T, T), dtype=bool), 1)
     for l in range(L):
         for h in range(nh):
-            ax = axs[l, h]
-            im = ax.imshow(np.ma.masked_where(np.triu(np.ones((T, T)), 1) > 0, probs[l, h]),
-                           cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_facecolor("#eeeeee")  # masked (future) cells
-            ax.set_title(f"layer {l} head {h}  H={ent[(l, h)]:.2f} nats", fontsize=8)
-            ax.set_xticks(range(T))
-            ax.set_yticks(range(T))
-            ax.set_xticklabels(labels, rotation=90, fontsize=6.5)
-            ax.set_yticklabels(labels, fontsize=6.5)
-            ax.tick_params(length=1.5, pad=1)
+            ax = fig.add_subplot(gs[l, h])
+            im = ax.imshow(np.ma.masked_where(future, probs[l, h]), cmap="viridis", vmin=0.0,
+                           vmax=1.0, interpolation="nearest")
+            ax.set_facecolor("#e8e8e8")  # masked (future) cells
+            ax.set_title(f"layer {l} head {h}  H={ent[(l, h)]:.2f} nats", fontsize=8, pad=3)
             if h == 0:
+                ax.set_yticks(range(T), labels, fontsize=6.5)
                 ax.set_ylabel("query token (row)", fontsize=8)
+            else:
+                ax.set_yticks([])
             if l == L - 1:
+                ax.set_xticks(range(T), labels, rotation=90, fontsize=6.5)
                 ax.set_xlabel("key token attended to (column)", fontsize=8)
-    fig.colorbar(im, ax=axs, shrink=0.6, label="attention probability (each row sums to 1)")
-    fig.suptitle(f"{title}\nattention probabilities at step {it} (val loss {val_loss:.3f}); "
-                 f"grey = masked future positions; H = mean entropy over query rows; '▁' marks a word start",
-                 fontsize=10)
+            else:
+                ax.set_xticks([])
+            ax.tick_params(length=1.5, pad=1)
+    cax = fig.add_axes([1 - (right - 0.25) / W, bottom / H + 0.1 * L * cell / H, 0.15 / W,
+                        0.8 * (H - bottom - top) / H])
+    fig.colorbar(im, cax=cax, label="attention probability (each row sums to 1)")
+    fig.suptitle(f"{title}: attention probabilities at step {it} (val loss {val_loss:.3f})\n"
+                 f"probe: {probe_desc}\n"
+                 f"grey = future positions (masked); H = mean entropy of the query rows; "
+                 f"'▁' marks a word start", fontsize=9, y=1 - 0.1 / H, va="top")
     save_figure(fig, path, dpi)
 
 
-def draw_over_training(df: pd.DataFrame, title: str, path: Path, dpi: int):
+def draw_over_training(df: pd.DataFrame, title: str, probe_desc: str, path: Path, dpi: int):
     from matplotlib.figure import Figure
     L, nh = df["layer"].max() + 1, df["head"].max() + 1
     iters = sorted(df["iter"].unique())
     metrics = [("entropy", "entropy (nats)"), ("distance", "mean attention distance (tokens)"),
                ("bos_share", "share of attention to BOS"),
                ("prev_share", "share of attention to previous token")]
-    fig = Figure(figsize=(3.6 * L + 1.8, 2.5 * len(metrics) + 0.8), layout="constrained")
-    axs = fig.subplots(len(metrics), L, squeeze=False, sharex=True, sharey="row")
+    R = len(metrics)
+    pw, ph, left, right, bottom, top, wgap, hgap = 3.4, 2.2, 0.85, 2.0, 0.6, 0.95, 0.2, 0.2
+    W, H = left + L * pw + (L - 1) * wgap + right, bottom + R * ph + (R - 1) * hgap + top
+    fig = Figure(figsize=(W, H))  # fixed layout, in inches (constrained layout is slow)
+    fig.subplots_adjust(left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - top / H,
+                        wspace=wgap / pw, hspace=hgap / ph)
+    axs = fig.subplots(R, L, squeeze=False, sharex=True, sharey="row")
     colors = [f"C{h % 10}" for h in range(nh)]
     for r, (col, ylabel) in enumerate(metrics):
         for l in range(L):
@@ -262,19 +278,23 @@ def draw_over_training(df: pd.DataFrame, title: str, path: Path, dpi: int):
                 ax.axhline(top, color="k", ls="--", lw=0.8, label="uniform causal attention")
                 ax.set_ylim(0, top * 1.08)
             if col.endswith("share"):
-                ax.set_ylim(-0.02, 1.02)
+                ax.set_ylim(0, max(0.3, float(df[col].max()) * 1.1))
             step_axis(ax, iters)
             ax.grid(alpha=0.3)
             if r == 0:
                 ax.set_title(f"layer {l}", fontsize=10)
             if l == 0:
                 ax.set_ylabel(ylabel, fontsize=9)
-            if r < len(metrics) - 1:
+            if r < R - 1:
                 ax.set_xlabel("")
     handles, labels = axs[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=8)
-    fig.suptitle(f"{title}: attention heads over training on the probe "
-                 f"({len(iters)} checkpoints, steps {iters[0]}..{iters[-1]})", fontsize=11)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1 - (right - 0.15) / W, 0.5),
+               fontsize=8)
+    fig.suptitle(f"{title}: attention heads over training ({len(iters)} checkpoints, "
+                 f"steps {iters[0]}..{iters[-1]})\nprobe: {probe_desc}; mean over query positions\n"
+                 f"x axis symlog "
+                 f"(linear from 0 to 1, logarithmic above, so that step 0 is shown)", fontsize=10,
+                 y=1 - 0.08 / H, va="top")
     save_figure(fig, path, dpi)
 
 
@@ -289,6 +309,7 @@ def main(argv=None):
     ids, source = probe_tokens(cfg, enc, data_dir, margs["max_seq_len"])
     labels = [piece_label(enc.sp, i) for i in ids]
     title = f"run {cfg.out_dir}"
+    probe_desc = f"{source}, {len(ids)} tokens"
 
     vis, table = out / "visualize", out / "tables" / "attn_entropy.csv"
     settings = {"version": VERSION, "probe_ids": ids, "dpi": cfg.dpi}
@@ -296,7 +317,7 @@ def main(argv=None):
     old = pd.read_csv(table) if table.exists() and record.done else pd.DataFrame(columns=CSV_COLUMNS)
 
     frames, wrote = [], []
-    for it, path in ckpts:
+    for it, path in tqdm(ckpts, desc="attention maps", unit="ckpt"):
         png, sig = vis / "attn" / f"attn_{it}.png", ckpt_signature(path)
         rows = old[old["iter"] == it]
         if record.is_done(it, sig, png) and len(rows):
@@ -304,7 +325,7 @@ def main(argv=None):
             continue
         probs, val_loss = checkpoint_probs(path, ids)
         rows = stats_rows(it, probs)
-        draw_maps(probs, labels, it, val_loss, title, rows, png, cfg.dpi)
+        draw_maps(probs, labels, it, val_loss, title, probe_desc, rows, png, cfg.dpi)
         frames.append(rows)
         record.mark(it, sig)
         wrote.append(png)
@@ -313,7 +334,7 @@ def main(argv=None):
     if wrote or not summary.exists() or not table.exists():
         df = pd.concat(frames, ignore_index=True)[CSV_COLUMNS]
         write_csv_atomic(df, table)
-        draw_over_training(df, title, summary, cfg.dpi)
+        draw_over_training(df, title, probe_desc, summary, cfg.dpi)
         wrote += [table, summary]
     record.save([it for it, _ in ckpts])
     print(f"probe ({source}, {len(ids)} tokens): {enc.decode(ids[1:])!r}")

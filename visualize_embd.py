@@ -41,12 +41,14 @@ A checkpoint is skipped when its PNG exists and visualize/embd/settings.json say
 drawn with the same settings from the same checkpoint files.
 """
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from checkpoint import load_checkpoint
 from common import UserError, main_guard, parse_config, write_csv_atomic
@@ -102,9 +104,8 @@ def embeddings(path: Path) -> np.ndarray:
 
 
 def read_table(path) -> pd.DataFrame:
-    """embd_pca.csv as written (labels stay text, floats round-trip exactly)."""
-    return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "kind": str},
-                       float_precision="round_trip")
+    """embd_pca.csv as written (labels such as 'NA' or 'null' stay text)."""
+    return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "kind": str})
 
 
 def fit_basis(final: np.ndarray, kinds: np.ndarray, fit_on: str = "pieces"):
@@ -135,51 +136,74 @@ def word_colors(n: int) -> list:
     return [cmap(i % 20) for i in range(n)]
 
 
-def limits(df: pd.DataFrame) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Shared axis limits: all points of all checkpoints, with a 5% margin."""
+def limits(df: pd.DataFrame, margin=0.05) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Axis limits around all points of df (shared: all checkpoints), with a margin."""
     out = []
     for c in ("pc1", "pc2"):
         lo, hi = float(df[c].min()), float(df[c].max())
-        pad = 0.05 * (hi - lo or 1.0)
+        pad = margin * (hi - lo or 1.0)
         out.append((lo - pad, hi + pad))
     return out[0], out[1]
 
 
 def axis_labels(ax, evr, fontsize=9):
-    ax.set_xlabel(f"PC1 of final embeddings ({100 * evr[0]:.1f}% of its variance)", fontsize=fontsize)
-    ax.set_ylabel(f"PC2 ({100 * evr[1]:.1f}%)", fontsize=fontsize)
+    ax.set_xlabel(f"PC1 (embedding units; {100 * evr[0]:.1f}% of the fitted variance)",
+                  fontsize=fontsize)
+    ax.set_ylabel(f"PC2 (embedding units; {100 * evr[1]:.1f}%)", fontsize=fontsize)
 
 
-def scatter_checkpoint(ax, rows: pd.DataFrame, words, colors, lims, annotate: bool, s=6):
+def word_label(w: str, ids: list[int]) -> str:
+    return w + (f" ({len(ids)} pieces)" if len(ids) > 1 else "")
+
+
+def legend_handles(rows: pd.DataFrame, words, colors) -> list:
+    """Proxy artists for the legend (the words are drawn in one scatter call)."""
+    from matplotlib.lines import Line2D
+    n_other = int((rows["kind"].isin(["byte", "special"])).sum())
+    n_piece = int((rows["kind"] == "piece").sum())
+    dot = dict(marker="o", ls="", markeredgewidth=0)
+    out = [Line2D([], [], color="#bbbbbb", ms=4, label=f"byte / special tokens ({n_other})", **dot),
+           Line2D([], [], color="#4a7bb7", alpha=0.6, ms=4, label=f"text pieces ({n_piece})", **dot)]
+    out += [Line2D([], [], marker="o", ls="", color=c, mec="k", mew=0.5, ms=6,
+                   label=word_label(w, ids)) for (w, ids), c in zip(words, colors)]
+    return out
+
+
+def scatter_checkpoint(ax, rows: pd.DataFrame, colors, lims, annotate: bool, s=6):
     tok = rows[rows["kind"] != "word"]
     other = tok[tok["kind"] != "piece"]
     piece = tok[tok["kind"] == "piece"]
-    ax.scatter(other["pc1"], other["pc2"], s=s, c="#bbbbbb", lw=0,
-               label=f"byte / special tokens ({len(other)})")
-    ax.scatter(piece["pc1"], piece["pc2"], s=s, c="#4a7bb7", alpha=0.5, lw=0,
-               label=f"text pieces ({len(piece)})")
-    wr = rows[rows["kind"] == "word"]
-    for (w, ids), color, (_, r) in zip(words, colors, wr.iterrows()):
-        ax.scatter([r["pc1"]], [r["pc2"]], s=4 * s + 10, color=color, edgecolor="k", lw=0.5,
-                   zorder=3, label=w + (f" ({len(ids)} pieces)" if len(ids) > 1 else ""))
-        if annotate:
-            ax.annotate(w, (r["pc1"], r["pc2"]), xytext=(3, 3), textcoords="offset points",
-                        fontsize=8, zorder=4)
+    ax.scatter(other["pc1"], other["pc2"], s=s, c="#bbbbbb", lw=0)
+    ax.scatter(piece["pc1"], piece["pc2"], s=s, c="#4a7bb7", alpha=0.5, lw=0)
+    wr = rows[rows["kind"] == "word"]  # in the order of the word list
+    ax.scatter(wr["pc1"], wr["pc2"], s=4 * s + 10, c=colors[:len(wr)], edgecolors="k",
+               linewidths=0.5, zorder=3)
+    if annotate:
+        for w, x, y in zip(wr["label"], wr["pc1"], wr["pc2"]):
+            ax.annotate(w, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=8, zorder=4)
     ax.set_xlim(*lims[0])
     ax.set_ylim(*lims[1])
     ax.axhline(0, color="k", lw=0.3)
     ax.axvline(0, color="k", lw=0.3)
 
 
-def draw_checkpoint(df_it, it, final_it, words, colors, lims, evr, title, path, dpi):
+def single_panel_figure(W=9.6, H=6.4, legend_w=2.3):
+    """A figure with one plot and room on the right for the legend (fixed layout in
+    inches: constrained layout costs about a second per figure)."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(8.5, 6.0), layout="constrained")
-    ax = fig.subplots()
-    scatter_checkpoint(ax, df_it, words, colors, lims, annotate=True, s=8)
+    fig = Figure(figsize=(W, H))
+    fig.subplots_adjust(left=0.85 / W, right=1 - legend_w / W, bottom=0.65 / H, top=1 - 0.75 / H)
+    return fig, fig.add_subplot(), (1 - (legend_w - 0.1) / W, 0.5)
+
+
+def draw_checkpoint(df_it, it, final_it, fit_desc, words, colors, lims, evr, title, path, dpi):
+    fig, ax, anchor = single_panel_figure()
+    scatter_checkpoint(ax, df_it, colors, lims, annotate=True, s=8)
     axis_labels(ax, evr)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
-    fig.suptitle(f"{title}: token embeddings at step {it}\nprojected on the 2 principal components "
-                 f"of step {final_it} (same basis and limits for every checkpoint)", fontsize=10)
+    fig.legend(handles=legend_handles(df_it, words, colors), loc="center left",
+               bbox_to_anchor=anchor, fontsize=7)
+    fig.suptitle(f"{title}: token embeddings at step {it}\nprojected on PC1/PC2 of step {final_it}'s "
+                 f"{fit_desc}; the same basis and limits for every checkpoint", fontsize=10)
     save_figure(fig, path, dpi)
 
 
@@ -195,32 +219,36 @@ def panel_iters(iters: list[int], max_panels: int) -> list[int]:
 def draw_small_multiples(df, iters, max_panels, words, colors, lims, evr, title, path, dpi):
     from matplotlib.figure import Figure
     shown = panel_iters(iters, max_panels)
-    ncol = min(len(shown), 4)
+    ncol = min(len(shown), math.ceil(math.sqrt(1.3 * len(shown))))
     nrow = -(-len(shown) // ncol)
-    fig = Figure(figsize=(3.0 * ncol + 2.2, 2.8 * nrow + 0.9), layout="constrained")
-    axs = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True)).ravel()
+    cell, left, right, bottom, top, wgap, hgap = 2.6, 0.7, 2.4, 0.6, 0.8, 0.15, 0.35
+    W, H = left + ncol * cell + (ncol - 1) * wgap + right, bottom + nrow * cell + (nrow - 1) * hgap + top
+    fig = Figure(figsize=(W, H))
+    fig.subplots_adjust(left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - top / H,
+                        wspace=wgap / cell, hspace=hgap / cell)
+    axs = fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True).ravel()
     for ax, it in zip(axs, shown):
-        scatter_checkpoint(ax, df[df["iter"] == it], words, colors, lims, annotate=False, s=4)
-        ax.set_title(f"step {it}", fontsize=9)
+        scatter_checkpoint(ax, df[df["iter"] == it], colors, lims, annotate=False, s=4)
+        ax.set_title(f"step {it}", fontsize=9, pad=2)
         ax.tick_params(labelsize=7)
     for ax in axs[len(shown):]:
         ax.set_visible(False)
-    for ax in axs[(nrow - 1) * ncol:]:
+    for ax in axs[max(0, len(shown) - ncol):len(shown)]:  # the lowest panel of each column
+        ax.tick_params(labelbottom=True)
         ax.set_xlabel(f"PC1 ({100 * evr[0]:.1f}%)", fontsize=8)
     for ax in axs[::ncol]:
         ax.set_ylabel(f"PC2 ({100 * evr[1]:.1f}%)", fontsize=8)
-    handles, labels = axs[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=7)
+    fig.legend(handles=legend_handles(df[df["iter"] == shown[0]], words, colors),
+               loc="center left", bbox_to_anchor=(1 - (right - 0.1) / W, 0.5), fontsize=7)
     note = "" if len(shown) == len(iters) else f" ({len(shown)} of {len(iters)} checkpoints shown)"
     fig.suptitle(f"{title}: token embeddings over training{note}\none PCA basis for all panels "
-                 f"(fitted on step {iters[-1]}), same axis limits", fontsize=10)
+                 f"(fitted on step {iters[-1]}), same axis limits (embedding units)", fontsize=10,
+                 y=1 - 0.08 / H, va="top")
     save_figure(fig, path, dpi)
 
 
 def draw_trajectories(df, iters, words, colors, lims, evr, title, path, dpi):
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(9.0, 6.5), layout="constrained")
-    ax = fig.subplots()
+    fig, ax, anchor = single_panel_figure()
     bg = df[(df["iter"] == iters[-1]) & (df["kind"] == "piece")]
     ax.scatter(bg["pc1"], bg["pc2"], s=5, c="#cccccc", lw=0,
                label=f"all text pieces at step {iters[-1]}")
@@ -228,22 +256,55 @@ def draw_trajectories(df, iters, words, colors, lims, evr, title, path, dpi):
     for (w, ids), color in zip(words, colors):
         path_w = wr[wr["label"] == w].sort_values("iter")
         x, y = path_w["pc1"].to_numpy(), path_w["pc2"].to_numpy()
-        ax.plot(x, y, "-", color=color, lw=1.3, zorder=2,
-                label=w + (f" ({len(ids)} pieces)" if len(ids) > 1 else ""))
+        ax.plot(x, y, "-", color=color, lw=1.3, zorder=2, label=word_label(w, ids))
         ax.scatter(x[1:-1], y[1:-1], s=10, color=color, zorder=3, lw=0)
         ax.scatter(x[:1], y[:1], s=30, facecolor="white", edgecolor=color, lw=1.2, zorder=3)
         ax.scatter(x[-1:], y[-1:], s=45, color=color, edgecolor="k", lw=0.6, zorder=4)
         ax.annotate(w, (x[-1], y[-1]), xytext=(4, 4), textcoords="offset points", fontsize=9,
                     zorder=5)
-    ax.set_xlim(*lims[0])
-    ax.set_ylim(*lims[1])
+    # zoomed on the paths (the background pieces outside the frame are cut off)
+    zoom = limits(wr, margin=0.12) if len(wr) else lims
+    ax.set_xlim(max(zoom[0][0], lims[0][0]), min(zoom[0][1], lims[0][1]))
+    ax.set_ylim(max(zoom[1][0], lims[1][0]), min(zoom[1][1], lims[1][1]))
     axis_labels(ax, evr)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=anchor,
+               fontsize=8, markerscale=1.5)
     fig.suptitle(f"{title}: paths of highlighted words over training (steps "
                  f"{iters[0]}..{iters[-1]}, {len(iters)} checkpoints)\nopen circle = step {iters[0]}, "
-                 f"labelled dot = step {iters[-1]}; one PCA basis fitted on step {iters[-1]}",
+                 f"labelled dot = step {iters[-1]}; one PCA basis fitted on step {iters[-1]}; zoomed on the paths",
                  fontsize=10)
     save_figure(fig, path, dpi)
+
+
+def coordinates(ckpts, final, pca, kinds, labels, words, old, todo) -> pd.DataFrame:
+    """The CSV rows of every checkpoint: from the old table for checkpoints already drawn
+    (their coordinates are unchanged: same basis), else projected afresh."""
+    V, frames = final.shape[0], []
+    for it, p in ckpts:
+        rows = old[old["iter"] == it] if old is not None and it not in todo else []
+        if len(rows) != V + len(words):
+            emb = final if it == ckpts[-1][0] else embeddings(p)
+            rows = project(pca, it, emb, kinds, labels, words)
+        frames.append(rows)
+    return pd.concat(frames, ignore_index=True)
+
+
+def draw_all(cfg, df, pca, words, pngs, todo, summaries, record, sigs) -> list[Path]:
+    """The plots of the checkpoints in todo, then the two summary figures."""
+    iters = sorted(df["iter"].unique().tolist())
+    title, evr = f"run {cfg.out_dir}", pca.explained_variance_ratio_
+    fit_desc = "text-piece embeddings" if cfg.fit_on == "pieces" else "embeddings (all tokens)"
+    lims, colors = limits(df), word_colors(len(words))
+    wrote = []
+    for it in tqdm(todo, desc="embedding plots", unit="ckpt"):
+        draw_checkpoint(df[df["iter"] == it], it, iters[-1], fit_desc, words, colors, lims, evr,
+                        title, pngs[it], cfg.dpi)
+        record.mark(it, sigs[it])
+        wrote.append(pngs[it])
+    draw_small_multiples(df, iters, cfg.max_panels, words, colors, lims, evr, title, summaries[0],
+                         cfg.dpi)
+    draw_trajectories(df, iters, words, colors, lims, evr, title, summaries[1], cfg.dpi)
+    return wrote
 
 
 def main(argv=None):
@@ -262,15 +323,14 @@ def main(argv=None):
     enc = load_tokenizer(data_dir, V)
     words, notes = word_pieces(enc, cfg.words, cfg.multi_piece)
     kinds, labels = token_kinds(enc.sp, V), [piece_label(enc.sp, i) for i in range(V)]
-    title = f"run {cfg.out_dir}"
 
     vis, table = out / "visualize", out / "tables" / "embd_pca.csv"
     summaries = [vis / "embd_pca.png", vis / "embd_trajectories.png"]
     sigs = {it: ckpt_signature(p) for it, p in ckpts}
     # the basis and the shared limits depend on every checkpoint: any change redraws all
     settings = {"version": VERSION, "words": [[w, ids] for w, ids in words], "dpi": cfg.dpi,
-                "fit_on": cfg.fit_on,
-                "max_panels": cfg.max_panels, "checkpoints": [[it, sigs[it]] for it in iters]}
+                "fit_on": cfg.fit_on, "max_panels": cfg.max_panels,
+                "checkpoints": [[it, sigs[it]] for it in iters]}
     record = DoneRecord(vis / "embd" / "settings.json", settings, cfg.redo)
     pngs = {it: vis / "embd" / f"embd_{it}.png" for it in iters}
     todo = [it for it in iters if not record.is_done(it, sigs[it], pngs[it])]
@@ -282,26 +342,12 @@ def main(argv=None):
         return []
 
     pca = fit_basis(final, kinds, cfg.fit_on)
-    evr = pca.explained_variance_ratio_
     old = read_table(table) if table.exists() and record.done else None
-    frames = []
-    for it, p in ckpts:  # coordinates of drawn checkpoints come from the table, unchanged
-        rows = old[old["iter"] == it] if old is not None and it not in todo else []
-        if len(rows) != V + len(words):
-            rows = project(pca, it, final if it == final_it else embeddings(p), kinds, labels, words)
-        frames.append(rows)
-    df = pd.concat(frames, ignore_index=True)
-    lims, colors = limits(df), word_colors(len(words))
-    wrote = []
-    for it in todo:
-        draw_checkpoint(df[df["iter"] == it], it, final_it, words, colors, lims, evr, title,
-                        pngs[it], cfg.dpi)
-        record.mark(it, sigs[it])
-        wrote.append(pngs[it])
+    df = coordinates(ckpts, final, pca, kinds, labels, words, old, todo)
+    wrote = draw_all(cfg, df, pca, words, pngs, todo, summaries, record, sigs)
     write_csv_atomic(df, table)
-    draw_small_multiples(df, iters, cfg.max_panels, words, colors, lims, evr, title, summaries[0], cfg.dpi)
-    draw_trajectories(df, iters, words, colors, lims, evr, title, summaries[1], cfg.dpi)
     record.save(iters)
+    evr = pca.explained_variance_ratio_
     print(f"PCA fitted on step {final_it}: PC1 {100 * evr[0]:.1f}%, PC2 {100 * evr[1]:.1f}% of variance")
     print(f"wrote {len(wrote)} embedding plot(s) to {vis / 'embd'}/, {summaries[0]}, {summaries[1]} "
           f"and {table}")

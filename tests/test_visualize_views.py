@@ -205,7 +205,21 @@ def _enc(out):
 
 
 # -----------------------------------------------------------------------------
-# re-runs: no work for what is done, --redo=True redoes it (runs last: it rewrites files)
+# re-runs: no work for what is done, --redo=True redoes it. On a second copy of the run
+# with three of its checkpoints, to keep the redraws few.
+
+SMALL = [0, 8, 24]
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("views_small") / "out"
+    (out / "ckpt").mkdir(parents=True)
+    for it in SMALL:
+        shutil.copy(tiny_run.out_dir / "ckpt" / f"ckpt_{it}.pt", out / "ckpt")
+    shutil.copy(tiny_run.out_dir / "config.json", out / "config.json")
+    return out
+
 
 def _age(paths):
     for p in paths:
@@ -220,32 +234,34 @@ def _untouched(paths):
     (visualize_attn, "attn", ["attn_over_training.png"], "attn_entropy.csv"),
     (visualize_embd, "embd", ["embd_pca.png", "embd_trajectories.png"], "embd_pca.csv"),
 ])
-def test_rerun_skips_done_and_redo_redoes(views, script, view, summaries, table):
-    out, _, _ = views
-    pngs = per_ckpt_pngs(out, view)
+def test_rerun_skips_done_and_redo_redoes(small_run, script, view, summaries, table):
+    out = small_run
+    pngs = [out / "visualize" / view / f"{view}_{it}.png" for it in SMALL]
     others = [out / "visualize" / s for s in summaries] + [out / "tables" / table]
+    assert set(pngs + others) <= set(script.main([f"--out_dir={out}"]))
     _age(pngs + others)
     assert script.main([f"--out_dir={out}"]) == []
     assert all(_untouched(pngs + others))
     # a lost plot is redrawn alone
-    pngs[3].unlink()
+    pngs[1].unlink()
     wrote = script.main([f"--out_dir={out}"])
-    assert pngs[3] in wrote and pngs[3].exists()
-    assert _untouched(pngs) == [i != 3 for i in range(len(pngs))]
+    assert pngs[1] in wrote and pngs[1].exists()
+    assert _untouched(pngs) == [True, False, True]
     _age(pngs + others)
     wrote = script.main([f"--out_dir={out}", "--redo=True"])
-    assert set(pngs) <= set(wrote)
+    assert set(pngs + others) <= set(wrote)
     assert not any(_untouched(pngs + others))
     for p in pngs:
         assert_png(p)
 
 
-def test_changed_probe_redraws_every_map(views):
-    out, _, _ = views
-    pngs = per_ckpt_pngs(out, "attn")
+def test_changed_probe_redraws_every_map(small_run):
+    out = small_run
+    visualize_attn.main([f"--out_dir={out}"])
+    pngs = [out / "visualize" / "attn" / f"attn_{it}.png" for it in SMALL]
     _age(pngs)
     visualize_attn.main([f"--out_dir={out}", "--probe=Tom saw a dog. He", "--probe_tokens=8"])
     assert not any(_untouched(pngs))
+    assert len(probe_ids(out)) == 8
     df = pd.read_csv(out / "tables" / "attn_entropy.csv")
-    assert len(df) == len(ITERS) * L * NH and (df["entropy"] <= math.log(8) + 1e-9).all()
-    visualize_attn.main([f"--out_dir={out}"])  # back to the default probe for later tests
+    assert len(df) == len(SMALL) * L * NH and (df["entropy"] <= math.log(8) + 1e-9).all()
