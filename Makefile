@@ -47,7 +47,8 @@ test: run
 	$(PYTHON) -m pytest -q
 
 # The main job, offline on the bundled sample: data -> tokenizer -> batches + metrics ->
-# a short training with checkpoints -> model.bin -> a story from run.c.
+# a short training with checkpoints -> model.bin -> a story from run.c -> evaluation
+# of every checkpoint, attention/embedding views and saturation curves in out/.
 # Re-running resumes the finished run (no retraining) and reuses pretokenized data.
 DEMO_TRAIN = --max_iters=400 --eval_interval=100
 demo: run
@@ -57,6 +58,11 @@ demo: run
 	$(PYTHON) train.py $(DEMO_TRAIN) $(if $(wildcard out/ckpt/ckpt_*.pt),--init_from=resume)
 	$(PYTHON) tokenizer.py -t data/tok512.model -o tokenizer.bin
 	./run model.bin -z tokenizer.bin -t 0.8 -s 42 -n 256 -i "Once upon a time"
+	$(PYTHON) eval.py
+	$(PYTHON) visualize_attn.py
+	$(PYTHON) visualize_embd.py
+	$(PYTHON) visualize_sat_output.py
+	$(PYTHON) visualize_sat_batch.py
 
 # one line per benchmark script
 bench: run
@@ -64,6 +70,7 @@ bench: run
 	$(PYTHON) bench/bench_spine.py
 	$(PYTHON) bench/bench_metrics.py
 	$(PYTHON) bench/bench_train.py
+	$(PYTHON) bench/bench_eval.py
 
 clean:
 	rm -f $(BUILDS) $(addsuffix .tmp.*,$(BUILDS))

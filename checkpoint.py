@@ -54,10 +54,12 @@ def latest_checkpoint(out_dir) -> Path:
     return found[-1][1]
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", mmap=False) -> dict:
+    """mmap=True maps the tensors instead of reading them: cheap when only small
+    fields (batch_ids, losses) are needed."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} not found") from None
     except Exception as e:  # pickle / zip errors of a damaged file
@@ -77,10 +79,10 @@ def model_from_checkpoint(ckpt: dict, device="cpu"):
 
 def batch_ids_by_checkpoint(out_dir) -> dict[int, torch.Tensor]:
     """{iter: ids (steps, batches_per_step) trained on since the previous checkpoint}.
-    Reads only the small fields, but torch.load still maps the file."""
+    The files are memory-mapped, so the weights and optimizer state are not read."""
     out = {}
     for it, p in list_checkpoints(out_dir):
-        out[it] = load_checkpoint(p)["batch_ids"]
+        out[it] = load_checkpoint(p, mmap=True)["batch_ids"].clone()
     return out
 
 

@@ -1,0 +1,410 @@
+"""
+Evaluate every checkpoint of a run (stage 3c): validation loss, generations from fixed
+prompts scored with the same metrics as the training batches, and the mean batch
+metrics of what each checkpoint was trained on.
+
+$ python eval.py                                    # the default run in out/
+$ python eval.py --out_dir=out/curriculum           # another run
+$ python eval.py --temperature=0.8 --top_p=0.9      # also a sampled generation per prompt
+$ python eval.py --n_prompts=16 --max_new_tokens=100 --redo=True
+
+Checkpoints already evaluated with the same settings are skipped; the settings (and
+a stamp of each checkpoint file) are kept in tables/eval_config.json, so changing any
+setting, or retraining a checkpoint, re-evaluates it. --redo=True redoes everything.
+
+Prompts: the opening `prompt_tokens` tokens (after BOS) of the first `n_prompts`
+stories of the validation shard (shard 0) that are longer than prompt_tokens + 1
+tokens, plus "Once upon a time". All prompts are generated in one batched, KV-cached
+model.generate call per checkpoint: greedy (temperature 0) always, and sampled with
+temperature/top_p/seed when temperature > 0. Generation stops at BOS, after
+max_new_tokens, or at the model's max_seq_len, whichever comes first. The expected
+text of a story prompt is the story's true continuation, n_expected tokens long with
+n_expected = min(max_new_tokens, max_seq_len - prompt length) (fewer if the story ends);
+"Once upon a time" has no expected text, so its overlap metrics are NaN.
+
+Outputs (in <out_dir>/tables/):
+
+eval_outputs.csv, one row per checkpoint x decoding x prompt:
+  iter               the checkpoint's optimizer step
+  decoding           greedy | sampled
+  prompt_id          0..n_prompts-1 for the story prompts, n_prompts for "Once upon a time"
+  story_index        index of the story in shard 0 (-1 for "Once upon a time")
+  prompt             prompt text (without BOS)
+  generated          generated text
+  expected           the story's true continuation ("" for "Once upon a time")
+  n_prompt_tokens    prompt length in tokens, BOS included
+  n_new_tokens       number of generated tokens
+  n_expected_tokens  number of tokens of the expected text
+  ref_nll, ref_ppl   mean per-token nll (nats) of the generated tokens given BOS + prompt
+                     under the reference scorer (batchmetrics.reference_scorer, the same
+                     yardstick as batch_metrics.csv), and exp(ref_nll); NaN if nothing generated
+  bleu               sentence BLEU [0, 100] of generated vs expected (metrics.bleu)
+  rouge_l            ROUGE-L F1 [0, 1] of generated vs expected (metrics.rouge_l)
+  prefix_match       number of leading generated tokens equal to the expected tokens
+  <text metric>      every metrics.py text metric of the generated text (n_chars, n_words,
+                     n_sentences, mean_sentence_len, ttr, mtld, flesch_reading_ease,
+                     fk_grade, sentiment, dialogue_share, rep3, gender_*; see metrics.py)
+
+eval_summary.csv, one row per checkpoint:
+  iter, tokens_seen  step, and target tokens trained on so far (batches x max_seq_len)
+  n_batches_seen     batches trained on so far (from the ids recorded in the checkpoints)
+  val_loss, val_ppl  mean cross-entropy (nats/token) on the first val_batches validation
+                     batches, and exp(val_loss)
+  train_loss         the training-set loss estimate stored in the checkpoint by train.py
+  <metric>           the mean over prompts (NaN values skipped) of every eval_outputs.csv
+                     metric column above (n_new_tokens ... gender_ratio), greedy decoding
+  <metric>_sampled   the same for the sampled decoding (only when temperature > 0)
+
+summary.csv, one row per checkpoint, outputs next to inputs:
+  iter, tokens_seen, n_batches_since, n_batches_cum, val_loss, val_ppl, train_loss
+  out_<metric>[_sampled]  eval_summary.csv's prompt means, prefixed out_
+  in_<metric>_since  mean of a batch_metrics.csv column (every numeric column but the id
+                     columns: ref_nll, ref_ppl and the text metrics) over the batches
+                     trained on since the previous checkpoint (NaN at step 0)
+  in_<metric>_cum    the same over all batches trained on up to this checkpoint
+  A batch trained on twice counts twice; NaN metric values are skipped.
+"""
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import batchmetrics
+import metrics
+from checkpoint import ckpt_dir, list_checkpoints, load_checkpoint, model_from_checkpoint
+from common import (UserError, auto_device, main_guard, parse_config, write_csv_atomic,
+                    write_json_atomic)
+
+# -----------------------------------------------------------------------------
+# config
+@dataclass
+class EvalConfig:
+    out_dir: str = "out"  # the run folder (config.json, ckpt/)
+    data_dir: str = ""  # '' = the run's config.json data_dir
+    tables_dir: str = ""  # where batch_metrics.csv lives; '' = the run's config.json tables_dir
+    val_batches: int = 64  # the first this many validation batch ids
+    batch_size: int = 16  # batches per forward pass for the validation loss
+    n_prompts: int = 8  # held-out story prompts (plus "Once upon a time")
+    prompt_tokens: int = 8  # story tokens per prompt, after BOS
+    max_new_tokens: int = 200
+    temperature: float = 0.0  # > 0: also a sampled generation per prompt
+    top_p: float = 0.9  # nucleus for the sampled generation (0 or 1: plain sampling)
+    seed: int = 1337  # sampling seed (prompt i uses seed + i, as model.generate)
+    redo: bool = False  # re-evaluate checkpoints already in the tables
+    device: str = "auto"
+# -----------------------------------------------------------------------------
+
+EVAL_VERSION = 1  # bump when an output column's definition changes
+OPEN_PROMPT = "Once upon a time"
+OUTPUT_METRICS = (["n_new_tokens", "ref_nll", "ref_ppl", "bleu", "rouge_l", "prefix_match"]
+                  + metrics.text_metric_names())
+
+
+@dataclass
+class Prompt:
+    prompt_id: int
+    story_index: int
+    tokens: list  # BOS + prompt tokens
+    expected: list  # true continuation tokens ([] for the open prompt)
+
+
+# -----------------------------------------------------------------------------
+# the run and its data
+
+def run_config(cfg: EvalConfig, ckpts) -> dict:
+    """The run's training config: config.json, else the one stored in a checkpoint."""
+    p = Path(cfg.out_dir) / "config.json"
+    if p.exists():
+        try:
+            run = json.loads(p.read_text())
+        except ValueError as e:
+            raise UserError(f"{p} is not valid JSON ({e}): rewrite it or delete it") from None
+    else:
+        run = load_checkpoint(ckpts[-1][1])["config"]
+    run = dict(run)
+    run["data_dir"] = cfg.data_dir or run.get("data_dir", "data")
+    run["tables_dir"] = cfg.tables_dir or run.get("tables_dir", str(batchmetrics.TABLES_DIR))
+    for k in ("vocab_size", "max_seq_len"):
+        if k not in run:
+            raise UserError(f"{p} has no {k}: it was not written by train.py")
+    return run
+
+
+def build_prompts(cfg: EvalConfig, run: dict, enc) -> list[Prompt]:
+    """n_prompts held-out story openings, then the open prompt."""
+    import tinystories
+    T = int(run["max_seq_len"])
+    if cfg.prompt_tokens < 1 or cfg.prompt_tokens + 1 >= T:
+        raise UserError(f"--prompt_tokens={cfg.prompt_tokens}: must be in [1, {T - 2}] "
+                        f"(the model's max_seq_len is {T})")
+    n_exp = min(cfg.max_new_tokens, T - (cfg.prompt_tokens + 1))
+    stories = tinystories.load_stories(tinystories.raw_shards(run["data_dir"])[0])
+    prompts = []
+    for i, story in enumerate(stories):
+        if len(prompts) == cfg.n_prompts:
+            break
+        ids = enc.encode(story)  # BOS first
+        if len(ids) > cfg.prompt_tokens + 2:
+            cut = cfg.prompt_tokens + 1
+            prompts.append(Prompt(len(prompts), i, ids[:cut], ids[cut:cut + n_exp]))
+    if len(prompts) < cfg.n_prompts:
+        raise UserError(f"--n_prompts={cfg.n_prompts}: shard 0 of {run['data_dir']} has only "
+                        f"{len(prompts)} stories longer than {cfg.prompt_tokens + 1} tokens; ask for fewer")
+    prompts.append(Prompt(len(prompts), -1, enc.encode(OPEN_PROMPT), []))
+    return prompts
+
+
+def settings(cfg: EvalConfig, data, scorer) -> dict:
+    """Everything the cached results depend on, besides the checkpoint itself."""
+    keep = ("val_batches", "n_prompts", "prompt_tokens", "max_new_tokens", "temperature", "top_p", "seed")
+    s = {k: getattr(cfg, k) for k in keep}
+    if cfg.temperature <= 0:  # sampling settings are unused then
+        s.update(top_p=None, seed=None)
+    s.update(eval_version=EVAL_VERSION, metrics_version=metrics.METRICS_VERSION,
+             metric_versions=metrics.metric_versions(), scorer=scorer.fingerprint(),
+             tokenizer_sha256=data.meta["tokenizer_sha256"])
+    return s
+
+
+def ckpt_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+# -----------------------------------------------------------------------------
+# one checkpoint
+
+@torch.no_grad()
+def val_loss(model, data, ids: np.ndarray, batch_size: int, device: str) -> float:
+    """Mean cross-entropy per token over the batches `ids` (all have max_seq_len targets)."""
+    total = 0.0
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        x, y = data.get(chunk)
+        _, loss = model(x.to(device), y.to(device))
+        total += float(loss) * len(chunk)
+    return total / len(ids)
+
+
+def generate(model, prompts: list[Prompt], cfg: EvalConfig) -> dict[str, list[list[int]]]:
+    """{decoding: new tokens per prompt}, one batched KV-cached call per decoding."""
+    toks = [p.tokens for p in prompts]
+    out = {"greedy": model.generate(toks, cfg.max_new_tokens, temperature=0.0)}
+    if cfg.temperature > 0:
+        out["sampled"] = model.generate(toks, cfg.max_new_tokens, temperature=cfg.temperature,
+                                        top_p=cfg.top_p, seed=cfg.seed)
+    return out
+
+
+def score_outputs(it: int, prompts: list[Prompt], gens: dict, enc, scorer) -> pd.DataFrame:
+    """The eval_outputs.csv rows of one checkpoint."""
+    frames = []
+    for decoding, new in gens.items():
+        texts = [enc.decode(g) for g in new]
+        df = pd.DataFrame({
+            "iter": it, "decoding": decoding,
+            "prompt_id": [p.prompt_id for p in prompts],
+            "story_index": [p.story_index for p in prompts],
+            "prompt": [enc.decode(p.tokens[1:]) for p in prompts],
+            "generated": texts,
+            "expected": [enc.decode(p.expected) for p in prompts],
+            "n_prompt_tokens": [len(p.tokens) for p in prompts],
+            "n_new_tokens": [len(g) for g in new],
+            "n_expected_tokens": [len(p.expected) for p in prompts],
+        })
+        nll = []
+        for p, g in zip(prompts, new):  # nll of the generated tokens only, given BOS + prompt
+            t = scorer.token_nll(np.asarray(p.tokens + g, dtype=np.int64))
+            nll.append(float(t[len(p.tokens) - 1:].mean()) if g else math.nan)
+        df["ref_nll"] = nll
+        df["ref_ppl"] = np.exp(df["ref_nll"])
+        has_ref = np.array([bool(p.expected) for p in prompts])
+        for name in ("bleu", "rouge_l", "prefix_match"):
+            df[name] = math.nan
+        if has_ref.any():
+            sel = np.flatnonzero(has_ref)
+            ov = metrics.overlap_metrics([texts[i] for i in sel], [df["expected"][i] for i in sel],
+                                         [new[i] for i in sel], [prompts[i].expected for i in sel])
+            for name, col in ov.items():
+                df.loc[sel, name] = col
+        for name, col in metrics.text_metrics(texts).items():
+            df[name] = col
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise_outputs(out: pd.DataFrame) -> dict:
+    """Prompt means of every output metric, greedy unprefixed, sampled with _sampled."""
+    row = {}
+    for decoding, g in out.groupby("decoding", sort=False):
+        suffix = "" if decoding == "greedy" else f"_{decoding}"
+        for m in OUTPUT_METRICS:
+            row[m + suffix] = g[m].mean()  # skips NaN; all-NaN -> NaN
+    return row
+
+
+# -----------------------------------------------------------------------------
+# input side: batch metric means over the ids recorded in the checkpoints
+
+def batch_metric_columns(bm: pd.DataFrame) -> list[str]:
+    return [c for c in bm.columns if c not in batchmetrics.ID_COLUMNS and pd.api.types.is_numeric_dtype(bm[c])]
+
+
+class BatchMeans:
+    """Running means of every batch metric: feed each checkpoint's ids in order."""
+
+    def __init__(self, bm: pd.DataFrame, table_path):
+        self.cols = batch_metric_columns(bm)
+        self.vals = bm[self.cols].to_numpy(dtype=np.float64)  # row = batch_id
+        self.path = table_path
+        self.sum = np.zeros(len(self.cols))
+        self.cnt = np.zeros(len(self.cols))
+        self.n_cum = 0
+
+    def add(self, ids: np.ndarray) -> dict:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.vals)):
+            raise UserError(f"a checkpoint records batch id {int(ids.max())} but {self.path} has "
+                            f"{len(self.vals)} batches: pass the run's --tables_dir and --data_dir")
+        sub = self.vals[ids]
+        ok = ~np.isnan(sub)
+        s, c = np.where(ok, sub, 0.0).sum(0), ok.sum(0)
+        self.sum += s
+        self.cnt += c
+        self.n_cum += ids.size
+        row = {"n_batches_since": ids.size, "n_batches_cum": self.n_cum}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            since = np.where(c > 0, s / np.maximum(c, 1), np.nan)
+            cum = np.where(self.cnt > 0, self.sum / np.maximum(self.cnt, 1), np.nan)
+        row.update({f"in_{k}_since": v for k, v in zip(self.cols, since)})
+        row.update({f"in_{k}_cum": v for k, v in zip(self.cols, cum)})
+        return row
+
+
+# -----------------------------------------------------------------------------
+# cache of finished checkpoints
+
+def load_cache(tables: Path, want: dict, redo: bool):
+    """(outputs, summary, stamps) of earlier evaluations with the same settings, or empty."""
+    cfg_p, out_p, sum_p = tables / "eval_config.json", tables / "eval_outputs.csv", tables / "eval_summary.csv"
+    empty = pd.DataFrame(), pd.DataFrame(), {}
+    if redo or not (cfg_p.exists() and out_p.exists() and sum_p.exists()):
+        return empty
+    try:
+        saved = json.loads(cfg_p.read_text())
+        outputs, summary = pd.read_csv(out_p, keep_default_na=False, na_values=[""]), pd.read_csv(sum_p)
+    except (ValueError, OSError, pd.errors.ParserError):
+        print(f"{tables}: cached eval tables unreadable, re-evaluating everything")
+        return empty
+    if saved.get("settings") != want:
+        print(f"eval settings changed since {cfg_p} was written: re-evaluating every checkpoint")
+        return empty
+    for c in ("prompt", "generated", "expected"):  # empty texts must stay "", not NaN
+        outputs[c] = outputs[c].fillna("").astype(str)
+    return outputs, summary, saved.get("checkpoints", {})
+
+
+def write_eval_tables(tables: Path, outputs, summary, want, stamps):
+    write_csv_atomic(outputs.sort_values(["iter", "decoding", "prompt_id"], kind="stable"),
+                     tables / "eval_outputs.csv")
+    write_csv_atomic(summary.sort_values("iter"), tables / "eval_summary.csv")
+    write_json_atomic(tables / "eval_config.json", {"settings": want, "checkpoints": stamps})
+
+
+# -----------------------------------------------------------------------------
+
+def evaluate(cfg: EvalConfig):
+    from tqdm import tqdm
+    from tinystories import BatchData
+    from tokenizer import Tokenizer, tokenizer_model_path
+
+    # 1) the run, its data, prompts and yardsticks
+    ckpts = list_checkpoints(cfg.out_dir)
+    if not ckpts:
+        raise UserError(f"no checkpoints in {ckpt_dir(cfg.out_dir)}: run python train.py --out_dir={cfg.out_dir}")
+    run = run_config(cfg, ckpts)
+    V, T = int(run["vocab_size"]), int(run["max_seq_len"])
+    data = BatchData(run["data_dir"], V, T)
+    bm, _ = batchmetrics.load_batch_metrics(run["tables_dir"], data)
+    means = BatchMeans(bm, Path(run["tables_dir"]) / "batch_metrics.csv")
+    scorer = batchmetrics.reference_scorer(run["data_dir"], V)
+    enc = Tokenizer(tokenizer_model_path(V, run["data_dir"]))
+    prompts = build_prompts(cfg, run, enc)
+    val_ids = data.val_ids[:cfg.val_batches]
+    if len(val_ids) == 0 or cfg.val_batches < 1:
+        raise UserError(f"--val_batches={cfg.val_batches}: need at least 1 ({data.n_val} available)")
+    device = auto_device(cfg.device)
+
+    # 2) reuse what is cached with the same settings and an unchanged checkpoint file
+    tables = Path(cfg.out_dir) / "tables"
+    want = settings(cfg, data, scorer)
+    outputs, summary, stamps = load_cache(tables, want, cfg.redo)
+    have = set(summary["iter"]) if len(summary) else set()
+    iters_now = {it for it, _ in ckpts}
+    stamps = {k: v for k, v in stamps.items() if int(k) in iters_now and int(k) in have}
+
+    # 3) every checkpoint in order: input means always, outputs only when not cached
+    in_rows, n_done, prev = [], 0, -1
+    for it, path in tqdm(ckpts, desc="eval", unit="ckpt"):
+        ck = load_checkpoint(path)
+        if ck["prev_iter"] != prev:
+            raise UserError(f"{path} follows step {ck['prev_iter']} but the previous checkpoint is "
+                            f"step {prev}: restore ckpt_{ck['prev_iter']}.pt so the batches seen are known")
+        prev = it
+        in_rows.append({"iter": it, **means.add(ck["batch_ids"].numpy())})
+        if stamps.get(str(it)) == ckpt_stamp(path):
+            continue
+        model = model_from_checkpoint(ck, device)
+        vl = val_loss(model, data, val_ids, cfg.batch_size, device)
+        out = score_outputs(it, prompts, generate(model, prompts, cfg), enc, scorer)
+        row = {"iter": it, "tokens_seen": means.n_cum * T, "n_batches_seen": means.n_cum,
+               "val_loss": vl, "val_ppl": math.exp(vl), "train_loss": float(ck["train_loss"]),
+               **summarise_outputs(out)}
+        keep_o = outputs[outputs["iter"] != it] if len(outputs) else outputs
+        keep_s = summary[summary["iter"] != it] if len(summary) else summary
+        outputs = pd.concat([keep_o, out], ignore_index=True)
+        summary = pd.concat([keep_s, pd.DataFrame([row])], ignore_index=True)
+        stamps[str(it)] = ckpt_stamp(path)
+        write_eval_tables(tables, outputs, summary, want, stamps)  # progress survives a crash
+        n_done += 1
+        del model, ck
+
+    # 4) drop rows of checkpoints that no longer exist, then the joined summary
+    outputs = outputs[outputs["iter"].isin(iters_now)]
+    summary = summary[summary["iter"].isin(iters_now)]
+    write_eval_tables(tables, outputs, summary, want, stamps)
+    joined = join_summary(summary, pd.DataFrame(in_rows))
+    write_csv_atomic(joined, tables / "summary.csv")
+    print(f"evaluated {n_done} checkpoint(s), reused {len(ckpts) - n_done} from the cache")
+    for name in ("eval_outputs.csv", "eval_summary.csv", "summary.csv", "eval_config.json"):
+        print(f"wrote {tables / name}")
+    return joined
+
+
+def join_summary(summary: pd.DataFrame, inputs: pd.DataFrame) -> pd.DataFrame:
+    """summary.csv: losses, out_<metric> prompt means and in_<metric>_since/_cum means."""
+    base = ["iter", "tokens_seen", "val_loss", "val_ppl", "train_loss"]
+    s = summary.sort_values("iter").reset_index(drop=True)
+    outs = s[[c for c in s.columns if c not in base and c != "n_batches_seen"]].add_prefix("out_")
+    left = pd.concat([s[base], outs], axis=1)
+    j = left.merge(inputs, on="iter", how="left")
+    front = ["iter", "tokens_seen", "n_batches_since", "n_batches_cum", "val_loss", "val_ppl", "train_loss"]
+    return j[front + [c for c in j.columns if c not in front]]
+
+
+def main(argv=None):
+    cfg = parse_config(EvalConfig(), sys.argv[1:] if argv is None else argv)
+    for k in ("n_prompts", "max_new_tokens", "batch_size"):
+        if getattr(cfg, k) < (0 if k == "n_prompts" else 1):
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be positive")
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main_guard(main)

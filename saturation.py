@@ -1,0 +1,300 @@
+"""
+Saturation of a metric over training (stage 4): the one home of the normalised score,
+the saturation rule and the small-multiples plot used by visualize_sat_output.py and
+visualize_sat_batch.py.
+
+$ python -c "import saturation as s; print(s.saturation_step([0, 1, 2, 4], [0, .5, .97, 1]))"   # -> 2
+
+Normalised score. For a metric with values v_0..v_n at checkpoint steps s_0..s_n,
+    norm_i = (v_i - v_first) / (v_final - v_first)
+where v_first and v_final are the first and the last finite values. The score runs
+from 0 at the first checkpoint to 1 at the last whatever the metric's unit or direction
+(a falling loss rises from 0 to 1 too); an overshoot shows as > 1, a dip as < 0.
+NaN values (e.g. a batch mean at step 0, before any batch) stay NaN and are ignored.
+Flat curve: when v_final == v_first (within 1e-9 of the curve's scale) the ratio is
+undefined; the score is then 1 + (v_i - v_final) / (max v - min v), i.e. distance from
+the final level in units of the curve's own range, and a constant curve is 1 throughout.
+
+Saturation rule. The saturation step is the first checkpoint step s_i such that
+|norm_j - 1| <= tol for every checkpoint j >= i (default tol 0.05, the edge included):
+from s_i on, the score stays within 5% of the total change of its final level. A curve that enters the
+band and leaves it again saturates only at its last re-entry. The final checkpoint is
+always inside, so a curve that never settles saturates at its last step; a curve with
+a single finite point saturates there; a curve with no finite value has no step (NaN).
+
+Caveat, flagged as [near-flat] on the plots and by range_over_change in the tables:
+when a curve ends close to where it started compared with how much it moves
+(range > 3 x |v_final - v_first|), the score mostly magnifies noise, and so does its
+saturation step (typical of cumulative batch means under a shuffled order).
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import UserError, atomic_path
+
+TOL = 0.05
+NOISY = 3.0  # range / |change| above this: the score mostly shows noise (flagged on plots)
+
+
+# -----------------------------------------------------------------------------
+# the rule
+
+def normalised_score(values) -> np.ndarray:
+    """(v - v_first) / (v_final - v_first) over the finite values; see the module docstring."""
+    v = np.asarray(values, dtype=np.float64)
+    out = np.full(v.shape, np.nan)
+    ok = np.isfinite(v)
+    if not ok.any():
+        return out
+    f = v[ok]
+    first, final = f[0], f[-1]
+    span, rng = final - first, f.max() - f.min()
+    scale = max(abs(first), abs(final), rng)
+    if abs(span) > 1e-9 * scale:
+        out[ok] = (f - first) / span
+    elif rng > 0:  # flat from first to final, but moved in between
+        out[ok] = 1.0 + (f - final) / rng
+    else:  # constant
+        out[ok] = 1.0
+    return out
+
+
+def saturation_index(norm, tol: float = TOL) -> int | None:
+    """Index of the first point from which every later finite score is within tol of 1
+    (NaN points are skipped); None when no point is finite."""
+    z = np.asarray(norm, dtype=np.float64)
+    idx = np.flatnonzero(np.isfinite(z))
+    if idx.size == 0:
+        return None
+    outside = np.abs(z[idx] - 1.0) > tol + 1e-12  # the band edge counts as inside
+    if not outside.any():
+        return int(idx[0])
+    last_out = np.flatnonzero(outside)[-1]  # the last point outside the band
+    return int(idx[last_out + 1]) if last_out + 1 < idx.size else int(idx[-1])
+
+
+def saturation_step(steps, values, tol: float = TOL) -> float:
+    """The saturation step of a metric curve (values at checkpoint steps), NaN if none."""
+    steps = np.asarray(steps)
+    if len(steps) != len(values):
+        raise ValueError(f"{len(steps)} steps but {len(values)} values")
+    i = saturation_index(normalised_score(values), tol)
+    return math.nan if i is None else float(steps[i])
+
+
+def _range_over_change(f: np.ndarray) -> float:
+    change, rng = abs(f[-1] - f[0]), f.max() - f.min()
+    if rng == 0:
+        return 1.0
+    return rng / change if change > 0 else math.inf
+
+
+def saturation_table(df: pd.DataFrame, metrics: list[str], step_col: str = "iter", tol: float = TOL,
+                     run: str = "") -> pd.DataFrame:
+    """One row per metric: run, metric, saturation_step, first/final step and value,
+    change = final - first, range_over_change = (max - min) / |change| (1 for a monotone
+    curve; large when the curve ends near where it started, so its score mostly shows
+    noise; inf when change is 0), n_points (finite values) and tol."""
+    df = df.sort_values(step_col)
+    steps = df[step_col].to_numpy()
+    rows = []
+    for m in metrics:
+        v = df[m].to_numpy(dtype=np.float64)
+        ok = np.flatnonzero(np.isfinite(v))
+        first, last = (ok[0], ok[-1]) if ok.size else (None, None)
+        rows.append({
+            "run": run, "metric": m, "saturation_step": saturation_step(steps, v, tol),
+            "first_step": steps[first] if ok.size else math.nan,
+            "final_step": steps[last] if ok.size else math.nan,
+            "first_value": v[first] if ok.size else math.nan,
+            "final_value": v[last] if ok.size else math.nan,
+            "change": v[last] - v[first] if ok.size else math.nan,
+            "range_over_change": _range_over_change(v[ok]) if ok.size else math.nan,
+            "n_points": int(ok.size), "tol": tol})
+    return pd.DataFrame(rows)
+
+
+# -----------------------------------------------------------------------------
+# command-line plumbing shared by the two visualize_sat_* scripts
+
+def split_out_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull the list-valued --out_dir out of argv: '--out_dir=a,b,c', '--out_dir a b c'
+    or '--out_dir=a b c'. Returns (out_dirs, the other arguments)."""
+    dirs, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--out_dir" or a.startswith("--out_dir="):
+            if "=" in a:
+                dirs += [d for d in a.split("=", 1)[1].split(",") if d]
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                dirs += [d for d in argv[i].split(",") if d]
+                i += 1
+            continue
+        rest.append(a)
+        i += 1
+    return dirs, rest
+
+
+def run_names(out_dirs: list[str]) -> list[str]:
+    """Legend names: folder names when they are distinct, else the paths as given."""
+    base = [Path(d).name or str(d) for d in out_dirs]
+    return base if len(set(base)) == len(base) else [str(d) for d in out_dirs]
+
+
+def read_summary(out_dir: str, script: str) -> pd.DataFrame:
+    p = Path(out_dir) / "tables" / "summary.csv"
+    if not p.exists():
+        raise UserError(f"no {p}: run python eval.py --out_dir={out_dir} first, then python {script}")
+    df = pd.read_csv(p)
+    if "iter" not in df.columns or df.empty:
+        raise UserError(f"{p} has no checkpoint rows: re-run python eval.py --out_dir={out_dir}")
+    return df.sort_values("iter").reset_index(drop=True)
+
+
+def output_paths(out_dirs: list[str], plot_dir: str, png: str, csv: str) -> tuple[Path, Path]:
+    """One run: <run>/visualize/<png>, <run>/tables/<csv>. Several: both into plot_dir
+    if given, else into the first run's visualize/ and tables/."""
+    if plot_dir:
+        return Path(plot_dir) / png, Path(plot_dir) / csv
+    return Path(out_dirs[0]) / "visualize" / png, Path(out_dirs[0]) / "tables" / csv
+
+
+# -----------------------------------------------------------------------------
+# the figure
+
+def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, title: str,
+                    labels: dict[str, str] | None = None, tol: float = TOL, step_col: str = "iter",
+                    ncols: int = 4, sat: pd.DataFrame | None = None):
+    """Small multiples, one subplot per metric, one line per run: the normalised score
+    against the training step (symlog x, so step 0 shows), the final +-tol band and a
+    dashed vertical line at each run's saturation step. Written atomically to path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter
+
+    labels = labels or {}
+    runs = list(curves)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {r: colors[i % len(colors)] for i, r in enumerate(runs)}
+    n = len(metrics)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 1.4), squeeze=False,
+                             sharex=True)
+    max_step = max(float(c[step_col].max()) for c in curves.values())
+    for k, m in enumerate(metrics):
+        ax = axes[k // ncols][k % ncols]
+        ax.axhspan(1 - tol, 1 + tol, color="0.85", zorder=0)
+        ax.axhline(0, color="0.6", lw=0.6, ls=":")
+        zs = {}
+        for r in runs:
+            c = curves[r]
+            if m in c.columns:
+                zs[r] = (c[step_col].to_numpy(dtype=float), normalised_score(c[m].to_numpy(dtype=float)))
+        finite = np.concatenate([z[np.isfinite(z)] for _, z in zs.values()] + [np.zeros(0)])
+        # keep wild scores (a near-flat noisy curve) from squashing the rest: clip the view
+        # to [-1.5, 2.5] and draw off-scale points as triangles on the edge
+        lo = max(min(-0.1, finite.min(initial=0.0)), -1.5)
+        hi = min(max(1.15, finite.max(initial=1.0)), 2.5)
+        pad = 0.04 * (hi - lo)
+        for r, (x, z) in zs.items():
+            ok = np.isfinite(z)
+            ax.plot(x[ok], np.clip(z[ok], lo, hi), "-", lw=1.3, color=color[r])
+            inside = ok & (z >= lo) & (z <= hi)
+            ax.plot(x[inside], z[inside], "o", ms=2.5, color=color[r])
+            ax.plot(x[ok & (z > hi)], np.full((ok & (z > hi)).sum(), hi), "^", ms=5, color=color[r])
+            ax.plot(x[ok & (z < lo)], np.full((ok & (z < lo)).sum(), lo), "v", ms=5, color=color[r])
+            s = saturation_step(x, curves[r][m].to_numpy(dtype=float), tol)
+            if np.isfinite(s):
+                ax.axvline(s, color=color[r], ls="--", lw=1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlim(-0.2, max_step * 1.3)
+        ax.grid(True, alpha=0.3, which="major")
+        head = labels.get(m, m)
+        rows = sat[sat["metric"] == m] if sat is not None else []
+        if len(rows):  # raw first -> final value (single run), and a warning for near-flat curves
+            if len(runs) == 1:
+                r0 = rows.iloc[0]
+                head += f"\nfirst {r0.first_value:.3g} \u2192 final {r0.final_value:.3g}"
+            if (rows["range_over_change"] > NOISY).any():
+                head += " [near-flat]"
+        ax.set_title(head, fontsize=8.5)
+        if k % ncols == 0:
+            ax.set_ylabel("normalised score\n(0 = first, 1 = final)", fontsize=8)
+        if k // ncols == nrows - 1 or k + ncols >= n:
+            ax.set_xlabel("training step (optimizer steps,\nsymlog: linear in [0, 1])", fontsize=8)
+            ax.tick_params(axis="x", labelbottom=True)
+        ax.tick_params(labelsize=7)
+    for k in range(n, nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    handles = [Line2D([], [], color=color[r], marker="o", ms=3, label=r) for r in runs]
+    handles += [Line2D([], [], color="0.3", ls="--", label="saturation step"),
+                Patch(color="0.85", label=f"final level \u00b1 {tol:g}"),
+                Line2D([], [], color="0.3", marker="^", ls="", label="off-scale value")]
+    if sat is not None and (sat["range_over_change"] > NOISY).any():
+        handles.append(Line2D([], [], ls="",
+                              label=f"[near-flat]: range > {NOISY:g}x net change, score is mostly noise"))
+    fig.suptitle(title, fontsize=11, y=1 - 0.2 / fig.get_figheight(), va="top")
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.95 / fig.get_figheight()))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def pick_metrics(df: pd.DataFrame, candidates: list[str], spec: str, script: str) -> list[str]:
+    """The candidates with at least one finite value, or the comma list `spec`."""
+    if spec and spec != "all":
+        want = [s.strip() for s in spec.split(",") if s.strip()]
+        bad = [w for w in want if w not in candidates]
+        if bad:
+            raise UserError(f"{script}: unknown metric(s) {', '.join(bad)}; valid: {', '.join(candidates)}")
+        return want
+    return [c for c in candidates if np.isfinite(df[c].to_numpy(dtype=float)).any()]
+
+
+def visualize(out_dirs: list[str], plot_dir: str, spec: str, tol: float, ncols: int, script: str,
+              candidates, label, png: str, csv: str, title: str):
+    """The body of both visualize_sat_* scripts: read each run's summary.csv, choose
+    the metric columns (candidates(df) -> names, label(name) -> subplot title), write
+    the saturation CSV and the figure, and print both paths."""
+    if not out_dirs:
+        raise UserError(f"{script}: give at least one run with --out_dir=<run folder>")
+    if not 0 < tol < 1:
+        raise UserError(f"--tol={tol}: must be in (0, 1)")
+    names = run_names(out_dirs)
+    curves = {n: read_summary(d, script) for n, d in zip(names, out_dirs)}
+    both = pd.concat(curves.values(), ignore_index=True)
+    cands = [c for c in dict.fromkeys(c for df in curves.values() for c in candidates(df))]
+    for c in cands:  # a column one run lacks (e.g. sampled outputs) is NaN there
+        for df in curves.values():
+            if c not in df.columns:
+                df[c] = np.nan
+    both = pd.concat(curves.values(), ignore_index=True)
+    metrics = pick_metrics(both, cands, spec, script)
+    if not metrics:
+        raise UserError(f"{script}: no metric with a finite value in {', '.join(out_dirs)}/tables/summary.csv")
+    sat = pd.concat([saturation_table(df, metrics, tol=tol, run=n) for n, df in curves.items()],
+                    ignore_index=True)
+    png_p, csv_p = output_paths(out_dirs, plot_dir, png, csv)
+    from common import write_csv_atomic
+    write_csv_atomic(sat, csv_p)
+    runs = ", ".join(names)
+    plot_saturation(curves, metrics, png_p, f"{title} ({runs})", {m: label(m) for m in metrics}, tol,
+                    ncols=ncols, sat=sat)
+    print(f"wrote {png_p}")
+    print(f"wrote {csv_p}")
+    return sat
