@@ -113,21 +113,23 @@ class Attention(nn.Module):
             k = cache.k[layer][:, :, :start_pos + T]
             v = cache.v[layer][:, :, :start_pos + T]
         # grouped-query attention: query head h reads kv head h // n_rep
-        k = k.repeat_interleave(self.n_rep, dim=1)
-        v = v.repeat_interleave(self.n_rep, dim=1)
-        S = k.shape[2]
-        # causal over absolute positions: query at start_pos+i sees keys 0..start_pos+i
-        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        probs = None
-        if return_probs:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)
-            probs = att.float().masked_fill(~mask, float("-inf")).softmax(-1)
-            y = probs.type_as(v) @ v
-        elif T == S:
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=1)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+        T_k = k.shape[2]
+        if T == T_k and not return_probs:  # training / prefill: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            probs = None
+        else:  # cached step: query at start_pos+i sees keys 0..start_pos+i
+            mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
+            if return_probs:
+                att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)
+                probs = att.float().masked_fill(~mask, float("-inf")).softmax(-1)
+                y = probs.type_as(v) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                probs = None
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(y)), probs
 
