@@ -29,12 +29,27 @@ REF_COLUMNS = ["ref_nll", "ref_ppl"]
 NGRAM_ORDER = 3
 
 
-def window_text(tokens: np.ndarray, enc) -> str:
-    """Text of a token window as the model sees it: stories cut at BOS, one per line."""
+def window_texts(windows: list[np.ndarray], enc) -> list[str]:
+    """Text of each token window as the model sees it: the stories in it cut at BOS,
+    one per line. One batched decode call for all pieces (sentencepiece's C++ loop)."""
     from tokenizer import BOS_ID
-    cuts = np.flatnonzero(np.asarray(tokens) == BOS_ID)
-    pieces = np.split(np.asarray(tokens), cuts)
-    return "\n".join(t for t in (enc.decode(p[p != BOS_ID]) for p in pieces) if t)
+    pieces, owner = [], []
+    for i, w in enumerate(windows):
+        w = np.asarray(w)
+        for p in np.split(w, np.flatnonzero(w == BOS_ID)):
+            p = p[p != BOS_ID]
+            if len(p):
+                pieces.append(p.tolist())
+                owner.append(i)
+    texts = [[] for _ in windows]
+    for i, t in zip(owner, enc.sp.decode(pieces) if pieces else []):
+        if t:
+            texts[i].append(t)
+    return ["\n".join(t) for t in texts]
+
+
+def window_text(tokens: np.ndarray, enc) -> str:
+    return window_texts([tokens], enc)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -112,7 +127,7 @@ def _score_shard(job):
     enc = Tokenizer(tokenizer_model_path(vocab_size, data_dir))
     ids = np.flatnonzero(data.index["shard"] == shard)
     wins = [data.window(int(i)) for i in ids]
-    texts = [window_text(w, enc) for w in wins]
+    texts = window_texts(wins, enc)
     rows = data.index[ids]
     df = pd.DataFrame({
         "batch_id": ids, "shard": rows["shard"], "offset": rows["offset"],

@@ -248,6 +248,12 @@ class Trainer:
 
     # -------------------------------------------------------------------------
 
+    def log(self, line: str):
+        """One greppable line, to stdout and to <out_dir>/train.log (rank 0 only)."""
+        print(line, flush=True)
+        with open(Path(self.cfg.out_dir) / "train.log", "a") as f:
+            f.write(line + "\n")
+
     @torch.no_grad()
     def estimate_loss(self, ids: np.ndarray) -> float:
         self.raw_model.eval()
@@ -292,8 +298,8 @@ class Trainer:
             from export import export_v0
             export_v0(self.raw_model, path.with_name(f"model_{self.iter_num}.bin"))
         self.pending_ids, self.prev_ckpt = [], self.iter_num
-        print(f"step:{self.iter_num}/{cfg.max_iters} train_loss:{train_loss:.4f} val_loss:{val_loss:.4f} "
-              f"ckpt:{path}")
+        self.log(f"step:{self.iter_num}/{cfg.max_iters} train_loss:{train_loss:.4f} val_loss:{val_loss:.4f} "
+                 f"ckpt:{path}")
         return val_loss
 
     def train(self):
@@ -327,8 +333,8 @@ class Trainer:
                 dt = (time.perf_counter() - t0) / n_timed
                 tps = tokens_per_step / dt
                 mfu = flops_per_step / dt / self.mfu_peak
-                print(f"step:{self.iter_num}/{cfg.max_iters} loss:{loss:.4f} lr:{lr:.2e} "
-                      f"ms:{dt * 1000:.1f} tok/s:{tps:.0f} mfu:{100 * mfu:.1f}", flush=True)
+                self.log(f"step:{self.iter_num}/{cfg.max_iters} loss:{loss:.4f} lr:{lr:.2e} "
+                         f"ms:{dt * 1000:.1f} tok/s:{tps:.0f} mfu:{100 * mfu:.1f}")
                 if wandb:
                     wandb.log({"iter": self.iter_num, "loss": loss, "lr": lr, "tok_per_s": tps, "mfu": mfu})
                 t0, n_timed = time.perf_counter(), 0

@@ -143,6 +143,9 @@ def test_run_record_and_log_lines(tiny_run):
     assert cfg["dim"] == 32 and cfg["max_iters"] == 24
     run = json.loads((tiny_run.out_dir / "run.json").read_text())
     assert run["commit"] and "torch" in run["versions"]
+    lines = (tiny_run.out_dir / "train.log").read_text().splitlines()
+    assert [ln.split()[0] for ln in lines if " loss:" in ln] == [f"step:{s}/24" for s in (4, 8, 12, 16, 20, 24)]
+    assert all(k in lines[-2] + lines[-1] for k in ("lr:", "ms:", "tok/s:", "mfu:", "val_loss:"))
 
 
 @pytest.mark.parametrize("arg, msg", [
