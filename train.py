@@ -78,7 +78,7 @@ class TrainConfig:
     dropout: float = 0.0
     # optimizer
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-3  # right for the tiny default; config/stories15M.json uses 5e-4
     max_iters: int = 500
     weight_decay: float = 0.1
     beta1: float = 0.9
