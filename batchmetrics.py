@@ -121,10 +121,10 @@ def fit_reference_scorer(data_dir, vocab_size, val_tokens: np.ndarray, key: str)
 def _score_shard(job):
     import pandas as pd
     from tinystories import BatchData
-    from tokenizer import Tokenizer, tokenizer_model_path
+    from tokenizer import Tokenizer
     data_dir, vocab_size, max_seq_len, shard, names, ref_model, out_csv = job
     data = BatchData(data_dir, vocab_size, max_seq_len)
-    enc = Tokenizer(tokenizer_model_path(vocab_size, data_dir))
+    enc = Tokenizer.for_vocab(vocab_size, data_dir)
     ids = np.flatnonzero(data.index["shard"] == shard)
     wins = [data.window(int(i)) for i in ids]
     texts = window_texts(wins, enc)

@@ -16,6 +16,7 @@ Each holds plain types and tensors only (so torch.load(..., weights_only=True) w
 The ids seen by checkpoint k are the concatenation of batch_ids of all checkpoints <= k.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -47,11 +48,28 @@ def list_checkpoints(out_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(out_dir) -> Path:
+def run_checkpoints(out_dir) -> list[tuple[int, Path]]:
+    """[(iter, path)] of a run, or a UserError when it has none."""
     found = list_checkpoints(out_dir)
     if not found:
         raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: run python train.py --out_dir={out_dir}")
-    return found[-1][1]
+    return found
+
+
+def latest_checkpoint(out_dir) -> Path:
+    return run_checkpoints(out_dir)[-1][1]
+
+
+def run_config(out_dir) -> dict:
+    """The run's TrainConfig as a dict: <out_dir>/config.json, else the newest
+    checkpoint's copy."""
+    p = Path(out_dir) / "config.json"
+    if p.exists():
+        try:
+            return json.loads(p.read_text())
+        except ValueError:
+            raise UserError(f"{p} is not valid JSON: delete it (the checkpoints hold a copy)") from None
+    return dict(load_checkpoint(latest_checkpoint(out_dir), mmap=True)["config"])
 
 
 def load_checkpoint(path, map_location="cpu", mmap=False) -> dict:

@@ -147,6 +147,12 @@ def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def save_figure(fig, path, dpi: int = 110):
+    """A matplotlib figure to PNG, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
 def write_csv_atomic(df, path):
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)

@@ -77,7 +77,7 @@ import torch
 
 import batchmetrics
 import metrics
-from checkpoint import ckpt_dir, list_checkpoints, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from common import (UserError, auto_device, main_guard, parse_config, write_csv_atomic,
                     write_json_atomic)
 
@@ -117,22 +117,14 @@ class Prompt:
 # -----------------------------------------------------------------------------
 # the run and its data
 
-def run_config(cfg: EvalConfig, ckpts) -> dict:
-    """The run's training config: config.json, else the one stored in a checkpoint."""
-    p = Path(cfg.out_dir) / "config.json"
-    if p.exists():
-        try:
-            run = json.loads(p.read_text())
-        except ValueError as e:
-            raise UserError(f"{p} is not valid JSON ({e}): rewrite it or delete it") from None
-    else:
-        run = load_checkpoint(ckpts[-1][1])["config"]
-    run = dict(run)
+def eval_run_config(cfg: EvalConfig) -> dict:
+    """The run's training config (checkpoint.run_config), with this eval's overrides."""
+    run = run_config(cfg.out_dir)
     run["data_dir"] = cfg.data_dir or run.get("data_dir", "data")
     run["tables_dir"] = cfg.tables_dir or run.get("tables_dir", str(batchmetrics.TABLES_DIR))
     for k in ("vocab_size", "max_seq_len"):
         if k not in run:
-            raise UserError(f"{p} has no {k}: it was not written by train.py")
+            raise UserError(f"{cfg.out_dir}/config.json has no {k}: it was not written by train.py")
     return run
 
 
@@ -322,19 +314,17 @@ def write_eval_tables(tables: Path, outputs, summary, want, stamps):
 def evaluate(cfg: EvalConfig):
     from tqdm import tqdm
     from tinystories import BatchData
-    from tokenizer import Tokenizer, tokenizer_model_path
+    from tokenizer import Tokenizer
 
     # 1) the run, its data, prompts and yardsticks
-    ckpts = list_checkpoints(cfg.out_dir)
-    if not ckpts:
-        raise UserError(f"no checkpoints in {ckpt_dir(cfg.out_dir)}: run python train.py --out_dir={cfg.out_dir}")
-    run = run_config(cfg, ckpts)
+    ckpts = run_checkpoints(cfg.out_dir)
+    run = eval_run_config(cfg)
     V, T = int(run["vocab_size"]), int(run["max_seq_len"])
     data = BatchData(run["data_dir"], V, T)
     bm, _ = batchmetrics.load_batch_metrics(run["tables_dir"], data)
     means = BatchMeans(bm, Path(run["tables_dir"]) / "batch_metrics.csv")
     scorer = batchmetrics.reference_scorer(run["data_dir"], V)
-    enc = Tokenizer(tokenizer_model_path(V, run["data_dir"]))
+    enc = Tokenizer.for_vocab(V, run["data_dir"])
     prompts = build_prompts(cfg, run, enc)
     val_ids = data.val_ids[:cfg.val_batches]
     if len(val_ids) == 0 or cfg.val_batches < 1:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, atomic_path
+from common import UserError, save_figure
 
 TOL = 0.05
 NOISY = 3.0  # range / |change| above this: the score mostly shows noise (flagged on plots)
@@ -249,8 +249,7 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
                bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.95 / fig.get_figheight()))
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -47,6 +47,11 @@ class Tokenizer:
         self.vocab_size = self.sp.vocab_size()
         assert self.sp.bos_id() == BOS_ID and self.sp.eos_id() == EOS_ID, "unexpected special ids"
 
+    @classmethod
+    def for_vocab(cls, vocab_size: int, data_dir=ROOT / "data") -> "Tokenizer":
+        """The tokenizer of a vocab size (see tokenizer_model_path)."""
+        return cls(tokenizer_model_path(vocab_size, data_dir))
+
     def encode(self, s: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.sp.encode(s)
         return ([BOS_ID] if bos else []) + ids + ([EOS_ID] if eos else [])

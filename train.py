@@ -393,7 +393,7 @@ def show_batches(cfg: TrainConfig, step: int):
     """Print the ids and decoded text of one step, as Pythia's batch viewer: from the
     checkpoints when they recorded it, else from the schedule."""
     from checkpoint import batch_ids_by_checkpoint
-    from tokenizer import Tokenizer, tokenizer_model_path
+    from tokenizer import Tokenizer
     data = BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len)
     ids, source = None, "schedule"
     if list_checkpoints(cfg.out_dir):
@@ -404,7 +404,7 @@ def show_batches(cfg: TrainConfig, step: int):
             start = it
     if ids is None:
         ids = build_schedule(cfg, data).step_ids(step)
-    enc = Tokenizer(tokenizer_model_path(cfg.vocab_size, cfg.data_dir))
+    enc = Tokenizer.for_vocab(cfg.vocab_size, cfg.data_dir)
     print(f"step {step}: {len(ids)} batches (from the {source})")
     for i in ids:
         r = data.index[i]

@@ -42,9 +42,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from checkpoint import ckpt_dir, list_checkpoints, load_checkpoint, model_from_checkpoint
-from common import (UserError, atomic_path, main_guard, parse_config, write_csv_atomic,
+from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
+from common import (UserError, main_guard, parse_config, save_figure, write_csv_atomic,
                     write_json_atomic)
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config (every field can be set with --key=value)
@@ -65,27 +66,7 @@ VERSION = 1  # bump when the drawing changes, so that old PNGs are redrawn
 
 
 # -----------------------------------------------------------------------------
-# helpers shared with visualize_embd.py: the run folder and the skip-if-done record
-
-def run_checkpoints(out_dir) -> list[tuple[int, Path]]:
-    """[(iter, path)] of a run, or a UserError when it has none."""
-    found = list_checkpoints(out_dir)
-    if not found:
-        raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: train first with "
-                        f"python train.py --out_dir={out_dir}")
-    return found
-
-
-def run_config(out_dir, ckpt: dict) -> dict:
-    """The run's TrainConfig as a dict: <out_dir>/config.json, else the checkpoint's copy."""
-    p = Path(out_dir) / "config.json"
-    if p.exists():
-        try:
-            return json.loads(p.read_text())
-        except ValueError:
-            raise UserError(f"{p} is not valid JSON: delete it (the checkpoints hold a copy)") from None
-    return dict(ckpt.get("config", {}))
-
+# helpers shared with visualize_embd.py: the skip-if-done record, axes, tokenizer
 
 def ckpt_signature(path: Path) -> list:
     """Identifies one checkpoint file (a re-trained run gets new signatures)."""
@@ -119,11 +100,6 @@ class DoneRecord:
         write_json_atomic(self.path, {"settings": self.settings, "done": self.done})
 
 
-def save_figure(fig, path: Path, dpi: int):
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-
-
 def step_axis(ax, iters):
     """Training steps on a symlog x axis (linear in [0, 1], log above) so that the
     log-spaced checkpoints 0, 1, 2, 4, ... are evenly spread and step 0 is shown."""
@@ -131,10 +107,6 @@ def step_axis(ax, iters):
     ax.set_xlim(0, max(iters) * 1.15 if max(iters) > 0 else 1)
     ax.set_xlabel("training step (symlog)")
 
-
-def load_tokenizer(data_dir, vocab_size: int):
-    from tokenizer import Tokenizer, tokenizer_model_path
-    return Tokenizer(tokenizer_model_path(vocab_size, data_dir))
 
 
 def piece_label(sp, i: int) -> str:
@@ -303,9 +275,9 @@ def main(argv=None):
     out = Path(cfg.out_dir)
     ckpts = run_checkpoints(out)
     last = load_checkpoint(ckpts[-1][1])
-    margs, run = last["model_args"], run_config(out, last)
+    margs, run = last["model_args"], run_config(out)
     data_dir = cfg.data_dir or run.get("data_dir", "data")
-    enc = load_tokenizer(data_dir, margs["vocab_size"])
+    enc = Tokenizer.for_vocab(margs["vocab_size"], data_dir)
     ids, source = probe_tokens(cfg, enc, data_dir, margs["max_seq_len"])
     labels = [piece_label(enc.sp, i) for i in ids]
     title = f"run {cfg.out_dir}"

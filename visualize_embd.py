@@ -50,10 +50,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint
-from common import UserError, main_guard, parse_config, write_csv_atomic
-from visualize_attn import (DoneRecord, ckpt_signature, load_tokenizer, piece_label, run_checkpoints,
-                            run_config, save_figure)
+from checkpoint import load_checkpoint, run_checkpoints, run_config
+from common import UserError, main_guard, parse_config, save_figure, write_csv_atomic
+from tokenizer import Tokenizer
+from visualize_attn import DoneRecord, ckpt_signature, piece_label
 
 # -----------------------------------------------------------------------------
 # config (every field can be set with --key=value)
@@ -316,11 +316,11 @@ def main(argv=None):
     iters = [it for it, _ in ckpts]
     final_it, final_path = ckpts[-1]
     final_ckpt = load_checkpoint(final_path)
-    data_dir = cfg.data_dir or run_config(out, final_ckpt).get("data_dir", "data")
+    data_dir = cfg.data_dir or run_config(out).get("data_dir", "data")
     final = final_ckpt["model"]["tok_embeddings.weight"].double().numpy()
     del final_ckpt
     V = final.shape[0]
-    enc = load_tokenizer(data_dir, V)
+    enc = Tokenizer.for_vocab(V, data_dir)
     words, notes = word_pieces(enc, cfg.words, cfg.multi_piece)
     kinds, labels = token_kinds(enc.sp, V), [piece_label(enc.sp, i) for i in range(V)]
 
