@@ -35,12 +35,19 @@ def window_texts(windows: list[np.ndarray], enc) -> list[str]:
     from tokenizer import BOS_ID
     pieces, owner = [], []
     for i, w in enumerate(windows):
-        w = np.asarray(w)
-        for p in np.split(w, np.flatnonzero(w == BOS_ID)):
-            p = p[p != BOS_ID]
-            if len(p):
-                pieces.append(p.tolist())
+        toks = w.tolist() if isinstance(w, np.ndarray) else list(w)
+        start = 0
+        while True:  # cut at each BOS (plain list ops: cheaper than numpy on 257 tokens)
+            try:
+                end = toks.index(BOS_ID, start)
+            except ValueError:
+                end = len(toks)
+            if end > start:
+                pieces.append(toks[start:end])
                 owner.append(i)
+            if end == len(toks):
+                break
+            start = end + 1
     texts = [[] for _ in windows]
     for i, t in zip(owner, enc.sp.decode(pieces) if pieces else []):
         if t:

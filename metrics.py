@@ -642,6 +642,7 @@ _CHUNK_CHARS = 1 << 20   # texts are processed in chunks of about this many char
 _MTLD_WIN = 64           # MTLD: positions examined per pass per round
 _MTLD_LONG = 4096        # MTLD: passes longer than this run the plain loop
 _TABLE_LIMIT = 1_000_000  # raw tokens kept between calls
+_MASK21 = (1 << 21) - 1
 
 
 class _Grow:
@@ -688,19 +689,22 @@ class _Tables:
         self.wid = {'"': 0, ".": 1, "!": 1, "?": 1}
         self.winfo = _Grow(np.int64)
         self.winfo.extend([0, 0, 0, 0, 0, 0])
+        self.wpack = _Grow(np.int64)    # the same packed: syl | male << 21 | female << 42
+        self.wpack.extend([0, 0])
         # VADER properties of each raw token
         self.n_vader_filled = 0
         self.vlow: list[str] = []
         self.vval = _Grow(np.float64)   # lexicon valence of a non-booster lexicon word, else 0
         self.vhit = _Grow(np.bool_)     # lexicon word that is not a booster
         self.vflag = _Grow(np.uint8)    # role bits 1|2|4|8, 16: ALL CAPS, 32: "but"
+        self.vmemo: dict = {}           # context of a hit -> valence (see _vader_batch)
 
     def fill_words(self):
         toks = self.raw.toks
         k = self.n_words_filled
         if k == len(toks):
             return
-        wid, winfo = self.wid, []
+        wid, winfo, wpack = self.wid, [], []
         flat, offs, lens = [], [], []
         base = self.items.n
         for tok in toks[k:]:
@@ -716,11 +720,13 @@ class _Tables:
                 if j is None:
                     j = wid[w] = len(wid) - 2  # '!' and '?' share the end id
                     winfo += [count_syllables(w), w in _MALE, w in _FEMALE]
+                    wpack.append(winfo[-3] | (winfo[-2] << 21) | (winfo[-1] << 42))
                 flat.append(j)
         self.items.extend(flat)
         self.ioff.extend(offs)
         self.ilen.extend(lens)
         self.winfo.extend(winfo)
+        self.wpack.extend(wpack)
         self.n_words_filled = len(toks)
 
     def fill_vader(self):
@@ -755,18 +761,22 @@ def _tables() -> _Tables:
     return _TAB
 
 
-_EMOJI_RE = None
+_EMOJI_CP = None
 
 
 def _has_emoji(text: str) -> bool:
     """Whether VADER would rewrite emoji in text (then its tokens differ from text.split())."""
-    global _EMOJI_RE
+    global _EMOJI_CP
     V = _V or _vader_state()
     if not V["emoji_ascii"] and text.isascii():
         return False
-    if _EMOJI_RE is None:
-        _EMOJI_RE = re.compile("[" + "".join(re.escape(c) for c in sorted(V["emoji_chars"])) + "]")
-    return _EMOJI_RE.search(text) is not None
+    if _EMOJI_CP is None:
+        _EMOJI_CP = np.array(sorted(ord(c) for c in V["emoji_chars"]), np.uint32)
+    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+    if not V["emoji_ascii"]:
+        cp = cp[cp > 127]
+    j = np.searchsorted(_EMOJI_CP, cp)
+    return bool((_EMOJI_CP[np.minimum(j, _EMOJI_CP.size - 1)] == cp).any())
 
 
 def _cumdiff(mask: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -857,21 +867,39 @@ def _vader_batch(texts, rids, t0, tab) -> list[float]:
     vals = tab.vval.a[rids[hp]]
     sp = np.flatnonzero(slow)
     if sp.size:
-        g_all = hp[sp]
-        tt = np.searchsorted(t0, g_all, "right") - 1
-        caps_all = (fl & 16) != 0
-        ccaps = np.zeros(caps_all.size + 1, np.int64)
-        np.cumsum(caps_all, out=ccaps[1:])
-        vlow = tab.vlow
-        t0l = t0.tolist()
-        cdl = ccaps.tolist()
-        new = []
-        for g, t in zip(g_all.tolist(), tt.tolist()):
-            s, e = t0l[t], t0l[t + 1]
-            a, b = max(s, g - 3), min(e, g + 3)
-            n_tok, n_up = e - s, cdl[e] - cdl[s]
-            new.append(_vader_valence([vlow[r] for r in rids[a:b].tolist()], caps_all[a:b].tolist(),
-                                      g - a, b - a, 0 < n_tok - n_up < n_tok, V))
+        # the rules read at most 3 tokens before and 2 after the hit, their caps
+        # and whether the text mixes caps: memoise the valence on exactly that
+        g = hp[sp]
+        tt = np.searchsorted(t0, g, "right") - 1
+        s_, e_ = t0[tt], t0[tt + 1]
+        caps = (fl & 16) != 0
+        ccaps = np.zeros(caps.size + 1, np.int64)
+        np.cumsum(caps, out=ccaps[1:])
+        n_tok, n_up = e_ - s_, ccaps[e_] - ccaps[s_]
+        cdiff = ((n_tok - n_up > 0) & (n_tok - n_up < n_tok)).tolist()
+        P = g[:, None] + np.arange(-3, 3)
+        inside = (P >= s_[:, None]) & (P < e_[:, None])
+        ctx = np.where(inside, rids[np.clip(P, 0, max(rids.size - 1, 0))] + 1, 0)
+        if rids.size and int(rids.max()) < (1 << 21) - 2:
+            k1 = (ctx[:, 0] << 42) | (ctx[:, 1] << 21) | ctx[:, 2]
+            k2 = (ctx[:, 3] << 42) | (ctx[:, 4] << 21) | ctx[:, 5]
+            keys = list(zip(k1.tolist(), k2.tolist(), cdiff))
+        else:
+            keys = [(*row, cd) for row, cd in zip(ctx.tolist(), cdiff)]
+        memo = tab.vmemo
+        if len(memo) > 1_000_000:
+            memo.clear()
+        new = list(map(memo.get, keys))
+        miss = [k for k, x in enumerate(new) if x is None]
+        if miss:
+            vlow = tab.vlow
+            t0l, gl = t0.tolist(), g.tolist()
+            for k in miss:
+                gk, t = gl[k], int(tt[k])
+                a, b = max(t0l[t], gk - 3), min(t0l[t + 1], gk + 3)
+                v = _vader_valence([vlow[r] for r in rids[a:b].tolist()], caps[a:b].tolist(),
+                                   gk - a, b - a, cdiff[k], V)
+                new[k] = memo[keys[k]] = v
         vals[sp] = new
     nz = vals != 0
     hp, vals = hp[nz], vals[nz]
@@ -1077,10 +1105,17 @@ def _chunk_metrics(texts: list[str], want: set, tab: _Tables) -> dict[str, np.nd
     wo = np.zeros(T + 1, np.int64)
     np.cumsum(n, out=wo[1:])
     if want & _NEED_INFO:
-        info = tab.winfo.a[:tab.winfo.n].reshape(-1, 3)[W]
-        ci = np.zeros((N + 1, 3), np.int64)
-        np.cumsum(info, axis=0, out=ci[1:])
-        tot = (ci[wo[1:]] - ci[wo[:-1]]).astype(np.float64)
+        # per-text totals of syllables, male and female words, packed in 21-bit
+        # fields (a text's totals stay below twice its number of characters)
+        nz = np.flatnonzero(n)
+        tot = np.zeros((T, 3), np.int64)
+        if nz.size:
+            if max(map(len, texts)) < (1 << 20):
+                r = np.add.reduceat(tab.wpack.a[W], wo[nz])
+                tot[nz, 0], tot[nz, 1], tot[nz, 2] = r & _MASK21, (r >> 21) & _MASK21, r >> 42
+            else:
+                tot[nz] = np.add.reduceat(tab.winfo.a[:tab.winfo.n].reshape(-1, 3)[W], wo[nz], axis=0)
+        tot = tot.astype(np.float64)
         syl, male, female = tot[:, 0], tot[:, 1], tot[:, 2]
         if want & {"flesch_reading_ease", "fk_grade"}:
             ok = has & (ns > 0)

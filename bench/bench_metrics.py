@@ -1,9 +1,12 @@
 """
 Throughput of metrics.py on one core.
 
-$ python bench/bench_metrics.py [--n_texts=3000] [--seed=0]
+$ python bench/bench_metrics.py [--n_texts=3000] [--seed=0] [--source=synthetic|storygen] [--repeat=3]
 
-Synthesises deterministic TinyStories-like texts (~200 words, with dialogue),
+Synthesises deterministic TinyStories-like texts (~200 words, with dialogue), or
+(--source=storygen) cuts the offline sample stories of storygen.py, joined by
+newlines as in a decoded window, into ~1,300-character pieces (about the text
+of one 257-token window),
 prints texts/s per text metric, the cost of all metrics together per text, and
 NGramScorer fit/score throughput in tokens/s for vocab 512 and 4096.
 Target: the tokenizer encodes ~12,000 stories/s/core; all text metrics together
@@ -65,6 +68,23 @@ def make_texts(n: int, seed: int = 0, target_words: int = 250) -> list[str]:
     return out
 
 
+def storygen_windows(n: int, seed: int = 0, chars: int = 1300) -> list[str]:
+    """n pieces of ~chars characters (cut anywhere, mid-word/mid-quote included)
+    of storygen's stories joined by newlines."""
+    from storygen import generate_stories
+    rng = np.random.default_rng(seed)
+    stories = generate_stories(max(50, int(n * chars / 700) + 10), seed=1337 + seed)
+    big = "\n".join(stories)
+    out, pos = [], 0
+    while len(out) < n:
+        L = int(rng.integers(chars - 100, chars + 100))
+        if pos + L > len(big):
+            pos = int(rng.integers(0, 500))
+        out.append(big[pos:pos + L])
+        pos += L
+    return out
+
+
 def rate(fn, n_items, repeat=3):
     best = float("inf")
     for _ in range(repeat):
@@ -78,24 +98,27 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n_texts", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--source", choices=["synthetic", "storygen"], default="synthetic")
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many runs (CPU time)")
+    ap.add_argument("--no_scorer", action="store_true", help="skip the NGramScorer part")
     a = ap.parse_args()
     try:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
     except (AttributeError, OSError):
         pass
-    texts = make_texts(a.n_texts, a.seed)
+    texts = make_texts(a.n_texts, a.seed) if a.source == "synthetic" else storygen_windows(a.n_texts, a.seed)
     print(f"{len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f} chars, "
           f"{np.mean([len(t.split()) for t in texts]):.0f} whitespace words")
     metrics.text_metrics(texts[:200])  # warm caches (as in a long pretokenize run)
 
     print(f"{'metric':22s} {'texts/s':>10s} {'us/text':>9s}")
     for name in metrics.text_metric_names():
-        r, _ = rate(lambda: metrics.text_metrics(texts, [name]), len(texts))
+        r, _ = rate(lambda: metrics.text_metrics(texts, [name]), len(texts), a.repeat)
         print(f"{name:22s} {r:10.0f} {1e6 / r:9.1f}")
-    r_all, _ = rate(lambda: metrics.text_metrics(texts), len(texts))
+    r_all, _ = rate(lambda: metrics.text_metrics(texts), len(texts), a.repeat)
     print(f"{'ALL (one call)':22s} {r_all:10.0f} {1e6 / r_all:9.1f}")
     no_v = [n for n in metrics.text_metric_names() if n != "sentiment"]
-    r_nov, _ = rate(lambda: metrics.text_metrics(texts, no_v), len(texts))
+    r_nov, _ = rate(lambda: metrics.text_metrics(texts, no_v), len(texts), a.repeat)
     print(f"{'ALL but sentiment':22s} {r_nov:10.0f} {1e6 / r_nov:9.1f}")
 
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -108,6 +131,8 @@ def main():
           f"<= 2x => >= ~5000 texts/s.  all metrics: {1e6 / r_all:.0f} us/text = "
           f"{(1e6 / r_all) / tok_cost:.2f}x tokenizer -> {'OK' if r_all >= 5000 else 'BELOW TARGET'}")
 
+    if a.no_scorer:
+        return
     rng = np.random.default_rng(a.seed)
     for V in (512, 4096):
         fit_tok = rng.integers(0, V, 5_000_000, dtype=np.int64).astype(np.uint16)

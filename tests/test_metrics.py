@@ -363,3 +363,93 @@ def test_scorer_save_load(tmp_path):
             M.NGramScorer.load(tmp_path / name)
         msg = str(e.value)
         assert name in msg and "python tinystories.py pretokenize" in msg and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- batched engine
+
+def _equivalence_corpus():
+    """Varied texts: story-like windows cut anywhere (mid-word, mid-quote), with
+    curly quotes, caps, accents, emoji, CJK, odd apostrophes and VADER modifiers
+    sprinkled in, plus the edge cases of the tests above."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import bench_metrics
+    rng = random.Random(11)
+    stories = bench_metrics.make_texts(40, seed=5, target_words=120)
+    big = "\n".join(stories)
+    texts = []
+    for _ in range(120):
+        a = rng.randrange(len(big) - 400)
+        texts.append(big[a:a + rng.randint(1, 1400)])
+    subs = [('"', "\u201c"), ('"', "\u201d"), ("'", "\u2019"), ("a", "\u00e0"), ("e", "\u00e9"),
+            (" ", " \U0001F600 "), (" ", " \u2764\ufe0f "), ("the", "THE"), ("happy", "HAPPY"),
+            (".", "..."), (" ", " _"), ("s ", "s' "), (" ", " 'tis "), ("!", "!!!"), ("?", "??"),
+            (" ", " 42 "), (" ", "\u65e5\u672c "), ("i", "\u0130"), ("ss", "\u00df"), (" ", " :) "),
+            (" not ", " n't "), (" ", " no "), (" ", " but "), (" ", "\t"), (",", " kind of "),
+            ("'", "''"), (" ", " \u2019 "), (" ", "\u00a0"), (" ", "\u2003"), ("o", "\u03a3"),
+            (" ", " very "), (" ", " not "), (" ", " never so "), (" ", " least "), ("d", "\u0663")]
+    for t in texts[:80]:
+        for _ in range(rng.randint(1, 4)):
+            a, b = rng.choice(subs)
+            idx = [i for i in range(len(t)) if t.startswith(a, i)]
+            for i in sorted(rng.sample(idx, min(len(idx), rng.randint(1, 6))), reverse=True):
+                t = t[:i] + b + t[i + len(a):]
+        texts.append(t)
+    texts += _vader_cases()[::4]
+    texts += ["", "Hello", "Caf\u00e9 \U0001F600 na\u00efve. \u65e5\u672c\u8a9e\u3067\u3059", "\U0001F600\U0001F600",
+              "\u00bfQu\u00e9? \u00a1S\u00ed!", "She said \u201cI can\u2019t go\u201d and cried.", "Wait... what?! Yes",
+              "Hi. . . there", "...", "   \n ", "a a", "a b a c", "'", "''", "_", "a_b", "x'", "'x", "a''b",
+              "\u0130stanbul", "\u00c9COLE \u00e9cole", "\u201c\u201d", '"', '""a"', "A.B.C", "\u039f\u0394\u039f\u03a3 \u03a3\u0391\u03a3.",
+              "The cat sat on the mat. " * 300, "a\x00b c", "x \x00 y", "\x1c split\x1fhere\x85now\u2028ok",
+              "His mom and her dad met the King and Mrs. Smith.", 'Tom said "run now', '"Yes," said Mom. "Come here."',
+              "I am NOT happy :( but VERY glad!!", "It was kind of good. No, no love lost?? Really???"]
+    return texts
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, dtype=np.float64).tobytes()
+
+
+def test_batched_engine_equals_reference(monkeypatch):
+    texts = _equivalence_corpus()
+    ref = M._text_metrics_ref(texts)
+    # several chunks, the plain MTLD loop for long passes, small MTLD windows
+    for chunk, long_, win in [(1 << 20, 4096, 64), (3000, 50, 7), (1, 4096, 1)]:
+        monkeypatch.setattr(M, "_CHUNK_CHARS", chunk)
+        monkeypatch.setattr(M, "_MTLD_LONG", long_)
+        monkeypatch.setattr(M, "_MTLD_WIN", win)
+        got = M.text_metrics(texts)
+        for k in M.text_metric_names():
+            assert _bits(got[k]) == _bits(ref[k]), (k, chunk, long_, win)
+    monkeypatch.undo()
+    got = M.text_metrics(texts)
+    # each metric alone, each text alone, and a shuffled subset give the same values
+    for k in M.text_metric_names():
+        assert _bits(M.text_metrics(texts, [k])[k]) == _bits(got[k]), k
+    for i in range(0, len(texts), 7):
+        one_ = M.text_metrics([texts[i]])
+        for k in M.text_metric_names():
+            assert _bits(one_[k]) == _bits(got[k][i:i + 1]), (k, i)
+    order = list(range(len(texts)))
+    random.Random(3).shuffle(order)
+    sub = M.text_metrics([texts[i] for i in order[:150]])
+    for k in M.text_metric_names():
+        assert _bits(sub[k]) == _bits(got[k][order[:150]]), k
+
+
+def test_batched_engine_fresh_tables_and_gender_change():
+    texts = _equivalence_corpus()[:60]
+    a = M.text_metrics(texts)
+    M._TAB = None  # cold tables give the same values
+    b = M.text_metrics(texts)
+    for k in a:
+        assert _bits(a[k]) == _bits(b[k]), k
+    try:
+        M.set_gender_words(["cat", "dog"], ["bird"])
+        g = M.text_metrics(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
+        r = M._text_metrics_ref(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
+        for k in g:
+            assert _bits(g[k]) == _bits(r[k]), k
+    finally:
+        M.set_gender_words()
+    c = M.text_metrics(texts, ["gender_male"])
+    assert _bits(c["gender_male"]) == _bits(a["gender_male"])
