@@ -257,3 +257,11 @@ def test_batchdata_detects_changed_shard(tiny_raw):
         f.write(b"\0\0")
     with pytest.raises(UserError, match="has changed since indexing"):
         tinystories.BatchData(root, 512, 4)
+
+
+def test_bundled_tokenizer_is_reproducible(tmp_path):
+    """tokenizer.model is what `sample` + `train_vocab --vocab_size=512` make (README)."""
+    from conftest import ROOT
+    tinystories.sample(tmp_path)
+    p = tinystories.train_vocab(512, tmp_path)
+    assert Tokenizer(p).pieces() == Tokenizer(ROOT / "tokenizer.model").pieces()
