@@ -415,7 +415,9 @@ def show_batches(cfg: TrainConfig, step: int):
 
 
 def load_run_config(argv) -> TrainConfig:
-    """Defaults < the run's saved config.json (on resume / show_batches) < argv."""
+    """Defaults < the run's saved config.json (on resume / show_batches) < argv.
+    A resume continues to the saved max_iters unless --max_iters says otherwise (the
+    cosine schedule then follows the new max_iters from the resumed step on)."""
     cfg = parse_config(TrainConfig(), argv, CHOICES)
     saved = Path(cfg.out_dir) / "config.json"
     if (cfg.init_from == "resume" or cfg.show_batches >= 0) and saved.exists():
@@ -423,7 +425,7 @@ def load_run_config(argv) -> TrainConfig:
         for k, v in json.loads(saved.read_text()).items():
             if hasattr(base, k):
                 setattr(base, k, v)
-        for k in ("init_from", "show_batches", "max_iters"):
+        for k in ("init_from", "show_batches"):
             setattr(base, k, TrainConfig.__dataclass_fields__[k].default)
         cfg = parse_config(base, argv, CHOICES)
     return cfg
