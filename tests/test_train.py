@@ -73,6 +73,10 @@ def test_resume_after_kill_is_exact(tiny_data, tmp_path, monkeypatch):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert (straight.out_dir / "model.bin").read_bytes() == (broken.out_dir / "model.bin").read_bytes()
+    # a plain resume of a finished run keeps its saved max_iters: nothing more to train
+    before = checkpoint.list_checkpoints(broken.out_dir)
+    trainer = train.main([f"--out_dir={broken.out_dir}", "--init_from=resume"])
+    assert trainer.iter_num == 10 and checkpoint.list_checkpoints(broken.out_dir) == before
 
 
 def test_kill_during_checkpoint_save_keeps_previous(tiny_data, tmp_path, monkeypatch):
