@@ -69,6 +69,7 @@ bench: run
 	$(PYTHON) bench/bench_runc.py
 	$(PYTHON) bench/bench_spine.py
 	$(PYTHON) bench/bench_metrics.py
+	$(PYTHON) bench/bench_pretokenize.py
 	$(PYTHON) bench/bench_train.py
 	$(PYTHON) bench/bench_eval.py
 
