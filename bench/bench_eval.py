@@ -63,11 +63,11 @@ def time_eval(out: Path, device: str) -> tuple[float, int]:
 def speedup(out: Path, n_prompts: int, k_nocache: int, device: str, max_new: int = 200):
     import eval as ev
     from checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
-    from tokenizer import Tokenizer, tokenizer_model_path
+    from tokenizer import Tokenizer
     model = model_from_checkpoint(load_checkpoint(list_checkpoints(out)[0][1]), device)
     cfg = ev.EvalConfig(out_dir=str(out), n_prompts=n_prompts - 1, max_new_tokens=max_new)
-    run = ev.run_config(cfg, list_checkpoints(out))
-    prompts = [p.tokens for p in ev.build_prompts(cfg, run, Tokenizer(tokenizer_model_path(512, run["data_dir"])))]
+    run = ev.eval_run_config(cfg)
+    prompts = [p.tokens for p in ev.build_prompts(cfg, run, Tokenizer.for_vocab(512, run["data_dir"]))]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     model.generate(prompts[:2], 4)  # warm up kernels
     sync()
