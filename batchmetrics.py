@@ -126,28 +126,35 @@ def fit_reference_scorer(data_dir, vocab_size, val_tokens: np.ndarray, key: str)
 # per-shard scoring (a process per shard; each writes its own cached CSV)
 
 def _score_shard(job):
-    import pandas as pd
+    """Score one shard's batches: a float64 matrix (batch, [ref_nll, ref_ppl, *names])
+    saved as .npy (binary: the CSV is formatted once, at the end)."""
     from tinystories import BatchData
     from tokenizer import Tokenizer
-    data_dir, vocab_size, max_seq_len, shard, names, ref_model, out_csv = job
+    data_dir, vocab_size, max_seq_len, shard, names, ref_model, out_npy = job
     data = BatchData(data_dir, vocab_size, max_seq_len)
     enc = Tokenizer.for_vocab(vocab_size, data_dir)
     ids = np.flatnonzero(data.index["shard"] == shard)
     wins = [data.window(int(i)) for i in ids]
-    texts = window_texts(wins, enc)
+    nll = reference_scorer(data_dir, vocab_size, ref_model).nll_many(wins)
+    cols = [nll, np.exp(nll), *metrics.text_metrics(window_texts(wins, enc), names).values()]
+    with atomic_path(out_npy) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.stack(cols, axis=1).astype(np.float64), allow_pickle=False)
+    return shard
+
+
+def _shard_frame(data, shard: int, values: np.ndarray, names: list[str]):
+    """The batch_metrics.csv rows of one shard: ids from the batch index, then values."""
+    import pandas as pd
+    ids = np.flatnonzero(data.index["shard"] == shard)
     rows = data.index[ids]
     df = pd.DataFrame({
         "batch_id": ids, "shard": rows["shard"], "offset": rows["offset"],
         "story_first": rows["story_first"], "story_last": rows["story_last"],
         "n_stories": rows["story_last"] - rows["story_first"] + 1,
-        "n_tokens": max_seq_len + 1, "split": np.where(shard == 0, "val", "train")})
-    nll = reference_scorer(data_dir, vocab_size, ref_model).nll_many(wins)
-    df["ref_nll"], df["ref_ppl"] = nll, np.exp(nll)
-    for name, col in metrics.text_metrics(texts, names).items():
-        df[name] = col
-    with atomic_path(out_csv) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-    return shard
+        "n_tokens": data.max_seq_len + 1, "split": "val" if shard == 0 else "train"})
+    for j, c in enumerate(REF_COLUMNS + names):
+        df[c] = values[:, j]
+    return df
 
 
 def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metric_spec="all",
@@ -169,16 +176,16 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
     else:
         scorer_fp = fit_reference_scorer(data_dir, vocab_size, np.asarray(data.tokens[0]),
                                          shard_keys[0]).fingerprint()
-    # 2) per shard, reusing the cached CSV when nothing it depends on changed
+    # 2) per shard, reusing the cached scores when nothing they depend on changed
     cache = index_dir(data_dir, vocab_size, max_seq_len) / "metrics"
     cache.mkdir(parents=True, exist_ok=True)
     want = {"metrics": names, "versions": metrics.metric_versions(names), "scorer": scorer_fp,
             "metrics_version": metrics.METRICS_VERSION}
     jobs = []
     for s, key in enumerate(shard_keys):
-        csv, stamp = cache / f"shard{s:02d}.csv", cache / f"shard{s:02d}.json"
-        if not (csv.exists() and stamp.exists() and json.loads(stamp.read_text()) == {**want, "key": key}):
-            jobs.append((data_dir, vocab_size, max_seq_len, s, names, ref_model, csv))
+        npy, stamp = cache / f"shard{s:02d}.npy", cache / f"shard{s:02d}.json"
+        if not (npy.exists() and stamp.exists() and json.loads(stamp.read_text()) == {**want, "key": key}):
+            jobs.append((data_dir, vocab_size, max_seq_len, s, names, ref_model, npy))
     with ProcessPoolExecutor(min(workers or os.cpu_count(), max(1, len(jobs)))) as pool:
         for s in tqdm(pool.map(_score_shard, jobs), total=len(jobs), desc="batch metrics", disable=not jobs):
             write_json_atomic(cache / f"shard{s:02d}.json", {**want, "key": shard_keys[s]})
@@ -187,7 +194,7 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
     summaries = []
     with atomic_path(tables_dir / "batch_metrics.csv") as tmp, open(tmp, "w") as out:
         for s in range(len(shard_keys)):
-            df = pd.read_csv(cache / f"shard{s:02d}.csv")[cols]
+            df = _shard_frame(data, s, np.load(cache / f"shard{s:02d}.npy"), names)
             df.to_csv(out, index=False, header=s == 0, float_format="%.6g")
             summ = {"shard": s, "split": "val" if s == 0 else "train", "n_batches": len(df),
                     "n_tokens": int(data.meta["shards"][s]["n_tokens"]),

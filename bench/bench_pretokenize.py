@@ -55,7 +55,7 @@ def main():
         shards = tinystories.raw_shards(root)
         names = metrics.resolve_metrics("all")
         tok_jobs = [(s, root / "tmp.bin", model) for s in shards]
-        met_jobs = [(root, 512, 256, i, names, "", root / "tmp.csv") for i in range(len(shards))]
+        met_jobs = [(root, 512, 256, i, names, "", root / "tmp.npy") for i in range(len(shards))]
         tinystories._tokenize_shard(tok_jobs[0]), batchmetrics._score_shard(met_jobs[0])
         t_tok = min(timed(lambda: [tinystories._tokenize_shard(j) for j in tok_jobs]) for _ in range(3))
         t_met = min(timed(lambda: [batchmetrics._score_shard(j) for j in met_jobs]) for _ in range(3))

@@ -71,9 +71,10 @@ def test_rerun_reuses_and_subset_recomputes(tiny_data, tmp_path):
     tables = tmp_path / "t"
     tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables)
     cache = tinystories.index_dir(root, 512, 64) / "metrics"
-    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.csv")}
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
+    assert len(stamps) == 4
     tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables)
-    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.csv")} == stamps  # nothing recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == stamps  # nothing recomputed
     tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables, metrics="sentiment,n_words")
     df = pd.read_csv(tables / "batch_metrics.csv")
     assert list(df.columns) == batchmetrics.ID_COLUMNS + batchmetrics.REF_COLUMNS + ["n_words", "sentiment"]
