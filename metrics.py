@@ -407,16 +407,8 @@ def vader_compound(text: str) -> float:
     booster = V["booster"]
     lows = list(map(V["lower"].__getitem__, toks))
     strip = V["strip"]
-    negate = V["negate"]
     role = V["role"]
-    cap_diff = None  # computed lazily: only matters for an ALL-CAPS token
-
-    def is_cap_diff():
-        nonlocal cap_diff
-        if cap_diff is None:
-            n_up = sum(1 for t in toks if strip[t].isupper())
-            cap_diff = 0 < n - n_up < n
-        return cap_diff
+    caps = cap_diff = None  # computed lazily, for the first word with context
 
     sparse = []  # (position, valence) of non-zero valences, in order
     for i in compress(range(n), map(lex.__contains__, lows)):
@@ -431,58 +423,11 @@ def vader_compound(text: str) -> float:
             if valence != 0:
                 sparse.append([i, valence])
             continue
-        if lw == "kind" and i < n - 1 and lows[i + 1] == "of":
-            continue
-        valence = lex[lw]
-        if lw == "no" and i != n - 1 and lows[i + 1] in lex:
-            valence = 0.0
-        if ((i > 0 and lows[i - 1] == "no") or (i > 1 and lows[i - 2] == "no")
-                or (i > 2 and lows[i - 3] == "no" and lows[i - 1] in ("or", "nor"))):
-            valence = lex[lw] * -0.74
-        if strip[toks[i]].isupper() and is_cap_diff():
-            valence = valence + 0.733 if valence > 0 else valence - 0.733
-        for start_i in range(3):
-            j = i - (start_i + 1)
-            if i > start_i and lows[j] not in lex:
-                pw = lows[j]
-                s = 0.0
-                if pw in booster:
-                    s = booster[pw]
-                    if valence < 0:
-                        s *= -1
-                    if strip[toks[j]].isupper() and is_cap_diff():
-                        s = s + 0.733 if valence > 0 else s - 0.733
-                if start_i == 1 and s != 0:
-                    s = s * 0.95
-                if start_i == 2 and s != 0:
-                    s = s * 0.9
-                valence = valence + s
-                # negation check
-                if start_i == 0:
-                    if _vader_negated(lows[i - 1], negate):
-                        valence = valence * -0.74
-                elif start_i == 1:
-                    if lows[i - 2] == "never" and (lows[i - 1] == "so" or lows[i - 1] == "this"):
-                        valence = valence * 1.25
-                    elif lows[i - 2] == "without" and lows[i - 1] == "doubt":
-                        pass
-                    elif _vader_negated(lows[i - 2], negate):
-                        valence = valence * -0.74
-                else:
-                    if (lows[i - 3] == "never" and (lows[i - 2] == "so" or lows[i - 2] == "this")
-                            or (lows[i - 1] == "so" or lows[i - 1] == "this")):
-                        valence = valence * 1.25
-                    elif lows[i - 3] == "without" and (lows[i - 2] == "doubt" or lows[i - 1] == "doubt"):
-                        pass
-                    elif _vader_negated(lows[i - 3], negate):
-                        valence = valence * -0.74
-                    valence = _vader_idioms(valence, lows, i, V)
-        # "least" check
-        if i > 1 and lows[i - 1] not in lex and lows[i - 1] == "least":
-            if lows[i - 2] != "at" and lows[i - 2] != "very":
-                valence = valence * -0.74
-        elif i > 0 and lows[i - 1] not in lex and lows[i - 1] == "least":
-            valence = valence * -0.74
+        if caps is None:  # only needed once a word has context: VADER's ALL-CAPS rule
+            caps = [strip[t].isupper() for t in toks]
+            n_up = sum(caps)
+            cap_diff = 0 < n - n_up < n
+        valence = _vader_valence(lows, caps, i, n, cap_diff, V)
         if valence != 0:
             sparse.append([i, valence])
     if not sparse:
