@@ -431,24 +431,26 @@ def vader_compound(text: str) -> float:
         if valence != 0:
             sparse.append([i, valence])
     if not sparse:
-        sum_s = 0.0
-    else:
-        if "but" in lows:
-            # the library's quirky in-place loop (list.index finds the first equal
-            # value); zeros cannot change, so running it on non-zeros is exact
-            bi = lows.index("but")
-            vals = [v for _, v in sparse]
-            pos = [p for p, _ in sparse]
-            for k in range(len(vals)):
-                v = vals[k]
-                si = vals.index(v)
-                if pos[si] < bi:
-                    vals[si] = v * 0.5
-                elif pos[si] > bi:
-                    vals[si] = v * 1.5
-            sum_s = float(sum(vals))
-        else:
-            sum_s = float(sum(v for _, v in sparse))
+        return 0.0
+    bi = lows.index("but") if "but" in lows else -1
+    return _vader_compound_of([v for _, v in sparse], [p for p, _ in sparse], bi, text)
+
+
+def _vader_compound_of(vals: list, pos: list, bi: int, text: str) -> float:
+    """VADER's last steps: the 'but' rule (bi = index of the first 'but', -1 if none),
+    punctuation emphasis and normalisation, from the non-zero valences `vals` at
+    token positions `pos` (in order). vals is modified."""
+    if bi >= 0:
+        # the library's quirky in-place loop (list.index finds the first equal
+        # value); zeros cannot change, so running it on non-zeros is exact
+        for k in range(len(vals)):
+            v = vals[k]
+            si = vals.index(v)
+            if pos[si] < bi:
+                vals[si] = v * 0.5
+            elif pos[si] > bi:
+                vals[si] = v * 1.5
+    sum_s = float(sum(vals))
     if sum_s != 0:
         ep = text.count("!")
         amp = min(ep, 4) * 0.292
@@ -859,34 +861,11 @@ def _vader_batch(texts, rids, t0, tab) -> list[float]:
     else:
         first_but = [-1] * T
     hv, hpl = vals.tolist(), hp.tolist()
-    sqrt = math.sqrt
     for t in range(T):
         a, b = k[t], k[t + 1]
         if a == b:
             continue
-        v = hv[a:b]
-        bi = first_but[t]
-        if bi >= 0:
-            pos = hpl[a:b]
-            for kk in range(len(v)):
-                x = v[kk]
-                si = v.index(x)
-                if pos[si] < bi:
-                    v[si] = x * 0.5
-                elif pos[si] > bi:
-                    v[si] = x * 1.5
-        sum_s = float(sum(v))
-        if sum_s != 0:
-            text = texts[t]
-            ep = text.count("!")
-            amp = min(ep, 4) * 0.292
-            qm = text.count("?")
-            if qm > 1:
-                amp += qm * 0.18 if qm <= 3 else 0.96
-            sum_s = sum_s + amp if sum_s > 0 else sum_s - amp
-        comp = sum_s / sqrt(sum_s * sum_s + 15)
-        comp = -1.0 if comp < -1.0 else (1.0 if comp > 1.0 else comp)
-        out[t] = round(comp, 4)
+        out[t] = _vader_compound_of(hv[a:b], hpl[a:b], first_but[t], texts[t])
     return out
 
 
