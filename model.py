@@ -259,12 +259,12 @@ class Transformer(nn.Module):
         while pos < total:
             nxt = sample_logits(logits, temperature, top_k, top_p, rngs)
             nxt = torch.where(pos < plen, seqs[:, pos], nxt)  # still inside a prompt: teacher-force
-            for i in range(B):
+            for i, t in enumerate(nxt.tolist()):  # one device->host copy per step
                 if pos >= lens[i] and not done[i]:
-                    if stop_at_bos and int(nxt[i]) == BOS_ID:
+                    if stop_at_bos and t == BOS_ID:
                         done[i] = True
                     else:
-                        new[i].append(int(nxt[i]))
+                        new[i].append(t)
                         done[i] = len(new[i]) >= max_new_tokens
             if all(done) or pos + 1 >= total:
                 break
