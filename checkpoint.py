@@ -69,12 +69,12 @@ def run_config(out_dir) -> dict:
             return json.loads(p.read_text())
         except ValueError:
             raise UserError(f"{p} is not valid JSON: delete it (the checkpoints hold a copy)") from None
-    return dict(load_checkpoint(latest_checkpoint(out_dir), mmap=True)["config"])
+    return dict(load_checkpoint(latest_checkpoint(out_dir))["config"])
 
 
-def load_checkpoint(path, map_location="cpu", mmap=False) -> dict:
-    """mmap=True maps the tensors instead of reading them: cheap when only small
-    fields (batch_ids, losses) are needed."""
+def load_checkpoint(path, map_location="cpu", mmap=True) -> dict:
+    """The checkpoint's dict. Tensors are memory-mapped, so reading only the small
+    fields (batch_ids, losses, config) or one weight does not read the whole file."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -96,11 +96,10 @@ def model_from_checkpoint(ckpt: dict, device="cpu"):
 
 
 def batch_ids_by_checkpoint(out_dir) -> dict[int, torch.Tensor]:
-    """{iter: ids (steps, batches_per_step) trained on since the previous checkpoint}.
-    The files are memory-mapped, so the weights and optimizer state are not read."""
+    """{iter: ids (steps, batches_per_step) trained on since the previous checkpoint}."""
     out = {}
     for it, p in list_checkpoints(out_dir):
-        out[it] = load_checkpoint(p, mmap=True)["batch_ids"].clone()
+        out[it] = load_checkpoint(p)["batch_ids"].clone()
     return out
 
 
