@@ -73,13 +73,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 import batchmetrics
 import metrics
 from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from common import (UserError, auto_device, main_guard, parse_config, write_csv_atomic,
                     write_json_atomic)
+from train import mean_loss
 
 # -----------------------------------------------------------------------------
 # config
@@ -171,18 +171,6 @@ def ckpt_stamp(path: Path) -> str:
 
 # -----------------------------------------------------------------------------
 # one checkpoint
-
-@torch.no_grad()
-def val_loss(model, data, ids: np.ndarray, batch_size: int, device: str) -> float:
-    """Mean cross-entropy per token over the batches `ids` (all have max_seq_len targets)."""
-    total = 0.0
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        x, y = data.get(chunk)
-        _, loss = model(x.to(device), y.to(device))
-        total += float(loss) * len(chunk)
-    return total / len(ids)
-
 
 def generate(model, prompts: list[Prompt], cfg: EvalConfig) -> dict[str, list[list[int]]]:
     """{decoding: new tokens per prompt}, one batched KV-cached call per decoding."""
@@ -351,7 +339,7 @@ def evaluate(cfg: EvalConfig):
         if stamps.get(str(it)) == ckpt_stamp(path):
             continue
         model = model_from_checkpoint(ck, device)
-        vl = val_loss(model, data, val_ids, cfg.batch_size, device)
+        vl = mean_loss(model, data, val_ids, cfg.batch_size, device)
         out = score_outputs(it, prompts, generate(model, prompts, cfg), enc, scorer)
         row = {"iter": it, "tokens_seen": means.n_cum * T, "n_batches_seen": means.n_cum,
                "val_loss": vl, "val_ppl": math.exp(vl), "train_loss": float(ck["train_loss"]),

@@ -17,6 +17,7 @@ the same ids at any world size. Checkpoints are kept at steps 0, 1, 2, 4, 8, ...
 then every eval_interval (checkpoint.py describes their contents).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -149,6 +150,24 @@ def build_schedule(cfg: TrainConfig, data: BatchData) -> Schedule:
         raise UserError(str(e)) from None
 
 
+@torch.no_grad()
+def mean_loss(model, data: BatchData, ids: np.ndarray, batch_size: int, device: str,
+              ctx=contextlib.nullcontext()) -> float:
+    """Mean next-token cross-entropy (nats/token) of model over the batches `ids`,
+    batch_size at a time. Used for train.py's checkpoint losses and eval.py's."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        x, y = data.get(chunk)
+        with ctx:
+            _, loss = model(x.to(device), y.to(device))
+        total += float(loss) * len(chunk)
+    model.train(was_training)
+    return total / len(ids)
+
+
 def peak_flops(device: str, dtype: str) -> float:
     """bf16 dense peak of known GPUs; on CPU, a measured matmul rate in the run's dtype."""
     if device.startswith("cuda"):
@@ -254,17 +273,8 @@ class Trainer:
         with open(Path(self.cfg.out_dir) / "train.log", "a") as f:
             f.write(line + "\n")
 
-    @torch.no_grad()
     def estimate_loss(self, ids: np.ndarray) -> float:
-        self.raw_model.eval()
-        losses = []
-        for chunk in np.array_split(ids, max(1, len(ids) // self.cfg.batch_size)):
-            x, y = self.data.get(chunk)
-            with self.ctx:
-                _, loss = self.raw_model(x.to(self.device), y.to(self.device))
-            losses.append(float(loss) * len(chunk))
-        self.raw_model.train()
-        return sum(losses) / len(ids)
+        return mean_loss(self.raw_model, self.data, ids, self.cfg.batch_size, self.device, self.ctx)
 
     def checkpoint(self):
         cfg = self.cfg
