@@ -16,6 +16,7 @@ to its shard, offset and the stories it overlaps.
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -205,14 +206,7 @@ def _tokenize_shard(args):
     from tokenizer import BOS_ID, Tokenizer
     enc = Tokenizer(model_path)
     ids = enc.encode_batch(load_stories(shard))
-    lens = np.fromiter((len(t) + 1 for t in ids), dtype=np.int64, count=len(ids))
-    arr = np.empty(int(lens.sum()), dtype=np.uint16)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    arr[starts] = BOS_ID
-    flat = np.fromiter((t for story in ids for t in story), dtype=np.uint16, count=int(lens.sum()) - len(ids))
-    mask = np.ones(len(arr), dtype=bool)
-    mask[starts] = False
-    arr[mask] = flat
+    arr = np.fromiter(itertools.chain.from_iterable([BOS_ID, *t] for t in ids), dtype=np.uint16)
     with atomic_path(out_path) as tmp:
         arr.tofile(tmp)
     return len(arr), len(ids)
