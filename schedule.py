@@ -38,10 +38,8 @@ class Schedule:
             metric = np.asarray(metric, dtype=np.float64)
             self.desc += f", metric={metric_name}"
         if strategy == "sorted":
-            key = np.where(np.isnan(metric), np.inf, metric)  # NaNs last in either order
-            idx = np.argsort(key if order == "asc" else -np.where(np.isnan(metric), -np.inf, metric),
-                             kind="stable")
-            ids = ids[idx]
+            key = np.where(np.isnan(metric), np.inf, metric if order == "asc" else -metric)  # NaNs last
+            ids = ids[np.argsort(key, kind="stable")]
             self.desc += f", order={order}"
         elif strategy == "filter":
             ids = ids[(metric >= lo) & (metric <= hi)]
