@@ -194,16 +194,14 @@ class Trainer:
         self.cfg = cfg
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         self.rank, self.world = 0, 1
+        self.device = auto_device(cfg.device)
         if self.ddp:
             import torch.distributed as dist
-            self.device = auto_device(cfg.device)
             dist.init_process_group(backend="nccl" if self.device == "cuda" else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             if self.device == "cuda":
                 self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
                 torch.cuda.set_device(self.device)
-        else:
-            self.device = auto_device(cfg.device)
         self.master = self.rank == 0
         if cfg.gradient_accumulation_steps % self.world:
             raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
