@@ -384,9 +384,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ddp:
             import torch.distributed as dist
-            dist.all_reduce(total, op=dist.ReduceOp.AVG if self.device.startswith("cuda") else dist.ReduceOp.SUM)
-            if not self.device.startswith("cuda"):
-                total /= self.world
+            dist.all_reduce(total)  # SUM: gloo has no AVG, so one path for both backends
+            total /= self.world
         return float(total)
 
 
