@@ -153,6 +153,17 @@ def save_figure(fig, path, dpi: int = 110):
         fig.savefig(tmp, format="png", dpi=dpi)
 
 
+def step_axis(ax, max_step: int, label: bool = True, fontsize=None):
+    """Training steps on a symlog x axis (linear in [0, 1], logarithmic above), so that
+    step 0 and the log-spaced checkpoints 0, 1, 2, 4, ... are all visible and spread."""
+    from matplotlib.ticker import FuncFormatter
+    ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlim(-0.2, max(max_step, 1) * 1.3)
+    if label:
+        ax.set_xlabel("training step (optimizer steps,\nsymlog: linear in [0, 1])", fontsize=fontsize)
+
+
 def write_csv_atomic(df, path):
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)

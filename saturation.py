@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, save_figure
+from common import UserError, save_figure, step_axis
 
 TOL = 0.05
 NOISY = 3.0  # range / |change| above this: the score mostly shows noise (flagged on plots)
@@ -178,7 +178,6 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
-    from matplotlib.ticker import FuncFormatter
 
     labels = labels or {}
     runs = list(curves)
@@ -216,9 +215,7 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
             if np.isfinite(s):
                 ax.axvline(s, color=color[r], ls="--", lw=1.0)
         ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlim(-0.2, max_step * 1.3)
+        step_axis(ax, max_step, label=False)
         ax.grid(True, alpha=0.3, which="major")
         head = labels.get(m, m)
         rows = sat[sat["metric"] == m] if sat is not None else []
@@ -232,7 +229,7 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
         if k % ncols == 0:
             ax.set_ylabel("normalised score\n(0 = first, 1 = final)", fontsize=8)
         if k // ncols == nrows - 1 or k + ncols >= n:
-            ax.set_xlabel("training step (optimizer steps,\nsymlog: linear in [0, 1])", fontsize=8)
+            step_axis(ax, max_step, fontsize=8)
             ax.tick_params(axis="x", labelbottom=True)
         ax.tick_params(labelsize=7)
     for k in range(n, nrows * ncols):

@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
-from common import (UserError, main_guard, parse_config, save_figure, write_csv_atomic,
+from common import (UserError, main_guard, parse_config, save_figure, step_axis, write_csv_atomic,
                     write_json_atomic)
 from tokenizer import Tokenizer
 
@@ -98,14 +98,6 @@ class DoneRecord:
         keep = {str(i) for i in iters}
         self.done = {k: v for k, v in self.done.items() if k in keep}
         write_json_atomic(self.path, {"settings": self.settings, "done": self.done})
-
-
-def step_axis(ax, iters):
-    """Training steps on a symlog x axis (linear in [0, 1], log above) so that the
-    log-spaced checkpoints 0, 1, 2, 4, ... are evenly spread and step 0 is shown."""
-    ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
-    ax.set_xlim(0, max(iters) * 1.15 if max(iters) > 0 else 1)
-    ax.set_xlabel("training step (symlog)")
 
 
 
@@ -251,14 +243,12 @@ def draw_over_training(df: pd.DataFrame, title: str, probe_desc: str, path: Path
                 ax.set_ylim(0, top * 1.08)
             if col.endswith("share"):
                 ax.set_ylim(0, max(0.3, float(df[col].max()) * 1.1))
-            step_axis(ax, iters)
+            step_axis(ax, max(iters), label=r == R - 1)
             ax.grid(alpha=0.3)
             if r == 0:
                 ax.set_title(f"layer {l}", fontsize=10)
             if l == 0:
                 ax.set_ylabel(ylabel, fontsize=9)
-            if r < R - 1:
-                ax.set_xlabel("")
     handles, labels = axs[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1 - (right - 0.15) / W, 0.5),
                fontsize=8)
