@@ -21,49 +21,21 @@ from pathlib import Path
 import numpy as np
 
 import metrics
-from common import ROOT, UserError, atomic_path, write_json_atomic
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import UserError, atomic_path, write_json_atomic
+from data import BOS_ID, TABLES_DIR, BatchData, index_dir, sha256_file, tok_dir, window_texts
+from export import load_v0
+from tokenizer import Tokenizer
 
-TABLES_DIR = ROOT / "out" / "tables"
 ID_COLUMNS = ["batch_id", "shard", "offset", "story_first", "story_last", "n_stories", "n_tokens", "split"]
 REF_COLUMNS = ["ref_nll", "ref_ppl"]
 NGRAM_ORDER = 3
-
-
-def window_texts(windows: list[np.ndarray], enc) -> list[str]:
-    """Text of each token window as the model sees it: the stories in it cut at BOS,
-    one per line. One batched decode call for all pieces (sentencepiece's C++ loop)."""
-    from tokenizer import BOS_ID
-    pieces, owner = [], []
-    for i, w in enumerate(windows):
-        toks = w.tolist() if isinstance(w, np.ndarray) else list(w)
-        start = 0
-        while True:  # cut at each BOS (plain list ops: cheaper than numpy on 257 tokens)
-            try:
-                end = toks.index(BOS_ID, start)
-            except ValueError:
-                end = len(toks)
-            if end > start:
-                pieces.append(toks[start:end])
-                owner.append(i)
-            if end == len(toks):
-                break
-            start = end + 1
-    texts = [[] for _ in windows]
-    for i, t in zip(owner, enc.sp.decode(pieces) if pieces else []):
-        if t:
-            texts[i].append(t)
-    return ["\n".join(t) for t in texts]
-
-
-def window_text(tokens: np.ndarray, enc) -> str:
-    return window_texts([tokens], enc)[0]
 
 
 # -----------------------------------------------------------------------------
 # the reference scorer
 
 def scorer_path(data_dir, vocab_size) -> Path:
-    from tinystories import tok_dir
     return tok_dir(data_dir, vocab_size) / f"ref_ngram{NGRAM_ORDER}.npz"
 
 
@@ -72,14 +44,11 @@ class ModelScorer:
     gives each sequence's mean next-token loss, like NGramScorer's."""
 
     def __init__(self, path, device="cpu"):
-        from checkpoint import load_checkpoint, model_from_checkpoint
-        from export import load_v0
         p = Path(path)
         self.model = (model_from_checkpoint(load_checkpoint(p)) if p.suffix == ".pt" else load_v0(p)).to(device)
         self.device, self.path = device, p
 
     def fingerprint(self) -> str:
-        from tinystories import sha256_file
         return "model:" + sha256_file(self.path)[:16]
 
     def nll_many(self, seqs, batch=32) -> np.ndarray:
@@ -110,7 +79,6 @@ def reference_scorer(data_dir, vocab_size, ref_model: str = ""):
 
 def fit_reference_scorer(data_dir, vocab_size, val_tokens: np.ndarray, key: str):
     """Fit the 3-gram scorer on the validation shard, or reuse it if key is unchanged."""
-    from tokenizer import BOS_ID
     p = scorer_path(data_dir, vocab_size)
     stamp = p.with_suffix(".json")
     if p.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
@@ -128,8 +96,6 @@ def fit_reference_scorer(data_dir, vocab_size, val_tokens: np.ndarray, key: str)
 def _score_shard(job):
     """Score one shard's batches: a float64 matrix (batch, [ref_nll, ref_ppl, *names])
     saved as .npy (binary: the CSV is formatted once, at the end)."""
-    from tinystories import BatchData
-    from tokenizer import Tokenizer
     data_dir, vocab_size, max_seq_len, shard, names, ref_model, out_npy = job
     data = BatchData(data_dir, vocab_size, max_seq_len)
     enc = Tokenizer.for_vocab(vocab_size, data_dir)
@@ -161,7 +127,6 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
                         workers=None, ref_model=""):
     import pandas as pd
     from tqdm import tqdm
-    from tinystories import BatchData, index_dir, tok_dir
     try:
         names = metrics.resolve_metrics(metric_spec)
     except ValueError as e:

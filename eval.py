@@ -76,10 +76,12 @@ import pandas as pd
 
 import batchmetrics
 import metrics
+from data import TABLES_DIR, BatchData, load_stories, raw_shards
+from model import mean_loss
+from tokenizer import Tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from common import (UserError, auto_device, main_guard, parse_config, write_csv_atomic,
                     write_json_atomic)
-from train import mean_loss
 
 # -----------------------------------------------------------------------------
 # config
@@ -121,7 +123,7 @@ def eval_run_config(cfg: EvalConfig) -> dict:
     """The run's training config (checkpoint.run_config), with this eval's overrides."""
     run = run_config(cfg.out_dir)
     run["data_dir"] = cfg.data_dir or run.get("data_dir", "data")
-    run["tables_dir"] = cfg.tables_dir or run.get("tables_dir", str(batchmetrics.TABLES_DIR))
+    run["tables_dir"] = cfg.tables_dir or run.get("tables_dir", str(TABLES_DIR))
     for k in ("vocab_size", "max_seq_len"):
         if k not in run:
             raise UserError(f"{cfg.out_dir}/config.json has no {k}: it was not written by train.py")
@@ -130,13 +132,12 @@ def eval_run_config(cfg: EvalConfig) -> dict:
 
 def build_prompts(cfg: EvalConfig, run: dict, enc) -> list[Prompt]:
     """n_prompts held-out story openings, then the open prompt."""
-    import tinystories
     T = int(run["max_seq_len"])
     if cfg.prompt_tokens < 1 or cfg.prompt_tokens + 1 >= T:
         raise UserError(f"--prompt_tokens={cfg.prompt_tokens}: must be in [1, {T - 2}] "
                         f"(the model's max_seq_len is {T})")
     n_exp = min(cfg.max_new_tokens, T - (cfg.prompt_tokens + 1))
-    stories = tinystories.load_stories(tinystories.raw_shards(run["data_dir"])[0])
+    stories = load_stories(raw_shards(run["data_dir"])[0])
     prompts = []
     for i, story in enumerate(stories):
         if len(prompts) == cfg.n_prompts:
@@ -301,8 +302,6 @@ def write_eval_tables(tables: Path, outputs, summary, want, stamps):
 
 def evaluate(cfg: EvalConfig):
     from tqdm import tqdm
-    from tinystories import BatchData
-    from tokenizer import Tokenizer
 
     # 1) the run, its data, prompts and yardsticks
     ckpts = run_checkpoints(cfg.out_dir)

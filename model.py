@@ -8,6 +8,7 @@ Dimension legend: B batch, T time, C = dim, nh query heads, nkv kv heads, hs hea
 $ python -c "from model import *; m = Transformer(ModelArgs(dim=64, n_layers=2)); print(m)"
 """
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BOS_ID = 1
+from data import BOS_ID
 
 
 @dataclass
@@ -292,6 +293,25 @@ class Transformer(nn.Module):
             out.append(nxt)
             idx = torch.cat([idx, torch.tensor([[nxt]], device=dev)], dim=1)
         return out
+
+
+@torch.no_grad()
+def mean_loss(model, data, ids: np.ndarray, batch_size: int, device: str,
+              ctx=contextlib.nullcontext()) -> float:
+    """Mean next-token cross-entropy (nats/token) of model over the batches `ids`,
+    batch_size at a time. `data` is a data.BatchData;
+    used for train.py's checkpoint losses, eval.py's and selection's."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        x, y = data.get(chunk)
+        with ctx:
+            _, loss = model(x.to(device), y.to(device))
+        total += float(loss) * len(chunk)
+    model.train(was_training)
+    return total / len(ids)
 
 
 # -----------------------------------------------------------------------------

@@ -14,8 +14,6 @@ to its shard, offset and the stories it overlaps.
 """
 
 import argparse
-import glob
-import hashlib
 import itertools
 import json
 import os
@@ -26,50 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, UserError, atomic_path, main_guard, write_json_atomic
+import batchmetrics
+from common import UserError, atomic_path, main_guard, write_json_atomic
+from data import (BOS_ID, DATA_DIR, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE, load_stories, raw_dir, raw_shards,
+                  sha256_file, tok_dir, write_index)
+from storygen import generate_stories
+from tokenizer import Tokenizer, tokenizer_model_path
 
 # -----------------------------------------------------------------------------
 # config
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
-DATA_DIR = ROOT / "data"
-RAW_NAME = "TinyStories_all_data"
-MAX_SEQ_LEN = 256
-VOCAB_SIZE = 512
-INDEX_FORMAT, INDEX_VERSION = "llama2_prebiasing.batch_index", 1
 # -----------------------------------------------------------------------------
-
-
-def raw_dir(data_dir) -> Path:
-    return Path(data_dir) / RAW_NAME
-
-
-def raw_shards(data_dir) -> list[Path]:
-    shards = sorted(Path(p) for p in glob.glob(str(raw_dir(data_dir) / "data*.json")))
-    if not shards:
-        raise UserError(f"no shards in {raw_dir(data_dir)}: run python tinystories.py download "
-                        "(or python tinystories.py sample offline)")
-    return shards
-
-
-def tok_dir(data_dir, vocab_size) -> Path:
-    return Path(data_dir) / f"tok{vocab_size}"
-
-
-def sha256_file(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def load_stories(shard: Path) -> list[str]:
-    try:
-        data = json.loads(Path(shard).read_text(encoding="utf-8"))
-        return [ex["story"].strip() for ex in data]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"corrupt shard {shard} ({type(e).__name__}: {e}): delete it and re-run "
-                        "python tinystories.py download (or sample)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -151,7 +116,6 @@ def download(data_dir=DATA_DIR, url=DATA_URL):
 def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=1337):
     """Write generated stories (storygen.py) in TinyStories' JSON format, so that the
     whole pipeline runs offline. A SAMPLE marker keeps it from overwriting real data."""
-    from storygen import generate_stories
     target = raw_dir(data_dir)
     if list(target.glob("data*.json")) and not (target / "SAMPLE").exists():
         raise UserError(f"{target} holds downloaded data; sample would overwrite it. "
@@ -203,7 +167,6 @@ def train_vocab(vocab_size: int, data_dir=DATA_DIR, num_shards=10):
 
 def _tokenize_shard(args):
     shard, out_path, model_path = args
-    from tokenizer import BOS_ID, Tokenizer
     enc = Tokenizer(model_path)
     ids = enc.encode_batch(load_stories(shard))
     arr = np.fromiter(itertools.chain.from_iterable([BOS_ID, *t] for t in ids), dtype=np.uint16)
@@ -212,61 +175,9 @@ def _tokenize_shard(args):
     return len(arr), len(ids)
 
 
-def shard_windows(n_tokens: int, max_seq_len: int) -> np.ndarray:
-    """Offsets of the batches in a shard of n_tokens: windows [o, o+T+1), o = i*T."""
-    n = max((n_tokens - 1) // max_seq_len, 0)
-    return np.arange(n, dtype=np.int64) * max_seq_len
-
-
-def build_index(tokens_by_shard: list[np.ndarray], max_seq_len: int) -> np.ndarray:
-    """Structured array, one row per batch: shard, offset, first and last story (index
-    within the shard) that the window's tokens overlap. Row number == batch_id."""
-    from tokenizer import BOS_ID
-    rows = []
-    for s, tok in enumerate(tokens_by_shard):
-        offs = shard_windows(len(tok), max_seq_len)
-        starts = np.flatnonzero(tok == BOS_ID)
-        r = np.zeros(len(offs), dtype=INDEX_DTYPE)
-        r["shard"], r["offset"] = s, offs
-        r["story_first"] = np.searchsorted(starts, offs, side="right") - 1
-        r["story_last"] = np.searchsorted(starts, offs + max_seq_len, side="right") - 1
-        rows.append(r)
-    return np.concatenate(rows) if rows else np.zeros(0, dtype=INDEX_DTYPE)
-
-
-INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("story_first", "<i4"), ("story_last", "<i4")])
-
-
-def index_dir(data_dir, vocab_size, max_seq_len) -> Path:
-    return tok_dir(data_dir, vocab_size) / f"index_T{max_seq_len}"
-
-
-def write_index(data_dir, vocab_size, max_seq_len, tokenizer_name, tokenizer_sha) -> Path:
-    """Index every .bin shard of data/tok{V}/ at max_seq_len (batches.npy + meta.json)."""
-    bins = sorted(tok_dir(data_dir, vocab_size).glob("data*.bin"))
-    toks = [np.memmap(p, dtype=np.uint16, mode="r") for p in bins]
-    index = build_index(toks, max_seq_len)
-    idir = index_dir(data_dir, vocab_size, max_seq_len)
-    idir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(idir / "batches.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, index, allow_pickle=False)
-    meta = {
-        "format": INDEX_FORMAT, "version": INDEX_VERSION, "vocab_size": vocab_size,
-        "max_seq_len": max_seq_len, "tokenizer": tokenizer_name, "tokenizer_sha256": tokenizer_sha,
-        "n_batches": len(index), "n_val_batches": int((index["shard"] == 0).sum()),
-        "shards": [{"name": p.name, "n_tokens": len(t), "n_stories": int((np.asarray(t) == 1).sum())}
-                   for p, t in zip(bins, toks)],
-    }
-    write_json_atomic(idir / "meta.json", meta)
-    print(f"wrote {len(toks)} shards to {tok_dir(data_dir, vocab_size)} and {len(index)} batches "
-          f"({meta['n_val_batches']} validation) to {idir}")
-    return idir
-
-
 def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
                 workers=None, tables_dir=None, metrics="all", ref_model=""):
     from tqdm import tqdm
-    from tokenizer import tokenizer_model_path
     shards = raw_shards(data_dir)
     model_path = tokenizer_model_path(vocab_size, data_dir)
     tok_sha = sha256_file(model_path)
@@ -291,70 +202,9 @@ def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DI
     # 2) batch index over all shards, shard 0 (validation) first
     idir = write_index(data_dir, vocab_size, max_seq_len, model_path.name, tok_sha)
     if metrics not in (None, "", "none"):
-        import batchmetrics
         batchmetrics.write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir, metrics, workers,
                                          ref_model)
     return idir
-
-
-# -----------------------------------------------------------------------------
-# reading batches back
-
-class BatchData:
-    """The pretokenized batches of one (vocab_size, max_seq_len), by batch_id.
-
-    get(ids) -> x, y int64 tensors (len(ids), max_seq_len): the window's tokens and
-    the same shifted by one, exactly as llama2.c's PretokDataset cuts them."""
-
-    def __init__(self, data_dir=DATA_DIR, vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN):
-        self.dir = index_dir(data_dir, vocab_size, max_seq_len)
-        meta_path, idx_path = self.dir / "meta.json", self.dir / "batches.npy"
-        fix = f"run python tinystories.py pretokenize --vocab_size={vocab_size} --max_seq_len={max_seq_len}"
-        if not meta_path.exists() or not idx_path.exists():
-            raise UserError(f"no batch index in {self.dir}: {fix}")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-            self.index = np.load(idx_path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise UserError(f"corrupt batch index in {self.dir} ({e}): {fix}") from None
-        m = self.meta
-        if (m.get("format"), m.get("version")) != (INDEX_FORMAT, INDEX_VERSION) or \
-                m["vocab_size"] != vocab_size or m["max_seq_len"] != max_seq_len or \
-                self.index.dtype != INDEX_DTYPE or len(self.index) != m["n_batches"]:
-            raise UserError(f"batch index {self.dir} does not match vocab_size={vocab_size}, "
-                            f"max_seq_len={max_seq_len} or this version: {fix}")
-        self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
-        self.tokens = []
-        for s in m["shards"]:
-            p = tok_dir(data_dir, vocab_size) / s["name"]
-            if not p.exists() or p.stat().st_size != 2 * s["n_tokens"]:
-                raise UserError(f"shard {p} is missing or has changed since indexing: {fix}")
-            self.tokens.append(np.memmap(p, dtype=np.uint16, mode="r"))
-        self.n_val = m["n_val_batches"]
-
-    def __len__(self):
-        return len(self.index)
-
-    @property
-    def train_ids(self) -> np.ndarray:
-        return np.arange(self.n_val, len(self.index), dtype=np.int64)
-
-    @property
-    def val_ids(self) -> np.ndarray:
-        return np.arange(0, self.n_val, dtype=np.int64)
-
-    def window(self, batch_id: int) -> np.ndarray:
-        """The max_seq_len+1 tokens of one batch."""
-        r = self.index[batch_id]
-        return np.asarray(self.tokens[r["shard"]][r["offset"]:r["offset"] + self.max_seq_len + 1])
-
-    def windows(self, ids) -> np.ndarray:
-        return np.stack([self.window(int(i)) for i in ids]).astype(np.int64)
-
-    def get(self, ids):
-        import torch
-        w = torch.from_numpy(self.windows(ids))
-        return w[:, :-1], w[:, 1:]
 
 
 # -----------------------------------------------------------------------------

@@ -15,12 +15,12 @@ from pathlib import Path
 from sentencepiece import SentencePieceProcessor
 
 from common import ROOT, UserError, atomic_path, main_guard
+from data import BOS_ID, DATA_DIR, EOS_ID
 
 DEFAULT_MODEL = ROOT / "tokenizer.model"
-BOS_ID, EOS_ID = 1, 2
 
 
-def tokenizer_model_path(vocab_size: int, data_dir=ROOT / "data") -> Path:
+def tokenizer_model_path(vocab_size: int, data_dir=DATA_DIR) -> Path:
     """Where the tokenizer of a vocab size lives: data/tok{V}.model (made by
     `tinystories.py train_vocab`), else the bundled tokenizer.model when it has V pieces."""
     p = Path(data_dir) / f"tok{vocab_size}.model"
@@ -48,7 +48,7 @@ class Tokenizer:
         assert self.sp.bos_id() == BOS_ID and self.sp.eos_id() == EOS_ID, "unexpected special ids"
 
     @classmethod
-    def for_vocab(cls, vocab_size: int, data_dir=ROOT / "data") -> "Tokenizer":
+    def for_vocab(cls, vocab_size: int, data_dir=DATA_DIR) -> "Tokenizer":
         """The tokenizer of a vocab size (see tokenizer_model_path)."""
         return cls(tokenizer_model_path(vocab_size, data_dir))
 

@@ -17,7 +17,6 @@ the same ids at any world size. Checkpoints are kept at steps 0, 1, 2, 4, 8, ...
 then every eval_interval (checkpoint.py describes their contents).
 """
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -30,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import batchmetrics
 from checkpoint import (FORMAT_VERSION, ckpt_path, latest_checkpoint, list_checkpoints,
                         load_checkpoint, save_checkpoint)
 from common import (UserError, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
                     main_guard, parse_config, write_json_atomic)
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, mean_loss
 from schedule import STRATEGIES, Schedule, rank_micro_batches
-from tinystories import DATA_DIR, BatchData
+from data import DATA_DIR, TABLES_DIR, BatchData
 
 
 # -----------------------------------------------------------------------------
@@ -69,7 +69,7 @@ class TrainConfig:
     schedule_order: str = "asc"
     schedule_lo: float = -math.inf
     schedule_hi: float = math.inf
-    tables_dir: str = "out/tables"  # where batch_metrics.csv lives
+    tables_dir: str = str(TABLES_DIR)  # where batch_metrics.csv lives
     # model
     dim: int = 64
     n_layers: int = 4
@@ -139,7 +139,6 @@ def build_schedule(cfg: TrainConfig, data: BatchData) -> Schedule:
     B = cfg.batch_size * cfg.gradient_accumulation_steps
     metric = None
     if cfg.schedule != "shuffle":
-        import batchmetrics
         if not cfg.schedule_metric:
             raise UserError(f"--schedule={cfg.schedule} needs --schedule_metric=<a batch metric>")
         metric = batchmetrics.load_metric_column(cfg.tables_dir, cfg.schedule_metric, data)[data.train_ids]
@@ -148,24 +147,6 @@ def build_schedule(cfg: TrainConfig, data: BatchData) -> Schedule:
                         cfg.schedule_order, cfg.schedule_lo, cfg.schedule_hi)
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
-@torch.no_grad()
-def mean_loss(model, data: BatchData, ids: np.ndarray, batch_size: int, device: str,
-              ctx=contextlib.nullcontext()) -> float:
-    """Mean next-token cross-entropy (nats/token) of model over the batches `ids`,
-    batch_size at a time. Used for train.py's checkpoint losses and eval.py's."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        x, y = data.get(chunk)
-        with ctx:
-            _, loss = model(x.to(device), y.to(device))
-        total += float(loss) * len(chunk)
-    model.train(was_training)
-    return total / len(ids)
 
 
 def peak_flops(device: str, dtype: str) -> float:

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from common import (UserError, main_guard, parse_config, save_figure, step_axis, write_csv_atomic,
                     write_json_atomic)
+from data import load_stories, raw_shards
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -125,7 +126,6 @@ def probe_tokens(cfg: AttnConfig, enc, data_dir, max_seq_len: int) -> tuple[list
     if cfg.probe:
         text, source = cfg.probe, "--probe text"
     else:
-        from tinystories import load_stories, raw_shards
         shard = raw_shards(data_dir)[0]
         stories = load_stories(shard)
         if not stories:

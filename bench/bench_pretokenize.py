@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import batchmetrics  # noqa: E402
 import metrics  # noqa: E402
+from data import raw_shards, tok_dir  # noqa: E402
 import tinystories  # noqa: E402
 
 FULL_STORIES, CORES = 4_900_000, 16
@@ -36,7 +37,7 @@ def timed(fn) -> float:
 
 
 def whole_command(root: Path, metric_spec: str) -> float:
-    shutil.rmtree(tinystories.tok_dir(root, 512), ignore_errors=True)
+    shutil.rmtree(tok_dir(root, 512), ignore_errors=True)
     return timed(lambda: tinystories.pretokenize(512, 256, root, workers=1, tables_dir=root / "tables",
                                                  metrics=metric_spec))
 
@@ -52,7 +53,7 @@ def main():
         w_tok = whole_command(root, "none")
         w_all = whole_command(root, "all")
         # steady state: the same per-shard functions the process pool runs, warmed up
-        shards = tinystories.raw_shards(root)
+        shards = raw_shards(root)
         names = metrics.resolve_metrics("all")
         tok_jobs = [(s, root / "tmp.bin", model) for s in shards]
         met_jobs = [(root, 512, 256, i, names, "", root / "tmp.npy") for i in range(len(shards))]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import tok_dir, write_index  # noqa: E402
 import tinystories  # noqa: E402
 import train  # noqa: E402
 
@@ -35,14 +36,14 @@ LLAMA2C_TOKS = {"dim64_L5_V512": 16500, "dim288_L6_V4096": 3060}
 
 
 def synthetic_data(root: Path, vocab: int, T: int = 256, n_shards=3, n_tokens=300_000):
-    d = tinystories.tok_dir(root, vocab)
+    d = tok_dir(root, vocab)
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for s in range(n_shards):
         toks = rng.integers(3, vocab, n_tokens).astype(np.uint16)
         toks[::200] = 1  # a "story" every 200 tokens
         toks.tofile(d / f"data{s:02d}.bin")
-    tinystories.write_index(root, vocab, T, "synthetic", "0" * 64)
+    write_index(root, vocab, T, "synthetic", "0" * 64)
 
 
 def trainer(root, model_kw, dtype="float32", compile=False):

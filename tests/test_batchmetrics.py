@@ -11,6 +11,7 @@ import pytest
 
 import batchmetrics
 import metrics
+from data import BatchData, index_dir, window_text
 import tinystories
 from common import UserError
 from tokenizer import Tokenizer
@@ -19,13 +20,13 @@ from tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def table(tiny_data):
     data_dir, tables = tiny_data
-    df, meta = batchmetrics.load_batch_metrics(tables, tinystories.BatchData(data_dir, 512, 64))
+    df, meta = batchmetrics.load_batch_metrics(tables, BatchData(data_dir, 512, 64))
     return data_dir, tables, df, meta
 
 
 def test_table_has_one_row_per_batch_with_every_metric(table):
     data_dir, tables, df, meta = table
-    data = tinystories.BatchData(data_dir, 512, 64)
+    data = BatchData(data_dir, 512, 64)
     assert len(df) == len(data) and df["batch_id"].tolist() == list(range(len(data)))
     assert list(df.columns) == batchmetrics.ID_COLUMNS + batchmetrics.REF_COLUMNS + metrics.text_metric_names()
     assert (df["split"] == "val").sum() == data.n_val
@@ -36,12 +37,12 @@ def test_table_has_one_row_per_batch_with_every_metric(table):
 
 def test_values_are_the_metrics_of_the_exact_window(table):
     data_dir, _, df, _ = table
-    data = tinystories.BatchData(data_dir, 512, 64)
+    data = BatchData(data_dir, 512, 64)
     enc = Tokenizer(data_dir / "tok512.model")
     scorer = batchmetrics.reference_scorer(data_dir, 512)
     ids = [0, 17, data.n_val, len(data) - 1]
     windows = [data.window(i) for i in ids]
-    texts = [batchmetrics.window_text(w, enc) for w in windows]
+    texts = [window_text(w, enc) for w in windows]
     want = metrics.text_metrics(texts)
     for name, col in want.items():
         np.testing.assert_allclose(df.loc[ids, name].to_numpy(), col, rtol=1e-5, equal_nan=True, err_msg=name)
@@ -52,7 +53,7 @@ def test_values_are_the_metrics_of_the_exact_window(table):
 def test_window_text_cuts_stories_at_bos(tiny_data):
     enc = Tokenizer(tiny_data[0] / "tok512.model")
     a, b = enc.encode("The cat sat.", bos=False), enc.encode("A dog ran.", bos=False)
-    assert batchmetrics.window_text(np.array(a[2:] + [1] + b), enc) == enc.decode(a[2:]) + "\nA dog ran."
+    assert window_text(np.array(a[2:] + [1] + b), enc) == enc.decode(a[2:]) + "\nA dog ran."
 
 
 def test_shard_summary_is_the_mean_of_its_batches(table):
@@ -70,7 +71,7 @@ def test_rerun_reuses_and_subset_recomputes(tiny_data, tmp_path):
     shutil.copytree(data_dir, root)
     tables = tmp_path / "t"
     tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables)
-    cache = tinystories.index_dir(root, 512, 64) / "metrics"
+    cache = index_dir(root, 512, 64) / "metrics"
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
     assert len(stamps) == 4
     tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables)
@@ -89,14 +90,14 @@ def test_table_of_other_data_is_rejected(tiny_data, tmp_path):
     meta["max_seq_len"] = 128
     (tmp_path / "t" / "batch_metrics.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="another tokenizer or max_seq_len"):
-        batchmetrics.load_batch_metrics(tmp_path / "t", tinystories.BatchData(data_dir, 512, 64))
+        batchmetrics.load_batch_metrics(tmp_path / "t", BatchData(data_dir, 512, 64))
     with pytest.raises(UserError, match="no batch metrics"):
         batchmetrics.load_batch_metrics(tmp_path / "none")
 
 
 def test_model_as_reference_scorer(tiny_run):
     scorer = batchmetrics.reference_scorer(tiny_run.data_dir, 512, str(tiny_run.out_dir / "model.bin"))
-    data = tinystories.BatchData(tiny_run.data_dir, 512, 64)
+    data = BatchData(tiny_run.data_dir, 512, 64)
     nll = scorer.nll_many([data.window(0), data.window(1)])
     import torch
     x, y = data.get([0])

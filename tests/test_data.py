@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 
+from data import BatchData, load_stories
 import tinystories
 from common import UserError
 from tokenizer import Tokenizer
@@ -215,7 +216,7 @@ def test_pretokenize_exact(tiny_raw):
             first = max(i for i, st in enumerate(starts) if st <= o)
             last = max(i for i, st in enumerate(starts) if st <= o + T)
             expect.append((s, o, first, last))
-    data = tinystories.BatchData(root, 512, T)
+    data = BatchData(root, 512, T)
     got = [(int(r["shard"]), int(r["offset"]), int(r["story_first"]), int(r["story_last"])) for r in data.index]
     assert got == expect
     assert data.n_val == sum(1 for e in expect if e[0] == 0)
@@ -245,9 +246,9 @@ def test_missing_and_corrupt_inputs(tiny_raw, tmp_path):
         tinystories.pretokenize(4096, 4, root, metrics="none")
     (root / "TinyStories_all_data" / "data01.json").write_text('[{"story": "ok"}, {"sto')
     with pytest.raises(UserError, match="corrupt shard .*data01.json"):
-        tinystories.load_stories(root / "TinyStories_all_data" / "data01.json")
+        load_stories(root / "TinyStories_all_data" / "data01.json")
     with pytest.raises(UserError, match="pretokenize --vocab_size=512 --max_seq_len=8"):
-        tinystories.BatchData(root, 512, 8)  # never indexed at this max_seq_len
+        BatchData(root, 512, 8)  # never indexed at this max_seq_len
 
 
 def test_batchdata_detects_changed_shard(tiny_raw):
@@ -256,7 +257,7 @@ def test_batchdata_detects_changed_shard(tiny_raw):
     with open(root / "tok512" / "data01.bin", "ab") as f:
         f.write(b"\0\0")
     with pytest.raises(UserError, match="has changed since indexing"):
-        tinystories.BatchData(root, 512, 4)
+        BatchData(root, 512, 4)
 
 
 def test_bundled_tokenizer_is_reproducible(tmp_path):

@@ -94,7 +94,7 @@ def test_input_means_match_checkpoint_ids(run):
 def test_val_loss_direct(run):
     tiny, out = run
     from checkpoint import load_checkpoint, model_from_checkpoint
-    from tinystories import BatchData
+    from data import BatchData
     data = BatchData(tiny.data_dir, tiny.vocab_size, tiny.max_seq_len)
     m = model_from_checkpoint(load_checkpoint(out / "ckpt" / "ckpt_8.pt"))
     x, y = data.get(data.val_ids[:4])

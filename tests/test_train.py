@@ -13,7 +13,7 @@ import checkpoint
 import train
 from common import UserError
 from schedule import Schedule, rank_micro_batches
-from tinystories import BatchData
+from data import BatchData
 
 from conftest import ROOT, TinyRun
 
