@@ -21,73 +21,13 @@ from pathlib import Path
 import numpy as np
 
 import metrics
-from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserError, atomic_path, write_json_atomic
-from data import BOS_ID, TABLES_DIR, BatchData, index_dir, sha256_file, tok_dir, window_texts
-from export import load_v0
+from data import TABLES_DIR, BatchData, index_dir, tok_dir, window_texts
+from refscorer import ModelScorer, fit_reference_scorer, reference_scorer
 from tokenizer import Tokenizer
 
 ID_COLUMNS = ["batch_id", "shard", "offset", "story_first", "story_last", "n_stories", "n_tokens", "split"]
 REF_COLUMNS = ["ref_nll", "ref_ppl"]
-NGRAM_ORDER = 3
-
-
-# -----------------------------------------------------------------------------
-# the reference scorer
-
-def scorer_path(data_dir, vocab_size) -> Path:
-    return tok_dir(data_dir, vocab_size) / f"ref_ngram{NGRAM_ORDER}.npz"
-
-
-class ModelScorer:
-    """A trained model (model.bin or ckpt_*.pt) as the reference scorer: nll_many
-    gives each sequence's mean next-token loss, like NGramScorer's."""
-
-    def __init__(self, path, device="cpu"):
-        p = Path(path)
-        self.model = (model_from_checkpoint(load_checkpoint(p)) if p.suffix == ".pt" else load_v0(p)).to(device)
-        self.device, self.path = device, p
-
-    def fingerprint(self) -> str:
-        return "model:" + sha256_file(self.path)[:16]
-
-    def nll_many(self, seqs, batch=32) -> np.ndarray:
-        import torch
-        out = np.full(len(seqs), np.nan)
-        with torch.no_grad():
-            for i in range(0, len(seqs), batch):
-                for j, s in enumerate(seqs[i:i + batch]):  # lengths differ: one at a time per row
-                    s = np.asarray(s, dtype=np.int64)[: self.model.params.max_seq_len + 1]
-                    if len(s) < 2:
-                        continue
-                    x = torch.from_numpy(s[None, :-1]).to(self.device)
-                    y = torch.from_numpy(s[None, 1:]).to(self.device)
-                    out[i + j] = float(self.model(x, y)[1])
-        return out
-
-
-def reference_scorer(data_dir, vocab_size, ref_model: str = ""):
-    """The scorer of this data: ref_model when given, else the validation 3-gram model."""
-    if ref_model:
-        return ModelScorer(ref_model)
-    p = scorer_path(data_dir, vocab_size)
-    try:
-        return metrics.NGramScorer.load(p)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def fit_reference_scorer(data_dir, vocab_size, val_tokens: np.ndarray, key: str):
-    """Fit the 3-gram scorer on the validation shard, or reuse it if key is unchanged."""
-    p = scorer_path(data_dir, vocab_size)
-    stamp = p.with_suffix(".json")
-    if p.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
-        return metrics.NGramScorer.load(p)
-    stories = np.split(np.asarray(val_tokens, dtype=np.int64), np.flatnonzero(val_tokens == BOS_ID)[1:])
-    scorer = metrics.NGramScorer(NGRAM_ORDER, vocab_size).fit(stories)
-    scorer.save(p)
-    write_json_atomic(stamp, {"key": key})
-    return scorer
 
 
 # -----------------------------------------------------------------------------

@@ -170,6 +170,58 @@ def write_csv_atomic(df, path):
 
 
 # -----------------------------------------------------------------------------
+# "already computed, skip": one record for every stage that reuses earlier work
+
+def file_signature(path) -> list:
+    """Identifies one file's version cheaply (size, mtime): a rewritten file gets a new one."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+class DoneRecord:
+    """A JSON file saying which items of a stage are done, and from what.
+
+    `settings` is everything every item's result depends on (versions, options, word
+    lists, the scorer...): when it changes, every item is forgotten. Each item (a shard,
+    a checkpoint) also has its own key (e.g. the file_signature or sha256 of its input);
+    an item is done when its stored key equals the current key and its outputs exist.
+
+        rec = DoneRecord(out / "done.json", {"version": 2, "metrics": names}, redo)
+        for it, path in ckpts:
+            if rec.is_done(it, file_signature(path), png): continue
+            ...; rec.mark(it, file_signature(path))
+        rec.save(keep=[it for it, _ in ckpts])
+    """
+
+    def __init__(self, path, settings: dict, redo: bool = False):
+        self.path, self.settings = Path(path), json.loads(json.dumps(settings))  # JSON-normalised
+        old = {}
+        if self.path.exists() and not redo:
+            try:
+                old = json.loads(self.path.read_text())
+            except ValueError:
+                old = {}
+        self.changed = bool(old) and old.get("settings") != self.settings
+        self.done = old.get("done", {}) if old.get("settings") == self.settings else {}
+
+    def is_done(self, item, key, *outputs) -> bool:
+        return (self.done.get(str(item)) == json.loads(json.dumps(key))
+                and all(Path(o).exists() for o in outputs))
+
+    def mark(self, item, key, save: bool = False):
+        self.done[str(item)] = key
+        if save:
+            self.save()
+
+    def save(self, keep=None):
+        """Write the record; with `keep`, forget the items not in it (e.g. deleted checkpoints)."""
+        if keep is not None:
+            keep = {str(i) for i in keep}
+            self.done = {k: v for k, v in self.done.items() if k in keep}
+        write_json_atomic(self.path, {"settings": self.settings, "done": self.done})
+
+
+# -----------------------------------------------------------------------------
 # run records
 
 def git_commit() -> str:

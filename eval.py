@@ -36,7 +36,7 @@ eval_outputs.csv, one row per checkpoint x decoding x prompt:
   n_new_tokens       number of generated tokens
   n_expected_tokens  number of tokens of the expected text
   ref_nll, ref_ppl   mean per-token nll (nats) of the generated tokens given BOS + prompt
-                     under the reference scorer (batchmetrics.reference_scorer, the same
+                     under the reference scorer (refscorer.reference_scorer, the same
                      yardstick as batch_metrics.csv), and exp(ref_nll); NaN if nothing generated
   bleu               sentence BLEU [0, 100] of generated vs expected (metrics.bleu)
   rouge_l            ROUGE-L F1 [0, 1] of generated vs expected (metrics.rouge_l)
@@ -78,6 +78,7 @@ import batchmetrics
 import metrics
 from data import TABLES_DIR, BatchData, load_stories, raw_shards
 from model import mean_loss
+from refscorer import reference_scorer
 from tokenizer import Tokenizer
 from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from common import (UserError, auto_device, main_guard, parse_config, write_csv_atomic,
@@ -310,7 +311,7 @@ def evaluate(cfg: EvalConfig):
     data = BatchData(run["data_dir"], V, T)
     bm, _ = batchmetrics.load_batch_metrics(run["tables_dir"], data)
     means = BatchMeans(bm, Path(run["tables_dir"]) / "batch_metrics.csv")
-    scorer = batchmetrics.reference_scorer(run["data_dir"], V)
+    scorer = reference_scorer(run["data_dir"], V)
     enc = Tokenizer.for_vocab(V, run["data_dir"])
     prompts = build_prompts(cfg, run, enc)
     val_ids = data.val_ids[:cfg.val_batches]

@@ -17,6 +17,7 @@ $ python -c "from schedule import Schedule; import numpy as np; print(Schedule(n
 """
 
 import hashlib
+import math
 
 import numpy as np
 
@@ -83,3 +84,17 @@ def rank_micro_batches(step_ids: np.ndarray, rank: int, world_size: int, micro_s
     """This rank's ids of a step, shaped (micro_steps, batch_size): ranks take disjoint,
     contiguous slices, so the union over ranks is the step's ids at any world size."""
     return step_ids.reshape(world_size, micro_steps, -1)[rank]
+
+
+def get_lr(it: int, cfg) -> float:
+    """The learning rate of step `it`, as llama2.c's: 1) linear warmup, 2) cosine decay
+    to min_lr, 3) min_lr after max_iters. `cfg` has TrainConfig's fields."""
+    min_lr = cfg.min_lr or cfg.learning_rate / 10
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.max_iters:
+        return min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)

@@ -35,7 +35,7 @@ from checkpoint import (FORMAT_VERSION, ckpt_path, latest_checkpoint, list_check
 from common import (UserError, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
                     main_guard, parse_config, write_json_atomic)
 from model import ModelArgs, Transformer, mean_loss
-from schedule import STRATEGIES, Schedule, rank_micro_batches
+from schedule import STRATEGIES, Schedule, get_lr, rank_micro_batches
 from data import DATA_DIR, TABLES_DIR, BatchData
 
 
@@ -120,19 +120,6 @@ def checkpoint_steps(max_iters: int, eval_interval: int, log_spaced: bool = True
             s *= 2
     steps.update(range(eval_interval, max_iters, eval_interval))
     return sorted(steps)
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """1) linear warmup, 2) cosine decay to min_lr, 3) min_lr after max_iters."""
-    min_lr = cfg.min_lr or cfg.learning_rate / 10
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.max_iters:
-        return min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)
 
 
 def build_schedule(cfg: TrainConfig, data: BatchData) -> Schedule:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import metrics  # noqa: E402
+import refscorer  # noqa: E402
 
 NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy"]
 NOUNS = ["dog", "cat", "ball", "tree", "park", "box", "cake", "bird", "car", "flower", "toy",
@@ -136,7 +137,7 @@ def main():
     rng = np.random.default_rng(a.seed)
     for V in (512, 4096):
         fit_tok = rng.integers(0, V, 5_000_000, dtype=np.int64).astype(np.uint16)
-        sc = metrics.NGramScorer(order=3, vocab_size=V)
+        sc = refscorer.NGramScorer(order=3, vocab_size=V)
         r_fit, t_fit = rate(lambda: sc.fit([fit_tok]), fit_tok.size, repeat=1)
         seqs = [rng.integers(0, V, 257).astype(np.uint16) for _ in range(4000)]  # ~1M tokens
         n_tok = sum(len(s) for s in seqs)

@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import tok_dir, write_index  # noqa: E402
-import tinystories  # noqa: E402
 import train  # noqa: E402
 
 CONFIGS = {  # llama2.c's CPU reference: batch 8, seq 256, fp32

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import batchmetrics
+import refscorer
 import metrics
 from data import BatchData, index_dir, window_text
 import tinystories
@@ -39,7 +40,7 @@ def test_values_are_the_metrics_of_the_exact_window(table):
     data_dir, _, df, _ = table
     data = BatchData(data_dir, 512, 64)
     enc = Tokenizer(data_dir / "tok512.model")
-    scorer = batchmetrics.reference_scorer(data_dir, 512)
+    scorer = refscorer.reference_scorer(data_dir, 512)
     ids = [0, 17, data.n_val, len(data) - 1]
     windows = [data.window(i) for i in ids]
     texts = [window_text(w, enc) for w in windows]
@@ -96,7 +97,7 @@ def test_table_of_other_data_is_rejected(tiny_data, tmp_path):
 
 
 def test_model_as_reference_scorer(tiny_run):
-    scorer = batchmetrics.reference_scorer(tiny_run.data_dir, 512, str(tiny_run.out_dir / "model.bin"))
+    scorer = refscorer.reference_scorer(tiny_run.data_dir, 512, str(tiny_run.out_dir / "model.bin"))
     data = BatchData(tiny_run.data_dir, 512, 64)
     nll = scorer.nll_many([data.window(0), data.window(1)])
     import torch

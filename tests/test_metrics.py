@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import metrics as M
+import refscorer
 
 
 def one(text, names=None):
@@ -286,7 +287,7 @@ def _fitted(order=3, V=50, n=20000, seed=0):
     rng = np.random.default_rng(seed)
     seqs = [np.concatenate([[1], rng.integers(2, V, rng.integers(5, 60))]).astype(np.uint16)
             for _ in range(n // 30)]
-    return M.NGramScorer(order, V).fit(seqs), seqs
+    return refscorer.NGramScorer(order, V).fit(seqs), seqs
 
 
 def test_scorer_normalised():
@@ -295,9 +296,9 @@ def test_scorer_normalised():
         p = sc.prob_dist(np.array(ctx, dtype=np.int64))
         assert p.shape == (50,) and (p > 0).all()
         assert abs(p.sum() - 1.0) < 1e-6
-    sc1 = M.NGramScorer(1, 50).fit(seqs)
+    sc1 = refscorer.NGramScorer(1, 50).fit(seqs)
     assert abs(sc1.prob_dist([]).sum() - 1) < 1e-6
-    sc4 = M.NGramScorer(4, 50).fit(seqs)
+    sc4 = refscorer.NGramScorer(4, 50).fit(seqs)
     assert abs(sc4.prob_dist(seqs[1][:3]).sum() - 1) < 1e-6
 
 
@@ -305,7 +306,7 @@ def test_scorer_repeating_vs_shuffled():
     V = 100
     pattern = np.arange(2, 22)
     train = np.concatenate([[1], np.tile(pattern, 200)])
-    sc = M.NGramScorer(3, V).fit([train])
+    sc = refscorer.NGramScorer(3, V).fit([train])
     test = np.concatenate([[1], np.tile(pattern, 5)])
     shuffled = test.copy()
     np.random.default_rng(0).shuffle(shuffled[1:])
@@ -320,10 +321,10 @@ def test_scorer_repeating_vs_shuffled():
 def test_scorer_random_perplexity_near_vocab():
     rng = np.random.default_rng(1)
     V = 64
-    sc = M.NGramScorer(2, V).fit([rng.integers(0, V, 200_000)])
+    sc = refscorer.NGramScorer(2, V).fit([rng.integers(0, V, 200_000)])
     ppl = sc.perplexity(rng.integers(0, V, 20_000))
     assert abs(ppl / V - 1) < 0.1
-    sc3 = M.NGramScorer(3, V).fit([rng.integers(0, V, 300_000)])
+    sc3 = refscorer.NGramScorer(3, V).fit([rng.integers(0, V, 300_000)])
     assert 0.9 < sc3.perplexity(rng.integers(0, V, 20_000)) / V < 1.4
 
 
@@ -334,19 +335,19 @@ def test_scorer_api_consistency():
     np.testing.assert_allclose(nm[:20], [sc.nll(s) for s in seqs[:20]], rtol=1e-12)
     assert len(sc.token_nll(seqs[0])) == len(seqs[0]) - 1
     assert sc.token_nll(np.array([5])).shape == (0,) and math.isnan(sc.nll([5]))
-    np.testing.assert_allclose(M.scorer_perplexity(sc, seqs[:3]), np.exp(nm[:3]))
+    np.testing.assert_allclose(refscorer.scorer_perplexity(sc, seqs[:3]), np.exp(nm[:3]))
     assert sc.nll_many([]).shape == (0,)
     with pytest.raises(ValueError):
         sc.nll(np.array([1, 50]))  # id >= vocab_size
     with pytest.raises(ValueError):
-        M.NGramScorer(3, 50).nll([1, 2])  # not fitted
+        refscorer.NGramScorer(3, 50).nll([1, 2])  # not fitted
 
 
 def test_scorer_save_load(tmp_path):
     sc, seqs = _fitted()
     p = tmp_path / "scorer.npz"
     sc.save(p)
-    sc2 = M.NGramScorer.load(p)
+    sc2 = refscorer.NGramScorer.load(p)
     assert (sc2.order, sc2.vocab_size) == (3, 50) and sc2.fingerprint() == sc.fingerprint()
     np.testing.assert_array_equal(sc2.nll_many(seqs[:10]), sc.nll_many(seqs[:10]))
     with np.load(p) as z:
@@ -360,7 +361,7 @@ def test_scorer_save_load(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     for name in ["v99.npz", "tam.npz", "junk.npz", "missing.npz"]:
         with pytest.raises(ValueError) as e:
-            M.NGramScorer.load(tmp_path / name)
+            refscorer.NGramScorer.load(tmp_path / name)
         msg = str(e.value)
         assert name in msg and "python tinystories.py pretokenize" in msg and "\n" not in msg
 
