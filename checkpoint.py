@@ -2,29 +2,43 @@
 Checkpoints: <out_dir>/ckpt/ckpt_<iter>.pt, one per checkpoint step, never overwritten.
 
 Each holds plain types and tensors only (so torch.load(..., weights_only=True) works):
-  model, optimizer          state dicts
+  model                     state dict
   model_args, config        dicts (ModelArgs, TrainConfig)
   iter_num, prev_iter       this checkpoint is the model after iter_num optimizer steps;
                             the previous checkpoint was at prev_iter (-1 for the first)
   batch_ids                 int64 (iter_num - prev_iter, batches_per_step): the ids trained
                             on at steps prev_iter .. iter_num-1, row = step, in order
-  schedule                  strategy name and fingerprint (the order is a pure function of it)
+  pool_ids                  int64 (steps, K*B): each step's candidate pool when online
+                            selection ran (stream.py), else (steps, 0)
+  insertions                int64 (n, 6): one row per tag insertion [step, row, pos, tag,
+                            n_tokens, mode] (stream.py explains), with insert_tokens and
+                            replaced_tokens (int64, concatenated in row order)
+  tags                      the JSON text of the run's tags ('' without tags)
+  schedule                  the structured record of the order (schedule.Schedule.record:
+                            spec, seed, phase bounds, hashes of ids and metrics) and its
+                            fingerprint; the order is a pure function of it
   data                      vocab_size, max_seq_len, tokenizer sha256 of the batch index
   rng                       torch RNG state, for exact resume
   train_loss, val_loss      measured at this checkpoint
 
-The ids seen by checkpoint k are the concatenation of batch_ids of all checkpoints <= k.
+The optimizer state lives beside it in ckpt/optimizer_<iter>.pt, kept for the latest
+checkpoint only (train.py --keep_optimizer=True keeps all), so checkpoints are written
+once and never rewritten, and old ones stay small. The ids seen by checkpoint k are the
+concatenation of batch_ids of all checkpoints <= k; <out_dir>/batch_ids.npy holds the
+same as plain numpy (Pythia's batch viewer needs no torch).
 """
 
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import UserError, atomic_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: optimizer inside, no pool/insertions; eval and views read both
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
@@ -34,6 +48,10 @@ def ckpt_dir(out_dir) -> Path:
 
 def ckpt_path(out_dir, iter_num: int) -> Path:
     return ckpt_dir(out_dir) / f"ckpt_{iter_num}.pt"
+
+
+def optimizer_path(out_dir, iter_num: int) -> Path:
+    return ckpt_dir(out_dir) / f"optimizer_{iter_num}.pt"
 
 
 def save_checkpoint(obj: dict, path):
@@ -61,15 +79,76 @@ def latest_checkpoint(out_dir) -> Path:
 
 
 def run_config(out_dir) -> dict:
-    """The run's TrainConfig as a dict: <out_dir>/config.json, else the newest
-    checkpoint's copy."""
+    """The run's TrainConfig as a dict, as it stands now: the newest checkpoint's copy
+    (a resume may have changed a non-defining field), else <out_dir>/config.json (the
+    config the run started with; history.jsonl beside it lists each resume's changes)."""
+    if list_checkpoints(out_dir):
+        return dict(load_checkpoint(latest_checkpoint(out_dir))["config"])
     p = Path(out_dir) / "config.json"
-    if p.exists():
-        try:
-            return json.loads(p.read_text())
-        except ValueError:
-            raise UserError(f"{p} is not valid JSON: delete it (the checkpoints hold a copy)") from None
-    return dict(load_checkpoint(latest_checkpoint(out_dir))["config"])
+    if not p.exists():
+        raise UserError(f"no run in {out_dir} (no checkpoints, no config.json): run python train.py --out_dir={out_dir}")
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        raise UserError(f"{p} is not valid JSON: restore it or start a new --out_dir") from None
+
+
+def build_checkpoint(*, model, model_args: dict, config: dict, iter_num: int, prev_iter: int,
+                     record: dict, schedule: dict, data_meta: dict, rng: dict, train_loss: float,
+                     val_loss: float) -> dict:
+    """The checkpoint dict (the format this module's docstring describes). `record` holds
+    the stream's arrays since the previous checkpoint: batch_ids, pool_ids, insertions,
+    insert_tokens, replaced_tokens (numpy), and tags (str)."""
+    obj = {"format_version": FORMAT_VERSION, "model": model, "model_args": model_args, "config": config,
+           "iter_num": iter_num, "prev_iter": prev_iter, "schedule": schedule, "data": data_meta,
+           "rng": rng, "train_loss": train_loss, "val_loss": val_loss, "tags": record.get("tags", "")}
+    for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens"):
+        obj[k] = torch.from_numpy(record[k].astype("int64"))
+    return obj
+
+
+def check_resume(ck: dict, cfg: dict, defining, tokenizer_sha: str, fingerprint: str, out_dir):
+    """Refuse a resume that would make the run's record untrue: another value of a field
+    that defines the run, another tokenizer, or another order of batches."""
+    for k in defining:
+        if ck["config"].get(k) != cfg.get(k):
+            raise UserError(f"checkpoint in {out_dir} was trained with {k}={ck['config'].get(k)!r}, not "
+                            f"{cfg.get(k)!r}: pass the same value, or use another --out_dir to start a new run")
+    if ck["data"]["tokenizer_sha256"] != tokenizer_sha:
+        raise UserError(f"the checkpoints in {out_dir} were trained on data of another tokenizer than the "
+                        "current batch index: re-pretokenize with that tokenizer or start a new --out_dir")
+    if ck.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"the checkpoints in {out_dir} are format v{ck.get('format_version')}; this train.py "
+                        f"resumes v{FORMAT_VERSION} only (eval and the views still read them): start a new --out_dir")
+    if ck["schedule"]["fingerprint"] != fingerprint:
+        raise UserError(f"the data, schedule spec, tags or selection changed since the checkpoints in {out_dir} "
+                        "were written (fingerprint mismatch); use the same ones or start a new --out_dir")
+
+
+def stream_records(out_dir) -> dict:
+    """The whole run's stream record, concatenated over its checkpoints in order: batch_ids
+    (steps, B), pool_ids (steps, K*B), insertions (n, 6), insert_tokens, replaced_tokens,
+    and tags (the run's tag JSON). Checks that the chain of checkpoints is unbroken."""
+    parts = {k: [] for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens")}
+    prev, tags = -1, ""
+    for it, p in list_checkpoints(out_dir):
+        ck = load_checkpoint(p)
+        if ck["prev_iter"] != prev:
+            raise UserError(f"{p} follows step {ck['prev_iter']} but the previous checkpoint is step {prev}: "
+                            f"restore ckpt_{ck['prev_iter']}.pt so the batches seen are known")
+        prev = it
+        n = ck["batch_ids"].shape[0]
+        parts["batch_ids"].append(ck["batch_ids"].numpy())
+        parts["pool_ids"].append(ck["pool_ids"].numpy() if "pool_ids" in ck else np.zeros((n, 0), np.int64))
+        parts["insertions"].append(ck["insertions"].numpy() if "insertions" in ck else np.zeros((0, 6), np.int64))
+        for k in ("insert_tokens", "replaced_tokens"):
+            parts[k].append(ck[k].numpy() if k in ck else np.zeros(0, np.int64))
+        tags = ck.get("tags", "") or tags
+    if not parts["batch_ids"]:
+        raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: run python train.py --out_dir={out_dir}")
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["tags"] = tags
+    return out
 
 
 def load_checkpoint(path, map_location="cpu", mmap=True) -> dict:
@@ -83,8 +162,10 @@ def load_checkpoint(path, map_location="cpu", mmap=True) -> dict:
     except Exception as e:  # pickle / zip errors of a damaged file
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): "
                         "it is damaged; delete it and resume from the previous one") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} is not a llama2_prebiasing v{FORMAT_VERSION} checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") not in READABLE_VERSIONS:
+        raise UserError(f"checkpoint {path} is not a llama2_prebiasing checkpoint (format "
+                        f"{ckpt.get('format_version') if isinstance(ckpt, dict) else '?'}; this code reads "
+                        f"{', '.join(map(str, READABLE_VERSIONS))})")
     return ckpt
 
 

@@ -299,8 +299,8 @@ class Transformer(nn.Module):
 def mean_loss(model, data, ids: np.ndarray, batch_size: int, device: str,
               ctx=contextlib.nullcontext()) -> float:
     """Mean next-token cross-entropy (nats/token) of model over the batches `ids`,
-    batch_size at a time. `data` is a data.BatchData;
-    used for train.py's checkpoint losses, eval.py's and selection's."""
+    batch_size at a time. `data` is a data.BatchData; used for train.py's checkpoint
+    losses and eval.py's."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -312,6 +312,18 @@ def mean_loss(model, data, ids: np.ndarray, batch_size: int, device: str,
         total += float(loss) * len(chunk)
     model.train(was_training)
     return total / len(ids)
+
+
+@torch.no_grad()
+def per_row_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy of each row, in eval mode (no dropout): the
+    score of online batch selection (stream.py)."""
+    was_training = model.training
+    model.eval()
+    logits, _ = model(x)
+    model.train(was_training)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
+    return ce.mean(1)
 
 
 # -----------------------------------------------------------------------------

@@ -1,89 +1,487 @@
 """
 The training order as data: a Schedule maps every optimizer step to the global batch
-ids it trains on, as a pure function of (strategy, seed, the training batch ids and,
-for metric-based orders, their metric values). Replaying it after a resume, or at
-another world size, gives the same ids.
+ids it trains on, as a pure function of (spec, seed, the training batch ids, the
+metric values the spec names, the run length). Replaying it after a resume, or at any
+world size, gives the same ids. Also the learning-rate schedule (get_lr).
 
-Strategies:
-  shuffle  every epoch a fresh permutation of the training batches (llama2.c-like)
-  sorted   batches ordered by a metric (asc = curriculum, desc = anti-curriculum),
-           the same order every epoch
-  filter   only batches whose metric lies in [lo, hi], shuffled per epoch
+A spec is a list of phases; each lasts `steps` optimizer steps or a `fraction` of the
+run (a phase with neither lasts until the end; only the last may), and has one strategy:
 
-Online selection or tag injection change which ids a step trains on; whatever the
-strategy, train.py records the ids actually used in each checkpoint.
+  shuffle     every epoch a fresh permutation of the batches (llama2.c-like)
+  sorted      ordered by `metric` (order asc = curriculum, desc = anti-curriculum),
+              the same order every epoch
+  filter      only batches with lo <= metric <= hi (null = unbounded), shuffled per epoch
+  competence  a paced curriculum (Platanios et al. 2019; Hacohen & Weinshall 2019): at
+              step t, B batches drawn uniformly (without replacement within the step) from
+              the easiest c(t) fraction by `metric`; c(t) rises from c0 to 1 by `ramp`
+              (a fraction of the phase) with pacing linear | root | step | exp
+  mixture     batches drawn from metric bins (`quantiles` or explicit `bounds` edges) in
+              proportions `weights` (or `weights_start` -> `weights_end`, interpolated
+              over the phase); each step's B rows are apportioned by largest remainder
+  interleave  two sub-orders (`orders`, each a strategy as above) alternated by step in
+              `ratio` [a, b]: a steps of the first, then b of the second, repeating
 
-$ python -c "from schedule import Schedule; import numpy as np; print(Schedule(np.arange(10), 4).step_ids(3))"
+Repeats: shuffle, filter and each mixture bin never repeat a batch within an epoch (of
+their own set: a small bin starts its next epoch sooner); sorted repeats its order every
+epoch; competence samples afresh every step, so a batch may come back before the others
+have been seen (that is the method). Each phase starts its own stream at its first step.
+
+Top-level keys beside "phases": "exclude" (a .npy of batch ids never to train on; the
+rest keep their order: the excluded ids are dropped from each phase's stream and the
+stream closes up, as a leave-out retraining needs) and "include" (a .npy: train only on
+these ids, e.g. written by select_batches.py).
+
+$ python -c "from schedule import *; import numpy as np; s = Schedule({'phases': [{'strategy': 'shuffle'}]}, np.arange(10), 4, seed=1, max_iters=5); print(s.step_ids(3))"
 """
 
 import hashlib
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
-STRATEGIES = ("shuffle", "sorted", "filter")
+STRATEGIES = ("shuffle", "sorted", "filter", "competence", "mixture", "interleave")
+PACINGS = ("linear", "root", "step", "exp")
+_KEYS = {  # allowed keys per strategy (besides strategy, steps, fraction)
+    "shuffle": set(),
+    "sorted": {"metric", "order"},
+    "filter": {"metric", "lo", "hi"},
+    "competence": {"metric", "order", "pacing", "c0", "ramp", "n_stages"},
+    "mixture": {"metric", "quantiles", "bounds", "weights", "weights_start", "weights_end"},
+    "interleave": {"orders", "ratio"},
+}
 
+
+class SpecError(ValueError):
+    """A schedule spec that cannot be used; the message names the field."""
+
+
+# -----------------------------------------------------------------------------
+# the spec: validated and normalised up front
+
+def spec_from_flags(strategy="shuffle", metric="", order="asc", lo=-math.inf, hi=math.inf) -> dict:
+    """The flat --schedule=... flags as a one-phase spec."""
+    phase = {"strategy": strategy}
+    if strategy in ("sorted", "competence"):
+        phase.update(metric=metric, order=order)
+    elif strategy == "filter":
+        phase.update(metric=metric, lo=None if lo == -math.inf else lo, hi=None if hi == math.inf else hi)
+    elif strategy != "shuffle":
+        raise SpecError(f"--schedule={strategy} needs a spec file: use --schedule_spec=plan.json")
+    return {"phases": [phase]}
+
+
+def load_spec(path) -> dict:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SpecError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+    return spec
+
+
+def _num(v, where, lo=-math.inf, hi=math.inf, integer=False, open_lo=False):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if open_lo else v >= lo) and v <= hi and (not integer or float(v).is_integer())
+    if not ok:
+        rng = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise SpecError(f"{where}: {v!r} must be {'an integer' if integer else 'a number'} in {rng}")
+    return int(v) if integer else float(v)
+
+
+def _weights(w, n, where):
+    if not isinstance(w, list) or len(w) != n:
+        raise SpecError(f"{where}: needs {n} weights, one per bin")
+    w = [_num(x, f"{where}[{i}]", 0) for i, x in enumerate(w)]
+    if sum(w) <= 0:
+        raise SpecError(f"{where}: weights sum to 0")
+    return [x / sum(w) for x in w]
+
+
+def _order(p: dict, where: str, metrics: set | None, nested=False) -> dict:
+    """One strategy's fields, checked and with defaults filled in."""
+    if not isinstance(p, dict):
+        raise SpecError(f"{where}: must be an object")
+    s = p.get("strategy")
+    if s not in STRATEGIES or (nested and s == "interleave"):
+        allowed = STRATEGIES[:-1] if nested else STRATEGIES
+        raise SpecError(f"{where}.strategy: {s!r} is not one of {', '.join(allowed)}")
+    extra = set(p) - _KEYS[s] - {"strategy"} - (set() if nested else {"steps", "fraction"})
+    if extra:
+        raise SpecError(f"{where}: unknown key {sorted(extra)[0]!r} for strategy {s} "
+                        f"(valid: {', '.join(sorted(_KEYS[s])) or 'none'})")
+    out = {"strategy": s}
+    if "metric" in _KEYS[s]:
+        m = p.get("metric")
+        if not isinstance(m, str) or not m:
+            raise SpecError(f"{where}.metric: strategy {s} needs a batch metric name")
+        if metrics is not None and m not in metrics:
+            raise SpecError(f"{where}.metric: unknown batch metric {m!r}; valid: {', '.join(sorted(metrics))}")
+        out["metric"] = m
+    if "order" in _KEYS[s]:
+        out["order"] = p.get("order", "asc")
+        if out["order"] not in ("asc", "desc"):
+            raise SpecError(f"{where}.order: {out['order']!r} is not asc or desc")
+    if s == "filter":
+        lo, hi = p.get("lo"), p.get("hi")
+        out["lo"] = None if lo is None else _num(lo, f"{where}.lo")
+        out["hi"] = None if hi is None else _num(hi, f"{where}.hi")
+        if lo is None and hi is None:
+            raise SpecError(f"{where}: filter needs lo or hi")
+        if None not in (lo, hi) and out["lo"] > out["hi"]:
+            raise SpecError(f"{where}: lo {lo} > hi {hi}")
+    elif s == "competence":
+        out["pacing"] = p.get("pacing", "root")
+        if out["pacing"] not in PACINGS:
+            raise SpecError(f"{where}.pacing: {out['pacing']!r} is not one of {', '.join(PACINGS)}")
+        out["c0"] = _num(p.get("c0", 0.1), f"{where}.c0", 0, 1, open_lo=True)
+        out["ramp"] = _num(p.get("ramp", 1.0), f"{where}.ramp", 0, 1, open_lo=True)
+        out["n_stages"] = _num(p.get("n_stages", 5), f"{where}.n_stages", 1, 10_000, integer=True)
+    elif s == "mixture":
+        if ("quantiles" in p) == ("bounds" in p):
+            raise SpecError(f"{where}: mixture needs exactly one of quantiles or bounds")
+        key = "quantiles" if "quantiles" in p else "bounds"
+        e = p[key]
+        if not isinstance(e, list) or len(e) < 3:
+            raise SpecError(f"{where}.{key}: needs at least 3 edges (2 bins)")
+        e = [_num(x, f"{where}.{key}[{i}]", *((0, 1) if key == "quantiles" else ())) for i, x in enumerate(e)]
+        if any(b <= a for a, b in zip(e, e[1:])):
+            raise SpecError(f"{where}.{key}: edges must increase")
+        out[key] = e
+        nb = len(e) - 1
+        if "weights" in p:
+            if "weights_start" in p or "weights_end" in p:
+                raise SpecError(f"{where}: give weights, or weights_start and weights_end, not both")
+            out["weights_start"] = out["weights_end"] = _weights(p["weights"], nb, f"{where}.weights")
+        elif "weights_start" in p and "weights_end" in p:
+            out["weights_start"] = _weights(p["weights_start"], nb, f"{where}.weights_start")
+            out["weights_end"] = _weights(p["weights_end"], nb, f"{where}.weights_end")
+        else:
+            raise SpecError(f"{where}: mixture needs weights (or weights_start and weights_end)")
+    elif s == "interleave":
+        orders = p.get("orders")
+        if not isinstance(orders, list) or len(orders) != 2:
+            raise SpecError(f"{where}.orders: interleave needs a list of 2 sub-orders")
+        out["orders"] = [_order(o, f"{where}.orders[{i}]", metrics, nested=True) for i, o in enumerate(orders)]
+        r = p.get("ratio", [1, 1])
+        if not isinstance(r, list) or len(r) != 2:
+            raise SpecError(f"{where}.ratio: needs [a, b]")
+        out["ratio"] = [_num(x, f"{where}.ratio[{i}]", 1, 1e6, integer=True) for i, x in enumerate(r)]
+    return out
+
+
+def validate_spec(spec, metrics: set | None = None, name="schedule spec") -> dict:
+    """The spec with defaults filled in, or a SpecError naming the field. `metrics`: the
+    batch metric names that exist (None: not checked)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("phases"), list) or not spec["phases"]:
+        raise SpecError(f"{name}: needs a non-empty list 'phases'")
+    extra = set(spec) - {"phases", "exclude", "include"}
+    if extra:
+        raise SpecError(f"{name}: unknown key {sorted(extra)[0]!r} (valid: phases, exclude, include)")
+    out = {"phases": []}
+    n = len(spec["phases"])
+    for i, p in enumerate(spec["phases"]):
+        where = f"{name}: phases[{i}]"
+        q = _order(p, where, metrics)
+        if "steps" in p and "fraction" in p:
+            raise SpecError(f"{where}: give steps or fraction, not both")
+        if "steps" in p:
+            q["steps"] = _num(p["steps"], f"{where}.steps", 1, 1e12, integer=True)
+        elif "fraction" in p:
+            q["fraction"] = _num(p["fraction"], f"{where}.fraction", 0, 1, open_lo=True)
+        elif i < n - 1:
+            raise SpecError(f"{where}: only the last phase may omit steps/fraction")
+        out["phases"].append(q)
+    for key in ("exclude", "include"):
+        if spec.get(key):
+            if not isinstance(spec[key], str):
+                raise SpecError(f"{name}.{key}: must be the path of a .npy of batch ids")
+            out[key] = spec[key]
+    return out
+
+
+def spec_metrics(spec: dict) -> list[str]:
+    """The batch metrics a (validated) spec reads."""
+    found = []
+    for p in spec["phases"]:
+        for o in p.get("orders", [p]):
+            if "metric" in o and o["metric"] not in found:
+                found.append(o["metric"])
+    return found
+
+
+def load_ids(path, where: str) -> np.ndarray:
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{where}: cannot read {path} ({type(e).__name__}); it must be a .npy of batch ids") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise SpecError(f"{where}: {path} must hold a 1-D integer array of batch ids")
+    return ids.astype(np.int64)
+
+
+# -----------------------------------------------------------------------------
+# orders: each gives the n ids of its local step s, a pure function of s
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+class _Epochs:
+    """Position p of an endless stream that runs through `ids` once per epoch, either in
+    a fixed order or in a fresh seeded permutation each epoch."""
+
+    def __init__(self, ids: np.ndarray, key: tuple, shuffle: bool):
+        if len(ids) == 0:
+            raise SpecError("a phase has no batches to train on (empty filter or bin)")
+        self.ids, self.key, self.shuffle = ids, key, shuffle
+        self._epoch, self._perm = -1, ids
+
+    def at(self, pos: np.ndarray) -> np.ndarray:
+        n, out = len(self.ids), np.empty(len(pos), dtype=np.int64)
+        for e in np.unique(pos // n):
+            sel = pos // n == e
+            out[sel] = self._order(int(e))[pos[sel] % n]
+        return out
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return self.ids
+        if epoch != self._epoch:  # one permutation per epoch, seeded by (seed, phase..., epoch)
+            self._epoch, self._perm = epoch, self.ids[_rng(*self.key, epoch).permutation(len(self.ids))]
+        return self._perm
+
+
+def _by_metric(ids, values, order):
+    key = np.where(np.isnan(values), np.inf, values if order == "asc" else -values)  # NaNs last
+    return ids[np.argsort(key, kind="stable")]
+
+
+def pacing(kind: str, c0: float, x: np.ndarray, n_stages: int = 5) -> np.ndarray:
+    """Competence c in [c0, 1] at progress x = t / ramp_steps (clipped to [0, 1])."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0, 1)
+    if kind == "linear":
+        c = c0 + (1 - c0) * x
+    elif kind == "root":  # Platanios et al.'s root-2 competence
+        c = np.sqrt(c0 ** 2 + (1 - c0 ** 2) * x)
+    elif kind == "step":  # n_stages equal jumps
+        c = c0 + (1 - c0) * np.floor(x * n_stages) / n_stages
+    else:  # exp: c0 doubles each of ceil(log2(1/c0)) equal stages (Hacohen & Weinshall)
+        stages = max(1, math.ceil(math.log2(1 / c0)))
+        c = c0 * 2.0 ** np.floor(x * stages)
+    return np.minimum(c, 1.0)
+
+
+class _Order:
+    def __init__(self, p: dict, ids: np.ndarray, metric_of, key: tuple, n: int, length: int):
+        self.p, self.n, self.length, self.key = p, n, length, key  # n rows per step, phase length
+        s = p["strategy"]
+        vals = metric_of(p["metric"]) if "metric" in p else None
+        if s == "shuffle":
+            self.stream = _Epochs(ids, key, shuffle=True)
+        elif s == "sorted":
+            self.stream = _Epochs(_by_metric(ids, vals, p["order"]), key, shuffle=False)
+        elif s == "filter":
+            lo = -np.inf if p["lo"] is None else p["lo"]
+            hi = np.inf if p["hi"] is None else p["hi"]
+            self.stream = _Epochs(ids[(vals >= lo) & (vals <= hi)], key, shuffle=True)
+        elif s == "competence":
+            self.ranked = _by_metric(ids, vals, p["order"])
+        elif s == "mixture":
+            self._init_mixture(ids, vals)
+        elif s == "interleave":
+            a, b = p["ratio"]
+            la = (length // (a + b)) * a + min(length % (a + b), a)
+            self.subs = [_Order(o, ids, metric_of, key + (q,), n, ln)
+                         for q, (o, ln) in enumerate(zip(p["orders"], (la, length - la)))]
+
+    def _init_mixture(self, ids, vals):
+        p = self.p
+        ok = ~np.isnan(vals)
+        edges = (np.quantile(vals[ok], p["quantiles"]) if "quantiles" in p else np.asarray(p["bounds"], float))
+        bins = np.searchsorted(edges, vals, side="right") - 1
+        bins[vals == edges[-1]] = len(edges) - 2  # the top edge is inside the last bin
+        nb = len(edges) - 1
+        self.bins = []
+        ws, we = np.asarray(p["weights_start"]), np.asarray(p["weights_end"])
+        for b in range(nb):
+            members = ids[ok & (bins == b)]
+            if len(members) == 0 and max(ws[b], we[b]) > 0:
+                raise SpecError(f"mixture bin {b} [{edges[b]:.4g}, {edges[b + 1]:.4g}] of metric "
+                                f"{p['metric']} holds no batches")
+            self.bins.append(_Epochs(members, self.key + (b,), shuffle=True) if len(members) else None)
+        # rows per bin at every step of the phase, and where each bin's stream stands
+        t = np.arange(max(self.length, 1))[:, None] / max(self.length - 1, 1)
+        w = ws[None, :] + (we - ws)[None, :] * t  # (steps, bins)
+        self.counts = apportion(w, self.n)
+        self.starts = np.vstack([np.zeros((1, nb), np.int64), np.cumsum(self.counts, 0)])
+
+    def ids(self, s: int) -> np.ndarray:
+        n, p = self.n, self.p
+        st = p["strategy"]
+        if st in ("shuffle", "sorted", "filter"):
+            return self.stream.at(np.arange(s * n, (s + 1) * n, dtype=np.int64))
+        if st == "competence":
+            ramp_steps = max(1.0, p["ramp"] * self.length)
+            c = float(pacing(p["pacing"], p["c0"], s / ramp_steps, p["n_stages"]))
+            m = min(len(self.ranked), max(n, math.ceil(c * len(self.ranked) - 1e-9)))
+            pick = _rng(*self.key, s).choice(m, n, replace=m < n)
+            return self.ranked[pick]
+        if st == "mixture":
+            row = min(s, len(self.counts) - 1)  # steps past the phase's length keep the last weights
+            cnt = self.counts[row]
+            start = self.starts[row] + (s - row) * cnt
+            parts = [self.bins[b].at(np.arange(start[b], start[b] + cnt[b], dtype=np.int64))
+                     for b in range(len(cnt)) if cnt[b]]
+            return np.concatenate(parts)
+        a, b = p["ratio"]  # interleave
+        cyc, k = divmod(s, a + b)
+        return self.subs[0].ids(cyc * a + k) if k < a else self.subs[1].ids(cyc * b + k - a)
+
+
+def apportion(w: np.ndarray, n: int) -> np.ndarray:
+    """Integer rows per bin (each row of w sums to 1) summing to n: largest remainder,
+    ties to the lower bin."""
+    exact = w * n
+    base = np.floor(exact + 1e-9).astype(np.int64)
+    rem = exact - base
+    short = n - base.sum(1)
+    order = np.argsort(-rem, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(w.shape[1])[None, :].repeat(len(w), 0), axis=1)
+    return base + (rank < short[:, None])
+
+
+class _Excluding:
+    """An order's stream with some ids dropped and the gaps closed up, so the rest keep
+    their relative order (a leave-out retraining)."""
+
+    def __init__(self, order: _Order, mask: np.ndarray):
+        self.order, self.mask, self.n = order, mask, order.n
+        self.buf, self.next = np.zeros(0, np.int64), 0
+
+    def ids(self, s: int) -> np.ndarray:
+        need = (s + 1) * self.n
+        while len(self.buf) < need:
+            chunk = self.order.ids(self.next)
+            self.next += 1
+            if self.next > 1000 + 1000 * (s + 1):
+                raise SpecError("the exclusion removes every batch the schedule would train on")
+            self.buf = np.concatenate([self.buf, chunk[~self.mask[chunk]]])
+        return self.buf[s * self.n: need]
+
+
+# -----------------------------------------------------------------------------
 
 class Schedule:
-    def __init__(self, train_ids: np.ndarray, batches_per_step: int, strategy: str = "shuffle",
-                 seed: int = 1337, metric: np.ndarray | None = None, metric_name: str = "",
-                 order: str = "asc", lo: float = -np.inf, hi: float = np.inf):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown schedule strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    """step -> the batches_per_step global ids of that optimizer step."""
+
+    def __init__(self, spec: dict, train_ids: np.ndarray, batches_per_step: int, seed: int = 1337,
+                 max_iters: int = 1, metric_of=None, name: str = "schedule spec"):
+        """metric_of(name) -> one value per entry of train_ids (only called for the
+        metrics the spec names). Raises SpecError for a spec that cannot be used."""
+        self.spec = validate_spec(spec, name=name)
+        self.seed, self.B, self.max_iters = int(seed), int(batches_per_step), int(max_iters)
         ids = np.asarray(train_ids, dtype=np.int64)
-        self.strategy, self.seed, self.B = strategy, seed, batches_per_step
-        self.desc = f"{strategy}(seed={seed}"
-        if strategy != "shuffle":
-            if metric is None or len(metric) != len(ids):
-                raise ValueError(f"strategy {strategy} needs one metric value per training batch")
-            metric = np.asarray(metric, dtype=np.float64)
-            self.desc += f", metric={metric_name}"
-        if strategy == "sorted":
-            key = np.where(np.isnan(metric), np.inf, metric if order == "asc" else -metric)  # NaNs last
-            ids = ids[np.argsort(key, kind="stable")]
-            self.desc += f", order={order}"
-        elif strategy == "filter":
-            ids = ids[(metric >= lo) & (metric <= hi)]
-            self.desc += f", lo={lo}, hi={hi}"
-        self.desc += ")"
-        if len(ids) == 0:
-            raise ValueError(f"schedule {self.desc} has no training batches")
+        values = {m: np.asarray(metric_of(m), dtype=np.float64) for m in spec_metrics(self.spec)}
+        for m, v in values.items():
+            if len(v) != len(ids):
+                raise SpecError(f"{name}: metric {m} has {len(v)} values for {len(ids)} training batches")
+        self.extra = {}  # include/exclude ids, part of the fingerprint
+        if "include" in self.spec:
+            inc = load_ids(self.spec["include"], f"{name}.include")
+            keep = np.isin(ids, inc)
+            if not keep.any():
+                raise SpecError(f"{name}.include: none of its ids is a training batch")
+            ids, values = ids[keep], {m: v[keep] for m, v in values.items()}
+            self.extra["include"] = inc
+        lookup = dict(values)
         self.ids = ids
-        self._epoch, self._perm = -1, None
+        self.bounds = self._phase_bounds()
+        self.orders = []
+        mask = None
+        if "exclude" in self.spec:
+            exc = load_ids(self.spec["exclude"], f"{name}.exclude")
+            self.extra["exclude"] = exc
+            mask = np.zeros(int(max(ids.max(), exc.max(initial=0))) + 1, dtype=bool)
+            mask[exc[exc >= 0]] = True
+        for i, (p, (a, b)) in enumerate(zip(self.spec["phases"], self.bounds)):
+            try:
+                o = _Order(p, ids, lookup.__getitem__, (self.seed, i), self.B, b - a)
+            except SpecError as e:
+                raise SpecError(f"{name}: phases[{i}]: {e}") from None
+            self.orders.append(_Excluding(o, mask) if mask is not None else o)
+        self._values_sha = {m: hashlib.sha256(v.tobytes()).hexdigest()[:16] for m, v in values.items()}
+
+    def _phase_bounds(self) -> list[tuple[int, int]]:
+        """[start, end) steps of each phase; the last phase runs on past max_iters."""
+        out, t = [], 0
+        for i, p in enumerate(self.spec["phases"]):
+            last = i == len(self.spec["phases"]) - 1
+            if "steps" in p:
+                ln = p["steps"]
+            elif "fraction" in p:
+                ln = max(1, round(p["fraction"] * self.max_iters))
+            else:
+                ln = max(1, self.max_iters - t)
+            out.append((t, t + ln if not last else max(t + ln, self.max_iters)))
+            t += ln
+        return out
 
     @property
     def n(self) -> int:
+        """The number of training batches the schedule draws from."""
         return len(self.ids)
 
-    def fingerprint(self) -> str:
-        """Identifies the order: the same fingerprint means the same ids at every step."""
-        h = hashlib.sha256(self.desc.encode())
-        h.update(np.int64(self.B).tobytes())
-        h.update(self.ids.tobytes())
-        return h.hexdigest()[:16]
+    @property
+    def desc(self) -> str:
+        parts = []
+        for p, (a, b) in zip(self.spec["phases"], self.bounds):
+            args = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("strategy", "steps", "fraction", "orders"))
+            sub = " | ".join(o["strategy"] for o in p.get("orders", []))
+            parts.append(f"{p['strategy']}({args}{', ' if args and sub else ''}{sub}) steps {a}-{b}")
+        return f"seed {self.seed}: " + "; ".join(parts) + (" [+exclude]" if "exclude" in self.extra else "")
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self.strategy == "sorted":
-            return self.ids
-        if epoch != self._epoch:  # one permutation per epoch, seeded by (seed, epoch)
-            rng = np.random.default_rng([self.seed, epoch])
-            self._epoch, self._perm = epoch, self.ids[rng.permutation(self.n)]
-        return self._perm
+    def phase_of(self, step: int) -> int:
+        for i, (a, b) in enumerate(self.bounds):
+            if step < b:
+                return i
+        return len(self.bounds) - 1
 
     def step_ids(self, step: int) -> np.ndarray:
         """The batches_per_step global ids of optimizer step `step` (0-based)."""
-        pos = np.arange(step * self.B, (step + 1) * self.B, dtype=np.int64)
-        out = np.empty(self.B, dtype=np.int64)
-        for e in np.unique(pos // self.n):
-            sel = pos // self.n == e
-            out[sel] = self._epoch_order(int(e))[pos[sel] % self.n]
-        return out
+        i = self.phase_of(step)
+        return self.orders[i].ids(step - self.bounds[i][0])
+
+    def record(self) -> dict:
+        """Everything the order depends on, as structured plain data (checkpointed). The
+        last phase's end counts only where its order depends on its length (competence,
+        mixture), so a resume that extends a shuffled run keeps its fingerprint."""
+        bounds = [list(b) for b in self.bounds]
+        if not _length_matters(self.spec["phases"][-1]):
+            bounds[-1][1] = None
+        return {"spec": self.spec, "seed": self.seed, "batches_per_step": self.B, "bounds": bounds,
+                "n_train": len(self.ids), "ids_sha256": hashlib.sha256(self.ids.tobytes()).hexdigest()[:16],
+                "metrics_sha256": self._values_sha,
+                "lists_sha256": {k: hashlib.sha256(v.tobytes()).hexdigest()[:16] for k, v in self.extra.items()}}
+
+    def fingerprint(self) -> str:
+        """The same fingerprint means the same ids at every step. Built from the
+        structured record, never from a display string."""
+        rec = self.record()
+        rec["spec"] = {k: v for k, v in rec["spec"].items() if k not in ("exclude", "include")}  # paths: content counts
+        return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def rank_micro_batches(step_ids: np.ndarray, rank: int, world_size: int, micro_steps: int) -> np.ndarray:
-    """This rank's ids of a step, shaped (micro_steps, batch_size): ranks take disjoint,
-    contiguous slices, so the union over ranks is the step's ids at any world size."""
-    return step_ids.reshape(world_size, micro_steps, -1)[rank]
+def _length_matters(p: dict) -> bool:
+    return any(o["strategy"] in ("competence", "mixture") for o in p.get("orders", [p]))
+
+
+def rank_micro_batches(step_rows: np.ndarray, rank: int, world_size: int, micro_steps: int) -> np.ndarray:
+    """This rank's rows of a step (its ids (B,) or windows (B, T+1)), shaped (micro_steps,
+    batch_size, ...): ranks take disjoint, contiguous slices, so the union over ranks is
+    the step at any world size."""
+    return step_rows.reshape(world_size, micro_steps, -1, *step_rows.shape[1:])[rank]
 
 
 def get_lr(it: int, cfg) -> float:

@@ -1,26 +1,38 @@
 """
 Pretrain a Llama-2 model on the pretokenized TinyStories batches, recording exactly
-which batches every checkpoint has seen.
+what every checkpoint has seen.
 
 $ python train.py                                   # tiny default config, CPU-friendly
 $ python train.py --max_iters=2000 --out_dir=out/shuffle_s2 --seed=2
 $ python train.py config/stories15M.json            # llama2.c's 15M model (GPU)
 $ python train.py --init_from=resume                # continue the same schedule exactly
 $ python train.py --schedule=sorted --schedule_metric=fk_grade --out_dir=out/curriculum
-$ python train.py --show_batches=12                 # ids + text of step 12 of the run
+$ python train.py --schedule_spec=config/schedules/competence.json --out_dir=out/competence
+$ python train.py --tags=config/tags/canary.json --out_dir=out/canary
+$ python train.py --select=rho --select_pool=4 --out_dir=out/rho
+$ python train.py --show_batches=12                 # ids + text of step 12 (batch_viewer.py)
 $ torchrun --standalone --nproc_per_node=4 train.py config/stories15M.json
 
-The order of batches is a Schedule (schedule.py). An optimizer step consumes
-batch_size * gradient_accumulation_steps batches (gradient_accumulation_steps counts
-over all ranks, as in llama2.c: each of W ranks does 1/W of them), so a step sees
-the same ids at any world size. Checkpoints are kept at steps 0, 1, 2, 4, 8, ... and
-then every eval_interval (checkpoint.py describes their contents).
+What a step trains on is one stream (stream.py): the schedule's ids (schedule.py: a
+spec of phases, or the flat --schedule flags) -> optional online selection -> optional
+tag insertion. An optimizer step consumes batch_size * gradient_accumulation_steps
+batches (gradient_accumulation_steps counts over all ranks, as in llama2.c: each of W
+ranks does 1/W of them), so a step sees the same ids at any world size. Checkpoints
+are kept at steps 0, 1, 2, 4, 8, ... and then every eval_interval (checkpoint.py
+describes their contents); <out_dir>/batch_ids.npy keeps the ids as plain numpy.
+
+A run owns its out_dir for its whole life (out_dir/.lock); config.json and run.json
+record how it started, history.jsonl each start and resume with what changed.
 """
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import math
 import os
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,13 +42,17 @@ import numpy as np
 import torch
 
 import batchmetrics
-from checkpoint import (FORMAT_VERSION, ckpt_path, latest_checkpoint, list_checkpoints,
-                        load_checkpoint, save_checkpoint)
-from common import (UserError, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
+from checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint, list_checkpoints,
+                        load_checkpoint, optimizer_path, save_checkpoint, stream_records)
+from common import (UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
                     main_guard, parse_config, write_json_atomic)
-from model import ModelArgs, Transformer, mean_loss
-from schedule import STRATEGIES, Schedule, get_lr, rank_micro_batches
 from data import DATA_DIR, TABLES_DIR, BatchData
+from export import export_v0
+from model import ModelArgs, Transformer, mean_loss
+from schedule import (STRATEGIES, Schedule, SpecError, get_lr, load_spec, rank_micro_batches, spec_from_flags,
+                      spec_metrics)
+from stream import SELECT_METHODS, Inserter, Selector, Stream
+from tokenizer import Tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -46,30 +62,44 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"
     data_dir: str = str(DATA_DIR)
-    model_bin: str = "model.bin"  # llama2.c model written at the end ('' to skip)
+    model_bin: str = ""  # llama2.c model written at the end: '' = model.bin at the root for out_dir=out
+    #                      (the seed's path), <out_dir>/model.bin otherwise; 'none' to skip
     eval_interval: int = 100  # checkpoint + eval every this many steps...
     log_spaced: bool = True  # ...and at 0, 1, 2, 4, 8, ... below it (Pythia)
     log_interval: int = 10
     eval_iters: int = 8  # batches of batch_size for each loss estimate
     export_ckpt_bins: bool = False  # also write <out_dir>/ckpt/model_<iter>.bin
+    keep_optimizer: bool = False  # keep the optimizer state of every checkpoint, not only the latest
     init_from: str = "scratch"  # 'scratch' or 'resume'
-    show_batches: int = -1  # >= 0: print the batches of this step and exit
+    show_batches: int = -1  # >= 0: print the batches of this step and exit (batch_viewer.py)
     # wandb (optional)
     wandb_log: bool = False
     wandb_project: str = "llama2_prebiasing"
     wandb_run_name: str = ""
+    wandb_group: str = ""  # experiment.py: the experiment
+    wandb_job_type: str = ""  # experiment.py: the arm
+    wandb_run_id: str = ""  # a fixed id, so later stages (eval) log into the same run
     # data
     batch_size: int = 16
     max_seq_len: int = 256
     vocab_size: int = 512
-    # schedule (the order of batches)
+    # schedule (the order of batches): a spec file, or the flat flags as a one-phase spec
     seed: int = 1337
+    schedule_spec: str = ""  # a JSON spec of phases (schedule.py); overrides the flat flags
     schedule: str = "shuffle"
     schedule_metric: str = ""  # a column of batch_metrics.csv, for sorted/filter
     schedule_order: str = "asc"
     schedule_lo: float = -math.inf
     schedule_hi: float = math.inf
+    schedule_exclude: str = ""  # a .npy of batch ids never trained on (the rest keep their order)
     tables_dir: str = str(TABLES_DIR)  # where batch_metrics.csv lives
+    # tags and online selection (stream.py)
+    tags: str = ""  # a JSON tag file (tags.py): canaries and conditional tags
+    select: str = "none"  # none | uniform | loss | rho | metric
+    select_pool: int = 1  # K: each step scores K * its batches and keeps the best
+    select_ref: str = ""  # rho: a model.bin/.pt for the irreducible loss ('' = batch metrics' ref_nll)
+    select_metric: str = ""  # metric: the batch metric to steer by...
+    select_target: float = 0.0  # ...toward this value
     # model
     dim: int = 64
     n_layers: int = 4
@@ -92,16 +122,49 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto
     compile: bool = False
+    flush_denormal: bool = True  # CPU: flush subnormal floats to zero (up to 1.3x faster late in a run)
     peak_flops: float = 0.0  # for MFU; 0: a known GPU's bf16 peak, or measured on CPU
 
 
-CHOICES = {"init_from": ("scratch", "resume"), "schedule": STRATEGIES,
-           "schedule_order": ("asc", "desc"), "dtype": ("auto", "float32", "bfloat16", "float16")}
-# fields that define the run: a resume must not change them
-RUN_DEFINING = ("batch_size", "max_seq_len", "vocab_size", "seed", "schedule", "schedule_metric",
-                "schedule_order", "schedule_lo", "schedule_hi", "dim", "n_layers", "n_heads",
-                "n_kv_heads", "multiple_of", "gradient_accumulation_steps")
+CHOICES = {"init_from": ("scratch", "resume"), "schedule": STRATEGIES[:3],
+           "schedule_order": ("asc", "desc"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "select": SELECT_METHODS}
+# fields that define the run: a resume must not change them (the schedule spec, tags and
+# exclusions are checked by content, through the stream's fingerprint)
+RUN_DEFINING = ("batch_size", "max_seq_len", "vocab_size", "seed", "dim", "n_layers", "n_heads",
+                "n_kv_heads", "multiple_of", "gradient_accumulation_steps", "select", "select_pool",
+                "select_ref", "select_metric", "select_target")
+POSITIVE = ("eval_interval", "log_interval", "eval_iters", "batch_size", "max_seq_len", "vocab_size", "dim",
+            "n_layers", "n_heads", "n_kv_heads", "multiple_of", "gradient_accumulation_steps", "select_pool")
 # -----------------------------------------------------------------------------
+
+
+def validate(cfg: TrainConfig):
+    """Nonsense values get one line before anything is written."""
+    for k in POSITIVE:
+        if getattr(cfg, k) < 1:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
+    if cfg.max_iters < 0:
+        raise UserError(f"--max_iters={cfg.max_iters}: must be >= 0")
+    for k in ("learning_rate", "weight_decay", "grad_clip", "min_lr", "warmup_iters"):
+        if not getattr(cfg, k) >= 0:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be >= 0")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout={cfg.dropout}: must be in [0, 1)")
+    if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
+        raise UserError(f"--dim={cfg.dim}, --n_heads={cfg.n_heads}, --n_kv_heads={cfg.n_kv_heads}: dim must be a "
+                        "multiple of n_heads and n_heads of n_kv_heads")
+    if (cfg.select == "none") != (cfg.select_pool == 1) and cfg.select != "uniform":
+        raise UserError(f"--select={cfg.select} --select_pool={cfg.select_pool}: selection needs a pool "
+                        "larger than 1 (e.g. --select_pool=4), and a pool needs a --select method")
+    if cfg.select == "metric" and not cfg.select_metric:
+        raise UserError("--select=metric needs --select_metric=<a batch metric> (and --select_target)")
+
+
+def default_model_bin(cfg: TrainConfig) -> str:
+    if cfg.model_bin:
+        return "" if cfg.model_bin == "none" else cfg.model_bin
+    return "model.bin" if Path(cfg.out_dir) == Path("out") else str(Path(cfg.out_dir) / "model.bin")
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
@@ -122,22 +185,85 @@ def checkpoint_steps(max_iters: int, eval_interval: int, log_spaced: bool = True
     return sorted(steps)
 
 
-def build_schedule(cfg: TrainConfig, data: BatchData) -> Schedule:
-    B = cfg.batch_size * cfg.gradient_accumulation_steps
-    metric = None
-    if cfg.schedule != "shuffle":
-        if not cfg.schedule_metric:
-            raise UserError(f"--schedule={cfg.schedule} needs --schedule_metric=<a batch metric>")
-        metric = batchmetrics.load_metric_column(cfg.tables_dir, cfg.schedule_metric, data)[data.train_ids]
+# -----------------------------------------------------------------------------
+# the stream: schedule -> selection -> tags
+
+class BatchMetrics:
+    """Batch metric columns for every batch id, read once from batch_metrics.csv."""
+
+    def __init__(self, tables_dir, data: BatchData):
+        self.tables_dir, self.data, self.cols = tables_dir, data, {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self.cols:
+            self.cols[name] = batchmetrics.load_metric_column(self.tables_dir, name, self.data)
+        return self.cols[name]
+
+
+def schedule_spec(cfg: TrainConfig) -> tuple[dict, str]:
+    """(spec, where it came from): --schedule_spec, else the flat flags."""
     try:
-        return Schedule(data.train_ids, B, cfg.schedule, cfg.seed, metric, cfg.schedule_metric,
-                        cfg.schedule_order, cfg.schedule_lo, cfg.schedule_hi)
-    except ValueError as e:
+        if cfg.schedule_spec:
+            spec, name = load_spec(cfg.schedule_spec), f"schedule spec {cfg.schedule_spec}"
+        else:
+            if cfg.schedule != "shuffle" and not cfg.schedule_metric:
+                raise SpecError(f"--schedule={cfg.schedule} needs --schedule_metric=<a batch metric>")
+            spec, name = spec_from_flags(cfg.schedule, cfg.schedule_metric, cfg.schedule_order,
+                                         cfg.schedule_lo, cfg.schedule_hi), "--schedule"
+    except SpecError as e:
+        raise UserError(str(e)) from None
+    if cfg.schedule_exclude:
+        spec = {**spec, "exclude": cfg.schedule_exclude}
+    return spec, name
+
+
+def build_schedule(cfg: TrainConfig, data: BatchData, bm: BatchMetrics | None = None) -> Schedule:
+    bm = bm or BatchMetrics(cfg.tables_dir, data)
+    spec, name = schedule_spec(cfg)
+    try:
+        if isinstance(spec.get("phases"), list):  # name an unknown metric before reading values
+            for m in spec_metrics({"phases": [p for p in spec["phases"] if isinstance(p, dict) and "strategy" in p
+                                              and isinstance(p.get("metric", ""), str)]}):
+                bm(m)
+        return Schedule(spec, data.train_ids, cfg.batch_size * cfg.gradient_accumulation_steps, cfg.seed,
+                        cfg.max_iters, lambda m: bm(m)[data.train_ids], name=name)
+    except SpecError as e:
         raise UserError(str(e)) from None
 
 
+def build_stream(cfg: TrainConfig, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
+    """The run's stream: its schedule, selector and tag inserter."""
+    bm = BatchMetrics(cfg.tables_dir, data)
+    sched = build_schedule(cfg, data, bm)
+    selector = inserter = None
+    tags_json = ""
+    if cfg.select != "none":
+        selector = Selector(cfg.select, cfg.select_pool, sched.spec, data, sched.B, cfg.seed, cfg.max_iters, bm,
+                            cfg.batch_size, device, ctx or autocast_ctx(device, "float32"), cfg.select_ref,
+                            cfg.select_metric, cfg.select_target)
+    if cfg.tags:
+        import tags as tagmod  # TODO(lead): top-level once tags.py has landed
+        enc = Tokenizer.for_vocab(cfg.vocab_size, cfg.data_dir)
+        tagset = tagmod.load_tags(cfg.tags, enc, cfg.max_seq_len, cfg.vocab_size)
+        inserter, tags_json = Inserter(tagset, data, cfg.data_dir, cfg.seed), tagset.json
+    return Stream(sched, data, selector, inserter, tags_json)
+
+
+def stream_fingerprint(stream: Stream) -> str:
+    """The schedule's fingerprint, extended by the tags and the selection settings."""
+    h = hashlib.sha256(stream.schedule.fingerprint().encode())
+    h.update(stream.record.tags.encode())
+    if stream.selector:
+        h.update(f"{stream.selector.method}:{stream.selector.K}".encode())
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+
 def peak_flops(device: str, dtype: str) -> float:
-    """bf16 dense peak of known GPUs; on CPU, a measured matmul rate in the run's dtype."""
+    """bf16 dense peak of known GPUs; on CPU, a measured matmul rate in the run's dtype.
+    Its random matrices come from a generator of their own: nothing outside training
+    may draw from the training RNG (resume exactness)."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
@@ -146,7 +272,8 @@ def peak_flops(device: str, dtype: str) -> float:
                 return peak
         return 312e12
     n, best = 1024, math.inf
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     with autocast_ctx("cpu", dtype):
         for _ in range(20):  # best of 20: the machine's ceiling, not its noise
             t0 = time.perf_counter()
@@ -155,8 +282,47 @@ def peak_flops(device: str, dtype: str) -> float:
     return 2 * n ** 3 / best
 
 
+class RunLock:
+    """<out_dir>/.lock, held (flock) for the run's life: a second process on the same
+    folder gets one line naming the holder instead of interleaving checkpoints."""
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / ".lock"
+        self.created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "another process"
+            self.f.close()
+            raise UserError(f"{out_dir} is in use by {holder}: wait for it to finish, or use another --out_dir") \
+                from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        self.f.flush()
+
+    def release(self):
+        """Unlock; a folder this lock created and nothing else wrote into goes away (a run
+        refused before its first write leaves nothing behind)."""
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+            self.path.unlink()
+            self.path.parent.rmdir()
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def remove_stale_temps(out_dir):
+    """Temp files of a save that a kill interrupted (atomic_path's .<name>.*.tmp)."""
+    for d in (Path(out_dir), ckpt_dir(out_dir)):
+        for p in d.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
+
 class Trainer:
-    """The training loop's state: model, optimizer, data, schedule and DDP layout."""
+    """The training loop's state: model, optimizer, data, stream and DDP layout."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -177,8 +343,11 @@ class Trainer:
         self.micro_steps = cfg.gradient_accumulation_steps // self.world
         self.dtype = auto_dtype(cfg.dtype, self.device)
         self.ctx = autocast_ctx(self.device, self.dtype)
+        if self.device == "cpu":
+            torch.set_flush_denormal(cfg.flush_denormal)
         self.data = BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len)
-        self.schedule = build_schedule(cfg, self.data)
+        self.stream = build_stream(cfg, self.data, self.device, self.ctx)
+        self.schedule = self.stream.schedule
         # fixed evaluation sets: the first val batches, and a seeded sample of train batches
         n_eval = cfg.eval_iters * cfg.batch_size
         self.val_ids = self.data.val_ids[:n_eval]
@@ -194,7 +363,7 @@ class Trainer:
                                                          (cfg.beta1, cfg.beta2), self.device.split(":")[0])
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == "float16")
         self.iter_num, self.prev_ckpt = 0, -1
-        self.pending_ids: list[np.ndarray] = []  # ids per step since the last checkpoint
+        self.mfu_peak = cfg.peak_flops or peak_flops(self.device, self.dtype)  # before resume restores the RNG
         if cfg.init_from == "resume":
             self._resume()
         self.raw_model = self.model
@@ -203,27 +372,20 @@ class Trainer:
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.model = DDP(self.model, device_ids=[self.device] if self.device.startswith("cuda") else None)
-        self.mfu_peak = cfg.peak_flops or peak_flops(self.device, self.dtype)
 
     def _resume(self):
         ck = load_checkpoint(latest_checkpoint(self.cfg.out_dir), map_location=self.device)
-        for k in RUN_DEFINING:
-            if ck["config"].get(k) != getattr(self.cfg, k):
-                raise UserError(f"checkpoint in {self.cfg.out_dir} was trained with {k}="
-                                f"{ck['config'].get(k)!r}, not {getattr(self.cfg, k)!r}: pass the same "
-                                "value, or use another --out_dir to start a new run")
-        if ck["data"]["tokenizer_sha256"] != self.data.meta["tokenizer_sha256"]:
-            raise UserError(f"the checkpoints in {self.cfg.out_dir} were trained on data of another tokenizer "
-                            "than the current batch index: re-pretokenize with that tokenizer or start a new --out_dir")
-        if ck["schedule"]["fingerprint"] != self.schedule.fingerprint():
-            raise UserError(f"the data or schedule changed since the checkpoints in {self.cfg.out_dir} "
-                            "were written (fingerprint mismatch); re-pretokenize the same data or start "
-                            "a new --out_dir")
+        check_resume(ck, dataclasses.asdict(self.cfg), RUN_DEFINING, self.data.meta["tokenizer_sha256"],
+                     stream_fingerprint(self.stream), self.cfg.out_dir)
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError:
             raise UserError(f"checkpoint in {self.cfg.out_dir} holds another model shape") from None
-        self.optimizer.load_state_dict(ck["optimizer"])
+        opt = optimizer_path(self.cfg.out_dir, ck["iter_num"])
+        if not opt.exists():
+            raise UserError(f"{opt} is missing: the optimizer state of the latest checkpoint is needed to resume "
+                            "exactly; restore it or start a new --out_dir")
+        self.optimizer.load_state_dict(torch.load(opt, map_location=self.device, weights_only=True))
         torch.set_rng_state(ck["rng"]["torch"].cpu())
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu())
@@ -246,34 +408,32 @@ class Trainer:
         cfg = self.cfg
         val_loss = self.estimate_loss(self.val_ids)
         train_loss = self.estimate_loss(self.train_eval_ids)
-        B = self.schedule.B
-        ids = np.stack(self.pending_ids) if self.pending_ids else np.zeros((0, B), dtype=np.int64)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and self.device.startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state()
-        obj = {
-            "format_version": FORMAT_VERSION,
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "model_args": self.raw_model.params.to_dict(),
-            "config": dataclasses.asdict(cfg),
-            "iter_num": self.iter_num,
-            "prev_iter": self.prev_ckpt,
-            "batch_ids": torch.from_numpy(ids),
-            "schedule": {"strategy": self.schedule.desc, "fingerprint": self.schedule.fingerprint(),
-                         "batches_per_step": B},
-            "data": {"vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
-                     "tokenizer_sha256": self.data.meta["tokenizer_sha256"], "n_batches": len(self.data)},
-            "rng": rng,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-        }
+        obj = build_checkpoint(
+            model=self.raw_model.state_dict(), model_args=self.raw_model.params.to_dict(),
+            config=dataclasses.asdict(cfg), iter_num=self.iter_num, prev_iter=self.prev_ckpt,
+            record=self.stream.record.arrays(),
+            schedule={**self.schedule.record(), "fingerprint": stream_fingerprint(self.stream),
+                      "desc": self.schedule.desc},
+            data_meta={"vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
+                       "tokenizer_sha256": self.data.meta["tokenizer_sha256"], "n_batches": len(self.data)},
+            rng=rng, train_loss=train_loss, val_loss=val_loss)
+        # the optimizer first: a kill between the two saves leaves the previous pair intact
+        with atomic_path(optimizer_path(cfg.out_dir, self.iter_num)) as tmp:
+            torch.save(self.optimizer.state_dict(), tmp)
         path = ckpt_path(cfg.out_dir, self.iter_num)
         save_checkpoint(obj, path)
+        if not cfg.keep_optimizer:
+            for it, _ in list_checkpoints(cfg.out_dir):
+                if it != self.iter_num:
+                    optimizer_path(cfg.out_dir, it).unlink(missing_ok=True)
+        write_ids_file(cfg.out_dir)
         if cfg.export_ckpt_bins:
-            from export import export_v0
             export_v0(self.raw_model, path.with_name(f"model_{self.iter_num}.bin"))
-        self.pending_ids, self.prev_ckpt = [], self.iter_num
+        self.stream.record.clear()
+        self.prev_ckpt = self.iter_num
         self.log(f"step:{self.iter_num}/{cfg.max_iters} train_loss:{train_loss:.4f} val_loss:{val_loss:.4f} "
                  f"ckpt:{path}")
         return val_loss
@@ -283,13 +443,7 @@ class Trainer:
         ckpt_steps = set(checkpoint_steps(cfg.max_iters, cfg.eval_interval, cfg.log_spaced))
         tokens_per_step = self.schedule.B * cfg.max_seq_len
         flops_per_step = self.raw_model.flops_per_token() * tokens_per_step
-        wandb = None
-        if cfg.wandb_log and self.master:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb_log=True needs wandb: pip install wandb") from None
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg))
+        wandb = start_wandb(cfg) if cfg.wandb_log and self.master else None
         if self.master and self.iter_num in ckpt_steps and not ckpt_path(cfg.out_dir, self.iter_num).exists():
             self.checkpoint()
         t0, n_timed = time.perf_counter(), 0
@@ -297,9 +451,8 @@ class Trainer:
             lr = get_lr(self.iter_num, cfg)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-            step_ids = self.schedule.step_ids(self.iter_num)
-            loss = self.train_step(step_ids)
-            self.pending_ids.append(step_ids)
+            _, windows = self.stream.step(self.iter_num, self.raw_model, self.rank, self.world)
+            loss = self.train_step(windows)
             self.iter_num += 1
             n_timed += 1
             if not math.isfinite(loss):
@@ -312,31 +465,32 @@ class Trainer:
                 self.log(f"step:{self.iter_num}/{cfg.max_iters} loss:{loss:.4f} lr:{lr:.2e} "
                          f"ms:{dt * 1000:.1f} tok/s:{tps:.0f} mfu:{100 * mfu:.1f}")
                 if wandb:
-                    wandb.log({"iter": self.iter_num, "loss": loss, "lr": lr, "tok_per_s": tps, "mfu": mfu})
+                    wandb.log({"iter": self.iter_num, "loss": loss, "lr": lr, "tok_per_s": tps, "mfu": mfu},
+                              step=self.iter_num)
                 t0, n_timed = time.perf_counter(), 0
             if self.iter_num in ckpt_steps and self.master:
                 val = self.checkpoint()
                 if wandb:
-                    wandb.log({"iter": self.iter_num, "val_loss": val})
+                    wandb.log({"iter": self.iter_num, "val_loss": val}, step=self.iter_num)
                 t0, n_timed = time.perf_counter(), 0
-        if self.master and cfg.model_bin:
-            from export import export_v0
-            export_v0(self.raw_model, cfg.model_bin)
-            print(f"wrote {cfg.model_bin}")
+        model_bin = default_model_bin(cfg)
+        if self.master and model_bin:
+            export_v0(self.raw_model, model_bin)
+            print(f"wrote {model_bin}")
         if wandb:
             wandb.finish()
         if self.ddp:
             import torch.distributed as dist
             dist.destroy_process_group()
 
-    def train_step(self, step_ids: np.ndarray) -> float:
-        """One optimizer step over this rank's slice of step_ids; returns the mean loss
-        of the step's micro-batches (over all ranks under DDP)."""
-        micro = rank_micro_batches(step_ids, self.rank, self.world, self.micro_steps)
+    def train_step(self, windows: np.ndarray) -> float:
+        """One optimizer step over this rank's slice of the step's windows (B, T+1);
+        returns the mean loss of the step's micro-batches (over all ranks under DDP)."""
+        micro = rank_micro_batches(windows, self.rank, self.world, self.micro_steps)  # (micro, bs, T+1)
         total = torch.zeros((), device=self.device)
-        for k, ids in enumerate(micro):
-            x, y = self.data.get(ids)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for k, w in enumerate(micro):
+            w = torch.from_numpy(np.ascontiguousarray(w))
+            x, y = w[:, :-1].to(self.device, non_blocking=True), w[:, 1:].to(self.device, non_blocking=True)
             if self.ddp:  # sync gradients on the last micro-step only
                 self.model.require_backward_grad_sync = k == self.micro_steps - 1
             with self.ctx:
@@ -357,70 +511,101 @@ class Trainer:
         return float(total)
 
 
-def write_run_record(cfg: TrainConfig):
+def start_wandb(cfg: TrainConfig):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_log=True needs wandb: pip install wandb (or pip install -r requirements-extra.txt)") \
+            from None
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg),
+               group=cfg.wandb_group or None, job_type=cfg.wandb_job_type or None,
+               id=cfg.wandb_run_id or None, resume="allow" if cfg.wandb_run_id else None,
+               dir=cfg.out_dir)
+    return wandb
+
+
+def write_ids_file(out_dir):
+    """<out_dir>/batch_ids.npy: every trained step's ids (steps, B) as plain numpy, from
+    the checkpoints (Pythia keeps its order as data); pool_ids.npy and insertions.npz too
+    where selection or tags ran."""
+    rec = stream_records(out_dir)
+    with atomic_path(Path(out_dir) / "batch_ids.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, rec["batch_ids"], allow_pickle=False)
+    if rec["pool_ids"].size:
+        with atomic_path(Path(out_dir) / "pool_ids.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, rec["pool_ids"], allow_pickle=False)
+    if len(rec["insertions"]):
+        with atomic_path(Path(out_dir) / "insertions.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, insertions=rec["insertions"], insert_tokens=rec["insert_tokens"],
+                     replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"))
+
+
+def write_run_record(cfg: TrainConfig, resumed_from: dict | None):
+    """config.json and run.json once, at the start; history.jsonl gets a line per start
+    and resume, with what a resume changed (the originals are never overwritten)."""
     out = Path(cfg.out_dir)
-    write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
-    write_json_atomic(out / "run.json", {"commit": git_commit(), "versions": library_versions(),
-                                         "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    now = dataclasses.asdict(cfg)
+    run = {"commit": git_commit(), "versions": library_versions(), "argv": sys.argv,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if resumed_from is None or not (out / "config.json").exists():
+        write_json_atomic(out / "config.json", now)
+        write_json_atomic(out / "run.json", run)
+    changed = {k: [v, now.get(k)] for k, v in (resumed_from or {}).items()
+               if k not in ("init_from", "show_batches") and v != now.get(k)}
+    entry = {**run, "event": "resume" if resumed_from is not None else "start", "changed": changed}
+    with open(out / "history.jsonl", "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    return changed
 
 
-def show_batches(cfg: TrainConfig, step: int):
-    """Print the ids and decoded text of one step, as Pythia's batch viewer: from the
-    checkpoints when they recorded it, else from the schedule."""
-    from checkpoint import batch_ids_by_checkpoint
-    from tokenizer import Tokenizer
-    data = BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len)
-    ids, source = None, "schedule"
-    if list_checkpoints(cfg.out_dir):
-        start = 0
-        for it, rec in batch_ids_by_checkpoint(cfg.out_dir).items():
-            if start <= step < it:
-                ids, source = rec[step - start].numpy(), f"checkpoint ckpt_{it}.pt"
-            start = it
-    if ids is None:
-        ids = build_schedule(cfg, data).step_ids(step)
-    enc = Tokenizer.for_vocab(cfg.vocab_size, cfg.data_dir)
-    print(f"step {step}: {len(ids)} batches (from the {source})")
-    for i in ids:
-        r = data.index[i]
-        text = enc.decode(data.window(int(i))).replace("\n", " ")
-        print(f"batch_id:{i} shard:{r['shard']} offset:{r['offset']} stories:{r['story_first']}-"
-              f"{r['story_last']} | {text[:160]}")
-    return ids
-
-
-def load_run_config(argv) -> TrainConfig:
-    """Defaults < the run's saved config.json (on resume / show_batches) < argv.
-    A resume continues to the saved max_iters unless --max_iters says otherwise (the
-    cosine schedule then follows the new max_iters from the resumed step on)."""
+def load_run_config(argv) -> tuple[TrainConfig, dict | None]:
+    """(config, the config it resumes from or None). Defaults < the run's config as it
+    stands (its latest checkpoint, on resume / show_batches) < argv. A resume continues
+    to the saved max_iters unless --max_iters says otherwise (the cosine schedule then
+    follows the new max_iters from the resumed step on)."""
     cfg = parse_config(TrainConfig(), argv, CHOICES)
-    saved = Path(cfg.out_dir) / "config.json"
-    if (cfg.init_from == "resume" or cfg.show_batches >= 0) and saved.exists():
-        base = TrainConfig()
-        for k, v in json.loads(saved.read_text()).items():
-            if hasattr(base, k):
-                setattr(base, k, v)
-        for k in ("init_from", "show_batches"):
-            setattr(base, k, TrainConfig.__dataclass_fields__[k].default)
-        cfg = parse_config(base, argv, CHOICES)
-    return cfg
+    if not (cfg.init_from == "resume" or cfg.show_batches >= 0) or not list_checkpoints(cfg.out_dir):
+        return cfg, None
+    saved = dict(load_checkpoint(latest_checkpoint(cfg.out_dir))["config"])
+    base = TrainConfig()
+    for k, v in saved.items():
+        if hasattr(base, k):
+            setattr(base, k, v)
+    for k in ("init_from", "show_batches"):
+        setattr(base, k, TrainConfig.__dataclass_fields__[k].default)
+    return parse_config(base, argv, CHOICES), saved
 
 
 def main(argv=None):
-    cfg = load_run_config(sys.argv[1:] if argv is None else argv)
-    if cfg.show_batches >= 0:
-        return show_batches(cfg, cfg.show_batches)
-    if cfg.init_from == "scratch" and list_checkpoints(cfg.out_dir):
-        raise UserError(f"{cfg.out_dir} already holds checkpoints: use --init_from=resume to continue, "
-                        "or another --out_dir")
-    trainer = Trainer(cfg)
-    if trainer.master:
-        write_run_record(cfg)
-        n = sum(p.numel() for p in trainer.raw_model.parameters())
-        print(f"{n / 1e6:.2f}M parameters, {trainer.device}/{trainer.dtype}, "
-              f"{trainer.schedule.B} batches/step ({trainer.schedule.B * cfg.max_seq_len} tokens), "
-              f"schedule {trainer.schedule.desc}, {trainer.schedule.n} training batches")
-    trainer.train()
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, saved = load_run_config(argv)
+    validate(cfg)
+    if cfg.show_batches >= 0:  # the batch viewer's shortcut
+        return subprocess.run([sys.executable, str(Path(__file__).with_name("batch_viewer.py")),
+                               f"--out_dir={cfg.out_dir}", f"--step={cfg.show_batches}"]).returncode
+    if cfg.init_from == "resume" and saved is None:
+        raise UserError(f"nothing to resume in {cfg.out_dir} (no checkpoints): drop --init_from=resume")
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    lock = RunLock(cfg.out_dir) if rank0 else None
+    try:
+        if cfg.init_from == "scratch" and list_checkpoints(cfg.out_dir):
+            raise UserError(f"{cfg.out_dir} already holds checkpoints: use --init_from=resume to continue, "
+                            "or another --out_dir")
+        if rank0:
+            remove_stale_temps(cfg.out_dir)
+        trainer = Trainer(cfg)  # data, stream and model are checked before anything is written
+        if trainer.master:
+            changed = write_run_record(cfg, saved)
+            for k, (old, new) in changed.items():
+                trainer.log(f"resume: {k} {old!r} -> {new!r}")
+            n = sum(p.numel() for p in trainer.raw_model.parameters())
+            print(f"{n / 1e6:.2f}M parameters, {trainer.device}/{trainer.dtype}, "
+                  f"{trainer.schedule.B} batches/step ({trainer.schedule.B * cfg.max_seq_len} tokens), "
+                  f"schedule {trainer.schedule.desc}, {trainer.schedule.n} training batches")
+        trainer.train()
+    finally:
+        if lock:
+            lock.release()
     return trainer
 
 

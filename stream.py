@@ -1,0 +1,312 @@
+"""
+What one optimizer step trains on, as one stream with an exact record:
+
+    schedule (the step's ids: schedule.py, a pure function of spec + seed + data)
+      -> optional online selection (a pool K times larger, scored, the best B kept)
+      -> optional tag insertion (canaries, conditional tags: tags.py)
+      -> the batch windows
+
+Each stage is deterministic given the step, the seed and the model state at that step,
+and the checkpoint records what came out of it (checkpoint.py): the ids, the pool where
+selection ran, each insertion where tags ran. The batch viewer, eval, durability and
+attribution read the same record (apply_insertions rebuilds a trained window), resume
+replays it, and world size never changes it (every rank computes the whole step's
+decisions; ranks only split the forward/backward work).
+
+Online selection (--select, --select_pool=K): the pool of step t is the schedule's B ids
+of step t followed by (K-1)*B candidates from a second stream of the same spec with the
+seed (seed, 'pool'); so `uniform` (keep the pool's first B) trains on exactly the ids of
+no selection. Scores, higher = kept (ties: the earlier pool position):
+    uniform  -position
+    loss     the current model's mean token loss on the window (no gradients)
+    rho      loss - irreducible loss (RHO-LOSS, Mindermann et al. 2022): the irreducible
+             loss is the reference scorer's ref_nll of the batch (batch_metrics.csv: fitted
+             on held-out data) or, with --select_ref=model.bin, that model's loss
+             (computed once per batch and cached)
+    metric   -|metric - select_target| of a batch metric (--select_metric): steer toward it
+A batch chosen from the second stream may come again later in the first: selection
+trades the once-per-epoch guarantee for the choice.
+
+Insertions: a row [step, row, pos, tag, n_tokens, mode] says that at `step`, in row `row`
+(0..B-1) of that step's ids, the tag's n tokens sit at window position `pos`; mode 0
+replaced window[pos:pos+n], mode 1 inserted them there (the tail shifts right and its
+last n tokens fall off). Rows apply in recorded order; replaced_tokens keeps what was
+overwritten or pushed off, so the original window is recoverable without the data too.
+Canaries replace (at the window start or a seeded random position, in `rows` seeded
+rows of each active step); conditional tags insert after the BOS of each story whose
+story-level metric lies in the tag's range.
+"""
+
+import json
+
+import numpy as np
+import torch
+
+import metrics
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import DoneRecord, UserError, atomic_path
+from data import BOS_ID, BatchData, tok_dir
+from export import load_v0
+from model import per_row_loss
+from schedule import Schedule
+from tokenizer import Tokenizer
+
+SELECT_METHODS = ("none", "uniform", "loss", "rho", "metric")
+REPLACE, INSERT = 0, 1
+INS_COLUMNS = ("step", "row", "pos", "tag", "n_tokens", "mode")
+
+
+# -----------------------------------------------------------------------------
+# insertions: apply a record to a window
+
+def apply_insertions(window: np.ndarray, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The window as trained: `rows` (k, 6) are this window's insertion rows in recorded
+    order and `tokens` their inserted tokens, concatenated."""
+    w = np.asarray(window, dtype=np.int64).copy()
+    L, at = len(w), 0
+    for _, _, pos, _, n, mode in np.asarray(rows).reshape(-1, 6):
+        t = tokens[at:at + n]
+        at += n
+        if mode == REPLACE:
+            w[pos:pos + n] = t
+        else:
+            w = np.concatenate([w[:pos], t, w[pos:]])[:L]
+    return w
+
+
+def trained_windows(data: BatchData, ids: np.ndarray, step: int, rec: dict) -> np.ndarray:
+    """(B, T+1) windows that step `step` trained on, from a record of
+    checkpoint.stream_records (ids = rec['batch_ids'][step])."""
+    wins = data.windows(ids)
+    ins = rec["insertions"]
+    if len(ins) == 0:
+        return wins
+    offs = np.concatenate([[0], np.cumsum(ins[:, 4])])
+    for row in np.unique(ins[ins[:, 0] == step, 1]):
+        sel = np.flatnonzero((ins[:, 0] == step) & (ins[:, 1] == row))
+        toks = np.concatenate([rec["insert_tokens"][offs[i]:offs[i + 1]] for i in sel])
+        wins[row] = apply_insertions(wins[row], ins[sel], toks)
+    return wins
+
+
+# -----------------------------------------------------------------------------
+# story-level metrics (conditional tags), cached per shard beside the tokens
+
+def story_metric(data: BatchData, data_dir, metric: str) -> list[np.ndarray]:
+    """One value of a text metric per story of each shard (index = story within the
+    shard, as the batch index numbers them), from the tokens the model sees."""
+    out_dir = tok_dir(data_dir, data.vocab_size) / "story_metrics"
+    rec = DoneRecord(out_dir / f"{metric}.json", {"metric": metric, "versions": metrics.metric_versions([metric]),
+                                                   "tokenizer": data.meta["tokenizer_sha256"]})
+    enc, out = None, []
+    for s, info in enumerate(data.meta["shards"]):
+        path = out_dir / f"{metric}_shard{s:02d}.npy"
+        if rec.is_done(s, info["n_tokens"], path):
+            out.append(np.load(path))
+            continue
+        enc = enc or Tokenizer.for_vocab(data.vocab_size, data_dir)
+        tok = np.asarray(data.tokens[s])
+        starts = np.flatnonzero(tok == BOS_ID)
+        stories = [tok[a + 1:b].tolist() for a, b in zip(starts, list(starts[1:]) + [len(tok)])]
+        vals = metrics.text_metrics(enc.sp.decode(stories) if stories else [], [metric])[metric]
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.asarray(vals, dtype=np.float64), allow_pickle=False)
+        rec.mark(s, info["n_tokens"], save=True)
+        out.append(np.asarray(vals, dtype=np.float64))
+    return out
+
+
+class Inserter:
+    """Decides and applies the tag insertions of a step: a pure function of (tags, seed,
+    step, the step's windows)."""
+
+    def __init__(self, tagset, data: BatchData, data_dir, seed: int):
+        self.tags, self.data, self.seed = tagset.tags, data, seed
+        self.file_seed = int(json.loads(tagset.json).get("seed", 0) or 0)
+        self.L = data.max_seq_len + 1
+        self.story_vals = {t.metric: story_metric(data, data_dir, t.metric)
+                           for t in self.tags if t.kind == "conditional"}
+        self._starts = {}
+
+    def _story_starts(self, shard: int) -> np.ndarray:
+        if shard not in self._starts:
+            self._starts[shard] = np.flatnonzero(np.asarray(self.data.tokens[shard]) == BOS_ID)
+        return self._starts[shard]
+
+    def _rng(self, tag_index: int, step: int):
+        return np.random.default_rng([self.seed, self.file_seed, tag_index, step])
+
+    def apply(self, step: int, ids: np.ndarray, wins: np.ndarray):
+        """Insert this step's tags into wins (B, T+1) in place; returns (rows (k, 6),
+        inserted tokens, replaced tokens)."""
+        rows, ins, rep = [], [], []
+        origin = np.broadcast_to(np.arange(self.L), wins.shape).copy()  # window pos -> data pos, -1: a tag's
+        for tag in self.tags:
+            if not tag.active(step):
+                continue
+            toks = np.asarray(tag.tokens, dtype=np.int64)
+            n = len(toks)
+            if tag.kind == "canary":
+                rng = self._rng(tag.index, step)
+                chosen = np.sort(rng.choice(len(ids), min(tag.rows, len(ids)), replace=False))
+                for r in chosen:
+                    pos = 0 if tag.position == "start" else int(rng.integers(0, self.L - n + 1))
+                    rep.append(wins[r, pos:pos + n].copy())
+                    wins[r, pos:pos + n] = toks
+                    origin[r, pos:pos + n] = -1
+                    rows.append((step, r, pos, tag.index, n, REPLACE))
+                    ins.append(toks)
+            else:  # conditional: after the BOS of each story in range, left to right
+                vals = self.story_vals[tag.metric]
+                lo = -np.inf if tag.lo is None else tag.lo
+                hi = np.inf if tag.hi is None else tag.hi
+                for r, bid in enumerate(ids):
+                    shard, off = int(self.data.index[bid]["shard"]), int(self.data.index[bid]["offset"])
+                    starts = self._story_starts(shard)
+                    q = 0
+                    while q < self.L - n:
+                        # a BOS the data put there (origin >= 0), not one inside inserted tokens
+                        if wins[r, q] == BOS_ID and origin[r, q] >= 0:
+                            story = np.searchsorted(starts, off + origin[r, q])
+                            if lo <= vals[shard][story] <= hi:
+                                pos = q + 1
+                                rep.append(wins[r, self.L - n:].copy())
+                                wins[r] = np.concatenate([wins[r, :pos], toks, wins[r, pos:]])[:self.L]
+                                origin[r] = np.concatenate([origin[r, :pos], np.full(n, -1), origin[r, pos:]])[:self.L]
+                                rows.append((step, r, pos, tag.index, n, INSERT))
+                                ins.append(toks)
+                                q += n
+                        q += 1
+        if not rows:
+            return np.zeros((0, 6), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.asarray(rows, np.int64), np.concatenate(ins), np.concatenate(rep)
+
+
+# -----------------------------------------------------------------------------
+# online selection
+
+class Selector:
+    """Builds each step's pool and keeps the best B of it (see the module docstring)."""
+
+    def __init__(self, method: str, K: int, spec: dict, data: BatchData, B: int, seed: int, max_iters: int,
+                 batch_metric, micro_bs: int, device: str, ctx, ref_model: str = "", metric: str = "",
+                 target: float = 0.0):
+        """batch_metric(name) -> that batch metric for every batch id (batch_metrics.csv)."""
+        self.method, self.K, self.B, self.data = method, K, B, data
+        self.micro_bs, self.device, self.ctx = micro_bs, device, ctx
+        self.aux = Schedule(spec, data.train_ids, (K - 1) * B, seed=_pool_seed(seed), max_iters=max_iters,
+                            metric_of=lambda m: batch_metric(m)[data.train_ids]) if K > 1 else None
+        self.values = self.ref_nll = self.ref_model = None
+        if method == "metric":
+            self.values, self.target = batch_metric(metric), target
+        if method == "rho" and not ref_model:
+            self.ref_nll = batch_metric("ref_nll")
+        self._ref_cache = {}
+        if method == "rho" and ref_model:
+            self.ref_model = (model_from_checkpoint(load_checkpoint(ref_model), device) if ref_model.endswith(".pt")
+                              else load_v0(ref_model).to(device).eval())
+            if self.ref_model.params.vocab_size != data.vocab_size:
+                raise UserError(f"--select_ref={ref_model} has vocab_size {self.ref_model.params.vocab_size}, "
+                                f"the data {data.vocab_size}: train the reference model on this data")
+
+    def pool(self, step: int, ids: np.ndarray) -> np.ndarray:
+        return ids if self.aux is None else np.concatenate([ids, self.aux.step_ids(step)])
+
+    def _losses(self, model, ids: np.ndarray, rank: int, world: int) -> np.ndarray:
+        """Mean token loss of every pool window; rank r scores chunks r, r+W, ... of
+        micro_bs rows, so each chunk holds the same rows at any world size."""
+        chunks = [ids[i:i + self.micro_bs] for i in range(0, len(ids), self.micro_bs)]
+        out = torch.zeros(len(chunks), self.micro_bs, device=self.device)
+        for c in range(rank, len(chunks), world):
+            x, y = self.data.get(chunks[c])
+            with self.ctx:
+                out[c, :len(chunks[c])] = per_row_loss(model, x.to(self.device), y.to(self.device)).float()
+        if world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(out)  # each chunk was filled by exactly one rank
+        return out.reshape(-1)[:len(ids)].cpu().numpy().astype(np.float64)
+
+    def _ref(self, ids: np.ndarray) -> np.ndarray:
+        if self.ref_model is None:
+            return self.ref_nll[ids]
+        todo = [int(i) for i in ids if int(i) not in self._ref_cache]
+        if todo:
+            x, y = self.data.get(todo)
+            with torch.no_grad():
+                for i, v in zip(todo, per_row_loss(self.ref_model, x.to(self.device), y.to(self.device)).tolist()):
+                    self._ref_cache[i] = v
+        return np.array([self._ref_cache[int(i)] for i in ids])
+
+    def scores(self, model, pool: np.ndarray, rank: int = 0, world: int = 1) -> np.ndarray:
+        if self.method == "uniform":
+            return -np.arange(len(pool), dtype=np.float64)
+        if self.method == "metric":
+            return -np.abs(self.values[pool] - self.target)
+        loss = self._losses(model, pool, rank, world)
+        return loss if self.method == "loss" else loss - self._ref(pool)
+
+    def choose(self, model, pool: np.ndarray, rank: int = 0, world: int = 1) -> np.ndarray:
+        """The B kept ids, in pool order."""
+        s = np.nan_to_num(self.scores(model, pool, rank, world), nan=-np.inf)
+        keep = np.sort(np.lexsort((np.arange(len(pool)), -s))[:self.B])
+        return pool[keep]
+
+
+def _pool_seed(seed: int) -> int:
+    return int(np.random.SeedSequence([seed, 0x706F6F6C]).generate_state(1)[0])  # 'pool'
+
+
+# -----------------------------------------------------------------------------
+# the record kept between checkpoints
+
+class Record:
+    """The stream's output since the last checkpoint, in the checkpoint's layout."""
+
+    def __init__(self, B: int, pool_width: int, tags_json: str = ""):
+        self.B, self.P, self.tags = B, pool_width, tags_json
+        self.clear()
+
+    def clear(self):
+        self.ids, self.pools, self.ins, self.ins_tok, self.rep_tok = [], [], [], [], []
+
+    def add(self, ids, pool=None, ins=None, ins_tok=None, rep_tok=None):
+        self.ids.append(np.asarray(ids, np.int64))
+        self.pools.append(np.asarray(pool if pool is not None else np.zeros(0), np.int64))
+        if ins is not None and len(ins):
+            self.ins.append(ins)
+            self.ins_tok.append(ins_tok)
+            self.rep_tok.append(rep_tok)
+
+    def arrays(self) -> dict:
+        n = len(self.ids)
+        cat = (lambda xs, empty: np.concatenate(xs) if xs else empty)
+        return {"batch_ids": np.stack(self.ids) if n else np.zeros((0, self.B), np.int64),
+                "pool_ids": np.stack(self.pools).reshape(n, self.P) if n else np.zeros((0, self.P), np.int64),
+                "insertions": cat(self.ins, np.zeros((0, 6), np.int64)),
+                "insert_tokens": cat(self.ins_tok, np.zeros(0, np.int64)),
+                "replaced_tokens": cat(self.rep_tok, np.zeros(0, np.int64)),
+                "tags": self.tags}
+
+
+class Stream:
+    """schedule -> selection -> tags for each step (train.py drives it)."""
+
+    def __init__(self, schedule: Schedule, data: BatchData, selector: Selector | None = None,
+                 inserter: Inserter | None = None, tags_json: str = ""):
+        self.schedule, self.data, self.selector, self.inserter = schedule, data, selector, inserter
+        pool_width = selector.K * schedule.B if selector else 0
+        self.record = Record(schedule.B, pool_width, tags_json)
+
+    def step(self, step: int, model=None, rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (B,), windows (B, T+1)) of the step, recorded."""
+        ids = self.schedule.step_ids(step)
+        pool = None
+        if self.selector is not None:
+            pool = self.selector.pool(step, ids)
+            ids = self.selector.choose(model, pool, rank, world)
+        wins = self.data.windows(ids)
+        ins = tok = rep = None
+        if self.inserter is not None:
+            ins, tok, rep = self.inserter.apply(step, ids, wins)
+        self.record.add(ids, pool, ins, tok, rep)
+        return ids, wins

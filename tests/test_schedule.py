@@ -1,0 +1,150 @@
+"""schedule.py: every strategy against hand-derived ids, phases, exclusion, the spec's
+validation and the structured fingerprint."""
+
+import json
+
+import numpy as np
+import pytest
+
+import schedule as S
+import train
+from conftest import TinyRun
+from data import BatchData
+
+IDS = np.arange(10, 20)
+METRIC = np.array([5, 3, 9, 1, np.nan, 7, 2, 8, 6, 4], dtype=float)  # by id: 13 < 16 < 11 < 19 < 10 < 18 ...
+
+
+def sched(phases, B=2, seed=3, max_iters=10, **top):
+    return S.Schedule({"phases": phases, **top}, IDS, B, seed=seed, max_iters=max_iters, metric_of=lambda m: METRIC)
+
+
+def steps(s, n):
+    return [s.step_ids(t).tolist() for t in range(n)]
+
+
+def test_shuffle_covers_each_batch_once_per_epoch_and_is_pure():
+    s = S.Schedule({"phases": [{"strategy": "shuffle"}]}, np.arange(100, 130), 6, seed=3, max_iters=10)
+    epoch = np.concatenate([s.step_ids(k) for k in range(5)])
+    assert sorted(epoch) == list(range(100, 130)) and not np.array_equal(epoch, np.arange(100, 130))
+    again = S.Schedule({"phases": [{"strategy": "shuffle"}]}, np.arange(100, 130), 6, seed=3, max_iters=10)
+    assert np.array_equal(again.step_ids(7), s.step_ids(7))  # random access: a pure function of the step
+    other = S.Schedule({"phases": [{"strategy": "shuffle"}]}, np.arange(100, 130), 6, seed=4, max_iters=10)
+    assert other.fingerprint() != s.fingerprint()
+
+
+def test_sorted_and_filter():
+    asc = sched([{"strategy": "sorted", "metric": "m"}], B=5)
+    assert steps(asc, 3) == [[13, 16, 11, 19, 10], [18, 15, 17, 12, 14], [13, 16, 11, 19, 10]]  # NaN last
+    desc = sched([{"strategy": "sorted", "metric": "m", "order": "desc"}], B=5)
+    assert desc.step_ids(0).tolist() == [12, 17, 15, 18, 10]
+    filt = sched([{"strategy": "filter", "metric": "m", "lo": 3, "hi": 6}])
+    assert sorted(sum(steps(filt, 2), [])) == [10, 11, 18, 19]
+    with pytest.raises(S.SpecError, match="no batches"):
+        sched([{"strategy": "filter", "metric": "m", "lo": 100}])
+
+
+def test_competence_draws_from_the_easiest_fraction():
+    # 10 batches ranked by metric: 13, 16, 11, 19, 10, 18, 15, 17, 12, (14: NaN last)
+    # linear pacing, c0 = 0.2, ramp over the 8-step phase: c(t) = 0.2 + 0.8 t/8, m = ceil(10 c)
+    s = sched([{"strategy": "competence", "metric": "m", "pacing": "linear", "c0": 0.2, "steps": 8},
+               {"strategy": "shuffle"}], B=2, max_iters=12)
+    ranked = [13, 16, 11, 19, 10, 18, 15, 17, 12, 14]
+    for t, m in [(0, 2), (1, 3), (2, 4), (4, 6), (7, 9)]:
+        assert set(s.step_ids(t)) <= set(ranked[:m]), t
+    assert sorted(s.step_ids(0)) == [13, 16]  # the 2 easiest, without repeat in the step
+    assert S.pacing("root", 0.1, np.array([0, 1]))[0] == pytest.approx(0.1)
+    assert S.pacing("step", 0.2, np.array([0.0, 0.19, 0.2, 1.0]), 5).tolist() == pytest.approx([0.2, 0.2, 0.36, 1.0])
+    assert S.pacing("exp", 0.25, np.array([0.0, 0.5, 0.99, 1.0])).tolist() == [0.25, 0.5, 0.5, 1.0]
+
+
+def test_mixture_apportions_rows_to_bins():
+    # bounds [0, 4.5, 10): bin 0 = {13:1, 16:2, 11:3, 19:4}, bin 1 = {10:5, 18:6, 15:7, 17:8, 12:9}
+    s = sched([{"strategy": "mixture", "metric": "m", "bounds": [0, 4.5, 10], "weights": [0.25, 0.75]}], B=4)
+    for t in range(6):
+        ids = s.step_ids(t).tolist()
+        assert set(ids[:1]) <= {13, 16, 11, 19} and set(ids[1:]) <= {10, 18, 15, 17, 12}, t
+    low = [s.step_ids(t)[0] for t in range(4)]
+    assert sorted(low) == [11, 13, 16, 19]  # one epoch of bin 0, no repeat
+    # interpolated: all rows from bin 1 at the first step, all from bin 0 at the last
+    s2 = sched([{"strategy": "mixture", "metric": "m", "bounds": [0, 4.5, 10], "weights_start": [0, 1],
+                 "weights_end": [1, 0], "steps": 5}], B=4, max_iters=5)
+    assert set(s2.step_ids(0)) <= {10, 18, 15, 17, 12} and set(s2.step_ids(4)) <= {13, 16, 11, 19}
+    assert S.apportion(np.array([[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]), 4).tolist() == [[2, 1, 1], [2, 1, 1]]
+
+
+def test_interleave_alternates_two_orders_by_step():
+    s = sched([{"strategy": "interleave", "ratio": [2, 1], "orders": [
+        {"strategy": "sorted", "metric": "m"}, {"strategy": "sorted", "metric": "m", "order": "desc"}]}], B=2)
+    assert steps(s, 6) == [[13, 16], [11, 19], [12, 17], [10, 18], [15, 17], [15, 18]]
+
+
+def test_phases_switch_at_their_steps(tmp_path):
+    s = sched([{"strategy": "sorted", "metric": "m", "steps": 2},
+               {"strategy": "sorted", "metric": "m", "order": "desc", "fraction": 0.3},
+               {"strategy": "sorted", "metric": "m"}], B=2, max_iters=10)
+    assert s.bounds == [(0, 2), (2, 5), (5, 10)]
+    assert steps(s, 6) == [[13, 16], [11, 19], [12, 17], [15, 18], [10, 19], [13, 16]]  # each phase starts fresh
+
+
+def test_exclude_keeps_the_order_of_the_rest(tmp_path):
+    np.save(tmp_path / "x.npy", np.array([16, 19]))
+    s = sched([{"strategy": "sorted", "metric": "m"}], B=3, exclude=str(tmp_path / "x.npy"))
+    assert steps(s, 3) == [[13, 11, 10], [18, 15, 17], [12, 14, 13]]
+    base = sched([{"strategy": "sorted", "metric": "m"}], B=3)
+    assert base.fingerprint() != s.fingerprint()
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ({"phases": []}, "needs a non-empty list 'phases'"),
+    ({"phases": [{"strategy": "zigzag"}]}, r"phases\[0\].strategy: 'zigzag' is not one of"),
+    ({"phases": [{"strategy": "sorted"}]}, r"phases\[0\].metric: strategy sorted needs a batch metric"),
+    ({"phases": [{"strategy": "shuffle", "speed": 2}]}, r"phases\[0\]: unknown key 'speed'"),
+    ({"phases": [{"strategy": "shuffle"}, {"strategy": "shuffle"}]}, r"phases\[0\]: only the last phase may omit"),
+    ({"phases": [{"strategy": "competence", "metric": "m", "c0": 0}]}, r"phases\[0\].c0: 0 must be a number in \(0, 1\]"),
+    ({"phases": [{"strategy": "mixture", "metric": "m", "quantiles": [0, 1]}]}, r"quantiles: needs at least 3"),
+    ({"phases": [{"strategy": "mixture", "metric": "m", "bounds": [0, 1, 2], "weights": [1]}]}, "needs 2 weights"),
+    ({"phases": [{"strategy": "interleave", "orders": [{"strategy": "shuffle"}]}]}, "needs a list of 2 sub-orders"),
+    ({"phases": [{"strategy": "shuffle"}], "extra": 1}, "unknown key 'extra'"),
+])
+def test_bad_specs_name_the_field(spec, msg):
+    with pytest.raises(S.SpecError, match=msg):
+        S.validate_spec(spec)
+
+
+def test_fingerprint_is_structured_not_a_display_string(monkeypatch):
+    a = sched([{"strategy": "sorted", "metric": "m"}])
+    monkeypatch.setattr(S.Schedule, "desc", property(lambda self: "reworded"))
+    assert sched([{"strategy": "sorted", "metric": "m"}]).fingerprint() == a.fingerprint()
+    rec = a.record()
+    assert rec["spec"]["phases"][0] == {"strategy": "sorted", "metric": "m", "order": "asc"}
+    assert rec["bounds"] == [[0, None]]  # a sorted order does not depend on the run's length
+    # ...a competence order does
+    c = sched([{"strategy": "competence", "metric": "m"}], max_iters=10)
+    assert c.fingerprint() != sched([{"strategy": "competence", "metric": "m"}], max_iters=20).fingerprint()
+
+
+def test_spec_file_in_train_and_bad_spec_writes_nothing(tiny_run, tmp_path):
+    spec = {"phases": [{"strategy": "competence", "metric": "fk_grade", "c0": 0.1, "fraction": 0.5},
+                       {"strategy": "shuffle"}]}
+    (tmp_path / "plan.json").write_text(json.dumps(spec))
+    cfg = train.parse_config(train.TrainConfig(), tiny_run.train_args(schedule_spec=tmp_path / "plan.json"),
+                             train.CHOICES)
+    s = train.build_schedule(cfg, BatchData(tiny_run.data_dir, 512, 64))
+    assert s.bounds == [(0, 12), (12, 24)] and s.spec["phases"][0]["pacing"] == "root"
+    (tmp_path / "bad.json").write_text(json.dumps({"phases": [{"strategy": "sorted", "metric": "nope"}]}))
+    run = TinyRun(tiny_run.data_dir, tiny_run.tables_dir, tmp_path / "never")
+    with pytest.raises(train.UserError, match="unknown batch metric 'nope'"):
+        train.main(run.train_args(schedule_spec=tmp_path / "bad.json"))
+    assert not run.out_dir.exists()
+
+
+@pytest.mark.parametrize("name", ["shuffle", "sorted", "filter", "competence", "mixture", "interleave"])
+def test_example_specs_load(name, tiny_run):
+    from conftest import ROOT
+    path = ROOT / "config" / "schedules" / f"{name}.json"
+    spec = S.validate_spec(json.loads(path.read_text()))
+    assert name in {p["strategy"] for p in spec["phases"]}
+    cfg = train.parse_config(train.TrainConfig(), tiny_run.train_args(schedule_spec=path), train.CHOICES)
+    s = train.build_schedule(cfg, BatchData(tiny_run.data_dir, 512, 64))
+    assert all(len(s.step_ids(t)) == 8 for t in range(24))
