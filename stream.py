@@ -37,18 +37,20 @@ rows of each active step); conditional tags insert after the BOS of each story w
 story-level metric lies in the tag's range.
 """
 
+import hashlib
 import json
 
 import numpy as np
 import torch
 
+import batchmetrics
 import metrics
 from checkpoint import load_checkpoint, model_from_checkpoint
-from common import DoneRecord, UserError, atomic_path
+from common import DoneRecord, UserError, atomic_path, autocast_ctx
 from data import BOS_ID, BatchData, tok_dir
 from export import load_v0
 from model import per_row_loss
-from schedule import Schedule
+from schedule import Schedule, SpecError, load_spec, spec_from_flags, spec_metrics
 from tokenizer import Tokenizer
 
 SELECT_METHODS = ("none", "uniform", "loss", "rho", "metric")
@@ -310,3 +312,77 @@ class Stream:
             ins, tok, rep = self.inserter.apply(step, ids, wins)
         self.record.add(ids, pool, ins, tok, rep)
         return ids, wins
+
+
+# -----------------------------------------------------------------------------
+# building a run's stream from its config (train.py's TrainConfig, or a checkpoint's
+# config dict as a SimpleNamespace: the batch viewer and attribution rebuild it)
+
+class BatchMetrics:
+    """Batch metric columns for every batch id, read once from batch_metrics.csv."""
+
+    def __init__(self, tables_dir, data: BatchData):
+        self.tables_dir, self.data, self.cols = tables_dir, data, {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self.cols:
+            self.cols[name] = batchmetrics.load_metric_column(self.tables_dir, name, self.data)
+        return self.cols[name]
+
+
+def schedule_spec(cfg) -> tuple[dict, str]:
+    """(spec, where it came from): --schedule_spec, else the flat flags."""
+    try:
+        if cfg.schedule_spec:
+            spec, name = load_spec(cfg.schedule_spec), f"schedule spec {cfg.schedule_spec}"
+        else:
+            if cfg.schedule != "shuffle" and not cfg.schedule_metric:
+                raise SpecError(f"--schedule={cfg.schedule} needs --schedule_metric=<a batch metric>")
+            spec, name = spec_from_flags(cfg.schedule, cfg.schedule_metric, cfg.schedule_order,
+                                         cfg.schedule_lo, cfg.schedule_hi), "--schedule"
+    except SpecError as e:
+        raise UserError(str(e)) from None
+    if cfg.schedule_exclude:
+        spec = {**spec, "exclude": cfg.schedule_exclude}
+    return spec, name
+
+
+def build_schedule(cfg, data: BatchData, bm: BatchMetrics | None = None) -> Schedule:
+    bm = bm or BatchMetrics(cfg.tables_dir, data)
+    spec, name = schedule_spec(cfg)
+    try:
+        if isinstance(spec.get("phases"), list):  # name an unknown metric before reading values
+            for m in spec_metrics({"phases": [p for p in spec["phases"] if isinstance(p, dict) and "strategy" in p
+                                              and isinstance(p.get("metric", ""), str)]}):
+                bm(m)
+        return Schedule(spec, data.train_ids, cfg.batch_size * cfg.gradient_accumulation_steps, cfg.seed,
+                        cfg.max_iters, lambda m: bm(m)[data.train_ids], name=name)
+    except SpecError as e:
+        raise UserError(str(e)) from None
+
+
+def build_stream(cfg, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
+    """The run's stream: its schedule, selector and tag inserter."""
+    bm = BatchMetrics(cfg.tables_dir, data)
+    sched = build_schedule(cfg, data, bm)
+    selector = inserter = None
+    tags_json = ""
+    if cfg.select != "none":
+        selector = Selector(cfg.select, cfg.select_pool, sched.spec, data, sched.B, cfg.seed, cfg.max_iters, bm,
+                            cfg.batch_size, device, ctx or autocast_ctx(device, "float32"), cfg.select_ref,
+                            cfg.select_metric, cfg.select_target)
+    if cfg.tags:
+        import tags as tagmod  # TODO(lead): top-level once tags.py has landed
+        enc = Tokenizer.for_vocab(cfg.vocab_size, cfg.data_dir)
+        tagset = tagmod.load_tags(cfg.tags, enc, cfg.max_seq_len, cfg.vocab_size)
+        inserter, tags_json = Inserter(tagset, data, cfg.data_dir, cfg.seed), tagset.json
+    return Stream(sched, data, selector, inserter, tags_json)
+
+
+def stream_fingerprint(stream: Stream) -> str:
+    """The schedule's fingerprint, extended by the tags and the selection settings."""
+    h = hashlib.sha256(stream.schedule.fingerprint().encode())
+    h.update(stream.record.tags.encode())
+    if stream.selector:
+        h.update(f"{stream.selector.method}:{stream.selector.K}".encode())
+    return h.hexdigest()[:16]

@@ -27,7 +27,6 @@ record how it started, history.jsonl each start and resume with what changed.
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import batchmetrics
 from checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint, list_checkpoints,
                         load_checkpoint, optimizer_path, save_checkpoint, stream_records)
 from common import (UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
@@ -49,10 +47,8 @@ from common import (UserError, atomic_path, auto_device, auto_dtype, autocast_ct
 from data import DATA_DIR, TABLES_DIR, BatchData
 from export import export_v0
 from model import ModelArgs, Transformer, mean_loss
-from schedule import (STRATEGIES, Schedule, SpecError, get_lr, load_spec, rank_micro_batches, spec_from_flags,
-                      spec_metrics)
-from stream import SELECT_METHODS, Inserter, Selector, Stream
-from tokenizer import Tokenizer
+from schedule import STRATEGIES, get_lr, rank_micro_batches
+from stream import SELECT_METHODS, build_stream, stream_fingerprint
 
 
 # -----------------------------------------------------------------------------
@@ -183,79 +179,6 @@ def checkpoint_steps(max_iters: int, eval_interval: int, log_spaced: bool = True
             s *= 2
     steps.update(range(eval_interval, max_iters, eval_interval))
     return sorted(steps)
-
-
-# -----------------------------------------------------------------------------
-# the stream: schedule -> selection -> tags
-
-class BatchMetrics:
-    """Batch metric columns for every batch id, read once from batch_metrics.csv."""
-
-    def __init__(self, tables_dir, data: BatchData):
-        self.tables_dir, self.data, self.cols = tables_dir, data, {}
-
-    def __call__(self, name: str) -> np.ndarray:
-        if name not in self.cols:
-            self.cols[name] = batchmetrics.load_metric_column(self.tables_dir, name, self.data)
-        return self.cols[name]
-
-
-def schedule_spec(cfg: TrainConfig) -> tuple[dict, str]:
-    """(spec, where it came from): --schedule_spec, else the flat flags."""
-    try:
-        if cfg.schedule_spec:
-            spec, name = load_spec(cfg.schedule_spec), f"schedule spec {cfg.schedule_spec}"
-        else:
-            if cfg.schedule != "shuffle" and not cfg.schedule_metric:
-                raise SpecError(f"--schedule={cfg.schedule} needs --schedule_metric=<a batch metric>")
-            spec, name = spec_from_flags(cfg.schedule, cfg.schedule_metric, cfg.schedule_order,
-                                         cfg.schedule_lo, cfg.schedule_hi), "--schedule"
-    except SpecError as e:
-        raise UserError(str(e)) from None
-    if cfg.schedule_exclude:
-        spec = {**spec, "exclude": cfg.schedule_exclude}
-    return spec, name
-
-
-def build_schedule(cfg: TrainConfig, data: BatchData, bm: BatchMetrics | None = None) -> Schedule:
-    bm = bm or BatchMetrics(cfg.tables_dir, data)
-    spec, name = schedule_spec(cfg)
-    try:
-        if isinstance(spec.get("phases"), list):  # name an unknown metric before reading values
-            for m in spec_metrics({"phases": [p for p in spec["phases"] if isinstance(p, dict) and "strategy" in p
-                                              and isinstance(p.get("metric", ""), str)]}):
-                bm(m)
-        return Schedule(spec, data.train_ids, cfg.batch_size * cfg.gradient_accumulation_steps, cfg.seed,
-                        cfg.max_iters, lambda m: bm(m)[data.train_ids], name=name)
-    except SpecError as e:
-        raise UserError(str(e)) from None
-
-
-def build_stream(cfg: TrainConfig, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
-    """The run's stream: its schedule, selector and tag inserter."""
-    bm = BatchMetrics(cfg.tables_dir, data)
-    sched = build_schedule(cfg, data, bm)
-    selector = inserter = None
-    tags_json = ""
-    if cfg.select != "none":
-        selector = Selector(cfg.select, cfg.select_pool, sched.spec, data, sched.B, cfg.seed, cfg.max_iters, bm,
-                            cfg.batch_size, device, ctx or autocast_ctx(device, "float32"), cfg.select_ref,
-                            cfg.select_metric, cfg.select_target)
-    if cfg.tags:
-        import tags as tagmod  # TODO(lead): top-level once tags.py has landed
-        enc = Tokenizer.for_vocab(cfg.vocab_size, cfg.data_dir)
-        tagset = tagmod.load_tags(cfg.tags, enc, cfg.max_seq_len, cfg.vocab_size)
-        inserter, tags_json = Inserter(tagset, data, cfg.data_dir, cfg.seed), tagset.json
-    return Stream(sched, data, selector, inserter, tags_json)
-
-
-def stream_fingerprint(stream: Stream) -> str:
-    """The schedule's fingerprint, extended by the tags and the selection settings."""
-    h = hashlib.sha256(stream.schedule.fingerprint().encode())
-    h.update(stream.record.tags.encode())
-    if stream.selector:
-        h.update(f"{stream.selector.method}:{stream.selector.K}".encode())
-    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------

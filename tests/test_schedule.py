@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import schedule as S
+import stream
 import train
 from conftest import TinyRun
 from data import BatchData
@@ -130,7 +131,7 @@ def test_spec_file_in_train_and_bad_spec_writes_nothing(tiny_run, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(spec))
     cfg = train.parse_config(train.TrainConfig(), tiny_run.train_args(schedule_spec=tmp_path / "plan.json"),
                              train.CHOICES)
-    s = train.build_schedule(cfg, BatchData(tiny_run.data_dir, 512, 64))
+    s = stream.build_schedule(cfg, BatchData(tiny_run.data_dir, 512, 64))
     assert s.bounds == [(0, 12), (12, 24)] and s.spec["phases"][0]["pacing"] == "root"
     (tmp_path / "bad.json").write_text(json.dumps({"phases": [{"strategy": "sorted", "metric": "nope"}]}))
     run = TinyRun(tiny_run.data_dir, tiny_run.tables_dir, tmp_path / "never")
@@ -146,5 +147,5 @@ def test_example_specs_load(name, tiny_run):
     spec = S.validate_spec(json.loads(path.read_text()))
     assert name in {p["strategy"] for p in spec["phases"]}
     cfg = train.parse_config(train.TrainConfig(), tiny_run.train_args(schedule_spec=path), train.CHOICES)
-    s = train.build_schedule(cfg, BatchData(tiny_run.data_dir, 512, 64))
+    s = stream.build_schedule(cfg, BatchData(tiny_run.data_dir, 512, 64))
     assert all(len(s.step_ids(t)) == 8 for t in range(24))

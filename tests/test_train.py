@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+import stream
 import train
 from common import UserError
 from schedule import Schedule, rank_micro_batches
@@ -24,7 +25,7 @@ def recorded_ids(out_dir) -> np.ndarray:
 
 def schedule_of(run: TinyRun, **over):
     cfg = train.parse_config(train.TrainConfig(), run.train_args(**over), train.CHOICES)
-    return train.build_schedule(cfg, BatchData(run.data_dir, run.vocab_size, run.max_seq_len))
+    return stream.build_schedule(cfg, BatchData(run.data_dir, run.vocab_size, run.max_seq_len))
 
 
 def test_checkpoints_record_exactly_the_scheduled_batches(tiny_run):
