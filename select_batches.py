@@ -1,0 +1,150 @@
+"""
+Offline batch selection (data pruning): rank every training batch by a score, keep a
+fraction, and write a schedule spec that trains only on the kept batches, with the
+ranking table beside it.
+
+$ python select_batches.py --by=ref_nll --keep=0.5 --hardest       # reference-scorer loss
+$ python select_batches.py --by=el2n --keep=0.5 --out_dir=out/short  # EL2N from an early checkpoint
+$ python select_batches.py --by=fk_grade --keep=0.3 --easiest        # any batch metric
+$ python train.py --schedule_spec=out/tables/select/ref_nll_hardest_0.5_spec.json --out_dir=out/pruned
+
+Scores:
+  ref_nll    the batch's loss under the reference scorer (batch_metrics.csv: a 3-gram
+             model fitted on the held-out validation shard)
+  el2n       EL2N (Paul et al. 2021): the mean over the window's tokens of
+             || softmax(logits) - onehot(next token) ||_2, from an early checkpoint of a
+             short run (--out_dir, --ckpt_iter; default: the first checkpoint at or after
+             10% of that run's max_iters)
+  <metric>   any numeric column of batch_metrics.csv
+--hardest keeps the highest scores (EL2N's and Sorscher et al.'s choice for large data),
+--easiest the lowest. NaN scores are never kept.
+
+Outputs (in <tables_dir>/select/, named <by>_<hardest|easiest>_<keep>):
+  _ids.npy       the kept batch ids (sorted), read by the spec's "include"
+  _spec.json     a schedule spec: shuffle over the kept batches
+  _ranking.csv   batch_id, score, rank (1 = first kept), kept, and the noisy column
+                 when the data has one (tinystories.py sample --noise)
+"""
+
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import batchmetrics
+from checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config
+from common import UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic, write_json_atomic
+from data import DATA_DIR, MAX_SEQ_LEN, TABLES_DIR, VOCAB_SIZE, BatchData
+
+
+# -----------------------------------------------------------------------------
+@dataclass
+class SelectConfig:
+    by: str = "ref_nll"  # ref_nll | el2n | a batch metric
+    keep: float = 0.5  # fraction of the training batches kept
+    which: str = "hardest"  # hardest | easiest (also --hardest / --easiest)
+    out_dir: str = ""  # el2n: the (short) run whose early checkpoint scores the batches
+    ckpt_iter: int = -1  # el2n: that checkpoint's step (-1: the first at >= 10% of the run)
+    data_dir: str = str(DATA_DIR)  # ignored when out_dir is given (the run's own data)
+    tables_dir: str = str(TABLES_DIR)
+    vocab_size: int = VOCAB_SIZE
+    max_seq_len: int = MAX_SEQ_LEN
+    batch_size: int = 32  # windows per forward pass (el2n)
+    device: str = "auto"
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def el2n_scores(model, data: BatchData, ids: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    """Mean per-token EL2N of each window: ||softmax(logits) - onehot(target)||_2."""
+    out = np.empty(len(ids))
+    for i in range(0, len(ids), batch_size):
+        x, y = data.get(ids[i:i + batch_size])
+        logits, _ = model(x.to(device))
+        p = torch.softmax(logits.float(), -1)
+        p.scatter_add_(-1, y.to(device)[..., None], -torch.ones_like(y, dtype=p.dtype, device=device)[..., None])
+        out[i:i + batch_size] = p.norm(dim=-1).mean(1).cpu().numpy()
+    return out
+
+
+def early_checkpoint(out_dir, ckpt_iter: int):
+    found = list_checkpoints(out_dir)
+    if not found:
+        raise UserError(f"--by=el2n needs a run's checkpoints: none in {out_dir}/ckpt (train a short run first)")
+    if ckpt_iter >= 0:
+        for it, p in found:
+            if it == ckpt_iter:
+                return it, p
+        raise UserError(f"--ckpt_iter={ckpt_iter}: {out_dir} has checkpoints at {', '.join(str(i) for i, _ in found)}")
+    target = 0.1 * run_config(out_dir)["max_iters"]
+    return next(((it, p) for it, p in found if it >= max(target, 1)), found[-1])
+
+
+def scores(cfg: SelectConfig, data: BatchData, bm: pd.DataFrame) -> tuple[np.ndarray, str]:
+    """(score of every training batch, how it was computed)."""
+    ids = data.train_ids
+    if cfg.by == "el2n":
+        it, path = early_checkpoint(cfg.out_dir, cfg.ckpt_iter)
+        device = auto_device(cfg.device)
+        model = model_from_checkpoint(load_checkpoint(path), device)
+        return el2n_scores(model, data, ids, cfg.batch_size, device), f"EL2N at {path} (step {it})"
+    numeric = [c for c in bm.columns if c not in batchmetrics.ID_COLUMNS]
+    if cfg.by not in numeric:
+        raise UserError(f"--by={cfg.by}: choose el2n or a batch metric: {', '.join(numeric)}")
+    return bm[cfg.by].to_numpy(np.float64)[ids], f"batch_metrics.csv column {cfg.by}"
+
+
+def select(cfg: SelectConfig) -> Path:
+    if not 0 < cfg.keep <= 1:
+        raise UserError(f"--keep={cfg.keep}: a fraction in (0, 1]")
+    if cfg.which not in ("hardest", "easiest"):
+        raise UserError(f"--which={cfg.which}: hardest or easiest")
+    if cfg.out_dir:  # the run's own data
+        run = types.SimpleNamespace(**run_config(cfg.out_dir))
+        cfg.data_dir, cfg.tables_dir = run.data_dir, run.tables_dir
+        cfg.vocab_size, cfg.max_seq_len = run.vocab_size, run.max_seq_len
+    data = BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len)
+    bm, _ = batchmetrics.load_batch_metrics(cfg.tables_dir, data)
+    s, how = scores(cfg, data, bm)
+    ids = data.train_ids
+    key = np.where(np.isnan(s), np.inf, -s if cfg.which == "hardest" else s)
+    order = np.argsort(key, kind="stable")
+    n_keep = min(int(round(cfg.keep * len(ids))), int((~np.isnan(s)).sum()))
+    if n_keep < 1:
+        raise UserError(f"--keep={cfg.keep} keeps no batch of {len(ids)}")
+    rank = np.empty(len(ids), np.int64)
+    rank[order] = np.arange(1, len(ids) + 1)
+    kept = rank <= n_keep
+    name = f"{cfg.by}_{cfg.which}_{cfg.keep:g}"
+    out = Path(cfg.tables_dir) / "select"
+    table = pd.DataFrame({"batch_id": ids, "score": s, "rank": rank, "kept": kept})
+    if "noisy" in bm.columns:
+        table["noisy"] = bm["noisy"].to_numpy()[ids]
+    ids_path = out / f"{name}_ids.npy"
+    with atomic_path(ids_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.sort(ids[kept]), allow_pickle=False)
+    write_csv_atomic(table.sort_values("rank"), out / f"{name}_ranking.csv")
+    spec = {"phases": [{"strategy": "shuffle"}], "include": str(ids_path)}
+    write_json_atomic(out / f"{name}_spec.json", spec)
+    msg = f"kept {n_keep} of {len(ids)} training batches ({cfg.which} by {how})"
+    if "noisy" in table:
+        msg += (f"; noisy share kept {table.loc[kept, 'noisy'].mean():.3f} vs all "
+                f"{table['noisy'].mean():.3f}")
+    print(msg)
+    print(f"wrote {ids_path}, {out / f'{name}_spec.json'} and {out / f'{name}_ranking.csv'}")
+    print(f"train on them: python train.py --schedule_spec={out / f'{name}_spec.json'}")
+    return out / f"{name}_spec.json"
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [f"--which={a[2:]}" if a in ("--hardest", "--easiest") else a for a in argv]
+    return select(parse_config(SelectConfig(), argv))
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,69 @@
+"""select_batches.py: offline selection keeps exactly the top/bottom batches by a score,
+writes a spec that train.py trains on (only the kept ids), and EL2N matches its
+definition."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import batchmetrics
+import checkpoint
+import select_batches
+import train
+from common import UserError
+from conftest import TinyRun
+from data import BatchData
+
+
+def test_keeps_the_hardest_by_ref_nll_and_train_uses_only_them(tiny_run, tmp_path):
+    tables = tmp_path / "tables"
+    import shutil
+    shutil.copytree(tiny_run.tables_dir, tables)
+    spec_path = select_batches.main([f"--data_dir={tiny_run.data_dir}", f"--tables_dir={tables}", "--vocab_size=512",
+                                     "--max_seq_len=64", "--by=ref_nll", "--keep=0.25", "--hardest"])
+    data = BatchData(tiny_run.data_dir, 512, 64)
+    ref = batchmetrics.load_metric_column(tables, "ref_nll", data)[data.train_ids]
+    n = round(0.25 * len(data.train_ids))
+    want = np.sort(data.train_ids[np.argsort(-ref, kind="stable")[:n]])
+    kept = np.load(tables / "select" / "ref_nll_hardest_0.25_ids.npy")
+    assert np.array_equal(kept, want)
+    ranking = pd.read_csv(tables / "select" / "ref_nll_hardest_0.25_ranking.csv")
+    assert ranking["kept"].sum() == n and ranking["rank"].iloc[0] == 1
+    assert ranking["score"].iloc[0] == pytest.approx(ref.max(), rel=1e-6)
+    assert json.loads(spec_path.read_text())["include"] == str(tables / "select" / "ref_nll_hardest_0.25_ids.npy")
+    run = TinyRun(tiny_run.data_dir, tables, tmp_path / "pruned")
+    train.main(run.train_args(max_iters=4, eval_interval=2, schedule_spec=spec_path))
+    trained = np.load(run.out_dir / "batch_ids.npy")
+    assert set(trained.ravel()) <= set(kept.tolist()) and trained.size == 32
+    easiest = select_batches.main([f"--data_dir={tiny_run.data_dir}", f"--tables_dir={tables}", "--vocab_size=512",
+                                   "--max_seq_len=64", "--by=fk_grade", "--keep=0.1", "--easiest"])
+    ids = np.load(str(easiest).replace("_spec.json", "_ids.npy"))
+    fk = batchmetrics.load_metric_column(tables, "fk_grade", data)
+    assert np.nanmax(fk[ids]) <= np.nanmin(np.delete(fk, np.concatenate([ids, data.val_ids])))
+
+
+def test_el2n_matches_its_definition(tiny_run, tmp_path):
+    data = BatchData(tiny_run.data_dir, 512, 64)
+    ck = checkpoint.load_checkpoint(checkpoint.ckpt_path(tiny_run.out_dir, 4))
+    model = checkpoint.model_from_checkpoint(ck)
+    ids = data.train_ids[:5]
+    got = select_batches.el2n_scores(model, data, ids, 2, "cpu")
+    x, y = data.get(ids)
+    with torch.no_grad():
+        p = torch.softmax(model(x)[0], -1)
+    onehot = torch.nn.functional.one_hot(y, 512).float()
+    want = (p - onehot).pow(2).sum(-1).sqrt().mean(1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    it, _ = select_batches.early_checkpoint(tiny_run.out_dir, -1)
+    assert it == 4  # the first checkpoint at >= 10% of 24 steps
+
+
+def test_bad_arguments_are_one_line(tiny_run):
+    with pytest.raises(UserError, match="--by=nope: choose el2n or a batch metric: ref_nll"):
+        select_batches.main([f"--data_dir={tiny_run.data_dir}", f"--tables_dir={tiny_run.tables_dir}",
+                             "--vocab_size=512", "--max_seq_len=64", "--by=nope"])
+    with pytest.raises(UserError, match=r"--keep=0.0: a fraction in \(0, 1\]"):
+        select_batches.main(["--keep=0"])
