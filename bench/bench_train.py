@@ -1,13 +1,17 @@
 """
-Training-loop benchmark: the cost of provenance, tokens/s and MFU, and bf16 on CPU.
+Training-loop benchmark: the cost of provenance, of tags and of online selection,
+tokens/s and MFU, bf16 on CPU, and flushing subnormal floats late in a run.
 
-$ python bench/bench_train.py              # both configs, ~2-3 minutes on 2 cores
+$ python bench/bench_train.py              # both configs, ~4-5 minutes on 2 cores
 $ python bench/bench_train.py --quick      # the small config only
 
 For each config, in one process, alternating to share the machine's noise:
-  provenance  Trainer.train_step on the schedule's ids, ids recorded per step (train.py's loop)
+  provenance  train.py's loop: the stream's step (schedule ids, recorded) + Trainer.train_step
   bare        the same forward/backward/step on random batches, nothing recorded
               (llama2.c's loop)
+  tags        provenance with a canary inserted every step and a conditional tag on
+              every story start (the worst case; target >= 0.97x of provenance)
+  select      provenance with --select=loss --select_pool=4: time per step (the scoring cost)
 Both use torch.compile, as llama2.c's train.py does by default. Prints tokens/s, MFU
 against the measured matmul peak, the overhead ratio (target < 3%) and the ratio to
 llama2.c's figures measured on this machine. Then eager fp32 against eager
@@ -15,6 +19,7 @@ llama2.c's figures measured on this machine. Then eager fp32 against eager
 Data are random tokens in llama2.c's .bin format, indexed like real shards.
 """
 
+import json
 import sys
 import tempfile
 import time
@@ -45,11 +50,25 @@ def synthetic_data(root: Path, vocab: int, T: int = 256, n_shards=3, n_tokens=30
     write_index(root, vocab, T, "synthetic", "0" * 64)
 
 
-def trainer(root, model_kw, dtype="float32", compile=False):
+def trainer(root, model_kw, dtype="float32", compile=False, **over):
     cfg = train.TrainConfig(data_dir=str(root), out_dir=str(root / "out"), batch_size=8, max_seq_len=256,
                             gradient_accumulation_steps=1, device="cpu", dtype=dtype, eval_iters=1,
-                            warmup_iters=0, decay_lr=False, learning_rate=5e-4, compile=compile, **model_kw)
+                            warmup_iters=0, decay_lr=False, learning_rate=5e-4, compile=compile,
+                            **{**model_kw, **over})
     return train.Trainer(cfg)
+
+
+def looper(tr):
+    """train.py's step: the stream (schedule -> selection -> tags, recorded) then train_step."""
+    step = [0]
+
+    def one():
+        _, wins = tr.stream.step(step[0], tr.raw_model)
+        tr.train_step(wins)
+        step[0] += 1
+        if step[0] % 64 == 0:
+            tr.stream.record.clear()  # as a checkpoint does
+    return one
 
 
 def timed(fn, steps):
@@ -65,13 +84,7 @@ def bench_config(name, kw, steps, rounds=6):
         synthetic_data(root, kw["vocab_size"])
         tr = trainer(root, kw, compile=True)  # llama2.c's train.py compiles by default
         rng = np.random.default_rng(1)
-        step = [0]
-
-        def provenance():
-            ids = tr.schedule.step_ids(step[0])
-            tr.train_step(ids)
-            tr.pending_ids.append(ids)
-            step[0] += 1
+        provenance = looper(tr)
 
         def bare():
             x, y = tr.data.get(rng.integers(0, len(tr.data), 8))
@@ -102,11 +115,80 @@ def bench_config(name, kw, steps, rounds=6):
             t = trainer(root, kw, dtype)
             t0 = time.perf_counter()
             for s in range(steps):
-                loss = t.train_step(t.schedule.step_ids(s))
+                loss = t.train_step(t.data.windows(t.schedule.step_ids(s)))
             losses[dtype] = (loss, (time.perf_counter() - t0) / steps)
         (l32, s32), (l16, s16) = losses["float32"], losses["bfloat16"]
         print(f"{name:16s} eager bf16  {tokens / s16:8.0f} tok/s vs fp32 {tokens / s32:8.0f}  speed-up {s32 / s16:.2f}x  "
               f"loss after {steps} steps: bf16 {l16:.4f} fp32 {l32:.4f}")
+
+
+def bench_stream(name, kw, steps, rounds=4):
+    """Tags on vs off, and selection (pool 4) vs none, same run shape, eager fp32."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synthetic_data(root, kw["vocab_size"])
+        synthetic_tables(root, kw["vocab_size"])
+        tags = root / "tags.json"
+        tags.write_text(json.dumps({"seed": 1, "tags": [
+            {"id": "canary", "kind": "canary", "text": "the secret number is {digits:6}",
+             "steps": {"start": 0, "end": 10 ** 6}, "rows": 1},
+            {"id": "tag", "kind": "conditional", "text": "<happy>", "metric": "n_words", "lo": 0, "hi": None,
+             "steps": {"start": 0, "end": 10 ** 6}}]}))
+        tbl = str(root / "tables")
+        plain, tagged = looper(trainer(root, kw, tables_dir=tbl)), looper(trainer(root, kw, tables_dir=tbl, tags=str(tags)))
+        sel = looper(trainer(root, kw, tables_dir=tbl, select="loss", select_pool=4))
+        plain(), tagged(), sel()  # warm up
+        t_p, t_t, t_s = [], [], []
+        for _ in range(rounds):
+            t_p.append(timed(plain, steps))
+            t_t.append(timed(tagged, steps))
+            t_s.append(timed(sel, steps))
+        ratio = float(np.median(np.array(t_p) / np.array(t_t)))
+        tokens = 8 * 256
+        print(f"{name:16s} tags on {tokens / np.median(t_t):8.0f} tok/s vs off {tokens / np.median(t_p):8.0f}: "
+              f"{ratio:.3f}x (target >= 0.97x; a canary every step + a conditional tag on every story)")
+        print(f"{name:16s} select=loss pool=4: {1000 * np.median(t_s):.0f} ms/step vs none "
+              f"{1000 * np.median(t_p):.0f} ms/step ({np.median(t_s) / np.median(t_p):.2f}x: 4x the batches scored "
+              "without gradients)")
+
+
+def synthetic_tables(root: Path, vocab: int, T: int = 256):
+    """A batch_metrics.csv for the synthetic data (ref_nll random), and story metrics via
+    the tokenizer: the bundled tokenizer.model has 512 pieces."""
+    import pandas as pd
+    from common import write_json_atomic
+    from data import BatchData
+    data = BatchData(root, vocab, T)
+    rng = np.random.default_rng(2)
+    df = pd.DataFrame({"batch_id": np.arange(len(data)), "ref_nll": rng.random(len(data)) + 3})
+    (root / "tables").mkdir(exist_ok=True)
+    df.to_csv(root / "tables" / "batch_metrics.csv", index=False)
+    write_json_atomic(root / "tables" / "batch_metrics.json",
+                      {"vocab_size": vocab, "max_seq_len": T, "n_batches": len(data),
+                       "tokenizer": data.meta["tokenizer"], "tokenizer_sha256": data.meta["tokenizer_sha256"]})
+
+
+def bench_denormal(steps=60):
+    """The 15M shape at the tiny default's learning rate: subnormal floats slow CPU steps
+    late in a run unless flushed to zero. Same run, with and without, step times of the
+    last 20 steps; and the losses, which must agree to plotting precision."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        kw = CONFIGS["dim288_L6_V4096"]
+        synthetic_data(root, kw["vocab_size"])
+        res = {}
+        for flush in (False, True):
+            t = trainer(root, kw, learning_rate=5e-3, flush_denormal=flush)
+            times, losses = [], []
+            for s in range(steps):
+                t0 = time.perf_counter()
+                losses.append(t.train_step(t.data.windows(t.schedule.step_ids(s))))
+                times.append(time.perf_counter() - t0)
+            res[flush] = (float(np.median(times[-20:])), losses)
+        (off, l_off), (on, l_on) = res[False], res[True]
+        print(f"dim288_L6 lr 5e-3, steps {steps - 20}-{steps}: flush_denormal on {1000 * on:.0f} ms/step, off "
+              f"{1000 * off:.0f} ms/step ({off / on:.2f}x); max loss difference {max(abs(a - b) for a, b in zip(l_on, l_off)):.2e}")
+    torch.set_flush_denormal(False)
 
 
 def main():
@@ -114,6 +196,9 @@ def main():
     names = ["dim64_L5_V512"] if "--quick" in sys.argv else list(CONFIGS)
     for name in names:
         bench_config(name, CONFIGS[name], steps=8 if name.startswith("dim64") else 2)
+    bench_stream("dim64_L5_V512", CONFIGS["dim64_L5_V512"], steps=8)
+    if "--quick" not in sys.argv:
+        bench_denormal()
 
 
 if __name__ == "__main__":
