@@ -29,7 +29,7 @@ FLAGS_runexact = -O3
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test bench demo $(addprefix print-cmd-,$(BUILDS))
+.PHONY: default all clean test bench bench-select demo $(addprefix print-cmd-,$(BUILDS))
 
 default: run
 
@@ -72,6 +72,10 @@ bench: run
 	$(PYTHON) bench/bench_pretokenize.py
 	$(PYTHON) bench/bench_train.py
 	$(PYTHON) bench/bench_eval.py
+
+# does batch selection pay? uniform / loss / rho / offline pruning, noisy and clean, 3 seeds (~20 min)
+bench-select:
+	$(PYTHON) bench/bench_select.py
 
 clean:
 	rm -f $(BUILDS) $(addsuffix .tmp.*,$(BUILDS))
