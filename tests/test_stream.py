@@ -68,6 +68,9 @@ def test_loss_and_rho_choose_the_expected_batches():
     assert FixedScores("rho", losses, ref).choose(None, pool).tolist() == [5, 2, 3]
     ties = FixedScores("loss", [1.0] * 6)
     assert ties.choose(None, pool).tolist() == [4, 0, 5]  # ties: earlier pool position first
+    steer = FixedScores("metric", losses)
+    steer.values, steer.target = np.array([0.9, 0.1, 0.5, np.nan, 0.45, 0.0]), 0.5  # by id
+    assert steer.choose(None, pool).tolist() == [4, 0, 2]  # |m - 0.5|: ids 2 (0), 4 (.05), 0 (.4); NaN never
 
 
 def test_loss_selection_uses_the_models_per_row_loss(tiny_data):
