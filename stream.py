@@ -45,6 +45,7 @@ import torch
 
 import batchmetrics
 import metrics
+import tags as tagmod
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import DoneRecord, UserError, atomic_path, autocast_ctx
 from data import BOS_ID, BatchData, tok_dir
@@ -372,7 +373,6 @@ def build_stream(cfg, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
                             cfg.batch_size, device, ctx or autocast_ctx(device, "float32"), cfg.select_ref,
                             cfg.select_metric, cfg.select_target)
     if cfg.tags:
-        import tags as tagmod  # TODO(lead): top-level once tags.py has landed
         enc = Tokenizer.for_vocab(cfg.vocab_size, cfg.data_dir)
         tagset = tagmod.load_tags(cfg.tags, enc, cfg.max_seq_len, cfg.vocab_size)
         inserter, tags_json = Inserter(tagset, data, cfg.data_dir, cfg.seed), tagset.json
