@@ -22,7 +22,7 @@ import numpy as np
 
 import metrics
 from common import UserError, atomic_path, write_json_atomic
-from data import TABLES_DIR, BatchData, index_dir, tok_dir, window_texts
+from data import TABLES_DIR, BatchData, index_dir, raw_dir, story_noise, tok_dir, window_noise, window_texts
 from refscorer import ModelScorer, fit_reference_scorer, reference_scorer
 from tokenizer import Tokenizer
 
@@ -48,8 +48,9 @@ def _score_shard(job):
     return shard
 
 
-def _shard_frame(data, shard: int, values: np.ndarray, names: list[str]):
-    """The batch_metrics.csv rows of one shard: ids from the batch index, then values."""
+def _shard_frame(data, shard: int, values: np.ndarray, names: list[str], noisy: np.ndarray):
+    """The batch_metrics.csv rows of one shard: ids from the batch index, the share of
+    tokens from corrupted stories (noisy), then values."""
     import pandas as pd
     ids = np.flatnonzero(data.index["shard"] == shard)
     rows = data.index[ids]
@@ -58,6 +59,7 @@ def _shard_frame(data, shard: int, values: np.ndarray, names: list[str]):
         "story_first": rows["story_first"], "story_last": rows["story_last"],
         "n_stories": rows["story_last"] - rows["story_first"] + 1,
         "n_tokens": data.max_seq_len + 1, "split": "val" if shard == 0 else "train"})
+    df["noisy"] = window_noise(np.asarray(data.tokens[shard]), noisy, rows["offset"], data.max_seq_len)
     for j, c in enumerate(REF_COLUMNS + names):
         df[c] = values[:, j]
     return df
@@ -95,17 +97,18 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
         for s in tqdm(pool.map(_score_shard, jobs), total=len(jobs), desc="batch metrics", disable=not jobs):
             write_json_atomic(cache / f"shard{s:02d}.json", {**want, "key": shard_keys[s]})
     # 3) stream the shards into one table (memory flat in the number of shards)
-    cols = ID_COLUMNS + REF_COLUMNS + names
+    cols = ID_COLUMNS + ["noisy"] + REF_COLUMNS + names
     summaries = []
     with atomic_path(tables_dir / "batch_metrics.csv") as tmp, open(tmp, "w") as out:
         for s in range(len(shard_keys)):
-            df = _shard_frame(data, s, np.load(cache / f"shard{s:02d}.npy"), names)
+            noisy = story_noise(raw_dir(data_dir) / data.meta["shards"][s]["name"].replace(".bin", ".json"))
+            df = _shard_frame(data, s, np.load(cache / f"shard{s:02d}.npy"), names, noisy)
             df.to_csv(out, index=False, header=s == 0, float_format="%.6g")
             summ = {"shard": s, "split": "val" if s == 0 else "train", "n_batches": len(df),
                     "n_tokens": int(data.meta["shards"][s]["n_tokens"]),
                     "n_stories": int(data.meta["shards"][s]["n_stories"])}
-            summ.update({f"{c}_mean": df[c].mean() for c in REF_COLUMNS + names})
-            summ.update({f"{c}_std": df[c].std() for c in REF_COLUMNS + names})
+            summ.update({f"{c}_mean": df[c].mean() for c in ["noisy"] + REF_COLUMNS + names})
+            summ.update({f"{c}_std": df[c].std() for c in ["noisy"] + REF_COLUMNS + names})
             summaries.append(summ)
     with atomic_path(tables_dir / "shard_metrics.csv") as tmp:
         pd.DataFrame(summaries).to_csv(tmp, index=False, float_format="%.6g")

@@ -59,6 +59,27 @@ def sha256_file(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
+def story_noise(shard: Path) -> np.ndarray:
+    """Per story of a raw shard: True where `tinystories.py sample --noise` corrupted it
+    (its row has a "noise" kind); all False for clean or downloaded data."""
+    try:
+        rows = json.loads(Path(shard).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"corrupt shard {shard} ({type(e).__name__}): delete it and re-run "
+                        "python tinystories.py download (or sample)") from None
+    return np.array([bool(r.get("noise")) for r in rows], dtype=bool)
+
+
+def window_noise(tokens: np.ndarray, noisy: np.ndarray, offsets: np.ndarray, max_seq_len: int) -> np.ndarray:
+    """Share of each window's max_seq_len+1 tokens that belong to noisy stories (a story
+    owns its BOS and the tokens up to the next BOS)."""
+    story = np.cumsum(np.asarray(tokens) == BOS_ID) - 1  # story index of every token
+    flag = np.zeros(len(story), dtype=bool)
+    flag[story >= 0] = noisy[story[story >= 0]]
+    cum = np.concatenate([[0], np.cumsum(flag)])
+    return (cum[offsets + max_seq_len + 1] - cum[offsets]) / (max_seq_len + 1)
+
+
 def load_stories(shard: Path) -> list[str]:
     try:
         data = json.loads(Path(shard).read_text(encoding="utf-8"))

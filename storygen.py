@@ -1340,3 +1340,39 @@ if __name__ == "__main__":
     for story in generate_stories(k, s):
         print(story)
         print("-" * 60)
+
+
+# -----------------------------------------------------------------------------
+# noise on purpose: a test bed for batch selection where the answer is known
+
+NOISE_KINDS = ("shuffled", "random", "repeat", "truncate")
+
+
+def corrupt(story: str, kind: str, rng: random.Random) -> str:
+    """A corrupted version of a story, of one of NOISE_KINDS:
+    shuffled  its words in a random order (fluent words, no syntax)
+    random    as many random lowercase 'words' (2-8 letters) as it has words
+    repeat    one of its sentences repeated until the story's length
+    truncate  its first 10-30% of characters, cut mid-word"""
+    words = story.split()
+    if kind == "shuffled":
+        rng.shuffle(words)
+        return " ".join(words)
+    if kind == "random":
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in words)
+    if kind == "repeat":
+        sents = [s for s in re.split(r"(?<=[.!?])\s+", story) if s.strip()] or [story]
+        s = rng.choice(sents)
+        return " ".join([s] * max(2, len(story) // max(len(s) + 1, 1)))
+    if kind == "truncate":
+        return story[:max(1, int(len(story) * rng.uniform(0.1, 0.3)))]
+    raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+
+
+def noise_plan(n_train: int, noise: float, seed: int) -> dict[int, str]:
+    """{index among the training stories: noise kind} for round(noise * n_train) of them,
+    chosen and assigned kinds (in turn) from a seeded generator."""
+    rng = random.Random(f"noise:{seed}:{noise}")
+    chosen = sorted(rng.sample(range(n_train), round(noise * n_train)))
+    return {i: NOISE_KINDS[k % len(NOISE_KINDS)] for k, i in enumerate(chosen)}

@@ -4,6 +4,7 @@ llama2.c's .bin shards plus the batch index, batch metrics, and the batch reader
 
 $ python tinystories.py download                       # ~1.5 GB archive -> data/TinyStories_all_data/
 $ python tinystories.py sample                         # offline: ~4,000 generated stories in 5 shards
+$ python tinystories.py sample --noise=0.2 --data_dir=data_noisy   # 20% of training stories corrupted
 $ python tinystories.py train_vocab --vocab_size=512   # -> data/tok512.model
 $ python tinystories.py pretokenize --vocab_size=512   # -> data/tok512/*.bin, batch index, out/tables/batch_metrics.csv
 
@@ -17,6 +18,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +30,7 @@ import batchmetrics
 from common import UserError, atomic_path, main_guard, write_json_atomic
 from data import (BOS_ID, DATA_DIR, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE, load_stories, raw_dir, raw_shards,
                   sha256_file, tok_dir, write_index)
-from storygen import generate_stories
+from storygen import corrupt, generate_stories, noise_plan
 from tokenizer import Tokenizer, tokenizer_model_path
 
 # -----------------------------------------------------------------------------
@@ -113,24 +115,42 @@ def download(data_dir=DATA_DIR, url=DATA_URL):
     return target
 
 
-def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=1337):
+def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=1337, noise=0.0):
     """Write generated stories (storygen.py) in TinyStories' JSON format, so that the
-    whole pipeline runs offline. A SAMPLE marker keeps it from overwriting real data."""
+    whole pipeline runs offline. A SAMPLE marker keeps it from overwriting real data.
+    noise > 0 replaces that (seeded) fraction of the training stories (shards 1..; the
+    validation shard 0 stays clean) by corrupted text (storygen.corrupt), each row saying
+    its corruption in a "noise" field: a test bed for batch selection."""
+    if n_stories < n_shards or n_shards < 2:
+        raise UserError(f"--n_stories={n_stories} --n_shards={n_shards}: need at least 2 shards (shard 0 is "
+                        "validation) and a story per shard")
+    if not 0 <= noise < 1:
+        raise UserError(f"--noise={noise}: a fraction in [0, 1)")
     target = raw_dir(data_dir)
     if list(target.glob("data*.json")) and not (target / "SAMPLE").exists():
         raise UserError(f"{target} holds downloaded data; sample would overwrite it. "
                         "Use --data_dir=<another folder> for the sample")
     stories = generate_stories(n_stories, seed=seed)
+    chunks = np.array_split(np.arange(n_stories), n_shards)
+    n_val = len(chunks[0])
+    plan = noise_plan(n_stories - n_val, noise, seed) if noise else {}
+    rng = random.Random(f"corrupt:{seed}")
+    kinds = [None] * n_stories
+    for i, kind in plan.items():  # in index order, so the draws are reproducible
+        kinds[n_val + i] = kind
+        stories[n_val + i] = corrupt(stories[n_val + i], kind, rng)
     target.mkdir(parents=True, exist_ok=True)
     for old in target.glob("data*.json"):
         old.unlink()
-    for i, chunk in enumerate(np.array_split(np.arange(n_stories), n_shards)):
+    for i, chunk in enumerate(chunks):
         rows = [{"story": stories[j], "instruction": {"prompt:": "", "words": [], "features": []},
-                 "summary": "", "source": "llama2_prebiasing.storygen"} for j in chunk]
+                 "summary": "", "source": "llama2_prebiasing.storygen", **({"noise": kinds[j]} if noise else {})}
+                for j in chunk]
         with atomic_path(target / f"data{i:02d}.json") as tmp:
             tmp.write_text(json.dumps(rows, ensure_ascii=False))
-    (target / "SAMPLE").write_text(json.dumps({"n_stories": n_stories, "seed": seed}) + "\n")
-    print(f"wrote {n_stories} stories in {n_shards} shards to {target}")
+    (target / "SAMPLE").write_text(json.dumps({"n_stories": n_stories, "seed": seed, "noise": noise}) + "\n")
+    print(f"wrote {n_stories} stories in {n_shards} shards to {target}"
+          + (f" ({len(plan)} training stories corrupted)" if noise else ""))
     return target
 
 
@@ -219,6 +239,7 @@ def main():
     ap.add_argument("--n_stories", type=int, default=4000, help="sample: number of stories")
     ap.add_argument("--n_shards", type=int, default=5, help="sample: number of shards")
     ap.add_argument("--seed", type=int, default=1337, help="sample: generator seed")
+    ap.add_argument("--noise", type=float, default=0.0, help="sample: fraction of training stories corrupted")
     ap.add_argument("--workers", type=int, default=None, help="pretokenize: processes (default: all cores)")
     ap.add_argument("--metrics", default="all", help="pretokenize: comma list of batch metrics, 'all' or 'none'")
     ap.add_argument("--tables_dir", default=None, help="pretokenize: where batch_metrics.csv goes (default out/tables)")
@@ -228,7 +249,7 @@ def main():
     if a.stage == "download":
         download(a.data_dir, a.url)
     elif a.stage == "sample":
-        sample(a.data_dir, a.n_stories, a.n_shards, a.seed)
+        sample(a.data_dir, a.n_stories, a.n_shards, a.seed, a.noise)
     elif a.stage == "train_vocab":
         train_vocab(a.vocab_size, a.data_dir)
     elif a.stage == "pretokenize":

@@ -29,7 +29,7 @@ def test_table_has_one_row_per_batch_with_every_metric(table):
     data_dir, tables, df, meta = table
     data = BatchData(data_dir, 512, 64)
     assert len(df) == len(data) and df["batch_id"].tolist() == list(range(len(data)))
-    assert list(df.columns) == batchmetrics.ID_COLUMNS + batchmetrics.REF_COLUMNS + metrics.text_metric_names()
+    assert list(df.columns) == batchmetrics.ID_COLUMNS + ["noisy"] + batchmetrics.REF_COLUMNS + metrics.text_metric_names()
     assert (df["split"] == "val").sum() == data.n_val
     for col in ("shard", "offset", "story_first", "story_last"):
         assert df[col].tolist() == data.index[col].tolist()
@@ -79,7 +79,7 @@ def test_rerun_reuses_and_subset_recomputes(tiny_data, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == stamps  # nothing recomputed
     tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables, metrics="sentiment,n_words")
     df = pd.read_csv(tables / "batch_metrics.csv")
-    assert list(df.columns) == batchmetrics.ID_COLUMNS + batchmetrics.REF_COLUMNS + ["n_words", "sentiment"]
+    assert list(df.columns) == batchmetrics.ID_COLUMNS + ["noisy"] + batchmetrics.REF_COLUMNS + ["n_words", "sentiment"]
     with pytest.raises(UserError, match="unknown metric.*nope"):
         tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables, metrics="nope")
 
