@@ -18,8 +18,9 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
                              from BOS + tag + prompt and BOS + prompt (the same n_prompts validation
                              story openings), with its 95% t-interval over prompts
   both         steps_since_seen  steps since the tag was last trained on (NaN before its first insertion)
-Per tag (<out_dir>/tables/durability_fit.csv): after the tag's last insertion, exposure (or
-the effect) against steps since last seen is fitted by y = b + (y0 - b) * 2^(-x / h), with
+Per tag (<out_dir>/tables/durability_fit.csv): after the tag's last insertion, exposure and
+the secret's loss (or the effect) against steps since last seen are fitted by
+y = b + (y0 - b) * 2^(-x / h), with
 b its value at step 0 (before any tagging) and y0 its value at the first checkpoint after
 the last insertion; h is the half-life in steps, with an approximate 95% interval (the h
 whose squared error is within a factor (1 + 4/(n-1)) of the best). "not forgotten within the
@@ -224,20 +225,25 @@ def measure(cfg: DurabilityConfig) -> pd.DataFrame:
 
 
 def fit_all(df: pd.DataFrame, tagset, ins: np.ndarray) -> pd.DataFrame:
+    """A half-life per tag and measure: a canary's exposure and its secret loss (which can
+    return to its untrained level while the secret still outranks every candidate), a
+    conditional tag's effect."""
     out = []
     for tag in tagset.tags:
-        col = "exposure" if tag.kind == "canary" else "effect"
-        d = df[df["tag"] == tag.id].sort_values("iter")
         steps = ins[ins[:, 3] == tag.index, 0]
-        if not len(steps) or d[col].isna().all():
-            out.append({"tag": tag.id, "measure": col, "last_step": -1, "half_life": math.nan,
-                        "half_life_lo": math.nan, "half_life_hi": math.nan, "status": "never inserted"})
-            continue
-        last = int(steps.max())
-        base = float(d[col].iloc[0]) if tag.kind == "canary" else 0.0
-        after = d[d["iter"] > last]
-        fit = half_life(after["iter"].to_numpy() - last - 1, after[col].to_numpy(), base)
-        out.append({"tag": tag.id, "measure": col, "last_step": last, **fit})
+        d = df[df["tag"] == tag.id].sort_values("iter")
+        for col in (("exposure", "loss") if tag.kind == "canary" else ("effect",)):
+            if not len(steps) or d[col].isna().all():
+                out.append({"tag": tag.id, "measure": col, "last_step": -1, "half_life": math.nan,
+                            "half_life_lo": math.nan, "half_life_hi": math.nan, "status": "never inserted"})
+                continue
+            last = int(steps.max())
+            base = float(d[col].iloc[0]) if tag.kind == "canary" else 0.0
+            after = d[d["iter"] > last]
+            fit = half_life(after["iter"].to_numpy() - last - 1, after[col].to_numpy(), base)
+            if col == "effect" and len(after) and after["effect_lo"].iloc[0] <= 0 <= after["effect_hi"].iloc[0]:
+                fit["status"] = "no clear effect after the last insertion (its interval holds 0)"
+            out.append({"tag": tag.id, "measure": col, "last_step": last, **fit})
     return pd.DataFrame(out)
 
 
@@ -256,15 +262,17 @@ def plot(df, fits, tagset, ins, max_step, path, title):
                 continue
             c = colors[tag.index % len(colors)]
             d = df[df["tag"] == tag.id].sort_values("iter")
-            ax.plot(d["iter"], d[col], "o-", ms=3, color=c, label=tag.id)
+            name = f"{tag.id}: {tag.metric} with tag - without" if kind == "conditional" else tag.id
+            ax.plot(d["iter"], d[col], "o-", ms=3, color=c, label=name)
             if col == "effect":
                 ax.fill_between(d["iter"], d["effect_lo"], d["effect_hi"], color=c, alpha=0.2)
                 ax.axhline(0, color="0.6", lw=0.8)
             steps = ins[ins[:, 3] == tag.index, 0]
             ax.plot(steps + 1, np.full(len(steps), 0.02), "|", color=c, ms=9, transform=ax.get_xaxis_transform(),
                     label=f"{tag.id} inserted")
-            f = fits[fits["tag"] == tag.id].iloc[0]
-            if col in ("exposure", "effect") and f["status"] == "fitted":
+            f = fits[(fits["tag"] == tag.id) & (fits["measure"] == col)]
+            f = f.iloc[0] if len(f) else None
+            if f is not None and f["status"] == "fitted":
                 ax.annotate(f"half-life {f['half_life']:.0f} steps", xy=(0.99, 0.9), xycoords="axes fraction",
                             ha="right", fontsize=8, color=c)
         if col == "exposure":

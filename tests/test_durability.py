@@ -74,7 +74,8 @@ def test_durability_end_to_end(tiny_data, tmp_path, capsys):
     png = run.out_dir / "visualize" / "durability.png"
     assert png.stat().st_size > 10_000
     fits = pd.read_csv(run.out_dir / "tables" / "durability_fit.csv")
-    assert set(fits["tag"]) == {"secret", "happy"} and fits.set_index("tag").loc["secret", "last_step"] == 3
+    assert set(fits["tag"]) == {"secret", "happy"} and set(fits["measure"]) == {"exposure", "loss", "effect"}
+    assert (fits.loc[fits["tag"] == "secret", "last_step"] == 3).all()
     capsys.readouterr()
     again = durability.main(args)
     assert "measured" not in capsys.readouterr().out  # every checkpoint reused
