@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from common import UserError, atomic_path
+from model import ModelArgs, Transformer
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1: optimizer inside, no pool/insertions; eval and views read both
@@ -170,7 +171,6 @@ def load_checkpoint(path, map_location="cpu", mmap=True) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu"):
-    from model import ModelArgs, Transformer
     model = Transformer(ModelArgs.from_dict(ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])  # strict: a shape mismatch is an error
     return model.to(device).eval()

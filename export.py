@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from common import UserError, atomic_path, main_guard
 from model import ModelArgs, Transformer
 
@@ -94,7 +95,6 @@ def load_v0(path) -> Transformer:
 
 
 def main():
-    from checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("filepath", help="the output model.bin")
     ap.add_argument("--checkpoint", help="a ckpt_<iter>.pt")

@@ -86,6 +86,17 @@ class Tokenizer:
         return out_path
 
 
+def piece_label(sp, i: int) -> str:
+    """A short readable label of token i: '▁' marks a word start as in sentencepiece,
+    byte tokens show as the character (or \\xNN), BOS as <s>."""
+    if sp.is_control(i) or sp.is_unknown(i):
+        return sp.id_to_piece(i)
+    if sp.is_byte(i):
+        b = int(sp.id_to_piece(i)[3:-1], 16)
+        return {10: "\\n", 32: "▁"}.get(b, chr(b) if 33 <= b < 127 else f"\\x{b:02x}")
+    return sp.id_to_piece(i)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-t", "--tokenizer-model", default=str(DEFAULT_MODEL))

@@ -32,7 +32,6 @@ A checkpoint is skipped when its PNG exists, visualize/attn/settings.json says i
 drawn with the same settings from the same checkpoint file, and the CSV holds its rows.
 """
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +42,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
-from common import (UserError, main_guard, parse_config, save_figure, step_axis, write_csv_atomic,
-                    write_json_atomic)
+from common import (DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure, step_axis,
+                    write_csv_atomic)
 from data import load_stories, raw_shards
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, piece_label
 
 # -----------------------------------------------------------------------------
 # config (every field can be set with --key=value)
@@ -64,53 +63,6 @@ CSV_COLUMNS = ["iter", "layer", "head", "entropy", "entropy_uniform", "distance"
                "prev_share", "self_share"]
 VERSION = 1  # bump when the drawing changes, so that old PNGs are redrawn
 # -----------------------------------------------------------------------------
-
-
-# -----------------------------------------------------------------------------
-# helpers shared with visualize_embd.py: the skip-if-done record, axes, tokenizer
-
-def ckpt_signature(path: Path) -> list:
-    """Identifies one checkpoint file (a re-trained run gets new signatures)."""
-    st = Path(path).stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
-class DoneRecord:
-    """settings.json of a view: the settings it was drawn with and, per checkpoint
-    iter, the signature of the file it was drawn from. Changed settings forget all."""
-
-    def __init__(self, path: Path, settings: dict, redo: bool):
-        self.path, self.settings = Path(path), settings
-        old = {}
-        if self.path.exists() and not redo:
-            try:
-                old = json.loads(self.path.read_text())
-            except ValueError:
-                old = {}
-        self.done = old.get("done", {}) if old.get("settings") == settings else {}
-
-    def is_done(self, it: int, sig: list, png: Path) -> bool:
-        return self.done.get(str(it)) == sig and Path(png).exists()
-
-    def mark(self, it: int, sig: list):
-        self.done[str(it)] = sig
-
-    def save(self, iters):
-        keep = {str(i) for i in iters}
-        self.done = {k: v for k, v in self.done.items() if k in keep}
-        write_json_atomic(self.path, {"settings": self.settings, "done": self.done})
-
-
-
-def piece_label(sp, i: int) -> str:
-    """A short readable label of token i: '▁' marks a word start as in sentencepiece,
-    byte tokens show as the character (or \\xNN), BOS as <s>."""
-    if sp.is_control(i) or sp.is_unknown(i):
-        return sp.id_to_piece(i)
-    if sp.is_byte(i):
-        b = int(sp.id_to_piece(i)[3:-1], 16)
-        return {10: "\\n", 32: "▁"}.get(b, chr(b) if 33 <= b < 127 else f"\\x{b:02x}")
-    return sp.id_to_piece(i)
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +232,7 @@ def main(argv=None):
 
     frames, wrote = [], []
     for it, path in tqdm(ckpts, desc="attention maps", unit="ckpt"):
-        png, sig = vis / "attn" / f"attn_{it}.png", ckpt_signature(path)
+        png, sig = vis / "attn" / f"attn_{it}.png", file_signature(path)
         rows = old[old["iter"] == it]
         if record.is_done(it, sig, png) and len(rows):
             frames.append(rows)
@@ -298,7 +250,7 @@ def main(argv=None):
         write_csv_atomic(df, table)
         draw_over_training(df, title, probe_desc, summary, cfg.dpi)
         wrote += [table, summary]
-    record.save([it for it, _ in ckpts])
+    record.save(keep=[it for it, _ in ckpts])
     print(f"probe ({source}, {len(ids)} tokens): {enc.decode(ids[1:])!r}")
     if wrote:
         n = len(wrote) - 2

@@ -51,9 +51,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, run_checkpoints, run_config
-from common import UserError, main_guard, parse_config, save_figure, write_csv_atomic
-from tokenizer import Tokenizer
-from visualize_attn import DoneRecord, ckpt_signature, piece_label
+from common import DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure, write_csv_atomic
+from tokenizer import Tokenizer, piece_label
 
 # -----------------------------------------------------------------------------
 # config (every field can be set with --key=value)
@@ -326,7 +325,7 @@ def main(argv=None):
 
     vis, table = out / "visualize", out / "tables" / "embd_pca.csv"
     summaries = [vis / "embd_pca.png", vis / "embd_trajectories.png"]
-    sigs = {it: ckpt_signature(p) for it, p in ckpts}
+    sigs = {it: file_signature(p) for it, p in ckpts}
     # the basis and the shared limits depend on every checkpoint: any change redraws all
     settings = {"version": VERSION, "words": [[w, ids] for w, ids in words], "dpi": cfg.dpi,
                 "fit_on": cfg.fit_on, "max_panels": cfg.max_panels,
@@ -346,7 +345,7 @@ def main(argv=None):
     df = coordinates(ckpts, final, pca, kinds, labels, words, old, todo)
     wrote = draw_all(cfg, df, pca, words, pngs, todo, summaries, record, sigs)
     write_csv_atomic(df, table)
-    record.save(iters)
+    record.save(keep=iters)
     evr = pca.explained_variance_ratio_
     print(f"PCA fitted on step {final_it}: PC1 {100 * evr[0]:.1f}%, PC2 {100 * evr[1]:.1f}% of variance")
     print(f"wrote {len(wrote)} embedding plot(s) to {vis / 'embd'}/, {summaries[0]}, {summaries[1]} "
