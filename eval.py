@@ -12,9 +12,9 @@ Checkpoints already evaluated with the same settings are skipped; the settings (
 a stamp of each checkpoint file) are kept in tables/eval_config.json, so changing any
 setting, or retraining a checkpoint, re-evaluates it. --redo=True redoes everything.
 
-Prompts: the opening `prompt_tokens` tokens (after BOS) of the first `n_prompts`
-stories of the validation shard (shard 0) that are longer than prompt_tokens + 1
-tokens, plus "Once upon a time". All prompts are generated in one batched, KV-cached
+Prompts: the opening whole words of the first `n_prompts` stories of the validation shard
+(shard 0), as few as reach `prompt_tokens` tokens after BOS (so a prompt never ends
+mid-word: "It was a sunny day", not "It was a sunny s"), plus "Once upon a time". All prompts are generated in one batched, KV-cached
 model.generate call per checkpoint: greedy (temperature 0) always, and sampled with
 temperature/top_p/seed when temperature > 0. Generation stops at BOS, after
 max_new_tokens, or at the model's max_seq_len, whichever comes first. The expected
@@ -65,7 +65,6 @@ summary.csv, one row per checkpoint, outputs next to inputs:
   A batch trained on twice counts twice; NaN metric values are skipped.
 """
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -76,13 +75,12 @@ import pandas as pd
 
 import batchmetrics
 import metrics
-from data import TABLES_DIR, BatchData, load_stories, raw_shards
+from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
+from common import DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, write_csv_atomic
+from data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
 from model import mean_loss
 from refscorer import reference_scorer
 from tokenizer import Tokenizer
-from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
-from common import (UserError, auto_device, main_guard, parse_config, write_csv_atomic,
-                    write_json_atomic)
 
 # -----------------------------------------------------------------------------
 # config
@@ -103,7 +101,7 @@ class EvalConfig:
     device: str = "auto"
 # -----------------------------------------------------------------------------
 
-EVAL_VERSION = 1  # bump when an output column's definition changes
+EVAL_VERSION = 2  # bump when an output column's definition changes
 OPEN_PROMPT = "Once upon a time"
 OUTPUT_METRICS = (["n_new_tokens", "ref_nll", "ref_ppl", "bleu", "rouge_l", "prefix_match"]
                   + metrics.text_metric_names())
@@ -131,6 +129,16 @@ def eval_run_config(cfg: EvalConfig) -> dict:
     return run
 
 
+def word_cut(ids: list[int], at_least: int, enc) -> int | None:
+    """The first position >= at_least where a new word starts (a piece beginning with
+    sentencepiece's '▁', or a newline), so a prompt of ids[:cut] ends with a whole word."""
+    for k in range(at_least, len(ids)):
+        piece = enc.sp.id_to_piece(ids[k])
+        if piece.startswith("▁") or piece == "<0x0A>":
+            return k
+    return None
+
+
 def build_prompts(cfg: EvalConfig, run: dict, enc) -> list[Prompt]:
     """n_prompts held-out story openings, then the open prompt."""
     T = int(run["max_seq_len"])
@@ -144,9 +152,9 @@ def build_prompts(cfg: EvalConfig, run: dict, enc) -> list[Prompt]:
         if len(prompts) == cfg.n_prompts:
             break
         ids = enc.encode(story)  # BOS first
-        if len(ids) > cfg.prompt_tokens + 2:
-            cut = cfg.prompt_tokens + 1
-            prompts.append(Prompt(len(prompts), i, ids[:cut], ids[cut:cut + n_exp]))
+        cut = word_cut(ids, cfg.prompt_tokens + 1, enc)
+        if cut is not None and cut + 1 < len(ids) and cut + 1 < T:
+            prompts.append(Prompt(len(prompts), i, ids[:cut], ids[cut:cut + min(n_exp, T - cut)]))
     if len(prompts) < cfg.n_prompts:
         raise UserError(f"--n_prompts={cfg.n_prompts}: shard 0 of {run['data_dir']} has only "
                         f"{len(prompts)} stories longer than {cfg.prompt_tokens + 1} tokens; ask for fewer")
@@ -154,7 +162,7 @@ def build_prompts(cfg: EvalConfig, run: dict, enc) -> list[Prompt]:
     return prompts
 
 
-def settings(cfg: EvalConfig, data, scorer) -> dict:
+def settings(cfg: EvalConfig, data, scorer, data_dir) -> dict:
     """Everything the cached results depend on, besides the checkpoint itself."""
     keep = ("val_batches", "n_prompts", "prompt_tokens", "max_new_tokens", "temperature", "top_p", "seed")
     s = {k: getattr(cfg, k) for k in keep}
@@ -162,13 +170,9 @@ def settings(cfg: EvalConfig, data, scorer) -> dict:
         s.update(top_p=None, seed=None)
     s.update(eval_version=EVAL_VERSION, metrics_version=metrics.METRICS_VERSION,
              metric_versions=metrics.metric_versions(), scorer=scorer.fingerprint(),
-             tokenizer_sha256=data.meta["tokenizer_sha256"])
+             tokenizer_sha256=data.meta["tokenizer_sha256"],
+             prompt_shard_sha256=sha256_file(raw_shards(data_dir)[0]))  # the prompts' stories
     return s
-
-
-def ckpt_stamp(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 # -----------------------------------------------------------------------------
@@ -273,30 +277,31 @@ class BatchMeans:
 # cache of finished checkpoints
 
 def load_cache(tables: Path, want: dict, redo: bool):
-    """(outputs, summary, stamps) of earlier evaluations with the same settings, or empty."""
-    cfg_p, out_p, sum_p = tables / "eval_config.json", tables / "eval_outputs.csv", tables / "eval_summary.csv"
-    empty = pd.DataFrame(), pd.DataFrame(), {}
-    if redo or not (cfg_p.exists() and out_p.exists() and sum_p.exists()):
-        return empty
+    """(outputs, summary, record) of earlier evaluations: common.DoneRecord in
+    eval_config.json (the settings, and the file signature of each evaluated checkpoint)."""
+    record = DoneRecord(tables / "eval_config.json", want, redo)
+    out_p, sum_p = tables / "eval_outputs.csv", tables / "eval_summary.csv"
+    if record.changed:
+        print(f"eval settings changed since {record.path} was written: re-evaluating every checkpoint")
+    if not record.done or not (out_p.exists() and sum_p.exists()):
+        record.done = {}
+        return pd.DataFrame(), pd.DataFrame(), record
     try:
-        saved = json.loads(cfg_p.read_text())
         outputs, summary = pd.read_csv(out_p, keep_default_na=False, na_values=[""]), pd.read_csv(sum_p)
     except (ValueError, OSError, pd.errors.ParserError):
         print(f"{tables}: cached eval tables unreadable, re-evaluating everything")
-        return empty
-    if saved.get("settings") != want:
-        print(f"eval settings changed since {cfg_p} was written: re-evaluating every checkpoint")
-        return empty
+        record.done = {}
+        return pd.DataFrame(), pd.DataFrame(), record
     for c in ("prompt", "generated", "expected"):  # empty texts must stay "", not NaN
         outputs[c] = outputs[c].fillna("").astype(str)
-    return outputs, summary, saved.get("checkpoints", {})
+    return outputs, summary, record
 
 
-def write_eval_tables(tables: Path, outputs, summary, want, stamps):
+def write_eval_tables(tables: Path, outputs, summary, record: DoneRecord, keep):
     write_csv_atomic(outputs.sort_values(["iter", "decoding", "prompt_id"], kind="stable"),
                      tables / "eval_outputs.csv")
     write_csv_atomic(summary.sort_values("iter"), tables / "eval_summary.csv")
-    write_json_atomic(tables / "eval_config.json", {"settings": want, "checkpoints": stamps})
+    record.save(keep=keep)
 
 
 # -----------------------------------------------------------------------------
@@ -309,8 +314,13 @@ def evaluate(cfg: EvalConfig):
     run = eval_run_config(cfg)
     V, T = int(run["vocab_size"]), int(run["max_seq_len"])
     data = BatchData(run["data_dir"], V, T)
-    bm, _ = batchmetrics.load_batch_metrics(run["tables_dir"], data)
-    means = BatchMeans(bm, Path(run["tables_dir"]) / "batch_metrics.csv")
+    means = None
+    if (Path(run["tables_dir"]) / "batch_metrics.csv").exists():
+        bm, _ = batchmetrics.load_batch_metrics(run["tables_dir"], data)
+        means = BatchMeans(bm, Path(run["tables_dir"]) / "batch_metrics.csv")
+    else:
+        print(f"no batch metrics in {run['tables_dir']} (pretokenized with --metrics=none?): summary.csv "
+              "has the outputs only, no in_<metric> columns")
     scorer = reference_scorer(run["data_dir"], V)
     enc = Tokenizer.for_vocab(V, run["data_dir"])
     prompts = build_prompts(cfg, run, enc)
@@ -321,42 +331,45 @@ def evaluate(cfg: EvalConfig):
 
     # 2) reuse what is cached with the same settings and an unchanged checkpoint file
     tables = Path(cfg.out_dir) / "tables"
-    want = settings(cfg, data, scorer)
-    outputs, summary, stamps = load_cache(tables, want, cfg.redo)
+    want = settings(cfg, data, scorer, run["data_dir"])
+    outputs, summary, record = load_cache(tables, want, cfg.redo)
     have = set(summary["iter"]) if len(summary) else set()
     iters_now = {it for it, _ in ckpts}
-    stamps = {k: v for k, v in stamps.items() if int(k) in iters_now and int(k) in have}
+    keep = sorted(iters_now & have)
 
     # 3) every checkpoint in order: input means always, outputs only when not cached
-    in_rows, n_done, prev = [], 0, -1
+    in_rows, n_done, prev, n_cum = [], 0, -1, 0
     for it, path in tqdm(ckpts, desc="eval", unit="ckpt"):
         ck = load_checkpoint(path)
         if ck["prev_iter"] != prev:
             raise UserError(f"{path} follows step {ck['prev_iter']} but the previous checkpoint is "
                             f"step {prev}: restore ckpt_{ck['prev_iter']}.pt so the batches seen are known")
         prev = it
-        in_rows.append({"iter": it, **means.add(ck["batch_ids"].numpy())})
-        if stamps.get(str(it)) == ckpt_stamp(path):
+        n_cum += ck["batch_ids"].numel()
+        in_rows.append({"iter": it, **(means.add(ck["batch_ids"].numpy()) if means else
+                                        {"n_batches_since": ck["batch_ids"].numel(), "n_batches_cum": n_cum})})
+        if it in have and record.is_done(it, file_signature(path)):
             continue
         model = model_from_checkpoint(ck, device)
         vl = mean_loss(model, data, val_ids, cfg.batch_size, device)
         out = score_outputs(it, prompts, generate(model, prompts, cfg), enc, scorer)
-        row = {"iter": it, "tokens_seen": means.n_cum * T, "n_batches_seen": means.n_cum,
+        row = {"iter": it, "tokens_seen": n_cum * T, "n_batches_seen": n_cum,
                "val_loss": vl, "val_ppl": math.exp(vl), "train_loss": float(ck["train_loss"]),
                **summarise_outputs(out)}
         keep_o = outputs[outputs["iter"] != it] if len(outputs) else outputs
         keep_s = summary[summary["iter"] != it] if len(summary) else summary
         outputs = pd.concat([keep_o, out], ignore_index=True)
         summary = pd.concat([keep_s, pd.DataFrame([row])], ignore_index=True)
-        stamps[str(it)] = ckpt_stamp(path)
-        write_eval_tables(tables, outputs, summary, want, stamps)  # progress survives a crash
+        record.mark(it, file_signature(path))
+        keep.append(it)
+        write_eval_tables(tables, outputs, summary, record, keep)  # progress survives a crash
         n_done += 1
         del model, ck
 
     # 4) drop rows of checkpoints that no longer exist, then the joined summary
     outputs = outputs[outputs["iter"].isin(iters_now)]
     summary = summary[summary["iter"].isin(iters_now)]
-    write_eval_tables(tables, outputs, summary, want, stamps)
+    write_eval_tables(tables, outputs, summary, record, sorted(iters_now))
     joined = join_summary(summary, pd.DataFrame(in_rows))
     write_csv_atomic(joined, tables / "summary.csv")
     print(f"evaluated {n_done} checkpoint(s), reused {len(ckpts) - n_done} from the cache")

@@ -31,6 +31,7 @@ definition changes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -108,9 +109,18 @@ def resolve_metrics(spec: str | list[str] | None) -> list[str]:
     return [n for n in TEXT_METRICS if n in want]
 
 
-def metric_versions(names=None) -> dict[str, int]:
-    """{name: version} for the resolved names (default all)."""
-    return {n: TEXT_METRICS[n].version for n in resolve_metrics(names)}
+def metric_versions(names=None) -> dict[str, int | str]:
+    """{name: version} for the resolved names (default all). The gender metrics' version
+    carries a hash of the word lists in use, so every cache keyed on these versions
+    (batch metrics, eval, durability) recomputes when the lists change."""
+    out = {}
+    for n in resolve_metrics(names):
+        v = TEXT_METRICS[n].version
+        if n.startswith("gender_"):
+            h = hashlib.sha256(json.dumps(gender_words()).encode()).hexdigest()[:12]
+            v = f"{v}+words:{h}"
+        out[n] = v
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -334,10 +334,16 @@ class ModelScorer:
 
 
 def reference_scorer(data_dir, vocab_size, ref_model: str = ""):
-    """The scorer of this data: ref_model when given, else the validation 3-gram model."""
+    """The scorer of this data: ref_model when given, else the validation 3-gram model
+    (fitted here on first use when pretokenize ran with --metrics=none)."""
     if ref_model:
         return ModelScorer(ref_model)
     p = scorer_path(data_dir, vocab_size)
+    val_bin = tok_dir(data_dir, vocab_size) / "data00.bin"
+    if not p.exists() and val_bin.exists():
+        print(f"fitting the reference scorer on {val_bin} (pretokenize skipped it)")
+        return fit_reference_scorer(data_dir, vocab_size, np.fromfile(val_bin, dtype=np.uint16),
+                                    "bin:" + sha256_file(val_bin))
     try:
         return NGramScorer.load(p)
     except ValueError as e:

@@ -159,3 +159,53 @@ def test_no_checkpoints_is_user_error(tmp_path):
 def test_unknown_key_is_user_error():
     with pytest.raises(UserError, match="unknown config key"):
         ev.main(["--nonsense=1"])
+
+
+def test_prompts_end_with_a_whole_word(run):
+    tiny, out = run
+    from tokenizer import Tokenizer
+    enc = Tokenizer.for_vocab(512, tiny.data_dir)
+    cfg = ev.EvalConfig(out_dir=str(out), n_prompts=3, prompt_tokens=8)
+    prompts = ev.build_prompts(cfg, ev.eval_run_config(cfg), enc)
+    from data import load_stories, raw_shards
+    stories = load_stories(raw_shards(tiny.data_dir)[0])
+    for p in prompts[:-1]:
+        text = enc.decode(p.tokens[1:])
+        story = stories[p.story_index]
+        assert len(p.tokens) >= 9 and story.startswith(text)
+        assert story[len(text)] in " \n"  # the next character begins a new word
+        assert enc.decode(p.tokens[1:] + p.expected).strip() in story
+    assert enc.decode(prompts[0].tokens[1:]) == " ".join(stories[0].split(" ")[:len(enc.decode(prompts[0].tokens[1:]).split(" "))])
+
+
+def test_gender_word_lists_are_part_of_the_cache_key(run, monkeypatch):
+    import metrics
+    tiny, out = run
+    ev.main([f"--out_dir={out}", *ARGS])
+    calls, orig = [], model_mod.Transformer.generate
+    monkeypatch.setattr(model_mod.Transformer, "generate", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    male, female = metrics.gender_words()
+    try:
+        metrics.set_gender_words(male + ["knight"], female)
+        ev.main([f"--out_dir={out}", *ARGS])
+        assert len(calls) == 7  # every checkpoint re-scored with the new lists
+    finally:
+        metrics.set_gender_words(male, female)
+
+
+def test_data_without_batch_metrics_still_evaluates_outputs(tiny_data, tmp_path, capsys):
+    import tinystories
+    import train
+    from conftest import TinyRun
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data[0] / "TinyStories_all_data", data / "TinyStories_all_data")
+    shutil.copy(tiny_data[0] / "tok512.model", data / "tok512.model")
+    tinystories.pretokenize(512, 64, data, workers=1, tables_dir=tmp_path / "tables", metrics="none")
+    run = TinyRun(data, tmp_path / "tables", tmp_path / "out")
+    train.main(run.train_args(max_iters=2, eval_interval=2))
+    capsys.readouterr()
+    joined = ev.main([f"--out_dir={run.out_dir}", "--n_prompts=1", "--max_new_tokens=4", "--val_batches=1"])
+    out = capsys.readouterr().out
+    assert out.count("no batch metrics in") == 1 and "outputs only" in out
+    assert list(joined["iter"]) == [0, 1, 2] and "out_n_words" in joined and not any(c.startswith("in_") for c in joined)
+    assert joined["n_batches_since"].tolist() == [0, 8, 8]
