@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export import export_v0, load_v0
-from model import ModelArgs, Transformer, XorShiftRng
+from model import KVCache, ModelArgs, Transformer, XorShiftRng
 from tokenizer import Tokenizer
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K.bin"
@@ -121,9 +121,19 @@ def test_kv_cache_matches_full_recompute_and_batching():
     prompts = [[1, 5, 9], [1], [1, 7, 3, 3, 8, 2]]
     batched = m.generate(prompts, 20, temperature=0.0, stop_at_bos=False)
     for p, b in zip(prompts, batched):
-        assert b == m.generate([p], 20, temperature=0.0, stop_at_bos=False)[0]
-        assert b == m.generate_nocache(p, 20) or 1 in m.generate_nocache(p, 20) + [1]
-        assert len(b) == 20
+        assert len(b) == 20 and b == m.generate([p], 20, temperature=0.0, stop_at_bos=False)[0]
+        seq = torch.tensor([p + b])
+        with torch.no_grad():
+            full = m(seq)[0][0]  # (T, V): a full recompute of the whole sequence
+            # greedy: each generated token is the full recompute's argmax at its position
+            assert full[len(p) - 1:-1].argmax(-1).tolist() == b
+            # the cached path, a prefill then one token at a time, gives the same logits
+            cache = KVCache(m.params, 1, seq.shape[1], "cpu", torch.float32)
+            steps = [m(seq[:, :len(p)], cache=cache, start_pos=0)[0][0]]
+            steps += [m(seq[:, t:t + 1], cache=cache, start_pos=t)[0][0] for t in range(len(p), seq.shape[1])]
+        torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=1e-5)
+        nocache = m.generate_nocache(p, 20)  # llama2.c's recompute loop stops at BOS
+        assert nocache == b[:len(nocache)] and (len(nocache) == 20 or b[len(nocache)] == 1)
     # sampled rows use XorShift(seed + row): row 1 alone at seed+1 equals row 1 of the batch
     s = m.generate(prompts, 15, temperature=0.8, top_k=10, seed=5, stop_at_bos=False)
     assert s[1] == m.generate([prompts[1]], 15, temperature=0.8, top_k=10, seed=6, stop_at_bos=False)[0]
