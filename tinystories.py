@@ -36,6 +36,7 @@ from tokenizer import Tokenizer, tokenizer_model_path
 # -----------------------------------------------------------------------------
 # config
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
+MIN_VOCAB = 259  # 256 byte-fallback pieces + <unk>, <s>, </s>
 # -----------------------------------------------------------------------------
 
 
@@ -121,7 +122,7 @@ def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=1337, noise=0.0):
     noise > 0 replaces that (seeded) fraction of the training stories (shards 1..; the
     validation shard 0 stays clean) by corrupted text (storygen.corrupt), each row saying
     its corruption in a "noise" field: a test bed for batch selection."""
-    if n_stories < n_shards or n_shards < 2:
+    if n_shards < 2 or n_stories < n_shards:
         raise UserError(f"--n_stories={n_stories} --n_shards={n_shards}: need at least 2 shards (shard 0 is "
                         "validation) and a story per shard")
     if not 0 <= noise < 1:
@@ -161,23 +162,31 @@ def train_vocab(vocab_size: int, data_dir=DATA_DIR, num_shards=10):
     """Sentencepiece BPE as llama2.c trains it (byte fallback, identity normalisation)
     on the training shards (1..num_shards; shard 0 is kept unseen for validation)."""
     import sentencepiece as spm
-    assert vocab_size > 0, "vocab_size must be positive"
+    # byte fallback needs 256 byte pieces + <unk>, <s>, </s>: fewer cannot be trained
+    if vocab_size < MIN_VOCAB or vocab_size > 65535:
+        raise UserError(f"--vocab_size={vocab_size}: give {MIN_VOCAB}..65535 (byte fallback needs "
+                        f"{MIN_VOCAB - 3} pieces more than the 3 specials; uint16 shards hold at most 65535)")
     shards = raw_shards(data_dir)
     train = shards[1:num_shards + 1] or shards
     prefix = Path(data_dir) / f"tok{vocab_size}"
     text_file = Path(data_dir) / f"tok{vocab_size}.txt"
-    with open(text_file, "w", encoding="utf-8") as f:
-        for shard in train:
-            for story in load_stories(shard):
-                f.write(story + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(text_file), model_prefix=str(prefix), model_type="bpe",
-        vocab_size=vocab_size, input_format="text",
-        character_coverage=1.0, num_threads=os.cpu_count(), split_digits=True,
-        allow_whitespace_only_pieces=True, byte_fallback=True,
-        unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
-        shuffle_input_sentence=False, minloglevel=2)
-    text_file.unlink()
+    try:  # the training text is a temp file: never left behind, even by a failed training
+        with open(text_file, "w", encoding="utf-8") as f:
+            for shard in train:
+                for story in load_stories(shard):
+                    f.write(story + "\n")
+        spm.SentencePieceTrainer.train(
+            input=str(text_file), model_prefix=str(prefix), model_type="bpe",
+            vocab_size=vocab_size, input_format="text",
+            character_coverage=1.0, num_threads=os.cpu_count(), split_digits=True,
+            allow_whitespace_only_pieces=True, byte_fallback=True,
+            unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+            shuffle_input_sentence=False, minloglevel=2)
+    except RuntimeError as e:  # e.g. a vocab larger than the text allows
+        raise UserError(f"train_vocab --vocab_size={vocab_size} failed on {raw_dir(data_dir)}: "
+                        f"{str(e).splitlines()[0]} (change --vocab_size as sentencepiece says)") from None
+    finally:
+        text_file.unlink(missing_ok=True)
     print(f"wrote {prefix}.model (copy it to tokenizer.model to make it the default)")
     return prefix.with_suffix(".model")
 
@@ -198,6 +207,8 @@ def _tokenize_shard(args):
 def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
                 workers=None, tables_dir=None, metrics="all", ref_model=""):
     from tqdm import tqdm
+    if max_seq_len < 1 or (workers is not None and workers < 1):
+        raise UserError(f"--max_seq_len={max_seq_len} --workers={workers}: both must be at least 1")
     shards = raw_shards(data_dir)
     model_path = tokenizer_model_path(vocab_size, data_dir)
     tok_sha = sha256_file(model_path)

@@ -266,3 +266,22 @@ def test_bundled_tokenizer_is_reproducible(tmp_path):
     tinystories.sample(tmp_path)
     p = tinystories.train_vocab(512, tmp_path)
     assert Tokenizer(p).pieces() == Tokenizer(ROOT / "tokenizer.model").pieces()
+
+
+@pytest.mark.parametrize("stage,kw,match", [
+    ("sample", {"n_stories": 0}, "n_stories=0"), ("sample", {"n_shards": 1}, "n_shards=1"),
+    ("sample", {"n_stories": 3, "n_shards": 4}, "n_stories=3"),
+    ("train_vocab", {"vocab_size": 0}, "vocab_size=0"), ("train_vocab", {"vocab_size": -5}, "vocab_size=-5"),
+    ("train_vocab", {"vocab_size": 70000}, "vocab_size=70000"),
+    ("train_vocab", {"vocab_size": 259}, "vocab_size=259"),  # valid range, but too few for the sample's chars
+    ("pretokenize", {"max_seq_len": 0}, "max_seq_len=0"), ("pretokenize", {"workers": 0}, "workers=0")])
+def test_nonsense_values_write_nothing(tiny_raw, tmp_path, stage, kw, match):
+    """A one-line error naming the value; nothing new on disk (train_vocab leaves no tokN.txt)."""
+    root, _ = tiny_raw
+    target = tmp_path / "fresh" if stage == "sample" else root
+    before = sorted(p.relative_to(target) for p in target.rglob("*")) if target.exists() else []
+    with pytest.raises(UserError, match=match) as e:
+        getattr(tinystories, stage)(data_dir=target, **kw)
+    assert "\n" not in str(e.value)
+    after = sorted(p.relative_to(target) for p in target.rglob("*")) if target.exists() else []
+    assert after == before
