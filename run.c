@@ -310,12 +310,12 @@ static void matvec(float *restrict y, const float *restrict W, const float *rest
 
 /* one query head h over cached positions 0..pos of kv head kvh; output into xb */
 static void attend_head(Buffers *b, const float *kc, const float *vc, int h, int kvh, int pos,
-                        int hs, int kv_dim, int seq, float scale) {
+                        int hs, int kv_dim, int seq, float sqrt_hs) {
     const float *qh = b->q + (size_t)h * hs;
     const size_t kv_off = (size_t)kvh * hs;
     float *scores = b->att + (size_t)h * seq;
     for (int t = 0; t <= pos; t++)
-        scores[t] = dot(qh, kc + (size_t)t * kv_dim + kv_off, hs) * scale;
+        scores[t] = dot(qh, kc + (size_t)t * kv_dim + kv_off, hs) / sqrt_hs; /* divide, as llama2.c */
     softmax(scores, pos + 1);
     float *out = b->xb + (size_t)h * hs;
     for (int i = 0; i < hs; i++) out[i] = 0.0f;
@@ -333,7 +333,7 @@ static float *forward(Model *m, int token, int pos) {
     const int dim = c->dim, hid = c->hidden_dim, kv_dim = c->kv_dim, hs = c->head_size;
     const int seq = c->seq_len, n_heads = c->n_heads;
     const int group = c->n_heads / c->n_kv_heads; /* query heads per kv head */
-    const float scale = 1.0f / sqrtf((float)hs);
+    const float sqrt_hs = sqrtf((float)hs);
 
     memcpy(b->x, w->tok_emb + (size_t)token * dim, (size_t)dim * sizeof(float));
 
@@ -371,12 +371,12 @@ static float *forward(Model *m, int token, int pos) {
             int h;
 #pragma omp parallel for
             for (h = 0; h < n_heads; h++)
-                attend_head(b, kc, vc, h, h / group, pos, hs, kv_dim, seq, scale);
+                attend_head(b, kc, vc, h, h / group, pos, hs, kv_dim, seq, sqrt_hs);
         } else
 #endif
         {
             for (int h = 0; h < n_heads; h++)
-                attend_head(b, kc, vc, h, h / group, pos, hs, kv_dim, seq, scale);
+                attend_head(b, kc, vc, h, h / group, pos, hs, kv_dim, seq, sqrt_hs);
         }
 
         matvec(b->xb2, w->wo + lw * dim * dim, b->xb, dim, dim);
@@ -388,7 +388,8 @@ static float *forward(Model *m, int token, int pos) {
         matvec(b->hb2, w->w3 + lw * hid * dim, b->xb, hid, dim);
         for (int i = 0; i < hid; i++) {
             float g = b->hb[i];
-            b->hb[i] = g / (1.0f + expf(-g)) * b->hb2[i];
+            g *= (1.0f / (1.0f + expf(-g))); /* silu, in llama2.c's float operations */
+            b->hb[i] = g * b->hb2[i];
         }
         matvec(b->xb, w->w2 + lw * dim * hid, b->hb, dim, hid);
         for (int i = 0; i < dim; i++) b->x[i] += b->xb[i];
@@ -708,11 +709,19 @@ static void usage(const char *problem) {
     exit(1);
 }
 
+/* finite by the bits of the double: -ffast-math (make run) assumes no NaN/Inf and folds
+ * isfinite() to true, but it cannot reason about integer bit patterns */
+static int finite_bits(double v) {
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    return ((u >> 52) & 0x7ff) != 0x7ff;
+}
+
 static double parse_float(const char *flag, const char *s) {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno != 0 || end == s || *end != '\0' || !isfinite(v)) {
+    if (errno != 0 || end == s || *end != '\0' || !finite_bits(v)) {
         char msg[160];
         snprintf(msg, sizeof msg, "%s expects a number, got '%.80s'", flag, s);
         usage(msg);
@@ -781,8 +790,15 @@ int main(int argc, char **argv) {
         usage(msg);
     }
     if (ids_mode != 0 && ids_mode != 1) usage("-d expects 0 or 1");
-    if (temperature < 0.0) temperature = 0.0;
-    if (topp < 0.0 || topp > 1.0) topp = 0.9;
+    /* llama2.c's fix-ups, kept, but said */
+    if (temperature < 0.0) {
+        fprintf(stderr, "run: warning: -t %g is negative; using 0 (greedy), as llama2.c does\n", temperature);
+        temperature = 0.0;
+    }
+    if (topp < 0.0 || topp > 1.0) {
+        fprintf(stderr, "run: warning: -p %g is outside [0, 1]; using 0.9, as llama2.c does\n", topp);
+        topp = 0.9;
+    }
 
     Model model;
     memset(&model, 0, sizeof model);
@@ -793,6 +809,8 @@ int main(int argc, char **argv) {
     memset(&tok, 0, sizeof tok);
     load_tokenizer(&tok, tok_path, vocab);
 
+    if (steps < 0) fprintf(stderr, "run: warning: -n %lld is negative; using seq_len %d, as llama2.c does\n",
+                           steps, model.c.seq_len);
     if (steps <= 0 || steps > model.c.seq_len) steps = model.c.seq_len;
 
     Sampler sampler;

@@ -82,3 +82,25 @@ def test_llama2c_file_matches_the_reference():
     with torch.no_grad():
         got = load_v0(FIXTURE)(torch.tensor([toks]))[0][0].double().numpy()
     np.testing.assert_allclose(got, ref.logits(toks), atol=1e-4, rtol=1e-4)
+
+
+SAMPLED = FIXTURE.with_name("stories260K_llama2c_t08_p09_s7_n256.ids")
+
+
+@pytest.mark.skipif(not SAMPLED.exists(), reason="llama2.c's sampled ids are not in ../shared/fixtures")
+def test_runexact_reproduces_llama2c_samples(tmp_path):
+    """`make runexact` does llama2.c's float operations in its order (score / sqrt(hs),
+    silu as x * (1 / (1 + e^-x)), ...), so it samples llama2.c's own ids at -t 0.8 -p 0.9."""
+    import struct
+    from conftest import ROOT
+    subprocess.run(["make", "-s", "runexact"], cwd=ROOT, check=True, capture_output=True)
+    tok = tmp_path / "ids.bin"  # piece i is the text [i], as the fixture was made
+    with open(tok, "wb") as f:
+        f.write(struct.pack("i", 8))
+        for i in range(512):
+            f.write(struct.pack("fi", 0.0, len(f"[{i}]")) + f"[{i}]".encode())
+    out = subprocess.run([str(ROOT / "runexact"), str(FIXTURE), "-z", str(tok), "-t", "0.8", "-p", "0.9", "-s", "7",
+                          "-n", "256"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = [int(t) for t in out.stdout.replace("]", " ").replace("[", " ").split()]
+    assert got == [int(t) for t in SAMPLED.read_text().split()]

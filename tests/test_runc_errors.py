@@ -339,3 +339,28 @@ def test_usage_errors(binaries, tiny, args):
     assert res.returncode == 1
     assert res.stderr.startswith("run: error:")
     assert res.stdout == ""
+
+
+@pytest.mark.parametrize("build", ["run", "runexact"])
+@pytest.mark.parametrize("args", [["-t", "nan"], ["-t", "inf"], ["-t", "-inf"], ["-p", "nan"], ["-p", "NaN"]])
+def test_non_finite_numbers_are_refused_by_every_build(binaries, tiny, build, args):
+    """make run is built with -ffast-math, which folds isfinite() to true: the check
+    must survive it."""
+    model, tok = tiny
+    res = run_c(binaries[build], model, tok, *args)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip() == f"run: error: {args[0]} expects a number, got '{args[1]}'" or \
+        res.stderr.startswith(f"run: error: {args[0]} expects a number, got '{args[1]}'")
+
+
+@pytest.mark.parametrize("build", ["run", "runexact"])
+@pytest.mark.parametrize("args, said, same_as", [
+    (["-t", "-1"], "-t -1 is negative; using 0 (greedy)", ["-t", "0"]),
+    (["-t", "0.8", "-p", "2", "-s", "3"], "-p 2 is outside [0, 1]; using 0.9", ["-t", "0.8", "-p", "0.9", "-s", "3"]),
+    (["-t", "0", "-n", "-5"], "-n -5 is negative; using seq_len", ["-t", "0", "-n", "0"]),
+])
+def test_llama2c_fix_ups_are_kept_but_said(binaries, tiny, build, args, said, same_as):
+    model, tok = tiny
+    res = run_c(binaries[build], model, tok, "-d", 1, *args)
+    assert res.returncode == 0 and res.stderr.startswith(f"run: warning: {said}")
+    assert res.stdout == run_c(binaries[build], model, tok, "-d", 1, *same_as).stdout
