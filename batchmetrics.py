@@ -15,14 +15,16 @@ $ python tinystories.py pretokenize --ref_model=model.bin
 
 import json
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 import metrics
-from common import UserError, atomic_path, write_json_atomic
-from data import TABLES_DIR, BatchData, index_dir, raw_dir, story_noise, tok_dir, window_noise, window_texts
+from common import DoneRecord, UserError, atomic_path, write_json_atomic
+from data import (TABLES_DIR, BatchData, index_dir, raw_dir, story_noise, token_stamps, window_noise,
+                  window_texts)
 from refscorer import ModelScorer, fit_reference_scorer, reference_scorer
 from tokenizer import Tokenizer
 
@@ -31,12 +33,13 @@ REF_COLUMNS = ["ref_nll", "ref_ppl"]
 
 
 # -----------------------------------------------------------------------------
-# per-shard scoring (a process per shard; each writes its own cached CSV)
+# per-shard work (a process per shard): score into a cached .npy, then format its CSV rows
 
 def _score_shard(job):
     """Score one shard's batches: a float64 matrix (batch, [ref_nll, ref_ppl, *names])
-    saved as .npy (binary: the CSV is formatted once, at the end)."""
-    data_dir, vocab_size, max_seq_len, shard, names, ref_model, out_npy = job
+    saved as .npy (binary, so a reused shard costs only its formatting)."""
+    data_dir, vocab_size, max_seq_len, shard, names, ref_model, out_npy, gender = job
+    metrics.set_gender_words(*gender)  # the parent's lists, also where workers are spawned, not forked
     data = BatchData(data_dir, vocab_size, max_seq_len)
     enc = Tokenizer.for_vocab(vocab_size, data_dir)
     ids = np.flatnonzero(data.index["shard"] == shard)
@@ -48,21 +51,34 @@ def _score_shard(job):
     return shard
 
 
-def _shard_frame(data, shard: int, values: np.ndarray, names: list[str], noisy: np.ndarray):
-    """The batch_metrics.csv rows of one shard: ids from the batch index, the share of
-    tokens from corrupted stories (noisy), then values."""
-    import pandas as pd
+def _shard_rows(job) -> tuple[str, dict]:
+    """One shard's batch_metrics.csv rows as text (no header) and its shard_metrics.csv
+    summary. Formatted here, in the worker, as pandas' to_csv(float_format="%.6g") would
+    (ints plain, floats %.6g, NaN empty), at a fraction of its per-cell cost."""
+    data_dir, vocab_size, max_seq_len, shard, names, ref_model, npy, _ = job
+    if ref_model is not None:  # not cached: score it first
+        _score_shard(job)
+    data = BatchData(data_dir, vocab_size, max_seq_len)
     ids = np.flatnonzero(data.index["shard"] == shard)
     rows = data.index[ids]
-    df = pd.DataFrame({
-        "batch_id": ids, "shard": rows["shard"], "offset": rows["offset"],
-        "story_first": rows["story_first"], "story_last": rows["story_last"],
-        "n_stories": rows["story_last"] - rows["story_first"] + 1,
-        "n_tokens": data.max_seq_len + 1, "split": "val" if shard == 0 else "train"})
-    df["noisy"] = window_noise(np.asarray(data.tokens[shard]), noisy, rows["offset"], data.max_seq_len)
-    for j, c in enumerate(REF_COLUMNS + names):
-        df[c] = values[:, j]
-    return df
+    noisy_story = story_noise(raw_dir(data_dir) / data.meta["shards"][shard]["name"].replace(".bin", ".json"))
+    noisy = window_noise(np.asarray(data.tokens[shard]), noisy_story, rows["offset"], max_seq_len)
+    values = np.column_stack([noisy, np.load(npy)])  # (batch, [noisy, ref_nll, ref_ppl, *names])
+    split = "val" if shard == 0 else "train"
+    fixed = np.column_stack([ids, rows["shard"], rows["offset"], rows["story_first"], rows["story_last"],
+                             rows["story_last"] - rows["story_first"] + 1]).astype(np.int64).tolist()
+    fmt = "%d,%d,%d,%d,%d,%d," + f"{max_seq_len + 1},{split}" + ",%.6g" * values.shape[1]
+    text = "\n".join(fmt % (*a, *b) for a, b in zip(fixed, values.tolist()))
+    text = text.replace(",nan", ",") + "\n" if len(ids) else ""  # NaN -> empty cell, as pandas writes it
+    summ = {"shard": shard, "split": split, "n_batches": len(ids),
+            "n_tokens": int(data.meta["shards"][shard]["n_tokens"]),
+            "n_stories": int(data.meta["shards"][shard]["n_stories"])}
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column's mean is NaN, as in pandas
+        cols = ["noisy"] + REF_COLUMNS + names
+        summ.update({f"{c}_mean": float(v) for c, v in zip(cols, np.nanmean(values, axis=0))})
+        summ.update({f"{c}_std": float(v) for c, v in zip(cols, np.nanstd(values, axis=0, ddof=1))})
+    return text, summ
 
 
 def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metric_spec="all",
@@ -75,7 +91,7 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
         raise UserError(str(e)) from None
     tables_dir = Path(tables_dir or TABLES_DIR)
     data = BatchData(data_dir, vocab_size, max_seq_len)
-    stamps = json.loads((tok_dir(data_dir, vocab_size) / "stamps.json").read_text())
+    stamps = token_stamps(data_dir, vocab_size).done
     shard_keys = [stamps[s["name"].replace(".bin", ".json")] for s in data.meta["shards"]]
     # 1) the reference scorer, fitted on the validation shard (shard 0)
     if ref_model:
@@ -83,33 +99,34 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
     else:
         scorer_fp = fit_reference_scorer(data_dir, vocab_size, np.asarray(data.tokens[0]),
                                          shard_keys[0]).fingerprint()
-    # 2) per shard, reusing the cached scores when nothing they depend on changed
+    # 2) per shard, reusing the cached scores when nothing they depend on changed (the
+    # metric versions carry the gender word lists' hash; the shard key its tokens')
     cache = index_dir(data_dir, vocab_size, max_seq_len) / "metrics"
     cache.mkdir(parents=True, exist_ok=True)
     want = {"metrics": names, "versions": metrics.metric_versions(names), "scorer": scorer_fp,
             "metrics_version": metrics.METRICS_VERSION}
+    done = DoneRecord(cache / "done.json", want)
     jobs = []
     for s, key in enumerate(shard_keys):
-        npy, stamp = cache / f"shard{s:02d}.npy", cache / f"shard{s:02d}.json"
-        if not (npy.exists() and stamp.exists() and json.loads(stamp.read_text()) == {**want, "key": key}):
-            jobs.append((data_dir, vocab_size, max_seq_len, s, names, ref_model, npy))
-    with ProcessPoolExecutor(min(workers or os.cpu_count(), max(1, len(jobs)))) as pool:
-        for s in tqdm(pool.map(_score_shard, jobs), total=len(jobs), desc="batch metrics", disable=not jobs):
-            write_json_atomic(cache / f"shard{s:02d}.json", {**want, "key": shard_keys[s]})
-    # 3) stream the shards into one table (memory flat in the number of shards)
+        npy = cache / f"shard{s:02d}.npy"
+        cached = done.is_done(s, key, npy)
+        jobs.append((data_dir, vocab_size, max_seq_len, s, names, None if cached else ref_model, npy,
+                     metrics.gender_words()))
+    n_todo = sum(j[5] is not None for j in jobs)
+    # 3) stream the shards' rows into one table, in shard order (memory flat in the number of shards)
     cols = ID_COLUMNS + ["noisy"] + REF_COLUMNS + names
     summaries = []
-    with atomic_path(tables_dir / "batch_metrics.csv") as tmp, open(tmp, "w") as out:
-        for s in range(len(shard_keys)):
-            noisy = story_noise(raw_dir(data_dir) / data.meta["shards"][s]["name"].replace(".bin", ".json"))
-            df = _shard_frame(data, s, np.load(cache / f"shard{s:02d}.npy"), names, noisy)
-            df.to_csv(out, index=False, header=s == 0, float_format="%.6g")
-            summ = {"shard": s, "split": "val" if s == 0 else "train", "n_batches": len(df),
-                    "n_tokens": int(data.meta["shards"][s]["n_tokens"]),
-                    "n_stories": int(data.meta["shards"][s]["n_stories"])}
-            summ.update({f"{c}_mean": df[c].mean() for c in ["noisy"] + REF_COLUMNS + names})
-            summ.update({f"{c}_std": df[c].std() for c in ["noisy"] + REF_COLUMNS + names})
+    with ProcessPoolExecutor(min(workers or os.cpu_count(), len(jobs))) as pool, \
+            atomic_path(tables_dir / "batch_metrics.csv") as tmp, open(tmp, "w") as out:
+        out.write(",".join(cols) + "\n")
+        bar = tqdm(pool.map(_shard_rows, jobs), total=len(jobs), desc=f"batch metrics ({n_todo} to score)")
+        for (text, summ), job in zip(bar, jobs):
+            out.write(text)
             summaries.append(summ)
+            done.mark(job[3], shard_keys[job[3]], save=True)  # progress survives an interruption
+    done.save(keep=range(len(shard_keys)))
+    for old in cache.glob("shard*.json"):
+        old.unlink()  # the per-shard stamps of earlier versions, replaced by done.json
     with atomic_path(tables_dir / "shard_metrics.csv") as tmp:
         pd.DataFrame(summaries).to_csv(tmp, index=False, float_format="%.6g")
     meta = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "n_batches": len(data),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_path, write_json_atomic
+from common import DoneRecord, UserError, atomic_path, write_json_atomic
 
 # -----------------------------------------------------------------------------
 DATA_DIR = Path("data")
@@ -227,3 +227,10 @@ def window_texts(windows: list[np.ndarray], enc) -> list[str]:
 
 def window_text(tokens: np.ndarray, enc) -> str:
     return window_texts([tokens], enc)[0]
+
+
+def token_stamps(data_dir, vocab_size) -> DoneRecord:
+    """pretokenize's 'already computed' record (data/tok{V}/stamps.json): per raw shard
+    name, the key "raw_sha256:tokenizer_sha256" its .bin was made from. Batch metrics
+    key their per-shard cache on the same string."""
+    return DoneRecord(tok_dir(data_dir, vocab_size) / "stamps.json", {"stage": "pretokenize", "format": 1})

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 import batchmetrics
-from common import UserError, atomic_path, main_guard, write_json_atomic
+from common import UserError, atomic_path, main_guard
 from data import (BOS_ID, DATA_DIR, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE, load_stories, raw_dir, raw_shards,
-                  sha256_file, tok_dir, write_index)
+                  sha256_file, tok_dir, token_stamps, write_index)
 from storygen import corrupt, generate_stories, noise_plan
 from tokenizer import Tokenizer, tokenizer_model_path
 
@@ -201,7 +201,7 @@ def _tokenize_shard(args):
     arr = np.fromiter(itertools.chain.from_iterable([BOS_ID, *t] for t in ids), dtype=np.uint16)
     with atomic_path(out_path) as tmp:
         arr.tofile(tmp)
-    return len(arr), len(ids)
+    return shard
 
 
 def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
@@ -215,21 +215,19 @@ def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DI
     out = tok_dir(data_dir, vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     # 1) tokens: skip shards whose json and tokenizer are unchanged since the last run
-    stamp_path = out / "stamps.json"
-    stamps = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
-    jobs, infos = [], []
+    done = token_stamps(data_dir, vocab_size)
+    jobs, keys = [], {}
     for shard in shards:
         bin_path = out / shard.with_suffix(".bin").name
-        key = f"{sha256_file(shard)}:{tok_sha}"
-        infos.append({"name": shard.name, "bin": bin_path.name, "key": key})
-        if not (bin_path.exists() and stamps.get(shard.name) == key):
+        keys[shard.name] = f"{sha256_file(shard)}:{tok_sha}"
+        if not done.is_done(shard.name, keys[shard.name], bin_path):
             jobs.append((shard, bin_path, model_path))
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        list(tqdm(pool.map(_tokenize_shard, jobs), total=len(jobs), desc="tokenize", disable=not jobs))
-    stamps = {i["name"]: i["key"] for i in infos}
-    write_json_atomic(stamp_path, stamps)
-    for stale in set(out.glob("data*.bin")) - {out / i["bin"] for i in infos}:
-        stale.unlink()  # its raw shard is gone
+        for shard in tqdm(pool.map(_tokenize_shard, jobs), total=len(jobs), desc="tokenize", disable=not jobs):
+            done.mark(shard.name, keys[shard.name], save=True)  # progress survives an interruption
+    done.save(keep=keys)  # forget shards whose raw json is gone ...
+    for stale in set(out.glob("data*.bin")) - {out / s.with_suffix(".bin").name for s in shards}:
+        stale.unlink()  # ... and their tokens
     # 2) batch index over all shards, shard 0 (validation) first
     idir = write_index(data_dir, vocab_size, max_seq_len, model_path.name, tok_sha)
     if metrics not in (None, "", "none"):

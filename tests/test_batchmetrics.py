@@ -105,3 +105,27 @@ def test_model_as_reference_scorer(tiny_run):
     with torch.no_grad():
         want = float(scorer.model(x, y)[1])
     assert nll[0] == pytest.approx(want, rel=1e-6) and np.isfinite(nll).all()
+
+
+def test_gender_word_lists_are_part_of_the_cache_key(tiny_data, tmp_path):
+    """Changing the gender word lists recomputes every shard (metric_versions carries
+    their hash); the same lists again reuse the cache."""
+    data_dir, _ = tiny_data
+    root, tables = tmp_path / "d", tmp_path / "t"
+    shutil.copytree(data_dir, root)
+    cache = index_dir(root, 512, 64) / "metrics"
+    spec = "gender_male,gender_female"
+    tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables, metrics=spec)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
+    before = pd.read_csv(tables / "batch_metrics.csv")
+    try:
+        metrics.set_gender_words(["cat"], ["dog"])
+        tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables, metrics=spec)
+        after = pd.read_csv(tables / "batch_metrics.csv")
+        again = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
+        assert all(again[n] != m for n, m in mtimes.items())  # every shard recomputed
+        assert not np.allclose(after["gender_male"], before["gender_male"], equal_nan=True)
+        tinystories.pretokenize(512, 64, root, workers=1, tables_dir=tables, metrics=spec)
+        assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == again  # same lists: reused
+    finally:
+        metrics.set_gender_words()
