@@ -21,7 +21,7 @@ import numpy as np
 from checkpoint import run_config
 from common import UserError, main_guard, parse_config
 from data import BatchData, window_texts
-from stream import apply_insertions, build_schedule
+from stream import build_schedule, trained_windows
 from tokenizer import Tokenizer
 
 
@@ -60,17 +60,9 @@ def step_view(out_dir, step: int):
     if step < 0:
         raise UserError(f"--step={step}: steps count from 0")
     if step < len(ids):
-        wins = data.windows(ids[step])
-        rows = np.zeros((0, 6), np.int64)
-        if ins is not None and len(ins["insertions"]):
-            all_rows = ins["insertions"]
-            offs = np.concatenate([[0], np.cumsum(all_rows[:, 4])])
-            sel = np.flatnonzero(all_rows[:, 0] == step)
-            rows = all_rows[sel]
-            for r in np.unique(rows[:, 1]):
-                mine = sel[all_rows[sel, 1] == r]
-                toks = np.concatenate([ins["insert_tokens"][offs[i]:offs[i + 1]] for i in mine])
-                wins[r] = apply_insertions(wins[r], all_rows[mine], toks)
+        rec = ins or {"insertions": np.zeros((0, 6), np.int64), "insert_tokens": np.zeros(0, np.int64)}
+        wins = trained_windows(data, ids[step], step, rec)
+        rows = rec["insertions"][rec["insertions"][:, 0] == step]
         return ids[step], wins, rows, f"trained at step {step} (recorded in {Path(out_dir) / 'batch_ids.npy'})"
     sched = build_schedule(cfg, data)
     sid = sched.step_ids(step)

@@ -70,7 +70,7 @@ def tagged_run(tiny_data, out, path, **kw):
     return run
 
 
-def test_training_with_tags_trains_the_recorded_tokens(tiny_data, tmp_path, monkeypatch):
+def test_training_with_tags_trains_the_recorded_tokens(tiny_data, tmp_path, monkeypatch, capsys):
     path = tmp_path / "tags.json"
     path.write_text(json.dumps({"seed": 1, "tags": [CANARY, HAPPY]}))
     seen = {}
@@ -94,6 +94,12 @@ def test_training_with_tags_trains_the_recorded_tokens(tiny_data, tmp_path, monk
         assert np.array_equal(stream.trained_windows(data, rec["batch_ids"][t], t, rec), seen[t])
     z = np.load(run.out_dir / "insertions.npz")
     assert np.array_equal(z["insertions"], ins)
+    # the batch viewer shows the text as trained, with the canary in it
+    import batch_viewer
+    shown = batch_viewer.main([f"--out_dir={run.out_dir}", "--step=2", "--chars=0"])
+    out = capsys.readouterr().out
+    assert np.array_equal(shown, rec["batch_ids"][2])
+    assert out.count(f"tag 0 replaced at token") == 2 and ts.tags[0].text in out
 
 
 def test_tags_are_exact_on_resume_and_with_two_ranks(tiny_data, tmp_path):
