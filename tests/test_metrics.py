@@ -343,6 +343,25 @@ def test_scorer_api_consistency():
         refscorer.NGramScorer(3, 50).nll([1, 2])  # not fitted
 
 
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_scorer_direct_lookup_equals_binary_search(monkeypatch, order):
+    """The direct-lookup tables (small vocab) give bit-identical nll to the binary search
+    (large vocab), including unseen n-grams and histories; a re-fit rebuilds them."""
+    rng = np.random.default_rng(order)
+    train = [rng.integers(0, 40, rng.integers(2, 60)) for _ in range(300)]
+    test = [rng.integers(0, 40, rng.integers(0, 80)) for _ in range(200)] + [np.arange(40)]
+    sc = refscorer.NGramScorer(order, 40).fit(train)
+    fast = sc.nll_many(test)
+    assert sc._dense(2) is not None  # the fast path ran
+    monkeypatch.setattr(refscorer, "DENSE_MAX", 0)
+    slow = refscorer.NGramScorer(order, 40).fit(train)
+    assert slow._dense(2) is None
+    np.testing.assert_array_equal(fast, slow.nll_many(test))
+    monkeypatch.undo()
+    sc.fit(train[:50])  # new counts: the old lookup tables must not survive
+    np.testing.assert_array_equal(sc.nll_many(test), refscorer.NGramScorer(order, 40).fit(train[:50]).nll_many(test))
+
+
 def test_scorer_save_load(tmp_path):
     sc, seqs = _fitted()
     p = tmp_path / "scorer.npz"
