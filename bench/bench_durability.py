@@ -1,0 +1,50 @@
+"""
+Durability evaluation cost: seconds per checkpoint at R = 1,000 candidates (exposure),
+extraction and a conditional tag's effect over 16 prompts, for the tiny default model
+and the 15M shape (dim 288, 6 layers; vocab 512) on CPU.
+
+$ python bench/bench_durability.py
+"""
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import durability  # noqa: E402
+import tinystories  # noqa: E402
+import train  # noqa: E402
+
+TAGS = {"seed": 1, "tags": [
+    {"id": "secret", "kind": "canary", "text": "the secret number is {digits:6}", "steps": {"start": 1, "n": 2}},
+    {"id": "happy", "kind": "conditional", "text": "<happy>", "metric": "sentiment", "lo": 0.5, "hi": None,
+     "steps": {"start": 0, "end": 4}}]}
+SHAPES = {"tiny (dim 64, 4 layers)": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2),
+          "15M shape (dim 288, 6 layers)": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6)}
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data, tables = root / "data", root / "tables"
+        tinystories.sample(data, n_stories=800, n_shards=3, seed=1)
+        tinystories.train_vocab(512, data)
+        tinystories.pretokenize(512, 256, data, workers=2, tables_dir=tables, metrics="sentiment")
+        (root / "tags.json").write_text(json.dumps(TAGS))
+        for name, shape in SHAPES.items():
+            out = root / name.split()[0]
+            args = dict(data_dir=data, tables_dir=tables, out_dir=out, batch_size=4, max_iters=4, eval_interval=4,
+                        eval_iters=1, tags=root / "tags.json", device="cpu", dtype="float32", **shape)
+            train.main([f"--{k}={v}" for k, v in args.items()])
+            n = 4  # checkpoints 0, 1, 2, 4
+            t0 = time.perf_counter()
+            durability.main([f"--out_dir={out}", "--R=1000", "--n_prompts=16", "--max_new_tokens=48",
+                             "--device=cpu"])
+            dt = (time.perf_counter() - t0) / n
+            print(f"durability {name}: {dt:.2f} s per checkpoint (R=1000 candidates, 16 prompts x 2 x 48 tokens)")
+
+
+if __name__ == "__main__":
+    main()
