@@ -10,6 +10,7 @@ import pytest
 
 import metrics as M
 import refscorer
+from metrics_reference import text_metrics_ref
 
 
 def one(text, names=None):
@@ -40,7 +41,16 @@ def test_registry_and_resolve():
         M.resolve_metrics("ttr,bogus")
     msg = str(e.value)
     assert "bogus" in msg and "valid:" in msg and "n_words" in msg and "\n" not in msg
-    assert M.metric_versions() == {n: 1 for n in names}
+    v = M.metric_versions()
+    assert {n: v[n] for n in names if not n.startswith("gender_")} == {n: 1 for n in names if not n.startswith("gender_")}
+    assert len({v[n] for n in names if n.startswith("gender_")}) == 1 and v["gender_male"].startswith("1+words:")
+    try:  # the gender metrics' version carries the word lists: caches keyed on it recompute
+        M.set_gender_words(["cat"], ["dog"])
+        v2 = M.metric_versions()
+        assert v2["gender_ratio"] != v["gender_ratio"] and v2["ttr"] == v["ttr"]
+    finally:
+        M.set_gender_words()
+    assert M.metric_versions() == v
     assert M.metric_versions("ttr") == {"ttr": 1}
     assert isinstance(M.METRICS_VERSION, str)
 
@@ -431,7 +441,7 @@ def _bits(a):
 
 def test_batched_engine_equals_reference(monkeypatch):
     texts = _equivalence_corpus()
-    ref = M._text_metrics_ref(texts)
+    ref = text_metrics_ref(texts)
     # several chunks, the plain MTLD loop for long passes, small MTLD windows
     for chunk, long_, win in [(1 << 20, 4096, 64), (3000, 50, 7), (1, 4096, 1)]:
         monkeypatch.setattr(M, "_CHUNK_CHARS", chunk)
@@ -466,7 +476,7 @@ def test_batched_engine_fresh_tables_and_gender_change():
     try:
         M.set_gender_words(["cat", "dog"], ["bird"])
         g = M.text_metrics(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
-        r = M._text_metrics_ref(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
+        r = text_metrics_ref(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
         for k in g:
             assert _bits(g[k]) == _bits(r[k]), k
     finally:
