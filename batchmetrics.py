@@ -23,7 +23,7 @@ import numpy as np
 
 import metrics
 from common import DoneRecord, UserError, atomic_path, write_json_atomic
-from data import (TABLES_DIR, BatchData, index_dir, raw_dir, story_noise, token_stamps, window_noise,
+from data import (TABLES_DIR, BatchData, index_dir, raw_dir, story_noise, tok_dir, token_stamps, window_noise,
                   window_texts)
 from refscorer import ModelScorer, fit_reference_scorer, reference_scorer
 from tokenizer import Tokenizer
@@ -92,7 +92,10 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
     tables_dir = Path(tables_dir or TABLES_DIR)
     data = BatchData(data_dir, vocab_size, max_seq_len)
     stamps = token_stamps(data_dir, vocab_size).done
-    shard_keys = [stamps[s["name"].replace(".bin", ".json")] for s in data.meta["shards"]]
+    shard_keys = [stamps.get(s["name"].replace(".bin", ".json")) for s in data.meta["shards"]]
+    if None in shard_keys:  # tokens made by an older version, or stamps.json deleted
+        raise UserError(f"{tok_dir(data_dir, vocab_size) / 'stamps.json'} does not describe every shard: run "
+                        f"python tinystories.py pretokenize --vocab_size={vocab_size} --max_seq_len={max_seq_len}")
     # 1) the reference scorer, fitted on the validation shard (shard 0)
     if ref_model:
         scorer_fp = ModelScorer(ref_model).fingerprint()
