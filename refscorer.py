@@ -92,11 +92,15 @@ class NGramScorer:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{a.min()}, {a.max()}]")
         return a
 
+    @staticmethod
+    def _pos(a: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        return np.arange(a.size, dtype=np.int64) - np.repeat(starts, np.diff(np.append(starts, a.size)))
+
     def _keys(self, a: np.ndarray, starts: np.ndarray):
         """keys[m-1][i] = key of the m-gram ending at i (valid where pos[i] >= m-1);
         pos[i] = offset of i inside its sequence."""
         V = self.vocab_size
-        pos = np.arange(a.size, dtype=np.int64) - np.repeat(starts, np.diff(np.append(starts, a.size)))
+        pos = self._pos(a, starts)
         keys = [a]
         for _ in range(2, self.order + 1):
             k = np.empty_like(a)
@@ -164,7 +168,8 @@ class NGramScorer:
     def _token_logp(self, a: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """log P(a[i] | history inside its sequence) for every i."""
         V = self.vocab_size
-        keys, pos = self._keys(a, starts)
+        all_dense = all(self._dense(m) is not None for m in range(2, self.order + 1))
+        keys, pos = (None, self._pos(a, starts)) if all_dense else self._keys(a, starts)  # keys: for binary search
         c1 = self.counts[0]
         n1, t1 = float(c1.sum()), float(np.count_nonzero(c1))
         p = (c1[a] + t1 / V) / (n1 + t1)
@@ -176,10 +181,11 @@ class NGramScorer:
             ch = hc_arr[idx[sel - 1]]
             keep = ch > 0
             sel, ch = sel[keep], ch[keep]
-            th = ht_arr[idx[sel - 1]]
+            hrow = idx[sel - 1]
+            th = ht_arr[hrow]
             dense = self._dense(m)
             if dense is not None:  # direct lookup by (history's row, token)
-                j = dense[idx[sel - 1] * V + a[sel]].astype(np.int64)
+                j = dense[hrow * V + a[sel]].astype(np.int64)
                 h = j >= 0
             else:
                 q = keys[m - 1][sel]
