@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import metrics
+import metrics_engine
 from common import DoneRecord, UserError, atomic_path, write_json_atomic
 from data import (TABLES_DIR, BatchData, index_dir, raw_dir, story_noise, tok_dir, token_stamps, window_noise,
                   window_texts)
@@ -45,7 +46,7 @@ def _score_shard(job):
     ids = np.flatnonzero(data.index["shard"] == shard)
     wins = [data.window(int(i)) for i in ids]
     nll = reference_scorer(data_dir, vocab_size, ref_model).nll_many(wins)
-    cols = [nll, np.exp(nll), *metrics.text_metrics(window_texts(wins, enc), names).values()]
+    cols = [nll, np.exp(nll), *metrics_engine.text_metrics(window_texts(wins, enc), names).values()]
     with atomic_path(out_npy) as tmp, open(tmp, "wb") as f:
         np.save(f, np.stack(cols, axis=1).astype(np.float64), allow_pickle=False)
     return shard

@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 import metrics
+import metrics_engine
 import tags as tagmod
 from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config, stream_records
 from common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, save_figure,
@@ -121,7 +122,7 @@ def conditional_row(model, tag, opens: list[list[int]], enc, cfg: DurabilityConf
     vals = []
     for batch in (tagged, plain):
         gens = model.generate(batch, cfg.max_new_tokens)
-        vals.append(metrics.text_metrics([enc.decode(g) for g in gens], [tag.metric])[tag.metric])
+        vals.append(metrics_engine.text_metrics([enc.decode(g) for g in gens], [tag.metric])[tag.metric])
     d = vals[0] - vals[1]
     d = d[~np.isnan(d)]
     if len(d) < 2:

@@ -75,6 +75,7 @@ import pandas as pd
 
 import batchmetrics
 import metrics
+import metrics_engine
 from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from common import DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, write_csv_atomic
 from data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
@@ -219,7 +220,7 @@ def score_outputs(it: int, prompts: list[Prompt], gens: dict, enc, scorer) -> pd
                                          [new[i] for i in sel], [prompts[i].expected for i in sel])
             for name, col in ov.items():
                 df.loc[sel, name] = col
-        for name, col in metrics.text_metrics(texts).items():
+        for name, col in metrics_engine.text_metrics(texts).items():
             df[name] = col
         frames.append(df)
     return pd.concat(frames, ignore_index=True)

@@ -45,6 +45,7 @@ import torch
 
 import batchmetrics
 import metrics
+import metrics_engine
 import tags as tagmod
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import DoneRecord, UserError, atomic_path, autocast_ctx
@@ -111,7 +112,7 @@ def story_metric(data: BatchData, data_dir, metric: str) -> list[np.ndarray]:
         tok = np.asarray(data.tokens[s])
         starts = np.flatnonzero(tok == BOS_ID)
         stories = [tok[a + 1:b].tolist() for a, b in zip(starts, list(starts[1:]) + [len(tok)])]
-        vals = metrics.text_metrics(enc.sp.decode(stories) if stories else [], [metric])[metric]
+        vals = metrics_engine.text_metrics(enc.sp.decode(stories) if stories else [], [metric])[metric]
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, np.asarray(vals, dtype=np.float64), allow_pickle=False)
         rec.mark(s, info["n_tokens"], save=True)

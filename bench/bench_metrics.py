@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import metrics  # noqa: E402
+import metrics_engine  # noqa: E402
 import refscorer  # noqa: E402
 
 NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy"]
@@ -110,16 +111,16 @@ def main():
     texts = make_texts(a.n_texts, a.seed) if a.source == "synthetic" else storygen_windows(a.n_texts, a.seed)
     print(f"{len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f} chars, "
           f"{np.mean([len(t.split()) for t in texts]):.0f} whitespace words")
-    metrics.text_metrics(texts[:200])  # warm caches (as in a long pretokenize run)
+    metrics_engine.text_metrics(texts[:200])  # warm caches (as in a long pretokenize run)
 
     print(f"{'metric':22s} {'texts/s':>10s} {'us/text':>9s}")
     for name in metrics.text_metric_names():
-        r, _ = rate(lambda: metrics.text_metrics(texts, [name]), len(texts), a.repeat)
+        r, _ = rate(lambda: metrics_engine.text_metrics(texts, [name]), len(texts), a.repeat)
         print(f"{name:22s} {r:10.0f} {1e6 / r:9.1f}")
-    r_all, _ = rate(lambda: metrics.text_metrics(texts), len(texts), a.repeat)
+    r_all, _ = rate(lambda: metrics_engine.text_metrics(texts), len(texts), a.repeat)
     print(f"{'ALL (one call)':22s} {r_all:10.0f} {1e6 / r_all:9.1f}")
     no_v = [n for n in metrics.text_metric_names() if n != "sentiment"]
-    r_nov, _ = rate(lambda: metrics.text_metrics(texts, no_v), len(texts), a.repeat)
+    r_nov, _ = rate(lambda: metrics_engine.text_metrics(texts, no_v), len(texts), a.repeat)
     print(f"{'ALL but sentiment':22s} {r_nov:10.0f} {1e6 / r_nov:9.1f}")
 
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer

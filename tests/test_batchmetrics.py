@@ -12,6 +12,7 @@ import pytest
 import batchmetrics
 import refscorer
 import metrics
+import metrics_engine
 from data import BatchData, index_dir, window_text
 import tinystories
 from common import UserError
@@ -44,7 +45,7 @@ def test_values_are_the_metrics_of_the_exact_window(table):
     ids = [0, 17, data.n_val, len(data) - 1]
     windows = [data.window(i) for i in ids]
     texts = [window_text(w, enc) for w in windows]
-    want = metrics.text_metrics(texts)
+    want = metrics_engine.text_metrics(texts)
     for name, col in want.items():
         np.testing.assert_allclose(df.loc[ids, name].to_numpy(), col, rtol=1e-5, equal_nan=True, err_msg=name)
     np.testing.assert_allclose(df.loc[ids, "ref_nll"].to_numpy(), [scorer.nll(w) for w in windows], rtol=1e-5)

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 import metrics as M
+import metrics_engine as E
 import refscorer
 from metrics_reference import text_metrics_ref
 
 
 def one(text, names=None):
     """{name: float} for a single text."""
-    return {k: float(v[0]) for k, v in M.text_metrics([text], names).items()}
+    return {k: float(v[0]) for k, v in E.text_metrics([text], names).items()}
 
 
 def nan(x):
@@ -57,17 +58,17 @@ def test_registry_and_resolve():
 
 def test_text_metrics_shapes_and_subset():
     texts = ["The cat sat.", "", "Hi"]
-    r = M.text_metrics(texts)
+    r = E.text_metrics(texts)
     assert list(r) == M.text_metric_names()
     for v in r.values():
         assert v.dtype == np.float64 and v.shape == (3,)
-    r = M.text_metrics(texts, ["gender_ratio", "n_words"])
+    r = E.text_metrics(texts, ["gender_ratio", "n_words"])
     assert list(r) == ["n_words", "gender_ratio"]
-    assert M.text_metrics([], None)["n_words"].shape == (0,)
+    assert E.text_metrics([], None)["n_words"].shape == (0,)
     # each metric alone equals the same metric computed with all the others
-    full = M.text_metrics(["He said \"go home now\" and left. She was sad!"])
+    full = E.text_metrics(["He said \"go home now\" and left. She was sad!"])
     for n in M.text_metric_names():
-        np.testing.assert_array_equal(M.text_metrics(["He said \"go home now\" and left. She was sad!"], [n])[n],
+        np.testing.assert_array_equal(E.text_metrics(["He said \"go home now\" and left. She was sad!"], [n])[n],
                                       full[n])
 
 
@@ -245,7 +246,7 @@ def test_vader_equals_library():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     sia = SentimentIntensityAnalyzer()
     texts = _vader_cases()
-    ours = M.text_metrics(texts, ["sentiment"])["sentiment"]
+    ours = E.text_metrics(texts, ["sentiment"])["sentiment"]
     lib = np.array([sia.polarity_scores(t)["compound"] for t in texts])
     np.testing.assert_allclose(ours, lib, atol=1e-6, rtol=0)
     assert (ours != 0).sum() > 200  # the sample exercises real scores
@@ -288,7 +289,7 @@ def test_offline_libraries(monkeypatch):
     assert SentimentIntensityAnalyzer().polarity_scores("good")["compound"] > 0
     M._ROUGE = None
     assert M.rouge_l("a b", "a b") == 1.0 and M.bleu("a b", "a b") == pytest.approx(100)
-    assert M.text_metrics(["I love it!"], ["sentiment"])["sentiment"][0] > 0
+    assert E.text_metrics(["I love it!"], ["sentiment"])["sentiment"][0] > 0
 
 
 # ----------------------------------------------------------------------------- NGramScorer
@@ -444,42 +445,42 @@ def test_batched_engine_equals_reference(monkeypatch):
     ref = text_metrics_ref(texts)
     # several chunks, the plain MTLD loop for long passes, small MTLD windows
     for chunk, long_, win in [(1 << 20, 4096, 64), (3000, 50, 7), (1, 4096, 1)]:
-        monkeypatch.setattr(M, "_CHUNK_CHARS", chunk)
-        monkeypatch.setattr(M, "_MTLD_LONG", long_)
-        monkeypatch.setattr(M, "_MTLD_WIN", win)
-        got = M.text_metrics(texts)
+        monkeypatch.setattr(E, "_CHUNK_CHARS", chunk)
+        monkeypatch.setattr(E, "_MTLD_LONG", long_)
+        monkeypatch.setattr(E, "_MTLD_WIN", win)
+        got = E.text_metrics(texts)
         for k in M.text_metric_names():
             assert _bits(got[k]) == _bits(ref[k]), (k, chunk, long_, win)
     monkeypatch.undo()
-    got = M.text_metrics(texts)
+    got = E.text_metrics(texts)
     # each metric alone, each text alone, and a shuffled subset give the same values
     for k in M.text_metric_names():
-        assert _bits(M.text_metrics(texts, [k])[k]) == _bits(got[k]), k
+        assert _bits(E.text_metrics(texts, [k])[k]) == _bits(got[k]), k
     for i in range(0, len(texts), 7):
-        one_ = M.text_metrics([texts[i]])
+        one_ = E.text_metrics([texts[i]])
         for k in M.text_metric_names():
             assert _bits(one_[k]) == _bits(got[k][i:i + 1]), (k, i)
     order = list(range(len(texts)))
     random.Random(3).shuffle(order)
-    sub = M.text_metrics([texts[i] for i in order[:150]])
+    sub = E.text_metrics([texts[i] for i in order[:150]])
     for k in M.text_metric_names():
         assert _bits(sub[k]) == _bits(got[k][order[:150]]), k
 
 
 def test_batched_engine_fresh_tables_and_gender_change():
     texts = _equivalence_corpus()[:60]
-    a = M.text_metrics(texts)
-    M._TAB = None  # cold tables give the same values
-    b = M.text_metrics(texts)
+    a = E.text_metrics(texts)
+    E._TAB = None  # cold tables give the same values
+    b = E.text_metrics(texts)
     for k in a:
         assert _bits(a[k]) == _bits(b[k]), k
     try:
         M.set_gender_words(["cat", "dog"], ["bird"])
-        g = M.text_metrics(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
+        g = E.text_metrics(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
         r = text_metrics_ref(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
         for k in g:
             assert _bits(g[k]) == _bits(r[k]), k
     finally:
         M.set_gender_words()
-    c = M.text_metrics(texts, ["gender_male"])
+    c = E.text_metrics(texts, ["gender_male"])
     assert _bits(c["gender_male"]) == _bits(a["gender_male"])

@@ -9,7 +9,7 @@ import types
 from pathlib import Path
 
 import numpy as np
-import pytest
+
 import torch
 
 import checkpoint
@@ -171,7 +171,7 @@ def test_conditional_tag_goes_after_the_bos_of_matching_stories(tiny_data, monke
             orig = data.window(int(bid))
             shard, off = int(data.index[bid]["shard"]), int(data.index[bid]["offset"])
             starts = np.flatnonzero(np.asarray(data.tokens[shard]) == BOS_ID)
-            want, q = [], 0
+            want = []
             out = []
             for p, tok in enumerate(orig):  # hand-built: copy, adding the tag after each long story's BOS
                 out.append(int(tok))

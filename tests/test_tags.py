@@ -99,7 +99,7 @@ def test_training_with_tags_trains_the_recorded_tokens(tiny_data, tmp_path, monk
     shown = batch_viewer.main([f"--out_dir={run.out_dir}", "--step=2", "--chars=0"])
     out = capsys.readouterr().out
     assert np.array_equal(shown, rec["batch_ids"][2])
-    assert out.count(f"tag 0 replaced at token") == 2 and ts.tags[0].text in out
+    assert out.count("tag 0 replaced at token") == 2 and ts.tags[0].text in out
 
 
 def test_tags_are_exact_on_resume_and_with_two_ranks(tiny_data, tmp_path):

@@ -13,7 +13,7 @@ import checkpoint
 import stream
 import train
 from common import UserError
-from schedule import Schedule, rank_micro_batches
+from schedule import rank_micro_batches
 from data import BatchData
 
 from conftest import ROOT, TinyRun
