@@ -73,6 +73,7 @@ bench: run
 	$(PYTHON) bench/bench_train.py
 	$(PYTHON) bench/bench_eval.py
 	$(PYTHON) bench/bench_durability.py
+	$(PYTHON) bench/bench_attribute.py
 
 # does batch selection pay? uniform / loss / rho / offline pruning, noisy and clean, 3 seeds (~20 min)
 bench-select:

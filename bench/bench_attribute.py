@@ -1,0 +1,47 @@
+"""
+Attribution cost on CPU: seconds per 1,000 batches per checkpoint (per-batch gradients
+plus their projection) and peak memory, at the tiny default and the 15M shape (dim 288,
+6 layers; vocab 512), for two projection sizes.
+
+$ python bench/bench_attribute.py
+"""
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import attribute  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+SHAPES = {"tiny (dim 64, 4 layers)": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2),
+          "15M shape (dim 288, 6 layers)": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6)}
+
+
+def main(n=64, T=256):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for name, kw in SHAPES.items():
+        model = Transformer(ModelArgs(vocab_size=512, max_seq_len=T, **kw))
+        sizes = [p.numel() for p in model.parameters()]
+        wins = rng.integers(3, 512, (n, T + 1))
+        t0 = time.perf_counter()
+        G = attribute.batch_grads(model, wins)
+        t_grad = (time.perf_counter() - t0) / n
+        for d in (512, 2048):
+            proj = attribute.Projector(sizes, d, "rademacher", seed=0)
+            t0 = time.perf_counter()
+            proj(G)
+            t_proj = (time.perf_counter() - t0) / n
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"attribution {name}, {sum(sizes) / 1e6:.2f}M params, d={d}: {1000 * (t_grad + t_proj):.0f} s per "
+                  f"1,000 batches per checkpoint (gradients {1000 * t_grad:.0f} s, projection {1000 * t_proj:.0f} s; "
+                  f"{n} batches of {T} tokens, blocks of {n}); peak RSS {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
