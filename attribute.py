@@ -88,8 +88,9 @@ class Projector:
         out = torch.zeros(x.shape[0], self.d, dtype=torch.float64)
         at = 0
         for b, n in enumerate(self.sizes):
-            for c0 in range(0, n, 65536):  # columns in pieces: bounded memory
-                c1 = min(n, c0 + 65536)
+            step = max(256, (1 << 22) // self.d)  # a block of P holds at most 4M entries (32 MB)
+            for c0 in range(0, n, step):
+                c1 = min(n, c0 + step)
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + b * 7919 + c0)
                 if self.kind == "gaussian":
                     P = torch.randn(c1 - c0, self.d, generator=g, dtype=torch.float64)
@@ -192,7 +193,7 @@ def versions(steps, ids, data, rec) -> tuple[list, list, list]:
 
 def projected_interval(cfg, model, p0, wins, proj, cache_dir) -> np.ndarray:
     """The projected gradients (u, d) of an interval's distinct windows, cached."""
-    settings = {"d": cfg.d, "proj": cfg.proj, "seed": cfg.seed, "version": 1}
+    settings = {"d": cfg.d, "proj": cfg.proj, "seed": cfg.seed, "version": 2}  # bump when P changes
     done = DoneRecord(cache_dir / "done.json", settings)
     path = cache_dir / f"{Path(p0).stem}.npz"
     stack = np.stack(wins)
