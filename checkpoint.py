@@ -123,7 +123,8 @@ def check_resume(ck: dict, cfg: dict, defining, tokenizer_sha: str, fingerprint:
                         f"resumes v{FORMAT_VERSION} only (eval and the views still read them): start a new --out_dir")
     if ck["schedule"]["fingerprint"] != fingerprint:
         raise UserError(f"the data, schedule spec, tags or selection changed since the checkpoints in {out_dir} "
-                        "were written (fingerprint mismatch); use the same ones or start a new --out_dir")
+                        "were written (fingerprint mismatch; a spec's fractions and competence/mixture phases also "
+                        "depend on --max_iters); use the same ones or start a new --out_dir")
 
 
 def stream_records(out_dir) -> dict:
