@@ -24,8 +24,8 @@ $ python attribute.py --out_dir=out --probe=val --validate=True --k=50
 Probes: val (mean loss of the first n_val validation batches), text:<text>, tag:<id> (a
 canary's secret given its prefix), metric:<name> (a differentiable proxy: the loss of the
 last checkpoint's eval generations in the top quarter by that metric).
-Outputs: <out_dir>/tables/influence_<probe>.csv (batch_id, influence, n_trained, batch
-metrics), influence_<probe>_corr.csv (Spearman correlation with each batch metric),
+Outputs: <out_dir>/tables/influence_<probe>.csv (batch_id, influence, n_trained, n_tagged:
+how many of its trained rows carried a tag, batch metrics), influence_<probe>_corr.csv (Spearman correlation with each batch metric),
 <out_dir>/visualize/influence_<probe>.png, and the top and bottom batches' text on stdout.
 --validate retrains from the same seed without the k most helpful batches, and without k
 random ones (n_random draws), and reports the change of the probe loss at the end: the
@@ -219,7 +219,9 @@ def influence(cfg: AttributeConfig) -> tuple[pd.DataFrame, str]:
     enc = Tokenizer.for_vocab(run.vocab_size, run.data_dir)
     rec = stream_records(cfg.out_dir)
     cache = Path(cfg.out_dir) / "attribution" / "cache"
-    total, count, how = {}, {}, ""
+    total, count, tagged, how = {}, {}, {}, ""
+    ins = rec["insertions"]
+    tagged_rows = {(int(a), int(b)) for a, b in ins[:, :2]} if len(ins) else set()
     for p0, it0, steps, ids in intervals(cfg.out_dir):
         model = model_from_checkpoint(load_checkpoint(p0))
         sizes = [p.numel() for p in model.parameters()]
@@ -231,14 +233,16 @@ def influence(cfg: AttributeConfig) -> tuple[pd.DataFrame, str]:
         at = 0
         for s, row in zip(steps, ids):  # every (step, row) as recorded: repeats count
             lr = get_lr(int(s), run)
-            for bid in row:
+            for r, bid in enumerate(row):
                 total[int(bid)] = total.get(int(bid), 0.0) + lr * float(dots[per_row[at]])
                 count[int(bid)] = count.get(int(bid), 0) + 1
+                tagged[int(bid)] = tagged.get(int(bid), 0) + ((int(s), r) in tagged_rows)
                 at += 1
     if not total:
         raise UserError(f"{cfg.out_dir} has no trained interval (only a step-0 checkpoint?)")
     df = pd.DataFrame({"batch_id": list(total), "influence": list(total.values()),
-                       "n_trained": [count[b] for b in total]}).sort_values("influence", ascending=False)
+                       "n_trained": [count[b] for b in total], "n_tagged": [tagged[b] for b in total]}
+                      ).sort_values("influence", ascending=False)
     return df.reset_index(drop=True), how
 
 
@@ -268,9 +272,10 @@ def report(cfg: AttributeConfig, df: pd.DataFrame, how: str):
     print(f"probe: {how}; {len(df)} batches, d={cfg.d or 'exact'} ({cfg.proj})")
     for label, part in (("most helpful", df.head(cfg.top)), ("most harmful", df.tail(cfg.top)[::-1])):
         print(f"-- {label}:")
-        for bid, inf, text in zip(part["batch_id"], part["influence"],
-                                  window_texts(list(data.windows(part["batch_id"].to_numpy())), enc)):
-            print(f"  batch_id:{bid} influence:{inf:+.3e} | {text.replace(chr(10), ' | ')[:140]}")
+        for bid, inf, nt, text in zip(part["batch_id"], part["influence"], part["n_tagged"],
+                                      window_texts(list(data.windows(part["batch_id"].to_numpy())), enc)):
+            mark = f" [trained with a tag {nt}x]" if nt else ""
+            print(f"  batch_id:{bid} influence:{inf:+.3e}{mark} | {text.replace(chr(10), ' | ')[:140]}")
     if len(corr):
         print("-- Spearman correlation of influence with batch metrics: " +
               ", ".join(f"{r.metric} {r.spearman:+.2f}" for r in corr.head(6).itertuples()))

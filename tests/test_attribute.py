@@ -84,7 +84,7 @@ def test_cache_gives_identical_results_and_outputs_are_written(run, capsys):
     pd.testing.assert_frame_equal(a, b)
     name = attribute.probe_name("text:Once upon a time there was a cat")
     table = pd.read_csv(run.out_dir / "tables" / f"influence_{name}.csv")
-    assert len(table) == len(a) and {"influence", "n_trained", "fk_grade", "ref_nll"} <= set(table.columns)
+    assert len(table) == len(a) and {"influence", "n_trained", "n_tagged", "fk_grade", "ref_nll"} <= set(table.columns)
     assert (run.out_dir / "visualize" / f"influence_{name}.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "most helpful" in out and "Spearman correlation" in out
