@@ -181,14 +181,18 @@ def test_prompts_end_with_a_whole_word(run):
 def test_gender_word_lists_are_part_of_the_cache_key(run, monkeypatch):
     import metrics
     tiny, out = run
-    ev.main([f"--out_dir={out}", *ARGS])
+    small = ["--n_prompts=1", "--max_new_tokens=2", "--val_batches=1", "--device=cpu"]
+    ev.main([f"--out_dir={out}", *small])
     calls, orig = [], model_mod.Transformer.generate
     monkeypatch.setattr(model_mod.Transformer, "generate", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
     male, female = metrics.gender_words()
     try:
         metrics.set_gender_words(male + ["knight"], female)
-        ev.main([f"--out_dir={out}", *ARGS])
+        ev.main([f"--out_dir={out}", *small])
         assert len(calls) == 7  # every checkpoint re-scored with the new lists
+        calls.clear()
+        ev.main([f"--out_dir={out}", *small])
+        assert calls == []  # and then reused
     finally:
         metrics.set_gender_words(male, female)
 

@@ -62,7 +62,7 @@ def test_el2n_matches_its_definition(tiny_run, tmp_path):
 
 
 def test_bad_arguments_are_one_line(tiny_run):
-    with pytest.raises(UserError, match="--by=nope: choose el2n or a batch metric: ref_nll"):
+    with pytest.raises(UserError, match="--by=nope: choose el2n or a batch metric: noisy, ref_nll"):
         select_batches.main([f"--data_dir={tiny_run.data_dir}", f"--tables_dir={tiny_run.tables_dir}",
                              "--vocab_size=512", "--max_seq_len=64", "--by=nope"])
     with pytest.raises(UserError, match=r"--keep=0.0: a fraction in \(0, 1\]"):
