@@ -65,7 +65,7 @@ class AttributeConfig:
     proj: str = "rademacher"  # rademacher | gaussian
     seed: int = 0  # the projection's seed
     n_val: int = 8  # val probe: validation batches
-    chunk: int = 64  # batches per projected block
+    chunk: int = 0  # batches whose gradients are projected together (0: as many as fit in ~1 GiB)
     top: int = 5  # batches shown at each end
     validate: bool = False
     k: int = 50  # validate: batches left out
@@ -201,8 +201,11 @@ def projected_interval(cfg, model, p0, wins, proj, cache_dir) -> np.ndarray:
         with np.load(path) as z:
             if np.array_equal(z["windows"], stack):
                 return z["grads"]
-    grads = np.concatenate([proj(batch_grads(model, stack[c:c + cfg.chunk])).numpy()
-                            for c in range(0, len(stack), cfg.chunk)])
+    # the projection's random blocks are generated once per chunk: large chunks amortise them
+    n_params = sum(p.numel() for p in model.parameters())
+    chunk = cfg.chunk or int(min(1024, max(16, (1 << 28) // n_params)))
+    grads = np.concatenate([proj(batch_grads(model, stack[c:c + chunk])).numpy()
+                            for c in range(0, len(stack), chunk)])
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, grads=grads, windows=stack)
     done.mark(Path(p0).stem, file_signature(p0), save=True)

@@ -22,12 +22,13 @@ SHAPES = {"tiny (dim 64, 4 layers)": dict(dim=64, n_layers=4, n_heads=4, n_kv_he
           "15M shape (dim 288, 6 layers)": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6)}
 
 
-def main(n=64, T=256):
+def main(T=256):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     for name, kw in SHAPES.items():
         model = Transformer(ModelArgs(vocab_size=512, max_seq_len=T, **kw))
         sizes = [p.numel() for p in model.parameters()]
+        n = int(min(1024, max(16, (1 << 28) // sum(sizes))))  # attribute.py's chunk: what fits in ~1 GiB
         wins = rng.integers(3, 512, (n, T + 1))
         t0 = time.perf_counter()
         G = attribute.batch_grads(model, wins)
