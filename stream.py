@@ -39,6 +39,8 @@ story-level metric lies in the tag's range.
 
 import hashlib
 import json
+import types
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,7 +49,7 @@ import batchmetrics
 import metrics
 import metrics_engine
 import tags as tagmod
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, run_config
 from common import DoneRecord, UserError, atomic_path, autocast_ctx
 from data import BOS_ID, BatchData, tok_dir
 from export import load_v0
@@ -387,3 +389,42 @@ def stream_fingerprint(stream: Stream) -> str:
     if stream.selector:
         h.update(f"{stream.selector.method}:{stream.selector.K}".encode())
     return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# a run's record, read back (batch_viewer.py, report.py)
+
+def recorded_batches(out_dir) -> tuple[np.ndarray, dict | None]:
+    """(ids (steps, B), insertions record or None) from the run's numpy files."""
+    p = Path(out_dir) / "batch_ids.npy"
+    if not p.exists():
+        raise UserError(f"{p} not found: {out_dir} is not a train.py run (or has no checkpoint yet)")
+    try:
+        ids = np.load(p, allow_pickle=False)
+        ins = None
+        if (Path(out_dir) / "insertions.npz").exists():
+            with np.load(Path(out_dir) / "insertions.npz", allow_pickle=False) as z:
+                ins = {k: z[k] for k in ("insertions", "insert_tokens", "replaced_tokens")}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{out_dir}: the batch record cannot be read ({type(e).__name__}): it is damaged; "
+                        "train.py rewrites it at the next checkpoint") from None
+    return ids, ins
+
+
+def step_view(out_dir, step: int):
+    """(ids, windows as trained (B, T+1), insertion rows of the step, source line)."""
+    cfg = types.SimpleNamespace(**run_config(out_dir))
+    data = BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len)
+    ids, ins = recorded_batches(out_dir)
+    if step < 0:
+        raise UserError(f"--step={step}: steps count from 0")
+    if step < len(ids):
+        rec = ins or {"insertions": np.zeros((0, 6), np.int64), "insert_tokens": np.zeros(0, np.int64)}
+        wins = trained_windows(data, ids[step], step, rec)
+        rows = rec["insertions"][rec["insertions"][:, 0] == step]
+        return ids[step], wins, rows, f"trained at step {step} (recorded in {Path(out_dir) / 'batch_ids.npy'})"
+    sched = build_schedule(cfg, data)
+    sid = sched.step_ids(step)
+    return sid, data.windows(sid), np.zeros((0, 6), np.int64), (
+        f"NOT TRAINED: the run has trained steps 0..{len(ids) - 1}; these are the ids its schedule gives "
+        f"step {step} (without selection or tags, which depend on the model at that step)")
