@@ -8,11 +8,14 @@ each of these concepts has exactly one home.
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -246,3 +249,36 @@ def library_versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+class FolderLock:
+    """<folder>/.lock, held (flock) while a run (train.py) or an experiment (experiment.py)
+    writes into the folder: a second process on the same folder gets one line naming the
+    holder instead of interleaving its files with the first one's."""
+
+    def __init__(self, out_dir, flag: str = "--out_dir"):
+        self.path = Path(out_dir) / ".lock"
+        self.created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "another process"
+            self.f.close()
+            raise UserError(f"{out_dir} is in use by {holder}: wait for it to finish, or use another {flag}") \
+                from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        self.f.flush()
+
+    def release(self):
+        """Unlock; a folder this lock created and nothing else wrote into goes away (a run
+        refused before its first write leaves nothing behind)."""
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+            self.path.unlink()
+            self.path.parent.rmdir()
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()

@@ -170,9 +170,12 @@ def output_paths(out_dirs: list[str], plot_dir: str, png: str, csv: str) -> tupl
 def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, title: str,
                     labels: dict[str, str] | None = None, tol: float = TOL, step_col: str = "iter",
                     ncols: int = 4, sat: pd.DataFrame | None = None):
-    """Small multiples, one subplot per metric, one line per run: the normalised score
-    against the training step (symlog x, so step 0 shows), the final +-tol band and a
-    dashed vertical line at each run's saturation step. Written atomically to path."""
+    """Small multiples, one subplot per metric, one line per run, against the training
+    step (symlog x, so step 0 shows), a dashed vertical line at each run's saturation step.
+    One run: the normalised score with the final +-tol band. Several runs: the raw values
+    (each metric on its own scale, so runs that end at different levels stay apart; the
+    normalised score would put every run's end at 1), with each run's saturation point
+    ringed. Written atomically to path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -189,8 +192,13 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 1.4), squeeze=False,
                              sharex=True)
     max_step = max(float(c[step_col].max()) for c in curves.values())
+    raw = len(runs) > 1
     for k, m in enumerate(metrics):
         ax = axes[k // ncols][k % ncols]
+        if raw:
+            _plot_raw(ax, curves, runs, m, color, tol, step_col)
+            _finish_axis(ax, k, n, ncols, nrows, max_step, labels.get(m, m), "value (own units)")
+            continue
         ax.axhspan(1 - tol, 1 + tol, color="0.85", zorder=0)
         ax.axhline(0, color="0.6", lw=0.6, ls=":")
         zs = {}
@@ -215,8 +223,6 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
             if np.isfinite(s):
                 ax.axvline(s, color=color[r], ls="--", lw=1.0)
         ax.set_ylim(lo - pad, hi + pad)
-        step_axis(ax, max_step, label=False)
-        ax.grid(True, alpha=0.3, which="major")
         head = labels.get(m, m)
         rows = sat[sat["metric"] == m] if sat is not None else []
         if len(rows):  # raw first -> final value (single run), and a warning for near-flat curves
@@ -225,22 +231,102 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
                 head += f"\nfirst {r0.first_value:.3g} \u2192 final {r0.final_value:.3g}"
             if (rows["range_over_change"] > NOISY).any():
                 head += " [near-flat]"
-        ax.set_title(head, fontsize=8.5)
-        if k % ncols == 0:
-            ax.set_ylabel("normalised score\n(0 = first, 1 = final)", fontsize=8)
-        if k // ncols == nrows - 1 or k + ncols >= n:
-            step_axis(ax, max_step, fontsize=8)
-            ax.tick_params(axis="x", labelbottom=True)
-        ax.tick_params(labelsize=7)
+        _finish_axis(ax, k, n, ncols, nrows, max_step, head, "normalised score\n(0 = first, 1 = final)")
     for k in range(n, nrows * ncols):
         axes[k // ncols][k % ncols].set_visible(False)
     handles = [Line2D([], [], color=color[r], marker="o", ms=3, label=r) for r in runs]
-    handles += [Line2D([], [], color="0.3", ls="--", label="saturation step"),
-                Patch(color="0.85", label=f"final level \u00b1 {tol:g}"),
-                Line2D([], [], color="0.3", marker="^", ls="", label="off-scale value")]
+    if raw:
+        handles += [Line2D([], [], color="0.3", ls="--", marker="o", mfc="none", ms=7,
+                           label=f"saturation step (within {tol:g} of the run's total change)")]
+    else:
+        handles += [Line2D([], [], color="0.3", ls="--", label="saturation step"),
+                    Patch(color="0.85", label=f"final level \u00b1 {tol:g}"),
+                    Line2D([], [], color="0.3", marker="^", ls="", label="off-scale value")]
     if sat is not None and (sat["range_over_change"] > NOISY).any():
         handles.append(Line2D([], [], ls="",
                               label=f"[near-flat]: range > {NOISY:g}x net change, score is mostly noise"))
+    fig.suptitle(title, fontsize=11, y=1 - 0.2 / fig.get_figheight(), va="top")
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.95 / fig.get_figheight()))
+    path = Path(path)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _plot_raw(ax, curves, runs, m, color, tol, step_col):
+    """Several runs on one metric's own scale; each run's saturation point ringed."""
+    for r in runs:
+        c = curves[r]
+        if m not in c.columns:
+            continue
+        x, v = c[step_col].to_numpy(dtype=float), c[m].to_numpy(dtype=float)
+        ok = np.isfinite(v)
+        ax.plot(x[ok], v[ok], "-o", lw=1.3, ms=2.5, color=color[r])
+        s = saturation_step(x, v, tol)
+        if np.isfinite(s):
+            ax.axvline(s, color=color[r], ls="--", lw=1.0)
+            ax.plot([s], v[x == s][:1], "o", ms=8, mfc="none", mew=1.5, color=color[r])
+
+
+def _finish_axis(ax, k, n, ncols, nrows, max_step, head, ylabel):
+    step_axis(ax, max_step, label=False)
+    ax.grid(True, alpha=0.3, which="major")
+    ax.set_title(head, fontsize=8.5)
+    if k % ncols == 0:
+        ax.set_ylabel(ylabel, fontsize=8)
+    if k // ncols == nrows - 1 or k + ncols >= n:
+        step_axis(ax, max_step, fontsize=8)
+        ax.tick_params(axis="x", labelbottom=True)
+    ax.tick_params(labelsize=7)
+
+
+def plot_bands(curves: pd.DataFrame, sat: pd.DataFrame, metrics: list[str], arms: list[str], path,
+               title: str, labels: dict[str, str] | None = None, ncols: int = 4, level: float = 0.95):
+    """An experiment's curves: one subplot per metric on its raw scale, one line per arm
+    (the mean over seeds at each checkpoint) with its interval as a band, and each arm's
+    saturation step (the mean over seeds, dashed) with the seeds' min..max as a bar on top.
+    curves: stats.curve_table; sat: stats.saturation_tables' per-arm table."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    labels = labels or {}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {a: colors[i % len(colors)] for i, a in enumerate(arms)}
+    n = len(metrics)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 1.4), squeeze=False,
+                             sharex=True)
+    max_step = float(curves["iter"].max())
+    for k, m in enumerate(metrics):
+        ax = axes[k // ncols][k % ncols]
+        for j, a in enumerate(arms):
+            c = curves[(curves["arm"] == a) & (curves["metric"] == m)].sort_values("iter")
+            x = c["iter"].to_numpy(dtype=float)
+            mean, lo, hi = (c[q].to_numpy(dtype=float) for q in ("mean", "lo", "hi"))
+            ok = np.isfinite(mean)
+            ax.plot(x[ok], mean[ok], "-o", lw=1.3, ms=2.5, color=color[a])
+            band = ok & np.isfinite(lo)
+            ax.fill_between(x[band], lo[band], hi[band], color=color[a], alpha=0.18, lw=0)
+            s = sat[(sat["arm"] == a) & (sat["metric"] == m)]
+            if len(s) and np.isfinite(s["mean"].iloc[0]):
+                ax.axvline(s["mean"].iloc[0], color=color[a], ls="--", lw=1.0)
+                y = 1.0 - 0.05 * (j + 1)  # the seeds' spread, stacked below the top edge
+                ax.plot([s["min"].iloc[0], s["max"].iloc[0]], [y, y], "-|", color=color[a], lw=2, ms=6,
+                        transform=ax.get_xaxis_transform())
+        _finish_axis(ax, k, n, ncols, nrows, max_step, labels.get(m, m), "value (own units)")
+    for k in range(n, nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    nseeds = int(curves["n"].max()) if len(curves) else 0
+    handles = [Line2D([], [], color=color[a], marker="o", ms=3, label=a) for a in arms]
+    handles += [Patch(color="0.6", alpha=0.4, label=f"{level:.0%} interval over {nseeds} seeds"),
+                Line2D([], [], color="0.3", ls="--", label="saturation step (mean)"),
+                Line2D([], [], color="0.3", marker="|", lw=2, label="saturation step, min..max over seeds")]
     fig.suptitle(title, fontsize=11, y=1 - 0.2 / fig.get_figheight(), va="top")
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8,
                bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()), frameon=False)
@@ -289,7 +375,9 @@ def visualize(out_dirs: list[str], plot_dir: str, spec: str, tol: float, ncols: 
     from common import write_csv_atomic
     write_csv_atomic(sat, csv_p)
     runs = ", ".join(names)
-    plot_saturation(curves, metrics, png_p, f"{title} ({runs})", {m: label(m) for m in metrics}, tol,
+    how = "normalised score" if len(names) == 1 else "values (each metric's own scale)"
+    plot_saturation(curves, metrics, png_p, f"{title}: {how} vs training step ({runs})",
+                    {m: label(m) for m in metrics}, tol,
                     ncols=ncols, sat=sat)
     print(f"wrote {png_p}")
     print(f"wrote {csv_p}")

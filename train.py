@@ -26,11 +26,9 @@ record how it started, history.jsonl each start and resume with what changed.
 """
 
 import dataclasses
-import fcntl
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -42,7 +40,7 @@ import torch
 
 from checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint, list_checkpoints,
                         load_checkpoint, optimizer_path, save_checkpoint, stream_records)
-from common import (UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
+from common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
                     main_guard, parse_config, write_json_atomic)
 from data import DATA_DIR, TABLES_DIR, BatchData
 from export import export_v0
@@ -203,38 +201,6 @@ def peak_flops(device: str, dtype: str) -> float:
             a @ b
             best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
-
-
-class RunLock:
-    """<out_dir>/.lock, held (flock) for the run's life: a second process on the same
-    folder gets one line naming the holder instead of interleaving checkpoints."""
-
-    def __init__(self, out_dir):
-        self.path = Path(out_dir) / ".lock"
-        self.created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, "a+")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.seek(0)
-            holder = self.f.read().strip() or "another process"
-            self.f.close()
-            raise UserError(f"{out_dir} is in use by {holder}: wait for it to finish, or use another --out_dir") \
-                from None
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        self.f.flush()
-
-    def release(self):
-        """Unlock; a folder this lock created and nothing else wrote into goes away (a run
-        refused before its first write leaves nothing behind)."""
-        if self.created and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
-            self.path.unlink()
-            self.path.parent.rmdir()
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
 
 
 def remove_stale_temps(out_dir):
@@ -509,7 +475,7 @@ def main(argv=None):
     if cfg.init_from == "resume" and saved is None:
         raise UserError(f"nothing to resume in {cfg.out_dir} (no checkpoints): drop --init_from=resume")
     rank0 = int(os.environ.get("RANK", 0)) == 0
-    lock = RunLock(cfg.out_dir) if rank0 else None
+    lock = FolderLock(cfg.out_dir, "--out_dir") if rank0 else None
     try:
         if cfg.init_from == "scratch" and list_checkpoints(cfg.out_dir):
             raise UserError(f"{cfg.out_dir} already holds checkpoints: use --init_from=resume to continue, "

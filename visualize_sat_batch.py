@@ -69,7 +69,7 @@ def main(argv=None):
     which = {"cum": "cumulative", "since": "since previous checkpoint", "both": "cumulative and since"}[cfg.which]
     return saturation.visualize(dirs or [cfg.out_dir], cfg.plot_dir, cfg.metrics, cfg.tol, cfg.ncols,
                                 "visualize_sat_batch.py", input_columns(cfg.which), label, PNG, CSV,
-                                f"Training batch metrics ({which} means): normalised score vs training step")
+                                f"Training batch metrics ({which} means)")
 
 
 if __name__ == "__main__":

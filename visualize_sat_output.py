@@ -12,7 +12,8 @@ $ python visualize_sat_output.py --out_dir out/shuffle out/curriculum --plot_dir
 $ python visualize_sat_output.py --metrics=val_loss,out_bleu,out_ttr --tol=0.1
 
 Writes <out_dir>/visualize/sat_curves_output.png (one subplot per metric, one line per
-run) and <out_dir>/tables/saturation_output.csv (columns: run, metric, saturation_step,
+run; several runs are drawn on each metric's raw values, with each run's saturation
+step ringed, since the normalised score would end every run at 1) and <out_dir>/tables/saturation_output.csv (columns: run, metric, saturation_step,
 first_step, final_step, first_value, final_value, change, n_points, tol). With several
 runs both go to the first run's folders, or to --plot_dir.
 """
@@ -55,7 +56,7 @@ def main(argv=None):
     cfg = parse_config(SatOutputConfig(), rest)
     return saturation.visualize(dirs or [cfg.out_dir], cfg.plot_dir, cfg.metrics, cfg.tol, cfg.ncols,
                                 "visualize_sat_output.py", output_columns, label, PNG, CSV,
-                                "Output metrics: normalised score vs training step")
+                                "Output metrics")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,483 @@
+"""
+Run an experiment: the same comparison of batch orderings (or tags, or selection
+methods) repeated over seeds, then the mean and a 95% interval of every metric per arm,
+each arm's difference from the baseline with a p-value, and figures.
+
+$ python experiment.py config/experiments/curriculum.json             # runs, eval, tables, figures
+$ python experiment.py config/experiments/curriculum.json --jobs=2    # two runs at once
+$ python experiment.py config/experiments/canary.json --wandb_log=True
+$ python experiment.py config/experiments/curriculum.json --aggregate_only=True
+$ python report.py out/curriculum                                     # the HTML page
+
+The spec (JSON; config/experiments/ has examples):
+  question    one sentence: what the experiment asks (shown in the report)
+  base        train.py settings shared by every run ({"key": value}), or a path to a JSON file
+  arms        {"name": {train.py settings of this arm}, ...}, in the order to show them
+  baseline    the arm the others are compared with (default: the first)
+  seeds       [1, 2, 3]: train.py --seed of each run (model init, shuffle, sampling)
+  eval        eval.py settings for every run (optional)
+  durability  durability.py settings, used for arms with tags (optional)
+  metrics     summary.csv columns to compare and draw (default: val_loss and the main
+              output metrics); each one's in_<name>_cum input twin is compared too
+  test        welch (default) or permutation: the test whose p is Holm-adjusted
+An experiment's name is the spec's file name: runs go to <out_root>/<name>/<arm>/seed<k>/.
+
+What it does, per run (arm x seed): train.py (a finished run is skipped, a cut one is
+resumed), eval.py on every checkpoint (already evaluated ones are skipped), and
+durability.py where the arm has tags. Each run folder keeps experiment_run.json (the
+exact train.py arguments) and experiment.log (every command and its output); rerunning
+with an arm's settings changed is refused rather than mixing two settings in one arm.
+--jobs=N runs N at once: on CPU the cores are split between them, with several GPUs each
+run gets one (CUDA_VISIBLE_DEVICES), and --torchrun=K runs each through torchrun on K
+processes instead.
+
+Then, into <out_root>/<name>/tables/ (stats.py has the definitions):
+  curves.csv          arm, metric, iter: n, mean, sd, lo, hi over seeds
+  final.csv           arm, metric at the last checkpoint: n, mean, sd, lo, hi, values by seed
+  differences.csv     arm - baseline at the last checkpoint: diff, lo, hi (Welch), p_welch,
+                      p_perm (exact permutation), p_holm (the chosen test, Holm across the
+                      metrics of one side: output, input or tag)
+  saturation.csv      arm, metric: the saturation step's n, mean, lo, hi, min, max over seeds
+  saturation_runs.csv each run's saturation step per metric
+  runs.csv            every run: arm, seed, folder, final step, commit
+and <out_root>/<name>/visualize/: bands_output.png, bands_input.png (tag: bands_tags.png),
+raw values with a band per arm and the saturation steps, and forest.png, the end-of-run
+differences from the baseline.
+"""
+
+import ast
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import saturation
+import stats
+from checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from common import FolderLock, UserError, git_commit, main_guard, parse_config, write_csv_atomic, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# config (the spec file is the first argument; these are how to run it)
+@dataclass
+class ExperimentConfig:
+    out_root: str = "out"  # runs go to <out_root>/<name>/<arm>/seed<k>/
+    name: str = ""  # '' = the spec's file name
+    jobs: int = 1  # runs at once
+    torchrun: int = 0  # > 0: each training through torchrun with this many processes
+    wandb_log: bool = False  # log every run (group = experiment, job type = arm) and the figures
+    wandb_project: str = "llama2_prebiasing"
+    aggregate_only: bool = False  # only rebuild tables and figures from finished runs
+# -----------------------------------------------------------------------------
+
+SPEC_KEYS = ("question", "base", "arms", "baseline", "seeds", "eval", "durability", "metrics", "test")
+# set by experiment.py for every run; an arm or the base may not set them
+RESERVED = ("out_dir", "seed", "init_from", "model_bin", "show_batches", "wandb_log", "wandb_project",
+            "wandb_run_name", "wandb_group", "wandb_job_type", "wandb_run_id")
+DEFAULT_METRICS = ["val_loss", "out_ref_nll", "out_fk_grade", "out_flesch_reading_ease", "out_mean_sentence_len",
+                   "out_ttr", "out_mtld", "out_rep3", "out_sentiment", "out_dialogue_share", "out_bleu",
+                   "out_rouge_l"]
+TAG_COLUMNS = ("loss", "exposure", "extraction", "effect")
+
+
+def config_fields(script: str) -> set[str]:
+    """The fields of a stage script's config block, read from its source (stages are
+    never imported)."""
+    tree = ast.parse((ROOT / script).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
+            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise RuntimeError(f"{script} has no config class")
+
+
+# -----------------------------------------------------------------------------
+# the spec
+
+def _settings(spec_path, where: str, obj, script: str, reserved=()) -> dict:
+    if not isinstance(obj, dict):
+        raise UserError(f"{spec_path}: {where} must be an object of {script} settings")
+    known = config_fields(script)
+    for k in obj:
+        if k in reserved:
+            raise UserError(f"{spec_path}: {where} sets {k!r}, which experiment.py sets for every run; remove it")
+        if k not in known:
+            raise UserError(f"{spec_path}: {where} has unknown {script} key {k!r}; valid: {', '.join(sorted(known))}")
+    return dict(obj)
+
+
+def load_spec(path) -> dict:
+    """The spec, checked before anything runs: unknown keys, empty arms, bad seeds and a
+    baseline that is not an arm are one line naming the file and the field."""
+    p = Path(path)
+    try:
+        spec = json.loads(p.read_text())
+    except OSError as e:
+        raise UserError(f"experiment spec {p}: {e.strerror}") from None
+    except ValueError as e:
+        raise UserError(f"experiment spec {p} is not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{p}: an experiment spec is a JSON object (see config/experiments/)")
+    for k in spec:
+        if k not in SPEC_KEYS:
+            raise UserError(f"{p}: unknown key {k!r}; valid: {', '.join(SPEC_KEYS)}")
+    base = spec.get("base", {})
+    if isinstance(base, str):
+        try:
+            base = json.loads(Path(base).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{p}: base config {spec['base']}: {e}") from None
+    out = {"question": str(spec.get("question", "")), "spec_path": str(p),
+           "base": _settings(p, "base", base, "train.py", RESERVED)}
+    arms = spec.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        raise UserError(f"{p}: 'arms' must name at least one arm, e.g. {{\"shuffle\": {{}}}}")
+    for a in arms:
+        if not a or any(c in a for c in "/\\ ") or a in ("tables", "visualize"):
+            raise UserError(f"{p}: arm name {a!r} must be a plain folder name (no spaces or slashes)")
+    out["arms"] = {a: _settings(p, f"arm {a!r}", s, "train.py", RESERVED) for a, s in arms.items()}
+    out["baseline"] = spec.get("baseline", next(iter(arms)))
+    if out["baseline"] not in arms:
+        raise UserError(f"{p}: baseline {out['baseline']!r} is not an arm ({', '.join(arms)})")
+    seeds = spec.get("seeds", [1, 2, 3])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise UserError(f"{p}: 'seeds' must be a list of distinct non-negative integers, e.g. [1, 2, 3]")
+    out["seeds"] = seeds
+    out["eval"] = _settings(p, "eval", spec.get("eval", {}), "eval.py", ("out_dir",))
+    out["durability"] = _settings(p, "durability", spec.get("durability", {}), "durability.py", ("out_dir",))
+    metrics = spec.get("metrics", [])
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise UserError(f"{p}: 'metrics' must be a list of summary.csv column names")
+    out["metrics"] = metrics
+    out["test"] = spec.get("test", "welch")
+    if out["test"] not in ("welch", "permutation"):
+        raise UserError(f"{p}: 'test' must be welch or permutation, not {out['test']!r}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the runs
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    dir: Path
+    train_args: list[str]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm}/seed{self.seed}"
+
+
+def _arg(k, v) -> str:
+    return f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
+
+
+def plan(spec: dict, exp_dir: Path, name: str, cfg: ExperimentConfig) -> list[Run]:
+    runs = []
+    for arm, over in spec["arms"].items():
+        for seed in spec["seeds"]:
+            d = exp_dir / arm / f"seed{seed}"
+            settings = {**spec["base"], **over, "seed": seed, "out_dir": str(d)}
+            args = [_arg(k, v) for k, v in settings.items()]
+            if cfg.wandb_log:
+                args += ["--wandb_log=True", f"--wandb_project={cfg.wandb_project}", f"--wandb_group={name}",
+                         f"--wandb_job_type={arm}", f"--wandb_run_name={arm}-seed{seed}",
+                         f"--wandb_run_id={name}-{arm}-seed{seed}"]
+            runs.append(Run(arm, seed, d, args, settings))
+    return runs
+
+
+def check_settings(run: Run):
+    """A run folder made by another version of this arm is refused (one line)."""
+    p = run.dir / "experiment_run.json"
+    want = {k: str(v) for k, v in run.settings.items() if k != "out_dir"}  # a moved folder is still the run
+    if p.exists():
+        have = json.loads(p.read_text()).get("settings", {})
+        have.pop("out_dir", None)
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if diff:
+            k = diff[0]
+            raise UserError(f"{run.dir} was trained with {k}={have.get(k, '(unset)')}, the spec now says "
+                            f"{want.get(k, '(unset)')}: use another experiment name, or delete {run.dir}")
+    elif list_checkpoints(run.dir):
+        raise UserError(f"{run.dir} holds checkpoints that experiment.py did not start: delete it or use another "
+                        "experiment name")
+
+
+def train_state(run: Run) -> tuple[str, int]:
+    """('new' | 'cut' | 'done', latest checkpoint step or -1)."""
+    ckpts = list_checkpoints(run.dir)
+    if not ckpts:
+        return "new", -1
+    ck = load_checkpoint(latest_checkpoint(run.dir))
+    done = ck["iter_num"] >= ck["config"]["max_iters"] and (run.dir / "model.bin").exists()
+    return ("done" if done else "cut"), int(ck["iter_num"])
+
+
+def has_tags(run: Run) -> bool:
+    return bool(run.settings.get("tags"))
+
+
+class Slots:
+    """Which device slot a job takes: GPUs one each (CUDA_VISIBLE_DEVICES), or a share
+    of the CPU cores (OMP_NUM_THREADS)."""
+
+    def __init__(self, jobs: int, torchrun: int):
+        import torch
+        self.n_gpus = torch.cuda.device_count()
+        self.per = max(1, torchrun)
+        self.free = queue.Queue()
+        for i in range(jobs):
+            self.free.put(i)
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+
+    def env(self, slot: int) -> dict:
+        env = dict(os.environ)
+        if self.n_gpus:
+            first = (slot * self.per) % self.n_gpus
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str((first + j) % self.n_gpus) for j in range(self.per))
+        else:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
+
+
+def _command(run: Run, stage: str, spec: dict, cfg: ExperimentConfig, resume: bool) -> list[str]:
+    py = [sys.executable]
+    if stage == "train":
+        head = ([shutil.which("torchrun") or "torchrun", "--standalone", f"--nproc_per_node={cfg.torchrun}"]
+                if cfg.torchrun > 0 else py)
+        return head + [str(ROOT / "train.py")] + run.train_args + (["--init_from=resume"] if resume else [])
+    extra = spec["eval"] if stage == "eval" else spec["durability"]
+    wb = ["--wandb_log=True"] if cfg.wandb_log and stage == "eval" else []
+    return py + [str(ROOT / f"{stage}.py"), f"--out_dir={run.dir}"] + [_arg(k, v) for k, v in extra.items()] + wb
+
+
+def execute(run: Run, spec: dict, cfg: ExperimentConfig, slots: Slots, say) -> str | None:
+    """Train, eval (and durability) one run; None when all went well, else the failing
+    stage and its log."""
+    slot = slots.free.get()
+    try:
+        env = slots.env(slot)
+        state, it = train_state(run)
+        stages = ([] if state == "done" else ["train"]) + ["eval"] + (["durability"] if has_tags(run) else [])
+        if state == "done":
+            say(f"{run.label}: trained (step {it}), skipped")
+        run.dir.mkdir(parents=True, exist_ok=True)
+        if not (run.dir / "experiment_run.json").exists():
+            write_json_atomic(run.dir / "experiment_run.json", {"arm": run.arm, "seed": run.seed,
+                                                                 "settings": {k: str(v) for k, v in
+                                                                              run.settings.items()},
+                                                                 "train_args": run.train_args})
+        for stage in stages:
+            cmd = _command(run, stage, spec, cfg, resume=state == "cut")
+            what = f"resume from step {it}" if stage == "train" and state == "cut" else stage
+            say(f"{run.label}: {what} ...")
+            t0 = time.time()
+            with open(run.dir / "experiment.log", "a") as log:
+                log.write(f"\n$ {' '.join(cmd)}\n")
+                log.flush()
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()).returncode
+            if rc != 0:
+                tail = (run.dir / "experiment.log").read_text().strip().splitlines()[-1:]
+                return f"{stage} failed (exit {rc}; {tail[0][:200] if tail else 'no output'}): see " \
+                       f"{run.dir / 'experiment.log'}"
+            say(f"{run.label}: {stage} done in {time.time() - t0:.0f} s")
+        return None
+    finally:
+        slots.free.put(slot)
+
+
+def run_all(runs: list[Run], spec: dict, cfg: ExperimentConfig):
+    slots = Slots(cfg.jobs, cfg.torchrun)
+    lock = threading.Lock()
+
+    def say(msg):
+        with lock:
+            print(msg, flush=True)
+
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        results = list(pool.map(lambda r: (r, execute(r, spec, cfg, slots, say)), runs))
+    failed = [(r, why) for r, why in results if why]
+    for r, why in failed:
+        print(f"FAILED {r.label}: {why}", file=sys.stderr)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(runs)} runs failed (listed above); fix and rerun: finished runs are "
+                        "skipped")
+
+
+# -----------------------------------------------------------------------------
+# aggregation
+
+def read_runs(runs: list[Run]) -> pd.DataFrame:
+    """Every run's summary.csv (and durability.csv, one column per tag and measure),
+    stacked with arm and seed columns."""
+    frames = []
+    for r in runs:
+        p = r.dir / "tables" / "summary.csv"
+        if not p.exists():
+            raise UserError(f"no {p}: run the experiment first (without --aggregate_only)")
+        df = pd.read_csv(p)
+        dp = r.dir / "tables" / "durability.csv"
+        if dp.exists():
+            dur = pd.read_csv(dp)
+            for tag, g in dur.groupby("tag"):
+                for c in TAG_COLUMNS:
+                    if g[c].notna().any():
+                        df = df.merge(g[["iter", c]].rename(columns={c: f"tag_{tag}_{c}"}), on="iter", how="left")
+        df.insert(0, "seed", r.seed)
+        df.insert(0, "arm", r.arm)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def choose_metrics(df: pd.DataFrame, wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(metrics to compare, side of each): the spec's (or default) outputs, their input
+    twins, and every tag measure."""
+    def usable(c):
+        return c in df.columns and np.isfinite(df[c].to_numpy(dtype=float)).any()
+    if wanted:
+        bad = [m for m in wanted if m not in df.columns]
+        if bad:
+            raise UserError(f"metrics {', '.join(bad)} are not summary.csv columns; valid: "
+                            f"{', '.join(c for c in df.columns if c not in ('arm', 'seed'))}")
+    outs = [m for m in (wanted or DEFAULT_METRICS) if usable(m) and not m.startswith("in_")]
+    ins = [m for m in wanted if m.startswith("in_") and usable(m)]
+    ins += [f"in_{m[4:]}_cum" for m in outs if m.startswith("out_") and usable(f"in_{m[4:]}_cum")
+            and f"in_{m[4:]}_cum" not in ins]
+    tags = [c for c in df.columns if c.startswith("tag_") and usable(c)]
+    side = {**{m: "output" for m in outs}, **{m: "input" for m in ins}, **{m: "tag" for m in tags}}
+    return outs + ins + tags, side
+
+
+def label(m: str) -> str:
+    if m == "val_loss":
+        return "val_loss (nats/token)"
+    if m.startswith("out_"):
+        return f"{m[4:]} (generated)"
+    if m.startswith("in_") and m.endswith("_cum"):
+        return f"{m[3:-4]} (batches seen)"
+    return m
+
+
+def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
+    df = read_runs(runs)
+    arms = list(spec["arms"])
+    metrics, side = choose_metrics(df, spec["metrics"])
+    tables, vis = exp_dir / "tables", exp_dir / "visualize"
+    curves = stats.curve_table(df, metrics)
+    final = stats.final_table(df, metrics, arms)
+    diff = stats.difference_table(df, metrics, arms, spec["baseline"], side, spec["test"])
+    sat_runs, sat = stats.saturation_tables(df, metrics, arms, saturation.saturation_step)
+    last = stats.final_rows(df)
+    listing = pd.DataFrame([{"arm": r.arm, "seed": r.seed, "dir": str(r.dir),
+                             "final_iter": int(last[(last.arm == r.arm) & (last.seed == r.seed)]["iter"].iloc[0]),
+                             "commit": json.loads((r.dir / "run.json").read_text()).get("commit", "")
+                             if (r.dir / "run.json").exists() else ""} for r in runs])
+    out = {}
+    for name, t in (("curves", curves), ("final", final), ("differences", diff), ("saturation", sat),
+                    ("saturation_runs", sat_runs), ("runs", listing)):
+        write_csv_atomic(t, tables / f"{name}.csv")
+        out[name] = tables / f"{name}.csv"
+    n = len(spec["seeds"])
+    for s, png in (("output", "bands_output.png"), ("input", "bands_input.png"), ("tag", "bands_tags.png")):
+        ms = [m for m in metrics if side[m] == s]
+        if ms:
+            what = {"output": "model outputs", "input": "batches trained on (cumulative means)",
+                    "tag": "tags (durability.py)"}[s]
+            saturation.plot_bands(curves, sat, ms, arms, vis / png, f"{exp_dir.name}: {what}, mean of {n} seeds "
+                                  "per arm vs training step", {m: label(m) for m in ms})
+            out[png] = vis / png
+    if len(arms) > 1:
+        ms = [m for m in metrics if side[m] != "input"]
+        stats.plot_forest(diff, ms, arms, vis / "forest.png", f"{exp_dir.name}: end-of-run difference from "
+                          f"{spec['baseline']}", {m: label(m) for m in ms})
+        out["forest.png"] = vis / "forest.png"
+    print_differences(diff, final, spec)
+    return out
+
+
+def print_differences(diff: pd.DataFrame, final: pd.DataFrame, spec: dict):
+    n = len(spec["seeds"])
+    print(f"\nend of training, mean [95% interval] over {n} seeds; diff = arm - {spec['baseline']}, "
+          f"p = {spec['test']} test, Holm-adjusted per arm and side")
+    rows = []
+    for m in dict.fromkeys(final["metric"]):
+        f = final[final.metric == m].set_index("arm")
+        line = {"metric": m}
+        for a in spec["arms"]:
+            r = f.loc[a]
+            line[a] = f"{r['mean']:.3g} [{r['lo']:.3g}, {r['hi']:.3g}]"
+            d = diff[(diff.metric == m) & (diff.arm == a)]
+            if len(d):
+                d = d.iloc[0]
+                line[f"{a} diff"] = f"{d['diff']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}] p={d['p_holm']:.2g}"
+        rows.append(line)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 40):
+        print(pd.DataFrame(rows).set_index("metric").to_string())
+
+
+def log_wandb(name: str, spec: dict, figures: dict, cfg: ExperimentConfig):
+    """The experiment's figures and tables as one more run of its group (job type 'aggregate')."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_log=True needs wandb: pip install -r requirements-extra.txt") from None
+    run = wandb.init(project=cfg.wandb_project, group=name, job_type="aggregate", name=f"{name}-aggregate",
+                     config={k: v for k, v in spec.items() if k != "spec_path"})
+    for k, p in figures.items():
+        if str(p).endswith(".png"):
+            run.log({f"experiment/{k[:-4]}": wandb.Image(str(p))})
+        else:
+            run.log({f"experiment/{k}": wandb.Table(dataframe=pd.read_csv(p))})
+    run.finish()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    spec_args = [a for a in argv if not a.startswith("-")]
+    if len(spec_args) != 1:
+        raise UserError("give one experiment spec: python experiment.py config/experiments/<name>.json [--jobs=N]")
+    cfg = parse_config(ExperimentConfig(), [a for a in argv if a.startswith("-")])
+    if cfg.jobs < 1 or cfg.torchrun < 0:
+        raise UserError(f"--jobs={cfg.jobs} --torchrun={cfg.torchrun}: jobs must be >= 1, torchrun >= 0")
+    spec = load_spec(spec_args[0])
+    name = cfg.name or Path(spec_args[0]).stem
+    exp_dir = Path(cfg.out_root) / name
+    lock = FolderLock(exp_dir, "experiment name (--name)")
+    try:
+        runs = plan(spec, exp_dir, name, cfg)
+        for r in runs:
+            check_settings(r)
+        write_json_atomic(exp_dir / "experiment.json", {**spec, "name": name, "commit": git_commit(),
+                                                        "runs": [str(r.dir) for r in runs]})
+        if not cfg.aggregate_only:
+            print(f"experiment {name}: {len(spec['arms'])} arms x {len(spec['seeds'])} seeds = {len(runs)} runs "
+                  f"in {exp_dir}, {cfg.jobs} at a time")
+            run_all(runs, spec, cfg)
+        figures = aggregate(exp_dir, spec, runs)
+        for p in figures.values():
+            print(f"wrote {p}")
+        if cfg.wandb_log:
+            log_wandb(name, spec, figures, cfg)
+        print(f"report: python report.py {exp_dir}")
+    finally:
+        lock.release()
+    return figures
+
+
+if __name__ == "__main__":
+    main_guard(main)
