@@ -229,6 +229,127 @@ def window_text(tokens: np.ndarray, enc) -> str:
     return window_texts([tokens], enc)[0]
 
 
+def shard_windows_2d(tokens: np.ndarray, offsets: np.ndarray, max_seq_len: int) -> np.ndarray:
+    """The windows tokens[o:o+max_seq_len+1] of one shard as one (len(offsets), max_seq_len+1)
+    array: one gather instead of a memmap slice per window."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    return np.asarray(tokens)[offsets[:, None] + np.arange(max_seq_len + 1)]
+
+
+def _surface_table(sp):
+    """For decoding token spans by slicing bytes: the UTF-8 surface of every "plain" id
+    (a normal piece with '▁' as a space, or the byte piece of an ASCII byte) laid end
+    to end, its offsets and lengths, which ids are plain, and their lead (1: a normal
+    piece starting with '▁', 2: the piece '▁' alone, else 0); None when this
+    tokenizer decodes otherwise. In sentencepiece (pinned in requirements.txt) a span of
+    plain ids decodes to its surfaces joined, except that leading '▁' pieces are
+    dropped and then one leading '▁' of the next normal piece (add_dummy_prefix and
+    remove_extra_whitespaces, as train_vocab makes it); byte pieces are never stripped.
+    Checked here against sentencepiece for every plain id alone, after a plain piece,
+    after one and two '▁' and before a '▁' piece: another kind of tokenizer
+    takes the plain path."""
+    V = sp.vocab_size()
+    byte = np.array([sp.IsByte(i) for i in range(V)], bool)
+    normal = np.array([not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i)) for i in range(V)], bool) & ~byte
+    surf = [""] * V
+    for i in range(V):
+        piece = sp.id_to_piece(i)
+        if normal[i]:
+            surf[i] = piece.replace("▁", " ")
+        elif byte[i] and len(piece) == 6 and piece.startswith("<0x") and int(piece[3:5], 16) < 0x80:
+            surf[i] = chr(int(piece[3:5], 16))
+    plain = normal | (byte & np.array([s != "" for s in surf], bool))
+    lead = np.where(normal & np.array([s.startswith(" ") for s in surf], bool), 1, 0)
+    lead[normal & np.array([s == " " for s in surf], bool)] = 2
+
+    def rule(seq):  # the decoding described above, for the check
+        out, at_start = [], True
+        for i in seq:
+            s = surf[i][1:] if at_start and lead[i] else surf[i]
+            at_start = at_start and not s
+            out.append(s)
+        return "".join(out)
+
+    ids = np.flatnonzero(plain).tolist()
+    x = next((i for i in ids if normal[i] and lead[i] == 0), None)
+    y = next((i for i in ids if lead[i] == 1), None)
+    ws = [i for i in ids if lead[i] == 2][:1]
+    if x is None or y is None:
+        return None
+    probes = [[i] for i in ids] + [[x, i] for i in ids] + [[*ws, i] for i in ids] + \
+             [[*ws, *ws, i] for i in ids] + [[i, y] for i in ids] + [[*ws, i, y] for i in ids]
+    if sp.decode(probes) != [rule(p) for p in probes]:
+        return None
+    blob = [s.encode("utf-8") for s in surf]
+    nbytes = np.array([len(b) for b in blob], np.int64)
+    return np.frombuffer(b"".join(blob), np.uint8), np.cumsum(nbytes) - nbytes, nbytes, plain, lead
+
+
+def shard_window_texts(tokens: np.ndarray, offsets: np.ndarray, max_seq_len: int, enc,
+                       fast: bool = True) -> list[str]:
+    """window_texts of the windows tokens[o:o+max_seq_len+1] of one shard, equal string for
+    string (tests/test_data.py checks it on real data), without a decode per window: the
+    pieces between BOS tokens are cut with numpy over the whole shard; a piece of plain
+    tokens is a slice of the shard's text bytes (every token's surface laid end to end
+    once, see _surface_table); the others (byte fallback, unknown) go to one batched
+    sentencepiece decode, as window_texts does for all (fast=False: all of them)."""
+    tokens = np.asarray(tokens)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    L, n = max_seq_len + 1, len(offsets)
+    if n == 0:
+        return []
+    lo, hi = int(offsets.min()), int(offsets.max()) + L
+    tok = tokens[lo:hi].astype(np.int64)  # the span the windows cover; positions below are relative to lo
+    offsets = offsets - lo
+    bos = np.flatnonzero(tok == BOS_ID)
+    k0 = np.searchsorted(bos, offsets, "left")          # first BOS inside window i
+    nb = np.searchsorted(bos, offsets + L, "left") - k0  # BOS tokens inside it
+    cnt = nb + 1                                         # pieces of window i (some empty)
+    first = np.zeros(n + 1, np.int64)
+    np.cumsum(cnt, out=first[1:])
+    win = np.repeat(np.arange(n), cnt)                   # window of each piece
+    j = np.arange(int(first[-1])) - first[:-1][win]      # piece number inside its window
+    kb = k0[win] + j                                     # the BOS ending piece j (if j < nb)
+    start = np.where(j == 0, offsets[win], bos[np.maximum(kb - 1, 0)] + 1 if len(bos) else 0)
+    end = np.where(j == nb[win], offsets[win] + L, bos[np.minimum(kb, max(len(bos) - 1, 0))] if len(bos) else 0)
+    end = np.minimum(end, len(tok))                      # a window cut by the end of the shard
+    keep = end > start
+    win, start, end = win[keep], start[keep], end[keep]
+    in_range = tok.size and 0 <= int(tok.min()) and int(tok.max()) < enc.sp.vocab_size()
+    table = _surface_table(enc.sp) if fast and in_range else None
+    out = [None] * len(win)
+    if table is not None:
+        blob, boff, nbytes, plain, lead = table
+        nb_tok = nbytes[tok]
+        cb = np.zeros(tok.size + 1, np.int64)
+        np.cumsum(nb_tok, out=cb[1:])                    # byte offset of every token
+        text = blob[np.repeat(boff[tok] - cb[:-1], nb_tok) + np.arange(cb[-1])].tobytes()
+        odd = np.zeros(tok.size + 1, np.int64)
+        np.cumsum(~plain[tok], out=odd[1:])
+        slow = (odd[end] - odd[start]) > 0
+        fast_k = np.flatnonzero(~slow)
+        cut = lead[tok[start[fast_k]]]                   # leading '▁' dropped (see _surface_table)
+        for k, a, b, c in zip(fast_k.tolist(), cb[start[fast_k]].tolist(), cb[end[fast_k]].tolist(), cut.tolist()):
+            if c == 2:  # '▁' pieces first (rare): drop them and one '▁' of the next piece
+                p = int(start[k])
+                while p < end[k] and lead[tok[p]] == 2:
+                    p += 1
+                c = p - int(start[k]) + (p < end[k] and lead[tok[p]] == 1)
+            out[k] = text[a:b].decode("utf-8")[c:]
+        todo = np.flatnonzero(slow).tolist()
+    else:
+        todo = list(range(len(win)))
+    if todo:
+        st, en = start.tolist(), end.tolist()
+        for k, t in zip(todo, enc.sp.decode([tok[st[k]:en[k]].tolist() for k in todo])):
+            out[k] = t
+    texts = [[] for _ in range(n)]
+    for i, t in zip(win.tolist(), out):
+        if t:
+            texts[i].append(t)
+    return ["\n".join(t) for t in texts]
+
+
 def token_stamps(data_dir, vocab_size) -> DoneRecord:
     """pretokenize's 'already computed' record (data/tok{V}/stamps.json): per raw shard
     name, the key "raw_sha256:tokenizer_sha256" its .bin was made from. Batch metrics

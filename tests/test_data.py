@@ -13,7 +13,8 @@ import threading
 import numpy as np
 import pytest
 
-from data import BatchData, load_stories
+import data
+from data import BatchData, load_stories, shard_window_texts, shard_windows, shard_windows_2d, window_texts
 import tinystories
 from common import UserError
 from tokenizer import Tokenizer
@@ -258,6 +259,44 @@ def test_batchdata_detects_changed_shard(tiny_raw):
         f.write(b"\0\0")
     with pytest.raises(UserError, match="has changed since indexing"):
         BatchData(root, 512, 4)
+
+
+def test_shard_window_texts_equal_window_texts(tiny_data):
+    """The shard-level decode (pieces cut with numpy, plain pieces sliced from the shard's
+    text bytes, the rest decoded by sentencepiece) gives window_texts' strings exactly, on
+    every shard of real data, at the data's max_seq_len and others; the windows too."""
+    data_dir, _ = tiny_data
+    enc = Tokenizer(data_dir / "tok512.model")
+    assert data._surface_table(enc.sp) is not None  # train_vocab's tokenizers take the fast path
+    bins = sorted((data_dir / "tok512").glob("data*.bin"))
+    assert (np.fromfile(bins[1], np.uint16) == enc.sp.piece_to_id("<0x0A>")).any()  # byte pieces (newlines) too
+    for T in (64, 5, 300):
+        for b in bins:
+            tokens = np.fromfile(b, np.uint16)
+            offs = shard_windows(len(tokens), T)
+            wins = [tokens[o:o + T + 1] for o in offs]
+            want = window_texts(wins, enc)
+            assert shard_window_texts(tokens, offs, T, enc) == want
+            assert shard_window_texts(tokens, offs, T, enc, fast=False) == want
+            assert np.array_equal(shard_windows_2d(tokens, offs, T), np.array(wins).reshape(len(offs), T + 1))
+
+
+def test_shard_window_texts_on_odd_tokens(tiny_data):
+    """Random windows over token runs rich in what decoding treats specially (BOS, the
+    whitespace piece, ASCII and other byte pieces, <unk>, EOS) decode as window_texts does."""
+    enc = Tokenizer(tiny_data[0] / "tok512.model")
+    sp = enc.sp
+    odd = [0, 1, 2, sp.piece_to_id("\u2581"), sp.piece_to_id("<0x0A>"), sp.piece_to_id("<0x20>"),
+           sp.piece_to_id("<0xC3>"), sp.piece_to_id("<0xA9>"), sp.piece_to_id("\u2581the"), sp.piece_to_id("at")]
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(20, 1500))
+        tokens = np.where(rng.random(n) < 0.5, rng.choice(odd, n), rng.integers(0, 512, n)).astype(np.uint16)
+        T = int(rng.integers(1, 40))
+        offs = rng.integers(0, max(n - T - 1, 1), int(rng.integers(1, 30)))
+        want = window_texts([tokens[o:o + T + 1] for o in offs], enc)
+        assert shard_window_texts(tokens, offs, T, enc) == want, seed
+    assert shard_window_texts(np.zeros(0, np.uint16), np.zeros(0, np.int64), 4, enc) == []
 
 
 def test_bundled_tokenizer_is_reproducible(tmp_path):
