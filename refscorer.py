@@ -30,6 +30,7 @@ NGRAM_ORDER = 3
 
 SCORER_FORMAT_VERSION = 1
 DENSE_MAX = 1 << 24  # entries (64 MB of int32) of a level's direct-lookup table
+PROB_MAX = 1 << 23   # entries (64 MB of float64) of a level's table of probabilities
 
 
 def _searchsorted(tab: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -81,6 +82,7 @@ class NGramScorer:
         self.hc: list = []
         self.ht: list = []
         self._dense_tabs: dict = {}  # level -> direct-lookup table (see _dense)
+        self._prob_tabs: list | None = None  # level -> P_m of every (history row, token) (see _probs)
 
     # --- helpers
     def _check(self, seq) -> np.ndarray:
@@ -111,6 +113,10 @@ class NGramScorer:
         return keys, pos
 
     def _concat(self, seqs):
+        if isinstance(seqs, np.ndarray) and seqs.ndim == 2:  # equal-length windows: no per-row work
+            n, L = seqs.shape
+            a = self._check(seqs.reshape(-1))
+            return a, np.full(n, L, np.int64), np.arange(n, dtype=np.int64) * L
         arrs = [np.asarray(s) for s in seqs]
         for s in arrs:
             if s.ndim != 1:
@@ -156,7 +162,7 @@ class NGramScorer:
                 ht[idx] = np.diff(np.append(first, hk.size))
             self.hc.append(hc)
             self.ht.append(ht)
-        self._dense_tabs = {}
+        self._dense_tabs, self._prob_tabs = {}, None
         self.fitted = True
         return self
 
@@ -168,6 +174,9 @@ class NGramScorer:
     def _token_logp(self, a: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """log P(a[i] | history inside its sequence) for every i."""
         V = self.vocab_size
+        probs = self._probs()
+        if probs is not None:
+            return np.log(self._token_p_tables(a, self._pos(a, starts), probs))
         all_dense = all(self._dense(m) is not None for m in range(2, self.order + 1))
         keys, pos = (None, self._pos(a, starts)) if all_dense else self._keys(a, starts)  # keys: for binary search
         c1 = self.counts[0]
@@ -201,6 +210,59 @@ class NGramScorer:
                 idx[sel] = j
                 hit[sel] = h
         return np.log(p)
+
+    def _token_p_tables(self, a: np.ndarray, pos: np.ndarray, probs: list) -> np.ndarray:
+        """P(a[i] | history) read from the tables of _probs: one gather per level, where
+        _token_logp's general path computes each level's interpolation for every position.
+        The same numbers (the tables hold the same formula of the same counts); tests
+        check it equal to the general path bit for bit."""
+        V = self.vocab_size
+        p = probs[0][a]
+        if a.size == 0:
+            return p
+        row, ok = a, np.ones(a.size, bool)  # row of the (m-1)-gram ending at i, where it exists
+        for m in range(2, self.order + 1):
+            hrow = np.empty(a.size, np.int64)  # history of position i: the row ending at i-1
+            hrow[0] = 0
+            hrow[1:] = row[:-1]
+            has = np.zeros(a.size, bool)
+            has[1:] = ok[:-1]
+            has &= pos >= m - 1
+            flat = hrow * V + a
+            flat[~has] = 0
+            p = np.where(has, probs[m - 1][flat], p)
+            if m < self.order:
+                row = self._dense(m)[flat].astype(np.int64)
+                ok = has & (row >= 0)
+        return p
+
+    def _probs(self):
+        """For every level m, P_m(w | h) of every history row h (level m-1) and token w,
+        flat (row * V + w), when every level has a direct-lookup table (_dense) and each
+        table fits PROB_MAX entries; else None. Each entry is the formula of _token_logp
+        with the same operands in the same order: P_m = (c(h w) + T(h) * P_{m-1}) /
+        (c(h) + T(h)), and P_{m-1} where c(h) = 0. Built on first use, never saved."""
+        if self._prob_tabs is None:
+            self._prob_tabs = []
+            V = self.vocab_size
+            n_hist = [1, V] + [self.keys[m - 2].size for m in range(3, self.order + 1)]
+            if any(self._dense(m) is None for m in range(2, self.order + 1)) or max(n_hist) * V > PROB_MAX:
+                return None
+            c1 = self.counts[0]
+            n1, t1 = float(c1.sum()), float(np.count_nonzero(c1))
+            tabs = [(c1 + t1 / V) / (n1 + t1)]
+            for m in range(2, self.order + 1):
+                # the shorter history (h') of each row: its row in level m-2 (m = 2: one, all rows)
+                suffix = np.zeros(V, np.int64) if m == 2 else \
+                    (self.keys[m - 2] % V if m == 3 else np.searchsorted(self.keys[m - 3], self.keys[m - 2] % V ** (m - 2)))
+                prev = tabs[-1].reshape(-1, V)[suffix]        # P_{m-1}(w | h'), (rows, V)
+                j = self._dense(m).reshape(-1, V).astype(np.int64)
+                chw = np.where(j >= 0, self.counts[m - 1][j], 0)
+                ch, th = self.hc[m - 2][:, None], self.ht[m - 2][:, None]
+                p = np.where(ch > 0, (chw + th * prev) / np.where(ch > 0, ch + th, 1), prev)
+                tabs.append(p.reshape(-1))
+            self._prob_tabs = tabs
+        return self._prob_tabs or None
 
     def _dense(self, m: int):
         """For level m >= 2, a table row(history in level m-1) * V + token -> row in level m
@@ -247,7 +309,8 @@ class NGramScorer:
         return float(t.mean()) if t.size else math.nan
 
     def nll_many(self, seqs: list[np.ndarray]) -> np.ndarray:
-        """[nll(s) for s in seqs] in one vectorised pass (NaN for sequences < 2 tokens)."""
+        """[nll(s) for s in seqs] in one vectorised pass (NaN for sequences < 2 tokens);
+        seqs may be a 2-D array (one sequence per row)."""
         self._need_fit()
         if len(seqs) == 0:
             return np.zeros(0, np.float64)

@@ -373,6 +373,29 @@ def test_scorer_direct_lookup_equals_binary_search(monkeypatch, order):
     np.testing.assert_array_equal(sc.nll_many(test), refscorer.NGramScorer(order, 40).fit(train[:50]).nll_many(test))
 
 
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_scorer_probability_tables_equal_general_path(monkeypatch, order):
+    """Reading P from the per-level probability tables gives bit-identical nll to the
+    general path (interpolation computed per position), unseen n-grams and histories
+    included; a 2-D array of windows scores as the list of its rows; a re-fit rebuilds."""
+    rng = np.random.default_rng(10 + order)
+    train = [rng.integers(0, 40, rng.integers(2, 60)) for _ in range(300)]
+    test = [rng.integers(0, 40, rng.integers(0, 80)) for _ in range(200)] + [np.arange(40), np.array([3])]
+    sc = refscorer.NGramScorer(order, 40).fit(train)
+    fast = sc.nll_many(test)
+    assert sc._probs() is not None  # the table path ran
+    monkeypatch.setattr(refscorer, "PROB_MAX", 0)
+    general = refscorer.NGramScorer(order, 40).fit(train)
+    assert general._probs() is None and (order == 1 or general._dense(2) is not None)
+    assert fast.tobytes() == general.nll_many(test).tobytes()
+    wins = rng.integers(0, 40, (50, 17))
+    assert general.nll_many(wins).tobytes() == general.nll_many(list(wins)).tobytes()
+    monkeypatch.undo()
+    assert sc.nll_many(wins).tobytes() == general.nll_many(list(wins)).tobytes()
+    sc.fit(train[:50])  # new counts: the old tables must not survive
+    assert sc.nll_many(test).tobytes() == refscorer.NGramScorer(order, 40).fit(train[:50]).nll_many(test).tobytes()
+
+
 def test_scorer_save_load(tmp_path):
     sc, seqs = _fitted()
     p = tmp_path / "scorer.npz"
