@@ -82,6 +82,7 @@ from data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
 from model import mean_loss
 from refscorer import reference_scorer
 from tokenizer import Tokenizer
+import tracking
 
 # -----------------------------------------------------------------------------
 # config
@@ -100,6 +101,8 @@ class EvalConfig:
     seed: int = 1337  # sampling seed (prompt i uses seed + i, as model.generate)
     redo: bool = False  # re-evaluate checkpoints already in the tables
     device: str = "auto"
+    wandb_log: bool = False  # log the newly evaluated checkpoints to wandb (into the training run's
+    #                          id when train.py had --wandb_run_id, as experiment.py sets it)
 # -----------------------------------------------------------------------------
 
 EVAL_VERSION = 2  # bump when an output column's definition changes
@@ -339,7 +342,7 @@ def evaluate(cfg: EvalConfig):
     keep = sorted(iters_now & have)
 
     # 3) every checkpoint in order: input means always, outputs only when not cached
-    in_rows, n_done, prev, n_cum = [], 0, -1, 0
+    in_rows, new, prev, n_cum = [], [], -1, 0
     for it, path in tqdm(ckpts, desc="eval", unit="ckpt"):
         ck = load_checkpoint(path)
         if ck["prev_iter"] != prev:
@@ -364,7 +367,7 @@ def evaluate(cfg: EvalConfig):
         record.mark(it, file_signature(path))
         keep.append(it)
         write_eval_tables(tables, outputs, summary, record, keep)  # progress survives a crash
-        n_done += 1
+        new.append(it)
         del model, ck
 
     # 4) drop rows of checkpoints that no longer exist, then the joined summary
@@ -373,10 +376,27 @@ def evaluate(cfg: EvalConfig):
     write_eval_tables(tables, outputs, summary, record, sorted(iters_now))
     joined = join_summary(summary, pd.DataFrame(in_rows))
     write_csv_atomic(joined, tables / "summary.csv")
-    print(f"evaluated {n_done} checkpoint(s), reused {len(ckpts) - n_done} from the cache")
+    print(f"evaluated {len(new)} checkpoint(s), reused {len(ckpts) - len(new)} from the cache")
     for name in ("eval_outputs.csv", "eval_summary.csv", "summary.csv", "eval_config.json"):
         print(f"wrote {tables / name}")
+    if cfg.wandb_log and new:
+        log_wandb(cfg, run, joined[joined["iter"].isin(new)], outputs[outputs["iter"].isin(new)])
     return joined
+
+
+def log_wandb(cfg: EvalConfig, run: dict, rows: pd.DataFrame, outputs: pd.DataFrame):
+    """Each newly evaluated checkpoint's summary.csv row as eval/<column> against eval/iter
+    (its own step axis: the training run's steps are already logged), and the generations."""
+    wb = tracking.start(project=run.get("wandb_project", "llama2_prebiasing"), dir=cfg.out_dir, config=run,
+                        name=run.get("wandb_run_name") or f"{Path(cfg.out_dir).name}-eval",
+                        group=run.get("wandb_group", ""), job_type=run.get("wandb_job_type", "") or "eval",
+                        run_id=run.get("wandb_run_id", ""))
+    wb.define_metric("eval/iter")
+    wb.define_metric("eval/*", step_metric="eval/iter")
+    for _, r in rows.iterrows():
+        wb.log({f"eval/{k}": float(v) for k, v in r.items() if np.isfinite(v)})
+    wb.log({"eval/generations": tracking.table(outputs[["iter", "decoding", "prompt", "generated"]])})
+    wb.finish()
 
 
 def join_summary(summary: pd.DataFrame, inputs: pd.DataFrame) -> pd.DataFrame:

@@ -63,6 +63,7 @@ import pandas as pd
 
 import saturation
 import stats
+import tracking
 from checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from common import FolderLock, UserError, git_commit, main_guard, parse_config, write_csv_atomic, write_json_atomic
 
@@ -430,19 +431,13 @@ def print_differences(diff: pd.DataFrame, final: pd.DataFrame, spec: dict):
         print(pd.DataFrame(rows).set_index("metric").to_string())
 
 
-def log_wandb(name: str, spec: dict, figures: dict, cfg: ExperimentConfig):
+def log_wandb(exp_dir: Path, name: str, spec: dict, figures: dict, cfg: ExperimentConfig):
     """The experiment's figures and tables as one more run of its group (job type 'aggregate')."""
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb_log=True needs wandb: pip install -r requirements-extra.txt") from None
-    run = wandb.init(project=cfg.wandb_project, group=name, job_type="aggregate", name=f"{name}-aggregate",
-                     config={k: v for k, v in spec.items() if k != "spec_path"})
+    run = tracking.start(project=cfg.wandb_project, dir=exp_dir, group=name, job_type="aggregate",
+                         name=f"{name}-aggregate", config={k: v for k, v in spec.items() if k != "spec_path"})
     for k, p in figures.items():
-        if str(p).endswith(".png"):
-            run.log({f"experiment/{k[:-4]}": wandb.Image(str(p))})
-        else:
-            run.log({f"experiment/{k}": wandb.Table(dataframe=pd.read_csv(p))})
+        run.log({f"experiment/{Path(p).stem}": tracking.image(p) if str(p).endswith(".png")
+                 else tracking.table(pd.read_csv(p))})
     run.finish()
 
 
@@ -463,6 +458,7 @@ def main(argv=None):
         for r in runs:
             check_settings(r)
         write_json_atomic(exp_dir / "experiment.json", {**spec, "name": name, "commit": git_commit(),
+                                                        "arm_order": list(spec["arms"]),  # the file's keys are sorted
                                                         "runs": [str(r.dir) for r in runs]})
         if not cfg.aggregate_only:
             print(f"experiment {name}: {len(spec['arms'])} arms x {len(spec['seeds'])} seeds = {len(runs)} runs "
@@ -472,7 +468,7 @@ def main(argv=None):
         for p in figures.values():
             print(f"wrote {p}")
         if cfg.wandb_log:
-            log_wandb(name, spec, figures, cfg)
+            log_wandb(exp_dir, name, spec, figures, cfg)
         print(f"report: python report.py {exp_dir}")
     finally:
         lock.release()

@@ -270,6 +270,22 @@ def _plot_raw(ax, curves, runs, m, color, tol, step_col):
             ax.plot([s], v[x == s][:1], "o", ms=8, mfc="none", mew=1.5, color=color[r])
 
 
+def _focus_late(ax, late: np.ndarray) -> bool:
+    """Zoom the y axis onto the values from 10% of training on, where arms differ, when
+    the untrained model's outputs (a degenerate first text can score a grade of 600) would
+    otherwise flatten them; True when something was cut off."""
+    late = late[np.isfinite(late)]
+    if late.size == 0:
+        return False
+    lo, hi = late.min(), late.max()
+    pad = 0.15 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
+    y0, y1 = ax.get_ylim()
+    if y0 < lo - 2 * pad or y1 > hi + 2 * pad:
+        ax.set_ylim(lo - pad, hi + pad)
+        return True
+    return False
+
+
 def _finish_axis(ax, k, n, ncols, nrows, max_step, head, ylabel):
     step_axis(ax, max_step, label=False)
     ax.grid(True, alpha=0.3, which="major")
@@ -305,6 +321,7 @@ def plot_bands(curves: pd.DataFrame, sat: pd.DataFrame, metrics: list[str], arms
     max_step = float(curves["iter"].max())
     for k, m in enumerate(metrics):
         ax = axes[k // ncols][k % ncols]
+        seen = []
         for j, a in enumerate(arms):
             c = curves[(curves["arm"] == a) & (curves["metric"] == m)].sort_values("iter")
             x = c["iter"].to_numpy(dtype=float)
@@ -313,13 +330,18 @@ def plot_bands(curves: pd.DataFrame, sat: pd.DataFrame, metrics: list[str], arms
             ax.plot(x[ok], mean[ok], "-o", lw=1.3, ms=2.5, color=color[a])
             band = ok & np.isfinite(lo)
             ax.fill_between(x[band], lo[band], hi[band], color=color[a], alpha=0.18, lw=0)
+            late = x >= 0.1 * max_step
+            seen.append(np.concatenate([mean[ok & late], lo[band & late], hi[band & late]]))
             s = sat[(sat["arm"] == a) & (sat["metric"] == m)]
             if len(s) and np.isfinite(s["mean"].iloc[0]):
                 ax.axvline(s["mean"].iloc[0], color=color[a], ls="--", lw=1.0)
                 y = 1.0 - 0.05 * (j + 1)  # the seeds' spread, stacked below the top edge
                 ax.plot([s["min"].iloc[0], s["max"].iloc[0]], [y, y], "-|", color=color[a], lw=2, ms=6,
                         transform=ax.get_xaxis_transform())
-        _finish_axis(ax, k, n, ncols, nrows, max_step, labels.get(m, m), "value (own units)")
+        head = labels.get(m, m)
+        if _focus_late(ax, np.concatenate(seen + [np.zeros(0)])):
+            head += "\n(early values off the view)"
+        _finish_axis(ax, k, n, ncols, nrows, max_step, head, "value (own units)")
     for k in range(n, nrows * ncols):
         axes[k // ncols][k % ncols].set_visible(False)
     nseeds = int(curves["n"].max()) if len(curves) else 0

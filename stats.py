@@ -209,7 +209,7 @@ def plot_forest(diff: pd.DataFrame, metrics: list[str], arms: list[str], path, t
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     arms = [a for a in arms if a in set(diff["arm"])]
     color = {a: colors[(i + 1) % len(colors)] for i, a in enumerate(arms)}  # colour 0 is the baseline's
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(8.5, 0.62 * len(metrics) * max(1, len(arms)) ** 0.5 + 1.3),
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(9, 0.55 * len(metrics) * max(1, len(arms)) ** 0.5 + 1.0),
                              squeeze=False)
     for k, m in enumerate(metrics):
         ax = axes[k][0]
@@ -241,7 +241,7 @@ def plot_forest(diff: pd.DataFrame, metrics: list[str], arms: list[str], path, t
                  "p: Holm-adjusted", fontsize=9.5, y=1 - 0.1 / fig.get_figheight(), va="top")
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 1 - 0.62 / fig.get_figheight()))
-    fig.tight_layout(rect=(0.2, 0, 0.83, 1 - 0.95 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 0.85, 1 - 0.85 / fig.get_figheight()), h_pad=0.6)
     save_figure(fig, path)
     plt.close(fig)
     return path

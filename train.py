@@ -44,6 +44,7 @@ from common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype,
                     main_guard, parse_config, write_json_atomic)
 from data import DATA_DIR, TABLES_DIR, BatchData
 from export import export_v0
+import tracking
 from model import ModelArgs, Transformer, mean_loss
 from schedule import STRATEGIES, get_lr, rank_micro_batches
 from stream import SELECT_METHODS, build_stream, stream_fingerprint
@@ -332,7 +333,9 @@ class Trainer:
         ckpt_steps = set(checkpoint_steps(cfg.max_iters, cfg.eval_interval, cfg.log_spaced))
         tokens_per_step = self.schedule.B * cfg.max_seq_len
         flops_per_step = self.raw_model.flops_per_token() * tokens_per_step
-        wandb = start_wandb(cfg) if cfg.wandb_log and self.master else None
+        wandb = tracking.start(project=cfg.wandb_project, dir=cfg.out_dir, config=dataclasses.asdict(cfg),
+                               name=cfg.wandb_run_name, group=cfg.wandb_group, job_type=cfg.wandb_job_type,
+                               run_id=cfg.wandb_run_id) if cfg.wandb_log and self.master else None
         if self.master and self.iter_num in ckpt_steps and not ckpt_path(cfg.out_dir, self.iter_num).exists():
             self.checkpoint()
         t0, n_timed = time.perf_counter(), 0
@@ -398,19 +401,6 @@ class Trainer:
             dist.all_reduce(total)  # SUM: gloo has no AVG, so one path for both backends
             total /= self.world
         return float(total)
-
-
-def start_wandb(cfg: TrainConfig):
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb_log=True needs wandb: pip install wandb (or pip install -r requirements-extra.txt)") \
-            from None
-    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg),
-               group=cfg.wandb_group or None, job_type=cfg.wandb_job_type or None,
-               id=cfg.wandb_run_id or None, resume="allow" if cfg.wandb_run_id else None,
-               dir=cfg.out_dir)
-    return wandb
 
 
 def write_ids_file(out_dir):

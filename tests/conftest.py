@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny end-to-end pipeline built once per test session in a temp
 folder (sample -> train_vocab -> pretokenize with metrics -> a short training run)."""
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -63,3 +64,63 @@ def runc_binary():
     """run.c built with the Makefile's default (fast) target."""
     subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True, capture_output=True)
     return ROOT / "run"
+
+
+@dataclass
+class TinyExperiment:
+    spec: Path
+    out_root: Path
+    dir: Path
+    outputs: list  # stdout of each experiment.py call: [killed, resumed, rerun]
+    wandb: bool
+
+
+def experiment_spec(tiny_data, path: Path, **over) -> Path:
+    """A 2-arm x 2-seed experiment on the fixture data, with a canary (durability runs)."""
+    data, tables = tiny_data
+    spec = {"question": "Does sorting batches by readability change the tiny model?",
+            "base": {"data_dir": str(data), "tables_dir": str(tables), "vocab_size": VOCAB, "max_seq_len": SEQ,
+                     "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "batch_size": 4, "max_iters": 160,
+                     "eval_interval": 50, "eval_iters": 2, "log_interval": 20, "learning_rate": 3e-3,
+                     "warmup_iters": 4, "device": "cpu", "dtype": "float32",
+                     "tags": str(ROOT / "config" / "tags" / "canary_short.json")},
+            "arms": {"shuffle": {}, "curriculum": {"schedule": "sorted", "schedule_metric": "fk_grade"}},
+            "seeds": [1, 2],
+            "eval": {"n_prompts": 2, "max_new_tokens": 12, "val_batches": 4, "device": "cpu"},
+            "durability": {"R": 50, "n_prompts": 2, "device": "cpu"},
+            "metrics": ["val_loss", "out_ref_nll", "out_fk_grade", "out_ttr"]}
+    spec.update(over)
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tiny_data, tmp_path_factory) -> TinyExperiment:
+    """The experiment killed (SIGKILL to its process group) once its first run has
+    ckpt_8, run again to the end, then a third time (everything skipped). With wandb
+    installed it logs for real in WANDB_MODE=offline."""
+    import importlib.util
+    import os
+    import signal
+    import time
+    root = tmp_path_factory.mktemp("exp")
+    spec = experiment_spec(tiny_data, root / "tiny.json")
+    use_wandb = importlib.util.find_spec("wandb") is not None
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
+    cmd = [sys.executable, str(ROOT / "experiment.py"), str(spec), f"--out_root={root / 'out'}", "--jobs=2"] + \
+        (["--wandb_log=True"] if use_wandb else [])
+    exp = root / "out" / "tiny"
+    first = exp / "shuffle" / "seed1" / "ckpt" / "ckpt_8.pt"
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True, cwd=root)
+    t0 = time.time()
+    while not first.exists() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    killed = p.communicate()[0]
+    outs = [killed]
+    for _ in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+        assert r.returncode == 0, r.stdout + r.stderr
+        outs.append(r.stdout)
+    return TinyExperiment(spec, root / "out", exp, outs, use_wandb)

@@ -1,0 +1,275 @@
+"""
+One self-contained HTML page for an experiment or a single run: open it from disk in any
+browser, offline (images and data are inline; no script, no network).
+
+$ python report.py out/curriculum               # an experiment (experiment.py) -> out/curriculum/report.html
+$ python report.py out                          # a single run (train.py + eval.py) -> out/report.html
+$ python report.py out/curriculum --steps=0,250,499 --chars=0 --out=/tmp/curriculum.html
+
+An experiment's page: the question and the arms (the settings each changes), the result
+at the end of training (mean and 95% interval per arm, the difference from the baseline
+with its interval and Holm-adjusted p-value), the figures, saturation steps, and per run
+its config, commit, per-checkpoint table and a batch viewer. A run's page: its config and
+commit, the per-checkpoint table, its figures (<run>/visualize/) and the batch viewer.
+
+Batch viewer: the ids and the text of the batches trained at the chosen steps (default:
+the first, middle and last recorded step), with tag insertions listed, as batch_viewer.py
+shows them; for an experiment, the first seed of every arm (--viewer=all: every run).
+"""
+
+import base64
+import html
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from checkpoint import run_config
+from common import UserError, main_guard, parse_config, write_text_atomic
+from data import BatchData, window_texts
+from stream import recorded_batches, step_view
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# config (the experiment or run folder is the first argument)
+@dataclass
+class ReportConfig:
+    out: str = ""  # the page ('' = <folder>/report.html)
+    steps: str = ""  # batch viewer steps, comma list ('' = first, middle, last recorded)
+    chars: int = 400  # characters of each batch's text in the viewer (0: all)
+    viewer: str = "first"  # first: the first seed of each arm; all: every run; none
+    max_rows: int = 40  # checkpoint rows per run table
+# -----------------------------------------------------------------------------
+
+CSS = """
+body { font: 14px/1.45 -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+.meta { color: #666; } .question { font-size: 1.15em; background: #f4f7fb; padding: .6em 1em; border-left: 4px solid #4a7bd0; }
+table { border-collapse: collapse; margin: .6em 0; font-size: 12.5px; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; vertical-align: top; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+tr.sig td { background: #fff5d6; }
+img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
+pre { background: #f7f7f7; padding: .6em; overflow-x: auto; font-size: 12px; white-space: pre-wrap; }
+details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; }
+.text { text-align: left; font-family: Menlo, Consolas, monospace; font-size: 11.5px; white-space: pre-wrap; max-width: 800px; }
+.note { color: #555; font-size: 12.5px; }
+"""
+
+
+def esc(x) -> str:
+    return html.escape(str(x))
+
+
+def img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}"><figcaption class="note">' \
+           f'{esc(alt)}</figcaption></figure>'
+
+
+def table(df: pd.DataFrame, left=(), row_class=None) -> str:
+    """A plain HTML table; numbers with 4 significant digits."""
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else f"{v:.4g}"
+        return esc(v)
+    head = "".join(f'<th class="{"l" if c in left else ""}">{esc(c)}</th>' for c in df.columns)
+    rows = []
+    for i, (_, r) in enumerate(df.iterrows()):
+        cls = f' class="{row_class(r)}"' if row_class and row_class(r) else ""
+        rows.append(f"<tr{cls}>" + "".join(f'<td class="{"l" if c in left else ""}">{cell(r[c])}</td>'
+                                           for c in df.columns) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def fmt_interval(mean, lo, hi) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.4g} [{lo:.4g}, {hi:.4g}]" if np.isfinite(lo) else f"{mean:.4g}"
+
+
+# -----------------------------------------------------------------------------
+# pieces of a run
+
+def run_section(run_dir: Path, cfg: ReportConfig, viewer: bool, title: str) -> str:
+    parts = [f"<h3>{esc(title)}</h3>"]
+    rc = run_config(run_dir)
+    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    parts.append(f'<p class="meta">folder <code>{esc(run_dir)}</code> &middot; commit '
+                 f'<code>{esc(meta.get("commit", "unknown"))}</code> &middot; started {esc(meta.get("time", "?"))}</p>')
+    parts.append(f"<details><summary>config (train.py)</summary><pre>{esc(json.dumps(rc, indent=1))}</pre></details>")
+    sp = run_dir / "tables" / "summary.csv"
+    if sp.exists():
+        s = pd.read_csv(sp)
+        cols = [c for c in ["iter", "tokens_seen", "val_loss", "train_loss", "out_ref_nll", "out_fk_grade", "out_ttr",
+                            "out_rep3", "out_sentiment", "out_bleu", "in_fk_grade_cum", "in_ref_nll_cum"]
+                if c in s.columns]
+        parts.append(f"<details><summary>per checkpoint ({len(s)} checkpoints, summary.csv)</summary>"
+                     f"{table(s[cols].head(cfg.max_rows))}</details>")
+    dp = run_dir / "tables" / "durability.csv"
+    if dp.exists():
+        d = pd.read_csv(dp)
+        parts.append(f"<details><summary>tags per checkpoint (durability.csv)</summary>"
+                     f"{table(d.head(cfg.max_rows * 4), left=('tag', 'kind'))}</details>")
+    if viewer:
+        parts.append(batch_viewer(run_dir, cfg))
+    return "\n".join(parts)
+
+
+def viewer_steps(n_steps: int, spec: str) -> list[int]:
+    if spec:
+        try:
+            return [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--steps={spec}: a comma list of step numbers, e.g. --steps=0,100,499") from None
+    return sorted({0, n_steps // 2, n_steps - 1}) if n_steps else []
+
+
+def batch_viewer(run_dir: Path, cfg: ReportConfig) -> str:
+    """The batches of the chosen steps, as trained (stream.step_view)."""
+    ids, _ = recorded_batches(run_dir)
+    rc = run_config(run_dir)
+    data = BatchData(rc["data_dir"], rc["vocab_size"], rc["max_seq_len"])
+    enc = Tokenizer.for_vocab(rc["vocab_size"], rc["data_dir"])
+    out = []
+    for step in viewer_steps(len(ids), cfg.steps):
+        sid, wins, rows, source = step_view(run_dir, step)
+        texts = window_texts(list(wins), enc)
+        recs = []
+        for r, (i, t) in enumerate(zip(sid, texts)):
+            rec = data.index[int(i)]
+            tags = "; ".join(f"tag {row[3]} {'replaced' if row[5] == 0 else 'inserted'} at token {row[2]}"
+                             for row in rows[rows[:, 1] == r])
+            recs.append({"row": r, "batch_id": int(i), "shard": int(rec["shard"]),
+                         "stories": f"{rec['story_first']}-{rec['story_last']}", "tags": tags,
+                         "text": t[:cfg.chars] if cfg.chars else t})
+        body = table(pd.DataFrame(recs), left=("stories", "tags", "text")).replace('<td class="l">', '<td class="l text">')
+        out.append(f"<details><summary>step {step}: {len(sid)} batches ({esc(source)})</summary>{body}</details>")
+    return "<h4>batch viewer</h4>" + "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# the pages
+
+def page(title: str, body: list[str]) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) +
+            f'\n<p class="meta">written by report.py on {stamp}</p></body></html>\n')
+
+
+def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
+    spec = json.loads((exp_dir / "experiment.json").read_text())
+    tables = exp_dir / "tables"
+    need = [tables / f for f in ("final.csv", "differences.csv", "saturation.csv", "runs.csv")]
+    missing = [p for p in need if not p.exists()]
+    if missing:
+        raise UserError(f"no {missing[0]}: run python experiment.py {spec.get('spec_path', '<spec>')} first")
+    final, diff, sat, runs = (pd.read_csv(p) for p in need)
+    arms, base, n = spec.get("arm_order", list(spec["arms"])), spec["baseline"], len(spec["seeds"])
+    b = [f"<h1>Experiment: {esc(spec['name'])}</h1>",
+         f'<p class="meta">spec <code>{esc(spec.get("spec_path", ""))}</code> &middot; commit '
+         f'<code>{esc(spec.get("commit", ""))}</code> &middot; {len(arms)} arms &times; {n} seeds '
+         f'({", ".join(map(str, spec["seeds"]))})</p>']
+    if spec.get("question"):
+        b.append(f'<p class="question">{esc(spec["question"])}</p>')
+    # the arms
+    arm_rows = [{"arm": a + (" (baseline)" if a == base else ""),
+                 "settings": ", ".join(f"{k}={v}" for k, v in spec["arms"][a].items()) or "(the base settings)"}
+                for a in arms]
+    b += ["<h2>Arms</h2>", table(pd.DataFrame(arm_rows), left=("arm", "settings")),
+          f'<p class="note">shared by every arm: {esc(", ".join(f"{k}={v}" for k, v in spec["base"].items()))}</p>']
+    # the result
+    res = []
+    for m in dict.fromkeys(final["metric"]):
+        f = final[final.metric == m].set_index("arm")
+        row = {"metric": m}
+        for a in arms:
+            row[a] = fmt_interval(f.loc[a, "mean"], f.loc[a, "lo"], f.loc[a, "hi"]) if a in f.index else "n/a"
+        res.append(row)
+    test = spec.get("test", "welch")
+    b += ["<h2>Result at the end of training</h2>",
+          f'<p class="note">mean [95% t interval] over {n} seeds at each run\'s last checkpoint '
+          f"(tables/final.csv)</p>", table(pd.DataFrame(res), left=("metric",))]
+    if len(diff):
+        d = diff.copy()
+        d["difference [95% CI]"] = [fmt_interval(r["diff"], r["lo"], r["hi"]) for _, r in d.iterrows()]
+        d = d[["arm", "metric", "side", "baseline_mean", "arm_mean", "difference [95% CI]", "p_welch", "p_perm",
+               "p_holm"]]
+        b += [f"<h3>Difference from {esc(base)}</h3>",
+              f'<p class="note">arm &minus; {esc(base)}; interval and p_welch from Welch\'s t test over seeds, p_perm '
+              f"an exact permutation test (with {n} seeds a side it cannot go below "
+              f"{2 / max(1, math.comb(2 * n, n)):.2g}), p_holm the {esc(test)} p-value Holm-adjusted across the metrics "
+              "of one side (output, input, tag) of one arm. Highlighted: p_holm &lt; 0.05. Input rows describe the "
+              "batches each arm trained on, so they differ by design.</p>",
+              table(d, left=("arm", "metric", "side", "difference [95% CI]"),
+                    row_class=lambda r: "sig" if r["p_holm"] < 0.05 else "")]
+    # figures
+    vis = exp_dir / "visualize"
+    captions = {"forest.png": "End-of-run differences from the baseline, each metric on its own scale",
+                "bands_output.png": "Model outputs over training: mean per arm with its 95% band over seeds, "
+                                    "saturation steps dashed (min..max over seeds on top)",
+                "bands_input.png": "What each arm trained on: cumulative means of the batch metrics",
+                "bands_tags.png": "Tags over training (durability.py)"}
+    figs = [img(vis / f, c) for f, c in captions.items() if (vis / f).exists()]
+    b += ["<h2>Figures</h2>"] + figs
+    # saturation
+    s = sat.copy()
+    s["step"] = [f"{r['mean']:.0f} [{r['min']:.0f}\u2013{r['max']:.0f}]" if np.isfinite(r["mean"]) else "n/a"
+                 for _, r in s.iterrows()]
+    piv = s.pivot(index="metric", columns="arm", values="step").reindex(columns=arms).reset_index()
+    b += ["<h2>Saturation steps</h2>",
+          '<p class="note">the first checkpoint from which a run\'s curve stays within 5% of its total change of its '
+          "final value (saturation.py); mean [min\u2013max] over seeds</p>", table(piv, left=("metric",))]
+    # runs
+    b.append("<h2>Runs</h2>")
+    b.append(table(runs, left=("arm", "dir", "commit")))
+    for a in arms:
+        for k, (_, r) in enumerate(runs[runs.arm == a].iterrows()):
+            show = cfg.viewer == "all" or (cfg.viewer == "first" and k == 0)
+            b.append(run_section(Path(r["dir"]), cfg, show, f"{a} / seed {r['seed']}"))
+    return page(f"{spec['name']}: experiment report", b)
+
+
+def single_run_page(run_dir: Path, cfg: ReportConfig) -> str:
+    b = [f"<h1>Run: {esc(run_dir)}</h1>"]
+    if not (run_dir / "tables" / "summary.csv").exists():
+        b.append(f'<p class="note">no evaluation yet: run python eval.py --out_dir={esc(run_dir)} for the '
+                 "per-checkpoint table</p>")
+    figs = sorted((run_dir / "visualize").glob("*.png")) if (run_dir / "visualize").exists() else []
+    b.append(run_section(run_dir, cfg, cfg.viewer != "none", "config, checkpoints and batches"))
+    if figs:
+        b += ["<h2>Figures</h2>"] + [img(p, p.stem.replace("_", " ")) for p in figs]
+    return page(f"{run_dir}: run report", b)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    folders = [a for a in argv if not a.startswith("-")]
+    if len(folders) != 1:
+        raise UserError("give one folder: python report.py out/<experiment> (or a run folder such as out)")
+    cfg = parse_config(ReportConfig(), [a for a in argv if a.startswith("-")],
+                       {"viewer": ("first", "all", "none")})
+    folder = Path(folders[0])
+    if (folder / "experiment.json").exists():
+        text = experiment_page(folder, cfg)
+    elif (folder / "config.json").exists() or (folder / "ckpt").exists():
+        text = single_run_page(folder, cfg)
+    else:
+        raise UserError(f"{folder} is neither an experiment (experiment.json) nor a run (config.json): "
+                        "give the folder experiment.py or train.py wrote")
+    out = Path(cfg.out) if cfg.out else folder / "report.html"
+    write_text_atomic(out, text)
+    print(f"wrote {out} ({len(text) / 1e6:.1f} MB)")
+    return out
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,298 @@
+"""experiment.py and stats.py: the statistics against hand-computed cases, the spec's
+checks, and a tiny experiment killed, resumed and aggregated (tests/conftest.py)."""
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+import experiment
+import saturation
+import stats
+from common import FolderLock, UserError
+from conftest import experiment_spec
+
+
+# -----------------------------------------------------------------------------
+# statistics on known numbers
+
+def test_mean_interval_by_hand():
+    n, m, sd, lo, hi = stats.mean_interval([1.0, 2.0, 3.0, np.nan])
+    assert (n, m, sd) == (3, 2.0, 1.0)
+    h = 4.30265273 / math.sqrt(3)  # t(0.975, df=2) from a printed table
+    assert lo == pytest.approx(2 - h, abs=1e-7) and hi == pytest.approx(2 + h, abs=1e-7)
+    n, m, sd, lo, hi = stats.mean_interval([5.0])
+    assert (n, m) == (1, 5.0) and math.isnan(sd) and math.isnan(lo)
+    assert stats.mean_interval([np.nan])[0] == 0
+
+
+def test_welch_by_hand():
+    w = stats.welch([1, 2, 3], [4, 6, 8])
+    # variances 1 and 4 over 3 each: se^2 = 1/3 + 4/3 = 5/3; df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17
+    assert w["diff"] == 4.0
+    assert w["df"] == pytest.approx(50 / 17, rel=1e-12)
+    h = sps.t.ppf(0.975, 50 / 17) * math.sqrt(5 / 3)
+    assert (w["lo"], w["hi"]) == (pytest.approx(4 - h), pytest.approx(4 + h))
+    assert w["p_welch"] == pytest.approx(0.0547867660, abs=1e-9)
+    assert w["p_welch"] == pytest.approx(sps.ttest_ind([4, 6, 8], [1, 2, 3], equal_var=False).pvalue, rel=1e-9)
+    assert math.isnan(stats.welch([1], [2, 3])["p_welch"])  # one seed: no test
+    assert math.isnan(stats.welch([1, 1], [2, 2])["p_welch"])  # no spread: no test
+
+
+def test_permutation_exact():
+    # 20 splits of 6 values into 3 + 3; only the observed split and its mirror reach |diff| = 4
+    assert stats.permutation_p([1, 2, 3], [4, 6, 8]) == pytest.approx(2 / 20)
+    # |diff| >= 1 needs a group sum <= 6 or >= 9: 10 of the 20 splits
+    assert stats.permutation_p([1, 2, 3], [2, 3, 4]) == pytest.approx(10 / 20)
+    assert stats.permutation_p([1, 2, 3], [1, 2, 3]) == 1.0
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, 2*0.03, max(0.06, 1*0.04); NaN stays out of the family
+    got = stats.holm([0.01, 0.04, 0.03, np.nan])
+    assert got[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(got[3])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def _runs_frame():
+    """Two arms x 3 seeds, checkpoints 0 and 10; step 0 holds wild values that the
+    end-of-run tables must ignore."""
+    rows = []
+    for arm, m1, m2 in (("base", [1, 2, 3], [10, 11, 12]), ("x", [4, 6, 8], [10, 12, 11])):
+        for k, seed in enumerate((1, 2, 3)):
+            rows.append({"arm": arm, "seed": seed, "iter": 0, "m1": 100.0, "m2": -50.0})
+            rows.append({"arm": arm, "seed": seed, "iter": 10, "m1": float(m1[k]), "m2": float(m2[k])})
+    return pd.DataFrame(rows)
+
+
+def test_difference_table_by_hand():
+    df = _runs_frame()
+    d = stats.difference_table(df, ["m1", "m2"], ["base", "x"], "base", {"m1": "output", "m2": "output"})
+    r1, r2 = d.set_index("metric").loc["m1"], d.set_index("metric").loc["m2"]
+    assert (r1["baseline_mean"], r1["arm_mean"], r1["diff"]) == (2.0, 6.0, 4.0)
+    assert r1["p_welch"] == pytest.approx(0.0547867660, abs=1e-9) and r1["p_perm"] == pytest.approx(0.1)
+    assert r2["diff"] == 0.0 and r2["p_welch"] == pytest.approx(1.0)
+    # Holm over the two output metrics: 2 * 0.0548, then max(that, 1.0)
+    assert r1["p_holm"] == pytest.approx(2 * 0.0547867660, abs=1e-8) and r2["p_holm"] == pytest.approx(1.0)
+    f = stats.final_table(df, ["m1"], ["base", "x"]).set_index("arm")
+    assert f.loc["x", "mean"] == 6.0 and f.loc["x", "values"] == "4 6 8" and f.loc["x", "iter"] == 10
+    c = stats.curve_table(df, ["m1"])
+    assert c[(c.arm == "x") & (c.iter == 0)]["mean"].item() == 100.0
+    assert c[(c.arm == "x") & (c.iter == 0)]["sd"].item() == 0.0
+
+
+def test_saturation_tables_by_hand():
+    rows = []
+    for seed, curve in ((1, [0, 5, 10, 10]), (2, [0, 9.8, 10, 10])):
+        rows += [{"arm": "a", "seed": seed, "iter": it, "m": v} for it, v in zip((0, 1, 2, 4), curve)]
+    per_run, per_arm = stats.saturation_tables(pd.DataFrame(rows), ["m"], ["a"], saturation.saturation_step)
+    assert list(per_run["saturation_step"]) == [2.0, 1.0]  # 5 is 50% off; 9.8 is within 5%
+    r = per_arm.iloc[0]
+    assert (r["n"], r["mean"], r["min"], r["max"]) == (2, 1.5, 1.0, 2.0)
+
+
+# -----------------------------------------------------------------------------
+# the spec: one line naming the file and the field, and nothing written
+
+@pytest.mark.parametrize("over, words", [
+    ({"armz": {}}, "unknown key 'armz'"),
+    ({"arms": {"a": {"lr": 1}}}, "unknown train.py key 'lr'"),
+    ({"base": {"seed": 3}}, "sets 'seed'"),
+    ({"baseline": "nope"}, "baseline 'nope' is not an arm"),
+    ({"seeds": [1, 1]}, "distinct"),
+    ({"eval": {"temprature": 1}}, "unknown eval.py key 'temprature'"),
+    ({"arms": {"a b": {}}}, "plain folder name"),
+])
+def test_bad_spec_one_line(tiny_data, tmp_path, over, words):
+    spec = experiment_spec(tiny_data, tmp_path / "bad.json", **over)
+    with pytest.raises(UserError, match=re.escape(words)) as e:
+        experiment.main([str(spec), f"--out_root={tmp_path / 'out'}"])
+    assert str(spec) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_spec_not_json(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text("{arms: ")
+    with pytest.raises(UserError, match="not valid JSON"):
+        experiment.main([str(p), f"--out_root={tmp_path / 'out'}"])
+
+
+# -----------------------------------------------------------------------------
+# the tiny experiment (killed, resumed, rerun)
+
+def _runs(x):
+    return [(arm, seed, x.dir / arm / f"seed{seed}") for arm in ("shuffle", "curriculum") for seed in (1, 2)]
+
+
+def test_killed_experiment_resumes_and_skips(tiny_experiment):
+    killed, resumed, rerun = tiny_experiment.outputs
+    assert "shuffle/seed1: train ..." in killed
+    # the killed run continues from a checkpoint of its own (>= 8), not from scratch
+    m = re.search(r"shuffle/seed1: resume from step (\d+)", resumed)
+    assert m and int(m.group(1)) >= 8, resumed
+    # the third call trains nothing: every run is skipped
+    for arm, seed, _ in _runs(tiny_experiment):
+        assert f"{arm}/seed{seed}: trained (step 160), skipped" in rerun
+    assert " train ..." not in rerun and "resume from" not in rerun
+    for _, _, d in _runs(tiny_experiment):
+        ck = sorted(int(p.stem.split("_")[1]) for p in (d / "ckpt").glob("ckpt_*.pt"))
+        assert ck == [0, 1, 2, 4, 8, 16, 32, 50, 100, 150, 160]
+        assert np.load(d / "batch_ids.npy").shape == (160, 4)
+        assert json.loads((d / "experiment_run.json").read_text())["settings"]["seed"] == d.name[4:]
+
+
+def test_killed_run_trained_its_schedule(tiny_experiment):
+    """The killed and resumed run trained exactly its schedule's ids at every step; the
+    sorted arm's order does not depend on the seed, the shuffled one's does."""
+    import types
+    from checkpoint import run_config
+    from data import BatchData
+    from stream import build_schedule
+    ids = {(arm, s): np.load(d / "batch_ids.npy") for arm, s, d in _runs(tiny_experiment)}
+    cfg = types.SimpleNamespace(**run_config(tiny_experiment.dir / "shuffle" / "seed1"))
+    sched = build_schedule(cfg, BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len))
+    assert np.array_equal(ids[("shuffle", 1)], np.stack([sched.step_ids(s) for s in range(160)]))
+    assert np.array_equal(ids[("curriculum", 1)], ids[("curriculum", 2)])
+    assert not np.array_equal(ids[("shuffle", 1)], ids[("shuffle", 2)])
+
+
+def test_tables_match_the_runs(tiny_experiment):
+    t = tiny_experiment.dir / "tables"
+    final, diff = pd.read_csv(t / "final.csv"), pd.read_csv(t / "differences.csv")
+    curves = pd.read_csv(t / "curves.csv")
+    last = {(arm, seed): pd.read_csv(d / "tables" / "summary.csv").sort_values("iter").iloc[-1]
+            for arm, seed, d in _runs(tiny_experiment)}
+    for metric in ("val_loss", "out_ref_nll", "in_fk_grade_cum", "tag_secret_exposure"):
+        vals = {arm: [last[(arm, s)][metric] if metric in last[(arm, s)] else np.nan for s in (1, 2)]
+                for arm in ("shuffle", "curriculum")}
+        if metric.startswith("tag_"):
+            dur = {(arm, s): pd.read_csv(d / "tables" / "durability.csv") for arm, s, d in _runs(tiny_experiment)}
+            vals = {arm: [dur[(arm, s)].query("iter == 160")["exposure"].item() for s in (1, 2)]
+                    for arm in ("shuffle", "curriculum")}
+        f = final[final.metric == metric].set_index("arm")
+        for arm in vals:
+            assert f.loc[arm, "mean"] == pytest.approx(np.mean(vals[arm]), rel=1e-12), metric
+            assert f.loc[arm, "n"] == 2
+        d = diff[diff.metric == metric].iloc[0]
+        assert d["diff"] == pytest.approx(np.mean(vals["curriculum"]) - np.mean(vals["shuffle"]), rel=1e-9, abs=1e-12)
+        if np.std(vals["curriculum"]) + np.std(vals["shuffle"]) > 0:
+            ref = sps.ttest_ind(vals["curriculum"], vals["shuffle"], equal_var=False).pvalue
+            assert d["p_welch"] == pytest.approx(ref, rel=1e-9)
+    assert set(diff["side"]) == {"output", "input", "tag"}
+    assert set(curves["iter"]) == {0, 1, 2, 4, 8, 16, 32, 50, 100, 150, 160}
+    assert (curves["n"] == 2).all()
+    runs = pd.read_csv(t / "runs.csv")
+    assert len(runs) == 4 and (runs["final_iter"] == 160).all()
+    commit = json.loads((tiny_experiment.dir / "shuffle" / "seed1" / "run.json").read_text())["commit"]
+    assert runs["commit"].iloc[0] == commit
+
+
+def test_figures_are_drawn(tiny_experiment):
+    for name in ("bands_output.png", "bands_input.png", "bands_tags.png", "forest.png"):
+        im = matplotlib.image.imread(tiny_experiment.dir / "visualize" / name)
+        assert im.shape[0] > 300 and im.shape[1] > 500 and im.std() > 0.05, name
+
+
+def test_changed_arm_is_refused(tiny_experiment, tiny_data, tmp_path):
+    spec = experiment_spec(tiny_data, tmp_path / "tiny.json",
+                           arms={"shuffle": {}, "curriculum": {"schedule": "sorted", "schedule_metric": "fk_grade",
+                                                               "schedule_order": "desc"}})
+    before = (tiny_experiment.dir / "experiment.json").read_text()
+    with pytest.raises(UserError, match="trained with schedule_order=\\(unset\\), the spec now says desc"):
+        experiment.main([str(spec), f"--out_root={tiny_experiment.out_root}", "--aggregate_only=True"])
+    assert (tiny_experiment.dir / "experiment.json").read_text() == before
+
+
+def test_second_experiment_on_the_folder_is_refused(tiny_experiment):
+    lock = FolderLock(tiny_experiment.dir)
+    try:
+        with pytest.raises(UserError, match="is in use by pid"):
+            experiment.main([str(tiny_experiment.spec), f"--out_root={tiny_experiment.out_root}",
+                             "--aggregate_only=True"])
+    finally:
+        lock.release()
+
+
+def test_aggregate_only_reproduces_the_tables(tiny_experiment, tmp_path):
+    t = tiny_experiment.dir / "tables"
+    before = {p.name: p.read_bytes() for p in t.glob("*.csv")}
+    experiment.main([str(tiny_experiment.spec), f"--out_root={tiny_experiment.out_root}", "--aggregate_only=True"])
+    assert {p.name: p.read_bytes() for p in t.glob("*.csv")} == before
+
+
+# -----------------------------------------------------------------------------
+# wandb, for real, offline
+
+def wandb_records(path: Path):
+    """The records of an offline run's .wandb file (a LevelDB-style log of protobufs:
+    32 KiB blocks of chunks with a 7-byte header: crc32, length, type full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data, pos, buf = path.read_bytes(), 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and n == 0):
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(buf)
+            yield r
+
+
+def wandb_run(folder: Path):
+    """(run record, logged history keys) of every offline run under folder/wandb/."""
+    out = []
+    for f in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        run, keys = None, set()
+        for r in wandb_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run = r.run
+            elif kind == "history":
+                keys |= {i.key or "/".join(i.nested_key) for i in r.history.item}
+        out.append((run, keys))
+    return out
+
+
+def test_wandb_offline_logs_training_eval_and_figures(tiny_experiment):
+    pytest.importorskip("wandb", reason="the optional extra (requirements-extra.txt) is not installed")
+    assert tiny_experiment.wandb
+    d = tiny_experiment.dir / "curriculum" / "seed2"
+    runs = wandb_run(d)
+    assert runs, f"no offline run under {d}/wandb"
+    train = [k for r, k in runs if "loss" in k]
+    assert train and {"loss", "lr", "tok_per_s", "mfu", "val_loss", "iter"} <= train[0]
+    ev = [k for r, k in runs if "eval/val_loss" in k]
+    assert ev and {"eval/iter", "eval/out_fk_grade", "eval/in_fk_grade_cum", "eval/generations/_type"} <= ev[0]
+    for run, _ in runs:  # eval logged into the training run: same id, group and job type
+        assert (run.run_id, run.run_group, run.job_type) == ("tiny-curriculum-seed2", "tiny", "curriculum")
+        cfg = {c.key: json.loads(c.value_json) for c in run.config.update}
+        assert cfg["seed"] == 2 and cfg["schedule"] == "sorted"
+    agg = wandb_run(tiny_experiment.dir)
+    assert agg and agg[-1][0].job_type == "aggregate"
+    assert {"experiment/forest/_type", "experiment/bands_output/_type", "experiment/differences/_type"} <= agg[-1][1]
+
+
+def test_experiment_without_wandb_is_clear(tiny_experiment, monkeypatch):
+    """Asked for wandb where it is missing: one line saying how to install it."""
+    import tracking
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)
+    with pytest.raises(UserError, match="requirements-extra.txt"):
+        tracking.start(project="p", dir=tiny_experiment.dir, config={})
+
+
+def test_spec_examples_load():
+    for p in sorted(Path(experiment.ROOT / "config" / "experiments").glob("*.json")):
+        spec = experiment.load_spec(p)
+        assert spec["baseline"] in spec["arms"] and len(spec["seeds"]) >= 3, p

@@ -1,0 +1,35 @@
+"""
+Optional experiment tracking with wandb (pip install -r requirements-extra.txt): the one
+place that starts a wandb run, for train.py (config, per-step loss, lr, tok/s, MFU and
+val_loss), eval.py (per-checkpoint eval metrics and generations, into the training run
+when it has a fixed id) and experiment.py (the experiment's figures and tables). An
+experiment groups its runs: group = the experiment, job type = the arm.
+
+Works without an account or network in WANDB_MODE=offline: each run is a folder
+<dir>/wandb/offline-run-<time>-<id>/ that `wandb sync` can upload later. Nothing in the
+main job needs wandb.
+"""
+
+from common import UserError
+
+
+def start(*, project: str, dir, config: dict, name: str = "", group: str = "", job_type: str = "",
+          run_id: str = ""):
+    """A wandb run (resumed when run_id names one already started, e.g. by train.py)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_log=True needs wandb: pip install -r requirements-extra.txt") from None
+    return wandb.init(project=project, name=name or None, config=config, group=group or None,
+                      job_type=job_type or None, id=run_id or None, resume="allow" if run_id else None,
+                      dir=str(dir))
+
+
+def image(path):
+    import wandb
+    return wandb.Image(str(path))
+
+
+def table(df):
+    import wandb
+    return wandb.Table(dataframe=df)
