@@ -24,9 +24,9 @@ import numpy as np
 import metrics
 import metrics_engine
 from common import DoneRecord, UserError, atomic_path, write_json_atomic
-from data import (TABLES_DIR, BatchData, index_dir, raw_dir, story_noise, tok_dir, token_stamps, window_noise,
-                  window_texts)
-from refscorer import ModelScorer, fit_reference_scorer, reference_scorer
+from data import (TABLES_DIR, BatchData, index_dir, raw_dir, shard_window_texts, shard_windows_2d, story_noise,
+                  story_noise_free, tok_dir, token_stamps, window_noise)
+from refscorer import ModelScorer, fit_reference_scorer, reference_scorer, scorer_path
 from tokenizer import Tokenizer
 
 ID_COLUMNS = ["batch_id", "shard", "offset", "story_first", "story_last", "n_stories", "n_tokens", "split"]
@@ -36,6 +36,21 @@ REF_COLUMNS = ["ref_nll", "ref_ppl"]
 # -----------------------------------------------------------------------------
 # per-shard work (a process per shard): score into a cached .npy, then format its CSV rows
 
+_SCORERS: dict = {}  # per process: the reference scorer of the last (data, model file) scored
+
+
+def _scorer(data_dir, vocab_size, ref_model):
+    """reference_scorer, loaded once per process (a worker scores several shards: its
+    lookup and probability tables are built once), again when its file changes."""
+    p = Path(ref_model) if ref_model else scorer_path(data_dir, vocab_size)
+    st = p.stat() if p.exists() else None
+    key = (str(Path(data_dir).resolve()), vocab_size, str(ref_model), st and (st.st_mtime_ns, st.st_size, st.st_ino))
+    if key not in _SCORERS or st is None:
+        _SCORERS.clear()
+        _SCORERS[key] = reference_scorer(data_dir, vocab_size, ref_model)
+    return _SCORERS[key]
+
+
 def _score_shard(job):
     """Score one shard's batches: a float64 matrix (batch, [ref_nll, ref_ppl, *names])
     saved as .npy (binary, so a reused shard costs only its formatting)."""
@@ -43,10 +58,11 @@ def _score_shard(job):
     metrics.set_gender_words(*gender)  # the parent's lists, also where workers are spawned, not forked
     data = BatchData(data_dir, vocab_size, max_seq_len)
     enc = Tokenizer.for_vocab(vocab_size, data_dir)
-    ids = np.flatnonzero(data.index["shard"] == shard)
-    wins = [data.window(int(i)) for i in ids]
-    nll = reference_scorer(data_dir, vocab_size, ref_model).nll_many(wins)
-    cols = [nll, np.exp(nll), *metrics_engine.text_metrics(window_texts(wins, enc), names).values()]
+    offsets = data.index["offset"][data.index["shard"] == shard]
+    tokens = np.asarray(data.tokens[shard])
+    nll = _scorer(data_dir, vocab_size, ref_model).nll_many(shard_windows_2d(tokens, offsets, max_seq_len))
+    texts = shard_window_texts(tokens, offsets, max_seq_len, enc)
+    cols = [nll, np.exp(nll), *metrics_engine.text_metrics(texts, names).values()]
     with atomic_path(out_npy) as tmp, open(tmp, "wb") as f:
         np.save(f, np.stack(cols, axis=1).astype(np.float64), allow_pickle=False)
     return shard
@@ -62,14 +78,18 @@ def _shard_rows(job) -> tuple[str, dict]:
     data = BatchData(data_dir, vocab_size, max_seq_len)
     ids = np.flatnonzero(data.index["shard"] == shard)
     rows = data.index[ids]
-    noisy_story = story_noise(raw_dir(data_dir) / data.meta["shards"][shard]["name"].replace(".bin", ".json"))
-    noisy = window_noise(np.asarray(data.tokens[shard]), noisy_story, rows["offset"], max_seq_len)
+    raw = raw_dir(data_dir) / data.meta["shards"][shard]["name"].replace(".bin", ".json")
+    if story_noise_free(raw):  # no story is marked: every window's share is 0 (no JSON to parse)
+        noisy = np.zeros(len(ids))
+    else:
+        noisy = window_noise(np.asarray(data.tokens[shard]), story_noise(raw), rows["offset"], max_seq_len)
     values = np.column_stack([noisy, np.load(npy)])  # (batch, [noisy, ref_nll, ref_ppl, *names])
     split = "val" if shard == 0 else "train"
     fixed = np.column_stack([ids, rows["shard"], rows["offset"], rows["story_first"], rows["story_last"],
                              rows["story_last"] - rows["story_first"] + 1]).astype(np.int64).tolist()
-    fmt = "%d,%d,%d,%d,%d,%d," + f"{max_seq_len + 1},{split}" + ",%.6g" * values.shape[1]
-    text = "\n".join(fmt % (*a, *b) for a, b in zip(fixed, values.tolist()))
+    head = "%d,%d,%d,%d,%d,%d," + f"{max_seq_len + 1},{split}"
+    tail = ",%.6g" * values.shape[1]
+    text = "\n".join(map(str.__add__, map(head.__mod__, map(tuple, fixed)), map(tail.__mod__, map(tuple, values.tolist()))))
     text = text.replace(",nan", ",") + "\n" if len(ids) else ""  # NaN -> empty cell, as pandas writes it
     summ = {"shard": shard, "split": split, "n_batches": len(ids),
             "n_tokens": int(data.meta["shards"][shard]["n_tokens"]),
@@ -82,9 +102,21 @@ def _shard_rows(job) -> tuple[str, dict]:
     return text, summ
 
 
+def _summary_csv(summaries: list[dict]) -> str:
+    """shard_metrics.csv as pandas' DataFrame(summaries).to_csv(index=False,
+    float_format="%.6g") writes it (ints plain, floats %.6g, NaN empty), without
+    importing pandas (half a second of the command)."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if v != v else "%.6g" % v
+        return str(v)
+
+    cols = list(summaries[0]) if summaries else []
+    return "".join(",".join(map(cell, r)) + "\n" for r in [cols] + [[s[c] for c in cols] for s in summaries])
+
+
 def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metric_spec="all",
                         workers=None, ref_model=""):
-    import pandas as pd
     from tqdm import tqdm
     try:
         names = metrics.resolve_metrics(metric_spec)
@@ -132,7 +164,7 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
     for old in cache.glob("shard*.json"):
         old.unlink()  # the per-shard stamps of earlier versions, replaced by done.json
     with atomic_path(tables_dir / "shard_metrics.csv") as tmp:
-        pd.DataFrame(summaries).to_csv(tmp, index=False, float_format="%.6g")
+        tmp.write_text(_summary_csv(summaries))
     meta = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "n_batches": len(data),
             "tokenizer": data.meta["tokenizer"], "tokenizer_sha256": data.meta["tokenizer_sha256"],
             "data_dir": str(Path(data_dir).resolve()), **want}

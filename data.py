@@ -70,6 +70,17 @@ def story_noise(shard: Path) -> np.ndarray:
     return np.array([bool(r.get("noise")) for r in rows], dtype=bool)
 
 
+def story_noise_free(shard: Path) -> bool:
+    """True when no story of a raw shard can have a "noise" field: the key is nowhere in
+    the file, neither as written nor with a letter \\u-escaped (json.dumps and TinyStories
+    never escape ASCII letters). story_noise would then be all False; this skips parsing."""
+    try:
+        raw = Path(shard).read_bytes().lower()
+    except OSError:
+        return False  # story_noise says what is wrong
+    return b'"noise"' not in raw and not any(b"\\u00" + h in raw for h in (b"6e", b"6f", b"69", b"73", b"65"))
+
+
 def window_noise(tokens: np.ndarray, noisy: np.ndarray, offsets: np.ndarray, max_seq_len: int) -> np.ndarray:
     """Share of each window's max_seq_len+1 tokens that belong to noisy stories (a story
     owns its BOS and the tokens up to the next BOS)."""

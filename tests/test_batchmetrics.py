@@ -13,7 +13,7 @@ import batchmetrics
 import refscorer
 import metrics
 import metrics_engine
-from data import BatchData, index_dir, window_text
+from data import BatchData, index_dir, raw_dir, story_noise, story_noise_free, window_noise, window_text
 import tinystories
 from common import UserError
 from tokenizer import Tokenizer
@@ -50,6 +50,68 @@ def test_values_are_the_metrics_of_the_exact_window(table):
         np.testing.assert_allclose(df.loc[ids, name].to_numpy(), col, rtol=1e-5, equal_nan=True, err_msg=name)
     np.testing.assert_allclose(df.loc[ids, "ref_nll"].to_numpy(), [scorer.nll(w) for w in windows], rtol=1e-5)
     assert all(len(w) == 65 for w in windows) and (df["n_tokens"] == 65).all()
+
+
+def test_scorer_tables_equal_general_path_on_real_data(tiny_data, monkeypatch):
+    """The reference scorer's probability tables (the path batch metrics take) give the
+    general path's nll bit for bit on every window of the real data."""
+    data_dir, _ = tiny_data
+    data = BatchData(data_dir, 512, 64)
+    wins = data.windows(np.arange(len(data)))
+    fast = refscorer.NGramScorer.load(refscorer.scorer_path(data_dir, 512))
+    got = fast.nll_many(wins)
+    assert fast._probs() is not None
+    monkeypatch.setattr(refscorer, "PROB_MAX", 0)
+    general = refscorer.NGramScorer.load(refscorer.scorer_path(data_dir, 512))
+    assert got.tobytes() == general.nll_many(list(wins)).tobytes() and general._probs() is None
+
+
+def test_rows_and_summaries_are_what_pandas_writes(tiny_data):
+    """The hand-formatted table (rows formatted in the workers, shard_metrics.csv without
+    pandas) is byte for byte pandas' to_csv(index=False, float_format="%.6g") of the same
+    values; a shard whose JSON has no "noise" field takes the no-parse path, and its
+    noisy column is what parsing gives (all 0)."""
+    data_dir, tables = tiny_data
+    data = BatchData(data_dir, 512, 64)
+    names = metrics.text_metric_names()
+    cache = index_dir(data_dir, 512, 64) / "metrics"
+    jobs = [(data_dir, 512, 64, s, names, None, cache / f"shard{s:02d}.npy", None) for s in range(len(data.tokens))]
+    texts, summaries = zip(*map(batchmetrics._shard_rows, jobs))
+    cols = batchmetrics.ID_COLUMNS + ["noisy"] + batchmetrics.REF_COLUMNS + names
+    got = ",".join(cols) + "\n" + "".join(texts)
+    assert got == (tables / "batch_metrics.csv").read_text()
+    ix = data.index
+    df = pd.DataFrame({"batch_id": np.arange(len(data)), "shard": ix["shard"].astype(np.int64),
+                       "offset": ix["offset"], "story_first": ix["story_first"].astype(np.int64),
+                       "story_last": ix["story_last"].astype(np.int64),
+                       "n_stories": (ix["story_last"] - ix["story_first"] + 1).astype(np.int64),
+                       "n_tokens": 65, "split": np.where(ix["shard"] == 0, "val", "train")})
+    raws = [raw_dir(data_dir) / s["name"].replace(".bin", ".json") for s in data.meta["shards"]]
+    assert all(story_noise_free(r) for r in raws)
+    df["noisy"] = np.concatenate([window_noise(np.asarray(data.tokens[s]), story_noise(raws[s]),
+                                               ix["offset"][ix["shard"] == s], 64) for s in range(len(raws))])
+    vals = np.concatenate([np.load(j[6]) for j in jobs])
+    for k, c in enumerate(batchmetrics.REF_COLUMNS + names):
+        df[c] = vals[:, k]
+    assert got == df.to_csv(index=False, float_format="%.6g", lineterminator="\n")
+    want = pd.DataFrame(list(summaries)).to_csv(index=False, float_format="%.6g", lineterminator="\n")
+    assert batchmetrics._summary_csv(list(summaries)) == want == (tables / "shard_metrics.csv").read_text()
+    nan_row = dict(summaries[0], fk_grade_mean=float("nan"), fk_grade_std=-0.0)
+    assert batchmetrics._summary_csv([nan_row]) == pd.DataFrame([nan_row]).to_csv(index=False, float_format="%.6g")
+
+
+def test_noise_free_check(tmp_path):
+    """story_noise_free is True only where story_noise is all False: a noisy sample's
+    shards (key written, even as null) and a key with an escaped letter are parsed."""
+    tinystories.sample(tmp_path, n_stories=60, n_shards=3, noise=0.3)
+    for p in sorted(raw_dir(tmp_path).glob("data*.json")):
+        assert not story_noise_free(p)
+    esc = tmp_path / "esc.json"
+    esc.write_text('[{"story": "a", "\\u006Eoise": "swap"}]')
+    assert story_noise(esc).all() and not story_noise_free(esc)
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"story": 'the "noise" was loud'}]))
+    assert not story_noise(plain).any() and story_noise_free(plain)
 
 
 def test_window_text_cuts_stories_at_bos(tiny_data):
