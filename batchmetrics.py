@@ -55,7 +55,8 @@ def _score_shard(job):
     """Score one shard's batches: a float64 matrix (batch, [ref_nll, ref_ppl, *names])
     saved as .npy (binary, so a reused shard costs only its formatting)."""
     data_dir, vocab_size, max_seq_len, shard, names, ref_model, out_npy, gender = job
-    metrics.set_gender_words(*gender)  # the parent's lists, also where workers are spawned, not forked
+    if metrics.gender_words() != tuple(gender):  # the parent's lists, also where workers are spawned, not forked
+        metrics.set_gender_words(*gender)  # (only when they differ: new lists rebuild the engine's tables)
     data = BatchData(data_dir, vocab_size, max_seq_len)
     enc = Tokenizer.for_vocab(vocab_size, data_dir)
     offsets = data.index["offset"][data.index["shard"] == shard]

@@ -161,8 +161,10 @@ _TAB: _Tables | None = None
 
 def _tables() -> _Tables:
     global _TAB
-    gender = (_defs._MALE, _defs._FEMALE)  # the word tables hold gender flags: new lists, new tables
-    if _TAB is None or len(_TAB.raw) > _TABLE_LIMIT or _TAB.gender is not gender:
+    # the word tables hold gender flags: new lists, new tables (lists compared by value; the
+    # identity of this tuple, new at every call, rebuilt the tables at every call)
+    gender = (_defs._MALE, _defs._FEMALE)
+    if _TAB is None or len(_TAB.raw) > _TABLE_LIMIT or _TAB.gender != gender:
         _TAB = _Tables()
         _TAB.gender = gender
     return _TAB

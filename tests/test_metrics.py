@@ -497,9 +497,12 @@ def test_batched_engine_fresh_tables_and_gender_change():
     b = E.text_metrics(texts)
     for k in a:
         assert _bits(a[k]) == _bits(b[k]), k
+    warm = E._TAB
+    assert E.text_metrics(texts[:5], ["n_words"]) and E._TAB is warm  # the same lists: the tables outlive a call
     try:
         M.set_gender_words(["cat", "dog"], ["bird"])
         g = E.text_metrics(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
+        assert E._TAB is not warm  # new lists, new tables
         r = text_metrics_ref(texts, ["gender_male", "gender_female", "gender_ratio", "fk_grade"])
         for k in g:
             assert _bits(g[k]) == _bits(r[k]), k
