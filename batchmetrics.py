@@ -39,15 +39,16 @@ REF_COLUMNS = ["ref_nll", "ref_ppl"]
 _SCORERS: dict = {}  # per process: the reference scorer of the last (data, model file) scored
 
 
-def _scorer(data_dir, vocab_size, ref_model):
+def _scorer(data_dir, vocab_size, ref_model, fitted=None):
     """reference_scorer, loaded once per process (a worker scores several shards: its
-    lookup and probability tables are built once), again when its file changes."""
+    lookup and probability tables are built once), again when its file changes; fitted:
+    the scorer just fitted and saved to that file, kept instead of loading it."""
     p = Path(ref_model) if ref_model else scorer_path(data_dir, vocab_size)
     st = p.stat() if p.exists() else None
     key = (str(Path(data_dir).resolve()), vocab_size, str(ref_model), st and (st.st_mtime_ns, st.st_size, st.st_ino))
-    if key not in _SCORERS or st is None:
+    if key not in _SCORERS or st is None or fitted is not None:
         _SCORERS.clear()
-        _SCORERS[key] = reference_scorer(data_dir, vocab_size, ref_model)
+        _SCORERS[key] = fitted if fitted is not None else reference_scorer(data_dir, vocab_size, ref_model)
     return _SCORERS[key]
 
 
@@ -132,10 +133,10 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
                         f"python tinystories.py pretokenize --vocab_size={vocab_size} --max_seq_len={max_seq_len}")
     # 1) the reference scorer, fitted on the validation shard (shard 0)
     if ref_model:
-        scorer_fp = ModelScorer(ref_model).fingerprint()
+        scorer, scorer_fp = None, ModelScorer(ref_model).fingerprint()
     else:
-        scorer_fp = fit_reference_scorer(data_dir, vocab_size, np.asarray(data.tokens[0]),
-                                         shard_keys[0]).fingerprint()
+        scorer = fit_reference_scorer(data_dir, vocab_size, np.asarray(data.tokens[0]), shard_keys[0])
+        scorer_fp = scorer.fingerprint()
     # 2) per shard, reusing the cached scores when nothing they depend on changed (the
     # metric versions carry the gender word lists' hash; the shard key its tokens')
     cache = index_dir(data_dir, vocab_size, max_seq_len) / "metrics"
@@ -150,6 +151,8 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
         jobs.append((data_dir, vocab_size, max_seq_len, s, names, None if cached else ref_model, npy,
                      metrics.gender_words()))
     n_todo = sum(j[5] is not None for j in jobs)
+    if n_todo and scorer is not None:  # its tables built once, here: forked workers share them (copy on write)
+        _scorer(data_dir, vocab_size, "", scorer)._probs()
     # 3) stream the shards' rows into one table, in shard order (memory flat in the number of shards)
     cols = ID_COLUMNS + ["noisy"] + REF_COLUMNS + names
     summaries = []
