@@ -76,14 +76,18 @@ class TinyExperiment:
 
 
 def experiment_spec(tiny_data, path: Path, **over) -> Path:
-    """A 2-arm x 2-seed experiment on the fixture data, with a canary (durability runs)."""
+    """A 2-arm x 2-seed experiment on the fixture data, with a canary from step 10 (so
+    durability.py runs too)."""
     data, tables = tiny_data
+    tags = path.parent / "canary.json"
+    tags.write_text(json.dumps({"seed": 1, "tags": [
+        {"id": "secret", "kind": "canary", "text": "the secret number is {digits:6}",
+         "steps": {"start": 10, "n": 10, "every": 4}, "rows": 2, "position": "random"}]}))
     spec = {"question": "Does sorting batches by readability change the tiny model?",
             "base": {"data_dir": str(data), "tables_dir": str(tables), "vocab_size": VOCAB, "max_seq_len": SEQ,
-                     "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "batch_size": 4, "max_iters": 160,
-                     "eval_interval": 50, "eval_iters": 2, "log_interval": 20, "learning_rate": 3e-3,
-                     "warmup_iters": 4, "device": "cpu", "dtype": "float32",
-                     "tags": str(ROOT / "config" / "tags" / "canary_short.json")},
+                     "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "batch_size": 4, "max_iters": 80,
+                     "eval_interval": 40, "eval_iters": 2, "log_interval": 20, "learning_rate": 3e-3,
+                     "warmup_iters": 4, "device": "cpu", "dtype": "float32", "tags": str(tags)},
             "arms": {"shuffle": {}, "curriculum": {"schedule": "sorted", "schedule_metric": "fk_grade"}},
             "seeds": [1, 2],
             "eval": {"n_prompts": 2, "max_new_tokens": 12, "val_batches": 4, "device": "cpu"},
@@ -96,9 +100,9 @@ def experiment_spec(tiny_data, path: Path, **over) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_experiment(tiny_data, tmp_path_factory) -> TinyExperiment:
-    """The experiment killed (SIGKILL to its process group) once its first run has
-    ckpt_8, run again to the end, then a third time (everything skipped). With wandb
-    installed it logs for real in WANDB_MODE=offline."""
+    """The experiment run one job at a time and killed (SIGKILL to its process group) once
+    its second run has ckpt_8 (the first run is finished by then), then run again with
+    --jobs=2 to the end. With wandb installed it logs for real in WANDB_MODE=offline."""
     import importlib.util
     import os
     import signal
@@ -107,20 +111,17 @@ def tiny_experiment(tiny_data, tmp_path_factory) -> TinyExperiment:
     spec = experiment_spec(tiny_data, root / "tiny.json")
     use_wandb = importlib.util.find_spec("wandb") is not None
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
-    cmd = [sys.executable, str(ROOT / "experiment.py"), str(spec), f"--out_root={root / 'out'}", "--jobs=2"] + \
+    cmd = [sys.executable, str(ROOT / "experiment.py"), str(spec), f"--out_root={root / 'out'}"] + \
         (["--wandb_log=True"] if use_wandb else [])
     exp = root / "out" / "tiny"
-    first = exp / "shuffle" / "seed1" / "ckpt" / "ckpt_8.pt"
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    cut = exp / "shuffle" / "seed2" / "ckpt" / "ckpt_8.pt"
+    p = subprocess.Popen(cmd + ["--jobs=1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                          start_new_session=True, cwd=root)
     t0 = time.time()
-    while not first.exists() and p.poll() is None and time.time() - t0 < 300:
+    while not cut.exists() and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.02)
     os.killpg(p.pid, signal.SIGKILL)
     killed = p.communicate()[0]
-    outs = [killed]
-    for _ in range(2):
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
-        assert r.returncode == 0, r.stdout + r.stderr
-        outs.append(r.stdout)
-    return TinyExperiment(spec, root / "out", exp, outs, use_wandb)
+    r = subprocess.run(cmd + ["--jobs=2"], capture_output=True, text=True, env=env, cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return TinyExperiment(spec, root / "out", exp, [killed, r.stdout], use_wandb)
