@@ -29,7 +29,7 @@ FLAGS_runexact = -O3
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test bench bench-select demo $(addprefix print-cmd-,$(BUILDS))
+.PHONY: default all clean test bench bench-select demo experiment $(addprefix print-cmd-,$(BUILDS))
 
 default: run
 
@@ -81,3 +81,12 @@ bench-select:
 
 clean:
 	rm -f $(BUILDS) $(addsuffix .tmp.*,$(BUILDS))
+
+# The README's worked example: shuffle vs curriculum vs anti-curriculum x 3 seeds on the
+# sample (after make demo's data steps), then its report page (~13 min on 2 cores).
+experiment: run
+	$(PYTHON) tinystories.py sample
+	$(PYTHON) tinystories.py train_vocab --vocab_size=512
+	$(PYTHON) tinystories.py pretokenize --vocab_size=512
+	$(PYTHON) experiment.py config/experiments/curriculum.json --jobs=2
+	$(PYTHON) report.py out/curriculum

@@ -7,6 +7,7 @@ $ python eval.py                                    # the default run in out/
 $ python eval.py --out_dir=out/curriculum           # another run
 $ python eval.py --temperature=0.8 --top_p=0.9      # also a sampled generation per prompt
 $ python eval.py --n_prompts=16 --max_new_tokens=100 --redo=True
+$ WANDB_MODE=offline python eval.py --out_dir=out/canary --wandb_log=True   # also to wandb (tracking.py)
 
 Checkpoints already evaluated with the same settings are skipped; the settings (and
 a stamp of each checkpoint file) are kept in tables/eval_config.json, so changing any
