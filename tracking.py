@@ -20,9 +20,14 @@ def start(*, project: str, dir, config: dict, name: str = "", group: str = "", j
         import wandb
     except ImportError:
         raise UserError("--wandb_log=True needs wandb: pip install -r requirements-extra.txt") from None
-    return wandb.init(project=project, name=name or None, config=config, group=group or None,
-                      job_type=job_type or None, id=run_id or None, resume="allow" if run_id else None,
-                      dir=str(dir))
+    try:
+        return wandb.init(project=project, name=name or None, config=config, group=group or None,
+                          job_type=job_type or None, id=run_id or None, resume="allow" if run_id else None,
+                          dir=str(dir))
+    except Exception as e:  # no API key, no network, a bad setting: one line, not wandb's traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"wandb could not start a run ({msg}): run `wandb login`, or set WANDB_MODE=offline "
+                        "to log locally, or drop --wandb_log=True") from None
 
 
 def image(path):

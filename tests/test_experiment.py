@@ -285,15 +285,27 @@ def test_wandb_offline_logs_training_eval_and_figures(tiny_experiment):
     assert {"experiment/forest/_type", "experiment/bands_output/_type", "experiment/differences/_type"} <= agg[-1][1]
 
 
-def test_experiment_without_wandb_is_clear(tiny_experiment, monkeypatch):
+def test_experiment_without_wandb_is_clear(tmp_path, monkeypatch):
     """Asked for wandb where it is missing: one line saying how to install it."""
     import tracking
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)
     with pytest.raises(UserError, match="requirements-extra.txt"):
-        tracking.start(project="p", dir=tiny_experiment.dir, config={})
+        tracking.start(project="p", dir=tmp_path, config={})
 
 
 def test_spec_examples_load():
     for p in sorted(Path(experiment.ROOT / "config" / "experiments").glob("*.json")):
         spec = experiment.load_spec(p)
         assert spec["baseline"] in spec["arms"] and len(spec["seeds"]) >= 3, p
+
+
+def test_wandb_without_login_is_one_line(tmp_path, monkeypatch):
+    """Online mode with no API key: one line naming the fixes, not wandb's traceback."""
+    pytest.importorskip("wandb", reason="the optional extra (requirements-extra.txt) is not installed")
+    import tracking
+    for k in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    with pytest.raises(UserError, match=r"wandb could not start a run \(.*\): run `wandb login`, or set WANDB_MODE"):
+        tracking.start(project="p", dir=tmp_path, config={})
