@@ -278,9 +278,11 @@ def _focus_late(ax, late: np.ndarray) -> bool:
     if late.size == 0:
         return False
     lo, hi = late.min(), late.max()
-    pad = 0.15 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
+    if hi <= lo:  # flat late on: nothing to zoom onto
+        return False
+    pad = 0.15 * (hi - lo)
     y0, y1 = ax.get_ylim()
-    if y0 < lo - 2 * pad or y1 > hi + 2 * pad:
+    if (y1 - y0) > 3 * (hi - lo):  # the late values would fill under a third of the view
         ax.set_ylim(lo - pad, hi + pad)
         return True
     return False
