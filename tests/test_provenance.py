@@ -15,7 +15,7 @@ import torch
 import batch_viewer
 import checkpoint
 import train
-from common import UserError
+from common import FolderLock, UserError
 from conftest import ROOT, TinyRun
 from data import BatchData
 from model import ModelArgs, Transformer, mean_loss
@@ -29,7 +29,7 @@ def recorded_ids(out_dir) -> np.ndarray:
 def test_second_run_on_the_same_folder_is_refused(tiny_data, tmp_path):
     data, tables = tiny_data
     run = TinyRun(data, tables, tmp_path / "out")
-    holder = train.RunLock(run.out_dir)  # a run in progress
+    holder = FolderLock(run.out_dir)  # a run in progress
     try:
         with pytest.raises(UserError, match=r"out is in use by pid \d+ on .* since"):
             train.main(run.train_args(max_iters=2))
