@@ -63,6 +63,7 @@ demo: run
 	$(PYTHON) visualize_embd.py
 	$(PYTHON) visualize_sat_output.py
 	$(PYTHON) visualize_sat_batch.py
+	$(PYTHON) report.py out
 
 # one line per benchmark script
 bench: run
