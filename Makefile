@@ -48,7 +48,8 @@ test: run
 
 # The main job, offline on the bundled sample: data -> tokenizer -> batches + metrics ->
 # a short training with checkpoints -> model.bin -> a story from run.c -> evaluation
-# of every checkpoint, attention/embedding views and saturation curves in out/.
+# of every checkpoint, attention/embedding views and saturation curves in out/, and
+# out/report.html, the page that shows them.
 # Re-running resumes the finished run (no retraining) and reuses pretokenized data.
 DEMO_TRAIN = --max_iters=400 --eval_interval=100
 demo: run
