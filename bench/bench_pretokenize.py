@@ -3,7 +3,7 @@ pretokenize with and without batch metrics, the whole command as a user runs it 
 fresh process: imports, tokenizing, index, fitting the reference scorer, scoring and
 writing the CSV), and the steady-state per-story cost of the per-shard work.
 
-$ python bench/bench_pretokenize.py                     # 60,000 stories in 6 shards (74,611 batches)
+$ python bench/bench_pretokenize.py                     # 60,000 stories in 6 shards (74,592 batches)
 $ python bench/bench_pretokenize.py --n_stories=4000 --n_shards=5 --workers=1
 $ python bench/bench_pretokenize.py --repeat=3           # best of 3 for each, runs interleaved (a busy machine)
 
