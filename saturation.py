@@ -167,6 +167,35 @@ def output_paths(out_dirs: list[str], plot_dir: str, png: str, csv: str) -> tupl
 # -----------------------------------------------------------------------------
 # the figure
 
+def _grid(n: int, ncols: int, lines: list[str]):
+    """(fig, axes, ncols, nrows, colour per line) for n small-multiple subplots sharing
+    the step axis; the unused cells hidden."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 1.4), squeeze=False,
+                             sharex=True)
+    for k in range(n, nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    return fig, axes, ncols, nrows, {x: colors[i % len(colors)] for i, x in enumerate(lines)}
+
+
+def _save_grid(fig, handles, title: str, path) -> Path:
+    """Title and legend above the grid, then the PNG, atomically."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=11, y=1 - 0.2 / fig.get_figheight(), va="top")
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.95 / fig.get_figheight()))
+    path = Path(path)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, title: str,
                     labels: dict[str, str] | None = None, tol: float = TOL, step_col: str = "iter",
                     ncols: int = 4, sat: pd.DataFrame | None = None):
@@ -176,21 +205,13 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
     (each metric on its own scale, so runs that end at different levels stay apart; the
     normalised score would put every run's end at 1), with each run's saturation point
     ringed. Written atomically to path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     labels = labels or {}
     runs = list(curves)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {r: colors[i % len(colors)] for i, r in enumerate(runs)}
     n = len(metrics)
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 1.4), squeeze=False,
-                             sharex=True)
+    fig, axes, ncols, nrows, color = _grid(n, ncols, runs)
     max_step = max(float(c[step_col].max()) for c in curves.values())
     raw = len(runs) > 1
     for k, m in enumerate(metrics):
@@ -232,8 +253,6 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
             if (rows["range_over_change"] > NOISY).any():
                 head += " [near-flat]"
         _finish_axis(ax, k, n, ncols, nrows, max_step, head, "normalised score\n(0 = first, 1 = final)")
-    for k in range(n, nrows * ncols):
-        axes[k // ncols][k % ncols].set_visible(False)
     handles = [Line2D([], [], color=color[r], marker="o", ms=3, label=r) for r in runs]
     if raw:
         handles += [Line2D([], [], color="0.3", ls="--", marker="o", mfc="none", ms=7,
@@ -245,14 +264,7 @@ def plot_saturation(curves: dict[str, pd.DataFrame], metrics: list[str], path, t
     if sat is not None and (sat["range_over_change"] > NOISY).any():
         handles.append(Line2D([], [], ls="",
                               label=f"[near-flat]: range > {NOISY:g}x net change, score is mostly noise"))
-    fig.suptitle(title, fontsize=11, y=1 - 0.2 / fig.get_figheight(), va="top")
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8,
-               bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.95 / fig.get_figheight()))
-    path = Path(path)
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return _save_grid(fig, handles, title, path)
 
 
 def _plot_raw(ax, curves, runs, m, color, tol, step_col):
@@ -306,20 +318,12 @@ def plot_bands(curves: pd.DataFrame, sat: pd.DataFrame, metrics: list[str], arms
     (the mean over seeds at each checkpoint) with its interval as a band, and each arm's
     saturation step (the mean over seeds, dashed) with the seeds' min..max as a bar on top.
     curves: stats.curve_table; sat: stats.saturation_tables' per-arm table."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     labels = labels or {}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {a: colors[i % len(colors)] for i, a in enumerate(arms)}
     n = len(metrics)
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 1.4), squeeze=False,
-                             sharex=True)
+    fig, axes, ncols, nrows, color = _grid(n, ncols, arms)
     max_step = float(curves["iter"].max())
     for k, m in enumerate(metrics):
         ax = axes[k // ncols][k % ncols]
@@ -344,21 +348,12 @@ def plot_bands(curves: pd.DataFrame, sat: pd.DataFrame, metrics: list[str], arms
         if _focus_late(ax, np.concatenate(seen + [np.zeros(0)])):
             head += "\n(early values off the view)"
         _finish_axis(ax, k, n, ncols, nrows, max_step, head, "value (own units)")
-    for k in range(n, nrows * ncols):
-        axes[k // ncols][k % ncols].set_visible(False)
     nseeds = int(curves["n"].max()) if len(curves) else 0
     handles = [Line2D([], [], color=color[a], marker="o", ms=3, label=a) for a in arms]
     handles += [Patch(color="0.6", alpha=0.4, label=f"{level:.0%} interval over {nseeds} seeds"),
                 Line2D([], [], color="0.3", ls="--", label="saturation step (mean)"),
                 Line2D([], [], color="0.3", marker="|", lw=2, label="saturation step, min..max over seeds")]
-    fig.suptitle(title, fontsize=11, y=1 - 0.2 / fig.get_figheight(), va="top")
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8,
-               bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.95 / fig.get_figheight()))
-    path = Path(path)
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return _save_grid(fig, handles, title, path)
 
 
 def pick_metrics(df: pd.DataFrame, candidates: list[str], spec: str, script: str) -> list[str]:
