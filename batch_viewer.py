@@ -14,12 +14,10 @@ A step the run has not trained (yet) is shown from its schedule, and says so.
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 
-from checkpoint import run_config
 from common import main_guard, parse_config
-from data import BatchData, window_texts
-from stream import step_view
-from tokenizer import Tokenizer
+from stream import RunBatches
 
 
 # -----------------------------------------------------------------------------
@@ -34,24 +32,19 @@ class ViewerConfig:
 
 def main(argv=None):
     cfg = parse_config(ViewerConfig(), sys.argv[1:] if argv is None else argv)
-    ids, wins, rows, source = step_view(cfg.out_dir, cfg.step)
+    run = RunBatches(cfg.out_dir)
     if cfg.ids_only:
+        ids = run.step(cfg.step)[0]
         print("\n".join(map(str, ids)))
         return ids
-    run = run_config(cfg.out_dir)
-    data = BatchData(run["data_dir"], run["vocab_size"], run["max_seq_len"])
-    enc = Tokenizer.for_vocab(run["vocab_size"], run["data_dir"])
-    texts = window_texts(list(wins), enc)
-    print(f"step {cfg.step}: {len(ids)} batches, {source}")
-    for r, (i, text) in enumerate(zip(ids, texts)):
-        rec = data.index[i]
-        text = text.replace("\n", " | ")
-        print(f"batch_id:{i} shard:{rec['shard']} offset:{rec['offset']} stories:{rec['story_first']}-"
-              f"{rec['story_last']} | {text[:cfg.chars] if cfg.chars else text}")
-        for row in rows[rows[:, 1] == r]:
-            kind = "replaced" if row[5] == 0 else "inserted"
-            print(f"    tag {row[3]} {kind} at token {row[2]} ({row[4]} tokens)")
-    return ids
+    rows, source = run.rows(cfg.step, cfg.chars)
+    print(f"step {cfg.step}: {len(rows)} batches, {source}")
+    for r in rows:
+        text = r["text"].replace("\n", " | ")
+        print(f"batch_id:{r['batch_id']} shard:{r['shard']} offset:{r['offset']} stories:{r['stories']} | {text}")
+        for t in r["tags"]:
+            print(f"    {t}")
+    return np.array([r["batch_id"] for r in rows])
 
 
 if __name__ == "__main__":

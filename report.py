@@ -31,9 +31,7 @@ import pandas as pd
 
 from checkpoint import run_config
 from common import UserError, main_guard, parse_config, write_text_atomic
-from data import BatchData, window_texts
-from stream import recorded_batches, step_view
-from tokenizer import Tokenizer
+from stream import RunBatches
 
 # -----------------------------------------------------------------------------
 # config (the experiment or run folder is the first argument)
@@ -99,7 +97,8 @@ def fmt_interval(mean, lo, hi) -> str:
 
 def run_section(run_dir: Path, cfg: ReportConfig, viewer: bool, title: str) -> str:
     parts = [f"<h3>{esc(title)}</h3>"]
-    rc = run_config(run_dir)
+    batches = RunBatches(run_dir) if viewer else None  # reads the latest checkpoint's config once
+    rc = vars(batches.cfg) if batches else run_config(run_dir)
     meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     parts.append(f'<p class="meta">folder <code>{esc(run_dir)}</code> &middot; commit '
                  f'<code>{esc(meta.get("commit", "unknown"))}</code> &middot; started {esc(meta.get("time", "?"))}</p>')
@@ -117,8 +116,8 @@ def run_section(run_dir: Path, cfg: ReportConfig, viewer: bool, title: str) -> s
         d = pd.read_csv(dp)
         parts.append(f"<details><summary>tags per checkpoint (durability.csv)</summary>"
                      f"{table(d.head(cfg.max_rows * 4), left=('tag', 'kind'))}</details>")
-    if viewer:
-        parts.append(batch_viewer(run_dir, cfg))
+    if batches:
+        parts.append(batch_viewer(batches, cfg))
     return "\n".join(parts)
 
 
@@ -131,26 +130,15 @@ def viewer_steps(n_steps: int, spec: str) -> list[int]:
     return sorted({0, n_steps // 2, n_steps - 1}) if n_steps else []
 
 
-def batch_viewer(run_dir: Path, cfg: ReportConfig) -> str:
-    """The batches of the chosen steps, as trained (stream.step_view)."""
-    ids, _ = recorded_batches(run_dir)
-    rc = run_config(run_dir)
-    data = BatchData(rc["data_dir"], rc["vocab_size"], rc["max_seq_len"])
-    enc = Tokenizer.for_vocab(rc["vocab_size"], rc["data_dir"])
+def batch_viewer(run: RunBatches, cfg: ReportConfig) -> str:
+    """The batches of the chosen steps, as trained (as batch_viewer.py shows them)."""
     out = []
-    for step in viewer_steps(len(ids), cfg.steps):
-        sid, wins, rows, source = step_view(run_dir, step)
-        texts = window_texts(list(wins), enc)
-        recs = []
-        for r, (i, t) in enumerate(zip(sid, texts)):
-            rec = data.index[int(i)]
-            tags = "; ".join(f"tag {row[3]} {'replaced' if row[5] == 0 else 'inserted'} at token {row[2]}"
-                             for row in rows[rows[:, 1] == r])
-            recs.append({"row": r, "batch_id": int(i), "shard": int(rec["shard"]),
-                         "stories": f"{rec['story_first']}-{rec['story_last']}", "tags": tags,
-                         "text": t[:cfg.chars] if cfg.chars else t})
-        body = table(pd.DataFrame(recs), left=("stories", "tags", "text")).replace('<td class="l">', '<td class="l text">')
-        out.append(f"<details><summary>step {step}: {len(sid)} batches ({esc(source)})</summary>{body}</details>")
+    for step in viewer_steps(len(run.ids), cfg.steps):
+        rows, source = run.rows(step, cfg.chars)
+        df = pd.DataFrame(rows).drop(columns="offset")
+        df["tags"] = ["; ".join(t) for t in df["tags"]]
+        body = table(df, left=("stories", "tags", "text")).replace('<td class="l">', '<td class="l text">')
+        out.append(f"<details><summary>step {step}: {len(rows)} batches ({esc(source)})</summary>{body}</details>")
     return "<h4>batch viewer</h4>" + "\n".join(out)
 
 

@@ -51,7 +51,7 @@ import metrics_engine
 import tags as tagmod
 from checkpoint import load_checkpoint, model_from_checkpoint, run_config
 from common import DoneRecord, UserError, atomic_path, autocast_ctx
-from data import BOS_ID, BatchData, tok_dir
+from data import BOS_ID, BatchData, tok_dir, window_texts
 from export import load_v0
 from model import per_row_loss
 from schedule import Schedule, SpecError, load_spec, spec_from_flags, spec_metrics
@@ -411,20 +411,44 @@ def recorded_batches(out_dir) -> tuple[np.ndarray, dict | None]:
     return ids, ins
 
 
-def step_view(out_dir, step: int):
-    """(ids, windows as trained (B, T+1), insertion rows of the step, source line)."""
-    cfg = types.SimpleNamespace(**run_config(out_dir))
-    data = BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len)
-    ids, ins = recorded_batches(out_dir)
-    if step < 0:
-        raise UserError(f"--step={step}: steps count from 0")
-    if step < len(ids):
-        rec = ins or {"insertions": np.zeros((0, 6), np.int64), "insert_tokens": np.zeros(0, np.int64)}
-        wins = trained_windows(data, ids[step], step, rec)
-        rows = rec["insertions"][rec["insertions"][:, 0] == step]
-        return ids[step], wins, rows, f"trained at step {step} (recorded in {Path(out_dir) / 'batch_ids.npy'})"
-    sched = build_schedule(cfg, data)
-    sid = sched.step_ids(step)
-    return sid, data.windows(sid), np.zeros((0, 6), np.int64), (
-        f"NOT TRAINED: the run has trained steps 0..{len(ids) - 1}; these are the ids its schedule gives "
-        f"step {step} (without selection or tags, which depend on the model at that step)")
+class RunBatches:
+    """A run's recorded batches, read once (config, batch index, ids, insertions,
+    tokenizer): what any step trained on, as ids, windows and text."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.cfg = types.SimpleNamespace(**run_config(out_dir))
+        self.data = BatchData(self.cfg.data_dir, self.cfg.vocab_size, self.cfg.max_seq_len)
+        self.ids, self.ins = recorded_batches(out_dir)
+        self._enc = None
+
+    def step(self, step: int):
+        """(ids, windows as trained (B, T+1), insertion rows of the step, source line)."""
+        if step < 0:
+            raise UserError(f"--step={step}: steps count from 0")
+        if step < len(self.ids):
+            rec = self.ins or {"insertions": np.zeros((0, 6), np.int64), "insert_tokens": np.zeros(0, np.int64)}
+            wins = trained_windows(self.data, self.ids[step], step, rec)
+            rows = rec["insertions"][rec["insertions"][:, 0] == step]
+            return self.ids[step], wins, rows, \
+                f"trained at step {step} (recorded in {self.out_dir / 'batch_ids.npy'})"
+        sid = build_schedule(self.cfg, self.data).step_ids(step)
+        return sid, self.data.windows(sid), np.zeros((0, 6), np.int64), (
+            f"NOT TRAINED: the run has trained steps 0..{len(self.ids) - 1}; these are the ids its schedule gives "
+            f"step {step} (without selection or tags, which depend on the model at that step)")
+
+    def rows(self, step: int, chars: int = 0) -> tuple[list[dict], str]:
+        """One dict per batch of the step (row, batch_id, shard, offset, stories, text cut
+        to `chars` (0: all), tags: its insertions in words), and the source line."""
+        ids, wins, ins, source = self.step(step)
+        if self._enc is None:
+            self._enc = Tokenizer.for_vocab(self.cfg.vocab_size, self.cfg.data_dir)
+        out = []
+        for r, (i, text) in enumerate(zip(ids, window_texts(list(wins), self._enc))):
+            rec = self.data.index[int(i)]
+            tags = [f"tag {t[3]} {'replaced' if t[5] == 0 else 'inserted'} at token {t[2]} ({t[4]} tokens)"
+                    for t in ins[ins[:, 1] == r]]
+            out.append({"row": r, "batch_id": int(i), "shard": int(rec["shard"]), "offset": int(rec["offset"]),
+                        "stories": f"{rec['story_first']}-{rec['story_last']}", "tags": tags,
+                        "text": text[:chars] if chars else text})
+        return out, source
