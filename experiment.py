@@ -421,11 +421,11 @@ def print_differences(diff: pd.DataFrame, final: pd.DataFrame, spec: dict):
         line = {"metric": m}
         for a in spec["arms"]:
             r = f.loc[a]
-            line[a] = f"{r['mean']:.3g} [{r['lo']:.3g}, {r['hi']:.3g}]"
+            line[a] = stats.fmt_interval(r["mean"], r["lo"], r["hi"], 3)
             d = diff[(diff.metric == m) & (diff.arm == a)]
             if len(d):
                 d = d.iloc[0]
-                line[f"{a} diff"] = f"{d['diff']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}] p={d['p_holm']:.2g}"
+                line[f"{a} diff"] = f"{stats.fmt_interval(d['diff'], d['lo'], d['hi'], 3, '+')} p={d['p_holm']:.2g}"
         rows.append(line)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 40):
         print(pd.DataFrame(rows).set_index("metric").to_string())

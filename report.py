@@ -31,6 +31,7 @@ import pandas as pd
 
 from checkpoint import run_config
 from common import UserError, main_guard, parse_config, write_text_atomic
+import stats
 from stream import RunBatches
 
 # -----------------------------------------------------------------------------
@@ -84,12 +85,6 @@ def table(df: pd.DataFrame, left=(), row_class=None) -> str:
         rows.append(f"<tr{cls}>" + "".join(f'<td class="{"l" if c in left else ""}">{cell(r[c])}</td>'
                                            for c in df.columns) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
-def fmt_interval(mean, lo, hi) -> str:
-    if not np.isfinite(mean):
-        return "n/a"
-    return f"{mean:.4g} [{lo:.4g}, {hi:.4g}]" if np.isfinite(lo) else f"{mean:.4g}"
 
 
 # -----------------------------------------------------------------------------
@@ -180,7 +175,7 @@ def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
         f = final[final.metric == m].set_index("arm")
         row = {"metric": m}
         for a in arms:
-            row[a] = fmt_interval(f.loc[a, "mean"], f.loc[a, "lo"], f.loc[a, "hi"]) if a in f.index else "n/a"
+            row[a] = stats.fmt_interval(f.loc[a, "mean"], f.loc[a, "lo"], f.loc[a, "hi"]) if a in f.index else "n/a"
         res.append(row)
     test = spec.get("test", "welch")
     b += ["<h2>Result at the end of training</h2>",
@@ -188,7 +183,7 @@ def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
           f"(tables/final.csv)</p>", table(pd.DataFrame(res), left=("metric",))]
     if len(diff):
         d = diff.copy()
-        d["difference [95% CI]"] = [fmt_interval(r["diff"], r["lo"], r["hi"]) for _, r in d.iterrows()]
+        d["difference [95% CI]"] = [stats.fmt_interval(r["diff"], r["lo"], r["hi"]) for _, r in d.iterrows()]
         d = d[["arm", "metric", "side", "baseline_mean", "arm_mean", "difference [95% CI]", "p_welch", "p_perm",
                "p_holm"]]
         b += [f"<h3>Difference from {esc(base)}</h3>",

@@ -35,6 +35,15 @@ LEVEL = 0.95
 MAX_EXACT = 20_000  # splits enumerated exactly; above this, as many random splits
 
 
+def fmt_interval(mean, lo, hi, digits: int = 4, sign: str = "") -> str:
+    """'mean [lo, hi]' (just the mean where there is no interval, 'n/a' where no mean);
+    sign='+' marks differences."""
+    f = f"{sign}.{digits}g"
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:{f}} [{lo:{f}}, {hi:{f}}]" if np.isfinite(lo) else f"{mean:{f}}"
+
+
 def _finite(x) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64).ravel()
     return x[np.isfinite(x)]
