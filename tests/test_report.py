@@ -19,7 +19,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000"]
-# the test's own probe, added to a copy of the page: counts the images the browser decoded
+# the test's own probe, added to a copy of the page: counts the images the browser loaded with
+# a size (a truncated PNG still passes here: it renders blank, which the screenshot check catches)
 PROBE = ("<script>window.addEventListener('load', () => { const im = [...document.images]; "
          "document.body.setAttribute('data-images', im.length + '/' + im.filter(i => i.complete && "
          "i.naturalWidth > 0).length); });</script></body>")
