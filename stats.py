@@ -237,6 +237,9 @@ def plot_forest(diff: pd.DataFrame, metrics: list[str], arms: list[str], path, t
                 ax.plot([r["diff"]], [y], "o", color=color[a], ms=5)
             ps.append(f"{a}: p={r['p_holm']:.2g}" if np.isfinite(r["p_holm"]) else f"{a}: p n/a")
         ax.axvline(0, color="0.4", lw=0.8, ls=":")
+        reach = np.nanmax(np.abs(d[["diff", "lo", "hi"]].to_numpy(dtype=float)), initial=0.0)
+        if reach > 0:  # 0 in the middle of every row: which side an interval lies on reads at a glance
+            ax.set_xlim(-1.1 * reach, 1.1 * reach)
         ax.set_ylim(-len(arms) + 0.4, 0.6)
         ax.set_yticks([])
         ax.set_ylabel(labels.get(m, m), rotation=0, ha="right", va="center", fontsize=8.5)
