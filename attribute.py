@@ -45,14 +45,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-import batchmetrics
-import tags as tagmod
-from checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config, stream_records
-from common import (DoneRecord, UserError, atomic_path, file_signature, main_guard, parse_config, save_figure,
+from prebias import batchmetrics
+from prebias import tags as tagmod
+from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config, stream_records
+from prebias.common import (DoneRecord, UserError, atomic_path, file_signature, main_guard, parse_config, save_figure,
                     write_csv_atomic)
-from data import BOS_ID, BatchData, window_texts
-from schedule import get_lr
-from stream import trained_windows
+from prebias.data import BOS_ID, BatchData, window_texts
+from prebias.schedule import get_lr
+from prebias.stream import trained_windows
 from tokenizer import Tokenizer
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import main_guard, parse_config
-from stream import RunBatches
+from prebias.common import main_guard, parse_config
+from prebias.stream import RunBatches
 
 
 # -----------------------------------------------------------------------------

@@ -41,12 +41,12 @@ import pandas as pd
 import torch
 
 import metrics
-import metrics_engine
-import tags as tagmod
-from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config, stream_records
-from common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, save_figure,
+from prebias import metrics_engine
+from prebias import tags as tagmod
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config, stream_records
+from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, save_figure,
                     step_axis, write_csv_atomic)
-from data import BOS_ID, load_stories, raw_shards
+from prebias.data import BOS_ID, load_stories, raw_shards
 from tokenizer import Tokenizer
 
 

@@ -74,16 +74,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import batchmetrics
+from prebias import batchmetrics
 import metrics
-import metrics_engine
-from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
-from common import DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, write_csv_atomic
-from data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
+from prebias import metrics_engine
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
+from prebias.common import DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, write_csv_atomic
+from prebias.data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
 from model import mean_loss
-from refscorer import reference_scorer
+from prebias.refscorer import reference_scorer
 from tokenizer import Tokenizer
-import tracking
+from prebias import tracking
 
 # -----------------------------------------------------------------------------
 # config

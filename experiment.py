@@ -61,11 +61,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import saturation
-import stats
-import tracking
-from checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from common import FolderLock, UserError, git_commit, main_guard, parse_config, write_csv_atomic, write_json_atomic
+from prebias import saturation
+from prebias import stats
+from prebias import tracking
+from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from prebias.common import FolderLock, UserError, git_commit, main_guard, parse_config, write_csv_atomic, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 

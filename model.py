@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import BOS_ID
+from prebias.data import BOS_ID
 
 
 @dataclass

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from checkpoint import run_config
-from common import UserError, main_guard, parse_config, write_text_atomic
-import stats
-from stream import RunBatches
+from prebias.checkpoint import run_config
+from prebias.common import UserError, main_guard, parse_config, write_text_atomic
+from prebias import stats
+from prebias.stream import RunBatches
 
 # -----------------------------------------------------------------------------
 # config (the experiment or run folder is the first argument)

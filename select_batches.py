@@ -35,10 +35,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-import batchmetrics
-from checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config
-from common import UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic, write_json_atomic
-from data import DATA_DIR, MAX_SEQ_LEN, TABLES_DIR, VOCAB_SIZE, BatchData
+from prebias import batchmetrics
+from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config
+from prebias.common import UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic, write_json_atomic
+from prebias.data import DATA_DIR, MAX_SEQ_LEN, TABLES_DIR, VOCAB_SIZE, BatchData
 
 
 # -----------------------------------------------------------------------------

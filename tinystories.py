@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-import batchmetrics
-from common import UserError, atomic_path, main_guard
-from data import (BOS_ID, DATA_DIR, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE, load_stories, raw_dir, raw_shards,
+from prebias import batchmetrics
+from prebias.common import UserError, atomic_path, main_guard
+from prebias.data import (BOS_ID, DATA_DIR, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE, load_stories, raw_dir, raw_shards,
                   sha256_file, tok_dir, token_stamps, write_index)
-from storygen import corrupt, generate_stories, noise_plan
+from prebias.storygen import corrupt, generate_stories, noise_plan
 from tokenizer import Tokenizer, tokenizer_model_path
 
 # -----------------------------------------------------------------------------

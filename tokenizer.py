@@ -14,8 +14,8 @@ from pathlib import Path
 
 from sentencepiece import SentencePieceProcessor
 
-from common import ROOT, UserError, atomic_path, main_guard
-from data import BOS_ID, DATA_DIR, EOS_ID
+from prebias.common import ROOT, UserError, atomic_path, main_guard
+from prebias.data import BOS_ID, DATA_DIR, EOS_ID
 
 DEFAULT_MODEL = ROOT / "tokenizer.model"
 

@@ -38,16 +38,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint, list_checkpoints,
+from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint, list_checkpoints,
                         load_checkpoint, optimizer_path, save_checkpoint, stream_records)
-from common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
+from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
                     main_guard, parse_config, write_json_atomic)
-from data import DATA_DIR, TABLES_DIR, BatchData
+from prebias.data import DATA_DIR, TABLES_DIR, BatchData
 from export import export_v0
-import tracking
+from prebias import tracking
 from model import ModelArgs, Transformer, mean_loss
-from schedule import STRATEGIES, get_lr, rank_micro_batches
-from stream import SELECT_METHODS, build_stream, stream_fingerprint
+from prebias.schedule import STRATEGIES, get_lr, rank_micro_batches
+from prebias.stream import SELECT_METHODS, build_stream, stream_fingerprint
 
 
 # -----------------------------------------------------------------------------

@@ -41,10 +41,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
-from common import (DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure, step_axis,
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
+from prebias.common import (DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure, step_axis,
                     write_csv_atomic)
-from data import load_stories, raw_shards
+from prebias.data import load_stories, raw_shards
 from tokenizer import Tokenizer, piece_label
 
 # -----------------------------------------------------------------------------

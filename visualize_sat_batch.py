@@ -27,8 +27,8 @@ first run's folders, or to --plot_dir.
 import sys
 from dataclasses import dataclass
 
-import saturation
-from common import main_guard, parse_config
+from prebias import saturation
+from prebias.common import main_guard, parse_config
 
 # -----------------------------------------------------------------------------
 # config

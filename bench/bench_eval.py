@@ -53,7 +53,7 @@ def build(root: Path, device: str):
 
 def time_eval(out: Path, device: str) -> tuple[float, int]:
     import eval as ev
-    from checkpoint import list_checkpoints
+    from prebias.checkpoint import list_checkpoints
     n = len(list_checkpoints(out))
     t0 = time.perf_counter()
     ev.main([f"--out_dir={out}", f"--device={device}", "--redo=True"])
@@ -62,7 +62,7 @@ def time_eval(out: Path, device: str) -> tuple[float, int]:
 
 def speedup(out: Path, n_prompts: int, k_nocache: int, device: str, max_new: int = 200):
     import eval as ev
-    from checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
+    from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
     from tokenizer import Tokenizer
     model = model_from_checkpoint(load_checkpoint(list_checkpoints(out)[0][1]), device)
     cfg = ev.EvalConfig(out_dir=str(out), n_prompts=n_prompts - 1, max_new_tokens=max_new)

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import metrics  # noqa: E402
-import metrics_engine  # noqa: E402
-import refscorer  # noqa: E402
+from prebias import metrics_engine  # noqa: E402
+from prebias import refscorer  # noqa: E402
 
 NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy"]
 NOUNS = ["dog", "cat", "ball", "tree", "park", "box", "cake", "bird", "car", "flower", "toy",
@@ -73,7 +73,7 @@ def make_texts(n: int, seed: int = 0, target_words: int = 250) -> list[str]:
 def storygen_windows(n: int, seed: int = 0, chars: int = 1300) -> list[str]:
     """n pieces of ~chars characters (cut anywhere, mid-word/mid-quote included)
     of storygen's stories joined by newlines."""
-    from storygen import generate_stories
+    from prebias.storygen import generate_stories
     rng = np.random.default_rng(seed)
     stories = generate_stories(max(50, int(n * chars / 700) + 10), seed=1337 + seed)
     big = "\n".join(stories)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tinystories  # noqa: E402
-from storygen import generate_stories  # noqa: E402
+from prebias.storygen import generate_stories  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 

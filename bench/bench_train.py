@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import tok_dir, write_index  # noqa: E402
+from prebias.data import tok_dir, write_index  # noqa: E402
 import train  # noqa: E402
 
 CONFIGS = {  # llama2.c's CPU reference: batch 8, seq 256, fp32
@@ -156,8 +156,8 @@ def synthetic_tables(root: Path, vocab: int, T: int = 256):
     """A batch_metrics.csv for the synthetic data (ref_nll random), and story metrics via
     the tokenizer: the bundled tokenizer.model has 512 pieces."""
     import pandas as pd
-    from common import write_json_atomic
-    from data import BatchData
+    from prebias.common import write_json_atomic
+    from prebias.data import BatchData
     data = BatchData(root, vocab, T)
     rng = np.random.default_rng(2)
     df = pd.DataFrame({"batch_id": np.arange(len(data)), "ref_nll": rng.random(len(data)) + 3})

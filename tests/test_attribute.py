@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import attribute
-import checkpoint
+from prebias import checkpoint
 import train
-from common import UserError
+from prebias.common import UserError
 from conftest import TinyRun
-from data import BatchData
+from prebias.data import BatchData
 from model import ModelArgs, Transformer
-from schedule import get_lr
+from prebias.schedule import get_lr
 
 
 def test_projection_preserves_dot_products():

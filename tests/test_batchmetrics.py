@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import batchmetrics
-import refscorer
+from prebias import batchmetrics
+from prebias import refscorer
 import metrics
-import metrics_engine
-from data import BatchData, index_dir, raw_dir, story_noise, story_noise_free, window_noise, window_text
+from prebias import metrics_engine
+from prebias.data import BatchData, index_dir, raw_dir, story_noise, story_noise_free, window_noise, window_text
 import tinystories
-from common import UserError
+from prebias.common import UserError
 from tokenizer import Tokenizer
 
 

@@ -13,10 +13,10 @@ import threading
 import numpy as np
 import pytest
 
-import data
-from data import BatchData, load_stories, shard_window_texts, shard_windows, shard_windows_2d, window_texts
+from prebias import data
+from prebias.data import BatchData, load_stories, shard_window_texts, shard_windows, shard_windows_2d, window_texts
 import tinystories
-from common import UserError
+from prebias.common import UserError
 from tokenizer import Tokenizer
 
 

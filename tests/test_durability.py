@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import durability
-import tags
+from prebias import tags
 import train
-from common import UserError
+from prebias.common import UserError
 from conftest import TinyRun
-from data import BOS_ID
+from prebias.data import BOS_ID
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 

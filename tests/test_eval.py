@@ -11,7 +11,7 @@ import torch
 
 import eval as ev
 import model as model_mod
-from common import UserError
+from prebias.common import UserError
 
 N_PROMPTS, NEW = 2, 12
 ARGS = [f"--n_prompts={N_PROMPTS}", f"--max_new_tokens={NEW}", "--val_batches=4", "--device=cpu"]
@@ -27,7 +27,7 @@ def run(tiny_run, tmp_path_factory):
 
 
 def ckpt_iters(out):
-    from checkpoint import list_checkpoints
+    from prebias.checkpoint import list_checkpoints
     return [it for it, _ in list_checkpoints(out)]
 
 
@@ -68,7 +68,7 @@ def test_tables_written(run):
 
 def test_input_means_match_checkpoint_ids(run):
     tiny, out = run
-    from batchmetrics import ID_COLUMNS
+    from prebias.batchmetrics import ID_COLUMNS
     bm = pd.read_csv(tiny.tables_dir / "batch_metrics.csv").set_index("batch_id")
     cols = [c for c in bm.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(bm[c])]
     j = pd.read_csv(out / "tables" / "summary.csv").set_index("iter")
@@ -93,8 +93,8 @@ def test_input_means_match_checkpoint_ids(run):
 
 def test_val_loss_direct(run):
     tiny, out = run
-    from checkpoint import load_checkpoint, model_from_checkpoint
-    from data import BatchData
+    from prebias.checkpoint import load_checkpoint, model_from_checkpoint
+    from prebias.data import BatchData
     data = BatchData(tiny.data_dir, tiny.vocab_size, tiny.max_seq_len)
     m = model_from_checkpoint(load_checkpoint(out / "ckpt" / "ckpt_8.pt"))
     x, y = data.get(data.val_ids[:4])
@@ -167,7 +167,7 @@ def test_prompts_end_with_a_whole_word(run):
     enc = Tokenizer.for_vocab(512, tiny.data_dir)
     cfg = ev.EvalConfig(out_dir=str(out), n_prompts=3, prompt_tokens=8)
     prompts = ev.build_prompts(cfg, ev.eval_run_config(cfg), enc)
-    from data import load_stories, raw_shards
+    from prebias.data import load_stories, raw_shards
     stories = load_stories(raw_shards(tiny.data_dir)[0])
     for p in prompts[:-1]:
         text = enc.decode(p.tokens[1:])

@@ -14,9 +14,9 @@ import pytest
 from scipy import stats as sps
 
 import experiment
-import saturation
-import stats
-from common import FolderLock, UserError
+from prebias import saturation
+from prebias import stats
+from prebias.common import FolderLock, UserError
 from conftest import experiment_spec
 
 
@@ -153,9 +153,9 @@ def test_killed_run_trained_its_schedule(tiny_experiment):
     """The killed and resumed run trained exactly its schedule's ids at every step; the
     sorted arm's order does not depend on the seed, the shuffled one's does."""
     import types
-    from checkpoint import run_config
-    from data import BatchData
-    from stream import build_schedule
+    from prebias.checkpoint import run_config
+    from prebias.data import BatchData
+    from prebias.stream import build_schedule
     ids = {(arm, s): np.load(d / "batch_ids.npy") for arm, s, d in _runs(tiny_experiment)}
     cfg = types.SimpleNamespace(**run_config(tiny_experiment.dir / "shuffle" / "seed1"))
     sched = build_schedule(cfg, BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len))
@@ -287,7 +287,7 @@ def test_wandb_offline_logs_training_eval_and_figures(tiny_experiment):
 
 def test_experiment_without_wandb_is_clear(tmp_path, monkeypatch):
     """Asked for wandb where it is missing: one line saying how to install it."""
-    import tracking
+    from prebias import tracking
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)
     with pytest.raises(UserError, match="requirements-extra.txt"):
         tracking.start(project="p", dir=tmp_path, config={})
@@ -302,7 +302,7 @@ def test_spec_examples_load():
 def test_wandb_without_login_is_one_line(tmp_path, monkeypatch):
     """Online mode with no API key: one line naming the fixes, not wandb's traceback."""
     pytest.importorskip("wandb", reason="the optional extra (requirements-extra.txt) is not installed")
-    import tracking
+    from prebias import tracking
     for k in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

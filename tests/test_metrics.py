@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import metrics as M
-import metrics_engine as E
-import refscorer
+from prebias import metrics_engine as E
+from prebias import refscorer
 from metrics_reference import text_metrics_ref
 
 

@@ -106,7 +106,7 @@ def test_export_load_round_trip_shared_and_unshared(tmp_path):
 
 @pytest.mark.parametrize("cut", [1, 100, -4])
 def test_load_rejects_bad_files(tmp_path, cut):
-    from common import UserError
+    from prebias.common import UserError
     m = tiny_model()
     export_v0(m, tmp_path / "m.bin")
     raw = (tmp_path / "m.bin").read_bytes()

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import storygen
+from prebias import storygen
 import tinystories
-from data import BOS_ID, BatchData, story_noise
+from prebias.data import BOS_ID, BatchData, story_noise
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import batch_viewer
-import checkpoint
+from prebias import checkpoint
 import train
-from common import FolderLock, UserError
+from prebias.common import FolderLock, UserError
 from conftest import ROOT, TinyRun
-from data import BatchData
+from prebias.data import BatchData
 from model import ModelArgs, Transformer, mean_loss
-from schedule import get_lr
+from prebias.schedule import get_lr
 
 
 def recorded_ids(out_dir) -> np.ndarray:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import report
-from common import UserError
+from prebias.common import UserError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 import eval as ev
-import saturation as sat
+from prebias import saturation as sat
 import visualize_sat_batch
 import visualize_sat_output
-from common import UserError
+from prebias.common import UserError
 
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64]
 

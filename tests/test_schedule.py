@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-import schedule as S
-import stream
+from prebias import schedule as S
+from prebias import stream
 import train
 from conftest import TinyRun
-from data import BatchData
+from prebias.data import BatchData
 
 IDS = np.arange(10, 20)
 METRIC = np.array([5, 3, 9, 1, np.nan, 7, 2, 8, 6, 4], dtype=float)  # by id: 13 < 16 < 11 < 19 < 10 < 18 ...

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-import batchmetrics
-import checkpoint
+from prebias import batchmetrics
+from prebias import checkpoint
 import select_batches
 import train
-from common import UserError
+from prebias.common import UserError
 from conftest import TinyRun
-from data import BatchData
+from prebias.data import BatchData
 
 
 def test_keeps_the_hardest_by_ref_nll_and_train_uses_only_them(tiny_run, tmp_path):

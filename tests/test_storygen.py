@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-import storygen
-from storygen import StoryStyle, generate_stories, generate_story_records, story_features
+from prebias import storygen
+from prebias.storygen import StoryStyle, generate_stories, generate_story_records, story_features
 
 N = 2000
 _SENT = re.compile(r"[.!?]+[\"\u201d]?(?=\s|$)")

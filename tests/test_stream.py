@@ -12,11 +12,11 @@ import numpy as np
 
 import torch
 
-import checkpoint
-import stream
+from prebias import checkpoint
+from prebias import stream
 import train
 from conftest import ROOT, TinyRun
-from data import BOS_ID, BatchData
+from prebias.data import BOS_ID, BatchData
 from model import ModelArgs, Transformer, per_row_loss
 
 TINY = dict(max_iters=6, eval_interval=4)

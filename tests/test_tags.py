@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-import checkpoint
-import stream
-import tags
+from prebias import checkpoint
+from prebias import stream
+from prebias import tags
 import train
-from common import UserError
+from prebias.common import UserError
 from conftest import ROOT, TinyRun
-from data import BatchData
+from prebias.data import BatchData
 from tokenizer import Tokenizer
 
 CANARY = {"id": "secret", "kind": "canary", "text": "the secret number is {digits:6}",

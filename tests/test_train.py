@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import stream
+from prebias import checkpoint
+from prebias import stream
 import train
-from common import UserError
-from schedule import rank_micro_batches
-from data import BatchData
+from prebias.common import UserError
+from prebias.schedule import rank_micro_batches
+from prebias.data import BatchData
 
 from conftest import ROOT, TinyRun
 
@@ -181,7 +181,7 @@ def test_rank_slices_partition_the_step():
 
 
 def test_sorted_schedule_from_batch_metrics(tiny_run, tmp_path):
-    import batchmetrics
+    from prebias import batchmetrics
     data = BatchData(tiny_run.data_dir, 512, 64)
     s = schedule_of(tiny_run, schedule="sorted", schedule_metric="fk_grade")
     fk = batchmetrics.load_metric_column(tiny_run.tables_dir, "fk_grade", data)

@@ -14,8 +14,8 @@ import torch
 
 import visualize_attn
 import visualize_embd
-from checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
-from common import UserError
+from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
+from prebias.common import UserError
 
 ITERS = [0, 1, 2, 4, 8, 16, 24]
 L, NH = 2, 4

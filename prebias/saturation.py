@@ -3,7 +3,7 @@ Saturation of a metric over training (stage 4): the one home of the normalised s
 the saturation rule and the small-multiples plot used by visualize_sat_output.py and
 visualize_sat_batch.py.
 
-$ python -c "import saturation as s; print(s.saturation_step([0, 1, 2, 4], [0, .5, .97, 1]))"   # -> 2
+$ python -c "from prebias import saturation as s; print(s.saturation_step([0, 1, 2, 4], [0, .5, .97, 1]))"   # -> 2
 
 Normalised score. For a metric with values v_0..v_n at checkpoint steps s_0..s_n,
     norm_i = (v_i - v_first) / (v_final - v_first)
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import UserError, save_figure, step_axis
+from prebias.common import UserError, save_figure, step_axis
 
 TOL = 0.05
 NOISY = 3.0  # range / |change| above this: the score mostly shows noise (flagged on plots)
@@ -391,7 +391,7 @@ def visualize(out_dirs: list[str], plot_dir: str, spec: str, tol: float, ncols: 
     sat = pd.concat([saturation_table(df, metrics, tol=tol, run=n) for n, df in curves.items()],
                     ignore_index=True)
     png_p, csv_p = output_paths(out_dirs, plot_dir, png, csv)
-    from common import write_csv_atomic
+    from prebias.common import write_csv_atomic
     write_csv_atomic(sat, csv_p)
     runs = ", ".join(names)
     how = "normalised score" if len(names) == 1 else "values (each metric's own scale)"

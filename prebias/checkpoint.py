@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, atomic_path
+from prebias.common import UserError, atomic_path
 from model import ModelArgs, Transformer
 
 FORMAT_VERSION = 2

@@ -4,7 +4,7 @@ interval, the difference of an arm from the baseline arm with Welch's interval a
 p-value, an exact permutation test, Holm's adjustment across metrics, and the
 experiment's aggregate tables built from each run's tables/summary.csv.
 
-$ python -c "import stats; print(stats.mean_interval([1.0, 2.0, 3.0]))"    # n, mean, sd, lo, hi
+$ python -c "from prebias import stats; print(stats.mean_interval([1.0, 2.0, 3.0]))"    # n, mean, sd, lo, hi
 
 Definitions (n seeds per arm; NaN values are dropped first):
   mean_interval   mean +- t_{0.975, n-1} * sd / sqrt(n), sd with n - 1 (n = 1: no interval)
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from common import save_figure
+from prebias.common import save_figure
 
 LEVEL = 0.95
 MAX_EXACT = 20_000  # splits enumerated exactly; above this, as many random splits

@@ -11,7 +11,7 @@ shard, offset and the first/last story it overlaps.
 Default paths follow one rule, llama2.c's: relative to the working folder
 (data/, out/, out/tables/), so running from the repository root gives the seed's paths.
 
-$ python -c "from data import BatchData; d = BatchData(); print(len(d), d.window(0)[:8])"
+$ python -c "from prebias.data import BatchData; d = BatchData(); print(len(d), d.window(0)[:8])"
 """
 
 import glob
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DoneRecord, UserError, atomic_path, write_json_atomic
+from prebias.common import DoneRecord, UserError, atomic_path, write_json_atomic
 
 # -----------------------------------------------------------------------------
 DATA_DIR = Path("data")

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 import metrics
-import metrics_engine
-from common import DoneRecord, UserError, atomic_path, write_json_atomic
-from data import (TABLES_DIR, BatchData, index_dir, raw_dir, shard_window_texts, shard_windows_2d, story_noise,
+from prebias import metrics_engine
+from prebias.common import DoneRecord, UserError, atomic_path, write_json_atomic
+from prebias.data import (TABLES_DIR, BatchData, index_dir, raw_dir, shard_window_texts, shard_windows_2d, story_noise,
                   story_noise_free, tok_dir, token_stamps, window_noise)
-from refscorer import ModelScorer, fit_reference_scorer, reference_scorer, scorer_path
+from prebias.refscorer import ModelScorer, fit_reference_scorer, reference_scorer, scorer_path
 from tokenizer import Tokenizer
 
 ID_COLUMNS = ["batch_id", "shard", "offset", "story_first", "story_last", "n_stories", "n_tokens", "split"]

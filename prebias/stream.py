@@ -45,16 +45,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import batchmetrics
+from prebias import batchmetrics
 import metrics
-import metrics_engine
-import tags as tagmod
-from checkpoint import load_checkpoint, model_from_checkpoint, run_config
-from common import DoneRecord, UserError, atomic_path, autocast_ctx
-from data import BOS_ID, BatchData, tok_dir, window_texts
+from prebias import metrics_engine
+from prebias import tags as tagmod
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_config
+from prebias.common import DoneRecord, UserError, atomic_path, autocast_ctx
+from prebias.data import BOS_ID, BatchData, tok_dir, window_texts
 from export import load_v0
 from model import per_row_loss
-from schedule import Schedule, SpecError, load_spec, spec_from_flags, spec_metrics
+from prebias.schedule import Schedule, SpecError, load_spec, spec_from_flags, spec_metrics
 from tokenizer import Tokenizer
 
 SELECT_METHODS = ("none", "uniform", "loss", "rho", "metric")

@@ -5,7 +5,7 @@ time) or a few generations (eval), with the same values bit for bit as the per-t
 definitions (tests/metrics_reference.py checks it). Read metrics.py for what each metric
 means; read this file for how it is made fast.
 
-$ python -c "from metrics_engine import text_metrics; print(text_metrics(['Tom ran. He was happy!'], 'n_words,sentiment'))"
+$ python -c "from prebias.metrics_engine import text_metrics; print(text_metrics(['Tom ran. He was happy!'], 'n_words,sentiment'))"
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ saved as data/tok{V}/ref_ngram3.npz; or any trained model (model.bin or a ckpt_*
 given as --ref_model. Both give nll_many(seqs): each sequence's mean next-token loss
 in nats.
 
-$ python -c "from refscorer import NGramScorer; import numpy as np; s = NGramScorer(3, 10).fit([np.arange(10)]); print(s.nll(np.arange(10)))"
+$ python -c "from prebias.refscorer import NGramScorer; import numpy as np; s = NGramScorer(3, 10).fit([np.arange(10)]); print(s.nll(np.arange(10)))"
 """
 
 import hashlib
@@ -17,9 +17,9 @@ from typing import Iterable
 
 import numpy as np
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserError, atomic_path, write_json_atomic
-from data import BOS_ID, sha256_file, tok_dir
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint
+from prebias.common import UserError, atomic_path, write_json_atomic
+from prebias.data import BOS_ID, sha256_file, tok_dir
 from export import load_v0
 
 NGRAM_ORDER = 3

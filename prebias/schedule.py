@@ -31,7 +31,7 @@ rest keep their order: the excluded ids are dropped from each phase's stream and
 stream closes up, as a leave-out retraining needs) and "include" (a .npy: train only on
 these ids, e.g. written by select_batches.py).
 
-$ python -c "from schedule import *; import numpy as np; s = Schedule({'phases': [{'strategy': 'shuffle'}]}, np.arange(10), 4, seed=1, max_iters=5); print(s.step_ids(3))"
+$ python -c "from prebias.schedule import *; import numpy as np; s = Schedule({'phases': [{'strategy': 'shuffle'}]}, np.arange(10), 4, seed=1, max_iters=5); print(s.step_ids(3))"
 """
 
 import hashlib

@@ -10,7 +10,7 @@ Works without an account or network in WANDB_MODE=offline: each run is a folder
 main job needs wandb.
 """
 
-from common import UserError
+from prebias.common import UserError
 
 
 def start(*, project: str, dir, config: dict, name: str = "", group: str = "", job_type: str = "",

@@ -3,7 +3,7 @@ Tags as data: the tag file that `train.py --tags=tags.json` inserts into the tra
 stream (stream.py does the inserting and the recording), and the Tag objects that
 durability.py and attribute.py measure.
 
-$ python -c "import tags; from tokenizer import Tokenizer; print(tags.load_tags('config/tags/canary.json', Tokenizer(), 256, 512).tags[0].text)"
+$ python -c "from prebias import tags; from tokenizer import Tokenizer; print(tags.load_tags('config/tags/canary.json', Tokenizer(), 256, 512).tags[0].text)"
 
 A tag file (JSON):
     {"seed": 1,
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError
+from prebias.common import UserError
 from metrics import text_metric_names
 
 KINDS = ("canary", "conditional")
