@@ -48,8 +48,8 @@ import torch
 from prebias import batchmetrics
 from prebias import tags as tagmod
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config, stream_records
-from prebias.common import (DoneRecord, UserError, atomic_path, file_signature, main_guard, parse_config, save_figure,
-                    write_csv_atomic)
+from prebias.common import (DoneRecord, UserError, atomic_path, config_to_argv, file_signature, main_guard,
+                            parse_config, save_figure, write_csv_atomic)
 from prebias.data import BOS_ID, BatchData, window_texts
 from prebias.schedule import get_lr
 from prebias.stream import trained_windows
@@ -342,7 +342,7 @@ def retrain(cfg: AttributeConfig, name: str, leave_out: np.ndarray) -> float:
         with atomic_path(ids_path) as tmp, open(tmp, "wb") as f:
             np.save(f, np.asarray(leave_out, np.int64), allow_pickle=False)
         skip = {"out_dir", "init_from", "show_batches", "model_bin", "wandb_log", "schedule_exclude"}
-        args = [f"--{k}={v}" for k, v in run.items() if k not in skip]
+        args = config_to_argv({k: v for k, v in run.items() if k not in skip})
         resume = ["--init_from=resume"] if list_checkpoints(out) else []
         res = subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), *args, f"--out_dir={out}",
                               "--model_bin=none", f"--schedule_exclude={ids_path}", *resume],

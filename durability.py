@@ -33,7 +33,7 @@ import math
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -45,23 +45,13 @@ from prebias import metrics_engine
 from prebias import tags as tagmod
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config, stream_records
 from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, save_figure,
-                    step_axis, write_csv_atomic)
+                            step_axis, write_csv_atomic)
+from prebias.configs import DurabilityConfig
 from prebias.data import BOS_ID, load_stories, raw_shards
 from tokenizer import Tokenizer
 
-
 # -----------------------------------------------------------------------------
-@dataclass
-class DurabilityConfig:
-    out_dir: str = "out"
-    R: int = 1000  # random candidates per canary (exposure)
-    seed: int = 1337  # candidates' seed
-    batch_size: int = 256  # sequences per forward pass
-    n_prompts: int = 16  # conditional tags: validation story openings
-    prompt_tokens: int = 8  # tokens of each opening (after BOS)
-    max_new_tokens: int = 48
-    device: str = "auto"
-    redo: bool = False
+# config: DurabilityConfig (prebias/configs.py) holds every key with its default and why
 # -----------------------------------------------------------------------------
 
 VERSION = 1

@@ -74,36 +74,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prebias import batchmetrics
 import metrics
-from prebias import metrics_engine
-from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
-from prebias.common import DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, write_csv_atomic
-from prebias.data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
 from model import mean_loss
+from prebias import batchmetrics, metrics_engine, tracking
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
+from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config,
+                            write_csv_atomic)
+from prebias.configs import EvalConfig
+from prebias.data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
 from prebias.refscorer import reference_scorer
 from tokenizer import Tokenizer
-from prebias import tracking
 
-# -----------------------------------------------------------------------------
-# config
-@dataclass
-class EvalConfig:
-    out_dir: str = "out"  # the run folder (config.json, ckpt/)
-    data_dir: str = ""  # '' = the run's config.json data_dir
-    tables_dir: str = ""  # where batch_metrics.csv lives; '' = the run's config.json tables_dir
-    val_batches: int = 64  # the first this many validation batch ids
-    batch_size: int = 16  # batches per forward pass for the validation loss
-    n_prompts: int = 8  # held-out story prompts (plus "Once upon a time")
-    prompt_tokens: int = 8  # story tokens per prompt, after BOS
-    max_new_tokens: int = 200
-    temperature: float = 0.0  # > 0: also a sampled generation per prompt
-    top_p: float = 0.9  # nucleus for the sampled generation (0 or 1: plain sampling)
-    seed: int = 1337  # sampling seed (prompt i uses seed + i, as model.generate)
-    redo: bool = False  # re-evaluate checkpoints already in the tables
-    device: str = "auto"
-    wandb_log: bool = False  # log the newly evaluated checkpoints to wandb (into the training run's
-    #                          id when train.py had --wandb_run_id, as experiment.py sets it)
+# config: EvalConfig (prebias/configs.py) holds every key with its default and why
 # -----------------------------------------------------------------------------
 
 EVAL_VERSION = 2  # bump when an output column's definition changes

@@ -45,7 +45,7 @@ raw values with a band per arm and the saturation steps, and forest.png, the end
 differences from the baseline.
 """
 
-import ast
+import dataclasses
 import json
 import os
 import queue
@@ -61,11 +61,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prebias import saturation
-from prebias import stats
-from prebias import tracking
+import metrics
+from prebias import saturation, stats, tracking
 from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from prebias.common import FolderLock, UserError, git_commit, main_guard, parse_config, write_csv_atomic, write_json_atomic
+from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
+                            write_csv_atomic, write_json_atomic)
+from prebias.configs import DurabilityConfig, EvalConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parent
 
@@ -86,20 +87,14 @@ SPEC_KEYS = ("question", "base", "arms", "baseline", "seeds", "eval", "durabilit
 # set by experiment.py for every run; an arm or the base may not set them
 RESERVED = ("out_dir", "seed", "init_from", "model_bin", "show_batches", "wandb_log", "wandb_project",
             "wandb_run_name", "wandb_group", "wandb_job_type", "wandb_run_id")
-DEFAULT_METRICS = ["val_loss", "out_ref_nll", "out_fk_grade", "out_flesch_reading_ease", "out_mean_sentence_len",
-                   "out_ttr", "out_mtld", "out_rep3", "out_sentiment", "out_dialogue_share", "out_bleu",
-                   "out_rouge_l"]
+DEFAULT_METRICS = ["val_loss"] + [f"out_{m}" for m in metrics.MAIN_METRICS]
+STAGE_CONFIGS = {"train.py": TrainConfig, "eval.py": EvalConfig, "durability.py": DurabilityConfig}
 TAG_COLUMNS = ("loss", "exposure", "extraction", "effect")
 
 
 def config_fields(script: str) -> set[str]:
-    """The fields of a stage script's config block, read from its source (stages are
-    never imported)."""
-    tree = ast.parse((ROOT / script).read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
-            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
-    raise RuntimeError(f"{script} has no config class")
+    """The --key=value fields of a stage that experiment.py launches."""
+    return {f.name for f in dataclasses.fields(STAGE_CONFIGS[script])}
 
 
 # -----------------------------------------------------------------------------
@@ -183,17 +178,13 @@ class Run:
         return f"{self.arm}/seed{self.seed}"
 
 
-def _arg(k, v) -> str:
-    return f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
-
-
 def plan(spec: dict, exp_dir: Path, name: str, cfg: ExperimentConfig) -> list[Run]:
     runs = []
     for arm, over in spec["arms"].items():
         for seed in spec["seeds"]:
             d = exp_dir / arm / f"seed{seed}"
             settings = {**spec["base"], **over, "seed": seed, "out_dir": str(d)}
-            args = [_arg(k, v) for k, v in settings.items()]
+            args = config_to_argv(settings)
             if cfg.wandb_log:
                 args += ["--wandb_log=True", f"--wandb_project={cfg.wandb_project}", f"--wandb_group={name}",
                          f"--wandb_job_type={arm}", f"--wandb_run_name={arm}-seed{seed}",
@@ -264,7 +255,7 @@ def _command(run: Run, stage: str, spec: dict, cfg: ExperimentConfig, resume: bo
         return head + [str(ROOT / "train.py")] + run.train_args + (["--init_from=resume"] if resume else [])
     extra = spec["eval"] if stage == "eval" else spec["durability"]
     wb = ["--wandb_log=True"] if cfg.wandb_log and stage == "eval" else []
-    return py + [str(ROOT / f"{stage}.py"), f"--out_dir={run.dir}"] + [_arg(k, v) for k, v in extra.items()] + wb
+    return py + [str(ROOT / f"{stage}.py"), f"--out_dir={run.dir}"] + config_to_argv(extra) + wb
 
 
 def execute(run: Run, spec: dict, cfg: ExperimentConfig, slots: Slots, say) -> str | None:

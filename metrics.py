@@ -25,11 +25,14 @@ empty     : a text with no words has n_words = n_sentences = 0, n_chars =
             (never an exception).  gender counts are 0, gender_ratio NaN;
             sentiment follows VADER (0.0 for a text with no tokens).
 
-Use metrics_engine.text_metrics(texts, names) to compute them; it shares the
-tokenisation between metrics and is the only supported entry point (the per-metric
-docstrings below are the definitions; tests/metrics_reference.py computes them text by
-text, plainly, and the engine is checked against it).  Bump METRICS_VERSION and the metric's version when any
-definition changes.
+Each metric is one registered function of a Text (one text, its tokenisation shared
+between the metrics): the definitions section at the end of this file is the spec, and
+text_metrics_plain applies it text by text. prebias/metrics_engine.text_metrics is the
+entry point to use: it has a fast path for every metric that registers one (equal bit
+for bit to the definition, tested) and falls back to the definition for the rest.
+To add a metric: one @metric(...) function below (and, where speed matters, a fast path
+in the engine). Bump METRICS_VERSION and the metric's version when any definition
+changes.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ import string
 from dataclasses import dataclass
 from itertools import chain, compress
 from pathlib import Path
-from typing import Iterable
+from functools import cached_property, lru_cache
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -58,33 +62,29 @@ class Metric:
     name: str
     version: int
     description: str
+    fn: Callable  # fn(t: Text) -> float, the definition
     kind: str = "ratio"          # "count" | "ratio" | "score"
     empty: str = "nan"           # value for a text with no words
 
 
-_M = [
-    Metric("n_chars", 1, "number of Unicode code points, len(text)", "count", "0"),
-    Metric("n_words", 1, "number of words (WORD_RE matches on the lowercased text)", "count", "0"),
-    Metric("n_sentences", 1, "number of [.!?]-run-delimited pieces that contain a word", "count", "0"),
-    Metric("mean_sentence_len", 1, "n_words / n_sentences (words per sentence)"),
-    Metric("ttr", 1, "type-token ratio: distinct lowercase words / n_words"),
-    Metric("mtld", 1, "MTLD (McCarthy & Jarvis), TTR threshold 0.72, mean of forward and "
-                      "backward passes; a pass with 0 factors scores n_words"),
-    Metric("flesch_reading_ease", 1, "206.835 - 1.015*words/sentences - 84.6*syllables/words "
-                                     "(syllables: vowel groups with silent-e rule)", "score"),
-    Metric("fk_grade", 1, "Flesch-Kincaid grade: 0.39*words/sentences + 11.8*syllables/words - 15.59",
-           "score"),
-    Metric("sentiment", 1, "VADER compound score in [-1, 1] of the whole text (vaderSentiment 3.3.2, "
-                           "exact re-implementation)", "score", "0"),
-    Metric("dialogue_share", 1, "share of words inside double quotes (\" “ ” toggle; an unclosed quote "
-                                "runs to the end of the text)"),
-    Metric("rep3", 1, "share of word 3-grams that repeat an earlier 3-gram of the same text "
-                      "(NaN below 3 words)"),
-    Metric("gender_male", 1, "number of words in the male word list", "count", "0"),
-    Metric("gender_female", 1, "number of words in the female word list", "count", "0"),
-    Metric("gender_ratio", 1, "gender_male / (gender_male + gender_female); NaN when both are 0"),
-]
-TEXT_METRICS: dict[str, Metric] = {m.name: m for m in _M}
+TEXT_METRICS: dict[str, Metric] = {}  # name -> Metric, in registration (= column) order
+
+
+def metric(name: str, version: int, description: str, kind: str = "ratio", empty: str = "nan"):
+    """@metric(...) on fn(t: Text) -> float registers a text metric by its definition."""
+    def deco(fn):
+        if name in TEXT_METRICS:
+            raise ValueError(f"metric {name!r} is registered twice")
+        TEXT_METRICS[name] = Metric(name, version, description, fn, kind, empty)
+        return fn
+    return deco
+
+
+# the main metrics: what experiment tables, figures and report pages show unless told
+# otherwise (scored on outputs as out_<name> and on inputs as in_<name>_cum); ref_nll is
+# the reference scorer's loss, bleu and rouge_l the overlap with the true continuation
+MAIN_METRICS = ("ref_nll", "fk_grade", "flesch_reading_ease", "mean_sentence_len", "ttr", "mtld", "rep3",
+                "sentiment", "dialogue_share", "bleu", "rouge_l")
 
 
 def text_metric_names() -> list[str]:
@@ -140,24 +140,24 @@ _WORDQ_U = re.compile(r"[^\W_]+(?:'[^\W_]+)*|\"")
 _SENT_A = re.compile(r"(?<![^.!?])[^.!?a-z0-9]*+[a-z0-9][^.!?]*+", re.ASCII)
 _SENT_U = re.compile(r"(?<![^.!?])(?:[^\w.!?]|_)*+[^\W_][^.!?]*+")
 # curly apostrophe -> ', curly double quotes -> "
-_NORM = str.maketrans({"\u2019": "'", "\u201c": '"', "\u201d": '"'})
+NORM = str.maketrans({"\u2019": "'", "\u201c": '"', "\u201d": '"'})
 
 
-def _normalise(text: str):
+def normalise(text: str):
     """(lowercased text with curly quotes/apostrophes made straight, is_ascii)."""
     low = text.lower()
     if low.isascii():
         return low, True
-    return low.translate(_NORM), False
+    return low.translate(NORM), False
 
 
 def words_of(text: str) -> list[str]:
     """The word tokens of text as every metric sees them (lowercased, ’ -> ')."""
-    low, _ = _normalise(text)
+    low, _ = normalise(text)
     return WORD_RE.findall(low)
 
 
-def _tokens(low: str, ascii_: bool):
+def quote_tokens(low: str, ascii_: bool):
     """(words, number of words inside double quotes) of a normalised text."""
     toks = (_WORDQ_A if ascii_ else _WORDQ_U).findall(low)
     if '"' not in low:
@@ -178,7 +178,7 @@ def _tokens(low: str, ascii_: bool):
     return list(chain.from_iterable(parts)), sum(map(len, parts[1::2]))
 
 
-def _n_sentences(low: str, ascii_: bool) -> int:
+def count_sentences(low: str, ascii_: bool) -> int:
     return len((_SENT_A if ascii_ else _SENT_U).findall(low))
 
 
@@ -235,8 +235,7 @@ def set_gender_words(male: Iterable[str] | None = None, female: Iterable[str] | 
     f = frozenset(w.lower() for w in (DEFAULT_FEMALE_WORDS if female is None else female))
     if m & f:
         raise ValueError(f"gender word lists overlap: {', '.join(sorted(m & f))}")
-    _MALE, _FEMALE = m, f
-    _WORD_INFO.clear()  # (metrics_engine rebuilds its tables when it sees new lists)
+    _MALE, _FEMALE = m, f  # (metrics_engine rebuilds its tables when it sees new lists)
 
 
 def load_gender_words(path) -> None:
@@ -250,26 +249,16 @@ def load_gender_words(path) -> None:
     set_gender_words(male, female)
 
 
+def gender_sets() -> tuple[frozenset, frozenset]:
+    """The (male, female) word sets in use (the engine's tables are keyed on them)."""
+    return _MALE, _FEMALE
+
+
 def gender_words() -> tuple[list[str], list[str]]:
     """The lists in use, sorted (record them with results if you override them)."""
     return sorted(_MALE), sorted(_FEMALE)
 
 
-# per-word cache: syllables + (male << 24) + (female << 48); summing the packed
-# values over a text gives the three totals in one C-level pass.
-_SHIFT_M, _SHIFT_F, _MASK = 24, 48, (1 << 24) - 1
-
-
-class _WordInfo(dict):
-    def __missing__(self, w):
-        v = count_syllables(w) + ((w in _MALE) << _SHIFT_M) + ((w in _FEMALE) << _SHIFT_F)
-        if len(self) > 2_000_000:
-            self.clear()
-        self[w] = v
-        return v
-
-
-_WORD_INFO = _WordInfo()
 set_gender_words()
 if os.environ.get(GENDER_WORDS_ENV):
     load_gender_words(os.environ[GENDER_WORDS_ENV])
@@ -281,7 +270,7 @@ if os.environ.get(GENDER_WORDS_ENV):
 MTLD_THRESHOLD = 0.72
 
 
-def _mtld_factors(words) -> float:
+def mtld_factors(words) -> float:
     """Factor count of one MTLD pass: a factor closes when the running TTR of the
     current segment is <= 0.72; the leftover segment adds (1 - TTR) / (1 - 0.72).
     (A new word never lowers the TTR, so the test runs only on repeats.)"""
@@ -311,8 +300,8 @@ def mtld(words: list[str]) -> float:
     n = len(words)
     if n == 0:
         return math.nan
-    f = _mtld_factors(words)
-    b = _mtld_factors(reversed(words))
+    f = mtld_factors(words)
+    b = mtld_factors(reversed(words))
     return 0.5 * ((n / f if f > 0 else n) + (n / b if b > 0 else n))
 
 
@@ -326,7 +315,7 @@ def mtld(words: list[str]) -> float:
 _V = None  # lazily initialised state
 
 
-def _vader_state():
+def vader_state():
     global _V
     if _V is None:
         from vaderSentiment import vaderSentiment as vs
@@ -390,7 +379,7 @@ def _vader_negated(word, negate):
     return word in negate or "n't" in word
 
 
-def _vader_valence(lows, caps, i, n, cap_diff, V):
+def vader_valence(lows, caps, i, n, cap_diff, V):
     """Valence of the lexicon word lows[i] with VADER's context rules (the
     library's sentiment_valence + its helpers); lows/caps may be a window of the
     text around i as long as it keeps 3 tokens before and 2 after i where the
@@ -453,7 +442,7 @@ def _vader_valence(lows, caps, i, n, cap_diff, V):
 def vader_compound(text: str) -> float:
     """VADER compound score of text, equal to the library's
     SentimentIntensityAnalyzer().polarity_scores(text)['compound'] (tested)."""
-    V = _V or _vader_state()
+    V = _V or vader_state()
     if (V["emoji_ascii"] or not text.isascii()) and not V["emoji_chars"].isdisjoint(text):
         emojis = V["emojis"]
         out = []
@@ -497,16 +486,16 @@ def vader_compound(text: str) -> float:
             caps = [strip[t].isupper() for t in toks]
             n_up = sum(caps)
             cap_diff = 0 < n - n_up < n
-        valence = _vader_valence(lows, caps, i, n, cap_diff, V)
+        valence = vader_valence(lows, caps, i, n, cap_diff, V)
         if valence != 0:
             sparse.append([i, valence])
     if not sparse:
         return 0.0
     bi = lows.index("but") if "but" in lows else -1
-    return _vader_compound_of([v for _, v in sparse], [p for p, _ in sparse], bi, text)
+    return vader_compound_of([v for _, v in sparse], [p for p, _ in sparse], bi, text)
 
 
-def _vader_compound_of(vals: list, pos: list, bi: int, text: str) -> float:
+def vader_compound_of(vals: list, pos: list, bi: int, text: str) -> float:
     """VADER's last steps: the 'but' rule (bi = index of the first 'but', -1 if none),
     punctuation emphasis and normalisation, from the non-zero valences `vals` at
     token positions `pos` (in order). vals is modified."""
@@ -556,6 +545,144 @@ def _vader_idioms(valence, lows, i, V):
         if ng in booster:
             valence = valence + booster[ng]
     return valence
+
+
+# -----------------------------------------------------------------------------
+# the definitions: one function of a Text per metric, in column order
+
+_syllables = lru_cache(maxsize=1 << 20)(count_syllables)
+
+
+class Text:
+    """One text as every metric sees it; each piece (normalised form, words, sentences,
+    syllable and gender totals) is computed once, on first use."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    @cached_property
+    def _analysis(self):
+        low, ascii_ = normalise(self.text)
+        words, n_quoted = quote_tokens(low, ascii_)
+        return low, ascii_, words, n_quoted
+
+    @property
+    def words(self) -> list[str]:
+        return self._analysis[2]
+
+    @property
+    def n_quoted(self) -> int:
+        """words inside double quotes"""
+        return self._analysis[3]
+
+    @cached_property
+    def n(self) -> int:
+        return len(self.words)
+
+    @cached_property
+    def n_sentences(self) -> int:
+        return count_sentences(self._analysis[0], self._analysis[1]) if self.n else 0
+
+    @cached_property
+    def syllables(self) -> int:
+        return sum(map(_syllables, self.words))
+
+    @cached_property
+    def gender(self) -> tuple[int, int]:
+        male, female = gender_sets()
+        return sum(w in male for w in self.words), sum(w in female for w in self.words)
+
+
+def _ratio(a, b) -> float:
+    return a / b if b else math.nan
+
+
+@metric("n_chars", 1, "number of Unicode code points, len(text)", "count", "0")
+def n_chars(t: Text) -> float:
+    return float(len(t.text))
+
+
+@metric("n_words", 1, "number of words (WORD_RE matches on the lowercased text)", "count", "0")
+def n_words(t: Text) -> float:
+    return float(t.n)
+
+
+@metric("n_sentences", 1, "number of [.!?]-run-delimited pieces that contain a word", "count", "0")
+def n_sentences(t: Text) -> float:
+    return float(t.n_sentences)
+
+
+@metric("mean_sentence_len", 1, "n_words / n_sentences (words per sentence)")
+def mean_sentence_len(t: Text) -> float:
+    return _ratio(t.n, t.n_sentences)
+
+
+@metric("ttr", 1, "type-token ratio: distinct lowercase words / n_words")
+def ttr(t: Text) -> float:
+    return _ratio(len(set(t.words)), t.n)
+
+
+@metric("mtld", 1, "MTLD (McCarthy & Jarvis), TTR threshold 0.72, mean of forward and backward passes; a "
+                   "pass with 0 factors scores n_words")
+def mtld_metric(t: Text) -> float:
+    return mtld(t.words)
+
+
+@metric("flesch_reading_ease", 1, "206.835 - 1.015*words/sentences - 84.6*syllables/words (syllables: vowel "
+                                  "groups with silent-e rule)", "score")
+def flesch_reading_ease(t: Text) -> float:
+    if not t.n:
+        return math.nan
+    return 206.835 - 1.015 * (t.n / t.n_sentences) - 84.6 * (t.syllables / t.n)
+
+
+@metric("fk_grade", 1, "Flesch-Kincaid grade: 0.39*words/sentences + 11.8*syllables/words - 15.59", "score")
+def fk_grade(t: Text) -> float:
+    if not t.n:
+        return math.nan
+    return 0.39 * (t.n / t.n_sentences) + 11.8 * (t.syllables / t.n) - 15.59
+
+
+@metric("sentiment", 1, "VADER compound score in [-1, 1] of the whole text (vaderSentiment 3.3.2, exact "
+                        "re-implementation)", "score", "0")
+def sentiment(t: Text) -> float:
+    return vader_compound(t.text)
+
+
+@metric("dialogue_share", 1, "share of words inside double quotes (\" “ ” toggle; an unclosed quote runs to "
+                             "the end of the text)")
+def dialogue_share(t: Text) -> float:
+    return _ratio(t.n_quoted, t.n)
+
+
+@metric("rep3", 1, "share of word 3-grams that repeat an earlier 3-gram of the same text (NaN below 3 words)")
+def rep3(t: Text) -> float:
+    w = t.words
+    return 1.0 - len(set(zip(w, w[1:], w[2:]))) / (t.n - 2) if t.n > 2 else math.nan
+
+
+@metric("gender_male", 1, "number of words in the male word list", "count", "0")
+def gender_male(t: Text) -> float:
+    return float(t.gender[0])
+
+
+@metric("gender_female", 1, "number of words in the female word list", "count", "0")
+def gender_female(t: Text) -> float:
+    return float(t.gender[1])
+
+
+@metric("gender_ratio", 1, "gender_male / (gender_male + gender_female); NaN when both are 0")
+def gender_ratio(t: Text) -> float:
+    return _ratio(t.gender[0], sum(t.gender))
+
+
+def text_metrics_plain(texts: list[str], names=None) -> dict[str, np.ndarray]:
+    """{name: float64 array of len(texts)}: every definition applied text by text (slow,
+    plain; prebias/metrics_engine.text_metrics equals it bit for bit, fast)."""
+    names = resolve_metrics(names)
+    views = [Text(t) for t in texts]
+    return {n: np.array([TEXT_METRICS[n].fn(v) for v in views], dtype=np.float64).reshape(len(texts))
+            for n in names}
 
 
 # -----------------------------------------------------------------------------

@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metrics import MAIN_METRICS
+from prebias import stats
 from prebias.checkpoint import run_config
 from prebias.common import UserError, main_guard, parse_config, write_text_atomic
-from prebias import stats
 from prebias.stream import RunBatches
+
 
 # -----------------------------------------------------------------------------
 # config (the experiment or run folder is the first argument)
@@ -101,8 +103,7 @@ def run_section(run_dir: Path, cfg: ReportConfig, viewer: bool, title: str) -> s
     sp = run_dir / "tables" / "summary.csv"
     if sp.exists():
         s = pd.read_csv(sp)
-        cols = [c for c in ["iter", "tokens_seen", "val_loss", "train_loss", "out_ref_nll", "out_fk_grade", "out_ttr",
-                            "out_rep3", "out_sentiment", "out_bleu", "in_fk_grade_cum", "in_ref_nll_cum"]
+        cols = [c for c in ["iter", "tokens_seen", "val_loss", "train_loss", *(f"out_{m}" for m in MAIN_METRICS)]
                 if c in s.columns]
         parts.append(f"<details><summary>per checkpoint ({len(s)} checkpoints, summary.csv)</summary>"
                      f"{table(s[cols].head(cfg.max_rows))}</details>")

@@ -5,17 +5,17 @@ ranking table beside it.
 
 $ python select_batches.py --by=ref_nll --keep=0.5 --hardest       # reference-scorer loss
 $ python select_batches.py --by=el2n --keep=0.5 --out_dir=out/short  # EL2N from an early checkpoint
+$ python select_batches.py --by=rho --keep=0.8 --out_dir=out/short   # RHO-LOSS offline
 $ python select_batches.py --by=fk_grade --keep=0.3 --easiest        # any batch metric
 $ python train.py --schedule_spec=out/tables/select/ref_nll_hardest_0.5_spec.json --out_dir=out/pruned
 
-Scores:
-  ref_nll    the batch's loss under the reference scorer (batch_metrics.csv: a 3-gram
-             model fitted on the held-out validation shard)
-  el2n       EL2N (Paul et al. 2021): the mean over the window's tokens of
-             || softmax(logits) - onehot(next token) ||_2, from an early checkpoint of a
-             short run (--out_dir, --ckpt_iter; default: the first checkpoint at or after
-             10% of that run's max_iters)
-  <metric>   any numeric column of batch_metrics.csv
+--by is a registered selection score (prebias/selection.py, the same functions online
+selection uses: uniform, loss, rho, el2n, metric) or any numeric column of
+batch_metrics.csv (ref_nll: the batch's loss under the reference scorer). Scores that
+read a model take it from an early checkpoint of a short run (--out_dir, --ckpt_iter;
+default: the first checkpoint at or after 10% of that run's max_iters); rho's
+irreducible loss is ref_nll or --select_ref's model; metric steers toward
+--select_target of --select_metric; uniform keeps a seeded random subset.
 --hardest keeps the highest scores (EL2N's and Sorscher et al.'s choice for large data),
 --easiest the lowest. NaN scores are never kept.
 
@@ -33,48 +33,41 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from prebias import batchmetrics
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config
-from prebias.common import UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic, write_json_atomic
+from prebias.common import (UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic,
+                            write_json_atomic)
 from prebias.data import DATA_DIR, MAX_SEQ_LEN, TABLES_DIR, VOCAB_SIZE, BatchData
+from prebias.selection import SCORES, Irreducible, ScoreContext
 
 
 # -----------------------------------------------------------------------------
 @dataclass
 class SelectConfig:
-    by: str = "ref_nll"  # ref_nll | el2n | a batch metric
+    by: str = "ref_nll"  # a selection score (uniform | loss | rho | el2n | metric) or a batch metric
     keep: float = 0.5  # fraction of the training batches kept
     which: str = "hardest"  # hardest | easiest (also --hardest / --easiest)
-    out_dir: str = ""  # el2n: the (short) run whose early checkpoint scores the batches
-    ckpt_iter: int = -1  # el2n: that checkpoint's step (-1: the first at >= 10% of the run)
+    out_dir: str = ""  # scores that read a model: the (short) run whose early checkpoint scores the batches
+    ckpt_iter: int = -1  # that checkpoint's step (-1: the first at >= 10% of the run)
+    select_ref: str = ""  # rho: a model.bin/.pt for the irreducible loss ('' = batch metrics' ref_nll)
+    select_metric: str = ""  # metric: the batch metric to steer by...
+    select_target: float = 0.0  # ...toward this value
+    seed: int = 1337  # uniform: the seed of the random subset
     data_dir: str = str(DATA_DIR)  # ignored when out_dir is given (the run's own data)
     tables_dir: str = str(TABLES_DIR)
     vocab_size: int = VOCAB_SIZE
     max_seq_len: int = MAX_SEQ_LEN
-    batch_size: int = 32  # windows per forward pass (el2n)
+    batch_size: int = 32  # windows per forward pass
     device: str = "auto"
 # -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def el2n_scores(model, data: BatchData, ids: np.ndarray, batch_size: int, device: str) -> np.ndarray:
-    """Mean per-token EL2N of each window: ||softmax(logits) - onehot(target)||_2."""
-    out = np.empty(len(ids))
-    for i in range(0, len(ids), batch_size):
-        x, y = data.get(ids[i:i + batch_size])
-        logits, _ = model(x.to(device))
-        p = torch.softmax(logits.float(), -1)
-        p.scatter_add_(-1, y.to(device)[..., None], -torch.ones_like(y, dtype=p.dtype, device=device)[..., None])
-        out[i:i + batch_size] = p.norm(dim=-1).mean(1).cpu().numpy()
-    return out
-
-
-def early_checkpoint(out_dir, ckpt_iter: int):
-    found = list_checkpoints(out_dir)
+def early_checkpoint(out_dir, ckpt_iter: int, by: str):
+    found = list_checkpoints(out_dir) if out_dir else []
     if not found:
-        raise UserError(f"--by=el2n needs a run's checkpoints: none in {out_dir}/ckpt (train a short run first)")
+        raise UserError(f"--by={by} needs a run's checkpoints: none in {out_dir or '(no --out_dir)'}/ckpt "
+                        "(train a short run first and give it as --out_dir)")
     if ckpt_iter >= 0:
         for it, p in found:
             if it == ckpt_iter:
@@ -84,18 +77,40 @@ def early_checkpoint(out_dir, ckpt_iter: int):
     return next(((it, p) for it, p in found if it >= max(target, 1)), found[-1])
 
 
+def score_batches(cfg: SelectConfig, data: BatchData, column) -> tuple[np.ndarray, str]:
+    """A registered score of every training batch. The offline pool is every training
+    batch in a seeded order (uniform keeps its first ones: a random subset)."""
+    score, model, how = SCORES[cfg.by], None, f"score {cfg.by}"
+    device = auto_device(cfg.device)
+    if score.needs_model:
+        it, path = early_checkpoint(cfg.out_dir, cfg.ckpt_iter, cfg.by)
+        model, how = model_from_checkpoint(load_checkpoint(path), device), f"{cfg.by} at {path} (step {it})"
+    if score.needs_metric:
+        column(cfg.select_metric)  # an unknown metric: one line now
+    ctx = ScoreContext(device=device, batch_size=cfg.batch_size, batch_metric=column, metric=cfg.select_metric,
+                       target=cfg.select_target,
+                       irreducible=Irreducible(data, column, cfg.select_ref, device) if score.needs_ref else None)
+    ids = data.train_ids
+    perm = np.random.default_rng(cfg.seed).permutation(len(ids))
+    out = np.empty(len(ids))
+    out[perm] = score(model, data, ids[perm], ctx)
+    return out, how
+
+
 def scores(cfg: SelectConfig, data: BatchData, bm: pd.DataFrame) -> tuple[np.ndarray, str]:
     """(score of every training batch, how it was computed)."""
-    ids = data.train_ids
-    if cfg.by == "el2n":
-        it, path = early_checkpoint(cfg.out_dir, cfg.ckpt_iter)
-        device = auto_device(cfg.device)
-        model = model_from_checkpoint(load_checkpoint(path), device)
-        return el2n_scores(model, data, ids, cfg.batch_size, device), f"EL2N at {path} (step {it})"
     numeric = [c for c in bm.columns if c not in batchmetrics.ID_COLUMNS]
+
+    def column(name):
+        if name not in numeric:
+            raise UserError(f"unknown batch metric {name!r}; valid: {', '.join(numeric)}")
+        return bm[name].to_numpy(np.float64)
+    if cfg.by in SCORES:
+        return score_batches(cfg, data, column)
     if cfg.by not in numeric:
-        raise UserError(f"--by={cfg.by}: choose el2n or a batch metric: {', '.join(numeric)}")
-    return bm[cfg.by].to_numpy(np.float64)[ids], f"batch_metrics.csv column {cfg.by}"
+        raise UserError(f"--by={cfg.by}: choose a selection score ({', '.join(SCORES)}) or a batch metric: "
+                        f"{', '.join(numeric)}")
+    return column(cfg.by)[data.train_ids], f"batch_metrics.csv column {cfg.by}"
 
 
 def select(cfg: SelectConfig) -> Path:

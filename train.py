@@ -32,98 +32,28 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint, list_checkpoints,
-                        load_checkpoint, optimizer_path, save_checkpoint, stream_records)
-from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit, library_versions,
-                    main_guard, parse_config, write_json_atomic)
-from prebias.data import DATA_DIR, TABLES_DIR, BatchData
 from export import export_v0
-from prebias import tracking
 from model import ModelArgs, Transformer, mean_loss
-from prebias.schedule import STRATEGIES, get_lr, rank_micro_batches
-from prebias.stream import SELECT_METHODS, build_stream, stream_fingerprint
-
+from prebias import tracking
+from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint,
+                                list_checkpoints, load_checkpoint, optimizer_path, save_checkpoint, stream_records)
+from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit,
+                            library_versions, main_guard, parse_config, write_json_atomic)
+from prebias.configs import TRAIN_CHOICES as CHOICES
+from prebias.configs import TrainConfig
+from prebias.data import BatchData
+from prebias.schedule import get_lr, rank_micro_batches
+from prebias.selection import SCORES
+from prebias.stream import build_stream, stream_fingerprint
 
 # -----------------------------------------------------------------------------
-# config (every field can be set with --key=value or a .json file)
-@dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out"
-    data_dir: str = str(DATA_DIR)
-    model_bin: str = ""  # llama2.c model written at the end: '' = model.bin at the root for out_dir=out
-    #                      (the seed's path), <out_dir>/model.bin otherwise; 'none' to skip
-    eval_interval: int = 100  # checkpoint + eval every this many steps...
-    log_spaced: bool = True  # ...and at 0, 1, 2, 4, 8, ... below it (Pythia)
-    log_interval: int = 10
-    eval_iters: int = 8  # batches of batch_size for each loss estimate
-    export_ckpt_bins: bool = False  # also write <out_dir>/ckpt/model_<iter>.bin
-    keep_optimizer: bool = False  # keep the optimizer state of every checkpoint, not only the latest
-    init_from: str = "scratch"  # 'scratch' or 'resume'
-    show_batches: int = -1  # >= 0: print the batches of this step and exit (batch_viewer.py)
-    # wandb (optional)
-    wandb_log: bool = False
-    wandb_project: str = "llama2_prebiasing"
-    wandb_run_name: str = ""
-    wandb_group: str = ""  # experiment.py: the experiment
-    wandb_job_type: str = ""  # experiment.py: the arm
-    wandb_run_id: str = ""  # a fixed id, so later stages (eval) log into the same run
-    # data
-    batch_size: int = 16
-    max_seq_len: int = 256
-    vocab_size: int = 512
-    # schedule (the order of batches): a spec file, or the flat flags as a one-phase spec
-    seed: int = 1337
-    schedule_spec: str = ""  # a JSON spec of phases (schedule.py); overrides the flat flags
-    schedule: str = "shuffle"
-    schedule_metric: str = ""  # a column of batch_metrics.csv, for sorted/filter
-    schedule_order: str = "asc"
-    schedule_lo: float = -math.inf
-    schedule_hi: float = math.inf
-    schedule_exclude: str = ""  # a .npy of batch ids never trained on (the rest keep their order)
-    tables_dir: str = str(TABLES_DIR)  # where batch_metrics.csv lives
-    # tags and online selection (stream.py)
-    tags: str = ""  # a JSON tag file (tags.py): canaries and conditional tags
-    select: str = "none"  # none | uniform | loss | rho | metric
-    select_pool: int = 1  # K: each step scores K * its batches and keeps the best
-    select_ref: str = ""  # rho: a model.bin/.pt for the irreducible loss ('' = batch metrics' ref_nll)
-    select_metric: str = ""  # metric: the batch metric to steer by...
-    select_target: float = 0.0  # ...toward this value
-    # model
-    dim: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    multiple_of: int = 32
-    dropout: float = 0.0
-    # optimizer
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-3  # right for the tiny default; config/stories15M.json uses 5e-4
-    max_iters: int = 500
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    decay_lr: bool = True
-    warmup_iters: int = 50
-    min_lr: float = 0.0  # 0: learning_rate / 10
-    # system
-    device: str = "auto"
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto
-    compile: bool = False
-    flush_denormal: bool = True  # CPU: flush subnormal floats to zero (up to 1.3x faster late in a run)
-    peak_flops: float = 0.0  # for MFU; 0: a known GPU's bf16 peak, or measured on CPU
-
-
-CHOICES = {"init_from": ("scratch", "resume"), "schedule": STRATEGIES[:3],
-           "schedule_order": ("asc", "desc"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "select": SELECT_METHODS}
+# config: TrainConfig (prebias/configs.py) holds every key with its default and why;
+# --key=value or a .json file sets them, python train.py --help lists them
 # fields that define the run: a resume must not change them (the schedule spec, tags and
 # exclusions are checked by content, through the stream's fingerprint)
 RUN_DEFINING = ("batch_size", "max_seq_len", "vocab_size", "seed", "dim", "n_layers", "n_heads",
@@ -152,8 +82,8 @@ def validate(cfg: TrainConfig):
     if (cfg.select == "none") != (cfg.select_pool == 1) and cfg.select != "uniform":
         raise UserError(f"--select={cfg.select} --select_pool={cfg.select_pool}: selection needs a pool "
                         "larger than 1 (e.g. --select_pool=4), and a pool needs a --select method")
-    if cfg.select == "metric" and not cfg.select_metric:
-        raise UserError("--select=metric needs --select_metric=<a batch metric> (and --select_target)")
+    if cfg.select != "none" and SCORES[cfg.select].needs_metric and not cfg.select_metric:
+        raise UserError(f"--select={cfg.select} needs --select_metric=<a batch metric> (and --select_target)")
 
 
 def default_model_bin(cfg: TrainConfig) -> str:

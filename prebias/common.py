@@ -90,6 +90,63 @@ def parse_config(cfg, argv, choices=None):
     return cfg
 
 
+def config_to_argv(settings: dict) -> list[str]:
+    """{key: value} as train.py-style '--key=value' arguments (lists and dicts as JSON):
+    how experiment.py and attribute.py hand settings to a stage they launch."""
+    return [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in settings.items()]
+
+
+# -----------------------------------------------------------------------------
+# registries: one per extension point (schedule strategy, selection score, metric fast
+# path, attribution estimator, launcher). A variant is one unit registered by name;
+# the CLI choices, spec validation and the tests' lists are read from the registry.
+
+class Registry(dict):
+    """name -> unit. `@REG.register("name")` adds a class or function (and sets its
+    .name); `REG.choices(pred)` is a live view of the names, so a unit registered later
+    (a test, a user's plugin module) is a valid choice at once."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def register(self, name: str):
+        def deco(unit):
+            if name in self:
+                raise ValueError(f"{self.what} {name!r} is registered twice")
+            unit.name = name
+            self[name] = unit
+            return unit
+        return deco
+
+    def choices(self, pred=None, extra=()) -> "Choices":
+        return Choices(self, pred, extra)
+
+    def lookup(self, name: str, where: str):
+        """The unit, or a UserError naming the valid choices."""
+        if name not in self:
+            raise UserError(f"{where}: unknown {self.what} {name!r}; choose one of {', '.join(self)}")
+        return self[name]
+
+
+class Choices:
+    """The names of a registry's units that satisfy pred, plus fixed extra names, read
+    afresh at every use (parse_config's `choices` takes it like a tuple)."""
+
+    def __init__(self, reg: Registry, pred=None, extra=()):
+        self.reg, self.pred, self.extra = reg, pred, tuple(extra)
+
+    def __iter__(self):
+        yield from self.extra
+        yield from (k for k, u in self.reg.items() if self.pred is None or self.pred(u))
+
+    def __contains__(self, name) -> bool:
+        return name in list(self)
+
+    def __repr__(self):
+        return repr(tuple(self))
+
+
 # -----------------------------------------------------------------------------
 # device and dtype
 

@@ -2,7 +2,7 @@
 The fast batched engine behind the text metrics: text_metrics(texts, names) computes the
 metrics that metrics.py defines, for millions of windows (batch metrics at pretokenize
 time) or a few generations (eval), with the same values bit for bit as the per-text
-definitions (tests/metrics_reference.py checks it). Read metrics.py for what each metric
+definitions (metrics.text_metrics_plain; tested). Read metrics.py for what each metric
 means; read this file for how it is made fast.
 
 $ python -c "from prebias.metrics_engine import text_metrics; print(text_metrics(['Tom ran. He was happy!'], 'n_words,sentiment'))"
@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 from itertools import chain
+from types import SimpleNamespace
 
 import numpy as np
 
-import metrics as _defs  # module globals that change (gender lists, VADER state) are read through it
-from metrics import (_NORM, MTLD_THRESHOLD, _mtld_factors, _vader_compound_of, _vader_state, _vader_valence,
-                     count_syllables, resolve_metrics)
+import metrics as _defs
+from metrics import (MTLD_THRESHOLD, NORM, count_syllables, mtld_factors, resolve_metrics, vader_compound_of,
+                     vader_state, vader_valence)
+from prebias.common import Registry
 
 # -----------------------------------------------------------------------------
 # batched engine behind text_metrics
@@ -37,7 +39,7 @@ from metrics import (_NORM, MTLD_THRESHOLD, _mtld_factors, _vader_compound_of, _
 #     it can modify a neighbour, ALL CAPS, "but").
 # The metrics are then numpy operations over the concatenated id arrays of the
 # whole chunk; the only per-token Python work left is one dict lookup.  Values
-# are bit-for-bit those of tests/metrics_reference.text_metrics_ref (same float operations in the same
+# are bit-for-bit those of metrics.text_metrics_plain (same float operations in the same
 # order; VADER sums and rounding stay in Python).
 
 _ITEM_A = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*|[\".!?]", re.ASCII)
@@ -110,6 +112,7 @@ class _Tables:
         if k == len(toks):
             return
         wid, winfo, wpack = self.wid, [], []
+        male, female = _defs.gender_sets()
         flat, offs, lens = [], [], []
         base = self.items.n
         for tok in toks[k:]:
@@ -117,14 +120,14 @@ class _Tables:
             if low.isascii():
                 its = _ITEM_A.findall(low)
             else:
-                its = _ITEM_U.findall(low.translate(_NORM))
+                its = _ITEM_U.findall(low.translate(NORM))
             offs.append(base + len(flat))
             lens.append(len(its))
             for w in its:
                 j = wid.get(w)
                 if j is None:
                     j = wid[w] = len(wid) - 2  # '!' and '?' share the end id
-                    winfo += [count_syllables(w), w in _defs._MALE, w in _defs._FEMALE]
+                    winfo += [count_syllables(w), w in male, w in female]
                     wpack.append(winfo[-3] | (winfo[-2] << 21) | (winfo[-1] << 42))
                 flat.append(j)
         self.items.extend(flat)
@@ -139,7 +142,7 @@ class _Tables:
         k = self.n_vader_filled
         if k == len(toks):
             return
-        V = _defs._V or _vader_state()
+        V = vader_state()
         strip, lower, lex, booster, role = V["strip"], V["lower"], V["lex"], V["booster"], V["role"]
         lows, vals, hits, flags = [], [], [], []
         for tok in toks[k:]:
@@ -163,7 +166,7 @@ def _tables() -> _Tables:
     global _TAB
     # the word tables hold gender flags: new lists, new tables (lists compared by value; the
     # identity of this tuple, new at every call, rebuilt the tables at every call)
-    gender = (_defs._MALE, _defs._FEMALE)
+    gender = _defs.gender_sets()
     if _TAB is None or len(_TAB.raw) > _TABLE_LIMIT or _TAB.gender != gender:
         _TAB = _Tables()
         _TAB.gender = gender
@@ -176,7 +179,7 @@ _EMOJI_CP = None
 def _has_emoji(text: str) -> bool:
     """Whether VADER would rewrite emoji in text (then its tokens differ from text.split())."""
     global _EMOJI_CP
-    V = _defs._V or _vader_state()
+    V = vader_state()
     if not V["emoji_ascii"] and text.isascii():
         return False
     if _EMOJI_CP is None:
@@ -198,7 +201,7 @@ def _cumdiff(mask: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 def _vader_batch(texts, rids, t0, tab) -> list[float]:
     """VADER compound of every text from the chunk's raw token ids (texts whose
     emoji VADER would rewrite are redone by the caller)."""
-    V = _defs._V or _vader_state()
+    V = vader_state()
     tab.fill_vader()
     T = len(texts)
     out = [0.0] * T
@@ -246,7 +249,7 @@ def _vader_batch(texts, rids, t0, tab) -> list[float]:
             for k in miss:
                 gk, t = gl[k], int(tt[k])
                 a, b = max(t0l[t], gk - 3), min(t0l[t + 1], gk + 3)
-                v = _vader_valence([vlow[r] for r in rids[a:b].tolist()], caps[a:b].tolist(),
+                v = vader_valence([vlow[r] for r in rids[a:b].tolist()], caps[a:b].tolist(),
                                    gk - a, b - a, cdiff[k], V)
                 new[k] = memo[keys[k]] = v
         vals[sp] = new
@@ -267,7 +270,7 @@ def _vader_batch(texts, rids, t0, tab) -> list[float]:
         a, b = k[t], k[t + 1]
         if a == b:
             continue
-        out[t] = _vader_compound_of(hv[a:b], hpl[a:b], first_but[t], texts[t])
+        out[t] = vader_compound_of(hv[a:b], hpl[a:b], first_but[t], texts[t])
     return out
 
 
@@ -339,16 +342,64 @@ def _mtld_passes(prv: np.ndarray, ps: np.ndarray, pe: np.ndarray) -> np.ndarray:
     return out
 
 
-_NEED_SENT = frozenset({"n_sentences", "mean_sentence_len", "flesch_reading_ease", "fk_grade"})
-_NEED_INFO = frozenset({"flesch_reading_ease", "fk_grade", "gender_male", "gender_female", "gender_ratio"})
+# -----------------------------------------------------------------------------
+# a chunk's shared work, in stages; each fast path names the stages it reads
+#
+#   tokens       rids (raw token ids of all texts, laid end to end), t0 (text t is
+#                rids[t0[t]:t0[t+1]])
+#   items        the word-level items of every text (0 quote, 1 end mark, >= 2 word),
+#                their bounds b0, which are words (isw), words per text n / nf, has
+#   sentences    sentences per text ns / nsf
+#   words        the word ids W of all texts (N in all), text t is W[wo[t]:wo[t+1]]
+#   totals       syllables, male and female words per text
+#   occurrences  each word's previous / next occurrence inside its text, and its
+#                local id L among the chunk's distinct words (n_loc)
+
+STAGES = Registry("metric engine stage")  # name -> fn(chunk) -> namespace
 
 
-def _chunk_metrics(texts: list[str], want: set, tab: _Tables) -> dict[str, np.ndarray]:
-    T = len(texts)
-    res: dict[str, np.ndarray] = {}
-    raw = tab.raw
-    get = raw.__getitem__
-    # --- raw tokens of all texts, t0[t]:t0[t+1] for text t
+class Chunk:
+    """The texts of one chunk and their stages, each computed once when first asked for."""
+
+    def __init__(self, texts: list[str], tab: _Tables):
+        self.texts, self.T, self.tab, self._done = texts, len(texts), tab, {}
+
+    def stage(self, name: str):
+        if name not in self._done:
+            self._done[name] = STAGES[name](self)
+        return self._done[name]
+
+    def view(self, needs: tuple) -> "_View":
+        return _View(self, needs)
+
+
+class _View:
+    """What a fast path sees of a chunk: texts, T, tab and the stages it declared (reading
+    another is an error, so every declaration is checked by the tests that run it)."""
+
+    def __init__(self, chunk: Chunk, needs: tuple):
+        self._chunk, self._needs = chunk, needs
+        self.texts, self.T, self.tab = chunk.texts, chunk.T, chunk.tab
+
+    def __getattr__(self, name):
+        if name not in STAGES:
+            raise AttributeError(name)
+        if name not in self._needs:
+            raise RuntimeError(f"a fast path read stage {name!r} it does not declare (needs={self._needs})")
+        return self._chunk.stage(name)
+
+
+def _ratio(num, den, ok) -> np.ndarray:
+    r = np.full(len(ok), np.nan)
+    np.divide(num, den, out=r, where=ok)
+    return r
+
+
+@STAGES.register("tokens")
+def _tokens_stage(c: Chunk):
+    """Every text split at whitespace once (all texts joined by a sentinel token, one
+    str.split), each raw token interned to an id."""
+    T, texts, get = c.T, c.texts, c.tab.raw.__getitem__
     sep_id = get(_SEP)
     joined = " \x00 ".join(texts)
     if joined.count(_SEP) == T - 1:
@@ -367,106 +418,75 @@ def _chunk_metrics(texts: list[str], want: set, tab: _Tables) -> dict[str, np.nd
         t0 = np.zeros(T + 1, np.int64)
         np.cumsum(list(map(len, parts)), out=t0[1:])
         rids = np.fromiter(map(get, chain.from_iterable(parts)), np.int64, int(t0[-1]))
-    if "sentiment" in want:
-        sent = _vader_batch(texts, rids, t0, tab)
-        for t, text in enumerate(texts):
-            if _has_emoji(text):
-                sent[t] = _defs.vader_compound(text)
-        res["sentiment"] = np.asarray(sent, np.float64)
-    if not (want - {"n_chars", "sentiment"}):
-        return res
-    # --- word-level items (0 quote, 1 end mark, >= 2 word) of every text
+    return SimpleNamespace(rids=rids, t0=t0)
+
+
+@STAGES.register("items")
+def _items_stage(c: Chunk):
+    tok, tab = c.stage("tokens"), c.tab
     tab.fill_words()
-    il = tab.ilen.a[rids]
+    il = tab.ilen.a[tok.rids]
     cs = np.zeros(il.size + 1, np.int64)
     np.cumsum(il, out=cs[1:])
-    total = int(cs[-1])
-    src = np.repeat(tab.ioff.a[rids] - cs[:-1], il)
-    src += np.arange(total, dtype=np.int64)
+    src = np.repeat(tab.ioff.a[tok.rids] - cs[:-1], il)
+    src += np.arange(int(cs[-1]), dtype=np.int64)
     items = tab.items.a[src]
-    b0 = cs[t0]                      # item bounds per text
+    b0 = cs[tok.t0]  # item bounds per text
     isw = items >= 2
     n = _cumdiff(isw, b0)
-    nf = n.astype(np.float64)
-    has = n > 0
-    NAN = np.nan
+    return SimpleNamespace(items=items, b0=b0, isw=isw, n=n, nf=n.astype(np.float64), has=n > 0)
 
-    def ratio(num, den, ok):
-        r = np.full(T, NAN)
-        np.divide(num, den, out=r, where=ok)
-        return r
 
-    if "n_words" in want:
-        res["n_words"] = nf
-    if "dialogue_share" in want:
-        # a word is quoted when an odd number of quotes precede it in its text
-        cq = np.zeros(items.size + 1, np.int64)
-        np.cumsum(items == 0, out=cq[1:])
-        par = cq[1:] - np.repeat(cq[b0[:-1]], np.diff(b0))
-        quoted = isw & (par & 1).astype(bool)
-        res["dialogue_share"] = ratio(_cumdiff(quoted, b0).astype(np.float64), nf, has)
-    if want & _NEED_SENT:
-        nq = items != 0
-        it2 = items[nq]
-        b2 = _cumdiff(nq, b0)
-        bb = np.zeros(T + 1, np.int64)
-        np.cumsum(b2, out=bb[1:])
-        start = np.empty(it2.size, bool)
-        if it2.size:
-            start[0] = True
-            np.equal(it2[:-1], 1, out=start[1:])
-            start[bb[:-1][b2 > 0]] = True
-            start &= it2 >= 2
-        ns = _cumdiff(start, bb)
-        nsf = ns.astype(np.float64)
-        if "n_sentences" in want:
-            res["n_sentences"] = nsf
-        if "mean_sentence_len" in want:
-            res["mean_sentence_len"] = ratio(nf, nsf, ns > 0)
-    need_uniq = bool(want & {"ttr", "mtld", "rep3"})
-    if not (need_uniq or want & _NEED_INFO):
-        return res
-    W = items[isw]
-    N = W.size
-    wo = np.zeros(T + 1, np.int64)
-    np.cumsum(n, out=wo[1:])
-    if want & _NEED_INFO:
-        # per-text totals of syllables, male and female words, packed in 21-bit
-        # fields (a text's totals stay below twice its number of characters)
-        nz = np.flatnonzero(n)
-        tot = np.zeros((T, 3), np.int64)
-        if nz.size:
-            if max(map(len, texts)) < (1 << 20):
-                r = np.add.reduceat(tab.wpack.a[W], wo[nz])
-                tot[nz, 0], tot[nz, 1], tot[nz, 2] = r & _MASK21, (r >> 21) & _MASK21, r >> 42
-            else:
-                tot[nz] = np.add.reduceat(tab.winfo.a[:tab.winfo.n].reshape(-1, 3)[W], wo[nz], axis=0)
-        tot = tot.astype(np.float64)
-        syl, male, female = tot[:, 0], tot[:, 1], tot[:, 2]
-        if want & {"flesch_reading_ease", "fk_grade"}:
-            ok = has & (ns > 0)
-            wps = ratio(nf, nsf, ok)
-            spw = ratio(syl, nf, ok)
-            fre = 206.835 - 1.015 * wps - 84.6 * spw
-            fk = 0.39 * wps + 11.8 * spw - 15.59
-            fre[~ok] = NAN
-            fk[~ok] = NAN
-            if "flesch_reading_ease" in want:
-                res["flesch_reading_ease"] = fre
-            if "fk_grade" in want:
-                res["fk_grade"] = fk
-        if "gender_male" in want:
-            res["gender_male"] = male
-        if "gender_female" in want:
-            res["gender_female"] = female
-        if "gender_ratio" in want:
-            mf = male + female
-            res["gender_ratio"] = ratio(male, mf, mf > 0)
-    if not need_uniq:
-        return res
-    # --- previous/next occurrence of each word inside its text
-    tid = np.repeat(np.arange(T), n)
-    ws, we = wo[:-1][tid], wo[1:][tid]           # bounds of each word's text
+@STAGES.register("sentences")
+def _sentences_stage(c: Chunk):
+    it = c.stage("items")
+    nq = it.items != 0
+    it2 = it.items[nq]
+    b2 = _cumdiff(nq, it.b0)
+    bb = np.zeros(c.T + 1, np.int64)
+    np.cumsum(b2, out=bb[1:])
+    start = np.empty(it2.size, bool)
+    if it2.size:
+        start[0] = True
+        np.equal(it2[:-1], 1, out=start[1:])
+        start[bb[:-1][b2 > 0]] = True
+        start &= it2 >= 2
+    ns = _cumdiff(start, bb)
+    return SimpleNamespace(ns=ns, nsf=ns.astype(np.float64))
+
+
+@STAGES.register("words")
+def _words_stage(c: Chunk):
+    it = c.stage("items")
+    W = it.items[it.isw]
+    wo = np.zeros(c.T + 1, np.int64)
+    np.cumsum(it.n, out=wo[1:])
+    return SimpleNamespace(W=W, N=W.size, wo=wo)
+
+
+@STAGES.register("totals")
+def _totals_stage(c: Chunk):
+    """Per-text totals of syllables, male and female words, packed in 21-bit fields (a
+    text's totals stay below twice its number of characters)."""
+    it, w, tab = c.stage("items"), c.stage("words"), c.tab
+    nz = np.flatnonzero(it.n)
+    tot = np.zeros((c.T, 3), np.int64)
+    if nz.size:
+        if max(map(len, c.texts)) < (1 << 20):
+            r = np.add.reduceat(tab.wpack.a[w.W], w.wo[nz])
+            tot[nz, 0], tot[nz, 1], tot[nz, 2] = r & _MASK21, (r >> 21) & _MASK21, r >> 42
+        else:
+            tot[nz] = np.add.reduceat(tab.winfo.a[:tab.winfo.n].reshape(-1, 3)[w.W], w.wo[nz], axis=0)
+    tot = tot.astype(np.float64)
+    return SimpleNamespace(syl=tot[:, 0], male=tot[:, 1], female=tot[:, 2])
+
+
+@STAGES.register("occurrences")
+def _occurrences_stage(c: Chunk):
+    it, w, tab = c.stage("items"), c.stage("words"), c.tab
+    W, N, wo = w.W, w.N, w.wo
+    tid = np.repeat(np.arange(c.T), it.n)
+    ws, we = wo[:-1][tid], wo[1:][tid]  # bounds of each word's text
     if N and len(tab.wid) <= 4 * N + 4096:
         present = np.zeros(len(tab.wid), bool)
         present[W] = True
@@ -485,81 +505,188 @@ def _chunk_metrics(texts: list[str], want: set, tab: _Tables) -> dict[str, np.nd
     prev[b_] = a_
     nxt = np.full(N, N, np.int64)
     nxt[a_] = b_
-    seen = prev >= ws           # word occurred earlier in its text
-    if "ttr" in want:
-        res["ttr"] = ratio((n - _cumdiff(seen, wo)).astype(np.float64), nf, has)
-    if "mtld" in want:
-        # pass k < T: text k forwards; pass T + k: text k backwards, stored
-        # reversed at N + (reversed position)
-        se1 = ws + we - 1
-        prv2 = np.empty(2 * N, np.int64)
-        prv2[:N] = prev
-        prv2[N + se1 - np.arange(N)] = np.where(nxt < we, N + se1 - nxt, -1)
-        ps = np.concatenate([wo[:-1], N + wo[:-1]])
-        pe = np.concatenate([wo[1:], N + wo[1:]])
-        ln = pe - ps
-        fac = np.zeros(2 * T, np.float64)
-        short = np.flatnonzero((ln > 0) & (ln <= _MTLD_LONG))
-        if short.size:
-            fac[short] = _mtld_passes(prv2, ps[short], pe[short])
-        for k in np.flatnonzero(ln > _MTLD_LONG).tolist():
-            t = k % T
-            seq = W[wo[t]:wo[t + 1]].tolist()
-            fac[k] = _mtld_factors(seq if k < T else reversed(seq))
-        f, bk = fac[:T], fac[T:]
-        a1 = ratio(nf, f, f > 0)
-        a1[~(f > 0)] = nf[~(f > 0)]
-        a2 = ratio(nf, bk, bk > 0)
-        a2[~(bk > 0)] = nf[~(bk > 0)]
-        m = 0.5 * (a1 + a2)
-        m[~has] = NAN
-        res["mtld"] = m
-    if "rep3" in want:
-        # a trigram can equal an earlier one only if all its words occur earlier,
-        # and a later one only if all occur later: every other trigram is unique
-        nrep = np.zeros(T, np.int64)
-        ok3 = n > 2
-        if N >= 3:
-            later = nxt < we
-            in3 = np.zeros(N, bool)
-            in3[:N - 2] = (np.arange(N - 2) <= we[:N - 2] - 3)
-            cand = in3.copy()
-            cand[:N - 2] &= ((seen[:N - 2] & seen[1:N - 1] & seen[2:])
-                             | (later[:N - 2] & later[1:N - 1] & later[2:]))
-            ncand = _cumdiff(cand, wo)
-            cp = np.flatnonzero(cand)
-            if cp.size:
-                bits = max(1, (n_loc - 1).bit_length())
-                if 3 * bits <= 63:
-                    key = (L[cp] << (2 * bits)) | (L[cp + 1] << bits) | L[cp + 2]
-                    keys = key.tolist()
-                else:
-                    keys = list(zip(L[cp].tolist(), L[cp + 1].tolist(), L[cp + 2].tolist()))
-                kb = np.zeros(T + 1, np.int64)
-                np.cumsum(ncand, out=kb[1:])
-                kbl = kb.tolist()
-                dist = [len(set(keys[kbl[t]:kbl[t + 1]])) if kbl[t + 1] > kbl[t] else 0 for t in range(T)]
-                nrep = ncand - np.asarray(dist, np.int64)
-        # 1 - distinct / (n - 2), distinct = (n - 2) - repeats
-        d3 = ratio((n - 2 - nrep).astype(np.float64), (n - 2).astype(np.float64), ok3)
-        res["rep3"] = np.where(ok3, 1.0 - d3, NAN)
-    return res
+    return SimpleNamespace(L=L, n_loc=n_loc, prev=prev, nxt=nxt, ws=ws, we=we, seen=prev >= ws)
+
+
+# -----------------------------------------------------------------------------
+# fast paths: one per metric, equal bit for bit to its definition in metrics.py
+
+FAST = Registry("metric fast path")  # metric name -> fn(view) -> float64 array (T,)
+
+
+def fast(name: str, needs: tuple = ()):
+    """@fast("metric", needs=("items", ...)): the batched computation of one metric."""
+    def deco(fn):
+        fn.needs = tuple(needs)
+        return FAST.register(name)(fn)
+    return deco
+
+
+@fast("n_chars")
+def _n_chars(c):
+    return np.fromiter(map(len, c.texts), np.float64, c.T)
+
+
+@fast("sentiment", needs=("tokens",))
+def _sentiment(c):
+    sent = _vader_batch(c.texts, c.tokens.rids, c.tokens.t0, c.tab)
+    for t, text in enumerate(c.texts):
+        if _has_emoji(text):  # VADER rewrites emoji: then its tokens differ from text.split()
+            sent[t] = _defs.vader_compound(text)
+    return np.asarray(sent, np.float64)
+
+
+@fast("n_words", needs=("items",))
+def _n_words(c):
+    return c.items.nf
+
+
+@fast("dialogue_share", needs=("items",))
+def _dialogue_share(c):
+    """a word is quoted when an odd number of quotes precede it in its text"""
+    it = c.items
+    cq = np.zeros(it.items.size + 1, np.int64)
+    np.cumsum(it.items == 0, out=cq[1:])
+    par = cq[1:] - np.repeat(cq[it.b0[:-1]], np.diff(it.b0))
+    quoted = it.isw & (par & 1).astype(bool)
+    return _ratio(_cumdiff(quoted, it.b0).astype(np.float64), it.nf, it.has)
+
+
+@fast("n_sentences", needs=("sentences",))
+def _n_sentences(c):
+    return c.sentences.nsf
+
+
+@fast("mean_sentence_len", needs=("items", "sentences"))
+def _mean_sentence_len(c):
+    return _ratio(c.items.nf, c.sentences.nsf, c.sentences.ns > 0)
+
+
+@fast("flesch_reading_ease", needs=("items", "sentences", "totals"))
+def _flesch(c):
+    it, se, tot = c.items, c.sentences, c.totals
+    ok = it.has & (se.ns > 0)
+    fre = 206.835 - 1.015 * _ratio(it.nf, se.nsf, ok) - 84.6 * _ratio(tot.syl, it.nf, ok)
+    fre[~ok] = np.nan
+    return fre
+
+
+@fast("fk_grade", needs=("items", "sentences", "totals"))
+def _fk_grade(c):
+    it, se, tot = c.items, c.sentences, c.totals
+    ok = it.has & (se.ns > 0)
+    fk = 0.39 * _ratio(it.nf, se.nsf, ok) + 11.8 * _ratio(tot.syl, it.nf, ok) - 15.59
+    fk[~ok] = np.nan
+    return fk
+
+
+@fast("gender_male", needs=("totals",))
+def _gender_male(c):
+    return c.totals.male
+
+
+@fast("gender_female", needs=("totals",))
+def _gender_female(c):
+    return c.totals.female
+
+
+@fast("gender_ratio", needs=("totals",))
+def _gender_ratio(c):
+    mf = c.totals.male + c.totals.female
+    return _ratio(c.totals.male, mf, mf > 0)
+
+
+@fast("ttr", needs=("items", "words", "occurrences"))
+def _ttr(c):
+    it = c.items
+    return _ratio((it.n - _cumdiff(c.occurrences.seen, c.words.wo)).astype(np.float64), it.nf, it.has)
+
+
+@fast("mtld", needs=("items", "words", "occurrences"))
+def _mtld(c):
+    """pass k < T: text k forwards; pass T + k: text k backwards, stored reversed at
+    N + (reversed position)"""
+    it, w, oc, T = c.items, c.words, c.occurrences, c.T
+    N, wo = w.N, w.wo
+    se1 = oc.ws + oc.we - 1
+    prv2 = np.empty(2 * N, np.int64)
+    prv2[:N] = oc.prev
+    prv2[N + se1 - np.arange(N)] = np.where(oc.nxt < oc.we, N + se1 - oc.nxt, -1)
+    ps = np.concatenate([wo[:-1], N + wo[:-1]])
+    pe = np.concatenate([wo[1:], N + wo[1:]])
+    ln = pe - ps
+    fac = np.zeros(2 * T, np.float64)
+    short = np.flatnonzero((ln > 0) & (ln <= _MTLD_LONG))
+    if short.size:
+        fac[short] = _mtld_passes(prv2, ps[short], pe[short])
+    for k in np.flatnonzero(ln > _MTLD_LONG).tolist():
+        t = k % T
+        seq = w.W[wo[t]:wo[t + 1]].tolist()
+        fac[k] = mtld_factors(seq if k < T else reversed(seq))
+    nf, f, bk = it.nf, fac[:T], fac[T:]
+    a1 = _ratio(nf, f, f > 0)
+    a1[~(f > 0)] = nf[~(f > 0)]
+    a2 = _ratio(nf, bk, bk > 0)
+    a2[~(bk > 0)] = nf[~(bk > 0)]
+    m = 0.5 * (a1 + a2)
+    m[~it.has] = np.nan
+    return m
+
+
+@fast("rep3", needs=("items", "words", "occurrences"))
+def _rep3(c):
+    """A trigram can equal an earlier one only if all its words occur earlier, and a
+    later one only if all occur later: every other trigram is unique."""
+    n, N, wo, oc, T = c.items.n, c.words.N, c.words.wo, c.occurrences, c.T
+    nrep = np.zeros(T, np.int64)
+    ok3 = n > 2
+    if N >= 3:
+        seen, later = oc.seen, oc.nxt < oc.we
+        cand = np.zeros(N, bool)
+        cand[:N - 2] = (np.arange(N - 2) <= oc.we[:N - 2] - 3)
+        cand[:N - 2] &= ((seen[:N - 2] & seen[1:N - 1] & seen[2:]) | (later[:N - 2] & later[1:N - 1] & later[2:]))
+        ncand = _cumdiff(cand, wo)
+        cp = np.flatnonzero(cand)
+        if cp.size:
+            nrep = ncand - _distinct_trigrams(oc.L, oc.n_loc, cp, ncand, T)
+    # 1 - distinct / (n - 2), distinct = (n - 2) - repeats
+    d3 = _ratio((n - 2 - nrep).astype(np.float64), (n - 2).astype(np.float64), ok3)
+    return np.where(ok3, 1.0 - d3, np.nan)
+
+
+def _distinct_trigrams(L, n_loc, cp, ncand, T) -> np.ndarray:
+    """Distinct trigrams among each text's candidate positions cp."""
+    bits = max(1, (n_loc - 1).bit_length())
+    if 3 * bits <= 63:
+        keys = ((L[cp] << (2 * bits)) | (L[cp + 1] << bits) | L[cp + 2]).tolist()
+    else:
+        keys = list(zip(L[cp].tolist(), L[cp + 1].tolist(), L[cp + 2].tolist()))
+    kb = np.zeros(T + 1, np.int64)
+    np.cumsum(ncand, out=kb[1:])
+    kbl = kb.tolist()
+    return np.asarray([len(set(keys[kbl[t]:kbl[t + 1]])) if kbl[t + 1] > kbl[t] else 0 for t in range(T)], np.int64)
+
+
+def chunk_metrics(texts: list[str], names: list[str], tab: _Tables) -> dict[str, np.ndarray]:
+    """The named metrics of one chunk: each by its fast path where it has one, else by its
+    definition, text by text."""
+    c = Chunk(texts, tab)
+    out = {n: FAST[n](c.view(FAST[n].needs)) for n in names if n in FAST}
+    plain = [n for n in names if n not in FAST]
+    if plain:
+        out.update(_defs.text_metrics_plain(texts, plain))
+    return out
 
 
 def text_metrics(texts: list[str], names: list[str] | str | None = None) -> dict[str, np.ndarray]:
-    """Score every text; returns {name: float64 array of len(texts)} for the
-    resolved names (default all), computing only what those names need.
-    (Batched engine; equal bit for bit to tests/metrics_reference.py, the definitions
-    applied one text at a time.)"""
+    """Score every text; returns {name: float64 array of len(texts)} for the resolved
+    names (default all), computing only the stages those names need. Equal bit for bit to
+    metrics.text_metrics_plain, the definitions applied one text at a time."""
     names = resolve_metrics(names)
-    want = set(names)
     texts = list(texts)
     T = len(texts)
     out = {k: np.empty(T, np.float64) for k in names}
-    if "n_chars" in want:
-        out["n_chars"][:] = np.fromiter(map(len, texts), np.float64, T)
-    rest = want - {"n_chars"}
-    if not rest or T == 0:
+    if T == 0:
         return out
     tab = _tables()
     i = 0
@@ -568,8 +695,7 @@ def text_metrics(texts: list[str], names: list[str] | str | None = None) -> dict
         while j < T and (size < _CHUNK_CHARS or j == i):
             size += len(texts[j])
             j += 1
-        r = _chunk_metrics(texts[i:j], rest, tab)
-        for k in rest:
-            out[k][i:j] = r[k]
+        for k, v in chunk_metrics(texts[i:j], names, tab).items():
+            out[k][i:j] = v
         i = j
     return out

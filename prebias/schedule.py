@@ -41,20 +41,19 @@ from pathlib import Path
 
 import numpy as np
 
-STRATEGIES = ("shuffle", "sorted", "filter", "competence", "mixture", "interleave")
+from prebias.common import Registry
+
 PACINGS = ("linear", "root", "step", "exp")
-_KEYS = {  # allowed keys per strategy (besides strategy, steps, fraction)
-    "shuffle": set(),
-    "sorted": {"metric", "order"},
-    "filter": {"metric", "lo", "hi"},
-    "competence": {"metric", "order", "pacing", "c0", "ramp", "n_stages"},
-    "mixture": {"metric", "quantiles", "bounds", "weights", "weights_start", "weights_end"},
-    "interleave": {"orders", "ratio"},
-}
+STRATEGIES = Registry("schedule strategy")  # name -> Strategy subclass (register below)
 
 
 class SpecError(ValueError):
     """A schedule spec that cannot be used; the message names the field."""
+
+
+def flat_strategies():
+    """The strategies the flat --schedule flag can name (the rest need a spec file)."""
+    return STRATEGIES.choices(lambda cls: cls.flat)
 
 
 # -----------------------------------------------------------------------------
@@ -62,14 +61,10 @@ class SpecError(ValueError):
 
 def spec_from_flags(strategy="shuffle", metric="", order="asc", lo=-math.inf, hi=math.inf) -> dict:
     """The flat --schedule=... flags as a one-phase spec."""
-    phase = {"strategy": strategy}
-    if strategy in ("sorted", "competence"):
-        phase.update(metric=metric, order=order)
-    elif strategy == "filter":
-        phase.update(metric=metric, lo=None if lo == -math.inf else lo, hi=None if hi == math.inf else hi)
-    elif strategy != "shuffle":
+    cls = STRATEGIES.get(strategy)
+    if cls is None or not cls.flat:
         raise SpecError(f"--schedule={strategy} needs a spec file: use --schedule_spec=plan.json")
-    return {"phases": [phase]}
+    return {"phases": [{"strategy": strategy, **cls.from_flags(metric, order, lo, hi)}]}
 
 
 def load_spec(path) -> dict:
@@ -99,74 +94,32 @@ def _weights(w, n, where):
 
 
 def _order(p: dict, where: str, metrics: set | None, nested=False) -> dict:
-    """One strategy's fields, checked and with defaults filled in."""
+    """One strategy's fields, checked and with defaults filled in: the keys every
+    strategy shares (metric, order) here, its own in its class's check()."""
     if not isinstance(p, dict):
         raise SpecError(f"{where}: must be an object")
     s = p.get("strategy")
-    if s not in STRATEGIES or (nested and s == "interleave"):
-        allowed = STRATEGIES[:-1] if nested else STRATEGIES
+    allowed = [n for n, c in STRATEGIES.items() if c.nestable or not nested]
+    if s not in allowed:
         raise SpecError(f"{where}.strategy: {s!r} is not one of {', '.join(allowed)}")
-    extra = set(p) - _KEYS[s] - {"strategy"} - (set() if nested else {"steps", "fraction"})
+    cls = STRATEGIES[s]
+    extra = set(p) - set(cls.keys) - {"strategy"} - (set() if nested else {"steps", "fraction"})
     if extra:
         raise SpecError(f"{where}: unknown key {sorted(extra)[0]!r} for strategy {s} "
-                        f"(valid: {', '.join(sorted(_KEYS[s])) or 'none'})")
+                        f"(valid: {', '.join(sorted(cls.keys)) or 'none'})")
     out = {"strategy": s}
-    if "metric" in _KEYS[s]:
+    if "metric" in cls.keys:
         m = p.get("metric")
         if not isinstance(m, str) or not m:
             raise SpecError(f"{where}.metric: strategy {s} needs a batch metric name")
         if metrics is not None and m not in metrics:
             raise SpecError(f"{where}.metric: unknown batch metric {m!r}; valid: {', '.join(sorted(metrics))}")
         out["metric"] = m
-    if "order" in _KEYS[s]:
+    if "order" in cls.keys:
         out["order"] = p.get("order", "asc")
         if out["order"] not in ("asc", "desc"):
             raise SpecError(f"{where}.order: {out['order']!r} is not asc or desc")
-    if s == "filter":
-        lo, hi = p.get("lo"), p.get("hi")
-        out["lo"] = None if lo is None else _num(lo, f"{where}.lo")
-        out["hi"] = None if hi is None else _num(hi, f"{where}.hi")
-        if lo is None and hi is None:
-            raise SpecError(f"{where}: filter needs lo or hi")
-        if None not in (lo, hi) and out["lo"] > out["hi"]:
-            raise SpecError(f"{where}: lo {lo} > hi {hi}")
-    elif s == "competence":
-        out["pacing"] = p.get("pacing", "root")
-        if out["pacing"] not in PACINGS:
-            raise SpecError(f"{where}.pacing: {out['pacing']!r} is not one of {', '.join(PACINGS)}")
-        out["c0"] = _num(p.get("c0", 0.1), f"{where}.c0", 0, 1, open_lo=True)
-        out["ramp"] = _num(p.get("ramp", 1.0), f"{where}.ramp", 0, 1, open_lo=True)
-        out["n_stages"] = _num(p.get("n_stages", 5), f"{where}.n_stages", 1, 10_000, integer=True)
-    elif s == "mixture":
-        if ("quantiles" in p) == ("bounds" in p):
-            raise SpecError(f"{where}: mixture needs exactly one of quantiles or bounds")
-        key = "quantiles" if "quantiles" in p else "bounds"
-        e = p[key]
-        if not isinstance(e, list) or len(e) < 3:
-            raise SpecError(f"{where}.{key}: needs at least 3 edges (2 bins)")
-        e = [_num(x, f"{where}.{key}[{i}]", *((0, 1) if key == "quantiles" else ())) for i, x in enumerate(e)]
-        if any(b <= a for a, b in zip(e, e[1:])):
-            raise SpecError(f"{where}.{key}: edges must increase")
-        out[key] = e
-        nb = len(e) - 1
-        if "weights" in p:
-            if "weights_start" in p or "weights_end" in p:
-                raise SpecError(f"{where}: give weights, or weights_start and weights_end, not both")
-            out["weights_start"] = out["weights_end"] = _weights(p["weights"], nb, f"{where}.weights")
-        elif "weights_start" in p and "weights_end" in p:
-            out["weights_start"] = _weights(p["weights_start"], nb, f"{where}.weights_start")
-            out["weights_end"] = _weights(p["weights_end"], nb, f"{where}.weights_end")
-        else:
-            raise SpecError(f"{where}: mixture needs weights (or weights_start and weights_end)")
-    elif s == "interleave":
-        orders = p.get("orders")
-        if not isinstance(orders, list) or len(orders) != 2:
-            raise SpecError(f"{where}.orders: interleave needs a list of 2 sub-orders")
-        out["orders"] = [_order(o, f"{where}.orders[{i}]", metrics, nested=True) for i, o in enumerate(orders)]
-        r = p.get("ratio", [1, 1])
-        if not isinstance(r, list) or len(r) != 2:
-            raise SpecError(f"{where}.ratio: needs [a, b]")
-        out["ratio"] = [_num(x, f"{where}.ratio[{i}]", 1, 1e6, integer=True) for i, x in enumerate(r)]
+    out.update(cls.check(p, where, metrics))
     return out
 
 
@@ -272,30 +225,160 @@ def pacing(kind: str, c0: float, x: np.ndarray, n_stages: int = 5) -> np.ndarray
     return np.minimum(c, 1.0)
 
 
-class _Order:
+class Strategy:
+    """One way to order the batches of a phase, registered by name in STRATEGIES.
+
+    A subclass declares `keys` (its spec keys besides strategy/steps/fraction; "metric"
+    and "order" are checked for every strategy that lists them), whether the flat
+    --schedule flag can name it (`flat`, with from_flags), whether interleave may nest it
+    (`nestable`) and whether its ids depend on the phase's length (`length_matters`,
+    which the resume fingerprint needs). check() normalises its own keys; an instance
+    gives the n ids of local step s, as a pure function of s, in ids()."""
+    keys: tuple = ()
+    flat = False
+    nestable = True
+    length_matters = False
+
+    @classmethod
+    def check(cls, p: dict, where: str, metrics: set | None) -> dict:
+        return {}
+
+    @classmethod
+    def from_flags(cls, metric: str, order: str, lo: float, hi: float) -> dict:
+        return {}
+
+    @classmethod
+    def depends_on_length(cls, p: dict) -> bool:
+        return cls.length_matters
+
     def __init__(self, p: dict, ids: np.ndarray, metric_of, key: tuple, n: int, length: int):
         self.p, self.n, self.length, self.key = p, n, length, key  # n rows per step, phase length
-        s = p["strategy"]
-        vals = metric_of(p["metric"]) if "metric" in p else None
-        if s == "shuffle":
-            self.stream = _Epochs(ids, key, shuffle=True)
-        elif s == "sorted":
-            self.stream = _Epochs(_by_metric(ids, vals, p["order"]), key, shuffle=False)
-        elif s == "filter":
-            lo = -np.inf if p["lo"] is None else p["lo"]
-            hi = np.inf if p["hi"] is None else p["hi"]
-            self.stream = _Epochs(ids[(vals >= lo) & (vals <= hi)], key, shuffle=True)
-        elif s == "competence":
-            self.ranked = _by_metric(ids, vals, p["order"])
-        elif s == "mixture":
-            self._init_mixture(ids, vals)
-        elif s == "interleave":
-            a, b = p["ratio"]
-            la = (length // (a + b)) * a + min(length % (a + b), a)
-            self.subs = [_Order(o, ids, metric_of, key + (q,), n, ln)
-                         for q, (o, ln) in enumerate(zip(p["orders"], (la, length - la)))]
+        self.setup(ids, metric_of(p["metric"]) if "metric" in p else None, metric_of)
 
-    def _init_mixture(self, ids, vals):
+    def setup(self, ids: np.ndarray, vals: np.ndarray | None, metric_of):
+        raise NotImplementedError
+
+    def ids(self, s: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+def build_order(p: dict, ids: np.ndarray, metric_of, key: tuple, n: int, length: int) -> Strategy:
+    return STRATEGIES[p["strategy"]](p, ids, metric_of, key, n, length)
+
+
+class _EpochStrategy(Strategy):
+    """A strategy that runs through a fixed set of ids once per epoch (self.stream)."""
+
+    def ids(self, s: int) -> np.ndarray:
+        return self.stream.at(np.arange(s * self.n, (s + 1) * self.n, dtype=np.int64))
+
+
+@STRATEGIES.register("shuffle")
+class Shuffle(_EpochStrategy):
+    """every epoch a fresh permutation of the batches (llama2.c-like)"""
+    flat = True
+
+    def setup(self, ids, vals, metric_of):
+        self.stream = _Epochs(ids, self.key, shuffle=True)
+
+
+@STRATEGIES.register("sorted")
+class Sorted(_EpochStrategy):
+    """ordered by `metric` (asc = curriculum, desc = anti-curriculum), the same order every epoch"""
+    keys, flat = ("metric", "order"), True
+
+    @classmethod
+    def from_flags(cls, metric, order, lo, hi):
+        return {"metric": metric, "order": order}
+
+    def setup(self, ids, vals, metric_of):
+        self.stream = _Epochs(_by_metric(ids, vals, self.p["order"]), self.key, shuffle=False)
+
+
+@STRATEGIES.register("filter")
+class Filter(_EpochStrategy):
+    """only batches with lo <= metric <= hi (null = unbounded), shuffled per epoch"""
+    keys, flat = ("metric", "lo", "hi"), True
+
+    @classmethod
+    def check(cls, p, where, metrics):
+        lo, hi = p.get("lo"), p.get("hi")
+        out = {"lo": None if lo is None else _num(lo, f"{where}.lo"),
+               "hi": None if hi is None else _num(hi, f"{where}.hi")}
+        if lo is None and hi is None:
+            raise SpecError(f"{where}: filter needs lo or hi")
+        if None not in (lo, hi) and out["lo"] > out["hi"]:
+            raise SpecError(f"{where}: lo {lo} > hi {hi}")
+        return out
+
+    @classmethod
+    def from_flags(cls, metric, order, lo, hi):
+        return {"metric": metric, "lo": None if lo == -math.inf else lo, "hi": None if hi == math.inf else hi}
+
+    def setup(self, ids, vals, metric_of):
+        lo = -np.inf if self.p["lo"] is None else self.p["lo"]
+        hi = np.inf if self.p["hi"] is None else self.p["hi"]
+        self.stream = _Epochs(ids[(vals >= lo) & (vals <= hi)], self.key, shuffle=True)
+
+
+@STRATEGIES.register("competence")
+class Competence(Strategy):
+    """a paced curriculum (Platanios et al. 2019; Hacohen & Weinshall 2019): B batches per
+    step drawn uniformly from the easiest c(t) of them by `metric`"""
+    keys, length_matters = ("metric", "order", "pacing", "c0", "ramp", "n_stages"), True
+
+    @classmethod
+    def check(cls, p, where, metrics):
+        pace = p.get("pacing", "root")
+        if pace not in PACINGS:
+            raise SpecError(f"{where}.pacing: {pace!r} is not one of {', '.join(PACINGS)}")
+        return {"pacing": pace, "c0": _num(p.get("c0", 0.1), f"{where}.c0", 0, 1, open_lo=True),
+                "ramp": _num(p.get("ramp", 1.0), f"{where}.ramp", 0, 1, open_lo=True),
+                "n_stages": _num(p.get("n_stages", 5), f"{where}.n_stages", 1, 10_000, integer=True)}
+
+    def setup(self, ids, vals, metric_of):
+        self.ranked = _by_metric(ids, vals, self.p["order"])
+
+    def ids(self, s):
+        p, n = self.p, self.n
+        ramp_steps = max(1.0, p["ramp"] * self.length)
+        c = float(pacing(p["pacing"], p["c0"], s / ramp_steps, p["n_stages"]))
+        m = min(len(self.ranked), max(n, math.ceil(c * len(self.ranked) - 1e-9)))
+        pick = _rng(*self.key, s).choice(m, n, replace=m < n)
+        return self.ranked[pick]
+
+
+@STRATEGIES.register("mixture")
+class Mixture(Strategy):
+    """rows apportioned to metric bins (`quantiles` or `bounds` edges) by `weights`, or
+    `weights_start` -> `weights_end` across the phase (largest remainder per step)"""
+    keys = ("metric", "quantiles", "bounds", "weights", "weights_start", "weights_end")
+    length_matters = True
+
+    @classmethod
+    def check(cls, p, where, metrics):
+        if ("quantiles" in p) == ("bounds" in p):
+            raise SpecError(f"{where}: mixture needs exactly one of quantiles or bounds")
+        key = "quantiles" if "quantiles" in p else "bounds"
+        e = p[key]
+        if not isinstance(e, list) or len(e) < 3:
+            raise SpecError(f"{where}.{key}: needs at least 3 edges (2 bins)")
+        e = [_num(x, f"{where}.{key}[{i}]", *((0, 1) if key == "quantiles" else ())) for i, x in enumerate(e)]
+        if any(b <= a for a, b in zip(e, e[1:])):
+            raise SpecError(f"{where}.{key}: edges must increase")
+        out, nb = {key: e}, len(e) - 1
+        if "weights" in p:
+            if "weights_start" in p or "weights_end" in p:
+                raise SpecError(f"{where}: give weights, or weights_start and weights_end, not both")
+            out["weights_start"] = out["weights_end"] = _weights(p["weights"], nb, f"{where}.weights")
+        elif "weights_start" in p and "weights_end" in p:
+            out["weights_start"] = _weights(p["weights_start"], nb, f"{where}.weights_start")
+            out["weights_end"] = _weights(p["weights_end"], nb, f"{where}.weights_end")
+        else:
+            raise SpecError(f"{where}: mixture needs weights (or weights_start and weights_end)")
+        return out
+
+    def setup(self, ids, vals, metric_of):
         p = self.p
         ok = ~np.isnan(vals)
         edges = (np.quantile(vals[ok], p["quantiles"]) if "quantiles" in p else np.asarray(p["bounds"], float))
@@ -316,25 +399,44 @@ class _Order:
         self.counts = apportion(w, self.n)
         self.starts = np.vstack([np.zeros((1, nb), np.int64), np.cumsum(self.counts, 0)])
 
-    def ids(self, s: int) -> np.ndarray:
-        n, p = self.n, self.p
-        st = p["strategy"]
-        if st in ("shuffle", "sorted", "filter"):
-            return self.stream.at(np.arange(s * n, (s + 1) * n, dtype=np.int64))
-        if st == "competence":
-            ramp_steps = max(1.0, p["ramp"] * self.length)
-            c = float(pacing(p["pacing"], p["c0"], s / ramp_steps, p["n_stages"]))
-            m = min(len(self.ranked), max(n, math.ceil(c * len(self.ranked) - 1e-9)))
-            pick = _rng(*self.key, s).choice(m, n, replace=m < n)
-            return self.ranked[pick]
-        if st == "mixture":
-            row = min(s, len(self.counts) - 1)  # steps past the phase's length keep the last weights
-            cnt = self.counts[row]
-            start = self.starts[row] + (s - row) * cnt
-            parts = [self.bins[b].at(np.arange(start[b], start[b] + cnt[b], dtype=np.int64))
-                     for b in range(len(cnt)) if cnt[b]]
-            return np.concatenate(parts)
-        a, b = p["ratio"]  # interleave
+    def ids(self, s):
+        row = min(s, len(self.counts) - 1)  # steps past the phase's length keep the last weights
+        cnt = self.counts[row]
+        start = self.starts[row] + (s - row) * cnt
+        parts = [self.bins[b].at(np.arange(start[b], start[b] + cnt[b], dtype=np.int64))
+                 for b in range(len(cnt)) if cnt[b]]
+        return np.concatenate(parts)
+
+
+@STRATEGIES.register("interleave")
+class Interleave(Strategy):
+    """two sub-orders (`orders`, each a strategy above) alternated by step in `ratio` [a, b]"""
+    keys, nestable = ("orders", "ratio"), False
+
+    @classmethod
+    def check(cls, p, where, metrics):
+        orders = p.get("orders")
+        if not isinstance(orders, list) or len(orders) != 2:
+            raise SpecError(f"{where}.orders: interleave needs a list of 2 sub-orders")
+        out = {"orders": [_order(o, f"{where}.orders[{i}]", metrics, nested=True) for i, o in enumerate(orders)]}
+        r = p.get("ratio", [1, 1])
+        if not isinstance(r, list) or len(r) != 2:
+            raise SpecError(f"{where}.ratio: needs [a, b]")
+        out["ratio"] = [_num(x, f"{where}.ratio[{i}]", 1, 1e6, integer=True) for i, x in enumerate(r)]
+        return out
+
+    @classmethod
+    def depends_on_length(cls, p):
+        return any(STRATEGIES[o["strategy"]].depends_on_length(o) for o in p["orders"])
+
+    def setup(self, ids, vals, metric_of):
+        a, b = self.p["ratio"]
+        la = (self.length // (a + b)) * a + min(self.length % (a + b), a)
+        self.subs = [build_order(o, ids, metric_of, self.key + (q,), self.n, ln)
+                     for q, (o, ln) in enumerate(zip(self.p["orders"], (la, self.length - la)))]
+
+    def ids(self, s):
+        a, b = self.p["ratio"]
         cyc, k = divmod(s, a + b)
         return self.subs[0].ids(cyc * a + k) if k < a else self.subs[1].ids(cyc * b + k - a)
 
@@ -356,7 +458,7 @@ class _Excluding:
     """An order's stream with some ids dropped and the gaps closed up, so the rest keep
     their relative order (a leave-out retraining)."""
 
-    def __init__(self, order: _Order, mask: np.ndarray):
+    def __init__(self, order: Strategy, mask: np.ndarray):
         self.order, self.mask, self.n = order, mask, order.n
         self.buf, self.next = np.zeros(0, np.int64), 0
 
@@ -407,7 +509,7 @@ class Schedule:
             mask[exc[exc >= 0]] = True
         for i, (p, (a, b)) in enumerate(zip(self.spec["phases"], self.bounds)):
             try:
-                o = _Order(p, ids, lookup.__getitem__, (self.seed, i), self.B, b - a)
+                o = build_order(p, ids, lookup.__getitem__, (self.seed, i), self.B, b - a)
             except SpecError as e:
                 raise SpecError(f"{name}: phases[{i}]: {e}") from None
             self.orders.append(_Excluding(o, mask) if mask is not None else o)
@@ -458,7 +560,8 @@ class Schedule:
         last phase's end counts only where its order depends on its length (competence,
         mixture), so a resume that extends a shuffled run keeps its fingerprint."""
         bounds = [list(b) for b in self.bounds]
-        if not _length_matters(self.spec["phases"][-1]):
+        last = self.spec["phases"][-1]
+        if not STRATEGIES[last["strategy"]].depends_on_length(last):
             bounds[-1][1] = None
         return {"spec": self.spec, "seed": self.seed, "batches_per_step": self.B, "bounds": bounds,
                 "n_train": len(self.ids), "ids_sha256": hashlib.sha256(self.ids.tobytes()).hexdigest()[:16],
@@ -471,10 +574,6 @@ class Schedule:
         rec = self.record()
         rec["spec"] = {k: v for k, v in rec["spec"].items() if k not in ("exclude", "include")}  # paths: content counts
         return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _length_matters(p: dict) -> bool:
-    return any(o["strategy"] in ("competence", "mixture") for o in p.get("orders", [p]))
 
 
 def rank_micro_batches(step_rows: np.ndarray, rank: int, world_size: int, micro_steps: int) -> np.ndarray:

@@ -16,14 +16,9 @@ decisions; ranks only split the forward/backward work).
 Online selection (--select, --select_pool=K): the pool of step t is the schedule's B ids
 of step t followed by (K-1)*B candidates from a second stream of the same spec with the
 seed (seed, 'pool'); so `uniform` (keep the pool's first B) trains on exactly the ids of
-no selection. Scores, higher = kept (ties: the earlier pool position):
-    uniform  -position
-    loss     the current model's mean token loss on the window (no gradients)
-    rho      loss - irreducible loss (RHO-LOSS, Mindermann et al. 2022): the irreducible
-             loss is the reference scorer's ref_nll of the batch (batch_metrics.csv: fitted
-             on held-out data) or, with --select_ref=model.bin, that model's loss
-             (computed once per batch and cached)
-    metric   -|metric - select_target| of a batch metric (--select_metric): steer toward it
+no selection. The pool is scored by a registered selection score (selection.py: uniform,
+loss, rho, el2n, metric; higher = kept, ties: the earlier pool position), the same
+functions select_batches.py uses offline.
 A batch chosen from the second stream may come again later in the first: selection
 trades the once-per-epoch guarantee for the choice.
 
@@ -37,27 +32,24 @@ rows of each active step); conditional tags insert after the BOS of each story w
 story-level metric lies in the tag's range.
 """
 
+import dataclasses
 import hashlib
 import json
 import types
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from prebias import batchmetrics
 import metrics
-from prebias import metrics_engine
+from prebias import batchmetrics, metrics_engine
 from prebias import tags as tagmod
-from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_config
+from prebias.checkpoint import run_config
 from prebias.common import DoneRecord, UserError, atomic_path, autocast_ctx
 from prebias.data import BOS_ID, BatchData, tok_dir, window_texts
-from export import load_v0
-from model import per_row_loss
-from prebias.schedule import Schedule, SpecError, load_spec, spec_from_flags, spec_metrics
+from prebias.schedule import STRATEGIES, Schedule, SpecError, load_spec, spec_from_flags, spec_metrics
+from prebias.selection import SCORES, Irreducible, ScoreContext, keep_best
 from tokenizer import Tokenizer
 
-SELECT_METHODS = ("none", "uniform", "loss", "rho", "metric")
 REPLACE, INSERT = 0, 1
 INS_COLUMNS = ("step", "row", "pos", "tag", "n_tokens", "mode")
 
@@ -192,70 +184,32 @@ class Inserter:
 # online selection
 
 class Selector:
-    """Builds each step's pool and keeps the best B of it (see the module docstring)."""
+    """Builds each step's pool and keeps the best B of it by a registered score
+    (selection.py; see the module docstring for the pool)."""
 
     def __init__(self, method: str, K: int, spec: dict, data: BatchData, B: int, seed: int, max_iters: int,
                  batch_metric, micro_bs: int, device: str, ctx, ref_model: str = "", metric: str = "",
                  target: float = 0.0):
         """batch_metric(name) -> that batch metric for every batch id (batch_metrics.csv)."""
         self.method, self.K, self.B, self.data = method, K, B, data
-        self.micro_bs, self.device, self.ctx = micro_bs, device, ctx
+        self.score = SCORES.lookup(method, "--select")
         self.aux = Schedule(spec, data.train_ids, (K - 1) * B, seed=_pool_seed(seed), max_iters=max_iters,
                             metric_of=lambda m: batch_metric(m)[data.train_ids]) if K > 1 else None
-        self.values = self.ref_nll = self.ref_model = None
-        if method == "metric":
-            self.values, self.target = batch_metric(metric), target
-        if method == "rho" and not ref_model:
-            self.ref_nll = batch_metric("ref_nll")
-        self._ref_cache = {}
-        if method == "rho" and ref_model:
-            self.ref_model = (model_from_checkpoint(load_checkpoint(ref_model), device) if ref_model.endswith(".pt")
-                              else load_v0(ref_model).to(device).eval())
-            if self.ref_model.params.vocab_size != data.vocab_size:
-                raise UserError(f"--select_ref={ref_model} has vocab_size {self.ref_model.params.vocab_size}, "
-                                f"the data {data.vocab_size}: train the reference model on this data")
+        if self.score.needs_metric:
+            batch_metric(metric)  # an unknown metric is refused now, not at the first step
+        self.ctx = ScoreContext(device=device, ctx=ctx, batch_size=micro_bs, batch_metric=batch_metric,
+                                irreducible=Irreducible(data, batch_metric, ref_model, device)
+                                if self.score.needs_ref else None, metric=metric, target=target)
 
     def pool(self, step: int, ids: np.ndarray) -> np.ndarray:
         return ids if self.aux is None else np.concatenate([ids, self.aux.step_ids(step)])
 
-    def _losses(self, model, ids: np.ndarray, rank: int, world: int) -> np.ndarray:
-        """Mean token loss of every pool window; rank r scores chunks r, r+W, ... of
-        micro_bs rows, so each chunk holds the same rows at any world size."""
-        chunks = [ids[i:i + self.micro_bs] for i in range(0, len(ids), self.micro_bs)]
-        out = torch.zeros(len(chunks), self.micro_bs, device=self.device)
-        for c in range(rank, len(chunks), world):
-            x, y = self.data.get(chunks[c])
-            with self.ctx:
-                out[c, :len(chunks[c])] = per_row_loss(model, x.to(self.device), y.to(self.device)).float()
-        if world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(out)  # each chunk was filled by exactly one rank
-        return out.reshape(-1)[:len(ids)].cpu().numpy().astype(np.float64)
-
-    def _ref(self, ids: np.ndarray) -> np.ndarray:
-        if self.ref_model is None:
-            return self.ref_nll[ids]
-        todo = [int(i) for i in ids if int(i) not in self._ref_cache]
-        if todo:
-            x, y = self.data.get(todo)
-            with torch.no_grad():
-                for i, v in zip(todo, per_row_loss(self.ref_model, x.to(self.device), y.to(self.device)).tolist()):
-                    self._ref_cache[i] = v
-        return np.array([self._ref_cache[int(i)] for i in ids])
-
     def scores(self, model, pool: np.ndarray, rank: int = 0, world: int = 1) -> np.ndarray:
-        if self.method == "uniform":
-            return -np.arange(len(pool), dtype=np.float64)
-        if self.method == "metric":
-            return -np.abs(self.values[pool] - self.target)
-        loss = self._losses(model, pool, rank, world)
-        return loss if self.method == "loss" else loss - self._ref(pool)
+        return self.score(model, self.data, pool, dataclasses.replace(self.ctx, rank=rank, world=world))
 
     def choose(self, model, pool: np.ndarray, rank: int = 0, world: int = 1) -> np.ndarray:
         """The B kept ids, in pool order."""
-        s = np.nan_to_num(self.scores(model, pool, rank, world), nan=-np.inf)
-        keep = np.sort(np.lexsort((np.arange(len(pool)), -s))[:self.B])
-        return pool[keep]
+        return pool[keep_best(self.scores(model, pool, rank, world), self.B)]
 
 
 def _pool_seed(seed: int) -> int:
@@ -340,7 +294,7 @@ def schedule_spec(cfg) -> tuple[dict, str]:
         if cfg.schedule_spec:
             spec, name = load_spec(cfg.schedule_spec), f"schedule spec {cfg.schedule_spec}"
         else:
-            if cfg.schedule != "shuffle" and not cfg.schedule_metric:
+            if "metric" in getattr(STRATEGIES.get(cfg.schedule), "keys", ()) and not cfg.schedule_metric:
                 raise SpecError(f"--schedule={cfg.schedule} needs --schedule_metric=<a batch metric>")
             spec, name = spec_from_flags(cfg.schedule, cfg.schedule_metric, cfg.schedule_order,
                                          cfg.schedule_lo, cfg.schedule_hi), "--schedule"

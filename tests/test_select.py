@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from prebias import batchmetrics
-from prebias import checkpoint
 import select_batches
 import train
-from prebias.common import UserError
 from conftest import TinyRun
+from prebias import batchmetrics, checkpoint
+from prebias.common import UserError
 from prebias.data import BatchData
+from prebias.selection import SCORES, ScoreContext
 
 
 def test_keeps_the_hardest_by_ref_nll_and_train_uses_only_them(tiny_run, tmp_path):
@@ -50,19 +50,19 @@ def test_el2n_matches_its_definition(tiny_run, tmp_path):
     ck = checkpoint.load_checkpoint(checkpoint.ckpt_path(tiny_run.out_dir, 4))
     model = checkpoint.model_from_checkpoint(ck)
     ids = data.train_ids[:5]
-    got = select_batches.el2n_scores(model, data, ids, 2, "cpu")
+    got = SCORES["el2n"](model, data, ids, ScoreContext(batch_size=2))
     x, y = data.get(ids)
     with torch.no_grad():
         p = torch.softmax(model(x)[0], -1)
     onehot = torch.nn.functional.one_hot(y, 512).float()
     want = (p - onehot).pow(2).sum(-1).sqrt().mean(1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    it, _ = select_batches.early_checkpoint(tiny_run.out_dir, -1)
+    it, _ = select_batches.early_checkpoint(tiny_run.out_dir, -1, "el2n")
     assert it == 4  # the first checkpoint at >= 10% of 24 steps
 
 
 def test_bad_arguments_are_one_line(tiny_run):
-    with pytest.raises(UserError, match="--by=nope: choose el2n or a batch metric: noisy, ref_nll"):
+    with pytest.raises(UserError, match=r"--by=nope: choose a selection score \(uniform, loss, rho, el2n, metric\) or a batch metric: noisy, ref_nll"):
         select_batches.main([f"--data_dir={tiny_run.data_dir}", f"--tables_dir={tiny_run.tables_dir}",
                              "--vocab_size=512", "--max_seq_len=64", "--by=nope"])
     with pytest.raises(UserError, match=r"--keep=0.0: a fraction in \(0, 1\]"):

@@ -9,15 +9,15 @@ import types
 from pathlib import Path
 
 import numpy as np
-
+import pytest
 import torch
 
-from prebias import checkpoint
-from prebias import stream
 import train
 from conftest import ROOT, TinyRun
-from prebias.data import BOS_ID, BatchData
 from model import ModelArgs, Transformer, per_row_loss
+from prebias import checkpoint, selection, stream
+from prebias.data import BOS_ID, BatchData
+from prebias.selection import SCORES, ScoreContext
 
 TINY = dict(max_iters=6, eval_interval=4)
 
@@ -47,30 +47,23 @@ def test_uniform_selection_trains_exactly_the_no_selection_ids(tiny_data, tmp_pa
     assert np.load(uni.out_dir / "pool_ids.npy").shape == (6, 24)
 
 
-class FixedScores(stream.Selector):
-    """A selector whose model losses are given by hand (the choice rule is what is tested)."""
-
-    def __init__(self, method, losses, ref=None, B=3):
-        self.method, self.B, self.K = method, B, 2
-        self.losses, self.ref_nll, self.ref_model = np.asarray(losses, float), ref, None
-        self.values = None
-
-    def _losses(self, model, ids, rank, world):
-        return self.losses[ids]
-
-
-def test_loss_and_rho_choose_the_expected_batches():
+def test_loss_and_rho_choose_the_expected_batches(monkeypatch):
+    """The choice rule, with the model's losses given by hand."""
     pool = np.array([4, 0, 5, 2, 1, 3])
-    losses = [2.0, 0.5, 3.0, 1.0, 2.5, 1.5]  # by id
-    assert FixedScores("loss", losses).choose(None, pool).tolist() == [4, 0, 2]  # ids 2, 4, 0 (3.0, 2.5, 2.0) in pool order
+    losses = np.array([2.0, 0.5, 3.0, 1.0, 2.5, 1.5])  # by id
+    monkeypatch.setattr(selection, "per_window", lambda fn, model, data, ids, ctx: losses[ids])
+
+    def choose(name, **ctx):
+        return pool[selection.keep_best(SCORES[name](None, None, pool, ScoreContext(**ctx)), 3)].tolist()
+    assert choose("loss") == [4, 0, 2]  # ids 2, 4, 0 (3.0, 2.5, 2.0) in pool order
     ref = np.array([1.9, 0.0, 0.1, 0.2, 2.4, 0.0])  # irreducible: ids 0 and 4 are hard for everyone
     # reducible = [0.1, 0.5, 2.9, 0.8, 0.1, 1.5] -> ids 2, 5, 3
-    assert FixedScores("rho", losses, ref).choose(None, pool).tolist() == [5, 2, 3]
-    ties = FixedScores("loss", [1.0] * 6)
-    assert ties.choose(None, pool).tolist() == [4, 0, 5]  # ties: earlier pool position first
-    steer = FixedScores("metric", losses)
-    steer.values, steer.target = np.array([0.9, 0.1, 0.5, np.nan, 0.45, 0.0]), 0.5  # by id
-    assert steer.choose(None, pool).tolist() == [4, 0, 2]  # |m - 0.5|: ids 2 (0), 4 (.05), 0 (.4); NaN never
+    assert choose("rho", irreducible=lambda ids: ref[ids]) == [5, 2, 3]
+    vals = np.array([0.9, 0.1, 0.5, np.nan, 0.45, 0.0])  # by id
+    assert choose("metric", batch_metric=lambda m: vals, metric="m", target=0.5) == [4, 0, 2]  # |m - 0.5|: ids 2 (0), 4 (.05), 0 (.4); NaN never
+    assert choose("uniform") == [4, 0, 5]  # the pool's first B
+    losses[:] = 1.0
+    assert choose("loss") == [4, 0, 5]  # ties: earlier pool position first
 
 
 def test_loss_selection_uses_the_models_per_row_loss(tiny_data):
@@ -89,6 +82,7 @@ def test_loss_selection_uses_the_models_per_row_loss(tiny_data):
     assert len(set(pool.tolist())) == 32  # the second stream gives other candidates
 
 
+@pytest.mark.slow
 def test_selection_is_exact_on_resume_and_world_size_invariant(tiny_data, tmp_path):
     data, tables = tiny_data
     kw = dict(**TINY, select="loss", select_pool=2)

@@ -1,0 +1,129 @@
+"""
+The configs of the stages that other stages launch (train.py, eval.py, durability.py):
+one dataclass each, every field a --key=value of that command, with its default and
+why. experiment.py checks a spec's settings against these fields and attribute.py
+retrains with them, so they live in the library rather than in the commands.
+
+$ python train.py --help        # every TrainConfig key with its default
+"""
+
+import math
+from dataclasses import dataclass
+
+from prebias.data import DATA_DIR, TABLES_DIR
+from prebias.schedule import flat_strategies
+from prebias.selection import SCORES
+
+
+# -----------------------------------------------------------------------------
+# train.py
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    data_dir: str = str(DATA_DIR)
+    model_bin: str = ""  # llama2.c model written at the end: '' = model.bin at the root for out_dir=out
+    #                      (the seed's path), <out_dir>/model.bin otherwise; 'none' to skip
+    eval_interval: int = 100  # checkpoint + eval every this many steps...
+    log_spaced: bool = True  # ...and at 0, 1, 2, 4, 8, ... below it (Pythia)
+    log_interval: int = 10
+    eval_iters: int = 8  # batches of batch_size for each loss estimate
+    export_ckpt_bins: bool = False  # also write <out_dir>/ckpt/model_<iter>.bin
+    keep_optimizer: bool = False  # keep the optimizer state of every checkpoint, not only the latest
+    init_from: str = "scratch"  # 'scratch' or 'resume'
+    show_batches: int = -1  # >= 0: print the batches of this step and exit (batch_viewer.py)
+    # wandb (optional)
+    wandb_log: bool = False
+    wandb_project: str = "llama2_prebiasing"
+    wandb_run_name: str = ""
+    wandb_group: str = ""  # experiment.py: the experiment
+    wandb_job_type: str = ""  # experiment.py: the arm
+    wandb_run_id: str = ""  # a fixed id, so later stages (eval) log into the same run
+    # data
+    batch_size: int = 16
+    max_seq_len: int = 256
+    vocab_size: int = 512
+    # schedule (the order of batches): a spec file, or the flat flags as a one-phase spec
+    seed: int = 1337
+    schedule_spec: str = ""  # a JSON spec of phases (schedule.py); overrides the flat flags
+    schedule: str = "shuffle"
+    schedule_metric: str = ""  # a column of batch_metrics.csv, for sorted/filter
+    schedule_order: str = "asc"
+    schedule_lo: float = -math.inf
+    schedule_hi: float = math.inf
+    schedule_exclude: str = ""  # a .npy of batch ids never trained on (the rest keep their order)
+    tables_dir: str = str(TABLES_DIR)  # where batch_metrics.csv lives
+    # tags and online selection (stream.py)
+    tags: str = ""  # a JSON tag file (tags.py): canaries and conditional tags
+    select: str = "none"  # none | uniform | loss | rho | metric
+    select_pool: int = 1  # K: each step scores K * its batches and keeps the best
+    select_ref: str = ""  # rho: a model.bin/.pt for the irreducible loss ('' = batch metrics' ref_nll)
+    select_metric: str = ""  # metric: the batch metric to steer by...
+    select_target: float = 0.0  # ...toward this value
+    # model
+    dim: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    multiple_of: int = 32
+    dropout: float = 0.0
+    # optimizer
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-3  # right for the tiny default; config/stories15M.json uses 5e-4
+    max_iters: int = 500
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    decay_lr: bool = True
+    warmup_iters: int = 50
+    min_lr: float = 0.0  # 0: learning_rate / 10
+    # system
+    device: str = "auto"
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto
+    compile: bool = False
+    flush_denormal: bool = True  # CPU: flush subnormal floats to zero (up to 1.3x faster late in a run)
+    peak_flops: float = 0.0  # for MFU; 0: a known GPU's bf16 peak, or measured on CPU
+
+
+# the allowed values of some fields (live views: a strategy or score registered later is
+# a valid choice at once)
+TRAIN_CHOICES = {"init_from": ("scratch", "resume"), "schedule": flat_strategies(),
+                 "schedule_order": ("asc", "desc"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+                 "select": SCORES.choices(extra=("none",))}
+
+
+# -----------------------------------------------------------------------------
+# eval.py
+@dataclass
+class EvalConfig:
+    out_dir: str = "out"  # the run folder (config.json, ckpt/)
+    data_dir: str = ""  # '' = the run's config.json data_dir
+    tables_dir: str = ""  # where batch_metrics.csv lives; '' = the run's config.json tables_dir
+    val_batches: int = 64  # the first this many validation batch ids
+    batch_size: int = 16  # batches per forward pass for the validation loss
+    n_prompts: int = 8  # held-out story prompts (plus "Once upon a time")
+    prompt_tokens: int = 8  # story tokens per prompt, after BOS
+    max_new_tokens: int = 200
+    temperature: float = 0.0  # > 0: also a sampled generation per prompt
+    top_p: float = 0.9  # nucleus for the sampled generation (0 or 1: plain sampling)
+    seed: int = 1337  # sampling seed (prompt i uses seed + i, as model.generate)
+    redo: bool = False  # re-evaluate checkpoints already in the tables
+    device: str = "auto"
+    wandb_log: bool = False  # log the newly evaluated checkpoints to wandb (into the training run's
+    #                          id when train.py had --wandb_run_id, as experiment.py sets it)
+
+
+# -----------------------------------------------------------------------------
+# durability.py
+@dataclass
+class DurabilityConfig:
+    out_dir: str = "out"
+    R: int = 1000  # random candidates per canary (exposure)
+    seed: int = 1337  # candidates' seed
+    batch_size: int = 256  # sequences per forward pass
+    n_prompts: int = 16  # conditional tags: validation story openings
+    prompt_tokens: int = 8  # tokens of each opening (after BOS)
+    max_new_tokens: int = 48
+    device: str = "auto"
+    redo: bool = False
