@@ -29,7 +29,7 @@ FLAGS_runexact = -O3
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test bench bench-select demo experiment $(addprefix print-cmd-,$(BUILDS))
+.PHONY: default all clean test test-fast bench bench-select demo experiment $(addprefix print-cmd-,$(BUILDS))
 
 default: run
 
@@ -45,6 +45,10 @@ $(addprefix print-cmd-,$(BUILDS)): print-cmd-%:
 
 test: run
 	$(PYTHON) -m pytest -q
+
+# the edit-test loop: every test but the slow end-to-end ones (under 3 minutes on 2 cores)
+test-fast: run
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # The main job, offline on the bundled sample: data -> tokenizer -> batches + metrics ->
 # a short training with checkpoints -> model.bin -> a story from run.c -> evaluation

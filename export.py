@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from model import ModelArgs, Transformer
 from prebias.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from prebias.common import UserError, atomic_path, main_guard
-from model import ModelArgs, Transformer
 
 HEADER = struct.Struct("7i")
 

@@ -29,7 +29,7 @@ import numpy as np
 from prebias import batchmetrics
 from prebias.common import UserError, atomic_path, main_guard
 from prebias.data import (BOS_ID, DATA_DIR, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE, load_stories, raw_dir, raw_shards,
-                  sha256_file, tok_dir, token_stamps, write_index)
+                          sha256_file, tok_dir, token_stamps, write_index)
 from prebias.storygen import corrupt, generate_stories, noise_plan
 from tokenizer import Tokenizer, tokenizer_model_path
 
@@ -162,6 +162,7 @@ def train_vocab(vocab_size: int, data_dir=DATA_DIR, num_shards=10):
     """Sentencepiece BPE as llama2.c trains it (byte fallback, identity normalisation)
     on the training shards (1..num_shards; shard 0 is kept unseen for validation)."""
     import sentencepiece as spm
+
     # byte fallback needs 256 byte pieces + <unk>, <s>, </s>: fewer cannot be trained
     if vocab_size < MIN_VOCAB or vocab_size > 65535:
         raise UserError(f"--vocab_size={vocab_size}: give {MIN_VOCAB}..65535 (byte fallback needs "

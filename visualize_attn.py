@@ -43,9 +43,10 @@ from tqdm import tqdm
 
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from prebias.common import (DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure, step_axis,
-                    write_csv_atomic)
+                            write_csv_atomic)
 from prebias.data import load_stories, raw_shards
 from tokenizer import Tokenizer, piece_label
+
 
 # -----------------------------------------------------------------------------
 # config (every field can be set with --key=value)

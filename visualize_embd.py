@@ -51,8 +51,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from prebias.checkpoint import load_checkpoint, run_checkpoints, run_config
-from prebias.common import DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure, write_csv_atomic
+from prebias.common import (DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure,
+                            write_csv_atomic)
 from tokenizer import Tokenizer, piece_label
+
 
 # -----------------------------------------------------------------------------
 # config (every field can be set with --key=value)

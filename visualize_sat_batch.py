@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from prebias import saturation
 from prebias.common import main_guard, parse_config
 
+
 # -----------------------------------------------------------------------------
 # config
 @dataclass

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prebias import batchmetrics  # noqa: E402
 import metrics  # noqa: E402
-from prebias.data import BatchData, raw_shards, tok_dir  # noqa: E402
 import tinystories  # noqa: E402
+from prebias import batchmetrics  # noqa: E402
+from prebias.data import BatchData, raw_shards, tok_dir  # noqa: E402
 
 FULL_STORIES, CORES = 4_900_000, 16
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prebias import batchmetrics  # noqa: E402
-from prebias import checkpoint  # noqa: E402
 import select_batches  # noqa: E402
 import tinystories  # noqa: E402
 import train  # noqa: E402
+from prebias import batchmetrics  # noqa: E402
+from prebias import checkpoint  # noqa: E402
 from prebias.data import BatchData  # noqa: E402
 
 METHODS = ("uniform", "loss", "rho", "prune")

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prebias.data import tok_dir, write_index  # noqa: E402
 import train  # noqa: E402
+from prebias.data import tok_dir, write_index  # noqa: E402
 
 CONFIGS = {  # llama2.c's CPU reference: batch 8, seq 256, fp32
     "dim64_L5_V512": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512),
@@ -156,6 +156,7 @@ def synthetic_tables(root: Path, vocab: int, T: int = 256):
     """A batch_metrics.csv for the synthetic data (ref_nll random), and story metrics via
     the tokenizer: the bundled tokenizer.model has 512 pieces."""
     import pandas as pd
+
     from prebias.common import write_json_atomic
     from prebias.data import BatchData
     data = BatchData(root, vocab, T)

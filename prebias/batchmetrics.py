@@ -25,7 +25,7 @@ import metrics
 from prebias import metrics_engine
 from prebias.common import DoneRecord, UserError, atomic_path, write_json_atomic
 from prebias.data import (TABLES_DIR, BatchData, index_dir, raw_dir, shard_window_texts, shard_windows_2d, story_noise,
-                  story_noise_free, tok_dir, token_stamps, window_noise)
+                          story_noise_free, tok_dir, token_stamps, window_noise)
 from prebias.refscorer import ModelScorer, fit_reference_scorer, reference_scorer, scorer_path
 from tokenizer import Tokenizer
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prebias.common import UserError, atomic_path
 from model import ModelArgs, Transformer
+from prebias.common import UserError, atomic_path
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1: optimizer inside, no pool/insertions; eval and views read both

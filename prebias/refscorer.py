@@ -17,10 +17,10 @@ from typing import Iterable
 
 import numpy as np
 
+from export import load_v0
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint
 from prebias.common import UserError, atomic_path, write_json_atomic
 from prebias.data import BOS_ID, sha256_file, tok_dir
-from export import load_v0
 
 NGRAM_ORDER = 3
 

@@ -1026,24 +1026,52 @@ def _dialogue(rng, ctx, speaker: str, line: str, rich: bool) -> str:
 
 
 def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
+    """One story and its labels. The steps below draw from rng in a fixed order (the
+    sample is deterministic for a seed: reorder nothing)."""
     cast = _make_cast(rng, style)
-    rich = rng.random() < style.rich_vocab_share
-    compound = rng.random() < style.compound_share
-    once = rng.random() < style.once_upon_share
-    dlevel = _weighted(rng, style.dialogue_weights)
-    lbucket = _weighted(rng, style.length_weights)
-    sentiment = _weighted(rng, style.sentiment_weights)
-    refrain = rng.random() < style.refrain_share
-    paragraphs = rng.random() < style.paragraph_share
-    curly = rng.random() < style.unicode_share
-    target = {"short": (3, 6), "medium": (8, 17), "long": (18, 28)}[lbucket]
-    target = _randint(rng, *target)
-
-    fams = [f for f in FAMILIES if sentiment in f["sent"]]
-    fam = _pick(rng, fams)
+    d = _draw_features(rng, style)
+    fam = _pick(rng, [f for f in FAMILIES if d["sentiment"] in f["sent"]])
     if fam["friend"]:
         cast["has_friend"] = True
+    ctx, helper, act, toy = _story_context(rng, cast, d["rich"])
+    opening = [_fill(s, ctx) for s in _openings(rng, ctx, cast, d["once"], d["rich"])]
+    setup_pool = _setup_pool(rng, ctx, cast, act, toy, d["rich"])
+    n_moral, n_dial, n_setup, n_mid = _budget(rng, d["target"], len(opening), d["dialogue"])
+    setup, start_sents = _setup_and_start(rng, ctx, fam, setup_pool, n_setup)
+    mids = _middle(rng, ctx, fam, cast, d, n_mid)
+    dials = _dialogues(rng, ctx, cast, fam, helper, d, n_dial)
+    end = _split_sents(_fill(_pick(rng, fam["end"][d["sentiment"]]), ctx))
+    morals = _morals(rng, ctx, d, n_moral)
+    body = _interleave(rng, mids, dials)
+    if cast["has_friend"] and not any(cast["fname"] in x for x in opening + setup):
+        body.insert(0, _fill(_pick(rng, ("{His} friend {fname} was with {him}.",
+                                         "{fname} was there too.",
+                                         "{name} was playing with {his} friend {fname}.")), ctx))
+    if d["rich"]:
+        body = [(_pick(rng, OPENERS_RICH) + s[0].lower() + s[1:])
+                if (not s.startswith('"') and rng.random() < 0.2 and s.split(" ", 1)[0] in _LOWERABLE) else s
+                for s in body]
+    text = _assemble(rng, [opening + setup, start_sents + body, end + morals], d)
+    meta = dict(cast=cast["kind"], pronoun=cast["pron"], friend_pronoun=cast["fpron"] if cast["has_friend"] else None,
+                family=fam["name"], sentiment=d["sentiment"], dialogue=d["dialogue"], length=d["length"],
+                target_sentences=d["target"], rich_vocab=d["rich"], compound=d["compound"], once_upon=d["once"],
+                refrain=d["refrain"], paragraphs=("\n\n" in text), curly=d["curly"])
+    return text, meta
 
+
+def _draw_features(rng: random.Random, style: StoryStyle) -> dict:
+    """The story's switches, drawn from the style's shares and weights."""
+    d = dict(rich=rng.random() < style.rich_vocab_share, compound=rng.random() < style.compound_share,
+             once=rng.random() < style.once_upon_share, dialogue=_weighted(rng, style.dialogue_weights),
+             length=_weighted(rng, style.length_weights), sentiment=_weighted(rng, style.sentiment_weights),
+             refrain=rng.random() < style.refrain_share, paragraphs=rng.random() < style.paragraph_share,
+             curly=rng.random() < style.unicode_share)
+    d["target"] = _randint(rng, *{"short": (3, 6), "medium": (8, 17), "long": (18, 28)}[d["length"]])
+    return d
+
+
+def _story_context(rng: random.Random, cast: dict, rich: bool):
+    """(the fill-in context, helper, activity, toy) of one story."""
     p = _PRON[cast["pron"]]
     fp = _PRON[cast["fpron"]]
     parent, ppron = cast["parent"]
@@ -1065,11 +1093,12 @@ def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
         activity=act[0], activity_ing=act[2],
         sc_a=_pick(rng, ANIMALS[:25]), sc_b=_pick(rng, ANIMALS[25:]),
     )
-    # fix "the helper" when it starts a sentence
-    opening = [_fill(s, ctx) for s in _openings(rng, ctx, cast, once, rich)]
-    name = ctx["name"]
+    return ctx, helper, act, toy
 
-    setup_pool = [
+
+def _setup_pool(rng: random.Random, ctx, cast: dict, act, toy: str, rich: bool) -> List[str]:
+    """Descriptive sentences to set the scene from (and the story's {a_toy})."""
+    pool = [
         "{He} loved to {activity}.",
         "Every day, {he} " + act[1] + " {in_place}.",
         "{His} favorite toy was {a_toy}.",
@@ -1080,17 +1109,21 @@ def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
         "{name} liked {foods} best of all.",
     ]
     if rich:
-        setup_pool += ["{He} had " + _pick(rng, ("blue", "brown", "green", "gray", "bright", "sparkling")) + " eyes and a {big}, {good} smile.",
-                       "{He} was the most " + _pick(rng, TRAITS_RICH) + " " + cast["noun"] + " in the whole {town}."]
+        pool += ["{He} had " + _pick(rng, ("blue", "brown", "green", "gray", "bright", "sparkling")) + " eyes and a {big}, {good} smile.",
+                 "{He} was the most " + _pick(rng, TRAITS_RICH) + " " + cast["noun"] + " in the whole {town}."]
     if cast["has_friend"] and cast["kind"] != "mixed":
-        setup_pool.append("{He} had a friend named {fname}.")
+        pool.append("{He} had a friend named {fname}.")
     elif cast["has_friend"]:
-        setup_pool.append("{name} had a friend named {fname}, and they played every day.")
+        pool.append("{name} had a friend named {fname}, and they played every day.")
     a_toy_adj = _pick(rng, COLORS)
     ctx["a_toy"] = f"{_article(a_toy_adj)} {a_toy_adj} {toy}"
+    return pool
 
-    # budget: opening + start + end are fixed (3 "slots"); rest is setup/middle/dialogue/moral
-    budget = max(0, target - len(opening) - 2)
+
+def _budget(rng: random.Random, target: int, n_opening: int, dlevel: str) -> Tuple[int, int, int, int]:
+    """(morals, dialogue lines, setup and middle sentences): opening + start + end are
+    fixed; the rest of the target length is shared out."""
+    budget = max(0, target - n_opening - 2)
     n_moral = 0 if budget == 0 else (1 if budget < 6 else _randint(rng, 1, 2) if budget < 14 else _randint(rng, 2, 4))
     if dlevel == "mostly":
         n_moral = 0 if budget < 8 else 1
@@ -1103,9 +1136,11 @@ def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
         n_dial = max(2, int(budget * (0.75 + 0.25 * rng.random()))) if budget >= 2 else budget
     budget -= n_dial
     n_setup = min(budget, _randint(rng, 0, 3) if target < 12 else _randint(rng, 2, 6))
-    budget -= n_setup
-    n_mid = budget
+    return n_moral, n_dial, n_setup, budget - n_setup
 
+
+def _setup_and_start(rng: random.Random, ctx, fam: dict, setup_pool: List[str], n_setup: int):
+    """(setup sentences, the sentences of the problem's start)."""
     n_desc = min(n_setup, _randint(rng, 1, 2)) if n_setup else 0
     setup = [_fill(s, ctx) for s in _sample(rng, setup_pool, n_desc)]
     scene = _pick(rng, SCENES)
@@ -1117,8 +1152,11 @@ def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
         lead = _pick(rng, ("One day, ", "Then one day, ", "But one day, ", "The next morning, "))
         first = start.split(" ", 1)[0]
         start = lead + (start[0].lower() + start[1:] if first in _LOWERABLE else start)
-    start_sents = _split_sents(start)
+    return setup, _split_sents(start)
 
+
+def _middle(rng: random.Random, ctx, fam: dict, cast: dict, d: dict, n_mid: int) -> List[str]:
+    """The middle sentences: the family's events, fillers and an optional refrain."""
     if fam.get("ordered"):
         mid_pool = list(fam["mid"])[::-1]  # popped from the end: keeps the written order
     else:
@@ -1126,11 +1164,11 @@ def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
     if cast["has_friend"]:
         extra = _sample(rng, FRIEND_MIDS, _randint(rng, 1, 3))
         mid_pool = extra + mid_pool if fam.get("ordered") else _shuffled(rng, mid_pool + extra)
-    fillers = list(FILLERS) + (list(FILLERS_RICH) if rich else [])
+    fillers = list(FILLERS) + (list(FILLERS_RICH) if d["rich"] else [])
     mids: List[str] = []
     refrain_line = None
-    if refrain:
-        if dlevel != "none" and rng.random() < 0.4:
+    if d["refrain"]:
+        if d["dialogue"] != "none" and rng.random() < 0.4:
             refrain_line = _fill(_pick(rng, DIALOGUE_REFRAINS), ctx)
         else:
             refrain_line = _fill(_pick(rng, REFRAINS), ctx)
@@ -1149,15 +1187,18 @@ def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
             mids.append(_fill(_pick(rng, fam["mid"]), ctx))
     if refrain_line and mids.count(refrain_line) < 2:
         mids = mids[:1] + [refrain_line] + mids[1:] + [refrain_line]
+    return mids
 
-    # dialogue: alternate protagonist / other speaker
-    other = None
+
+def _dialogues(rng: random.Random, ctx, cast: dict, fam: dict, helper: str, d: dict, n_dial: int) -> List[str]:
+    """Dialogue lines, alternating the protagonist and another speaker."""
+    name = ctx["name"]
     if cast["has_friend"]:
         other = cast["fname"]
     elif fam["name"] == "stuck":
         other = "the " + helper.split(" ", 1)[1] if helper.startswith(("a ", "an ")) else helper
     else:
-        other = "{his} {parent}" if cast["kind"] != "animal" else "{his} " + parent
+        other = "{his} {parent}" if cast["kind"] != "animal" else "{his} " + ctx["parent"]
     other = _fill(other, ctx)
     plines = list(fam["plines"]) + [
         "Look at that!", "Wow, I did not know that.", "Okay, I will try.", "Thank you!",
@@ -1174,7 +1215,7 @@ def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
     pi = hi = 0
     for k in range(n_dial):
         # in mostly-dialogue stories a turn often holds two lines
-        nl = 2 if (dlevel == "mostly" and rng.random() < 0.5) else 1
+        nl = 2 if (d["dialogue"] == "mostly" and rng.random() < 0.5) else 1
         if k % 2 == 0:
             line = " ".join(plines[(pi + j) % len(plines)] for j in range(nl))
             pi += nl
@@ -1183,63 +1224,50 @@ def _make_story(rng: random.Random, style: StoryStyle) -> Tuple[str, dict]:
             line = " ".join(hlines[(hi + j) % len(hlines)] for j in range(nl))
             hi += nl
             spk = other
-        if spk == name and name.startswith("the "):
-            spk = name
-        dials.append(_dialogue(rng, ctx, spk, line, rich))
+        dials.append(_dialogue(rng, ctx, spk, line, d["rich"]))
+    return dials
 
-    end = _split_sents(_fill(_pick(rng, fam["end"][sentiment]), ctx))
+
+def _morals(rng: random.Random, ctx, d: dict, n_moral: int) -> List[str]:
+    sentiment = d["sentiment"]
     n_after = min(n_moral - 1, 3) if n_moral > 1 else 0
     morals = [_fill(m, ctx) for m in AFTERMATH[sentiment][:n_after]]
     morals += [_fill(m, ctx) for m in _sample(rng, MORALS[sentiment], n_moral - n_after)]
-    if dlevel == "mostly":
-        morals.append(_dialogue(rng, ctx, name, _pick(rng, CLOSING_LINES[sentiment]), rich))
+    if d["dialogue"] == "mostly":
+        morals.append(_dialogue(rng, ctx, ctx["name"], _pick(rng, CLOSING_LINES[sentiment]), d["rich"]))
+    return morals
 
-    # interleave dialogue into the middle
-    body = list(mids)
-    if dials:
-        if not body:
-            body = dials
-        else:
-            merged = []
-            # distribute dialogue as chunks after random middle sentences
-            slots = [int(rng.random() * (len(body) + 1)) for _ in range(len(dials))]
-            slots.sort()
-            di = 0
-            for i in range(len(body) + 1):
-                while di < len(dials) and slots[di] == i:
-                    merged.append(dials[di])
-                    di += 1
-                if i < len(body):
-                    merged.append(body[i])
-            body = merged
 
-    if cast["has_friend"] and not any(cast["fname"] in x for x in opening + setup):
-        body.insert(0, _fill(_pick(rng, ("{His} friend {fname} was with {him}.",
-                                         "{fname} was there too.",
-                                         "{name} was playing with {his} friend {fname}.")), ctx))
-    if rich:
-        body = [(_pick(rng, OPENERS_RICH) + s[0].lower() + s[1:])
-                if (not s.startswith('"') and rng.random() < 0.2 and s.split(" ", 1)[0] in _LOWERABLE) else s
-                for s in body]
+def _interleave(rng: random.Random, mids: List[str], dials: List[str]) -> List[str]:
+    """The middle with the dialogue lines placed after random middle sentences."""
+    if not dials:
+        return list(mids)
+    if not mids:
+        return list(dials)
+    slots = sorted(int(rng.random() * (len(mids) + 1)) for _ in range(len(dials)))
+    merged, di = [], 0
+    for i in range(len(mids) + 1):
+        while di < len(dials) and slots[di] == i:
+            merged.append(dials[di])
+            di += 1
+        if i < len(mids):
+            merged.append(mids[i])
+    return merged
 
-    sections = [opening + setup, start_sents + body, end + morals]
-    if compound:
+
+def _assemble(rng: random.Random, sections: List[List[str]], d: dict) -> str:
+    """The sections as text: merged into compound sentences, capitalised, in paragraphs
+    or one, 'a' -> 'an' before a vowel, curly quotes."""
+    if d["compound"]:
         sections = [_merge(rng, sec) for sec in sections]
     sections = [[_cap(s) for s in sec] for sec in sections if sec]
-
-    if paragraphs and sum(len(s) for s in sections) >= 5:
+    if d["paragraphs"] and sum(len(s) for s in sections) >= 5:
         text = "\n\n".join(" ".join(sec) for sec in sections)
     else:
         text = " ".join(" ".join(sec) for sec in sections)
     for v in "aeiou":
         text = text.replace(" a " + v, " an " + v).replace("A " + v, "An " + v)
-    if curly:
-        text = _curlify(text)
-    meta = dict(cast=cast["kind"], pronoun=cast["pron"], friend_pronoun=cast["fpron"] if cast["has_friend"] else None,
-                family=fam["name"], sentiment=sentiment, dialogue=dlevel, length=lbucket,
-                target_sentences=target, rich_vocab=rich, compound=compound, once_upon=once,
-                refrain=refrain, paragraphs=("\n\n" in text), curly=curly)
-    return text, meta
+    return _curlify(text) if d["curly"] else text
 
 
 def _split_sents(s: str) -> List[str]:

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prebias.common import UserError
 from metrics import text_metric_names
+from prebias.common import UserError
 
 KINDS = ("canary", "conditional")
 _KEYS = {"canary": {"id", "kind", "text", "steps", "rows", "position", "secret"},

@@ -15,6 +15,17 @@ sys.path.insert(0, str(ROOT))
 VOCAB, SEQ = 512, 64
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end test of several processes (make test runs it, "
+                                       "make test-fast does not)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # the tiny experiment (4 runs of train, eval and durability processes) is slow
+        if "tiny_experiment" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @dataclass
 class TinyRun:
     data_dir: Path

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import attribute
-from prebias import checkpoint
 import train
-from prebias.common import UserError
 from conftest import TinyRun
-from prebias.data import BatchData
 from model import ModelArgs, Transformer
+from prebias import checkpoint
+from prebias.common import UserError
+from prebias.data import BatchData
 from prebias.schedule import get_lr
 
 
@@ -100,6 +100,7 @@ def test_bad_probes_are_one_line(run, probe, msg):
         attribute.main([f"--out_dir={run.out_dir}", f"--probe={probe}", "--d=16"])
 
 
+@pytest.mark.slow
 def test_validation_retrains_without_the_top_and_random_batches(run):
     df = attribute.main([f"--out_dir={run.out_dir}", "--probe=val", "--d=64", "--validate=True", "--k=4",
                          "--n_random=1"])

@@ -9,13 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prebias import batchmetrics
-from prebias import refscorer
 import metrics
-from prebias import metrics_engine
-from prebias.data import BatchData, index_dir, raw_dir, story_noise, story_noise_free, window_noise, window_text
 import tinystories
+from prebias import batchmetrics, metrics_engine, refscorer
 from prebias.common import UserError
+from prebias.data import BatchData, index_dir, raw_dir, story_noise, story_noise_free, window_noise, window_text
 from tokenizer import Tokenizer
 
 

@@ -13,12 +13,11 @@ import threading
 import numpy as np
 import pytest
 
-from prebias import data
-from prebias.data import BatchData, load_stories, shard_window_texts, shard_windows, shard_windows_2d, window_texts
 import tinystories
+from prebias import data
 from prebias.common import UserError
+from prebias.data import BatchData, load_stories, shard_window_texts, shard_windows, shard_windows_2d, window_texts
 from tokenizer import Tokenizer
-
 
 # -----------------------------------------------------------------------------
 # a local HTTP server with Range support, which can cut a response short

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import durability
-from prebias import tags
 import train
-from prebias.common import UserError
 from conftest import TinyRun
-from prebias.data import BOS_ID
 from model import ModelArgs, Transformer
+from prebias import tags
+from prebias.common import UserError
+from prebias.data import BOS_ID
 from tokenizer import Tokenizer
 
 CANARY = {"id": "secret", "kind": "canary", "text": "the secret number is {digits:6}",

@@ -14,11 +14,9 @@ import pytest
 from scipy import stats as sps
 
 import experiment
-from prebias import saturation
-from prebias import stats
-from prebias.common import FolderLock, UserError
 from conftest import experiment_spec
-
+from prebias import saturation, stats
+from prebias.common import FolderLock, UserError
 
 # -----------------------------------------------------------------------------
 # statistics on known numbers
@@ -153,6 +151,7 @@ def test_killed_run_trained_its_schedule(tiny_experiment):
     """The killed and resumed run trained exactly its schedule's ids at every step; the
     sorted arm's order does not depend on the seed, the shuffled one's does."""
     import types
+
     from prebias.checkpoint import run_config
     from prebias.data import BatchData
     from prebias.stream import build_schedule

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prebias import storygen
 import tinystories
+from prebias import storygen
 from prebias.data import BOS_ID, BatchData, story_noise
 
 

@@ -92,6 +92,7 @@ def test_runexact_reproduces_llama2c_samples(tmp_path):
     """`make runexact` does llama2.c's float operations in its order (score / sqrt(hs),
     silu as x * (1 / (1 + e^-x)), ...), so it samples llama2.c's own ids at -t 0.8 -p 0.9."""
     import struct
+
     from conftest import ROOT
     subprocess.run(["make", "-s", "runexact"], cwd=ROOT, check=True, capture_output=True)
     tok = tmp_path / "ids.bin"  # piece i is the text [i], as the fixture was made

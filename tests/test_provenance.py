@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import batch_viewer
-from prebias import checkpoint
 import train
-from prebias.common import FolderLock, UserError
 from conftest import ROOT, TinyRun
-from prebias.data import BatchData
 from model import ModelArgs, Transformer, mean_loss
+from prebias import checkpoint
+from prebias.common import FolderLock, UserError
+from prebias.data import BatchData
 from prebias.schedule import get_lr
 
 

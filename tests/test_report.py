@@ -84,6 +84,7 @@ def test_console_capture_sees_errors(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.slow
 def test_page_in_a_real_browser(experiment_page, tmp_path):
     probed = tmp_path / "probed.html"
     probed.write_text(experiment_page.read_text().replace("</body>", PROBE))

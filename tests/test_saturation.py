@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 import eval as ev
-from prebias import saturation as sat
 import visualize_sat_batch
 import visualize_sat_output
+from prebias import saturation as sat
 from prebias.common import UserError
 
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64]

@@ -10,12 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from prebias import checkpoint
-from prebias import stream
-from prebias import tags
 import train
-from prebias.common import UserError
 from conftest import ROOT, TinyRun
+from prebias import checkpoint, stream, tags
+from prebias.common import UserError
 from prebias.data import BatchData
 from tokenizer import Tokenizer
 
@@ -102,6 +100,7 @@ def test_training_with_tags_trains_the_recorded_tokens(tiny_data, tmp_path, monk
     assert out.count("tag 0 replaced at token") == 2 and ts.tags[0].text in out
 
 
+@pytest.mark.slow
 def test_tags_are_exact_on_resume_and_with_two_ranks(tiny_data, tmp_path):
     path = tmp_path / "tags.json"
     path.write_text(json.dumps({"seed": 1, "tags": [CANARY, HAPPY]}))

@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from prebias import checkpoint
-from prebias import stream
 import train
-from prebias.common import UserError
-from prebias.schedule import rank_micro_batches
-from prebias.data import BatchData
-
 from conftest import ROOT, TinyRun
+from prebias import checkpoint, stream
+from prebias.common import UserError
+from prebias.data import BatchData
+from prebias.schedule import rank_micro_batches
 
 
 def recorded_ids(out_dir) -> np.ndarray:
@@ -113,6 +111,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monk
     assert checkpoint.load_checkpoint(checkpoint.latest_checkpoint(run.out_dir))["iter_num"] == 2
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_see_the_same_batches(tiny_data, tmp_path):
     """torchrun with 2 gloo ranks (1 micro-step each) == 1 process with 2 micro-steps."""
     data, tables = tiny_data

@@ -156,6 +156,7 @@ def test_embd_one_basis_for_all_checkpoints(views):
     """An independent PCA of the final checkpoint's text-piece rows reproduces the CSV's
     coordinates of every checkpoint (up to the sign of each component)."""
     from sklearn.decomposition import PCA
+
     from tokenizer import Tokenizer, tokenizer_model_path
     out, _, _ = views
     cfg = json.loads((out / "config.json").read_text())
