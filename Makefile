@@ -29,7 +29,7 @@ FLAGS_runexact = -O3
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test test-fast bench bench-select demo experiment $(addprefix print-cmd-,$(BUILDS))
+.PHONY: default all clean test test-fast bench bench-select validity demo experiment $(addprefix print-cmd-,$(BUILDS))
 
 default: run
 
@@ -80,6 +80,10 @@ bench: run
 	$(PYTHON) bench/bench_eval.py
 	$(PYTHON) bench/bench_durability.py
 	$(PYTHON) bench/bench_attribute.py
+
+# planted truth: every research measure on problems whose answer is known (bias, coverage)
+validity:
+	$(PYTHON) bench/validity.py
 
 # does batch selection pay? uniform / loss / rho / offline pruning, noisy and clean, 3 seeds (~20 min)
 bench-select:

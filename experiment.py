@@ -47,14 +47,8 @@ differences from the baseline.
 
 import dataclasses
 import json
-import os
-import queue
 import shutil
-import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +61,7 @@ from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpo
 from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
                             write_csv_atomic, write_json_atomic)
 from prebias.configs import DurabilityConfig, EvalConfig, TrainConfig
+from prebias.launchers import Job, LaunchOptions, launch, raise_failures
 
 ROOT = Path(__file__).resolve().parent
 
@@ -224,29 +219,6 @@ def has_tags(run: Run) -> bool:
     return bool(run.settings.get("tags"))
 
 
-class Slots:
-    """Which device slot a job takes: GPUs one each (CUDA_VISIBLE_DEVICES), or a share
-    of the CPU cores (OMP_NUM_THREADS)."""
-
-    def __init__(self, jobs: int, torchrun: int):
-        import torch
-        self.n_gpus = torch.cuda.device_count()
-        self.per = max(1, torchrun)
-        self.free = queue.Queue()
-        for i in range(jobs):
-            self.free.put(i)
-        self.threads = max(1, (os.cpu_count() or 1) // jobs)
-
-    def env(self, slot: int) -> dict:
-        env = dict(os.environ)
-        if self.n_gpus:
-            first = (slot * self.per) % self.n_gpus
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str((first + j) % self.n_gpus) for j in range(self.per))
-        else:
-            env["OMP_NUM_THREADS"] = str(self.threads)
-        return env
-
-
 def _command(run: Run, stage: str, spec: dict, cfg: ExperimentConfig, resume: bool) -> list[str]:
     py = [sys.executable]
     if stage == "train":
@@ -258,57 +230,29 @@ def _command(run: Run, stage: str, spec: dict, cfg: ExperimentConfig, resume: bo
     return py + [str(ROOT / f"{stage}.py"), f"--out_dir={run.dir}"] + config_to_argv(extra) + wb
 
 
-def execute(run: Run, spec: dict, cfg: ExperimentConfig, slots: Slots, say) -> str | None:
-    """Train, eval (and durability) one run; None when all went well, else the failing
-    stage and its log."""
-    slot = slots.free.get()
-    try:
-        env = slots.env(slot)
-        state, it = train_state(run)
-        stages = ([] if state == "done" else ["train"]) + ["eval"] + (["durability"] if has_tags(run) else [])
-        if state == "done":
-            say(f"{run.label}: trained (step {it}), skipped")
-        run.dir.mkdir(parents=True, exist_ok=True)
-        if not (run.dir / "experiment_run.json").exists():
-            write_json_atomic(run.dir / "experiment_run.json", {"arm": run.arm, "seed": run.seed,
-                                                                 "settings": {k: str(v) for k, v in
-                                                                              run.settings.items()},
-                                                                 "train_args": run.train_args})
-        for stage in stages:
-            cmd = _command(run, stage, spec, cfg, resume=state == "cut")
-            what = f"resume from step {it}" if stage == "train" and state == "cut" else stage
-            say(f"{run.label}: {what} ...")
-            t0 = time.time()
-            with open(run.dir / "experiment.log", "a") as log:
-                log.write(f"\n$ {' '.join(cmd)}\n")
-                log.flush()
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()).returncode
-            if rc != 0:
-                tail = (run.dir / "experiment.log").read_text().strip().splitlines()[-1:]
-                return f"{stage} failed (exit {rc}; {tail[0][:200] if tail else 'no output'}): see " \
-                       f"{run.dir / 'experiment.log'}"
-            say(f"{run.label}: {stage} done in {time.time() - t0:.0f} s")
-        return None
-    finally:
-        slots.free.put(slot)
+def job_of(run: Run, spec: dict, cfg: ExperimentConfig) -> Job:
+    """The run as a launcher job: train (skipped when finished, resumed when cut), eval,
+    and durability where the arm has tags. Writes the run's experiment_run.json."""
+    state, it = train_state(run)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if not (run.dir / "experiment_run.json").exists():
+        write_json_atomic(run.dir / "experiment_run.json", {"arm": run.arm, "seed": run.seed,
+                                                             "settings": {k: str(v) for k, v in run.settings.items()},
+                                                             "train_args": run.train_args})
+    stages = ["eval"] + (["durability"] if has_tags(run) else [])
+    if state == "done":
+        print(f"{run.label}: trained (step {it}), skipped", flush=True)
+    else:
+        stages.insert(0, "train")
+    if state == "cut":
+        print(f"{run.label}: resume from step {it} (cut there)", flush=True)
+    return Job(run.label, run.dir, [(s, _command(run, s, spec, cfg, resume=state == "cut")) for s in stages])
 
 
 def run_all(runs: list[Run], spec: dict, cfg: ExperimentConfig):
-    slots = Slots(cfg.jobs, cfg.torchrun)
-    lock = threading.Lock()
-
-    def say(msg):
-        with lock:
-            print(msg, flush=True)
-
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        results = list(pool.map(lambda r: (r, execute(r, spec, cfg, slots, say)), runs))
-    failed = [(r, why) for r, why in results if why]
-    for r, why in failed:
-        print(f"FAILED {r.label}: {why}", file=sys.stderr)
-    if failed:
-        raise UserError(f"{len(failed)} of {len(runs)} runs failed (listed above); fix and rerun: finished runs are "
-                        "skipped")
+    jobs = [job_of(r, spec, cfg) for r in runs]
+    results = launch(jobs, "local", LaunchOptions(jobs=cfg.jobs, gpus_per_job=max(1, cfg.torchrun)))
+    raise_failures(results, "runs")
 
 
 # -----------------------------------------------------------------------------
