@@ -19,7 +19,8 @@ The spec (JSON; config/experiments/ has examples):
   durability  durability.py settings, used for arms with tags (optional)
   metrics     summary.csv columns to compare and draw (default: val_loss and the main
               output metrics); each one's in_<name>_cum input twin is compared too
-  test        welch (default) or permutation: the test whose p is Holm-adjusted
+  test        auto (default: paired when every arm has the same seeds, else welch),
+              paired, sign_flip, welch or permutation: the test whose p is Holm-adjusted
 An experiment's name is the spec's file name: runs go to <out_root>/<name>/<arm>/seed<k>/.
 
 What it does, per run (arm x seed): train.py (a finished run is skipped, a cut one is
@@ -34,9 +35,11 @@ processes instead.
 Then, into <out_root>/<name>/tables/ (stats.py has the definitions):
   curves.csv          arm, metric, iter: n, mean, sd, lo, hi over seeds
   final.csv           arm, metric at the last checkpoint: n, mean, sd, lo, hi, values by seed
-  differences.csv     arm - baseline at the last checkpoint: diff, lo, hi (Welch), p_welch,
-                      p_perm (exact permutation), p_holm (the chosen test, Holm across the
-                      metrics of one side: output, input or tag)
+  differences.csv     arm - baseline at the last checkpoint: diff, lo, hi (the chosen test's
+                      95% interval for that metric alone), lo_sim, hi_sim (simultaneous over
+                      the family: Bonferroni), p (the chosen test), p_holm (Holm across the
+                      metrics of one side of one arm: output, input or tag), mdd80 (the
+                      smallest difference detected with 80% power), every test's p
   saturation.csv      arm, metric: the saturation step's n, mean, lo, hi, min, max over seeds
   saturation_runs.csv each run's saturation step per metric
   runs.csv            every run: arm, seed, folder, final step, commit
@@ -151,9 +154,9 @@ def load_spec(path) -> dict:
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise UserError(f"{p}: 'metrics' must be a list of summary.csv column names")
     out["metrics"] = metrics
-    out["test"] = spec.get("test", "welch")
-    if out["test"] not in ("welch", "permutation"):
-        raise UserError(f"{p}: 'test' must be welch or permutation, not {out['test']!r}")
+    out["test"] = spec.get("test", "auto")
+    if out["test"] not in ("auto", *stats.TESTS):
+        raise UserError(f"{p}: 'test' must be auto or one of {', '.join(stats.TESTS)}, not {out['test']!r}")
     return out
 
 
@@ -348,8 +351,10 @@ def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
 
 def print_differences(diff: pd.DataFrame, final: pd.DataFrame, spec: dict):
     n = len(spec["seeds"])
-    print(f"\nend of training, mean [95% interval] over {n} seeds; diff = arm - {spec['baseline']}, "
-          f"p = {spec['test']} test, Holm-adjusted per arm and side")
+    test = diff["test"].iloc[0] if len(diff) else spec["test"]
+    print(f"\nend of training, mean [95% interval] over {n} seeds; diff = arm - {spec['baseline']} "
+          f"[simultaneous 95% interval over the arm's metrics of one side, Bonferroni], p = {test} test, "
+          "Holm-adjusted per arm and side")
     rows = []
     for m in dict.fromkeys(final["metric"]):
         f = final[final.metric == m].set_index("arm")
@@ -360,10 +365,24 @@ def print_differences(diff: pd.DataFrame, final: pd.DataFrame, spec: dict):
             d = diff[(diff.metric == m) & (diff.arm == a)]
             if len(d):
                 d = d.iloc[0]
-                line[f"{a} diff"] = f"{stats.fmt_interval(d['diff'], d['lo'], d['hi'], 3, '+')} p={d['p_holm']:.2g}"
+                line[f"{a} diff"] = (f"{stats.fmt_interval(d['diff'], d['lo_sim'], d['hi_sim'], 3, '+')} "
+                                     f"p={d['p_holm']:.2g}")
         rows.append(line)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 40):
         print(pd.DataFrame(rows).set_index("metric").to_string())
+    print_power(diff, n)
+
+
+def print_power(diff: pd.DataFrame, n: int):
+    """What the design can see: per arm and output metric, the smallest difference detected
+    with 80% power at the family's level, from the observed spread over n seeds."""
+    out = diff[(diff["side"] == "output") & np.isfinite(diff["mdd80"])]
+    if not len(out):
+        return
+    print(f"\npower: with {n} seeds, the smallest difference detected with 80% power (at the family's "
+          "Bonferroni level, from the observed spread):")
+    for arm, g in out.groupby("arm", sort=False):
+        print(f"  {arm}: " + ", ".join(f"{r.metric} {r.mdd80:.3g}" for r in g.itertuples()))
 
 
 def log_wandb(exp_dir: Path, name: str, spec: dict, figures: dict, cfg: ExperimentConfig):

@@ -20,7 +20,6 @@ shows them; for an experiment, the first seed of every arm (--viewer=all: every 
 import base64
 import html
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -178,22 +177,27 @@ def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
         for a in arms:
             row[a] = stats.fmt_interval(f.loc[a, "mean"], f.loc[a, "lo"], f.loc[a, "hi"]) if a in f.index else "n/a"
         res.append(row)
-    test = spec.get("test", "welch")
     b += ["<h2>Result at the end of training</h2>",
           f'<p class="note">mean [95% t interval] over {n} seeds at each run\'s last checkpoint '
           f"(tables/final.csv)</p>", table(pd.DataFrame(res), left=("metric",))]
     if len(diff):
+        test = str(diff["test"].iloc[0])
         d = diff.copy()
-        d["difference [95% CI]"] = [stats.fmt_interval(r["diff"], r["lo"], r["hi"]) for _, r in d.iterrows()]
-        d = d[["arm", "metric", "side", "baseline_mean", "arm_mean", "difference [95% CI]", "p_welch", "p_perm",
-               "p_holm"]]
+        d["difference [95%, this metric alone]"] = [stats.fmt_interval(r["diff"], r["lo"], r["hi"])
+                                                    for _, r in d.iterrows()]
+        d["[simultaneous 95%]"] = [stats.fmt_interval(r["diff"], r["lo_sim"], r["hi_sim"]).split(" ", 1)[-1]
+                                   for _, r in d.iterrows()]
+        d = d[["arm", "metric", "side", "baseline_mean", "arm_mean", "difference [95%, this metric alone]",
+               "[simultaneous 95%]", "p", "p_holm", "mdd80"]]
         b += [f"<h3>Difference from {esc(base)}</h3>",
-              f'<p class="note">arm &minus; {esc(base)}; interval and p_welch from Welch\'s t test over seeds, p_perm '
-              f"an exact permutation test (with {n} seeds a side it cannot go below "
-              f"{2 / max(1, math.comb(2 * n, n)):.2g}), p_holm the {esc(test)} p-value Holm-adjusted across the metrics "
-              "of one side (output, input, tag) of one arm. Highlighted: p_holm &lt; 0.05. Input rows describe the "
-              "batches each arm trained on, so they differ by design.</p>",
-              table(d, left=("arm", "metric", "side", "difference [95% CI]"),
+              f'<p class="note">arm &minus; {esc(base)}, {esc(test)} test over seeds (paired: seed-matched '
+              "differences, used when every arm has the same seeds). The first interval holds for that metric "
+              "alone; the simultaneous one holds for all metrics of the arm's side together (Bonferroni), and "
+              "when it excludes 0 so does Holm's test. p: the test's raw p-value; p_holm: Holm-adjusted across "
+              "the metrics of one side (output, input, tag) of one arm. mdd80: the smallest difference this "
+              "design detects with 80% power. Highlighted: p_holm &lt; 0.05. Input rows describe the batches "
+              "each arm trained on, so they differ by design.</p>",
+              table(d, left=("arm", "metric", "side", "difference [95%, this metric alone]", "[simultaneous 95%]"),
                     row_class=lambda r: "sig" if r["p_holm"] < 0.05 else "")]
     # figures
     vis = exp_dir / "visualize"

@@ -6,8 +6,16 @@ experiment's aggregate tables built from each run's tables/summary.csv.
 
 $ python -c "from prebias import stats; print(stats.mean_interval([1.0, 2.0, 3.0]))"    # n, mean, sd, lo, hi
 
-Definitions (n seeds per arm; NaN values are dropped first):
+Definitions (n seeds per arm; NaN values are dropped first). A test between arms is one
+registered unit of TESTS; each gives the difference, its interval and a p-value:
   mean_interval   mean +- t_{0.975, n-1} * sd / sqrt(n), sd with n - 1 (n = 1: no interval)
+  paired          (default when every arm has the same seeds: seed s of every arm shares
+                  its initialisation and data order) d_s = arm_s - baseline_s over the
+                  seeds both have; mean(d) +- t_{0.975, n-1} * sd(d) / sqrt(n),
+                  p = 2 * P(T_{n-1} > |t|). A seed effect shared by the arms cancels.
+  sign_flip       exact two-sided permutation test of the same d_s: the share of the 2^n
+                  sign flips with |mean| >= the observed one (all flips up to 2^14, else
+                  20,000 seeded random ones, p = (b + 1) / (m + 1)); interval: paired's
   welch           d = mean(arm) - mean(baseline); se = sqrt(s_a^2/n_a + s_b^2/n_b);
                   df by Welch-Satterthwaite; interval d +- t_{0.975, df} * se;
                   p = 2 * P(T_df > |d| / se). Needs 2+ values per side; se = 0 gives NaN
@@ -16,10 +24,15 @@ Definitions (n seeds per arm; NaN values are dropped first):
                   the original sizes: the share of splits with |mean difference| >= the
                   observed one (the observed split included, so p >= 1 / C(n_a + n_b, n_a);
                   3 vs 3 seeds cannot go below 0.1). Over 20,000 splits: 20,000 random ones
-                  from a fixed seed (numpy's generator, never the training RNG).
+                  from a fixed seed, p = (b + 1) / (m + 1) (never 0); interval: Welch's
   holm            Holm-Bonferroni step-down over a family of p-values (NaN ones left out).
-The family for Holm is one arm's metrics of one side (outputs, or inputs) against the
-baseline, tested with the experiment's chosen test (welch by default).
+The family is one arm's metrics of one side (outputs, inputs, tags) against the baseline.
+Two intervals are given per difference, labelled: `lo`/`hi` at 95% for that metric alone
+(unadjusted), and `lo_sim`/`hi_sim` at 1 - 0.05/m for a family of m metrics (Bonferroni:
+all m hold together with 95% probability). A simultaneous interval that excludes 0
+implies Holm's p < 0.05 (Holm rejects everything Bonferroni does); the reverse need not
+hold. `mdd80` is the smallest difference the design detects with 80% power at the
+family's Bonferroni level, from the observed spread: (t_{1-a/2m} + t_{0.8}) * se.
 """
 
 import itertools
@@ -29,10 +42,20 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from prebias.common import save_figure
+from prebias.common import Registry, save_figure
 
 LEVEL = 0.95
 MAX_EXACT = 20_000  # splits enumerated exactly; above this, as many random splits
+TESTS = Registry("test between arms")  # name -> fn(baseline, arm, level) -> dict (by-seed Series)
+
+
+def register_test(name: str, paired: bool):
+    """@register_test("name", paired=...): fn(baseline, arm, level) -> {diff, lo, hi, df, se, p}
+    where baseline and arm are pd.Series of one metric indexed by seed."""
+    def deco(fn):
+        fn.paired = paired
+        return TESTS.register(name)(fn)
+    return deco
 
 
 def fmt_interval(mean, lo, hi, digits: int = 4, sign: str = "") -> str:
@@ -64,9 +87,9 @@ def mean_interval(x, level: float = LEVEL) -> tuple[int, float, float, float, fl
 
 
 def welch(baseline, arm, level: float = LEVEL) -> dict:
-    """Difference mean(arm) - mean(baseline) with Welch's interval, df and p-value."""
+    """Difference mean(arm) - mean(baseline) with Welch's interval, df, se and p-value."""
     a, b = _finite(baseline), _finite(arm)
-    out = {"diff": math.nan, "lo": math.nan, "hi": math.nan, "df": math.nan, "p_welch": math.nan}
+    out = {"diff": math.nan, "lo": math.nan, "hi": math.nan, "df": math.nan, "se": math.nan, "p_welch": math.nan}
     if a.size and b.size:
         out["diff"] = float(b.mean() - a.mean())
     if a.size < 2 or b.size < 2:
@@ -78,8 +101,47 @@ def welch(baseline, arm, level: float = LEVEL) -> dict:
     df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
     h = float(sps.t.ppf(0.5 + level / 2, df)) * se
     t = out["diff"] / se
-    out.update(lo=out["diff"] - h, hi=out["diff"] + h, df=float(df), p_welch=float(2 * sps.t.sf(abs(t), df)))
+    out.update(lo=out["diff"] - h, hi=out["diff"] + h, df=float(df), se=se, p_welch=float(2 * sps.t.sf(abs(t), df)))
     return out
+
+
+def seed_differences(baseline: pd.Series, arm: pd.Series) -> np.ndarray:
+    """arm_s - baseline_s over the seeds where both are finite (Series indexed by seed)."""
+    both = pd.concat([pd.Series(baseline, dtype=float), pd.Series(arm, dtype=float)], axis=1, join="inner").dropna()
+    return (both.iloc[:, 1] - both.iloc[:, 0]).to_numpy(np.float64)
+
+
+def paired(baseline: pd.Series, arm: pd.Series, level: float = LEVEL) -> dict:
+    """The paired t test over seed-matched differences (see the module docstring)."""
+    d = seed_differences(baseline, arm)
+    out = {"diff": float(d.mean()) if d.size else math.nan, "lo": math.nan, "hi": math.nan, "df": math.nan,
+           "se": math.nan, "p_paired": math.nan, "n_pairs": int(d.size)}
+    if d.size < 2:
+        return out
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    if se == 0:
+        return out
+    h = float(sps.t.ppf(0.5 + level / 2, d.size - 1)) * se
+    out.update(lo=out["diff"] - h, hi=out["diff"] + h, df=float(d.size - 1), se=se,
+               p_paired=float(2 * sps.t.sf(abs(out["diff"]) / se, d.size - 1)))
+    return out
+
+
+def sign_flip_p(d, max_exact: int = 1 << 14, draws: int = MAX_EXACT, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation p of the mean of the differences d: every flip up
+    to max_exact of them (the observed one included), else `draws` seeded random flips
+    with p = (b + 1) / (m + 1)."""
+    d = _finite(d)
+    if d.size == 0:
+        return math.nan
+    observed = abs(d.mean())
+    eps = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if 2 ** d.size <= max_exact:
+        signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)
+        return float(np.mean(np.abs(signs @ d) / d.size >= observed - eps))
+    signs = 1 - 2 * np.random.default_rng(seed).integers(0, 2, (draws, d.size))
+    b = int((np.abs(signs @ d) / d.size >= observed - eps).sum())
+    return (b + 1) / (draws + 1)
 
 
 def permutation_p(baseline, arm, max_exact: int = MAX_EXACT, seed: int = 0) -> float:
@@ -91,7 +153,8 @@ def permutation_p(baseline, arm, max_exact: int = MAX_EXACT, seed: int = 0) -> f
     n, na = pooled.size, a.size
     observed = abs(b.mean() - a.mean())
     eps = 1e-12 * max(1.0, float(np.abs(pooled).max()))
-    if math.comb(n, na) <= max_exact:
+    exact = math.comb(n, na) <= max_exact
+    if exact:
         splits = np.array(list(itertools.combinations(range(n), na)))
     else:
         rng = np.random.default_rng(seed)
@@ -100,8 +163,54 @@ def permutation_p(baseline, arm, max_exact: int = MAX_EXACT, seed: int = 0) -> f
     in_a[np.arange(len(splits))[:, None], splits] = True
     total = pooled.sum()
     sum_a = (in_a * pooled).sum(axis=1)
-    diffs = np.abs((total - sum_a) / (n - na) - sum_a / na)
-    return float(np.mean(diffs >= observed - eps))
+    hits = np.abs((total - sum_a) / (n - na) - sum_a / na) >= observed - eps
+    return float(hits.mean()) if exact else (int(hits.sum()) + 1) / (len(splits) + 1)
+
+
+@register_test("paired", paired=True)
+def _paired_test(baseline, arm, level):
+    r = paired(baseline, arm, level)
+    return {**r, "p": r["p_paired"]}
+
+
+@register_test("sign_flip", paired=True)
+def _sign_flip_test(baseline, arm, level):
+    r = paired(baseline, arm, level)
+    return {**r, "p": sign_flip_p(seed_differences(baseline, arm))}
+
+
+@register_test("welch", paired=False)
+def _welch_test(baseline, arm, level):
+    r = welch(baseline, arm, level)
+    return {**r, "p": r["p_welch"]}
+
+
+@register_test("permutation", paired=False)
+def _permutation_test(baseline, arm, level):
+    r = welch(baseline, arm, level)
+    return {**r, "p": permutation_p(baseline, arm)}
+
+
+def default_test(runs: pd.DataFrame) -> str:
+    """paired when every arm's runs have the same seeds (the experiment's design), else welch."""
+    seeds = {arm: frozenset(g["seed"]) for arm, g in runs.groupby("arm")}
+    return "paired" if len(set(seeds.values())) == 1 else "welch"
+
+
+def _interval(r: dict, level: float) -> tuple[float, float]:
+    """diff +- t_{level, df} * se (NaN where the test has no se)."""
+    if not (np.isfinite(r.get("se", math.nan)) and np.isfinite(r.get("df", math.nan))):
+        return math.nan, math.nan
+    h = float(sps.t.ppf(0.5 + level / 2, r["df"])) * r["se"]
+    return r["diff"] - h, r["diff"] + h
+
+
+def mdd(r: dict, alpha: float, power: float = 0.8) -> float:
+    """The smallest true difference the test detects with this power at two-sided level
+    alpha, from its se and df: (t_{1-alpha/2} + t_{power}) * se."""
+    if not (np.isfinite(r.get("se", math.nan)) and np.isfinite(r.get("df", math.nan))):
+        return math.nan
+    return (float(sps.t.ppf(1 - alpha / 2, r["df"])) + float(sps.t.ppf(power, r["df"]))) * r["se"]
 
 
 def holm(pvalues) -> np.ndarray:
@@ -153,32 +262,41 @@ def final_table(runs: pd.DataFrame, metrics: list[str], arms: list[str], level: 
 
 
 def difference_table(runs: pd.DataFrame, metrics: list[str], arms: list[str], baseline: str,
-                     side: dict[str, str], test: str = "welch", level: float = LEVEL) -> pd.DataFrame:
+                     side: dict[str, str], test: str = "auto", level: float = LEVEL) -> pd.DataFrame:
     """Every arm but the baseline against the baseline at the last checkpoint, per metric:
-    baseline and arm means, diff (arm - baseline) with Welch's interval, p_welch, p_perm,
-    and p_holm, the chosen test's p Holm-adjusted within (arm, side)."""
-    if test not in ("welch", "permutation"):
-        raise ValueError(f"test={test!r}: welch or permutation")
+    baseline and arm means, diff (arm - baseline) with the chosen test's interval (lo, hi:
+    per metric, unadjusted; lo_sim, hi_sim: simultaneous over the family), its p and
+    p_holm (Holm within (arm, side)), mdd80, and every test's p for reference.
+    test='auto': paired when every arm has the same seeds, else welch."""
+    test = default_test(runs) if test == "auto" else test
+    fn = TESTS.lookup(test, "test")
     last = final_rows(runs)
-    base = last[last["arm"] == baseline]
+    base = last[last["arm"] == baseline].set_index("seed")
     rows = []
     for arm in arms:
         if arm == baseline:
             continue
-        g = last[last["arm"] == arm]
+        g = last[last["arm"] == arm].set_index("seed")
         for m in metrics:
-            w = welch(base[m], g[m], level)
-            rows.append({"arm": arm, "baseline": baseline, "metric": m, "side": side.get(m, "output"),
-                         "n_baseline": _finite(base[m]).size, "n_arm": _finite(g[m]).size,
-                         "baseline_mean": mean_interval(base[m])[1], "arm_mean": mean_interval(g[m])[1],
-                         **w, "p_perm": permutation_p(base[m], g[m])})
+            r = fn(base[m], g[m], level)
+            row = {"arm": arm, "baseline": baseline, "metric": m, "side": side.get(m, "output"),
+                   "n_baseline": _finite(base[m]).size, "n_arm": _finite(g[m]).size,
+                   "baseline_mean": mean_interval(base[m])[1], "arm_mean": mean_interval(g[m])[1],
+                   "diff": r["diff"], "lo": r["lo"], "hi": r["hi"], "df": r["df"], "se": r["se"], "p": r["p"]}
+            row.update({f"p_{name}": t(base[m], g[m], level)["p"] for name, t in TESTS.items()})
+            rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    col = "p_welch" if test == "welch" else "p_perm"
-    df["p_holm"] = np.nan
+    df["p_holm"], df["lo_sim"], df["hi_sim"], df["mdd80"], df["family"] = np.nan, np.nan, np.nan, np.nan, 0
     for _, idx in df.groupby(["arm", "side"], sort=False).groups.items():
-        df.loc[idx, "p_holm"] = holm(df.loc[idx, col].to_numpy())
+        m = int(np.isfinite(df.loc[idx, "p"]).sum())
+        df.loc[idx, "p_holm"] = holm(df.loc[idx, "p"].to_numpy())
+        df.loc[idx, "family"] = m
+        for i in idx:
+            r = df.loc[i].to_dict()
+            df.loc[i, ["lo_sim", "hi_sim"]] = _interval(r, 1 - (1 - level) / max(m, 1))
+            df.loc[i, "mdd80"] = mdd(r, (1 - level) / max(m, 1))
     df["test"] = test
     return df
 
@@ -230,14 +348,14 @@ def plot_forest(diff: pd.DataFrame, metrics: list[str], arms: list[str], path, t
                 continue
             r = r.iloc[0]
             y = -j
-            if np.isfinite(r["lo"]):
-                ax.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["lo"]], [r["hi"] - r["diff"]]], fmt="o",
+            if np.isfinite(r["lo_sim"]):
+                ax.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["lo_sim"]], [r["hi_sim"] - r["diff"]]], fmt="o",
                             color=color[a], ms=5, capsize=3, lw=1.5)
             else:
                 ax.plot([r["diff"]], [y], "o", color=color[a], ms=5)
             ps.append(f"{a}: p={r['p_holm']:.2g}" if np.isfinite(r["p_holm"]) else f"{a}: p n/a")
         ax.axvline(0, color="0.4", lw=0.8, ls=":")
-        reach = np.nanmax(np.abs(d[["diff", "lo", "hi"]].to_numpy(dtype=float)), initial=0.0)
+        reach = np.nanmax(np.abs(d[["diff", "lo_sim", "hi_sim"]].to_numpy(dtype=float)), initial=0.0)
         if reach > 0:  # 0 in the middle of every row: which side an interval lies on reads at a glance
             ax.set_xlim(-1.1 * reach, 1.1 * reach)
         ax.set_ylim(-len(arms) + 0.4, 0.6)
@@ -249,8 +367,10 @@ def plot_forest(diff: pd.DataFrame, metrics: list[str], arms: list[str], path, t
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=color[a], marker="o", ls="-", label=a) for a in arms]
     base = diff["baseline"].iloc[0] if len(diff) else "baseline"
-    fig.suptitle(f"{title}\n{'arm'} - {base} at the end of training, {level:.0%} Welch interval over seeds; "
-                 "p: Holm-adjusted", fontsize=9.5, y=1 - 0.1 / fig.get_figheight(), va="top")
+    test = diff["test"].iloc[0] if len(diff) else ""
+    fig.suptitle(f"{title}\narm - {base} at the end of training ({test} test over seeds): simultaneous {level:.0%} "
+                 "intervals over each family (Bonferroni); p: Holm-adjusted", fontsize=9.5,
+                 y=1 - 0.1 / fig.get_figheight(), va="top")
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 1 - 0.62 / fig.get_figheight()))
     fig.tight_layout(rect=(0, 0, 0.85, 1 - 0.85 / fig.get_figheight()), h_pad=0.6)

@@ -70,15 +70,64 @@ def _runs_frame():
     return pd.DataFrame(rows)
 
 
+def test_paired_and_sign_flip_by_hand():
+    # d = [3, 4, 5]: mean 4, sd 1, se 1/sqrt(3), t = 4 sqrt(3) on 2 df
+    r = stats.paired(pd.Series([1.0, 2.0, 3.0], index=[1, 2, 3]), pd.Series([4.0, 6.0, 8.0], index=[1, 2, 3]))
+    assert (r["diff"], r["df"], r["n_pairs"]) == (4.0, 2.0, 3)
+    assert r["p_paired"] == pytest.approx(2 * sps.t.sf(4 * math.sqrt(3), 2), rel=1e-12)
+    assert r["p_paired"] == pytest.approx(sps.ttest_rel([4, 6, 8], [1, 2, 3]).pvalue, rel=1e-9)
+    h = sps.t.ppf(0.975, 2) / math.sqrt(3)
+    assert (r["lo"], r["hi"]) == (pytest.approx(4 - h), pytest.approx(4 + h))
+    # pairs are matched by seed, not by position; a seed one arm lacks is left out
+    r = stats.paired(pd.Series([3.0, 1.0, 2.0, 9.0], index=[3, 1, 2, 7]), pd.Series([4.0, 6.0, 8.0], index=[1, 2, 3]))
+    assert r["n_pairs"] == 3 and r["diff"] == 4.0
+    # sign flips of [3, 4, 5]: only all + and all - reach |mean| 4: 2 of 8
+    assert stats.sign_flip_p([3, 4, 5]) == pytest.approx(2 / 8)
+    assert stats.sign_flip_p([1, -1]) == 1.0
+    # random flips (above 2^14): never 0, (b + 1) / (m + 1)
+    assert stats.sign_flip_p(np.full(20, 1.0), draws=999) == pytest.approx(1 / 1000 * (1 + 999 * 2 ** -19), abs=2e-3)
+    assert stats.sign_flip_p(np.full(20, 1.0), draws=999) > 0
+
+
+def test_monte_carlo_permutation_p_is_never_zero():
+    a, b = np.arange(12.0), np.arange(12.0) + 100  # a split as extreme as this one is never drawn
+    assert stats.permutation_p(a, b, max_exact=100) == pytest.approx(1 / 101)
+
+
+def test_paired_sees_what_welch_cannot():
+    """Seed-correlated arms: each seed's arms share a large seed effect, the arm shifts
+    every seed by about -0.13. Welch compares the spread over seeds, paired the differences."""
+    seeds = [1, 2, 3, 4, 5]
+    base = pd.Series([3.16, 3.34, 2.69, 2.95, 3.05], index=seeds)
+    arm = pd.Series([3.07, 3.16, 2.53, 2.83, 3.01], index=seeds)
+    assert stats.welch(base, arm)["p_welch"] == pytest.approx(0.4697, abs=1e-4)
+    assert stats.paired(base, arm)["p_paired"] == pytest.approx(0.00915, abs=1e-4)
+    rows = [{"arm": a, "seed": s, "iter": 10, "m": float(v[s])} for a, v in (("base", base), ("x", arm)) for s in seeds]
+    d = stats.difference_table(pd.DataFrame(rows), ["m"], ["base", "x"], "base", {"m": "output"})
+    assert d["test"].iloc[0] == "paired"  # the default where every arm has the same seeds
+    assert d["p"].iloc[0] == pytest.approx(0.00915, abs=1e-4)
+    rows = [r for r in rows if not (r["arm"] == "x" and r["seed"] == 5)]
+    assert stats.difference_table(pd.DataFrame(rows), ["m"], ["base", "x"], "base", {"m": "output"})["test"].iloc[0] \
+        == "welch"  # seeds differ between the arms: no pairing
+
+
 def test_difference_table_by_hand():
     df = _runs_frame()
-    d = stats.difference_table(df, ["m1", "m2"], ["base", "x"], "base", {"m1": "output", "m2": "output"})
+    d = stats.difference_table(df, ["m1", "m2"], ["base", "x"], "base", {"m1": "output", "m2": "output"}, "welch")
     r1, r2 = d.set_index("metric").loc["m1"], d.set_index("metric").loc["m2"]
     assert (r1["baseline_mean"], r1["arm_mean"], r1["diff"]) == (2.0, 6.0, 4.0)
-    assert r1["p_welch"] == pytest.approx(0.0547867660, abs=1e-9) and r1["p_perm"] == pytest.approx(0.1)
+    assert r1["p"] == r1["p_welch"] == pytest.approx(0.0547867660, abs=1e-9)
+    assert r1["p_permutation"] == pytest.approx(0.1)
+    assert r1["p_paired"] == pytest.approx(2 * sps.t.sf(4 * math.sqrt(3), 2)) and r1["p_sign_flip"] == 0.25
     assert r2["diff"] == 0.0 and r2["p_welch"] == pytest.approx(1.0)
     # Holm over the two output metrics: 2 * 0.0548, then max(that, 1.0)
     assert r1["p_holm"] == pytest.approx(2 * 0.0547867660, abs=1e-8) and r2["p_holm"] == pytest.approx(1.0)
+    # the simultaneous interval of a family of 2: level 1 - 0.05/2, on Welch's df 50/17 and se sqrt(5/3)
+    h = sps.t.ppf(1 - 0.025 / 2, 50 / 17) * math.sqrt(5 / 3)
+    assert (r1["lo_sim"], r1["hi_sim"], r1["family"]) == (pytest.approx(4 - h), pytest.approx(4 + h), 2)
+    assert r1["lo_sim"] < r1["lo"] < r1["hi"] < r1["hi_sim"]
+    mdd = (sps.t.ppf(1 - 0.025 / 2, 50 / 17) + sps.t.ppf(0.8, 50 / 17)) * math.sqrt(5 / 3)
+    assert r1["mdd80"] == pytest.approx(mdd)
     f = stats.final_table(df, ["m1"], ["base", "x"]).set_index("arm")
     assert f.loc["x", "mean"] == 6.0 and f.loc["x", "values"] == "4 6 8" and f.loc["x", "iter"] == 10
     c = stats.curve_table(df, ["m1"])
