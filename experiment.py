@@ -19,6 +19,9 @@ The spec (JSON; config/experiments/ has examples):
   durability  durability.py settings, used for arms with tags (optional)
   metrics     summary.csv columns to compare and draw (default: val_loss and the main
               output metrics); each one's in_<name>_cum input twin is compared too
+  primary     the pre-registered primary outcomes (default ["val_loss"]): each is tested in a
+              family of its own; the other outputs form one family per arm (Holm, and the
+              simultaneous intervals), as do the inputs and the tag measures
   test        auto (default: paired when every arm has the same seeds, else welch),
               paired, sign_flip, welch or permutation: the test whose p is Holm-adjusted
 An experiment's name is the spec's file name: runs go to <out_root>/<name>/<arm>/seed<k>/.
@@ -81,7 +84,7 @@ class ExperimentConfig:
     aggregate_only: bool = False  # only rebuild tables and figures from finished runs
 # -----------------------------------------------------------------------------
 
-SPEC_KEYS = ("question", "base", "arms", "baseline", "seeds", "eval", "durability", "metrics", "test")
+SPEC_KEYS = ("question", "base", "arms", "baseline", "seeds", "eval", "durability", "metrics", "primary", "test")
 # set by experiment.py for every run; an arm or the base may not set them
 RESERVED = ("out_dir", "seed", "init_from", "model_bin", "show_batches", "wandb_log", "wandb_project",
             "wandb_run_name", "wandb_group", "wandb_job_type", "wandb_run_id")
@@ -154,6 +157,10 @@ def load_spec(path) -> dict:
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise UserError(f"{p}: 'metrics' must be a list of summary.csv column names")
     out["metrics"] = metrics
+    primary = spec.get("primary", ["val_loss"])
+    if not isinstance(primary, list) or not all(isinstance(m, str) for m in primary):
+        raise UserError(f"{p}: 'primary' must be a list of summary.csv column names (e.g. [\"val_loss\"])")
+    out["primary"] = primary
     out["test"] = spec.get("test", "auto")
     if out["test"] not in ("auto", *stats.TESTS):
         raise UserError(f"{p}: 'test' must be auto or one of {', '.join(stats.TESTS)}, not {out['test']!r}")
@@ -316,6 +323,7 @@ def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
     df = read_runs(runs)
     arms = list(spec["arms"])
     metrics, side = choose_metrics(df, spec["metrics"])
+    side.update({m: "primary" for m in spec.get("primary", []) if m in side})  # a family of its own
     tables, vis = exp_dir / "tables", exp_dir / "visualize"
     curves = stats.curve_table(df, metrics)
     final = stats.final_table(df, metrics, arms)
@@ -333,7 +341,7 @@ def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
         out[name] = tables / f"{name}.csv"
     n = len(spec["seeds"])
     for s, png in (("output", "bands_output.png"), ("input", "bands_input.png"), ("tag", "bands_tags.png")):
-        ms = [m for m in metrics if side[m] == s]
+        ms = [m for m in metrics if side[m] == s or (s == "output" and side[m] == "primary")]
         if ms:
             what = {"output": "model outputs", "input": "batches trained on (cumulative means)",
                     "tag": "tags (durability.py)"}[s]
@@ -376,7 +384,7 @@ def print_differences(diff: pd.DataFrame, final: pd.DataFrame, spec: dict):
 def print_power(diff: pd.DataFrame, n: int):
     """What the design can see: per arm and output metric, the smallest difference detected
     with 80% power at the family's level, from the observed spread over n seeds."""
-    out = diff[(diff["side"] == "output") & np.isfinite(diff["mdd80"])]
+    out = diff[diff["side"].isin(["primary", "output"]) & np.isfinite(diff["mdd80"])]
     if not len(out):
         return
     print(f"\npower: with {n} seeds, the smallest difference detected with 80% power (at the family's "

@@ -235,7 +235,9 @@ def test_tables_match_the_runs(tiny_experiment):
         if np.std(vals["curriculum"]) + np.std(vals["shuffle"]) > 0:
             ref = sps.ttest_ind(vals["curriculum"], vals["shuffle"], equal_var=False).pvalue
             assert d["p_welch"] == pytest.approx(ref, rel=1e-9)
-    assert set(diff["side"]) == {"output", "input", "tag"}
+    assert set(diff["side"]) == {"primary", "output", "input", "tag"}  # val_loss: a family of its own
+    assert (diff[diff.side == "primary"]["metric"] == "val_loss").all()
+    assert (diff[diff.metric == "val_loss"]["p_holm"] == diff[diff.metric == "val_loss"]["p"]).all()  # family of 1
     assert set(curves["iter"]) == {0, 1, 2, 4, 8, 16, 32, 40, 80}
     assert (curves[curves.metric == "val_loss"]["n"] == 2).all()  # NaN values (no input at step 0) are not counted
     assert (curves[(curves.metric == "in_fk_grade_cum") & (curves.iter == 0)]["n"] == 0).all()
