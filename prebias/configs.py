@@ -119,7 +119,9 @@ class EvalConfig:
 @dataclass
 class DurabilityConfig:
     out_dir: str = "out"
-    R: int = 1000  # random candidates per canary (exposure)
+    R: int = 1000  # random candidates per canary (exposure, the gap to never-seen secrets)
+    n_contexts: int = 8  # canaries: recorded insertions whose trained windows are measured too (0: none)
+    R_context: int = 64  # candidates put in the secret's place in each of those windows
     seed: int = 1337  # candidates' seed
     batch_size: int = 256  # sequences per forward pass
     n_prompts: int = 16  # conditional tags: validation story openings
