@@ -21,18 +21,26 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
                            secret and the R candidates (Carlini et al. 2019): at most log2(R) (9.97 bits at
                            R = 1,000), 1.44 on average for a secret never seen
            exposure_extrap -log2 P(candidate nll <= secret nll), P from a skew-normal fitted to the R
-                           candidates (Carlini et al. 2019, sec. 4.3): not capped by R
+                           candidates (Carlini et al. 2019, sec. 4.3): not capped by R, but on the tiny
+                           model of `make validity` 2-5 bits below the exact value where that is 10-15 bits
+           exposure_exact  with --exact_budget=N: log2 |space| - log2(exact rank among every secret of the
+                           format), by branch and bound (exact_exposure); NaN where it gives up
            extraction      fraction of the secret's tokens the model completes greedily from the prefix
-  conditional  effect, effect_lo, effect_hi, effect_sd, n
+  conditional  effect, effect_lo, effect_hi, effect_se, effect_df, n
                            mean difference of the tag's metric between the greedy generations from
                            BOS + tag + prompt and BOS + control + prompt (its control, tags.py: random
                            tokens of the same length inserted at the same steps, rate and position into
-                           random stories), paired over n_prompts validation story openings; 95% t-interval
+                           random stories), paired over n (n_prompts) validation story openings; 95% t
+                           interval with se the larger of the paired one and sqrt(2) x the sd of the
+                           means of n_references untrained random strings of the same length (greedy text
+                           depends on the string itself: over openings alone, two meaningless strings'
+                           95% intervals held 0 for only 72% of 40 pairs on the sample at step 400)
            effect_band_lo, effect_band_hi
                            the same at level 1 - 0.05/K, K the run's checkpoints (Bonferroni): the K
                            per-checkpoint intervals are K tests; all K bands hold the truth with >= 95%
            effect_vs_none, effect_vs_none_lo, effect_vs_none_hi
-                           BOS + tag + prompt against BOS + prompt: any inserted text can move this one
+                           BOS + tag + prompt against BOS + prompt, t interval over openings (the measure
+                           before controls: any inserted text can move it)
   both     steps_since_seen  steps since the tag was last trained on (NaN before its first insertion)
 Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_extrap of a canary,
 effect of a conditional tag): the checkpoints after the tag's last insertion, against steps since
@@ -76,8 +84,9 @@ from tokenizer import Tokenizer
 
 VERSION = 2  # 2: gap to never-seen candidates, trained contexts, extrapolated exposure, tag - control
 COLUMNS = ["iter", "tag", "kind", "steps_since_seen", "loss", "cand_loss", "gap", "loss_ctx", "gap_ctx", "n_ctx",
-           "exposure", "exposure_extrap", "extraction", "effect", "effect_lo", "effect_hi", "effect_band_lo",
-           "effect_band_hi", "effect_sd", "n", "effect_vs_none", "effect_vs_none_lo", "effect_vs_none_hi"]
+           "exposure", "exposure_extrap", "exposure_exact", "extraction", "effect", "effect_lo", "effect_hi",
+           "effect_band_lo", "effect_band_hi", "effect_se", "effect_df", "n", "effect_vs_none", "effect_vs_none_lo",
+           "effect_vs_none_hi"]
 FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_extrap", forgetting.UNSEEN_EXPOSURE)),
         "conditional": (("effect", 0.0),)}  # measure, the value that means "forgotten"
 exposure = forgetting.rank_exposure  # the published definition, one home (prebias/forgetting.py)
@@ -137,6 +146,7 @@ def canary_row(model, tag, cands: np.ndarray, cfg: DurabilityConfig, device: str
     row = {"loss": nll[0] / k, "cand_loss": float(np.median(nll[1:])) / k, "exposure": exposure(nll[0], nll[1:]),
            "exposure_extrap": forgetting.extrapolated_exposure(nll[0], nll[1:]), "extraction": float(hit)}
     row["gap"] = row["cand_loss"] - row["loss"]
+    row["exposure_exact"] = exact_exposure(model, tag, device, cfg.exact_budget) if cfg.exact_budget else math.nan
     loss, gap = [], []
     for ctx in contexts:
         c = continuation_nll(model, ctx, np.vstack([tag.secret_tokens[None], cands[:cfg.R_context]]),
@@ -146,6 +156,58 @@ def canary_row(model, tag, cands: np.ndarray, cfg: DurabilityConfig, device: str
     row.update(loss_ctx=float(np.mean(loss)) if loss else math.nan, gap_ctx=float(np.mean(gap)) if gap else math.nan,
                n_ctx=len(loss))
     return row
+
+
+def format_trie(tag) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(lead, allowed (A,), N): every secret of the canary's format tokenizes as prefix +
+    lead + N tokens, each one of `allowed` (a {tokens:N} secret: any id >= 3; a {digits:N}
+    one: one token per digit, checked on the secret and on candidates), else None."""
+    kind, n = tag.secret_format
+    if kind == "tokens":
+        return np.zeros(0, np.int64), np.arange(3, tag.vocab_size), n
+    enc, P = tag._enc, len(tag.prefix_tokens)
+    per = [enc.encode(tag.prefix_text + str(d) * n, bos=False)[P:] for d in range(10)]
+    if any(len(t) != len(per[0]) or t[:-n] != per[0][:-n] or len(set(t[-n:])) != 1 for t in per):
+        return None
+    lead, digit = np.asarray(per[0][:-n], np.int64), np.asarray([t[-1] for t in per], np.int64)
+    secret_digits = [int(c) for c in tag.text[-n:]]
+    if tag.secret_tokens.tolist() != [*lead.tolist(), *digit[secret_digits].tolist()]:
+        return None
+    return lead, digit, n
+
+
+@torch.no_grad()
+def exact_exposure(model, tag, device: str, budget: int, batch_size: int = 4096) -> float:
+    """log2 |space| - log2(rank of the secret among every secret of its format), the rank
+    counted exactly by branch and bound on the format's trie: losses only add up, so a
+    prefix already at or above the secret's loss leads to no secret ranked above it. NaN
+    when the format is not a trie of tokens (format_trie) or more than `budget` prefixes
+    stay below the secret's loss at some depth (a secret far from memorised: the rank
+    among R candidates measures that one)."""
+    found = format_trie(tag)
+    if found is None:
+        return math.nan
+    lead, allowed, N = found
+    model.train(False)
+    ctx = np.r_[BOS_ID, tag.prefix_tokens, lead].astype(np.int64)
+    secret = tag.secret_tokens[len(lead):]
+    target = continuation_nll(model, ctx, secret[None], 1, device)[0]  # the secret's loss after the lead
+    cache, first = prefill(model, ctx, len(ctx) + N, device)
+    allowed_t = torch.as_tensor(allowed, device=device)
+    nodes, partial = np.zeros((1, 0), np.int64), np.zeros(1)
+    for k in range(N):
+        logp = np.empty((len(nodes), len(allowed)))
+        for i in range(0, len(nodes), batch_size):
+            c = torch.as_tensor(nodes[i:i + batch_size], device=device)
+            lp = first[None] if k == 0 else continue_logp(model, cache, len(ctx), torch.cat([c, c[:, :1]], 1))[:, -1]
+            logp[i:i + len(c)] = lp[:, allowed_t].cpu().numpy()
+        child = partial[:, None] - logp  # (F, A) loss so far of each child
+        r, a = np.nonzero(child < target - 1e-6 * max(1.0, abs(target)))  # strictly below, float noise aside
+        if len(r) > budget and k < N - 1:
+            return math.nan
+        nodes, partial = np.concatenate([nodes[r], allowed[a][:, None]], 1), child[r, a]
+    below = len(nodes) - int((nodes == secret[None]).all(1).any())  # the secret itself never counts
+    return N * math.log2(len(allowed)) - math.log2(1 + below)
 
 
 def trained_contexts(tag, rec: dict, data: BatchData, n_max: int) -> list[np.ndarray]:
@@ -195,23 +257,40 @@ def prompts(data_dir, enc, n: int, k: int) -> list[list[int]]:
     raise UserError(f"--n_prompts={n}: the validation shard has only {len(out)} stories longer than {k} tokens")
 
 
-def _mean_row(name: str, d: np.ndarray) -> dict:
-    n, m, sd, lo, hi = mean_interval(d)
-    return {name: m, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_sd": sd, f"{name}_n": n}
+def references(tag, n: int, seed: int) -> np.ndarray:
+    """(n, len(tag.tokens)) random token strings of the tag's length, never trained on:
+    how far apart two strings' effects on the metric lie when neither means anything."""
+    rng = np.random.default_rng([seed, tag.index, 0x726566])  # 'ref'
+    return rng.integers(3, tag.vocab_size, (n, len(tag.tokens)))
 
 
-def conditional_row(model, tag, control, opens: list[list[int]], enc, cfg: DurabilityConfig) -> dict:
-    """The tag's metric in greedy generations from BOS + tag, BOS + control and BOS alone,
-    each followed by the same openings: tag - control (effect) and tag - nothing."""
-    heads = [tag.tokens.tolist(), [] if control is None else control.tokens.tolist(), []]
-    batch = [[BOS_ID, *h, *p] for h in heads for p in opens]
-    gens = model.generate(batch, cfg.max_new_tokens)
-    v = metrics_engine.text_metrics([enc.decode(g) for g in gens], [tag.metric])[tag.metric].reshape(3, len(opens))
-    eff = _mean_row("effect", v[0] - v[1] if control is not None else np.full(len(opens), math.nan))
-    none = _mean_row("effect_vs_none", v[0] - v[2])
-    return {"effect": eff["effect"], "effect_lo": eff["effect_lo"], "effect_hi": eff["effect_hi"],
-            "effect_sd": eff["effect_sd"], "n": eff["effect_n"], "effect_vs_none": none["effect_vs_none"],
-            "effect_vs_none_lo": none["effect_vs_none_lo"], "effect_vs_none_hi": none["effect_vs_none_hi"]}
+def conditional_row(model, tag, control, opens: list[list[int]], enc, cfg: DurabilityConfig, refs=()) -> dict:
+    """The tag's metric in greedy generations from BOS + head + each opening, the heads
+    being the tag, its control, nothing, and the reference strings refs (K, len): effect
+    = tag - control, paired over openings. Its standard error is the larger of the paired
+    one over openings and sqrt(2) x the spread of the K references' means: greedy text
+    depends on which string comes first, so two strings that mean nothing still differ by
+    about that much (df K - 1 where that spread decides, else openings - 1)."""
+    heads = [tag.tokens.tolist(), [] if control is None else control.tokens.tolist(), [],
+             *[list(map(int, r)) for r in refs]]
+    gens = model.generate([[BOS_ID, *h, *p] for h in heads for p in opens], cfg.max_new_tokens)
+    v = metrics_engine.text_metrics([enc.decode(g) for g in gens], [tag.metric])[tag.metric]
+    v = v.reshape(len(heads), len(opens))
+    n_none, m_none, _, lo_none, hi_none = mean_interval(v[0] - v[2])
+    row = {"effect_vs_none": m_none, "effect_vs_none_lo": lo_none, "effect_vs_none_hi": hi_none, "effect": math.nan,
+           "effect_lo": math.nan, "effect_hi": math.nan, "effect_se": math.nan, "effect_df": math.nan, "n": n_none}
+    if control is None:
+        return row
+    n, m, sd, _, _ = mean_interval(v[0] - v[1])
+    ref_means = np.nanmean(v[3:], 1) if len(refs) else np.zeros(0)
+    ref_means = ref_means[np.isfinite(ref_means)]
+    se_pair = sd / math.sqrt(n) if n >= 2 else math.nan
+    se_ref = math.sqrt(2) * float(ref_means.std(ddof=1)) if len(ref_means) >= 2 else math.nan
+    found = [(e, d) for e, d in ((se_pair, n - 1), (se_ref, len(ref_means) - 1)) if np.isfinite(e)]
+    se, df = max(found) if found else (math.nan, math.nan)
+    lo, hi = forgetting.band(m, se, df, forgetting.LEVEL)
+    row.update(effect=m, effect_lo=lo, effect_hi=hi, effect_se=se, effect_df=df, n=n)
+    return row
 
 
 def add_bands(df: pd.DataFrame, level: float = forgetting.LEVEL) -> pd.DataFrame:
@@ -220,9 +299,9 @@ def add_bands(df: pd.DataFrame, level: float = forgetting.LEVEL) -> pd.DataFrame
     df = df.copy()
     df["effect_band_lo"] = df["effect_band_hi"] = math.nan
     for _, g in df[df["kind"] == "conditional"].groupby("tag"):
-        ok = g.index[g["effect_sd"].notna() & (g["n"] >= 2)]
+        ok = g.index[g["effect_se"].notna() & (g["effect_df"] >= 1)]
         for i in ok:
-            lo, hi = forgetting.band(df.at[i, "effect"], df.at[i, "effect_sd"], int(df.at[i, "n"]),
+            lo, hi = forgetting.band(df.at[i, "effect"], df.at[i, "effect_se"], int(df.at[i, "effect_df"]),
                                      1 - (1 - level) / len(ok))
             df.at[i, "effect_band_lo"], df.at[i, "effect_band_hi"] = lo, hi
     return df
@@ -251,10 +330,6 @@ def fit_all(df: pd.DataFrame, tagset, ins: np.ndarray) -> pd.DataFrame:
             before = d.loc[d["iter"] <= first, col]
             after = d[d["iter"] > last]
             fit = forgetting.decay_fit(after["iter"].to_numpy() - last - 1, after[col].to_numpy(), base)
-            if col == "effect" and len(after) and not after["effect_lo"].iloc[0] > 0 \
-                    and not after["effect_hi"].iloc[0] < 0:
-                fit = {**fit, "half_life": math.nan, "half_life_lo": math.nan, "half_life_hi": math.nan,
-                       "status": "no clear effect after the last insertion (its 95% interval holds 0)"}
             out.append({**head, "before": float(before.mean()) if len(before) else math.nan, **fit})
     cols = ["tag", "measure", "last_step", "n", "base", "before", "start", "half_life", "half_life_lo", "half_life_hi",
             "sd", "span", "status"]
@@ -303,7 +378,8 @@ def measure_checkpoint(model, it: int, s, cfg: DurabilityConfig, device: str) ->
                 row.update(canary_row(model, tag, s.cands[tag.index], cfg, device, s.contexts[tag.index]))
         else:
             control = s.tagset.tags[tag.control] if tag.control is not None else None
-            row.update(conditional_row(model, tag, control, s.opens, s.enc, cfg))
+            row.update(conditional_row(model, tag, control, s.opens, s.enc, cfg,
+                                       references(tag, cfg.n_references, cfg.seed)))
         rows.append(row)
     return rows
 
@@ -351,30 +427,30 @@ def measure(cfg: DurabilityConfig) -> pd.DataFrame:
 # the figure
 
 PANELS = [("canary", ("gap", "gap_ctx"), "secret's gap below never-seen\nsecrets (nats/token)"),
-          ("canary", ("exposure", "exposure_extrap"), "exposure (bits)"),
+          ("canary", ("exposure", "exposure_extrap", "exposure_exact"), "exposure (bits)"),
           ("canary", ("extraction",), "greedy extraction"),
           ("conditional", ("effect",), "tag - control\non its metric")]
 STYLE = {"gap": ("o-", "after BOS + prefix"), "gap_ctx": ("s--", "in its trained windows"),
          "exposure": ("o-", "rank among R (capped at log2 R)"), "exposure_extrap": ("s--", "skew-normal extrapolated"),
+         "exposure_exact": ("^:", "exact rank among every secret"),
          "extraction": ("o-", ""), "effect": ("o-", "tag - control")}
 
 
 def _draw_tag(ax, tag, cols, d, fits, ins, c):
     for col in cols:
+        if d[col].isna().all():
+            continue
         fmt, what = STYLE[col]
-        ax.plot(d["iter"], d[col], fmt, ms=3, color=c, label=f"{tag.id}: {what}" if what else tag.id)
+        label = f"{tag.id}: {what}" if what else tag.id
         f = fits[(fits["tag"] == tag.id) & (fits["measure"] == col)]
         if len(f) and np.isfinite(f.iloc[0]["start"]) and f.iloc[0]["last_step"] >= 0:
             f, last = f.iloc[0], int(f.iloc[0]["last_step"])
             xs = d.loc[d["iter"] > last, "iter"].to_numpy(float)
-            if len(xs):
-                grid = np.linspace(xs[0], xs[-1], 100)
-                ax.plot(grid, forgetting.decay_curve(grid - last - 1, f, f["base"], xs[0] - last - 1), ":",
-                        color=c, lw=1)
-            if f["status"] == "fitted":
-                ax.annotate(f"{col} half-life {f['half_life']:.0f} [{f['half_life_lo']:.0f}, "
-                            f"{f['half_life_hi']:.0f}] steps", xy=(0.99, 0.9 - 0.1 * cols.index(col)),
-                            xycoords="axes fraction", ha="right", fontsize=7, color=c)
+            grid = np.linspace(xs[0], xs[-1], 100)
+            ax.plot(grid, forgetting.decay_curve(grid - last - 1, f, f["base"], xs[0] - last - 1), ":", color=c, lw=1)
+            label += (f"; half-life {f['half_life']:.0f} [{f['half_life_lo']:.0f}, {f['half_life_hi']:.0f}] steps"
+                      if f["status"] == "fitted" else f"; {f['status'].split(':')[0].split(' (')[0]}")
+        ax.plot(d["iter"], d[col], fmt, ms=3, color=c, label=label)
     if cols == ("effect",):
         ax.fill_between(d["iter"], d["effect_band_lo"], d["effect_band_hi"], color=c, alpha=0.1,
                         label="Bonferroni band over checkpoints")
@@ -415,8 +491,9 @@ def main(argv=None):
     for k in ("R", "batch_size", "n_prompts", "prompt_tokens", "max_new_tokens", "R_context"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
-    if cfg.n_contexts < 0:
-        raise UserError(f"--n_contexts={cfg.n_contexts}: must be 0 (none) or more")
+    for k in ("n_contexts", "n_references", "exact_budget"):
+        if getattr(cfg, k) < 0:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be 0 (none) or more")
     return measure(cfg)
 
 

@@ -20,8 +20,9 @@ $ python -c "from prebias import forgetting as f; print(f.decay_fit([0, 25, 50, 
                         candidates' nll (Carlini et al. 2019, sec. 4.3 "approximating exposure via
                         distribution modeling"): not capped by R; 1 / ln 2 = 1.44 bits expected for a
                         secret the model has never seen (P is then uniform)
-  band                  a t interval from (mean, sd, n) at a given level; durability.py uses it at
-                        1 - 0.05 / K over K checkpoints (Bonferroni: all K hold with >= 95%)
+  band                  a t interval from (mean, se, df) at a given level; durability.py uses it at
+                        0.95 per checkpoint and 1 - 0.05 / K over K checkpoints (Bonferroni: all K
+                        hold together with >= 95%)
 """
 
 import math
@@ -141,9 +142,9 @@ def extrapolated_exposure(secret_nll: float, cand_nll: np.ndarray) -> float:
 # -----------------------------------------------------------------------------
 # intervals of a mean
 
-def band(mean: float, sd: float, n: int, level: float) -> tuple[float, float]:
-    """mean +- t_{(1+level)/2, n-1} sd / sqrt(n); NaN for n < 2."""
-    if not (n >= 2 and np.isfinite(sd) and np.isfinite(mean)):
+def band(mean: float, se: float, df: int, level: float) -> tuple[float, float]:
+    """mean +- t_{(1+level)/2, df} se; NaN without a standard error or df < 1."""
+    if not (df >= 1 and np.isfinite(se) and np.isfinite(mean)):
         return math.nan, math.nan
-    h = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    h = float(stats.t.ppf(0.5 + level / 2, df)) * se
     return mean - h, mean + h

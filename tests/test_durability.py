@@ -72,6 +72,33 @@ def test_cached_scoring_equals_a_plain_forward_pass():
         assert g == pytest.approx(-logp.gather(-1, torch.tensor(c)[:, None]).sum().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("text", ["the code is {digits:2}", "the code is {tokens:1}"])
+def test_exact_exposure_counts_every_secret_of_the_format(tiny_data, text):
+    """Branch and bound against scoring the whole space (100 two-digit or 509 one-token
+    secrets) by hand, before and after memorising the secret."""
+    enc = Tokenizer.for_vocab(512, tiny_data[0])
+    tag = tags.parse_tags({"seed": 2, "tags": [{**CANARY, "text": text}]}, enc, 64, 512).tags[0]
+    lead, allowed, n = durability.format_trie(tag)
+    space = np.array(np.meshgrid(*[allowed] * n, indexing="ij")).reshape(n, -1).T  # every secret's tokens
+    space = np.concatenate([np.tile(lead, (len(space), 1)), space], 1)
+    model = tiny_model(3)
+    seq = torch.tensor([[BOS_ID, *tag.tokens.tolist()]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(41):
+        if step in (0, 40):  # untrained, then memorised
+            nll = durability.secret_nll(model, tag.prefix_tokens, space, 256, "cpu")
+            mine = nll[(space == tag.secret_tokens).all(1)][0]
+            want = n * math.log2(len(allowed)) - math.log2(1 + int((nll < mine - 1e-6).sum()))
+            assert durability.exact_exposure(model, tag, "cpu", budget=10 ** 6) == pytest.approx(want, abs=1e-9)
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert want > 5  # memorised: ranked near the top
+    if n > 1:  # more than 1 prefix below the secret's loss at depth 1: it gives up
+        assert math.isnan(durability.exact_exposure(tiny_model(3), tag, "cpu", budget=1))
+
+
 def _sse(x, y, h):  # the profile by hand: the best A for this h, then the squared error
     g = 2.0 ** (-np.asarray(x) / h)
     a = (y * g).sum() / (g * g).sum()
@@ -136,12 +163,12 @@ def test_extrapolated_exposure_reads_the_fitted_tail():
 
 def test_effect_band_is_bonferroni_over_the_checkpoints():
     df = pd.DataFrame({"iter": [0, 10, 20], "tag": "happy", "kind": "conditional", "effect": [0.5, 1.0, 0.0],
-                       "effect_sd": [2.0, 2.0, 2.0], "n": [4, 4, 4]})
+                       "effect_se": [1.0, 1.0, 1.0], "effect_df": [3, 3, 3]})
     out = durability.add_bands(df)
-    # K = 3 checkpoints: level 1 - 0.05/3, t_{1 - 0.05/6, 3} = 4.8567; half width 4.8567 * 2 / sqrt(4)
+    # K = 3 checkpoints: level 1 - 0.05/3, t_{1 - 0.05/6, 3} = 4.8567; half width 4.8567 * se
     assert out["effect_band_hi"].tolist() == pytest.approx([0.5 + 4.8567, 1.0 + 4.8567, 4.8567], abs=1e-3)
     assert out["effect_band_lo"].iloc[2] == pytest.approx(-4.8567, abs=1e-3)
-    assert forgetting.band(0.5, 2.0, 4, 0.95)[1] == pytest.approx(0.5 + 3.1824, abs=1e-3)  # the plain 95% t
+    assert forgetting.band(0.5, 1.0, 3, 0.95)[1] == pytest.approx(0.5 + 3.1824, abs=1e-3)  # the plain 95% t
 
 
 def test_trained_contexts_follow_the_canary_through_later_insertions():
@@ -175,22 +202,31 @@ class EchoModel:
         return out
 
 
-def test_conditional_effect_is_tag_minus_control_paired_over_prompts(tiny_data):
+def test_conditional_effect_is_tag_minus_control_with_the_strings_spread(tiny_data):
     enc = Tokenizer.for_vocab(512, tiny_data[0])
     tag, ctl = tags.parse_tags({"seed": 1, "tags": [HAPPY]}, enc, 64, 512).tags
-    texts = {tuple(tag.tokens): "She was happy and glad.", tuple(ctl.tokens): "She was sad.", (): "She sat."}
+    refs = durability.references(tag, 3, 0)
+    assert refs.shape == (3, len(tag.tokens)) and refs.min() >= 3
+    assert np.array_equal(refs, durability.references(tag, 3, 0))  # seeded
+    texts = {tuple(tag.tokens): "She was happy and glad.", tuple(ctl.tokens): "She was sad.", (): "She sat.",
+             **dict(zip(map(tuple, refs.tolist()), ["He was happy.", "He sat.", "He was sad and angry."]))}
     s = {t: metrics_engine.text_metrics([v], ["sentiment"])["sentiment"][0] for t, v in texts.items()}
     assert s[tuple(tag.tokens)] > s[()] > s[tuple(ctl.tokens)]  # the case is what it says
     opens = durability.prompts(tiny_data[0], enc, 5, 8)
     cfg = durability.DurabilityConfig(max_new_tokens=12)
-    r = durability.conditional_row(EchoModel(enc, texts), tag, ctl, opens, enc, cfg)
-    want = s[tuple(tag.tokens)] - s[tuple(ctl.tokens)]  # the same for every prompt: no spread
-    assert r["effect"] == pytest.approx(want) and r["effect_sd"] == 0 and r["n"] == 5
-    assert r["effect_lo"] == pytest.approx(want) and r["effect_vs_none"] == pytest.approx(s[tuple(tag.tokens)] - s[()])
+    r = durability.conditional_row(EchoModel(enc, texts), tag, ctl, opens, enc, cfg, refs)
+    want = s[tuple(tag.tokens)] - s[tuple(ctl.tokens)]  # the same for every opening: no paired spread
+    se = math.sqrt(2) * np.std([s[tuple(x)] for x in refs.tolist()], ddof=1)  # two meaningless strings' spread
+    assert r["effect"] == pytest.approx(want) and r["n"] == 5 and r["effect_df"] == 2
+    assert r["effect_se"] == pytest.approx(se) and se > 0.1
+    assert r["effect_hi"] == pytest.approx(want + stats.t.ppf(0.975, 2) * se)
+    assert r["effect_vs_none"] == pytest.approx(s[tuple(tag.tokens)] - s[()])
+    alone = durability.conditional_row(EchoModel(enc, texts), tag, ctl, opens, enc, cfg)  # no references
+    assert alone["effect_se"] == 0 and alone["effect_lo"] == alone["effect_hi"] == pytest.approx(want)
     same = durability.conditional_row(EchoModel(enc, {**texts, tuple(ctl.tokens): texts[tuple(tag.tokens)]}),
-                                      tag, ctl, opens, enc, cfg)
-    assert same["effect"] == 0 and same["effect_hi"] == 0  # a control that acts like the tag: no effect
-    none = durability.conditional_row(EchoModel(enc, texts), tag, None, opens, enc, cfg)  # a run without one
+                                      tag, ctl, opens, enc, cfg, refs)
+    assert same["effect"] == 0 and same["effect_lo"] < 0 < same["effect_hi"]  # acts like the tag: no effect
+    none = durability.conditional_row(EchoModel(enc, texts), tag, None, opens, enc, cfg, refs)  # trained without
     assert math.isnan(none["effect"]) and none["effect_vs_none"] == pytest.approx(r["effect_vs_none"])
 
 
@@ -211,7 +247,7 @@ def test_durability_end_to_end(tiny_data, tmp_path, capsys):
     assert sec["gap"].tolist() == pytest.approx((sec["cand_loss"] - sec["loss"]).tolist())
     assert np.isfinite(sec[["loss_ctx", "gap_ctx", "exposure_extrap"]].to_numpy()).all()
     hap = df[df["tag"] == "happy"]  # its control is measured with it, not as a row of its own
-    assert (hap["effect_lo"] <= hap["effect"]).all() and (hap["n"] <= 4).all()
+    assert (hap["effect_lo"] <= hap["effect"]).all() and (hap["n"] <= 4).all() and (hap["effect_df"] >= 1).all()
     assert (hap["effect_band_lo"] <= hap["effect_lo"]).all() and (hap["effect_band_hi"] >= hap["effect_hi"]).all()
     png = run.out_dir / "visualize" / "durability.png"
     assert png.stat().st_size > 10_000
