@@ -47,7 +47,7 @@ def main():
                              "--device=cpu"])
             dt = (time.perf_counter() - t0) / n
             print(f"durability {name}: {dt:.2f} s per checkpoint (R=1000 candidates, 8 trained windows x 64, "
-                  f"16 prompts x 3 x 48 tokens)")
+                  f"16 prompts x (3 + 16 reference strings) x 48 tokens)")
 
 
 if __name__ == "__main__":
