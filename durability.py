@@ -5,6 +5,7 @@ with --tags, measure each tag from the recorded insertions, then fit a forgettin
 $ python durability.py --out_dir=out/canary
 $ python durability.py --out_dir=out/canary --R=1000 --n_prompts=32
 $ python durability.py --out_dir=out/happy --max_new_tokens=64
+$ python durability.py --out_dir=out/canary --exact_budget=65536   # exact exposure above log2 R too
 
 Per checkpoint and tag (<out_dir>/tables/durability.csv):
   canary   loss            mean nll (nats/token) of the secret given BOS + prefix
@@ -22,7 +23,7 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
                            R = 1,000), 1.44 on average for a secret never seen
            exposure_extrap -log2 P(candidate nll <= secret nll), P from a skew-normal fitted to the R
                            candidates (Carlini et al. 2019, sec. 4.3): not capped by R, but on the tiny
-                           model of `make validity` 2-5 bits below the exact value where that is 10-15 bits
+                           model of `make validity` 2.7-5.5 bits below the exact value where that is 11.8-14.5
            exposure_exact  with --exact_budget=N: log2 |space| - log2(exact rank among every secret of the
                            format), by branch and bound (exact_exposure); NaN where it gives up
            extraction      fraction of the secret's tokens the model completes greedily from the prefix
