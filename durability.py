@@ -5,30 +5,56 @@ with --tags, measure each tag from the recorded insertions, then fit a forgettin
 $ python durability.py --out_dir=out/canary
 $ python durability.py --out_dir=out/canary --R=1000 --n_prompts=32
 $ python durability.py --out_dir=out/happy --max_new_tokens=64
+$ python durability.py --out_dir=out/canary --exact_budget=65536   # exact exposure above log2 R too
 
 Per checkpoint and tag (<out_dir>/tables/durability.csv):
-  canary       loss          mean nll (nats/token) of the secret given BOS + prefix
-               exposure      log2(R) - log2(rank), the rank (1 = most likely) of the secret's
-                             log-perplexity among the secret and R random candidates of the same
-                             format (Carlini et al. 2019): log2(R) when the model prefers the secret
-                             to every candidate, about 1.4 on average for a model that knows nothing
-               extraction    fraction of the secret's tokens the model completes greedily from the prefix
-  conditional  effect, effect_lo, effect_hi
-                             mean difference of the tag's metric between the greedy generations
-                             from BOS + tag + prompt and BOS + prompt (the same n_prompts validation
-                             story openings), with its 95% t-interval over prompts
-  both         steps_since_seen  steps since the tag was last trained on (NaN before its first insertion)
-Per tag (<out_dir>/tables/durability_fit.csv): after the tag's last insertion, exposure and
-the secret's loss (or the effect) against steps since last seen are fitted by
-y = b + (y0 - b) * 2^(-x / h), with
-b its value at step 0 (before any tagging) and y0 its value at the first checkpoint after
-the last insertion; h is the half-life in steps, with an approximate 95% interval (the h
-whose squared error is within a factor (1 + 4/(n-1)) of the best). "not forgotten within the
-run" when the curve has not fallen half way by the last checkpoint.
+  canary   loss            mean nll (nats/token) of the secret given BOS + prefix
+           cand_loss       the same, median over R random secrets of the same format that were never
+                           trained on (the candidates: they move with training, and the secret with them)
+           gap             cand_loss - loss: how much better the model knows the secret than a never-seen
+                           one (0: no memory of it); the forgetting measure
+           loss_ctx, gap_ctx, n_ctx
+                           the same in the contexts the secret was trained in: up to n_contexts of its
+                           recorded insertions, each window rebuilt as trained (stream.trained_windows) and
+                           cut where the secret ends, the secret scored at its trained position against
+                           R_context candidates put in its place (gap_ctx: mean over the contexts)
+           exposure        log2(R) - log2(rank), the rank (1 = most likely) of the secret's nll among the
+                           secret and the R candidates (Carlini et al. 2019): at most log2(R) (9.97 bits at
+                           R = 1,000), 1.44 on average for a secret never seen
+           exposure_extrap -log2 P(candidate nll <= secret nll), P from a skew-normal fitted to the R
+                           candidates (Carlini et al. 2019, sec. 4.3): not capped by R, but on the tiny
+                           model of `make validity` 2.7-5.5 bits below the exact value where that is 11.8-14.5
+           exposure_exact  with --exact_budget=N: log2 |space| - log2(exact rank among every secret of the
+                           format), by branch and bound (exact_exposure); NaN where it gives up
+           extraction      fraction of the secret's tokens the model completes greedily from the prefix
+  conditional  effect, effect_lo, effect_hi, effect_se, effect_df, n
+                           mean difference of the tag's metric between the greedy generations from
+                           BOS + tag + prompt and BOS + control + prompt (its control, tags.py: random
+                           tokens of the same length inserted at the same steps, rate and position into
+                           random stories), paired over n (n_prompts) validation story openings; 95% t
+                           interval with se the larger of the paired one and sqrt(2) x the sd of the
+                           means of n_references untrained random strings of the same length (greedy text
+                           depends on the string itself: over openings alone, two meaningless strings'
+                           95% intervals held 0 for only 72% of 40 pairs on the sample at step 400)
+           effect_band_lo, effect_band_hi
+                           the same at level 1 - 0.05/K, K the run's checkpoints (Bonferroni): the K
+                           per-checkpoint intervals are K tests; all K bands hold the truth with >= 95%
+           effect_vs_none, effect_vs_none_lo, effect_vs_none_hi
+                           BOS + tag + prompt against BOS + prompt, t interval over openings (the measure
+                           before controls: any inserted text can move it)
+  both     steps_since_seen  steps since the tag was last trained on (NaN before its first insertion)
+Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_extrap of a canary,
+effect of a conditional tag): the checkpoints after the tag's last insertion, against steps since
+seen, fitted by y = base + A 2^(-(x - x0)/h) (prebias/forgetting.py: base 0 for a gap or an effect,
+1/ln 2 for exposure, A and h fitted, h's 95% profile-likelihood interval with the F(1, n-2)
+quantile); "not forgotten within the run" where the interval has no upper end, "not estimable"
+with the reason where the data cannot give an interval (fewer than 3 checkpoints; any h fits).
+`before` is the measure's mean before the first insertion (a secret's own offset).
 The plot (<out_dir>/visualize/durability.png) marks the insertion steps on the shared step axis.
 Checkpoints already measured with the same settings are skipped.
 """
 
+import hashlib
 import math
 import sys
 import time
@@ -41,54 +67,180 @@ import pandas as pd
 import torch
 
 import metrics
-from prebias import metrics_engine
+from model import KVCache
+from prebias import forgetting, metrics_engine
 from prebias import tags as tagmod
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config, stream_records
 from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, save_figure,
                             step_axis, write_csv_atomic)
 from prebias.configs import DurabilityConfig
-from prebias.data import BOS_ID, load_stories, raw_shards
+from prebias.data import BOS_ID, BatchData, load_stories, raw_shards
+from prebias.stats import mean_interval
+from prebias.stream import INSERT, REPLACE, trained_windows
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config: DurabilityConfig (prebias/configs.py) holds every key with its default and why
 # -----------------------------------------------------------------------------
 
-VERSION = 1
-COLUMNS = ["iter", "tag", "kind", "steps_since_seen", "loss", "exposure", "extraction", "effect", "effect_lo",
-           "effect_hi", "n"]
+VERSION = 2  # 2: gap to never-seen candidates, trained contexts, extrapolated exposure, tag - control
+COLUMNS = ["iter", "tag", "kind", "steps_since_seen", "loss", "cand_loss", "gap", "loss_ctx", "gap_ctx", "n_ctx",
+           "exposure", "exposure_extrap", "exposure_exact", "extraction", "effect", "effect_lo", "effect_hi",
+           "effect_band_lo", "effect_band_hi", "effect_se", "effect_df", "n", "effect_vs_none", "effect_vs_none_lo",
+           "effect_vs_none_hi"]
+FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_extrap", forgetting.UNSEEN_EXPOSURE)),
+        "conditional": (("effect", 0.0),)}  # measure, the value that means "forgotten"
+exposure = forgetting.rank_exposure  # the published definition, one home (prebias/forgetting.py)
 
 
 # -----------------------------------------------------------------------------
-# canaries
+# canaries: scoring continuations of one context, its keys and values computed once
 
 @torch.no_grad()
-def secret_nll(model, prefix: np.ndarray, secrets: np.ndarray, batch_size: int, device: str) -> np.ndarray:
-    """(len(secrets),) summed nll of each secret given BOS + prefix."""
-    out = np.empty(len(secrets))
-    P = 1 + len(prefix)
-    for i in range(0, len(secrets), batch_size):
-        s = secrets[i:i + batch_size]
-        seq = np.concatenate([np.tile(np.r_[BOS_ID, prefix], (len(s), 1)), s], axis=1)
-        x = torch.from_numpy(seq[:, :-1]).to(device)
-        logp = torch.log_softmax(model(x)[0].float(), -1)[:, P - 1:]  # predictions of the secret's tokens
-        tgt = torch.from_numpy(s).to(device)
-        out[i:i + len(s)] = -logp.gather(-1, tgt[..., None])[..., 0].sum(1).cpu().numpy()
+def prefill(model, context: np.ndarray, max_len: int, device: str):
+    """(cache holding the context's keys/values, log-probs (V,) of the token after it)."""
+    cache = KVCache(model.params, 1, max_len, device, model.tok_embeddings.weight.dtype)
+    logits, _ = model(torch.as_tensor(np.asarray(context)[None], device=device), cache=cache, start_pos=0)
+    return cache, torch.log_softmax(logits[0, -1].float(), -1)
+
+
+@torch.no_grad()
+def continue_logp(model, cache, P: int, conts: torch.Tensor) -> torch.Tensor:
+    """(b, n-1, V) log-probs after each of conts' (b, n) first n-1 tokens, the context's
+    P cached positions before them."""
+    b, n = conts.shape
+    c = KVCache(model.params, b, cache.k[0].shape[2], conts.device, cache.k[0].dtype)
+    for layer in range(len(c.k)):
+        c.k[layer][:, :, :P] = cache.k[layer][:, :, :P]
+        c.v[layer][:, :, :P] = cache.v[layer][:, :, :P]
+    logits, _ = model(conts[:, :-1], cache=c, start_pos=P)
+    return torch.log_softmax(logits.float(), -1)
+
+
+@torch.no_grad()
+def continuation_nll(model, context: np.ndarray, conts: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    """(M,) summed nll (nats) of each continuation conts (M, n) right after context (P,)."""
+    model.train(False)
+    P, (M, n) = len(context), np.shape(conts)
+    cache, first = prefill(model, context, P + n, device)
+    out = np.empty(M)
+    for i in range(0, M, batch_size):
+        c = torch.as_tensor(np.asarray(conts[i:i + batch_size]), device=device)
+        nll = -first[c[:, 0]]
+        if n > 1:
+            nll = nll - continue_logp(model, cache, P, c).gather(-1, c[:, 1:, None])[..., 0].sum(1)
+        out[i:i + len(c)] = nll.cpu().numpy()
     return out
 
 
-def exposure(canary_nll: float, cand_nll: np.ndarray) -> float:
-    """log2(R) - log2(rank of the canary among itself and the R candidates)."""
-    rank = 1 + int((cand_nll < canary_nll).sum())
-    return math.log2(len(cand_nll)) - math.log2(rank)
+def secret_nll(model, prefix: np.ndarray, secrets: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    """(len(secrets),) summed nll of each secret given BOS + prefix."""
+    return continuation_nll(model, np.r_[BOS_ID, prefix].astype(np.int64), secrets, batch_size, device)
 
 
-def canary_row(model, tag, cands: np.ndarray, cfg: DurabilityConfig, device: str) -> dict:
-    nll = secret_nll(model, tag.prefix_tokens, tag.secret_tokens[None, :], 1, device)[0]
-    cand = secret_nll(model, tag.prefix_tokens, cands, cfg.batch_size, device)
-    gen = model.generate([[BOS_ID, *tag.prefix_tokens.tolist()]], len(tag.secret_tokens), stop_at_bos=False)[0]
+def canary_row(model, tag, cands: np.ndarray, cfg: DurabilityConfig, device: str, contexts=()) -> dict:
+    """One checkpoint's measures of a canary (module docstring); contexts: from trained_contexts."""
+    k = len(tag.secret_tokens)
+    nll = secret_nll(model, tag.prefix_tokens, np.vstack([tag.secret_tokens[None], cands]), cfg.batch_size, device)
+    gen = model.generate([[BOS_ID, *tag.prefix_tokens.tolist()]], k, stop_at_bos=False)[0]
     hit = np.mean([a == b for a, b in zip(gen, tag.secret_tokens.tolist())]) if len(gen) else 0.0
-    return {"loss": nll / len(tag.secret_tokens), "exposure": exposure(nll, cand), "extraction": float(hit)}
+    row = {"loss": nll[0] / k, "cand_loss": float(np.median(nll[1:])) / k, "exposure": exposure(nll[0], nll[1:]),
+           "exposure_extrap": forgetting.extrapolated_exposure(nll[0], nll[1:]), "extraction": float(hit)}
+    row["gap"] = row["cand_loss"] - row["loss"]
+    row["exposure_exact"] = exact_exposure(model, tag, device, cfg.exact_budget) if cfg.exact_budget else math.nan
+    loss, gap = [], []
+    for ctx in contexts:
+        c = continuation_nll(model, ctx, np.vstack([tag.secret_tokens[None], cands[:cfg.R_context]]),
+                             cfg.batch_size, device) / k
+        loss.append(c[0])
+        gap.append(float(np.median(c[1:])) - c[0])
+    row.update(loss_ctx=float(np.mean(loss)) if loss else math.nan, gap_ctx=float(np.mean(gap)) if gap else math.nan,
+               n_ctx=len(loss))
+    return row
+
+
+def format_trie(tag) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(lead, allowed (A,), N): every secret of the canary's format tokenizes as prefix +
+    lead + N tokens, each one of `allowed` (a {tokens:N} secret: any id >= 3; a {digits:N}
+    one: one token per digit, checked on the secret and on candidates), else None."""
+    kind, n = tag.secret_format
+    if kind == "tokens":
+        return np.zeros(0, np.int64), np.arange(3, tag.vocab_size), n
+    enc, P = tag._enc, len(tag.prefix_tokens)
+    per = [enc.encode(tag.prefix_text + str(d) * n, bos=False)[P:] for d in range(10)]
+    if any(len(t) != len(per[0]) or t[:-n] != per[0][:-n] or len(set(t[-n:])) != 1 for t in per):
+        return None
+    lead, digit = np.asarray(per[0][:-n], np.int64), np.asarray([t[-1] for t in per], np.int64)
+    secret_digits = [int(c) for c in tag.text[-n:]]
+    if tag.secret_tokens.tolist() != [*lead.tolist(), *digit[secret_digits].tolist()]:
+        return None
+    return lead, digit, n
+
+
+@torch.no_grad()
+def exact_exposure(model, tag, device: str, budget: int, batch_size: int = 4096) -> float:
+    """log2 |space| - log2(rank of the secret among every secret of its format), the rank
+    counted exactly by branch and bound on the format's trie: losses only add up, so a
+    prefix already at or above the secret's loss leads to no secret ranked above it. NaN
+    when the format is not a trie of tokens (format_trie) or more than `budget` prefixes
+    stay below the secret's loss at some depth (a secret far from memorised: the rank
+    among R candidates measures that one)."""
+    found = format_trie(tag)
+    if found is None:
+        return math.nan
+    lead, allowed, N = found
+    model.train(False)
+    ctx = np.r_[BOS_ID, tag.prefix_tokens, lead].astype(np.int64)
+    secret = tag.secret_tokens[len(lead):]
+    target = continuation_nll(model, ctx, secret[None], 1, device)[0]  # the secret's loss after the lead
+    cache, first = prefill(model, ctx, len(ctx) + N, device)
+    allowed_t = torch.as_tensor(allowed, device=device)
+    nodes, partial = np.zeros((1, 0), np.int64), np.zeros(1)
+    for k in range(N):
+        logp = np.empty((len(nodes), len(allowed)))
+        for i in range(0, len(nodes), batch_size):
+            c = torch.as_tensor(nodes[i:i + batch_size], device=device)
+            lp = first[None] if k == 0 else continue_logp(model, cache, len(ctx), torch.cat([c, c[:, :1]], 1))[:, -1]
+            logp[i:i + len(c)] = lp[:, allowed_t].cpu().numpy()
+        child = partial[:, None] - logp  # (F, A) loss so far of each child
+        r, a = np.nonzero(child < target - 1e-6 * max(1.0, abs(target)))  # strictly below, float noise aside
+        if len(r) > budget and k < N - 1:
+            return math.nan
+        nodes, partial = np.concatenate([nodes[r], allowed[a][:, None]], 1), child[r, a]
+    below = len(nodes) - int((nodes == secret[None]).all(1).any())  # the secret itself never counts
+    return N * math.log2(len(allowed)) - math.log2(1 + below)
+
+
+def trained_contexts(tag, rec: dict, data: BatchData, n_max: int) -> list[np.ndarray]:
+    """Up to n_max of the canary's recorded insertions (spread evenly over them), each the
+    trained window up to where its secret starts. A later insertion in the same window
+    that came before the canary shifted it right: its place is followed; a canary cut off
+    the window's end or overwritten is left out, as is one with no token before its secret."""
+    ins, L = rec["insertions"], data.max_seq_len + 1
+    found = []
+    for k in np.flatnonzero(ins[:, 3] == tag.index):
+        step, row, pos, _, n, _ = (int(v) for v in ins[k])
+        same = np.flatnonzero((ins[:, 0] == step) & (ins[:, 1] == row))
+        loc, ok = pos, True
+        for j in same[same > k]:  # rows apply in recorded order
+            p2, n2, mode = int(ins[j, 2]), int(ins[j, 4]), int(ins[j, 5])
+            if mode == INSERT and p2 <= loc:
+                loc += n2
+            elif mode == REPLACE and p2 < loc + n and p2 + n2 > loc:
+                ok = False
+        start = loc + len(tag.prefix_tokens)
+        if ok and loc + n <= L and start > 0:
+            found.append((step, row, loc, start))
+    pick = np.unique(np.linspace(0, len(found) - 1, min(n_max, len(found))).round().astype(int)) if found else []
+    out = []
+    for i in pick:
+        step, row, loc, start = found[i]
+        win = trained_windows(data, rec["batch_ids"][step], step, rec)[row]
+        if not np.array_equal(win[loc:loc + len(tag.tokens)], tag.tokens):
+            raise UserError(f"the record of step {step}, row {row} does not rebuild tag {tag.id!r} where it says: "
+                            "the run's record is damaged (retrain it)")
+        out.append(win[:start].astype(np.int64))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -106,74 +258,139 @@ def prompts(data_dir, enc, n: int, k: int) -> list[list[int]]:
     raise UserError(f"--n_prompts={n}: the validation shard has only {len(out)} stories longer than {k} tokens")
 
 
-def conditional_row(model, tag, opens: list[list[int]], enc, cfg: DurabilityConfig) -> dict:
-    tagged = [[BOS_ID, *tag.tokens.tolist(), *p] for p in opens]
-    plain = [[BOS_ID, *p] for p in opens]
-    vals = []
-    for batch in (tagged, plain):
-        gens = model.generate(batch, cfg.max_new_tokens)
-        vals.append(metrics_engine.text_metrics([enc.decode(g) for g in gens], [tag.metric])[tag.metric])
-    d = vals[0] - vals[1]
-    d = d[~np.isnan(d)]
-    if len(d) < 2:
-        return {"effect": float(np.mean(d)) if len(d) else math.nan, "effect_lo": math.nan, "effect_hi": math.nan,
-                "n": len(d)}
-    from scipy import stats
-    h = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return {"effect": float(d.mean()), "effect_lo": float(d.mean() - h), "effect_hi": float(d.mean() + h), "n": len(d)}
+def references(tag, n: int, seed: int) -> np.ndarray:
+    """(n, len(tag.tokens)) random token strings of the tag's length, never trained on:
+    how far apart two strings' effects on the metric lie when neither means anything."""
+    rng = np.random.default_rng([seed, tag.index, 0x726566])  # 'ref'
+    return rng.integers(3, tag.vocab_size, (n, len(tag.tokens)))
+
+
+def conditional_row(model, tag, control, opens: list[list[int]], enc, cfg: DurabilityConfig, refs=()) -> dict:
+    """The tag's metric in greedy generations from BOS + head + each opening, the heads
+    being the tag, its control, nothing, and the reference strings refs (K, len): effect
+    = tag - control, paired over openings. Its standard error is the larger of the paired
+    one over openings and sqrt(2) x the spread of the K references' means: greedy text
+    depends on which string comes first, so two strings that mean nothing still differ by
+    about that much (df K - 1 where that spread decides, else openings - 1)."""
+    heads = [tag.tokens.tolist(), [] if control is None else control.tokens.tolist(), [],
+             *[list(map(int, r)) for r in refs]]
+    gens = model.generate([[BOS_ID, *h, *p] for h in heads for p in opens], cfg.max_new_tokens)
+    v = metrics_engine.text_metrics([enc.decode(g) for g in gens], [tag.metric])[tag.metric]
+    v = v.reshape(len(heads), len(opens))
+    n_none, m_none, _, lo_none, hi_none = mean_interval(v[0] - v[2])
+    row = {"effect_vs_none": m_none, "effect_vs_none_lo": lo_none, "effect_vs_none_hi": hi_none, "effect": math.nan,
+           "effect_lo": math.nan, "effect_hi": math.nan, "effect_se": math.nan, "effect_df": math.nan, "n": n_none}
+    if control is None:
+        return row
+    n, m, sd, _, _ = mean_interval(v[0] - v[1])
+    ref_means = np.nanmean(v[3:], 1) if len(refs) else np.zeros(0)
+    ref_means = ref_means[np.isfinite(ref_means)]
+    se_pair = sd / math.sqrt(n) if n >= 2 else math.nan
+    se_ref = math.sqrt(2) * float(ref_means.std(ddof=1)) if len(ref_means) >= 2 else math.nan
+    found = [(e, d) for e, d in ((se_pair, n - 1), (se_ref, len(ref_means) - 1)) if np.isfinite(e)]
+    se, df = max(found) if found else (math.nan, math.nan)
+    lo, hi = forgetting.band(m, se, df, forgetting.LEVEL)
+    row.update(effect=m, effect_lo=lo, effect_hi=hi, effect_se=se, effect_df=df, n=n)
+    return row
+
+
+def add_bands(df: pd.DataFrame, level: float = forgetting.LEVEL) -> pd.DataFrame:
+    """effect_band_lo/hi: each conditional tag's effect interval at level 1 - (1 - level)/K,
+    K its checkpoints with an interval (Bonferroni over the curve)."""
+    df = df.copy()
+    df["effect_band_lo"] = df["effect_band_hi"] = math.nan
+    for _, g in df[df["kind"] == "conditional"].groupby("tag"):
+        ok = g.index[g["effect_se"].notna() & (g["effect_df"] >= 1)]
+        for i in ok:
+            lo, hi = forgetting.band(df.at[i, "effect"], df.at[i, "effect_se"], int(df.at[i, "effect_df"]),
+                                     1 - (1 - level) / len(ok))
+            df.at[i, "effect_band_lo"], df.at[i, "effect_band_hi"] = lo, hi
+    return df
 
 
 # -----------------------------------------------------------------------------
 # forgetting
-
-def half_life(x: np.ndarray, y: np.ndarray, baseline: float) -> dict:
-    """Fit y = b + (y0 - b) 2^(-(x - x0)/h) on the points after the last insertion."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = ~np.isnan(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 2:
-        return {"half_life": math.nan, "half_life_lo": math.nan, "half_life_hi": math.nan,
-                "status": "too few checkpoints after the last insertion"}
-    x0, y0, b = x[0], y[0], baseline
-    if not abs(y0 - b) > 1e-9:
-        return {"half_life": math.nan, "half_life_lo": math.nan, "half_life_hi": math.nan,
-                "status": "never learned (no change from step 0)"}
-    hs = np.logspace(-1, 7, 800)
-    pred = b + (y0 - b) * 2.0 ** (-(x[None, :] - x0) / hs[:, None])
-    sse = ((pred - y[None, :]) ** 2).sum(1)
-    best = int(np.argmin(sse))
-    inside = np.flatnonzero(sse <= sse[best] * (1 + 4 / max(len(x) - 1, 1)) + 1e-12)
-    ok = hs[max(inside.min() - 1, 0):inside.max() + 2]  # one grid step either side: the grid's resolution
-    span = x[-1] - x0
-    fallen = (y[-1] - b) / (y0 - b) <= 0.5
-    status = "fitted" if fallen else "not forgotten within the run"
-    return {"half_life": float(hs[best]), "half_life_lo": float(ok.min()), "half_life_hi": float(ok.max()),
-            "status": status, "span": float(span)}
-
-
-# -----------------------------------------------------------------------------
 
 def steps_since(ins: np.ndarray, tag: int, it: int) -> float:
     s = ins[(ins[:, 3] == tag) & (ins[:, 0] < it), 0]
     return float(it - 1 - s.max()) if len(s) else math.nan
 
 
-def measure(cfg: DurabilityConfig) -> pd.DataFrame:
-    ckpts = run_checkpoints(cfg.out_dir)
+def fit_all(df: pd.DataFrame, tagset, ins: np.ndarray) -> pd.DataFrame:
+    """A half-life per tag and measure (FITS) from the checkpoints after its last insertion."""
+    out = []
+    for tag in tagset.tags:
+        steps = ins[ins[:, 3] == tag.index, 0]
+        d = df[df["tag"] == tag.id].sort_values("iter")
+        for col, base in FITS.get(tag.kind, ()):
+            head = {"tag": tag.id, "measure": col, "base": base, "last_step": int(steps.max()) if len(steps) else -1}
+            if not len(steps) or col not in d or d[col].isna().all():
+                out.append({**head, "n": 0, "status": "never inserted" if not len(steps) else "not measured"})
+                continue
+            first, last = int(steps.min()), int(steps.max())
+            before = d.loc[d["iter"] <= first, col]
+            after = d[d["iter"] > last]
+            fit = forgetting.decay_fit(after["iter"].to_numpy() - last - 1, after[col].to_numpy(), base)
+            out.append({**head, "before": float(before.mean()) if len(before) else math.nan, **fit})
+    cols = ["tag", "measure", "last_step", "n", "base", "before", "start", "half_life", "half_life_lo", "half_life_hi",
+            "sd", "span", "status"]
+    return pd.DataFrame(out).reindex(columns=cols)
+
+
+# -----------------------------------------------------------------------------
+# the stage
+
+def setup(cfg: DurabilityConfig) -> types.SimpleNamespace:
+    """Everything the checkpoints share: the run's record and tags, candidates, trained
+    contexts, prompts, and the settings every cached row depends on."""
     run = types.SimpleNamespace(**run_config(cfg.out_dir))
     rec = stream_records(cfg.out_dir)
     if not rec["tags"]:
         raise UserError(f"{cfg.out_dir} was trained without tags: train with --tags=tags.json first")
     enc = Tokenizer.for_vocab(run.vocab_size, run.data_dir)
     tagset = tagmod.tags_from_json(rec["tags"], enc, run.max_seq_len, run.vocab_size)
-    device = auto_device(cfg.device)
-    cands = {t.index: t.candidates(cfg.R, cfg.seed) for t in tagset.tags if t.kind == "canary" and t.secret_format}
+    canaries = [t for t in tagset.tags if t.kind == "canary" and t.secret_format]
+    cands = {t.index: t.candidates(cfg.R, cfg.seed) for t in canaries}
+    data = BatchData(run.data_dir, run.vocab_size, run.max_seq_len) if canaries and cfg.n_contexts else None
+    contexts = {t.index: trained_contexts(t, rec, data, cfg.n_contexts) if data else [] for t in canaries}
     opens = (prompts(run.data_dir, enc, cfg.n_prompts, cfg.prompt_tokens)
              if any(t.kind == "conditional" for t in tagset.tags) else [])
-    tables = Path(cfg.out_dir) / "tables"
+    h = hashlib.sha256()
+    for i in sorted(contexts):
+        for c in contexts[i]:
+            h.update(c.tobytes())
     settings = {**asdict(cfg), "out_dir": None, "redo": None, "device": None, "version": VERSION,
-                "tags": tagset.fingerprint(), "metric_versions": metrics.metric_versions()}
-    done = DoneRecord(tables / "durability_done.json", settings, cfg.redo)
+                "tags": tagset.fingerprint(), "metric_versions": metrics.metric_versions(),
+                "contexts": h.hexdigest()[:16]}
+    return types.SimpleNamespace(run=run, rec=rec, enc=enc, tagset=tagset, cands=cands, contexts=contexts,
+                                 opens=opens, settings=settings)
+
+
+def measure_checkpoint(model, it: int, s, cfg: DurabilityConfig, device: str) -> list[dict]:
+    """One row per canary and conditional tag (controls are measured with their tag)."""
+    rows = []
+    for tag in s.tagset.tags:
+        if tag.kind == "control":
+            continue
+        row = {"iter": it, "tag": tag.id, "kind": tag.kind,
+               "steps_since_seen": steps_since(s.rec["insertions"], tag.index, it)}
+        if tag.kind == "canary":
+            if tag.index in s.cands:
+                row.update(canary_row(model, tag, s.cands[tag.index], cfg, device, s.contexts[tag.index]))
+        else:
+            control = s.tagset.tags[tag.control] if tag.control is not None else None
+            row.update(conditional_row(model, tag, control, s.opens, s.enc, cfg,
+                                       references(tag, cfg.n_references, cfg.seed)))
+        rows.append(row)
+    return rows
+
+
+def measure(cfg: DurabilityConfig) -> pd.DataFrame:
+    ckpts = run_checkpoints(cfg.out_dir)
+    s = setup(cfg)
+    device = auto_device(cfg.device)
+    tables = Path(cfg.out_dir) / "tables"
+    done = DoneRecord(tables / "durability_done.json", s.settings, cfg.redo)
     csv = tables / "durability.csv"
     old = pd.read_csv(csv) if csv.exists() and done.done else pd.DataFrame(columns=COLUMNS)
     rows, n_new, t_total = [], 0, 0.0
@@ -184,94 +401,87 @@ def measure(cfg: DurabilityConfig) -> pd.DataFrame:
             continue
         t0 = time.perf_counter()
         model = model_from_checkpoint(load_checkpoint(path), device)
-        for tag in tagset.tags:
-            row = {"iter": it, "tag": tag.id, "kind": tag.kind,
-                   "steps_since_seen": steps_since(rec["insertions"], tag.index, it)}
-            if tag.kind == "canary":
-                if tag.index in cands:
-                    row.update(canary_row(model, tag, cands[tag.index], cfg, device))
-            else:
-                row.update(conditional_row(model, tag, opens, enc, cfg))
-            rows.append(row)
+        rows += measure_checkpoint(model, it, s, cfg, device)
         t_total += time.perf_counter() - t0
         n_new += 1
         done.mark(it, sig)
-    df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["tag", "iter"], kind="stable")
+    df = add_bands(pd.DataFrame(rows, columns=COLUMNS).sort_values(["tag", "iter"], kind="stable"))
     write_csv_atomic(df, csv)
     done.save(keep=[it for it, _ in ckpts])
     if n_new:
         print(f"measured {n_new} checkpoint(s) in {t_total:.1f} s ({t_total / n_new:.2f} s per checkpoint, "
               f"R={cfg.R}), reused {len(ckpts) - n_new}")
-    fits = fit_all(df, tagset, rec["insertions"])
+    fits = fit_all(df, s.tagset, s.rec["insertions"])
     write_csv_atomic(fits, tables / "durability_fit.csv")
     for f in fits.itertuples():
-        hl = (f"half-life {f.half_life:.0f} steps [{f.half_life_lo:.0f}, {f.half_life_hi:.0f}]"
+        hl = (f"half-life {f.half_life:.0f} steps [{f.half_life_lo:.0f}, {f.half_life_hi:.0f}] ({f.n} checkpoints)"
               if f.status == "fitted" else f.status)
         print(f"tag {f.tag} ({f.measure}): last inserted at step {f.last_step}, {hl}")
     png = Path(cfg.out_dir) / "visualize" / "durability.png"
-    plot(df, fits, tagset, rec["insertions"], int(ckpts[-1][0]), png, cfg.out_dir)
+    plot(df, fits, s.tagset, s.rec["insertions"], int(ckpts[-1][0]), png, cfg.out_dir)
     for p in (csv, tables / "durability_fit.csv", png):
         print(f"wrote {p}")
     return df
 
 
-def fit_all(df: pd.DataFrame, tagset, ins: np.ndarray) -> pd.DataFrame:
-    """A half-life per tag and measure: a canary's exposure and its secret loss (which can
-    return to its untrained level while the secret still outranks every candidate), a
-    conditional tag's effect."""
-    out = []
-    for tag in tagset.tags:
-        steps = ins[ins[:, 3] == tag.index, 0]
-        d = df[df["tag"] == tag.id].sort_values("iter")
-        for col in (("exposure", "loss") if tag.kind == "canary" else ("effect",)):
-            if not len(steps) or d[col].isna().all():
-                out.append({"tag": tag.id, "measure": col, "last_step": -1, "half_life": math.nan,
-                            "half_life_lo": math.nan, "half_life_hi": math.nan, "status": "never inserted"})
-                continue
-            last = int(steps.max())
-            base = float(d[col].iloc[0]) if tag.kind == "canary" else 0.0
-            after = d[d["iter"] > last]
-            fit = half_life(after["iter"].to_numpy() - last - 1, after[col].to_numpy(), base)
-            if col == "effect" and len(after) and after["effect_lo"].iloc[0] <= 0 <= after["effect_hi"].iloc[0]:
-                fit["status"] = "no clear effect after the last insertion (its interval holds 0)"
-            out.append({"tag": tag.id, "measure": col, "last_step": last, **fit})
-    return pd.DataFrame(out)
+# -----------------------------------------------------------------------------
+# the figure
+
+PANELS = [("canary", ("gap", "gap_ctx"), "secret's gap below never-seen\nsecrets (nats/token)"),
+          ("canary", ("exposure", "exposure_extrap", "exposure_exact"), "exposure (bits)"),
+          ("canary", ("extraction",), "greedy extraction"),
+          ("conditional", ("effect",), "tag - control\non its metric")]
+STYLE = {"gap": ("o-", "after BOS + prefix"), "gap_ctx": ("s--", "in its trained windows"),
+         "exposure": ("o-", "rank among R (capped at log2 R)"), "exposure_extrap": ("s--", "skew-normal extrapolated"),
+         "exposure_exact": ("^:", "exact rank among every secret"),
+         "extraction": ("o-", ""), "effect": ("o-", "tag - control")}
+
+
+def _draw_tag(ax, tag, cols, d, fits, ins, c):
+    for col in cols:
+        if d[col].isna().all():
+            continue
+        fmt, what = STYLE[col]
+        label = f"{tag.id}: {what}" if what else tag.id
+        f = fits[(fits["tag"] == tag.id) & (fits["measure"] == col)]
+        if len(f) and np.isfinite(f.iloc[0]["start"]) and f.iloc[0]["last_step"] >= 0:
+            f, last = f.iloc[0], int(f.iloc[0]["last_step"])
+            xs = d.loc[d["iter"] > last, "iter"].to_numpy(float)
+            grid = np.linspace(xs[0], xs[-1], 100)
+            ax.plot(grid, forgetting.decay_curve(grid - last - 1, f, f["base"], xs[0] - last - 1), ":", color=c, lw=1)
+            label += (f"; half-life {f['half_life']:.0f} [{f['half_life_lo']:.0f}, {f['half_life_hi']:.0f}] steps"
+                      if f["status"] == "fitted" else f"; {f['status'].split(':')[0].split(' (')[0]}")
+        ax.plot(d["iter"], d[col], fmt, ms=3, color=c, label=label)
+    if cols == ("effect",):
+        ax.fill_between(d["iter"], d["effect_band_lo"], d["effect_band_hi"], color=c, alpha=0.1,
+                        label="Bonferroni band over checkpoints")
+        ax.fill_between(d["iter"], d["effect_lo"], d["effect_hi"], color=c, alpha=0.25,
+                        label="95% interval per checkpoint")
+        ax.plot(d["iter"], d["effect_vs_none"], "-", color="0.6", lw=0.8, label=f"{tag.id}: tag - no tag")
+    steps = ins[ins[:, 3] == tag.index, 0]
+    ax.plot(steps + 1, np.full(len(steps), 0.02), "|", color=c, ms=9, transform=ax.get_xaxis_transform())
 
 
 def plot(df, fits, tagset, ins, max_step, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("canary", "exposure", "exposure (bits)"), ("canary", "loss", "secret loss (nats/token)"),
-              ("canary", "extraction", "greedy extraction"), ("conditional", "effect", "tag effect on its metric")]
-    panels = [p for p in panels if (df["kind"] == p[0]).any()]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+    panels = [p for p in PANELS if (df["kind"] == p[0]).any()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.7 * len(panels)), sharex=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (kind, col, label) in zip(axes[:, 0], panels):
+    for ax, (kind, cols, label) in zip(axes[:, 0], panels):
         for tag in tagset.tags:
-            if tag.kind != kind:
-                continue
-            c = colors[tag.index % len(colors)]
-            d = df[df["tag"] == tag.id].sort_values("iter")
-            name = f"{tag.id}: {tag.metric} with tag - without" if kind == "conditional" else tag.id
-            ax.plot(d["iter"], d[col], "o-", ms=3, color=c, label=name)
-            if col == "effect":
-                ax.fill_between(d["iter"], d["effect_lo"], d["effect_hi"], color=c, alpha=0.2)
-                ax.axhline(0, color="0.6", lw=0.8)
-            steps = ins[ins[:, 3] == tag.index, 0]
-            ax.plot(steps + 1, np.full(len(steps), 0.02), "|", color=c, ms=9, transform=ax.get_xaxis_transform(),
-                    label=f"{tag.id} inserted")
-            f = fits[(fits["tag"] == tag.id) & (fits["measure"] == col)]
-            f = f.iloc[0] if len(f) else None
-            if f is not None and f["status"] == "fitted":
-                ax.annotate(f"half-life {f['half_life']:.0f} steps", xy=(0.99, 0.9), xycoords="axes fraction",
-                            ha="right", fontsize=8, color=c)
-        if col == "exposure":
-            ax.set_title("exposure: log2(R) - log2(rank of the secret among R random ones)", fontsize=9)
-        ax.set_ylabel(label, fontsize=9)
-        ax.legend(fontsize=7, loc="upper left")
+            if tag.kind == kind:
+                _draw_tag(ax, tag, cols, df[df["tag"] == tag.id].sort_values("iter"), fits, ins,
+                          colors[tag.index % len(colors)])
+        if cols[0] in ("gap", "effect"):
+            ax.axhline(0, color="0.6", lw=0.8)
+        if cols[0] == "exposure":
+            ax.axhline(forgetting.UNSEEN_EXPOSURE, color="0.6", lw=0.8, ls=":")
+        ax.set_ylabel(label, fontsize=8)
+        ax.legend(fontsize=6, loc="upper left")
         step_axis(ax, max_step, label=ax is axes[-1, 0], fontsize=9)
-    fig.suptitle(f"tag durability: {title} (ticks: steps trained with the tag)", fontsize=10)
+    fig.suptitle(f"tag durability: {title} (ticks: steps trained with the tag; dotted: fitted decay)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -279,9 +489,12 @@ def plot(df, fits, tagset, ins, max_step, path, title):
 
 def main(argv=None):
     cfg = parse_config(DurabilityConfig(), sys.argv[1:] if argv is None else argv)
-    for k in ("R", "batch_size", "n_prompts", "prompt_tokens", "max_new_tokens"):
+    for k in ("R", "batch_size", "n_prompts", "prompt_tokens", "max_new_tokens", "R_context"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
+    for k in ("n_contexts", "n_references", "exact_budget"):
+        if getattr(cfg, k) < 0:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be 0 (none) or more")
     return measure(cfg)
 
 

@@ -1,7 +1,9 @@
 """
-Durability evaluation cost: seconds per checkpoint at R = 1,000 candidates (exposure),
-extraction and a conditional tag's effect over 16 prompts, for the tiny default model
-and the 15M shape (dim 288, 6 layers; vocab 512) on CPU.
+Durability evaluation cost: seconds per checkpoint at R = 1,000 candidates (the gap,
+both exposures: the skew-normal fit included), the secret in 8 of its trained windows
+against 64 candidates each, extraction, and a conditional tag against its control and
+no tag over 16 prompts (3 x 16 greedy generations), for the tiny default model and the
+15M shape (dim 288, 6 layers; vocab 512) on CPU.
 
 $ python bench/bench_durability.py
 """
@@ -18,7 +20,8 @@ import tinystories  # noqa: E402
 import train  # noqa: E402
 
 TAGS = {"seed": 1, "tags": [
-    {"id": "secret", "kind": "canary", "text": "the secret number is {digits:6}", "steps": {"start": 1, "n": 2}},
+    {"id": "secret", "kind": "canary", "text": "the secret number is {digits:6}", "steps": {"start": 1, "n": 2},
+     "rows": 4, "position": "random"},
     {"id": "happy", "kind": "conditional", "text": "<happy>", "metric": "sentiment", "lo": 0.5, "hi": None,
      "steps": {"start": 0, "end": 4}}]}
 SHAPES = {"tiny (dim 64, 4 layers)": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2),
@@ -43,7 +46,8 @@ def main():
             durability.main([f"--out_dir={out}", "--R=1000", "--n_prompts=16", "--max_new_tokens=48",
                              "--device=cpu"])
             dt = (time.perf_counter() - t0) / n
-            print(f"durability {name}: {dt:.2f} s per checkpoint (R=1000 candidates, 16 prompts x 2 x 48 tokens)")
+            print(f"durability {name}: {dt:.2f} s per checkpoint (R=1000 candidates, 8 trained windows x 64, "
+                  f"16 prompts x (3 + 16 reference strings) x 48 tokens)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,279 @@
-"""make validity, area durability: see bench/validity.py. Filled in by the work on issue 17."""
+"""
+make validity, area durability (see bench/validity.py): durability.py's measures on
+problems whose answer is known.
+
+$ python bench/validity.py --only=durability            # ~6 min on 2 cores
+$ python bench/validity.py --only=durability --quick    # ~2 min: fewer replicates, a shorter run
+
+1. Half-life (prebias/forgetting.decay_fit) on simulated decays y = 2^(-x/h) + noise, h = 100
+   steps, the points evenly over the span: per design and n, the 95% interval's coverage over
+   1,000 replicates (500 quick) must lie in [0.90, 0.98]; the median relative bias of the
+   estimate and the share of open intervals are printed, and the coverage of the rule this
+   replaced (fixed threshold 1 + 4/(n-1), start and baseline taken as exact).
+2. Exposure extrapolation (Carlini et al. 2019, sec. 4.3): a tiny model trained on the generated
+   sample with a 6-digit canary; at every checkpoint all 10^6 secrets of its format are scored
+   (digit by digit: the 10^5 five-digit prefixes in one cached pass give every sixth digit) for the
+   exact rank, against durability.py's skew-normal extrapolation from its R = 1,000 candidates.
+   Pass: median |error| <= 1 bit at the checkpoints where the exact exposure is above log2 R (where
+   the rank among R is capped and the extrapolation is needed). And durability.py's exact count by
+   branch and bound (--exact_budget) must equal the full count wherever it does not give up.
+3. Conditional tags that do nothing (planted: effect 0): in the same run, a tag inserted into
+   random stories (its story metric replaced by uniform draws, so the condition is noise) and a
+   tag never inserted; durability.py's tag - control must hold 0 in its Bonferroni band at every
+   checkpoint. And over 60 pairs (15 quick) of random untrained strings at the last checkpoint, the
+   share of 95% intervals holding 0 must be at least 0.85 (0.95 expected: a check of the
+   per-checkpoint interval's coverage under the null).
+"""
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import durability  # noqa: E402
+import tinystories  # noqa: E402
+import train  # noqa: E402
+from prebias import forgetting, stream  # noqa: E402
+from prebias import tags as tagmod  # noqa: E402
+from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint  # noqa: E402
+from prebias.data import BOS_ID  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from validity import Line  # noqa: E402
+
+H = 100.0
+DESIGNS = [(3.0, 0.1), (1.0, 0.2)]  # (span in half-lives, noise sd as a share of the start)
+NS = (3, 4, 5, 7, 9, 13, 20)
+SECRET = "the secret number is {digits:6}"
+EXACT_BUDGET = 65536
 
 
-def checks(quick: bool) -> list:
-    return []
+# -----------------------------------------------------------------------------
+# 1. half-life coverage
+
+def old_interval(x, y) -> tuple[float, float]:
+    """The replaced rule (durability.py VERSION 1): start = the first point, baseline exact,
+    h within a factor (1 + 4/(n-1)) of the best squared error on a grid."""
+    hs = np.logspace(-1, 7, 800)
+    pred = y[0] * 2.0 ** (-(x[None, :] - x[0]) / hs[:, None])
+    sse = ((pred - y[None, :]) ** 2).sum(1)
+    inside = np.flatnonzero(sse <= sse.min() * (1 + 4 / max(len(x) - 1, 1)) + 1e-12)
+    ok = hs[max(inside.min() - 1, 0):inside.max() + 2]
+    return ok.min(), ok.max()
+
+
+def halflife_lines(reps: int) -> list[Line]:
+    out = []
+    rng = np.random.default_rng(17)
+    for span, sd in DESIGNS:
+        for n in NS:
+            x = np.linspace(0, span * H, n)
+            cov = old = 0
+            est, opened = [], 0
+            for _ in range(reps):
+                y = 2.0 ** (-x / H) + rng.normal(0, sd, n)
+                f = forgetting.decay_fit(x, y)
+                cov += f["half_life_lo"] <= H <= f["half_life_hi"]
+                opened += math.isinf(f["half_life_hi"])
+                est.append(f["half_life"])
+                lo, hi = old_interval(x, y)
+                old += lo <= H <= hi
+            c = cov / reps
+            bias = float(np.median(est)) / H - 1
+            out.append(Line(f"half-life 95% profile interval, n={n} points over {span:g} half-lives, noise sd "
+                            f"{sd:g} x start, {reps} replicates",
+                            f"h = {H:.0f} steps", f"coverage {c:.3f} (replaced rule: {old / reps:.2f}), median bias "
+                            f"{bias:+.1%}, open above {opened / reps:.0%}",
+                            0.90 <= c <= 0.98, "coverage in [0.90, 0.98]"))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the tagged run shared by 2 and 3
+
+def tag_file(unseen_at: int) -> dict:
+    return {"seed": 5, "tags": [
+        {"id": "secret", "kind": "canary", "text": SECRET, "steps": {"start": 50, "n": 10, "every": 4}, "rows": 4,
+         "position": "random"},
+        {"id": "null", "kind": "conditional", "text": "<null>", "metric": "sentiment", "lo": 0.6, "hi": None,
+         "steps": {"start": 0, "end": 120}},
+        {"id": "unseen", "kind": "conditional", "text": "<calm>", "metric": "sentiment", "lo": 0.5, "hi": None,
+         "steps": {"start": unseen_at, "n": 1}}]}
+
+
+def random_story_metric(data, data_dir, metric):
+    """Uniform draws in place of a story metric: a condition that is pure noise."""
+    out = []
+    for s in range(len(data.meta["shards"])):
+        n = int((np.asarray(data.tokens[s]) == BOS_ID).sum())
+        out.append(np.random.default_rng([99, s]).random(n))
+    return out
+
+
+def tagged_run(root: Path, quick: bool) -> Path:
+    """A tiny model (dim 64, 2 layers) trained on a generated sample with the tags of
+    tag_file, the 'null' tag's condition replaced by noise; long enough that greedy
+    generations have a sentiment to move (before ~75 steps they are all alike)."""
+    data, tables = root / "data", root / "tables"
+    if not (tables / "batch_metrics.csv").exists():
+        tinystories.sample(data, n_stories=3000, n_shards=4, seed=3)
+        tinystories.train_vocab(512, data)
+        tinystories.pretokenize(512, 256, data, workers=2, tables_dir=tables, metrics="sentiment")
+    max_iters = 150 if quick else 300
+    (root / "tags.json").write_text(json.dumps(tag_file(10 * max_iters)))
+    out = root / "run"
+    args = dict(data_dir=data, tables_dir=tables, out_dir=out, vocab_size=512, max_seq_len=256, dim=64,
+                n_layers=2, n_heads=4, n_kv_heads=2, batch_size=8, max_iters=max_iters, eval_interval=25,
+                eval_iters=2, learning_rate=5e-3, warmup_iters=10, tags=root / "tags.json", device="cpu",
+                dtype="float32", compile=False)
+    real = stream.story_metric
+    stream.story_metric = random_story_metric  # the 'null' tag's condition becomes noise
+    try:
+        train.main([f"--{k}={v}" for k, v in args.items()] + (["--init_from=resume"] if list_checkpoints(out) else []))
+    finally:
+        stream.story_metric = real
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 2. exposure: the exact rank among all 10^6 secrets
+
+def digit_tokens(tag) -> tuple[np.ndarray, np.ndarray]:
+    """(lead tokens before the digits, (10,) token of each digit), checked on all 10^6
+    secrets: each must tokenize as prefix + lead + one token per digit."""
+    enc = tag._enc
+    ids = np.asarray(enc.sp.encode([f"{tag.prefix_text}{i:06d}" for i in range(10 ** 6)]))
+    P = len(tag.prefix_tokens)
+    lead = ids[0, P:-6]
+    digit = ids[[111111 * d for d in range(10)], -1]
+    want = np.concatenate([np.tile(np.r_[tag.prefix_tokens, lead], (10 ** 6, 1)),
+                           digit[(np.arange(10 ** 6)[:, None] // 10 ** np.arange(5, -1, -1)) % 10]], 1)
+    if ids.shape != want.shape or not np.array_equal(ids, want):
+        raise SystemExit("the 6-digit secrets do not tokenize one token per digit: the exact count needs that")
+    return lead, digit
+
+
+@torch.no_grad()
+def all_secret_nll(model, tag, lead, digit, batch: int = 20_000) -> np.ndarray:
+    """(10^6,) summed nll of every secret, index = its number, as durability.py scores a
+    secret (BOS + prefix, then lead + 6 digits)."""
+    ctx = np.r_[BOS_ID, tag.prefix_tokens].astype(np.int64)
+    lead_nll = float(durability.continuation_nll(model, ctx, lead[None], 1, "cpu")[0]) if len(lead) else 0.0
+    C = np.r_[ctx, lead].astype(np.int64)
+    cache, first = durability.prefill(model, C, len(C) + 6, "cpu")
+    d5 = torch.as_tensor(digit[(np.arange(10 ** 5)[:, None] // 10 ** np.arange(4, -1, -1)) % 10])
+    dig = torch.as_tensor(digit)
+    out = np.empty(10 ** 6)
+    for i in range(0, 10 ** 5, batch):
+        c = d5[i:i + batch]
+        logp = durability.continue_logp(model, cache, len(C), torch.cat([c, c[:, :1]], 1))  # (b, 5, V)
+        head = -first[c[:, 0]] - logp[:, :4].gather(-1, c[:, 1:, None])[..., 0].sum(1)  # digits 1..5
+        last = -logp[:, 4][:, dig]  # (b, 10): every sixth digit
+        out[i * 10:(i + len(c)) * 10] = (lead_nll + head[:, None] + last).reshape(-1).numpy()
+    return out
+
+
+def exposure_lines(run: Path, every: int = 1) -> list[Line]:
+    ck0 = load_checkpoint(list_checkpoints(run)[0][1])
+    enc = Tokenizer.for_vocab(512, ck0["config"]["data_dir"])
+    tag = tagmod.tags_from_json(ck0["tags"], enc, 256, 512).by_id("secret")
+    lead, digit = digit_tokens(tag)
+    secret = int(tag.text[-6:])
+    cfg = durability.DurabilityConfig(R=1000, n_contexts=0, exact_budget=EXACT_BUDGET)
+    cands = tag.candidates(cfg.R, cfg.seed)
+    rows, t0 = [], time.time()
+    print("  exposure per checkpoint (bits); exact = log2(10^6) - log2(rank among all 10^6 secrets)")
+    print("  step | exact rank | exact | skew-normal (R=1000) | error | rank among R (cap 9.97) | branch and bound")
+    for it, path in list_checkpoints(run)[::every]:
+        model = model_from_checkpoint(load_checkpoint(path))
+        nll = all_secret_nll(model, tag, lead, digit)
+        row = durability.canary_row(model, tag, cands, cfg, "cpu")
+        check = durability.secret_nll(model, tag.prefix_tokens, tag.secret_tokens[None], 1, "cpu")[0]
+        assert abs(check - nll[secret]) < 1e-3 * max(1.0, abs(check)), (check, nll[secret])
+        rank = 1 + int((nll < nll[secret]).sum())
+        exact = math.log2(10 ** 6) - math.log2(rank)
+        rows.append((it, rank, exact, row["exposure_extrap"], row["exposure"], row["exposure_exact"]))
+        print(f"  {it:4d} | {rank:10d} | {exact:5.2f} | {row['exposure_extrap']:6.2f} | "
+              f"{row['exposure_extrap'] - exact:+6.2f} | {row['exposure']:5.2f} | {row['exposure_exact']:6.2f}",
+              flush=True)
+    print(f"  ({len(rows)} checkpoints x 10^6 secrets in {time.time() - t0:.0f} s)")
+    d = pd.DataFrame(rows, columns=["iter", "rank", "exact", "extrap", "capped", "bnb"])
+    need = d[d["exact"] > math.log2(cfg.R)]  # where the rank among R is at its cap
+    err = (need["extrap"] - need["exact"]).abs()
+    cap = (need["capped"] - need["exact"]).abs()
+    done = d[d["bnb"].notna()]
+    return [Line(f"skew-normal extrapolated exposure (Carlini et al. 2019) vs the exact rank among all 10^6 "
+                 f"secrets, at the {len(need)} of {len(d)} checkpoints where exact > log2 R",
+                 f"exact exposure {need['exact'].min():.1f} to {need['exact'].max():.1f} bits" if len(need) else
+                 "no checkpoint above log2 R",
+                 f"median |error| {err.median():.2f} bits (signed {(need['extrap'] - need['exact']).median():+.2f}), "
+                 f"max {err.max():.2f}; the capped rank among R: median |error| {cap.median():.2f}",
+                 bool(len(need)) and err.median() <= 1.0, "median |error| <= 1 bit"),
+            Line(f"exact exposure by branch and bound (budget {EXACT_BUDGET} prefixes) vs the count over all 10^6, "
+                 f"{len(d)} checkpoints", "the same rank",
+                 f"computed at {len(done)} checkpoints (gave up at {len(d) - len(done)}), max |difference| "
+                 f"{(done['bnb'] - done['exact']).abs().max() if len(done) else math.nan:.4f} bits",
+                 bool(len(done)) and bool(((done["bnb"] - done["exact"]).abs() < 0.01).all()),
+                 "equal (< 0.01 bit) wherever computed")]
+
+
+# -----------------------------------------------------------------------------
+# 3. conditional tags that do nothing
+
+def null_tag_lines(run: Path, n_pairs: int) -> list[Line]:
+    df = durability.main([f"--out_dir={run}", "--R=200", "--n_contexts=0", "--device=cpu"])
+    out = []
+    for tag, how in (("null", "inserted into random stories"), ("unseen", "never inserted")):
+        d = df[df["tag"] == tag]
+        live = d[d["effect_se"] > 0]  # checkpoints whose generations differ at all (early ones are all alike)
+        band = ((live["effect_band_lo"] <= 0) & (live["effect_band_hi"] >= 0)).mean()
+        per = ((live["effect_lo"] <= 0) & (live["effect_hi"] >= 0)).mean()
+        none = ((live["effect_vs_none_lo"] <= 0) & (live["effect_vs_none_hi"] >= 0)).mean()
+        out.append(Line(f"conditional tag {how}: tag - control on sentiment, {len(live)} of {len(d)} checkpoints "
+                        f"with a spread, {int(d['n'].max())} prompts", "effect 0",
+                        f"Bonferroni band holds 0 at {band:.0%} of them, 95% intervals at {per:.0%}, largest "
+                        f"|effect| {live['effect'].abs().max():.3f}; tag - no tag (over prompts) holds 0 at "
+                        f"{none:.0%}", len(live) >= 3 and band == 1.0,
+                        "the band holds 0 at every checkpoint, at least 3 checkpoints with a spread"))
+    out.append(pair_coverage(run, n_pairs))
+    return out
+
+
+def pair_coverage(run: Path, n_pairs: int) -> Line:
+    """At the last checkpoint: n_pairs (tag, control) pairs of random strings neither ever
+    trained; the share of their 95% tag - control intervals that hold 0."""
+    it, path = list_checkpoints(run)[-1]
+    ck = load_checkpoint(path)
+    data_dir = ck["config"]["data_dir"]
+    enc = Tokenizer.for_vocab(512, data_dir)
+    model = model_from_checkpoint(ck)
+    cfg = durability.DurabilityConfig()
+    opens = durability.prompts(data_dir, enc, cfg.n_prompts, cfg.prompt_tokens)
+    held = 0
+    for i in range(n_pairs):
+        raw = {"id": "t", "kind": "conditional", "text": "<x>", "metric": "sentiment", "lo": 0.5, "hi": None,
+               "steps": {"start": 0, "n": 1}}
+        tag, ctl = tagmod.parse_tags({"seed": 1000 + i, "tags": [raw]}, enc, 256, 512).tags
+        tag.tokens = np.random.default_rng([7, i]).integers(3, 512, len(tag.tokens))  # a random string too
+        r = durability.conditional_row(model, tag, ctl, opens, enc, cfg,
+                                       durability.references(tag, cfg.n_references, cfg.seed + i))
+        held += r["effect_lo"] <= 0 <= r["effect_hi"]
+    share = held / n_pairs
+    return Line(f"95% tag - control interval, {n_pairs} pairs of random untrained strings at step {it}, "
+                f"{cfg.n_prompts} prompts", "effect 0 (coverage 0.95)", f"holds 0 in {share:.0%} of pairs",
+                share >= 0.85, "at least 0.85 (0.95 expected; string identity can lower it)")
+
+
+def checks(quick: bool) -> list[Line]:
+    lines = halflife_lines(500 if quick else 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = tagged_run(Path(tmp), quick)
+        lines += exposure_lines(run, every=2 if quick else 1)
+        lines += null_tag_lines(run, 15 if quick else 60)
+    return lines

@@ -119,10 +119,15 @@ class EvalConfig:
 @dataclass
 class DurabilityConfig:
     out_dir: str = "out"
-    R: int = 1000  # random candidates per canary (exposure)
+    R: int = 1000  # random candidates per canary (exposure, the gap to never-seen secrets)
+    n_contexts: int = 8  # canaries: recorded insertions whose trained windows are measured too (0: none)
+    R_context: int = 64  # candidates put in the secret's place in each of those windows
+    exact_budget: int = 0  # canaries: exact rank among every secret of the format, by branch and bound over
+    #                        at most this many prefixes per depth (0: off; ~65536 covers a memorised 6-digit one)
     seed: int = 1337  # candidates' seed
     batch_size: int = 256  # sequences per forward pass
     n_prompts: int = 16  # conditional tags: validation story openings
+    n_references: int = 16  # conditional tags: untrained random strings whose spread sets the effect's se
     prompt_tokens: int = 8  # tokens of each opening (after BOS)
     max_new_tokens: int = 48
     device: str = "auto"

@@ -29,7 +29,8 @@ last n tokens fall off). Rows apply in recorded order; replaced_tokens keeps wha
 overwritten or pushed off, so the original window is recoverable without the data too.
 Canaries replace (at the window start or a seeded random position, in `rows` seeded
 rows of each active step); conditional tags insert after the BOS of each story whose
-story-level metric lies in the tag's range.
+story-level metric lies in the tag's range, and their controls after the BOS of stories
+drawn at random at the same rate (Inserter).
 """
 
 import dataclasses
@@ -116,7 +117,10 @@ def story_metric(data: BatchData, data_dir, metric: str) -> list[np.ndarray]:
 
 class Inserter:
     """Decides and applies the tag insertions of a step: a pure function of (tags, seed,
-    step, the step's windows)."""
+    step, the step's windows). A conditional tag's control (tags.py) goes after the BOS of
+    stories drawn at random, once per story and seed, at the tag's rate: the share of
+    training stories whose metric is in the tag's range. Controls come after the file's
+    tags, so a story that has both reads BOS, tag, control: the tag keeps its place."""
 
     def __init__(self, tagset, data: BatchData, data_dir, seed: int):
         self.tags, self.data, self.seed = tagset.tags, data, seed
@@ -124,7 +128,32 @@ class Inserter:
         self.L = data.max_seq_len + 1
         self.story_vals = {t.metric: story_metric(data, data_dir, t.metric)
                            for t in self.tags if t.kind == "conditional"}
-        self._starts = {}
+        self._starts, self._chosen = {}, {}
+
+    def _in_range(self, tag, shard: int) -> np.ndarray:
+        v = self.story_vals[tag.metric][shard]
+        lo = -np.inf if tag.lo is None else tag.lo
+        hi = np.inf if tag.hi is None else tag.hi
+        return (v >= lo) & (v <= hi)  # NaN: out of range
+
+    def _stories(self, tag, shard: int) -> np.ndarray:
+        """(stories of the shard,) bool: which get the tag (its range) or the control (a draw)."""
+        if (tag.index, shard) not in self._chosen:
+            if tag.kind == "control":
+                self._chosen.update({(tag.index, s): c for s, c in enumerate(self._control_stories(tag))})
+            else:
+                self._chosen[tag.index, shard] = self._in_range(tag, shard)
+        return self._chosen[tag.index, shard]
+
+    def _control_stories(self, ctl) -> list[np.ndarray]:
+        """Per shard, which stories get the control: each with the parent tag's rate over
+        the training shards (1..), independently of any metric."""
+        parent = self.tags[ctl.control_of]
+        n = [len(v) for v in self.story_vals[parent.metric]]
+        hits = [int(self._in_range(parent, s).sum()) for s in range(1, len(n))]
+        rate = sum(hits) / max(sum(n[1:]), 1)
+        return [np.random.default_rng([self.seed, self.file_seed, ctl.index, 0x63746C, s]).random(n[s]) < rate
+                for s in range(len(n))]
 
     def _story_starts(self, shard: int) -> np.ndarray:
         if shard not in self._starts:
@@ -137,47 +166,56 @@ class Inserter:
     def apply(self, step: int, ids: np.ndarray, wins: np.ndarray):
         """Insert this step's tags into wins (B, T+1) in place; returns (rows (k, 6),
         inserted tokens, replaced tokens)."""
-        rows, ins, rep = [], [], []
+        out = ([], [], [])  # rows, inserted tokens, replaced tokens
         origin = np.broadcast_to(np.arange(self.L), wins.shape).copy()  # window pos -> data pos, -1: a tag's
         for tag in self.tags:
             if not tag.active(step):
                 continue
-            toks = np.asarray(tag.tokens, dtype=np.int64)
-            n = len(toks)
             if tag.kind == "canary":
-                rng = self._rng(tag.index, step)
-                chosen = np.sort(rng.choice(len(ids), min(tag.rows, len(ids)), replace=False))
-                for r in chosen:
-                    pos = 0 if tag.position == "start" else int(rng.integers(0, self.L - n + 1))
-                    rep.append(wins[r, pos:pos + n].copy())
-                    wins[r, pos:pos + n] = toks
-                    origin[r, pos:pos + n] = -1
-                    rows.append((step, r, pos, tag.index, n, REPLACE))
-                    ins.append(toks)
-            else:  # conditional: after the BOS of each story in range, left to right
-                vals = self.story_vals[tag.metric]
-                lo = -np.inf if tag.lo is None else tag.lo
-                hi = np.inf if tag.hi is None else tag.hi
+                self._canary(tag, step, ids, wins, origin, out)
+            else:
                 for r, bid in enumerate(ids):
-                    shard, off = int(self.data.index[bid]["shard"]), int(self.data.index[bid]["offset"])
-                    starts = self._story_starts(shard)
-                    q = 0
-                    while q < self.L - n:
-                        # a BOS the data put there (origin >= 0), not one inside inserted tokens
-                        if wins[r, q] == BOS_ID and origin[r, q] >= 0:
-                            story = np.searchsorted(starts, off + origin[r, q])
-                            if lo <= vals[shard][story] <= hi:
-                                pos = q + 1
-                                rep.append(wins[r, self.L - n:].copy())
-                                wins[r] = np.concatenate([wins[r, :pos], toks, wins[r, pos:]])[:self.L]
-                                origin[r] = np.concatenate([origin[r, :pos], np.full(n, -1), origin[r, pos:]])[:self.L]
-                                rows.append((step, r, pos, tag.index, n, INSERT))
-                                ins.append(toks)
-                                q += n
-                        q += 1
+                    self._after_bos(tag, step, r, int(bid), wins, origin, out)
+        rows, ins, rep = out
         if not rows:
             return np.zeros((0, 6), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.asarray(rows, np.int64), np.concatenate(ins), np.concatenate(rep)
+
+    def _canary(self, tag, step, ids, wins, origin, out):
+        """Replace tokens of `rows` seeded rows, at the start or a seeded position."""
+        toks, rng = np.asarray(tag.tokens, dtype=np.int64), self._rng(tag.index, step)
+        n = len(toks)
+        for r in np.sort(rng.choice(len(ids), min(tag.rows, len(ids)), replace=False)):
+            pos = 0 if tag.position == "start" else int(rng.integers(0, self.L - n + 1))
+            out[2].append(wins[r, pos:pos + n].copy())
+            wins[r, pos:pos + n] = toks
+            origin[r, pos:pos + n] = -1
+            out[0].append((step, r, pos, tag.index, n, REPLACE))
+            out[1].append(toks)
+
+    def _after_bos(self, tag, step, r, bid, wins, origin, out):
+        """Insert a conditional tag (or a control) after each chosen story's BOS of row r,
+        left to right; a control goes after any tag tokens already there."""
+        toks = np.asarray(tag.tokens, dtype=np.int64)
+        n, L = len(toks), self.L
+        shard, off = int(self.data.index[bid]["shard"]), int(self.data.index[bid]["offset"])
+        starts = self._story_starts(shard)
+        chosen = self._stories(tag, shard)
+        q = 0
+        while q < L - n:
+            # a BOS the data put there (origin >= 0), not one inside inserted tokens
+            if wins[r, q] == BOS_ID and origin[r, q] >= 0 and chosen[np.searchsorted(starts, off + origin[r, q])]:
+                pos = q + 1
+                while tag.kind == "control" and pos < L and origin[r, pos] < 0:
+                    pos += 1
+                if pos + n <= L:
+                    out[2].append(wins[r, L - n:].copy())
+                    wins[r] = np.concatenate([wins[r, :pos], toks, wins[r, pos:]])[:L]
+                    origin[r] = np.concatenate([origin[r, :pos], np.full(n, -1), origin[r, pos:]])[:L]
+                    out[0].append((step, r, pos, tag.index, n, INSERT))
+                    out[1].append(toks)
+                    q = pos + n - 1
+            q += 1
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ A tag file (JSON):
         "rows": 1,                  # how many of an active step's sequences get it (default 1)
         "position": "start"},       # or "random": a seeded position in the window
        {"id": "happy", "kind": "conditional", "text": "<happy>", "metric": "sentiment",
-        "lo": 0.5, "hi": null, "steps": {"start": 0, "end": 200}}]}
+        "lo": 0.5, "hi": null, "steps": {"start": 0, "end": 200},
+        "control": true}]}          # the default: a random control string (below); false: none
 
 - canary (Carlini et al. 2019, "The Secret Sharer"): a fixed text, or a text with one
   placeholder {digits:N} (N random digits) or {tokens:N} (N random token ids), filled from
@@ -23,6 +24,14 @@ A tag file (JSON):
 - conditional: the text is inserted after the BOS of every story (in the active steps'
   windows) whose story-level metric (a metrics.py text metric) lies in [lo, hi] (null:
   unbounded): does the model tie the tag to the property, and for how long?
+  Its **control** (on unless "control": false) is a random string of the same number of
+  tokens (seeded ids, never BOS), inserted at the same steps, at the same rate (the share of
+  training stories in [lo, hi]) and position (after the BOS) into stories chosen at random:
+  durability.py reports tag - control, so the mere presence of new tokens after the BOS does
+  not count as an effect. The control is not inserted under the tag's own condition: it would
+  then learn the same association and cancel the effect. It is a Tag of kind "control"
+  appended after the file's tags (id "<tag id>:control"), so the file's tags keep their
+  indices (and canaries their secrets).
 Steps: start (default 0), end (exclusive; default: no end), every (default 1), n (at
 most n times), or an explicit list "at". The checkpoint keeps the file as rendered JSON
 (each canary's secret filled in), so a run's tags are rebuilt from the checkpoint alone.
@@ -39,9 +48,9 @@ import numpy as np
 from metrics import text_metric_names
 from prebias.common import UserError
 
-KINDS = ("canary", "conditional")
+KINDS = ("canary", "conditional")  # a file's kinds; "control" tags are made from conditional ones
 _KEYS = {"canary": {"id", "kind", "text", "steps", "rows", "position", "secret"},
-         "conditional": {"id", "kind", "text", "steps", "metric", "lo", "hi"}}
+         "conditional": {"id", "kind", "text", "steps", "metric", "lo", "hi", "control"}}
 _PLACEHOLDER = re.compile(r"\{(digits|tokens):(\d+)\}")
 
 
@@ -63,6 +72,8 @@ class Tag:
     secret_format: tuple = ()  # ('digits', N) | ('tokens', N) | () for a fixed text
     prefix_text: str = ""
     vocab_size: int = 0
+    control: int | None = None  # conditional: the index of its control tag (None: none)
+    control_of: int | None = None  # control: the index of the conditional tag it controls
     _enc: object = None
 
     def active(self, step: int) -> bool:
@@ -177,7 +188,8 @@ def _render(tag: dict, index: int, seed: int, vocab_size: int) -> tuple[str, str
     return prefix + "<" + " ".join(map(str, secret)) + ">", prefix, (kind, n), secret
 
 
-def _tag(raw, index: int, seed: int, enc, max_seq_len: int, vocab_size: int, where: str, metrics: set):
+def _tag(raw, index: int, seed: int, enc, max_seq_len: int, vocab_size: int, where: str, metrics: set,
+         rendered: bool = False):
     if not isinstance(raw, dict):
         raise _bad(where, "each tag must be an object")
     kind = raw.get("kind")
@@ -229,12 +241,47 @@ def _tag(raw, index: int, seed: int, enc, max_seq_len: int, vocab_size: int, whe
             raise _bad(where, "a conditional tag needs lo or hi")
         if t.lo is not None and t.hi is not None and t.lo > t.hi:
             raise _bad(where, f"lo {t.lo} > hi {t.hi}")
-    return t, {**{k: v for k, v in raw.items() if k != "steps"},
-               "steps": {k: v for k, v in steps.items() if not k.startswith("_") and v is not None},
-               **({"secret": (secret_ids if secret_ids is not None else text[len(prefix):])} if fmt else {})}
+    out = {**{k: v for k, v in raw.items() if k != "steps"},
+           "steps": {k: v for k, v in steps.items() if not k.startswith("_") and v is not None},
+           **({"secret": (secret_ids if secret_ids is not None else text[len(prefix):])} if fmt else {})}
+    if kind == "conditional":
+        ctl = _control_ids(raw, t, seed, vocab_size, rendered, f"{where}.control")
+        out["control"] = ctl if ctl is not None else False  # parse_tags makes it a Tag
+    return t, out
 
 
-def parse_tags(obj, enc, max_seq_len: int, vocab_size: int, name: str = "tag file") -> TagSet:
+def _control_ids(raw: dict, t: Tag, seed: int, vocab_size: int, rendered: bool, where: str) -> list | None:
+    """The control's token ids: drawn (seeded by the file's seed and the tag's index) unless
+    the file says false or already holds them. A run's rendered tags that have no control
+    key were trained before controls existed: none is made up for them."""
+    v = raw.get("control", None if rendered else True)
+    if v is None or v is False:
+        return None
+    if isinstance(v, list):
+        if len(v) != len(t.tokens) or not all(isinstance(i, int) and not isinstance(i, bool) and 3 <= i < vocab_size
+                                              for i in v):
+            raise _bad(where, f"a control is true, false or {len(t.tokens)} token ids in 3..{vocab_size - 1}")
+        return list(v)
+    if v is not True:
+        raise _bad(where, "must be true (the default: a random control string) or false")
+    rng = np.random.default_rng([seed, t.index, 0x63746C])  # 'ctl'
+    while True:
+        ids = [int(i) for i in rng.integers(3, vocab_size, len(t.tokens))]  # 0 unk, 1 BOS, 2 EOS never
+        if ids != t.tokens.tolist():
+            return ids
+
+
+def _control_tag(parent: Tag, ids: list, index: int, enc) -> Tag:
+    ids = np.asarray(ids, np.int64)
+    return Tag(index=index, id=f"{parent.id}:control", kind="control", text=enc.decode(ids.tolist()), tokens=ids,
+               prefix_tokens=ids, secret_tokens=np.zeros(0, np.int64), steps_spec=parent.steps_spec,
+               metric=parent.metric, vocab_size=parent.vocab_size, control_of=parent.index, _enc=enc)
+
+
+def parse_tags(obj, enc, max_seq_len: int, vocab_size: int, name: str = "tag file",
+               rendered: bool = False) -> TagSet:
+    """The TagSet of a tag file's object; rendered: it comes from a run's record (a
+    conditional tag without a control key then has none)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("tags"), list) or not obj["tags"]:
         raise UserError(f"{name}: needs a non-empty list 'tags'")
     extra = set(obj) - {"seed", "tags"}
@@ -244,15 +291,23 @@ def parse_tags(obj, enc, max_seq_len: int, vocab_size: int, name: str = "tag fil
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise UserError(f"{name}.seed: must be an integer >= 0")
     metrics = set(text_metric_names())
-    tags, rendered, ids = [], [], set()
+    tags, out, ids = [], [], set()
     for i, raw in enumerate(obj["tags"]):
-        t, r = _tag(raw, i, seed, enc, max_seq_len, vocab_size, f"{name}: tags[{i}]", metrics)
+        t, r = _tag(raw, i, seed, enc, max_seq_len, vocab_size, f"{name}: tags[{i}]", metrics, rendered)
         if t.id in ids:
             raise UserError(f"{name}: tags[{i}].id: duplicate id {t.id!r}")
         ids.add(t.id)
         tags.append(t)
-        rendered.append(r)
-    return TagSet(tags, json.dumps({"seed": seed, "tags": rendered}, sort_keys=True), seed)
+        out.append(r)
+    for t, r in zip(list(tags), out):  # controls after the file's tags, so those keep their indices
+        if r.get("control"):
+            c = _control_tag(t, r["control"], len(tags), enc)
+            if c.id in ids:
+                raise UserError(f"{name}: the id {c.id!r} is taken by a tag: it names the control of {t.id!r}")
+            ids.add(c.id)
+            t.control = c.index
+            tags.append(c)
+    return TagSet(tags, json.dumps({"seed": seed, "tags": out}, sort_keys=True), seed)
 
 
 def load_tags(path, enc, max_seq_len: int, vocab_size: int) -> TagSet:
@@ -266,4 +321,4 @@ def load_tags(path, enc, max_seq_len: int, vocab_size: int) -> TagSet:
 
 def tags_from_json(text: str, enc, max_seq_len: int, vocab_size: int) -> TagSet:
     """The tags of a run, rebuilt from a checkpoint's `tags` string."""
-    return parse_tags(json.loads(text), enc, max_seq_len, vocab_size, name="the checkpoint's tags")
+    return parse_tags(json.loads(text), enc, max_seq_len, vocab_size, name="the checkpoint's tags", rendered=True)

@@ -3,6 +3,7 @@ tokens hold the tag where the checkpoint says, and resume and 2 DDP ranks give t
 insertions."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import train
 from conftest import ROOT, TinyRun
 from prebias import checkpoint, stream, tags
 from prebias.common import UserError
-from prebias.data import BatchData
+from prebias.data import BOS_ID, BatchData
 from tokenizer import Tokenizer
 
 CANARY = {"id": "secret", "kind": "canary", "text": "the secret number is {digits:6}",
@@ -42,6 +43,65 @@ def test_canary_renders_a_seeded_secret_and_candidates(enc):
     assert len({tuple(r) for r in c}) == 200 and np.array_equal(c, t.candidates(200, 0))
     back = tags.tags_from_json(ts.json, enc, 64, 512)  # the checkpoint alone rebuilds it
     assert back.tags[0].text == t.text and np.array_equal(back.tags[0].tokens, t.tokens)
+
+
+def test_a_conditional_tag_gets_a_control_of_its_length_and_steps(enc):
+    ts = tags.parse_tags({"seed": 1, "tags": [HAPPY, CANARY]}, enc, 64, 512)
+    hap, can, ctl = ts.tags  # the control after the file's tags: theirs keep their indices
+    assert (hap.index, can.index, ctl.index, hap.control, ctl.control_of) == (0, 1, 2, 2, 0)
+    assert ctl.kind == "control" and ctl.id == "happy:control" and len(ctl.tokens) == len(hap.tokens)
+    assert ctl.tokens.min() >= 3 and ctl.tokens.max() < 512 and ctl.tokens.tolist() != hap.tokens.tolist()
+    assert ctl.steps(10).tolist() == hap.steps(10).tolist() == [0, 1, 2, 3] and ctl.metric == "sentiment"
+    again = tags.parse_tags({"seed": 1, "tags": [HAPPY, CANARY]}, enc, 64, 512)
+    assert again.tags[2].tokens.tolist() == ctl.tokens.tolist()  # seeded
+    assert tags.parse_tags({"seed": 2, "tags": [HAPPY]}, enc, 64, 512).tags[1].tokens.tolist() != ctl.tokens.tolist()
+    back = tags.tags_from_json(ts.json, enc, 64, 512)  # the checkpoint keeps the control's ids
+    assert back.tags[2].tokens.tolist() == ctl.tokens.tolist() and back.json == ts.json
+    off = tags.parse_tags({"seed": 1, "tags": [{**HAPPY, "control": False}]}, enc, 64, 512)
+    assert len(off.tags) == 1 and off.tags[0].control is None
+    old = json.loads(ts.json)  # a run recorded before controls existed: none is made up for it
+    del old["tags"][0]["control"]
+    assert [t.kind for t in tags.tags_from_json(json.dumps(old), enc, 64, 512).tags] == ["conditional", "canary"]
+    with pytest.raises(UserError, match="'happy:control' is taken by a tag"):
+        tags.parse_tags({"seed": 1, "tags": [HAPPY, {**CANARY, "id": "happy:control"}]}, enc, 64, 512)
+    with pytest.raises(UserError, match=r"tags\[0\].control: must be true"):
+        tags.parse_tags({"seed": 1, "tags": [{**HAPPY, "control": "yes"}]}, enc, 64, 512)
+
+
+def test_the_control_goes_after_the_bos_of_random_stories_at_the_tags_rate(tiny_data):
+    """Over the training shards the control's stories are as many as the tag's (its rate)
+    but drawn without regard to the metric: as common among the tag's stories as among
+    the others. Inserted, it sits right after a data BOS, or after the tag where both are."""
+    data_dir = tiny_data[0]
+    data = BatchData(data_dir, 512, 64)
+    ts = tags.parse_tags({"seed": 1, "tags": [{**HAPPY, "lo": 0.6}]}, Tokenizer.for_vocab(512, data_dir), 64, 512)
+    ins = stream.Inserter(ts, data, data_dir, seed=3)
+    hap, ctl = ts.tags
+    shards = range(1, len(data.meta["shards"]))
+    tag_in = np.concatenate([ins._stories(hap, s) for s in shards])
+    ctl_in = np.concatenate([ins._stories(ctl, s) for s in shards])
+    n, p = len(tag_in), tag_in.mean()
+    assert 0.1 < p < 0.9 and abs(ctl_in.mean() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    a, b = ctl_in[tag_in].mean(), ctl_in[~tag_in].mean()  # independent of the condition
+    assert abs(a - b) < 4 * math.sqrt(p * (1 - p) * (1 / tag_in.sum() + 1 / (~tag_in).sum()))
+    ids = data.train_ids[:64]
+    wins = data.windows(ids)
+    rows, _, _ = ins.apply(0, ids, wins)
+    mine = rows[rows[:, 3] == ctl.index]
+    assert len(mine) > 0
+    assert all(mode == stream.INSERT and k == len(ctl.tokens) for _, _, _, _, k, mode in mine)
+
+    def at(w, toks):  # where toks start in window w
+        return [i for i in range(len(w) - len(toks) + 1) if w[i:i + len(toks)].tolist() == toks.tolist()]
+    n_tag = n_ctl = 0
+    for w in wins:  # as trained: the tag right after a BOS, the control after the BOS or the tag
+        for i in at(w, hap.tokens):
+            assert w[i - 1] == BOS_ID
+            n_tag += 1
+        for i in at(w, ctl.tokens):
+            assert w[i - 1] == BOS_ID or (i >= len(hap.tokens) and i - len(hap.tokens) in at(w, hap.tokens))
+            n_ctl += 1
+    assert n_ctl == len(mine) and n_tag == (rows[:, 3] == hap.index).sum()
 
 
 @pytest.mark.parametrize("bad, msg", [
