@@ -231,11 +231,12 @@ def test_without_submitit_one_line(tmp_path, monkeypatch):
 
 def test_wandb_dir_is_honoured(tmp_path, monkeypatch):
     """On a cluster WANDB_DIR points at scratch space: the run's files go there."""
-    pytest.importorskip("wandb", reason="the optional extra (requirements-extra.txt) is not installed")
+    wandb = pytest.importorskip("wandb", reason="the optional extra (requirements-extra.txt) is not installed")
     from prebias import tracking
     for k, v in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_DIR", str(tmp_path / "scratch"))):
         monkeypatch.setenv(k, v)
     (tmp_path / "scratch").mkdir()
+    wandb.teardown()  # settings an earlier test's wandb.init left in this process (wandb keeps them)
     run = tracking.start(project="p", dir=tmp_path / "run", config={"a": 1})
     run.finish()
     assert list((tmp_path / "scratch" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -300,6 +301,7 @@ def good_runs(x):
     return [x["dir"] / a / f"seed{s}" for a in ("shuffle", "curriculum") for s in (1, 2)]
 
 
+@pytest.mark.slow  # 4 training runs as Slurm jobs
 def test_slurm_experiment_end_to_end(slurm_experiment, tiny_experiment):
     x = slurm_experiment
     assert x["second"].returncode == 0, x["second"].stdout + x["second"].stderr
@@ -321,6 +323,7 @@ def test_slurm_experiment_end_to_end(slurm_experiment, tiny_experiment):
         assert line in script, line
 
 
+@pytest.mark.slow  # 4 training runs as Slurm jobs
 def test_slurm_cancelled_run_resumes_alone(slurm_experiment):
     x = slurm_experiment
     d = x["dir"] / "curriculum" / "seed2"
@@ -347,6 +350,7 @@ def test_slurm_cancelled_run_resumes_alone(slurm_experiment):
     assert np.array_equal(np.load(d / "batch_ids.npy"), np.stack([sched.step_ids(s) for s in range(80)]))
 
 
+@pytest.mark.slow  # 4 training runs as Slurm jobs
 def test_slurm_failing_arm_is_reported_the_others_finish(slurm_experiment):
     x = slurm_experiment
     out = x["first"].stdout + x["first"].stderr
