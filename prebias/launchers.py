@@ -114,11 +114,12 @@ def slurm_minutes(t: str) -> int:
     return max(1, math.ceil(secs / 60))
 
 
-RESERVED_SBATCH = {"partition": "--slurm_partition", "time": "--slurm_time", "t": "--slurm_time",
-                   "mem": "--slurm_mem", "cpus-per-task": "--slurm_cpus_per_job", "c": "--slurm_cpus_per_job",
-                   "gpus-per-node": "--slurm_gpus_per_job", "array": "--slurm_max_parallel",
-                   "output": "(kept in the run folder)", "error": "(kept in the run folder)",
-                   "job-name": "(the experiment's name)"}
+RESERVED_SBATCH = {"partition": "use --slurm_partition", "time": "use --slurm_time", "t": "use --slurm_time",
+                   "mem": "use --slurm_mem", "cpus-per-task": "use --slurm_cpus_per_job",
+                   "c": "use --slurm_cpus_per_job", "gpus-per-node": "use --slurm_gpus_per_job",
+                   "array": "use --slurm_max_parallel", "output": "submitit names the job's logs",
+                   "error": "submitit names the job's logs", "job-name": "it is the experiment's name",
+                   "signal": "submitit's USR2 before the time limit is what requeues a cut job"}
 
 
 def sbatch_extra(extra: str) -> dict:
@@ -130,7 +131,7 @@ def sbatch_extra(extra: str) -> dict:
             raise UserError(f"--slurm_extra: {tok!r} is not a long sbatch option; give them as --key=value, "
                             "e.g. --slurm_extra='--account=lab --qos=normal'")
         if key in RESERVED_SBATCH:
-            raise UserError(f"--slurm_extra sets --{key}: use {RESERVED_SBATCH[key]} instead")
+            raise UserError(f"--slurm_extra sets --{key}: {RESERVED_SBATCH[key]}")
         out[key] = val if eq else True
     return out
 
@@ -245,7 +246,7 @@ def local(jobs: list[Job], opts: LaunchOptions, say) -> dict:
 RECORD = "slurm_jobs.jsonl"  # a job's folder: one line per submission (job id, stdout, stderr, ...)
 PROGRESS = "slurm_progress.json"  # a job's folder: the stages its Slurm job finished (written by that job)
 MAX_REQUEUES = 10  # a job cut by its time limit is requeued up to this many times (preemptions: always)
-# the states in which a job will not run again (squeue's names; ENDED: submitit_local's)
+# the states in which a job will not run again (squeue's; FINISHED, INTERRUPTED, ENDED: submitit_local's)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE", "REVOKED", "FINISHED", "INTERRUPTED", "ENDED"}
 
@@ -296,7 +297,7 @@ class SlurmTask:
             rc = run_command(job, stage, cmd, env, lambda m: print(m, flush=True))
             if rc < 0:  # killed by a signal: Slurm cancelled, timed out or preempted the job. No result:
                 # the queue's state says how it ended, and a requeued job must not look finished
-                print(f"{job.name}: {stage} was killed by {signal.Signals(-rc).name}", file=sys.stderr, flush=True)
+                print(f"{job.name}: {stage} was killed by {signal_name(-rc)}", file=sys.stderr, flush=True)
                 sys.exit(1)
             if rc:
                 return failure(stage, rc, job.dir / job.log)
@@ -311,6 +312,13 @@ class SlurmTask:
         """submitit's hook on a time limit or a preemption: requeue this same task."""
         import submitit
         return submitit.helpers.DelayedSubmission(self)
+
+
+def signal_name(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"
 
 
 def finished_before(job: Job) -> bool:
