@@ -7,6 +7,10 @@ $ python experiment.py config/experiments/curriculum.json             # runs, ev
 $ python experiment.py config/experiments/curriculum.json --jobs=2    # two runs at once
 $ python experiment.py config/experiments/canary.json --wandb_log=True
 $ python experiment.py config/experiments/curriculum.json --aggregate_only=True
+$ python experiment.py config/experiments/curriculum.json --launcher=slurm --slurm_gpus_per_job=1 \
+      --slurm_partition=gpu --slurm_time=8:00:00                     # one Slurm job per run
+$ python experiment.py config/experiments/curriculum.json --launcher=slurm --detach=True
+$ python experiment.py config/experiments/curriculum.json --launcher=slurm --aggregate_only=True
 $ python report.py out/curriculum                                     # the HTML page
 
 The spec (JSON; config/experiments/ has examples):
@@ -33,7 +37,14 @@ exact train.py arguments) and experiment.log (every command and its output); rer
 with an arm's settings changed is refused rather than mixing two settings in one arm.
 --jobs=N runs N at once: on CPU the cores are split between them, with several GPUs each
 run gets one (CUDA_VISIBLE_DEVICES), and --torchrun=K runs each through torchrun on K
-processes instead.
+processes instead. --launcher=slurm makes every run one Slurm job (all of them one job
+array, submitted through submitit) with what --slurm_* ask for, and waits for them: a run
+finished by an earlier job is not submitted again, a run whose job is still queued is
+waited for, not submitted twice, a job cut by its time limit or a preemption is requeued
+and its run resumes from its checkpoint; --detach=True returns once they are submitted
+and --aggregate_only=True --launcher=slurm waits for them and aggregates. Each run folder
+then also keeps slurm_jobs.jsonl (every job id with its stdout and stderr files, which
+are in <out_root>/<name>/slurm/) and slurm_progress.json (the stages its job finished).
 
 Then, into <out_root>/<name>/tables/ (stats.py has the definitions):
   curves.csv          arm, metric, iter: n, mean, sd, lo, hi over seeds
@@ -67,7 +78,7 @@ from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpo
 from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
                             write_csv_atomic, write_json_atomic)
 from prebias.configs import DurabilityConfig, EvalConfig, TrainConfig
-from prebias.launchers import Job, LaunchOptions, launch, raise_failures
+from prebias.launchers import LAUNCHERS, Job, gather, launch, options_from, raise_failures
 
 ROOT = Path(__file__).resolve().parent
 
@@ -81,7 +92,18 @@ class ExperimentConfig:
     torchrun: int = 0  # > 0: each training through torchrun with this many processes
     wandb_log: bool = False  # log every run (group = experiment, job type = arm) and the figures
     wandb_project: str = "llama2_prebiasing"
-    aggregate_only: bool = False  # only rebuild tables and figures from finished runs
+    aggregate_only: bool = False  # only rebuild tables and figures from finished runs (slurm: after its jobs end)
+    # where the runs go (prebias/launchers.py): local processes, or one Slurm job each (submitit)
+    launcher: str = "local"  # local | slurm (| submitit_local: the slurm path without Slurm, for trying it)
+    detach: bool = False  # slurm: submit and return; later --aggregate_only=True --launcher=slurm waits and gathers
+    slurm_partition: str = ""  # '' = the cluster's default partition
+    slurm_time: str = "4:00:00"  # each run's time limit; a run cut by it is requeued and resumes
+    slurm_gpus_per_job: int = 0  # GPUs per run (--gpus-per-node); 0 = CPU; --torchrun=K needs K
+    slurm_cpus_per_job: int = 1  # cores per run (--cpus-per-task; OMP_NUM_THREADS unless set)
+    slurm_mem: str = ""  # memory per run, e.g. 32G; '' = the partition's default
+    slurm_max_parallel: int = 0  # runs at once (the job array's %N); 0 = no limit
+    slurm_extra: str = ""  # more sbatch options, e.g. "--account=lab --qos=normal --constraint=a100"
+    slurm_poll: float = 30.0  # seconds between two looks at the queue while waiting
 # -----------------------------------------------------------------------------
 
 SPEC_KEYS = ("question", "base", "arms", "baseline", "seeds", "eval", "durability", "metrics", "primary", "test")
@@ -140,7 +162,7 @@ def load_spec(path) -> dict:
     if not isinstance(arms, dict) or not arms:
         raise UserError(f"{p}: 'arms' must name at least one arm, e.g. {{\"shuffle\": {{}}}}")
     for a in arms:
-        if not a or any(c in a for c in "/\\ ") or a in ("tables", "visualize"):
+        if not a or any(c in a for c in "/\\ ") or a in ("tables", "visualize", "slurm"):
             raise UserError(f"{p}: arm name {a!r} must be a plain folder name (no spaces or slashes)")
     out["arms"] = {a: _settings(p, f"arm {a!r}", s, "train.py", RESERVED) for a, s in arms.items()}
     out["baseline"] = spec.get("baseline", next(iter(arms)))
@@ -256,12 +278,21 @@ def job_of(run: Run, spec: dict, cfg: ExperimentConfig) -> Job:
         stages.insert(0, "train")
     if state == "cut":
         print(f"{run.label}: resume from step {it} (cut there)", flush=True)
-    return Job(run.label, run.dir, [(s, _command(run, s, spec, cfg, resume=state == "cut")) for s in stages])
+    return Job(run.label, run.dir, [(s, _command(run, s, spec, cfg, resume=state == "cut")) for s in stages],
+               resume={"train": _command(run, "train", spec, cfg, resume=True)})  # a requeued Slurm job goes on
 
 
-def run_all(runs: list[Run], spec: dict, cfg: ExperimentConfig):
+def run_all(runs: list[Run], spec: dict, cfg: ExperimentConfig, exp_dir: Path, name: str):
     jobs = [job_of(r, spec, cfg) for r in runs]
-    results = launch(jobs, "local", LaunchOptions(jobs=cfg.jobs, gpus_per_job=max(1, cfg.torchrun)))
+    results = launch(jobs, cfg.launcher, options_from(cfg, name=name, folder=str(exp_dir / "slurm")))
+    raise_failures(results, "runs")
+
+
+def gather_runs(runs: list[Run], cfg: ExperimentConfig, exp_dir: Path, name: str):
+    """--aggregate_only=True with a Slurm launcher: wait for the runs' jobs still in the
+    queue, and stop on any run whose last job did not finish."""
+    results = gather([Job(r.label, r.dir) for r in runs], cfg.launcher,
+                     options_from(cfg, name=name, folder=str(exp_dir / "slurm")))
     raise_failures(results, "runs")
 
 
@@ -408,9 +439,12 @@ def main(argv=None):
     spec_args = [a for a in argv if not a.startswith("-")]
     if len(spec_args) != 1:
         raise UserError("give one experiment spec: python experiment.py config/experiments/<name>.json [--jobs=N]")
-    cfg = parse_config(ExperimentConfig(), [a for a in argv if a.startswith("-")])
+    cfg = parse_config(ExperimentConfig(), [a for a in argv if a.startswith("-")], {"launcher": LAUNCHERS.choices()})
     if cfg.jobs < 1 or cfg.torchrun < 0:
         raise UserError(f"--jobs={cfg.jobs} --torchrun={cfg.torchrun}: jobs must be >= 1, torchrun >= 0")
+    if cfg.detach and cfg.launcher == "local":
+        raise UserError("--detach=True needs --launcher=slurm (local runs are processes of this command)")
+    options_from(cfg)  # the --slurm_* values, checked before anything is written
     spec = load_spec(spec_args[0])
     name = cfg.name or Path(spec_args[0]).stem
     exp_dir = Path(cfg.out_root) / name
@@ -423,9 +457,17 @@ def main(argv=None):
                                                         "arm_order": list(spec["arms"]),  # the file's keys are sorted
                                                         "runs": [str(r.dir) for r in runs]})
         if not cfg.aggregate_only:
+            at_once = f"{cfg.jobs} at a time" if cfg.launcher == "local" else f"as {cfg.launcher} jobs"
             print(f"experiment {name}: {len(spec['arms'])} arms x {len(spec['seeds'])} seeds = {len(runs)} runs "
-                  f"in {exp_dir}, {cfg.jobs} at a time")
-            run_all(runs, spec, cfg)
+                  f"in {exp_dir}, {at_once}")
+            run_all(runs, spec, cfg, exp_dir, name)
+            if cfg.detach:
+                print(f"submitted; when they are done: python experiment.py {spec_args[0]} --launcher={cfg.launcher} "
+                      f"--aggregate_only=True" + (f" --name={name}" if cfg.name else "") +
+                      (f" --out_root={cfg.out_root}" if cfg.out_root != "out" else ""))
+                return {}
+        elif cfg.launcher != "local":
+            gather_runs(runs, cfg, exp_dir, name)
         figures = aggregate(exp_dir, spec, runs)
         for p in figures.values():
             print(f"wrote {p}")

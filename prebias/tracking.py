@@ -6,16 +6,20 @@ when it has a fixed id) and experiment.py (the experiment's figures and tables).
 experiment groups its runs: group = the experiment, job type = the arm.
 
 Works without an account or network in WANDB_MODE=offline: each run is a folder
-<dir>/wandb/offline-run-<time>-<id>/ that `wandb sync` can upload later. Nothing in the
-main job needs wandb.
+<dir>/wandb/offline-run-<time>-<id>/ that `wandb sync` can upload later. <dir> is
+$WANDB_DIR where it is set (on a cluster: scratch space, as wandb itself reads it), else
+the run's folder. Nothing in the main job needs wandb.
 """
+
+import os
 
 from prebias.common import UserError
 
 
 def start(*, project: str, dir, config: dict, name: str = "", group: str = "", job_type: str = "",
           run_id: str = ""):
-    """A wandb run (resumed when run_id names one already started, e.g. by train.py)."""
+    """A wandb run (resumed when run_id names one already started, e.g. by train.py), its
+    files under $WANDB_DIR when set, else under dir."""
     try:
         import wandb
     except ImportError:
@@ -23,7 +27,7 @@ def start(*, project: str, dir, config: dict, name: str = "", group: str = "", j
     try:
         return wandb.init(project=project, name=name or None, config=config, group=group or None,
                           job_type=job_type or None, id=run_id or None, resume="allow" if run_id else None,
-                          dir=str(dir))
+                          dir=os.environ.get("WANDB_DIR") or str(dir))
     except Exception as e:  # no API key, no network, a bad setting: one line, not wandb's traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"wandb could not start a run ({msg}): run `wandb login`, or set WANDB_MODE=offline "
