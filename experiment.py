@@ -112,7 +112,7 @@ RESERVED = ("out_dir", "seed", "init_from", "model_bin", "show_batches", "wandb_
             "wandb_run_name", "wandb_group", "wandb_job_type", "wandb_run_id")
 DEFAULT_METRICS = ["val_loss"] + [f"out_{m}" for m in metrics.MAIN_METRICS]
 STAGE_CONFIGS = {"train.py": TrainConfig, "eval.py": EvalConfig, "durability.py": DurabilityConfig}
-TAG_COLUMNS = ("loss", "exposure", "extraction", "effect")
+TAG_COLUMNS = ("loss", "gap", "gap_ctx", "exposure", "exposure_extrap", "exposure_exact", "extraction", "effect")  # durability.csv
 
 
 def config_fields(script: str) -> set[str]:
