@@ -64,6 +64,7 @@ differences from the baseline.
 
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -112,6 +113,8 @@ RESERVED = ("out_dir", "seed", "init_from", "model_bin", "show_batches", "wandb_
             "wandb_run_name", "wandb_group", "wandb_job_type", "wandb_run_id")
 DEFAULT_METRICS = ["val_loss"] + [f"out_{m}" for m in metrics.MAIN_METRICS]
 STAGE_CONFIGS = {"train.py": TrainConfig, "eval.py": EvalConfig, "durability.py": DurabilityConfig}
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a folder of the experiment's own (no '..', '/', '$')
+RESERVED_NAMES = ("tables", "visualize", "slurm", "experiment.json", "experiment.log", "report.html")  # its files
 TAG_COLUMNS = ("loss", "gap", "gap_ctx", "exposure", "exposure_extrap", "exposure_exact", "extraction", "effect")  # durability.csv
 
 
@@ -162,8 +165,10 @@ def load_spec(path) -> dict:
     if not isinstance(arms, dict) or not arms:
         raise UserError(f"{p}: 'arms' must name at least one arm, e.g. {{\"shuffle\": {{}}}}")
     for a in arms:
-        if not a or any(c in a for c in "/\\ ") or a in ("tables", "visualize", "slurm"):
-            raise UserError(f"{p}: arm name {a!r} must be a plain folder name (no spaces or slashes)")
+        if not ARM_NAME.fullmatch(a) or a in RESERVED_NAMES:
+            raise UserError(f"{p}: arm name {a!r} must be a plain folder name: letters, digits, '_', '-' and '.', "
+                            f"starting with a letter or digit, at most 64 characters, and not one of "
+                            f"{', '.join(RESERVED_NAMES)}")
     out["arms"] = {a: _settings(p, f"arm {a!r}", s, "train.py", RESERVED) for a, s in arms.items()}
     out["baseline"] = spec.get("baseline", next(iter(arms)))
     if out["baseline"] not in arms:
@@ -401,7 +406,7 @@ def print_differences(diff: pd.DataFrame, final: pd.DataFrame, spec: dict):
         for a in spec["arms"]:
             r = f.loc[a]
             line[a] = stats.fmt_interval(r["mean"], r["lo"], r["hi"], 3)
-            d = diff[(diff.metric == m) & (diff.arm == a)]
+            d = diff[(diff.metric == m) & (diff.arm == a)] if len(diff) else diff
             if len(d):
                 d = d.iloc[0]
                 line[f"{a} diff"] = (f"{stats.fmt_interval(d['diff'], d['lo_sim'], d['hi_sim'], 3, '+')} "
@@ -415,6 +420,8 @@ def print_differences(diff: pd.DataFrame, final: pd.DataFrame, spec: dict):
 def print_power(diff: pd.DataFrame, n: int):
     """What the design can see: per arm and output metric, the smallest difference detected
     with 80% power at the family's level, from the observed spread over n seeds."""
+    if not len(diff):  # one arm: nothing to compare
+        return
     out = diff[diff["side"].isin(["primary", "output"]) & np.isfinite(diff["mdd80"])]
     if not len(out):
         return

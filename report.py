@@ -32,6 +32,7 @@ from metrics import MAIN_METRICS
 from prebias import stats
 from prebias.checkpoint import run_config
 from prebias.common import UserError, main_guard, parse_config, write_text_atomic
+from prebias.inputs import read_csv, read_json
 from prebias.stream import RunBatches
 
 
@@ -45,6 +46,13 @@ class ReportConfig:
     viewer: str = "first"  # first: the first seed of each arm; all: every run; none
     max_rows: int = 40  # checkpoint rows per run table
 # -----------------------------------------------------------------------------
+
+RUN_FIX = "it is damaged: restore it from a copy, or rerun python train.py --out_dir={}"
+TABLE_COLUMNS = {"final.csv": ("arm", "metric", "mean", "lo", "hi"),
+                 "differences.csv": ("arm", "metric", "side", "diff", "lo", "hi", "lo_sim", "hi_sim", "p", "p_holm",
+                                     "test"),
+                 "saturation.csv": ("arm", "metric", "mean", "min", "max"),
+                 "runs.csv": ("arm", "seed", "dir")}
 
 CSS = """
 body { font: 14px/1.45 -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
@@ -95,20 +103,23 @@ def run_section(run_dir: Path, cfg: ReportConfig, viewer: bool, title: str) -> s
     parts = [f"<h3>{esc(title)}</h3>"]
     batches = RunBatches(run_dir) if viewer else None  # reads the latest checkpoint's config once
     rc = vars(batches.cfg) if batches else run_config(run_dir)
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    meta = read_json(run_dir / "run.json", "a run record (train.py writes it)", RUN_FIX.format(run_dir)) \
+        if (run_dir / "run.json").exists() else {}
     parts.append(f'<p class="meta">folder <code>{esc(run_dir)}</code> &middot; commit '
                  f'<code>{esc(meta.get("commit", "unknown"))}</code> &middot; started {esc(meta.get("time", "?"))}</p>')
     parts.append(f"<details><summary>config (train.py)</summary><pre>{esc(json.dumps(rc, indent=1))}</pre></details>")
     sp = run_dir / "tables" / "summary.csv"
     if sp.exists():
-        s = pd.read_csv(sp)
+        s = read_csv(sp, "an evaluation table", f"rerun python eval.py --out_dir={run_dir} --redo=True",
+                     columns=("iter",))
         cols = [c for c in ["iter", "tokens_seen", "val_loss", "train_loss", *(f"out_{m}" for m in MAIN_METRICS)]
                 if c in s.columns]
         parts.append(f"<details><summary>per checkpoint ({len(s)} checkpoints, summary.csv)</summary>"
                      f"{table(s[cols].head(cfg.max_rows))}</details>")
     dp = run_dir / "tables" / "durability.csv"
     if dp.exists():
-        d = pd.read_csv(dp)
+        d = read_csv(dp, "a durability table", f"rerun python durability.py --out_dir={run_dir} --redo=True",
+                     columns=("iter", "tag", "kind"))
         parts.append(f"<details><summary>tags per checkpoint (durability.csv)</summary>"
                      f"{table(d.head(cfg.max_rows * 4), left=('tag', 'kind'))}</details>")
     if batches:
@@ -140,27 +151,36 @@ def batch_viewer(run: RunBatches, cfg: ReportConfig) -> str:
 # -----------------------------------------------------------------------------
 # the pages
 
+# no script at all, images only from data: URIs, styles only inline: a value that slipped
+# past esc() still cannot run or fetch anything
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+
 def page(title: str, body: list[str]) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>{esc(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) +
             f'\n<p class="meta">written by report.py on {stamp}</p></body></html>\n')
 
 
 def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
-    spec = json.loads((exp_dir / "experiment.json").read_text())
+    fix = f"rerun python experiment.py <spec> --aggregate_only=True (it rewrites {exp_dir}'s tables)"
+    spec = read_json(exp_dir / "experiment.json", "an experiment record (experiment.py writes it)",
+                     f"rerun the experiment: python experiment.py <spec> (it rewrites {exp_dir / 'experiment.json'})",
+                     keys=("name", "arms", "baseline", "seeds", "base"))
+    if not isinstance(spec["arms"], dict) or not isinstance(spec["seeds"], list) or not isinstance(spec["base"], dict):
+        raise UserError(f"{exp_dir / 'experiment.json'}: arms and base must be objects and seeds a list: rerun the "
+                        "experiment (python experiment.py <spec>)")
     tables = exp_dir / "tables"
-    need = [tables / f for f in ("final.csv", "differences.csv", "saturation.csv", "runs.csv")]
-    missing = [p for p in need if not p.exists()]
-    if missing:
-        raise UserError(f"no {missing[0]}: run python experiment.py {spec.get('spec_path', '<spec>')} first")
-    final, diff, sat, runs = (pd.read_csv(p) for p in need)
+    final, diff, sat, runs = (read_csv(tables / f, f"an experiment table ({f})", fix, columns=cols)
+                              for f, cols in TABLE_COLUMNS.items())
     arms, base, n = spec.get("arm_order", list(spec["arms"])), spec["baseline"], len(spec["seeds"])
     b = [f"<h1>Experiment: {esc(spec['name'])}</h1>",
          f'<p class="meta">spec <code>{esc(spec.get("spec_path", ""))}</code> &middot; commit '
          f'<code>{esc(spec.get("commit", ""))}</code> &middot; {len(arms)} arms &times; {n} seeds '
-         f'({", ".join(map(str, spec["seeds"]))})</p>']
+         f'({esc(", ".join(map(str, spec["seeds"])))})</p>']
     if spec.get("question"):
         b.append(f'<p class="question">{esc(spec["question"])}</p>')
     # the arms
@@ -254,7 +274,10 @@ def main(argv=None):
         raise UserError(f"{folder} is neither an experiment (experiment.json) nor a run (config.json): "
                         "give the folder experiment.py or train.py wrote")
     out = Path(cfg.out) if cfg.out else folder / "report.html"
-    write_text_atomic(out, text)
+    try:
+        write_text_atomic(out, text)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}): give a writable --out=<file.html>") from None
     print(f"wrote {out} ({len(text) / 1e6:.1f} MB)")
     return out
 

@@ -39,7 +39,7 @@ import torch
 
 from export import export_v0
 from model import ModelArgs, Transformer, mean_loss
-from prebias import tracking
+from prebias import common, tracking
 from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint,
                                 list_checkpoints, load_checkpoint, optimizer_path, save_checkpoint, stream_records)
 from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit,
@@ -135,10 +135,10 @@ def peak_flops(device: str, dtype: str) -> float:
 
 
 def remove_stale_temps(out_dir):
-    """Temp files of a save that a kill interrupted (atomic_path's .<name>.*.tmp)."""
-    for d in (Path(out_dir), ckpt_dir(out_dir)):
-        for p in d.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
+    """Temp files of a save that a kill interrupted, of the files train.py writes only."""
+    common.remove_stale_temps(out_dir, r"(config|run|batch_ids|pool_ids|insertions|masked_rows)\.(json|npy|npz)"
+                                       r"|model\.bin")
+    common.remove_stale_temps(ckpt_dir(out_dir), r"(ckpt|optimizer)_\d+\.pt|model_\d+\.bin")
 
 
 class Trainer:

@@ -75,6 +75,40 @@ def run_checkpoints(out_dir) -> list[tuple[int, Path]]:
     return found
 
 
+# what every checkpoint of one run shares (a checkpoint of another run dropped into ckpt/
+# must not be evaluated as this run's)
+IDENTITY = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len", "seed",
+            "batch_size", "gradient_accumulation_steps")
+
+
+def run_identity(out_dir) -> dict:
+    """The identity fields of the run in out_dir, from config.json (written once, when the
+    run started), else its first checkpoint."""
+    p = Path(out_dir) / "config.json"
+    if p.exists():
+        try:
+            cfg = json.loads(p.read_text())
+        except ValueError:
+            raise UserError(f"{p} is not valid JSON: restore it or start a new --out_dir") from None
+    else:
+        cfg = dict(load_checkpoint(run_checkpoints(out_dir)[0][1])["config"])
+    return {k: cfg.get(k) for k in IDENTITY}
+
+
+def check_member(ck: dict, identity: dict, path, out_dir):
+    """A UserError unless the checkpoint belongs to the run of `identity` (run_identity)."""
+    got = ck.get("config", {})
+    args = ck.get("model_args", {})
+    for k, want in identity.items():
+        if want is not None and got.get(k) != want:
+            raise UserError(f"{path} is not a checkpoint of the run in {out_dir}: it was trained with {k}="
+                            f"{got.get(k)!r}, the run with {want!r}; move it out of {ckpt_dir(out_dir)}")
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+        if k in args and args[k] != got.get(k):
+            raise UserError(f"{path}: its weights have {k}={args[k]} but its config says {got.get(k)!r}: the file "
+                            f"was not written by train.py; move it out of {ckpt_dir(out_dir)}")
+
+
 def latest_checkpoint(out_dir) -> Path:
     return run_checkpoints(out_dir)[-1][1]
 

@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,10 +74,13 @@ def parse_config(cfg, argv, choices=None):
             sys.exit(0)
         if arg.endswith(".json") and not arg.startswith("--"):
             try:
-                items = json.loads(Path(arg).read_text()).items()
+                obj = json.loads(Path(arg).read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"config file {arg}: {e}") from None
-            items = [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in items]
+            if not isinstance(obj, dict):
+                raise UserError(f"config file {arg} holds a JSON {type(obj).__name__}: it must be an object "
+                                '{"key": value, ...} of the keys --help lists')
+            items = [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in obj.items()]
         elif arg.startswith("--") and "=" in arg:
             items = [arg[2:].split("=", 1)]
         else:
@@ -84,6 +89,9 @@ def parse_config(cfg, argv, choices=None):
             if key not in fields:
                 raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
             val = _convert(key, fields[key].type, str(raw))
+            if isinstance(val, float) and not math.isfinite(val) and not (
+                    math.isinf(val) and isinstance(fields[key].default, float) and fields[key].default == val):
+                raise UserError(f"--{key}={raw}: expected a finite number")  # NaN fails every comparison, so range checks miss it
             if key in choices and val not in choices[key]:
                 raise UserError(f"--{key}={val}: choose one of {', '.join(map(str, choices[key]))}")
             setattr(cfg, key, val)
@@ -178,13 +186,28 @@ def autocast_ctx(device: str, dtype: str):
 # -----------------------------------------------------------------------------
 # atomic writes: write to a temp file in the same folder, then rename
 
+TMP_SUFFIX = ".prebias.tmp"  # atomic_path's temp files: .<name>.<8 random characters>.prebias.tmp
+_TMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+
+
+def remove_stale_temps(folder, names: str):
+    """Remove the temp files atomic_path left behind in folder when a kill interrupted a
+    save, of the files whose names match the regex `names` only: nothing else there is
+    touched (a user's own .notes.tmp stays)."""
+    want = re.compile(names)
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        m = _TMP.fullmatch(p.name)
+        if m and want.fullmatch(m.group("name")) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path next to `path`; on success rename it onto `path`, on error
     remove it, so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -315,17 +338,30 @@ class FolderLock:
 
     def __init__(self, out_dir, flag: str = "--out_dir"):
         self.path = Path(out_dir) / ".lock"
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise UserError(f"{flag}={out_dir} is a file, not a folder: give a folder")
         self.created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: a .lock that is a symbolic link is refused, never followed (and truncated)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if self.path.is_symlink():
+                raise UserError(f"{self.path} is a symbolic link: remove it (the lock is a plain file)") from None
+            raise UserError(f"cannot write into {out_dir} ({e.strerror}): give a writable {flag}") from None
+        self.f = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another process
             self.f.seek(0)
             holder = self.f.read().strip() or "another process"
             self.f.close()
             raise UserError(f"{out_dir} is in use by {holder}: wait for it to finish, or use another {flag}") \
                 from None
+        except OSError as e:  # no lock support here (some network filesystems)
+            self.f.close()
+            raise UserError(f"{out_dir}: this filesystem cannot lock files ({e.strerror}); use a folder on a "
+                            "local disk or one mounted with lock support") from None
         self.f.seek(0)
         self.f.truncate()
         self.f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")

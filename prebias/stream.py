@@ -370,6 +370,7 @@ def build_stream(cfg, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
     if cfg.tags:
         enc = Tokenizer.for_vocab(cfg.vocab_size, cfg.data_dir)
         tagset = tagmod.load_tags(cfg.tags, enc, cfg.max_seq_len, cfg.vocab_size)
+        tagset.check_run(sched.B, cfg.max_iters, f"tag file {cfg.tags}")
         inserter, tags_json = Inserter(tagset, data, cfg.data_dir, cfg.seed), tagset.json
     return Stream(sched, data, selector, inserter, tags_json)
 

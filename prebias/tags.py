@@ -40,6 +40,7 @@ most n times), or an explicit list "at". The checkpoint keeps the file as render
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from metrics import text_metric_names
 from prebias.common import UserError
 
 KINDS = ("canary", "conditional")  # a file's kinds; "control" tags are made from conditional ones
+TAG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _KEYS = {"canary": {"id", "kind", "text", "steps", "rows", "position", "secret"},
          "conditional": {"id", "kind", "text", "steps", "metric", "lo", "hi", "control"}}
 _PLACEHOLDER = re.compile(r"\{(digits|tokens):(\d+)\}")
@@ -133,6 +135,18 @@ class TagSet:
                 return t
         raise UserError(f"no tag {tag_id!r} in this run; its tags: {', '.join(t.id for t in self.tags) or 'none'}")
 
+    def check_run(self, batches_per_step: int, max_iters: int, where: str = "the tag file"):
+        """Against the run that will train them: a canary asking for more rows than a step
+        has is refused (it would be capped silently); a tag never active before max_iters
+        gets a warning line (the run may be extended later)."""
+        for t in self.tags:
+            if t.kind == "canary" and t.rows > batches_per_step:
+                raise UserError(f"{where}: tag {t.id!r} asks for rows={t.rows}, but a step trains "
+                                f"{batches_per_step} batches (batch_size x gradient_accumulation_steps): lower rows")
+            if t.kind != "control" and not len(t.steps(max_iters)):
+                print(f"warning: {where}: tag {t.id!r} is never active before max_iters={max_iters} (its steps: "
+                      f"{ {k: v for k, v in t.steps_spec.items() if not k.startswith('_')} })", file=sys.stderr)
+
 
 def _bad(where: str, msg: str):
     return UserError(f"{where}: {msg}")
@@ -201,6 +215,9 @@ def _tag(raw, index: int, seed: int, enc, max_seq_len: int, vocab_size: int, whe
     for k in ("id", "text"):
         if not isinstance(raw.get(k), str) or not raw[k]:
             raise _bad(f"{where}.{k}", "missing (a non-empty string)")
+    if not rendered and not TAG_ID.fullmatch(raw["id"]):  # it names table columns, folders and figure labels
+        raise _bad(f"{where}.id", f"{raw['id']!r}: letters, digits, '_', '-' and '.', starting with a letter or "
+                                  "digit, at most 64 characters")
     steps = _steps(raw.get("steps"), f"{where}.steps")
     text, prefix, fmt, secret_ids = _render(raw, index, seed, vocab_size)
     if secret_ids is None:

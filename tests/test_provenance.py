@@ -149,10 +149,13 @@ def test_stale_temp_files_are_removed_at_start(tiny_data, tmp_path):
     data, tables = tiny_data
     run = TinyRun(data, tables, tmp_path / "out")
     (run.out_dir / "ckpt").mkdir(parents=True)
-    stale = run.out_dir / "ckpt" / ".ckpt_4.pt.abc123.tmp"
-    stale.write_bytes(b"")
+    stale = [run.out_dir / "ckpt" / ".ckpt_4.pt.abc123xy.prebias.tmp", run.out_dir / ".batch_ids.npy.k_9Zq0aa.prebias.tmp"]
+    mine = [run.out_dir / ".notes.tmp", run.out_dir / ".notes.json.abc123xy.prebias.tmp", run.out_dir / "ckpt" / ".x.tmp"]
+    for p in stale + mine:
+        p.write_bytes(b"")
     train.main(run.train_args(max_iters=1))
-    assert not stale.exists()
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in mine)  # only the temp files of what train.py writes are removed
 
 
 def test_get_lr_warmup_cosine_floor():

@@ -1,0 +1,188 @@
+"""Bad input, as a careless or hostile user would give it: one line naming the file and
+the fix, nothing written outside the intended folder, no silent result, no script in the
+report page."""
+
+import json
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import eval as ev
+import experiment
+import report
+import train
+from conftest import TinyRun
+from prebias import common, tags
+from prebias.common import FolderLock, UserError, parse_config
+from prebias.configs import EvalConfig, TrainConfig
+
+EVIL = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+
+
+# -----------------------------------------------------------------------------
+# the report page: everything escaped, and a policy that runs no script anyway
+
+def _evil_experiment(d):
+    """An experiment folder whose every string is an injection attempt."""
+    arm = "a" + EVIL
+    (d / "tables").mkdir(parents=True)
+    (d / "experiment.json").write_text(json.dumps({
+        "name": EVIL, "question": EVIL, "spec_path": EVIL, "commit": EVIL, "baseline": arm,
+        "arms": {arm: {EVIL: EVIL}, "b": {}}, "seeds": [EVIL, 1], "base": {EVIL: EVIL}}))
+    pd.DataFrame([{"arm": a, "metric": EVIL, "iter": 1, "n": 2, "mean": 1.0, "sd": 0.1, "lo": 0.9, "hi": 1.1,
+                   "values": EVIL} for a in (arm, "b")]).to_csv(d / "tables" / "final.csv", index=False)
+    pd.DataFrame([{"arm": "b", "baseline": arm, "metric": EVIL, "side": EVIL, "baseline_mean": 1, "arm_mean": 1,
+                   "diff": 0.0, "lo": -1, "hi": 1, "lo_sim": -2, "hi_sim": 2, "p": 0.5, "p_holm": 0.5, "mdd80": 1,
+                   "test": EVIL}]).to_csv(d / "tables" / "differences.csv", index=False)
+    pd.DataFrame([{"arm": a, "metric": EVIL, "n": 2, "mean": 1.0, "lo": 1, "hi": 1, "min": 1, "max": 1}
+                  for a in (arm, "b")]).to_csv(d / "tables" / "saturation.csv", index=False)
+    pd.DataFrame(columns=["arm", "seed", "dir", "final_iter", "commit"]).to_csv(d / "tables" / "runs.csv", index=False)
+
+
+class _Elements(HTMLParser):
+    """Every element of a page with its attributes, as a browser's parser sees them."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.found = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.found.append((tag, dict(attrs)))
+
+
+def test_report_escapes_everything_and_forbids_scripts(tmp_path):
+    _evil_experiment(tmp_path / "exp")
+    page = report.main([str(tmp_path / "exp")]).read_text()
+    elements = _Elements(page).found
+    assert not [t for t, _ in elements if t in ("script", "iframe", "object", "embed", "base", "form")]
+    assert not [(t, a) for t, a in elements for k in a if k.startswith("on")]  # no event handler anywhere
+    assert all(a.get("src", "data:").startswith("data:") for t, a in elements if t == "img")
+    assert page.count("&lt;script&gt;") >= 8  # the strings are shown, as text
+    m = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page)
+    assert m and "default-src 'none'" in m.group(1) and "img-src data:" in m.group(1)
+    assert "script-src" not in m.group(1)  # scripts fall under default-src 'none'
+
+
+@pytest.mark.parametrize("damage, msg", [
+    (lambda d: (d / "experiment.json").write_text("{arms: "), r"experiment.json is not valid JSON"),
+    (lambda d: (d / "experiment.json").write_text("[1, 2]"), r"experiment.json holds a JSON list"),
+    (lambda d: (d / "experiment.json").write_text('{"name": "x"}'), r"experiment.json lacks 'arms'"),
+    (lambda d: pd.read_csv(d / "tables" / "final.csv").drop(columns="mean").to_csv(d / "tables" / "final.csv"),
+     r"final.csv lacks the column 'mean'"),
+    (lambda d: (d / "tables" / "runs.csv").write_text(""), r"runs.csv cannot be read"),
+    (lambda d: (d / "tables" / "saturation.csv").unlink(), r"saturation.csv is missing"),
+])
+def test_report_on_damaged_files_is_one_line(tmp_path, damage, msg):
+    d = tmp_path / "exp"
+    _evil_experiment(d)
+    damage(d)
+    with pytest.raises(UserError, match=msg):
+        report.main([str(d)])
+    assert not (d / "report.html").exists()
+
+
+def test_report_unwritable_out_is_one_line(tmp_path):
+    _evil_experiment(tmp_path / "exp")
+    with pytest.raises(UserError, match="cannot write .*: give a writable --out"):
+        report.main([str(tmp_path / "exp"), f"--out={tmp_path / 'exp' / 'experiment.json' / 'x.html'}"])
+
+
+# -----------------------------------------------------------------------------
+# experiment specs: arm names are folders of the experiment's own
+
+@pytest.mark.parametrize("arm", ["..", ".lock", "experiment.json", "a$b$", "a/b", "", "x" * 65, "tables", "-x"])
+def test_unsafe_arm_names_are_refused(tmp_path, arm):
+    spec = tmp_path / "e.json"
+    spec.write_text(json.dumps({"arms": {arm: {}, "ok": {}}}))
+    with pytest.raises(UserError, match="must be a plain folder name"):
+        experiment.main([str(spec), f"--out_root={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["e.json"]
+
+
+def test_one_arm_experiment_prints_without_differences(capsys):
+    final = pd.DataFrame([{"arm": "only", "metric": "val_loss", "mean": 2.0, "lo": 1.9, "hi": 2.1}])
+    experiment.print_differences(pd.DataFrame(), final, {"seeds": [1, 2], "baseline": "only", "arms": {"only": {}},
+                                                        "test": "auto"})
+    assert "val_loss" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# configs and folders
+
+def test_config_values_and_files(tmp_path):
+    for bad in ("--beta1=nan", "--learning_rate=inf", "--grad_clip=-inf"):
+        with pytest.raises(UserError, match="expected a finite number"):
+            parse_config(TrainConfig(), [bad])
+    assert parse_config(TrainConfig(), ["--schedule_hi=inf"]).schedule_hi == float("inf")  # its default: allowed
+    with pytest.raises(UserError, match="expected a finite number"):
+        parse_config(EvalConfig(), ["--temperature=nan"])  # used to skip the sampled generation silently
+    p = tmp_path / "c.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds a JSON list: it must be an object"):
+        parse_config(TrainConfig(), [str(p)])
+
+
+def test_folder_lock_never_follows_a_symlink_and_names_a_file(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(target)
+    with pytest.raises(UserError, match="is a symbolic link: remove it"):
+        FolderLock(tmp_path / "run")
+    assert target.read_text() == "keep me"
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        FolderLock(target)
+
+
+def test_stale_temps_only_the_named_files(tmp_path):
+    keep = [tmp_path / ".notes.tmp", tmp_path / ".notes.json.abcdefgh.prebias.tmp", tmp_path / ".x.abcdefgh.tmp"]
+    gone = tmp_path / ".config.json.abcdefgh.prebias.tmp"
+    for p in keep + [gone]:
+        p.write_text("")
+    common.remove_stale_temps(tmp_path, r"config\.json")
+    assert not gone.exists() and all(p.exists() for p in keep)
+
+
+# -----------------------------------------------------------------------------
+# a checkpoint of another run dropped into a run's ckpt/ is not evaluated as the run's
+
+def test_eval_refuses_a_foreign_checkpoint(tiny_run, tmp_path):
+    other = TinyRun(tiny_run.data_dir, tiny_run.tables_dir, tmp_path / "other")
+    train.main(other.train_args(dim=16, n_heads=2, n_kv_heads=1, max_iters=1))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.out_dir, run)
+    shutil.copy(other.out_dir / "ckpt" / "ckpt_1.pt", run / "ckpt" / "ckpt_99.pt")
+    with pytest.raises(UserError, match=r"ckpt_99.pt is not a checkpoint of the run in .*: it was trained with "
+                                        r"dim=16, the run with 32; move it out of"):
+        ev.main([f"--out_dir={run}", "--n_prompts=1", "--max_new_tokens=4"])
+
+
+# -----------------------------------------------------------------------------
+# tags against the run that trains them
+
+def _tagset(tmp_path, tag):
+    from tokenizer import Tokenizer
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"tags": [tag]}))
+    return p, Tokenizer()
+
+
+def test_tag_rows_steps_and_ids(tmp_path, capsys):
+    canary = {"id": "secret", "kind": "canary", "text": "the secret number is {digits:6}", "rows": 9,
+              "steps": {"start": 5, "n": 2}}
+    p, enc = _tagset(tmp_path, canary)
+    ts = tags.load_tags(p, enc, 256, 512)
+    with pytest.raises(UserError, match="asks for rows=9, but a step trains 8 batches"):
+        ts.check_run(8, 100, "tag file t.json")  # it used to be capped at 8 silently
+    ts.check_run(16, 3, "tag file t.json")
+    assert "tag 'secret' is never active before max_iters=3" in capsys.readouterr().err
+    p, enc = _tagset(tmp_path, {**canary, "id": "a b$"})
+    with pytest.raises(UserError, match=r"tags\[0\].id: 'a b\$': letters, digits"):
+        tags.load_tags(p, enc, 256, 512)
+
