@@ -80,8 +80,9 @@ demo: run
 	$(PYTHON) report.py out
 
 # one line per benchmark script
-bench: run
+bench: run runq
 	$(PYTHON) bench/bench_runc.py
+	$(PYTHON) bench/bench_export.py
 	$(PYTHON) bench/bench_spine.py
 	$(PYTHON) bench/bench_metrics.py
 	$(PYTHON) bench/bench_pretokenize.py

@@ -242,16 +242,17 @@ def simulate_runq(model: Transformer, group_size: int) -> Transformer:
     return model
 
 
-def load_bin(path) -> Transformer:
+def load_bin(path, activations: bool = True) -> Transformer:
     """A llama2.c model file of any version as a Transformer (fp32, CPU). Version 2 gives
-    the dequantised weights with runq's activation quantisation (simulate_runq)."""
+    the dequantised weights with runq's activation quantisation (simulate_runq; with
+    activations=False the weights alone)."""
     h, tensors = read_bin(path)
     model = Transformer(h["args"])
     sd = {k: v for k, v in tensors.items() if not k.startswith("rope_")}
     if h["shared"]:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd)
-    if h["version"] == 2:
+    if h["version"] == 2 and activations:
         simulate_runq(model, h["group_size"])
     return model.eval()
 

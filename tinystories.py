@@ -215,24 +215,25 @@ def use_llama2_tokenizer(data_dir, tokenizer: str = "") -> int:
     beside the JSON shards (and recorded) so that every later stage finds it by its vocab
     size. Returns that vocab size."""
     raw = raw_dir(data_dir)
-    src = Path(tokenizer) if tokenizer else (raw / LLAMA2_TOKENIZER if (raw / LLAMA2_RECORD).exists()
-                                             else Path(LLAMA2_TOKENIZER))
+    recorded = not tokenizer and (raw / LLAMA2_RECORD).exists()
+    src = Path(tokenizer) if tokenizer else raw / LLAMA2_TOKENIZER if recorded else Path(LLAMA2_TOKENIZER)
     if not src.is_file():
         raise UserError(f"--vocab_size=0 tokenizes with a Llama 2 sentencepiece model and {src} is not there: pass "
                         "--tokenizer=path/to/tokenizer.model (Meta's, as llama2.c uses; this project ships none)")
     enc = Tokenizer(src)
     if enc.vocab_size > 65536:
         raise UserError(f"{src} has {enc.vocab_size} pieces: uint16 shards hold at most 65,536")
-    if not tokenizer and enc.vocab_size != 32000:
+    if not tokenizer and not recorded and enc.vocab_size != 32000:
         raise UserError(f"{src} has {enc.vocab_size} pieces, not Llama 2's 32,000 (here tokenizer.model is the "
                         "project's own default): pass --tokenizer=path to use it, or the Llama 2 one")
     custom = Path(data_dir) / f"tok{enc.vocab_size}"
     if custom.exists() or custom.with_suffix(".model").exists():
         raise UserError(f"{custom} already holds a custom {enc.vocab_size}-piece vocabulary: use another --data_dir "
                         "for the Llama 2 one")
+    if recorded:
+        return enc.vocab_size
     raw.mkdir(parents=True, exist_ok=True)
-    dst = raw / LLAMA2_TOKENIZER
-    sha = sha256_file(src)
+    dst, sha = raw / LLAMA2_TOKENIZER, sha256_file(src)
     if not dst.exists() or sha256_file(dst) != sha:
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)

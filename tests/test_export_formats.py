@@ -16,9 +16,12 @@ from model import ModelArgs, Transformer
 from prebias.common import UserError
 from tokenizer import Tokenizer
 
-# shapes: GQA with group size 64; group 32 (llama2.c halves 64 for dim 32); 16; and 8
-SHAPES = {"gs64": dict(dim=64, n_heads=4, n_kv_heads=2), "gs32": dict(dim=32, n_heads=4, n_kv_heads=2),
-          "gs16": dict(dim=48, n_heads=6, n_kv_heads=3), "gs8": dict(dim=40, n_heads=5, n_kv_heads=5)}
+# shapes: GQA with group size 64; group 32 (llama2.c halves 64 for dim 32); 16; and 8. The hidden
+# size is 9 groups, so that runq's products over it take its 8-groups-at-a-time path and the rest
+SHAPES = {"gs64": dict(dim=64, hidden_dim=576, n_heads=4, n_kv_heads=2),
+          "gs32": dict(dim=32, hidden_dim=288, n_heads=4, n_kv_heads=2),
+          "gs16": dict(dim=48, hidden_dim=144, n_heads=6, n_kv_heads=3),
+          "gs8": dict(dim=40, hidden_dim=72, n_heads=5, n_kv_heads=5)}
 GROUP = {"gs64": 64, "gs32": 32, "gs16": 16, "gs8": 8}
 
 
@@ -75,7 +78,7 @@ def test_version1_holds_the_exact_tensors(tmp_path, shared):
     path = export.export_bin(m, tmp_path / "m1.bin", 1)
     h = parse(path)
     assert (h["version"], h["dim"], h["hidden_dim"], h["n_kv_heads"], h["vocab_size"], h["shared"]) == \
-        (1, 64, 192, 2, 512, int(shared))
+        (1, 64, 576, 2, 512, int(shared))
     for name, want in matrices(m).items():
         assert np.array_equal(h[name], want), name
     back = export.load_bin(path)
@@ -128,7 +131,7 @@ def test_version0_is_unchanged(tmp_path):
     """The legacy layout, as before: header then the tensors in llama2.c's order."""
     m = random_model("gs32", shared=False)
     raw = export.export_bin(m, tmp_path / "m0.bin", 0).read_bytes()
-    assert struct.unpack_from("<7i", raw) == (32, 96, 2, 4, 2, -512, 64)
+    assert struct.unpack_from("<7i", raw) == (32, 288, 2, 4, 2, -512, 64)
     flat = np.frombuffer(raw, "<f4", offset=28)
     want = matrices(m)
     assert np.array_equal(flat[:512 * 32], want["emb"].reshape(-1))
