@@ -79,10 +79,10 @@ demo: run
 	$(PYTHON) visualize_sat_batch.py
 	$(PYTHON) report.py out
 
-# one line per benchmark script
+# one line per benchmark script; UPSTREAM=<a llama2.c checkout> also times its run.c and runq.c
 bench: run runq
 	$(PYTHON) bench/bench_runc.py
-	$(PYTHON) bench/bench_export.py
+	$(PYTHON) bench/bench_export.py $(if $(UPSTREAM),--upstream=$(UPSTREAM))
 	$(PYTHON) bench/bench_spine.py
 	$(PYTHON) bench/bench_metrics.py
 	$(PYTHON) bench/bench_pretokenize.py

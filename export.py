@@ -360,24 +360,24 @@ def main():
     a = ap.parse_args()
     if not (a.checkpoint or a.latest or a.from_hf or a.from_bin):
         raise UserError("give --checkpoint=PATH, --latest, --from_hf=FOLDER or --from_bin=FILE")
+    if a.tokenizer and not Path(a.tokenizer).is_file():
+        raise UserError(f"--tokenizer={a.tokenizer}: no such file")
     model, record, ck = _load_input(a)
+    # the tokenizer: a checkpoint's run's (sha256-checked), else --tokenizer, else an HF folder's own
+    folder_tok = Path(a.from_hf) / "tokenizer.model" if a.from_hf else None
+    tok = a.tokenizer or (folder_tok if folder_tok and folder_tok.is_file() else None)
+    note = "" if tok else " (without a tokenizer: pass --tokenizer=path/to/tokenizer.model)"
     if a.filepath is None:
         if ck is not None:
             raise UserError("give the output filepath (model.bin, or a folder for --version=hf)")
-        tok = a.tokenizer or (Path(a.from_hf) / "tokenizer.model" if a.from_hf else "")
-        tok = tok if tok and Path(tok).is_file() else None
         path = import_checkpoint(model, record, a.out_dir, tok, data_dir=a.data_dir, tables_dir=a.tables_dir,
                                  max_seq_len=a.max_seq_len)
-        print(f"wrote {path} from {record['from']}" + ("" if tok else " (no tokenizer.model: pass --tokenizer)"))
+        print(f"wrote {path} from {record['from']}{note}")
         return
-    tok = None
-    if a.version == "hf":
-        tok = tokenizer_of(ck, a.tokenizer) if ck is not None else a.tokenizer or None
-        if tok is None and a.from_hf and (Path(a.from_hf) / "tokenizer.model").exists():
-            tok = Path(a.from_hf) / "tokenizer.model"
-    export_model(model, a.filepath, a.version, tok, record, a.group_size)
-    print(f"wrote {a.filepath} (version {a.version}) from {record['from']}")
-
+    if a.version == "hf" and ck is not None:
+        tok, note = tokenizer_of(ck, a.tokenizer), ""
+    export_model(model, a.filepath, a.version, tok if a.version == "hf" else None, record, a.group_size)
+    print(f"wrote {a.filepath} (version {a.version}) from {record['from']}{note if a.version == 'hf' else ''}")
 
 if __name__ == "__main__":
     main_guard(main)

@@ -2,7 +2,8 @@
 Sample from a trained model with PyTorch, as llama2.c's sample.py: a checkpoint or any
 llama2.c model file (version 0, 1, or 2, which computes as runq does).
 
-$ python sample.py --checkpoint=out/ckpt/ckpt_400.pt --start="Once upon a time" --num_samples=3
+$ python sample.py --start="Once upon a time" --num_samples=3     # the newest checkpoint of out/
+$ python sample.py --checkpoint=out/ckpt/ckpt_400.pt --temperature=0.8 --top_k=300
 $ python sample.py --checkpoint=model.bin --tokenizer=data/tok512.model --temperature=0   # greedy = ./run -t 0
 $ python sample.py --checkpoint=model_q80.bin --tokenizer=data/tok512.model               # int8, as ./runq
 $ python sample.py --start=FILE:prompt.txt --max_new_tokens=200 --top_k=300 --seed=7
@@ -21,7 +22,7 @@ import torch
 
 from export import load_bin, tokenizer_of
 from model import Transformer
-from prebias.checkpoint import load_checkpoint, model_from_checkpoint
+from prebias.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from prebias.common import UserError, auto_device, autocast_ctx, main_guard, parse_config
 from tokenizer import Tokenizer, tokenizer_model_path
 
@@ -29,7 +30,7 @@ from tokenizer import Tokenizer, tokenizer_model_path
 # -----------------------------------------------------------------------------
 @dataclass
 class SampleConfig:
-    checkpoint: str = "out/ckpt/ckpt_500.pt"  # a ckpt_<iter>.pt or a llama2.c model file
+    checkpoint: str = ""  # a ckpt_<iter>.pt or a llama2.c model file; '' = the newest checkpoint of out/
     start: str = ""  # the prompt (after BOS); "FILE:prompt.txt" reads it from a file
     num_samples: int = 1  # samples drawn (one batched generation)
     max_new_tokens: int = 100  # tokens generated per sample (at most the model's max_seq_len)
@@ -49,7 +50,7 @@ CHOICES = {"dtype": ("float32", "bfloat16", "float16")}
 def load_model(cfg: SampleConfig) -> tuple[Transformer, Tokenizer]:
     """The model and its tokenizer: a checkpoint's run's (sha256-checked), or for a model
     file --tokenizer, else the data folder's tokenizer of its vocab size."""
-    path = Path(cfg.checkpoint)
+    path = Path(cfg.checkpoint or latest_checkpoint("out"))
     if not path.exists():
         raise UserError(f"--checkpoint={path}: no such file (a ckpt_<iter>.pt or a model.bin)")
     if path.suffix == ".pt":

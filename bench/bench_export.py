@@ -57,6 +57,7 @@ REPEATS = 5
 STEPS = 256
 TRAIN_STEPS = 400
 VAL_BATCHES = 256
+TOP1_BATCHES = 64
 GREEDY = 200
 
 
@@ -173,17 +174,33 @@ def int8_cost(tmp: Path, run: Path) -> tuple[Transformer, Tokenizer]:
     print(f"{'model':20s} {'val loss':>9s} {'ppl':>8s} {'vs fp32':>9s}")
     for k, v in loss.items():
         print(f"{k:20s} {v:9.4f} {np.exp(v):8.3f} {100 * (v - loss['fp32']) / loss['fp32']:+8.2f}%")
+    x, _ = data.get(ids[:TOP1_BATCHES])
+    with torch.no_grad():
+        top = {k: m(x)[0].argmax(-1) for k, m in (("fp32", fp32), ("int8", int8), ("weights", weights_only),
+                                                  ("fp64", fp64_copy(fp32)))}
+    same = {k: f"{(v == top['fp32']).float().mean():.2%}" for k, v in top.items()}
+    print(f"next-token argmax on the same text ({TOP1_BATCHES} validation batches) equals fp32's at: int8 (runq) "
+          f"{same['int8']}, int8 weights only {same['weights']}, float64 {same['fp64']} (the rounding noise floor)")
     enc = Tokenizer.for_vocab(cfg["vocab_size"], cfg["data_dir"])
     prompts = [[1]] + [enc.encode(s)[:9] for s in load_stories(raw_shards(cfg["data_dir"])[0])[:8]]
     n = min(GREEDY, a.max_seq_len - max(map(len, prompts)) + 1)
     g32 = fp32.generate(prompts, n, temperature=0.0, stop_at_bos=False)
-    g8 = int8.generate(prompts, n, temperature=0.0, stop_at_bos=False)
-    shares = [share_agree(x, y, n) for x, y in zip(g32, g8)]
-    firsts = [first_diff(x, y) for x, y in zip(g32, g8)]
-    print(f"greedy, {n} tokens from BOS and {len(prompts) - 1} validation openings: int8 agrees with fp32 on "
-          f"{np.mean(shares):.1%} of tokens (per prompt {', '.join(f'{s:.0%}' for s in shares)}); first "
-          f"difference at step {', '.join(map(str, firsts))} ({n} = none)")
+    for name, other in (("int8", int8), ("float64", fp64_copy(fp32))):
+        g = other.generate(prompts, n, temperature=0.0, stop_at_bos=False)
+        shares = [share_agree(x, y, n) for x, y in zip(g32, g)]
+        firsts = [first_diff(x, y) for x, y in zip(g32, g)]
+        print(f"greedy, {n} tokens from BOS and {len(prompts) - 1} validation openings: {name} agrees with fp32 on "
+              f"{np.mean(shares):.1%} of tokens (per prompt {', '.join(f'{s:.0%}' for s in shares)}); first "
+              f"difference at step {', '.join(map(str, firsts))} ({n} = none)")
     return fp32, enc
+
+
+def fp64_copy(model: Transformer) -> Transformer:
+    """The same weights computing in float64: how far float rounding alone moves greedy decoding."""
+    m = Transformer(model.params).double()
+    m.load_state_dict(model.state_dict())
+    m.rope_cos, m.rope_sin = m.rope_cos.double(), m.rope_sin.double()
+    return m.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -192,6 +209,8 @@ def int8_cost(tmp: Path, run: Path) -> tuple[Transformer, Tokenizer]:
 def hf_round_trip(tmp: Path, trained: Transformer, tok_model):
     try:
         from transformers import LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     except ImportError:
         print("\n3) Hugging Face round trip: skipped (pip install -r requirements-extra.txt for transformers)")
         return
