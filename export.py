@@ -179,7 +179,8 @@ def read_header(raw: bytes, path) -> dict:
     vocab = abs(vocab)
     gs = h["group_size"]
     if min(dim, hidden, n_layers, n_heads, n_kv, seq_len) <= 0 or vocab < 2 or dim % n_heads or \
-            n_heads % n_kv or (dim // n_heads) % 2 or (h["version"] == 2 and (gs <= 0 or dim % gs or hidden % gs)):
+            n_heads % n_kv or (dim // n_heads) % 2 or (h["version"] == 2 and not (0 < gs <= 65536 and dim % gs == 0
+                                                                           and hidden % gs == 0)):
         raise UserError(f"model file {path} has an invalid header {shape}"
                         + (f" (group_size {gs})" if h["version"] == 2 else "") + f": {FIX}")
     h["args"] = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,

@@ -180,8 +180,10 @@ static void check_shape(Config *c, const int32_t *h, const char *path, const cha
         die("model file '%s' has an invalid header (%s): head size dim/n_heads=%d is odd, RoPE needs pairs (%s)",
             path, hdr, c->head_size, MODEL_HINT);
     c->kv_dim = c->head_size * c->n_kv_heads;
-    if (c->version == 2 && (c->group_size <= 0 || c->dim % c->group_size || c->hidden_dim % c->group_size))
-        die("model file '%s' has group_size %d in its version-2 header; it must be positive and divide dim and hidden_dim (%s) (%s)",
+    /* at most 65536 values per group: a group's int32 sum of int8 products cannot overflow */
+    if (c->version == 2 && (c->group_size <= 0 || c->group_size > 65536 || c->dim % c->group_size ||
+                            c->hidden_dim % c->group_size))
+        die("model file '%s' has group_size %d in its version-2 header; it must be in 1..65536 and divide dim and hidden_dim (%s) (%s)",
             path, c->group_size, hdr, MODEL_HINT);
 }
 

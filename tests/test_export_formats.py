@@ -188,6 +188,8 @@ def corrupt(raw: bytes, case: str) -> bytes:
         b[37:41] = struct.pack("<i", 0)
     elif case == "group_size_not_dividing":
         b[37:41] = struct.pack("<i", 48)
+    elif case == "group_size_huge":
+        b[37:41] = struct.pack("<i", 2**31 - 1)
     elif case == "flag_says_unshared":
         b[36] = 0
     return bytes(b)
@@ -195,7 +197,7 @@ def corrupt(raw: bytes, case: str) -> bytes:
 
 CASES_V1 = ["truncated_1", "truncated_1000", "header_only", "extra_bytes", "wrong_magic", "wrong_version",
             "bad_flag", "nonzero_padding", "negative_vocab", "flag_says_unshared"]
-CASES_V2 = CASES_V1 + ["group_size_zero", "group_size_not_dividing"]
+CASES_V2 = CASES_V1 + ["group_size_zero", "group_size_not_dividing", "group_size_huge"]
 
 
 def assert_one_line(res, prog, name):
