@@ -30,7 +30,6 @@ $ python bench/bench_export.py --run=out                      # the int8 cost on
 """
 
 import argparse
-import shlex
 import struct
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_runc  # noqa: E402
+
 import export  # noqa: E402
 from model import ModelArgs, Transformer, mean_loss  # noqa: E402
 from prebias import hf  # noqa: E402

@@ -4,6 +4,7 @@ one-line errors of run, runq and export.load_bin on truncated and foreign files.
 
 import struct
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import export
 from conftest import ROOT
 from formats_reference import dequant, parse, q80
 from model import ModelArgs, Transformer
+from prebias.checkpoint import load_checkpoint
 from prebias.common import UserError
-from tokenizer import Tokenizer
+from prebias.data import sha256_file
 
 # shapes: GQA with group size 64; group 32 (llama2.c halves 64 for dim 32); 16; and 8. The hidden
 # size is 9 groups, so that runq's products over it take its 8-groups-at-a-time path and the rest
@@ -34,20 +36,6 @@ def random_model(shape="gs64", shared=True, seed=3, vocab=512, layers=2) -> Tran
         for p in m.parameters():
             p.normal_(0, 0.3 if p.ndim > 1 else 0.05).add_(1.0 if p.ndim == 1 else 0.0)
     return m.eval()
-
-
-@pytest.fixture(scope="module")
-def tok_bin(tiny_data, tmp_path_factory):
-    data, _ = tiny_data
-    return Tokenizer(data / "tok512.model").export(tmp_path_factory.mktemp("tok") / "tok512.bin")
-
-
-@pytest.fixture(scope="module")
-def builds():
-    res = subprocess.run(["make", "-s", "run", "runexact", "runq"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=180)
-    assert res.returncode == 0, res.stderr
-    return {b: ROOT / b for b in ("run", "runexact", "runq")}
 
 
 def c_ids(binary, model, tok, *args) -> list[int]:
@@ -143,22 +131,22 @@ def test_version0_is_unchanged(tmp_path):
 
 @pytest.mark.parametrize("shape", ["gs64", "gs16"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_run_on_version1_equals_run_on_version0(builds, tok_bin, tmp_path, shape, shared):
+def test_run_on_version1_equals_run_on_version0(c_builds, tok512_bin, tmp_path, shape, shared):
     m = random_model(shape, shared)
     v0, v1 = export.export_bin(m, tmp_path / "m0.bin", 0), export.export_bin(m, tmp_path / "m1.bin", 1)
     for build in ("run", "runexact"):
-        greedy = c_ids(builds[build], v0, tok_bin, "-t", 0, "-n", 48)
+        greedy = c_ids(c_builds[build], v0, tok512_bin, "-t", 0, "-n", 48)
         assert len(set(greedy)) > 10
-        assert c_ids(builds[build], v1, tok_bin, "-t", 0, "-n", 48) == greedy
-        sampled = c_ids(builds[build], v0, tok_bin, "-t", 0.8, "-p", 0.9, "-s", 7, "-n", 48, "-i", "Once upon")
-        assert c_ids(builds[build], v1, tok_bin, "-t", 0.8, "-p", 0.9, "-s", 7, "-n", 48, "-i", "Once upon") == sampled
+        assert c_ids(c_builds[build], v1, tok512_bin, "-t", 0, "-n", 48) == greedy
+        sampled = c_ids(c_builds[build], v0, tok512_bin, "-t", 0.8, "-p", 0.9, "-s", 7, "-n", 48, "-i", "Once upon")
+        assert c_ids(c_builds[build], v1, tok512_bin, "-t", 0.8, "-p", 0.9, "-s", 7, "-n", 48, "-i", "Once upon") == sampled
 
 
-def test_trained_model_version1(builds, tiny_run, tok_bin, tmp_path):
+def test_trained_model_version1(c_builds, tiny_run, tok512_bin, tmp_path):
     m = export.load_bin(tiny_run.out_dir / "model.bin")
     v1 = export.export_bin(m, tmp_path / "m1.bin", 1)
-    assert c_ids(builds["run"], v1, tok_bin, "-t", 0, "-n", 60) == \
-        c_ids(builds["run"], tiny_run.out_dir / "model.bin", tok_bin, "-t", 0, "-n", 60)
+    assert c_ids(c_builds["run"], v1, tok512_bin, "-t", 0, "-n", 60) == \
+        c_ids(c_builds["run"], tiny_run.out_dir / "model.bin", tok512_bin, "-t", 0, "-n", 60)
 
 
 # -----------------------------------------------------------------------------
@@ -208,12 +196,12 @@ def assert_one_line(res, prog, name):
 
 
 @pytest.mark.parametrize("version, case", [(1, c) for c in CASES_V1] + [(2, c) for c in CASES_V2])
-def test_bad_versioned_files(builds, tok_bin, tmp_path, version, case):
+def test_bad_versioned_files(c_builds, tok512_bin, tmp_path, version, case):
     raw = export.export_bin(random_model("gs64"), tmp_path / "good.bin", version).read_bytes()
     bad = tmp_path / f"bad_v{version}_{case}.bin"
     bad.write_bytes(corrupt(raw, case))
     prog = "run" if version == 1 else "runq"
-    res = subprocess.run([str(builds[prog]), str(bad), "-z", str(tok_bin), "-n", "4"], capture_output=True,
+    res = subprocess.run([str(c_builds[prog]), str(bad), "-z", str(tok512_bin), "-n", "4"], capture_output=True,
                          text=True, timeout=30)
     assert_one_line(res, prog, bad.name)
     with pytest.raises(UserError) as e:
@@ -221,16 +209,16 @@ def test_bad_versioned_files(builds, tok_bin, tmp_path, version, case):
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_each_program_names_the_other(builds, tok_bin, tmp_path):
+def test_each_program_names_the_other(c_builds, tok512_bin, tmp_path):
     m = random_model("gs64")
     v1, v2 = export.export_bin(m, tmp_path / "m1.bin", 1), export.export_bin(m, tmp_path / "m2.bin", 2)
-    res = subprocess.run([str(builds["run"]), str(v2), "-z", str(tok_bin)], capture_output=True, text=True)
+    res = subprocess.run([str(c_builds["run"]), str(v2), "-z", str(tok512_bin)], capture_output=True, text=True)
     assert_one_line(res, "run", "m2.bin")
     assert "./runq" in res.stderr
-    res = subprocess.run([str(builds["runq"]), str(v1), "-z", str(tok_bin)], capture_output=True, text=True)
+    res = subprocess.run([str(c_builds["runq"]), str(v1), "-z", str(tok512_bin)], capture_output=True, text=True)
     assert_one_line(res, "runq", "m1.bin")
     assert "--version=2" in res.stderr
-    res = subprocess.run([str(builds["runq"]), str(tmp_path / "absent.bin"), "-z", str(tok_bin)], capture_output=True,
+    res = subprocess.run([str(c_builds["runq"]), str(tmp_path / "absent.bin"), "-z", str(tok512_bin)], capture_output=True,
                          text=True)
     assert_one_line(res, "runq", "absent.bin")
 
@@ -240,3 +228,22 @@ def test_export_refuses_another_norm_eps(tmp_path):
     with pytest.raises(UserError, match="epsilon"):
         export.export_bin(m, tmp_path / "m.bin", 1)
     assert not (tmp_path / "m.bin").exists()
+
+
+def test_from_bin_imports_a_llama2c_file_as_a_checkpoint(tiny_run, tmp_path):
+    """export.py --from_bin: a llama2.c model file becomes a step-0 checkpoint that records the
+    file's sha256 and the tokenizer's, with the file's weights."""
+    src, tok = tiny_run.out_dir / "model.bin", tiny_run.data_dir / "tok512.model"
+    v1 = export.export_bin(export.load_bin(src), tmp_path / "m1.bin", 1)
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), f"--from_bin={v1}", f"--out_dir={tmp_path / 'imp'}",
+                        f"--data_dir={tiny_run.data_dir}", "--max_seq_len=64", f"--tokenizer={tok}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(tmp_path / "imp" / "ckpt" / "ckpt_0.pt")
+    assert ck["init"] == {"kind": "bin", "from": str(v1.resolve()), "files": {"m1.bin": sha256_file(v1)}}
+    assert ck["data"]["tokenizer_sha256"] == sha256_file(tok) and ck["config"]["data_dir"] == str(tiny_run.data_dir)
+    for k, v in export.load_bin(src).state_dict().items():
+        assert torch.equal(ck["model"][k], v), k
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), f"--from_bin={v1}", f"--out_dir={tmp_path / 'imp'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "already holds checkpoints" in r.stderr

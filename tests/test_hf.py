@@ -13,13 +13,12 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import export
 from conftest import ROOT
-from model import ModelArgs, Transformer, apply_rope, rope_cache
+from model import Transformer, apply_rope, rope_cache
 from prebias import hf
 from prebias.checkpoint import load_checkpoint
 from prebias.common import UserError

@@ -10,7 +10,6 @@ import sample
 from conftest import ROOT
 from prebias.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from prebias.common import UserError
-from test_export_formats import builds  # noqa: F401  (fixture)
 from tokenizer import Tokenizer
 
 PROMPT = "Once upon a time"
@@ -40,9 +39,9 @@ def test_sample_reproduces_model_generate(tiny_run, capsys):
     assert other[:2] == texts[1:]  # sample k uses seed + k
 
 
-def test_sample_k_is_run_at_seed_plus_k(builds, tiny_run, capsys, tmp_path):  # noqa: F811
+def test_sample_k_is_run_at_seed_plus_k(c_builds, tiny_run, capsys, tmp_path):
     enc = Tokenizer(tiny_run.data_dir / "tok512.model")
-    tok_bin = enc.export(tmp_path / "tok.bin")
+    tok512_bin = enc.export(tmp_path / "tok.bin")
     model_bin = tiny_run.out_dir / "model.bin"
     sample.main([f"--checkpoint={model_bin}", f"--tokenizer={tiny_run.data_dir / 'tok512.model'}",
                  f"--start={PROMPT}", "--num_samples=2", "--max_new_tokens=40", "--temperature=0.9", "--top_k=0",
@@ -50,7 +49,7 @@ def test_sample_k_is_run_at_seed_plus_k(builds, tiny_run, capsys, tmp_path):  # 
     texts = printed(capsys)
     ids = enc.encode(PROMPT)
     for k, text in enumerate(texts):
-        r = subprocess.run([str(builds["run"]), str(model_bin), "-z", str(tok_bin), "-t", "0.9", "-p", "0.9",
+        r = subprocess.run([str(c_builds["run"]), str(model_bin), "-z", str(tok512_bin), "-t", "0.9", "-p", "0.9",
                             "-s", str(11 + k), "-n", str(len(ids) - 1 + 40), "-i", PROMPT, "-d", "1"],
                            capture_output=True, text=True, timeout=60)
         run_ids = [int(t) for t in r.stdout.split()]  # the prompt after BOS, then the samples
@@ -58,13 +57,13 @@ def test_sample_k_is_run_at_seed_plus_k(builds, tiny_run, capsys, tmp_path):  # 
         assert text == enc.decode(ids + run_ids[len(ids) - 1:])
 
 
-def test_sample_from_an_int8_file_is_runqs_greedy(builds, tiny_run, capsys, tmp_path):  # noqa: F811
+def test_sample_from_an_int8_file_is_runqs_greedy(c_builds, tiny_run, capsys, tmp_path):
     enc = Tokenizer(tiny_run.data_dir / "tok512.model")
     q = export.export_bin(export.load_bin(tiny_run.out_dir / "model.bin"), tmp_path / "q.bin", 2)
     sample.main([f"--checkpoint={q}", f"--tokenizer={tiny_run.data_dir / 'tok512.model'}", "--temperature=0",
                  "--max_new_tokens=40", "--device=cpu"])
     (text,) = printed(capsys)
-    r = subprocess.run([str(builds["runq"]), str(q), "-z", str(enc.export(tmp_path / "t.bin")), "-t", "0", "-n", "40",
+    r = subprocess.run([str(c_builds["runq"]), str(q), "-z", str(enc.export(tmp_path / "t.bin")), "-t", "0", "-n", "40",
                         "-d", "1"], capture_output=True, text=True, timeout=60)
     assert text == enc.decode([1] + [int(t) for t in r.stdout.split()])
 
