@@ -217,6 +217,7 @@ def test_imported_checkpoint_records_its_source(imported, tiny_run):
     assert ck["data"]["tokenizer_sha256"] == src["data"]["tokenizer_sha256"]
 
 
+@pytest.mark.slow  # several processes or training runs
 def test_eval_and_views_read_the_imported_checkpoint(imported):
     out, _ = imported
     for cmd in (["eval.py", "--n_prompts=2", "--max_new_tokens=8", "--val_batches=4", "--device=cpu"],
@@ -230,6 +231,7 @@ def test_eval_and_views_read_the_imported_checkpoint(imported):
     assert (out / "visualize" / "attn" / "attn_0.png").exists()
 
 
+@pytest.mark.slow  # several processes or training runs
 def test_continued_pretraining_keeps_provenance(imported, tiny_run, tmp_path):
     import train
     out, folder = imported
@@ -269,6 +271,7 @@ def test_init_from_refuses_other_tokenizer_data_and_imports_cannot_resume(import
         train.main(tiny_run.train_args(out_dir=tmp_path / "y", init_from="someday"))
 
 
+@pytest.mark.slow  # several processes or training runs
 def test_train_exports_every_version(tiny_run, tmp_path):
     import train
     for v, name in (("1", "model.bin"), ("2", "model_q80.bin"), ("hf", "hf")):
