@@ -3,6 +3,8 @@
 #   make runfast   -Ofast, portable (no -march=native)
 #   make runomp    -Ofast -march=native with OpenMP threads (set OMP_NUM_THREADS)
 #   make runexact  plain -O3, no fast-math (reference for comparisons)
+#   make runq      int8 inference for version-2 (Q8_0) files: runq.c, which includes run.c
+#                  (same command line, tokenizer, sampler and checks), -Ofast -march=native
 # All four give the same greedy ids on the models in tests/ and bench/ (each output row
 # of a matrix product is summed by one thread, so threads never change results).
 # Why `run` has no OpenMP: on the 2-core machine this project uses, runomp reached
@@ -25,29 +27,36 @@ FLAGS_run      = -Ofast -march=native
 FLAGS_runfast  = -Ofast
 FLAGS_runomp   = -Ofast -fopenmp -march=native
 FLAGS_runexact = -O3
+FLAGS_runq     = -Ofast -march=native
 
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test test-fast bench bench-select validity demo experiment $(addprefix print-cmd-,$(BUILDS))
+.PHONY: default all clean test test-fast bench bench-select validity demo experiment $(addprefix print-cmd-,$(BUILDS)) print-cmd-runq
 
 default: run
 
-all: $(BUILDS)
+all: $(BUILDS) runq
 
 # build under a temporary name, then rename: a binary that another process is
 # running (e.g. a concurrent test session) is replaced atomically, never half-written
 $(BUILDS): %: run.c Makefile
 	$(CC) $(WARN) $(FLAGS_$@) -o $@.tmp.$$$$ run.c $(LDLIBS) && mv -f $@.tmp.$$$$ $@
 
+runq: runq.c run.c Makefile
+	$(CC) $(WARN) $(FLAGS_$@) -o $@.tmp.$$$$ runq.c $(LDLIBS) && mv -f $@.tmp.$$$$ $@
+
 $(addprefix print-cmd-,$(BUILDS)): print-cmd-%:
 	@echo $(CC) $(WARN) $(FLAGS_$*) run.c $(LDLIBS)
 
-test: run
+print-cmd-runq:
+	@echo $(CC) $(WARN) $(FLAGS_runq) runq.c $(LDLIBS)
+
+test: run runq
 	$(PYTHON) -m pytest -q
 
 # the edit-test loop: every test but the slow end-to-end ones (under 3 minutes on 2 cores)
-test-fast: run
+test-fast: run runq
 	$(PYTHON) -m pytest -q -m "not slow"
 
 # The main job, offline on the bundled sample: data -> tokenizer -> batches + metrics ->
@@ -70,9 +79,10 @@ demo: run
 	$(PYTHON) visualize_sat_batch.py
 	$(PYTHON) report.py out
 
-# one line per benchmark script
-bench: run
+# one line per benchmark script; UPSTREAM=<a llama2.c checkout> also times its run.c and runq.c
+bench: run runq
 	$(PYTHON) bench/bench_runc.py
+	$(PYTHON) bench/bench_export.py $(if $(UPSTREAM),--upstream=$(UPSTREAM))
 	$(PYTHON) bench/bench_spine.py
 	$(PYTHON) bench/bench_metrics.py
 	$(PYTHON) bench/bench_pretokenize.py
@@ -90,7 +100,7 @@ bench-select:
 	$(PYTHON) bench/bench_select.py
 
 clean:
-	rm -f $(BUILDS) $(addsuffix .tmp.*,$(BUILDS))
+	rm -f $(BUILDS) runq $(addsuffix .tmp.*,$(BUILDS) runq)
 
 # The README's worked example: shuffle vs curriculum vs anti-curriculum x 3 seeds on the
 # sample (after make demo's data steps), then its report page (~13 min on 2 cores).

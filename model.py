@@ -1,7 +1,8 @@
 """
 The Llama-2 transformer as llama2.c's: RoPE, RMSNorm, SwiGLU, grouped-query attention,
-tied input/output embeddings. Plus batched KV-cached generation with a sampler that
-mirrors run.c's (same RNG, same top-p rule), and capture of attention probabilities.
+tied input/output embeddings (or a separate classifier, for imported models). Plus
+batched KV-cached generation with a sampler that mirrors run.c's (same RNG, same top-p
+rule), and capture of attention probabilities.
 
 Dimension legend: B batch, T time, C = dim, nh query heads, nkv kv heads, hs head size.
 
@@ -32,6 +33,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     max_seq_len: int = 256
     dropout: float = 0.0
+    shared_classifier: bool = True  # the output classifier is the token embedding (llama2.c's
+    #                                  models); False for imported models with their own lm_head
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -172,7 +175,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied, as llama2.c
+        if params.shared_classifier:
+            self.output.weight = self.tok_embeddings.weight  # tied, as llama2.c
         cos, sin = rope_cache(params.dim // params.n_heads, params.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -5,18 +5,27 @@
  *   ./run model.bin [-t temperature] [-p topp] [-s seed] [-n steps] [-i "prompt"]
  *                   [-z tokenizer.bin] [-m generate] [-d 0|1]
  *
- * Model file: llama2.c "version 0" (legacy) layout. Seven int32 header fields
- *   dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
- * followed by float32 arrays, every matrix stored row-major as (out, in):
- *   token_embedding (vocab, dim)
- *   rms_att (L, dim)
- *   wq (L, dim, dim)   wk (L, kv_dim, dim)   wv (L, kv_dim, dim)   wo (L, dim, dim)
- *   rms_ffn (L, dim)
- *   w1 (L, hidden, dim)   w2 (L, dim, hidden)   w3 (L, hidden, dim)
- *   rms_final (dim)
- *   two unused legacy RoPE tables of seq_len*head_size/2 floats each
- *   wcls (vocab, dim)  -- only when the header's vocab_size is negative
- * A positive vocab_size means the output classifier reuses token_embedding.
+ * Model file: llama2.c's fp32 layouts, told apart by the header (no flag needed).
+ * Every matrix is float32, row-major as (out, in); L = n_layers, kv_dim = dim * n_kv_heads / n_heads.
+ *   version 0 ("legacy"): seven int32 header fields
+ *       dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
+ *     (a negative vocab_size means the classifier is stored separately), then
+ *       token_embedding (vocab, dim)
+ *       rms_att (L, dim)
+ *       wq (L, dim, dim)   wk (L, kv_dim, dim)   wv (L, kv_dim, dim)   wo (L, dim, dim)
+ *       rms_ffn (L, dim)
+ *       w1 (L, hidden, dim)   w2 (L, dim, hidden)   w3 (L, hidden, dim)
+ *       rms_final (dim)
+ *       two unused legacy RoPE tables of seq_len*head_size/2 floats each
+ *       wcls (vocab, dim)  -- only when the classifier is separate
+ *   version 1: a 256-byte header: uint32 magic 0x616b3432 ("ak42"), int32 version 1, the
+ *     seven int32 fields (vocab_size > 0), uint8 shared_classifier (1: wcls is the
+ *     embedding), zero bytes to 256; then
+ *       rms_att (L, dim), rms_ffn (L, dim), rms_final (dim), token_embedding (vocab, dim),
+ *       wq, wk, wv, wo, w1, w2, w3 (shapes as above), wcls (only when not shared)
+ *   version 2 (int8 Q8_0, same header plus int32 group_size after the flag) is read by
+ *     runq.c, which includes this file with RUNQ defined: it shares the header checks,
+ *     the tokenizer, the sampler and the command line, and brings its own model.
  * The file is memory-mapped; its size must equal exactly what the header implies.
  *
  * Tokenizer file: int32 max_token_length, then vocab_size records of
@@ -47,13 +56,16 @@
 
 #define BOS_ID 1
 #define UNK_ID 0
-#define HEADER_INTS 7
-#define HEADER_BYTES (HEADER_INTS * 4)
-/* the first int32 of llama2.c's versioned exports ("ak42" read as little-endian) */
-#define VERSIONED_MAGIC 0x616b3432
+#define V0_HEADER_BYTES 28        /* seven int32 */
+#define VERSIONED_HEADER_BYTES 256
+/* the first uint32 of llama2.c's versioned exports ("ak42" read as little-endian) */
+#define VERSIONED_MAGIC 0x616b3432u
 
+static const char *g_prog = "run"; /* runq.c says "runq" */
 static const char *MODEL_HINT = "hint: re-export with python export.py";
 static const char *TOK_HINT = "hint: re-export the tokenizer with python tokenizer.py";
+
+typedef unsigned __int128 u128;
 
 /* ------------------------------------------------------------------------- */
 /* errors and allocation                                                      */
@@ -61,7 +73,7 @@ static const char *TOK_HINT = "hint: re-export the tokenizer with python tokeniz
 static void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("run: error: ", stderr);
+    fprintf(stderr, "%s: error: ", g_prog);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
@@ -69,10 +81,10 @@ static void die(const char *fmt, ...) {
 }
 
 /* zeroed array of `count` elements; the 128-bit product cannot overflow */
-static void *alloc_array(unsigned __int128 count, size_t elem, const char *what) {
-    unsigned __int128 bytes = count * (unsigned __int128)elem;
+static void *alloc_array(u128 count, size_t elem, const char *what) {
+    u128 bytes = count * (u128)elem;
     if (bytes == 0) bytes = elem;
-    if (bytes > (unsigned __int128)SIZE_MAX / 2)
+    if (bytes > (u128)SIZE_MAX / 2)
         die("cannot allocate %s: %.3g bytes is more than this machine can address",
             what, (double)bytes);
     void *p = calloc(1, (size_t)bytes);
@@ -83,28 +95,184 @@ static void *alloc_array(unsigned __int128 count, size_t elem, const char *what)
 }
 
 /* ------------------------------------------------------------------------- */
-/* model                                                                      */
+/* model file: header, checks, memory map (shared by run and runq)            */
 
 typedef struct {
+    int version;            /* 0 (legacy), 1 (fp32) or 2 (int8 Q8_0) */
     int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
     int head_size, kv_dim;
     int shared_classifier;
+    int group_size;         /* version 2: values per quantisation group */
+    size_t header_bytes;    /* 28 (version 0) or 256 */
 } Config;
 
-typedef struct {
-    const float *tok_emb;   /* (vocab, dim) */
-    const float *rms_att;   /* (L, dim) */
-    const float *wq;        /* (L, dim, dim) */
-    const float *wk;        /* (L, kv_dim, dim) */
-    const float *wv;        /* (L, kv_dim, dim) */
-    const float *wo;        /* (L, dim, dim) */
-    const float *rms_ffn;   /* (L, dim) */
-    const float *w1;        /* (L, hidden, dim) */
-    const float *w2;        /* (L, dim, hidden) */
-    const float *w3;        /* (L, hidden, dim) */
-    const float *rms_final; /* (dim) */
-    const float *wcls;      /* (vocab, dim) */
-} Weights;
+/* bytes of n weights quantised in groups of gs: n int8 values, then a float32 scale per group */
+static u128 q_bytes(u128 n, u128 gs) { return n + 4 * (n / gs); }
+
+/* bytes the file must hold after its header */
+static u128 body_bytes(const Config *c, int with_classifier) {
+    u128 dim = (u128)c->dim, hid = (u128)c->hidden_dim, L = (u128)c->n_layers;
+    u128 vocab = (u128)c->vocab_size, kv = (u128)c->kv_dim;
+    u128 norms = 2 * L * dim + dim; /* rms_att, rms_ffn, rms_final */
+    if (c->version == 2) {
+        u128 gs = (u128)c->group_size, emb = q_bytes(vocab * dim, gs);
+        u128 per_layer = 2 * q_bytes(dim * dim, gs) + 2 * q_bytes(kv * dim, gs) + 3 * q_bytes(hid * dim, gs);
+        return 4 * norms + emb + L * per_layer + (with_classifier ? emb : 0);
+    }
+    u128 floats = norms + vocab * dim + L * (2 * dim * dim + 2 * kv * dim + 3 * hid * dim);
+    if (c->version == 0) floats += (u128)c->seq_len * (u128)c->head_size; /* both legacy RoPE tables */
+    if (with_classifier) floats += vocab * dim;
+    return 4 * floats;
+}
+
+static void describe_header(char *out, size_t n, const int32_t *h) {
+    snprintf(out, n, "dim=%d hidden_dim=%d n_layers=%d n_heads=%d n_kv_heads=%d vocab_size=%d seq_len=%d",
+             h[0], h[1], h[2], h[3], h[4], h[5], h[6]);
+}
+
+static void print_size(char *out, size_t n, u128 v) {
+    if (v <= (u128)UINT64_MAX) snprintf(out, n, "%llu", (unsigned long long)v);
+    else snprintf(out, n, "%.3g", (double)v);
+}
+
+/* the versioned header's fields after the seven ints: flag, group size, then zeros */
+static void read_versioned(Config *c, const unsigned char *raw, const char *path) {
+    c->header_bytes = VERSIONED_HEADER_BYTES;
+    if (raw[36] > 1)
+        die("model file '%s' has shared_classifier flag %u in its version-%d header; it must be 0 or 1 (%s)",
+            path, raw[36], c->version, MODEL_HINT);
+    c->shared_classifier = raw[36];
+    size_t used = 37;
+    if (c->version == 2) {
+        int32_t gs;
+        memcpy(&gs, raw + 37, 4);
+        c->group_size = gs;
+        used = 41;
+    }
+    for (size_t i = used; i < VERSIONED_HEADER_BYTES; i++)
+        if (raw[i] != 0)
+            die("model file '%s' has unknown data at byte %zu of its version-%d header (not a llama2.c export, or a newer one) (%s)",
+                path, i, c->version, MODEL_HINT);
+}
+
+/* the seven shape fields: all positive, heads dividing dim, an even head size */
+static void check_shape(Config *c, const int32_t *h, const char *path, const char *hdr) {
+    c->dim = h[0]; c->hidden_dim = h[1]; c->n_layers = h[2]; c->n_heads = h[3];
+    c->n_kv_heads = h[4]; c->seq_len = h[6];
+    if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 ||
+        c->n_kv_heads <= 0 || c->seq_len <= 0 || h[5] == 0 || h[5] == INT32_MIN)
+        die("model file '%s' has an invalid header (%s): all sizes must be positive (vocab_size may be negative) (%s)",
+            path, hdr, MODEL_HINT);
+    if (c->version == 0) c->shared_classifier = h[5] > 0;
+    else if (h[5] < 0)
+        die("model file '%s' has an invalid header (%s): vocab_size must be positive in a version-%d file (%s)",
+            path, hdr, c->version, MODEL_HINT);
+    c->vocab_size = h[5] > 0 ? h[5] : -h[5];
+    if (c->vocab_size < 2)
+        die("model file '%s' has an invalid header (%s): vocab_size must be at least 2, token 1 is BOS (%s)",
+            path, hdr, MODEL_HINT);
+    if (c->dim % c->n_heads != 0)
+        die("model file '%s' has an invalid header (%s): n_heads does not divide dim (%s)", path, hdr, MODEL_HINT);
+    if (c->n_heads % c->n_kv_heads != 0)
+        die("model file '%s' has an invalid header (%s): n_kv_heads does not divide n_heads (%s)", path, hdr, MODEL_HINT);
+    c->head_size = c->dim / c->n_heads;
+    if (c->head_size % 2 != 0)
+        die("model file '%s' has an invalid header (%s): head size dim/n_heads=%d is odd, RoPE needs pairs (%s)",
+            path, hdr, c->head_size, MODEL_HINT);
+    c->kv_dim = c->head_size * c->n_kv_heads;
+    /* at most 65536 values per group: a group's int32 sum of int8 products cannot overflow */
+    if (c->version == 2 && (c->group_size <= 0 || c->group_size > 65536 || c->dim % c->group_size ||
+                            c->hidden_dim % c->group_size))
+        die("model file '%s' has group_size %d in its version-2 header; it must be in 1..65536 and divide dim and hidden_dim (%s) (%s)",
+            path, c->group_size, hdr, MODEL_HINT);
+}
+
+/* the file's size must be exactly header + body; otherwise say how it differs */
+static void check_size(const Config *c, uint64_t fsize, const char *path, const char *hdr) {
+    u128 want = (u128)c->header_bytes + body_bytes(c, !c->shared_classifier);
+    u128 other = (u128)c->header_bytes + body_bytes(c, c->shared_classifier);
+    if ((u128)fsize == want) return;
+    char wbuf[64];
+    print_size(wbuf, sizeof wbuf, want);
+    if ((u128)fsize == other)
+        die("model file '%s' (%llu bytes) matches its header (%s) only %s a separate classifier, but %s says %s (%s)",
+            path, (unsigned long long)fsize, hdr, c->shared_classifier ? "with" : "without",
+            c->version == 0 ? "the sign of vocab_size" : "its shared_classifier flag",
+            c->shared_classifier ? "it is shared" : "it is separate", MODEL_HINT);
+    if ((u128)fsize < want)
+        die("model file '%s' is truncated or its header is wrong: the header (%s) implies %s bytes but the file has %llu (%s)",
+            path, hdr, wbuf, (unsigned long long)fsize, MODEL_HINT);
+    die("model file '%s' has %llu unexpected extra bytes: the header (%s) implies %s bytes but the file has %llu (%s)",
+        path, (unsigned long long)(fsize - (uint64_t)want), hdr, wbuf, (unsigned long long)fsize, MODEL_HINT);
+}
+
+/*
+ * Open, check and memory-map a model file. int8: 1 for runq (version 2 only), 0 for run
+ * (versions 0 and 1). Every size in the header is checked before it is used, and the
+ * file size must match it exactly, so every offset into the mapping is in bounds.
+ */
+static void open_model(const char *path, int int8, Config *c, void **map, size_t *map_bytes) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        die("cannot open model file '%s': %s (hint: check the path, or export a model with python export.py)",
+            path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        die("cannot stat model file '%s': %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        die("model file '%s' is not a regular file (hint: pass the path of a .bin written by python export.py)", path);
+    uint64_t fsize = (uint64_t)st.st_size;
+    if (fsize < V0_HEADER_BYTES)
+        die("model file '%s' is only %llu bytes, too short for the %d-byte header (%s)",
+            path, (unsigned long long)fsize, V0_HEADER_BYTES, MODEL_HINT);
+
+    unsigned char raw[VERSIONED_HEADER_BYTES] = {0};
+    size_t want = fsize < VERSIONED_HEADER_BYTES ? (size_t)fsize : VERSIONED_HEADER_BYTES;
+    ssize_t got = pread(fd, raw, want, 0);
+    if (got != (ssize_t)want)
+        die("cannot read the header of model file '%s': %s (%s)", path,
+            got < 0 ? strerror(errno) : "short read", MODEL_HINT);
+    uint32_t magic;
+    int32_t h[7];
+    memcpy(&magic, raw, 4);
+    memset(c, 0, sizeof *c);
+    if (magic == VERSIONED_MAGIC) {
+        int32_t version;
+        memcpy(&version, raw + 4, 4);
+        if (version != 1 && version != 2)
+            die("model file '%s' has llama2.c's magic \"ak42\" but version %d; versions 0, 1 (./run) and 2 (./runq) exist (%s)",
+                path, version, MODEL_HINT);
+        c->version = version;
+        if (fsize < VERSIONED_HEADER_BYTES)
+            die("model file '%s' is only %llu bytes, too short for the %d-byte header of a version-%d export (%s)",
+                path, (unsigned long long)fsize, VERSIONED_HEADER_BYTES, version, MODEL_HINT);
+        memcpy(h, raw + 8, sizeof h);
+        read_versioned(c, raw, path);
+    } else {
+        memcpy(h, raw, sizeof h);
+        c->header_bytes = V0_HEADER_BYTES;
+    }
+    if (int8 && c->version != 2)
+        die("model file '%s' is an fp32 export (version %d): run it with ./run, or write an int8 one with python export.py --version=2",
+            path, c->version);
+    if (!int8 && c->version == 2)
+        die("model file '%s' is an int8 export (version 2): run it with ./runq (make runq), or export version 0 or 1 for ./run",
+            path);
+    char hdr[256];
+    describe_header(hdr, sizeof hdr, h);
+    check_shape(c, h, path, hdr);
+    check_size(c, fsize, path, hdr);
+
+    void *m = mmap(NULL, (size_t)fsize, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m == MAP_FAILED)
+        die("cannot memory-map model file '%s': %s", path, strerror(errno));
+    close(fd);
+    *map = m;
+    *map_bytes = (size_t)fsize;
+}
+
+/* ------------------------------------------------------------------------- */
+/* activations and the forward pass's building blocks (shared)                */
 
 typedef struct {
     float *x;       /* residual stream (dim) */
@@ -119,154 +287,24 @@ typedef struct {
     float *v_cache; /* (L, seq_len, kv_dim) */
 } Buffers;
 
-typedef struct {
-    Config c;
-    Weights w;
-    Buffers b;
-    void *map;
-    size_t map_bytes;
-} Model;
-
-/* number of floats the file must hold after the header */
-static unsigned __int128 weight_floats(const Config *c, int with_classifier) {
-    typedef unsigned __int128 u;
-    u dim = (u)c->dim, hid = (u)c->hidden_dim, L = (u)c->n_layers;
-    u vocab = (u)c->vocab_size, kv = (u)c->kv_dim, seq = (u)c->seq_len, hs = (u)c->head_size;
-    u per_layer = dim            /* rms_att */
-                + dim * dim      /* wq */
-                + 2 * kv * dim   /* wk, wv */
-                + dim * dim      /* wo */
-                + dim            /* rms_ffn */
-                + 3 * hid * dim; /* w1, w2, w3 */
-    u total = vocab * dim + L * per_layer + dim + seq * hs; /* seq*hs = both RoPE tables */
-    if (with_classifier) total += vocab * dim;
-    return total;
-}
-
-static void describe_header(char *out, size_t n, const int32_t *h) {
-    snprintf(out, n, "dim=%d hidden_dim=%d n_layers=%d n_heads=%d n_kv_heads=%d vocab_size=%d seq_len=%d",
-             h[0], h[1], h[2], h[3], h[4], h[5], h[6]);
-}
-
-static void print_size(char *out, size_t n, unsigned __int128 v) {
-    if (v <= (unsigned __int128)UINT64_MAX) snprintf(out, n, "%llu", (unsigned long long)v);
-    else snprintf(out, n, "%.3g", (double)v);
-}
-
-static void load_model(Model *m, const char *path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
-        die("cannot open model file '%s': %s (hint: check the path, or export a model with python export.py)",
-            path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0)
-        die("cannot stat model file '%s': %s", path, strerror(errno));
-    if (!S_ISREG(st.st_mode))
-        die("model file '%s' is not a regular file (hint: pass the path of a .bin written by python export.py)", path);
-    uint64_t fsize = (uint64_t)st.st_size;
-    if (fsize < HEADER_BYTES)
-        die("model file '%s' is only %llu bytes, too short for the %d-byte header (%s)",
-            path, (unsigned long long)fsize, HEADER_BYTES, MODEL_HINT);
-
-    int32_t h[HEADER_INTS];
-    ssize_t got = pread(fd, h, sizeof h, 0);
-    if (got != (ssize_t)sizeof h)
-        die("cannot read the header of model file '%s': %s (%s)", path,
-            got < 0 ? strerror(errno) : "short read", MODEL_HINT);
-    char hdr[256];
-    describe_header(hdr, sizeof hdr, h);
-
-    if (h[0] == VERSIONED_MAGIC)
-        die("model file '%s' is a versioned llama2.c export; this program reads only the legacy version-0 layout (hint: re-export with python export.py --version 0)", path);
-
-    Config *c = &m->c;
-    c->dim = h[0]; c->hidden_dim = h[1]; c->n_layers = h[2]; c->n_heads = h[3];
-    c->n_kv_heads = h[4]; c->seq_len = h[6];
-    if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 ||
-        c->n_kv_heads <= 0 || c->seq_len <= 0 || h[5] == 0 || h[5] == INT32_MIN)
-        die("model file '%s' has an invalid header (%s): all sizes must be positive (vocab_size may be negative) (%s)",
-            path, hdr, MODEL_HINT);
-    c->shared_classifier = h[5] > 0;
-    c->vocab_size = h[5] > 0 ? h[5] : -h[5];
-    if (c->vocab_size < 2)
-        die("model file '%s' has an invalid header (%s): vocab_size must be at least 2, token 1 is BOS (%s)",
-            path, hdr, MODEL_HINT);
-    if (c->dim % c->n_heads != 0)
-        die("model file '%s' has an invalid header (%s): n_heads does not divide dim (%s)", path, hdr, MODEL_HINT);
-    if (c->n_heads % c->n_kv_heads != 0)
-        die("model file '%s' has an invalid header (%s): n_kv_heads does not divide n_heads (%s)", path, hdr, MODEL_HINT);
-    c->head_size = c->dim / c->n_heads;
-    if (c->head_size % 2 != 0)
-        die("model file '%s' has an invalid header (%s): head size dim/n_heads=%d is odd, RoPE needs pairs (%s)",
-            path, hdr, c->head_size, MODEL_HINT);
-    c->kv_dim = c->head_size * c->n_kv_heads;
-
-    unsigned __int128 want = HEADER_BYTES + 4 * weight_floats(c, !c->shared_classifier);
-    unsigned __int128 other = HEADER_BYTES + 4 * weight_floats(c, c->shared_classifier);
-    if ((unsigned __int128)fsize != want) {
-        char wbuf[64];
-        print_size(wbuf, sizeof wbuf, want);
-        if ((unsigned __int128)fsize == other)
-            die("model file '%s' (%llu bytes) matches its header (%s) only %s a separate classifier, but the sign of vocab_size says %s (%s)",
-                path, (unsigned long long)fsize, hdr,
-                c->shared_classifier ? "with" : "without",
-                c->shared_classifier ? "it is shared" : "it is separate", MODEL_HINT);
-        if ((unsigned __int128)fsize < want)
-            die("model file '%s' is truncated or its header is wrong: the header (%s) implies %s bytes but the file has %llu (%s)",
-                path, hdr, wbuf, (unsigned long long)fsize, MODEL_HINT);
-        die("model file '%s' has %llu unexpected extra bytes: the header (%s) implies %s bytes but the file has %llu (%s)",
-            path, (unsigned long long)(fsize - (uint64_t)want), hdr, wbuf, (unsigned long long)fsize, MODEL_HINT);
-    }
-
-    void *map = mmap(NULL, (size_t)fsize, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (map == MAP_FAILED)
-        die("cannot memory-map model file '%s': %s", path, strerror(errno));
-    close(fd);
-    m->map = map;
-    m->map_bytes = (size_t)fsize;
-
-    /* the size check above guarantees every offset below lies inside the mapping */
-    size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, L = (size_t)c->n_layers;
-    size_t kv = (size_t)c->kv_dim, vocab = (size_t)c->vocab_size;
-    const float *p = (const float *)((const char *)map + HEADER_BYTES);
-    Weights *w = &m->w;
-    w->tok_emb = p;   p += vocab * dim;
-    w->rms_att = p;   p += L * dim;
-    w->wq = p;        p += L * dim * dim;
-    w->wk = p;        p += L * kv * dim;
-    w->wv = p;        p += L * kv * dim;
-    w->wo = p;        p += L * dim * dim;
-    w->rms_ffn = p;   p += L * dim;
-    w->w1 = p;        p += L * hid * dim;
-    w->w2 = p;        p += L * dim * hid;
-    w->w3 = p;        p += L * hid * dim;
-    w->rms_final = p; p += dim;
-    p += (size_t)c->seq_len * (size_t)c->head_size; /* skip the legacy RoPE tables */
-    w->wcls = c->shared_classifier ? w->tok_emb : p;
-
-    typedef unsigned __int128 u;
-    Buffers *b = &m->b;
+static void alloc_buffers(Buffers *b, const Config *c) {
+    u128 dim = (u128)c->dim, hid = (u128)c->hidden_dim, cache = (u128)c->n_layers * (u128)c->seq_len * (u128)c->kv_dim;
     b->x = alloc_array(dim, sizeof(float), "activations");
     b->xb = alloc_array(dim, sizeof(float), "activations");
     b->xb2 = alloc_array(dim, sizeof(float), "activations");
     b->hb = alloc_array(hid, sizeof(float), "activations");
     b->hb2 = alloc_array(hid, sizeof(float), "activations");
     b->q = alloc_array(dim, sizeof(float), "activations");
-    b->att = alloc_array((u)c->n_heads * (u)c->seq_len, sizeof(float), "attention scores");
-    b->logits = alloc_array(vocab, sizeof(float), "logits");
-    b->k_cache = alloc_array((u)L * (u)c->seq_len * (u)kv, sizeof(float), "key cache");
-    b->v_cache = alloc_array((u)L * (u)c->seq_len * (u)kv, sizeof(float), "value cache");
+    b->att = alloc_array((u128)c->n_heads * (u128)c->seq_len, sizeof(float), "attention scores");
+    b->logits = alloc_array((u128)c->vocab_size, sizeof(float), "logits");
+    b->k_cache = alloc_array(cache, sizeof(float), "key cache");
+    b->v_cache = alloc_array(cache, sizeof(float), "value cache");
 }
 
-static void free_model(Model *m) {
-    Buffers *b = &m->b;
+static void free_buffers(Buffers *b) {
     free(b->x); free(b->xb); free(b->xb2); free(b->hb); free(b->hb2); free(b->q);
     free(b->att); free(b->logits); free(b->k_cache); free(b->v_cache);
-    if (m->map) munmap(m->map, m->map_bytes);
 }
-
-/* ------------------------------------------------------------------------- */
-/* forward pass                                                               */
 
 /* out = w * x / sqrt(mean(x^2) + 1e-5) */
 static void rmsnorm(float *out, const float *x, const float *w, int n) {
@@ -295,17 +333,22 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
     return acc;
 }
 
-/* y (rows) = W (rows, cols) . x (cols); the inner loop is kept plain for the vectoriser */
-static void matvec(float *restrict y, const float *restrict W, const float *restrict x, int rows, int cols) {
-#ifdef _OPENMP
-    if ((size_t)rows * (size_t)cols >= PARALLEL_MIN_WORK) {
-        int r;
-#pragma omp parallel for
-        for (r = 0; r < rows; r++) y[r] = dot(W + (size_t)r * (size_t)cols, x, cols);
-        return;
+/* rotary position embedding on consecutive pairs of q (dim) and k (kv_dim) */
+static void rope(float *q, float *k, int dim, int kv_dim, int hs, int pos) {
+    for (int i = 0; i < dim; i += 2) {
+        int within = i % hs;
+        float freq = 1.0f / powf(10000.0f, (float)within / (float)hs);
+        float angle = (float)pos * freq;
+        float co = cosf(angle), si = sinf(angle);
+        float a = q[i], bb = q[i + 1];
+        q[i] = a * co - bb * si;
+        q[i + 1] = a * si + bb * co;
+        if (i < kv_dim) {
+            a = k[i]; bb = k[i + 1];
+            k[i] = a * co - bb * si;
+            k[i + 1] = a * si + bb * co;
+        }
     }
-#endif
-    for (int r = 0; r < rows; r++) y[r] = dot(W + (size_t)r * (size_t)cols, x, cols);
 }
 
 /* one query head h over cached positions 0..pos of kv head kvh; output into xb */
@@ -326,79 +369,165 @@ static void attend_head(Buffers *b, const float *kc, const float *vc, int h, int
     }
 }
 
-static float *forward(Model *m, int token, int pos) {
+/* causal attention of every query head into b->xb, query head h reading kv head h / group;
+ * kc, vc: this layer's caches (seq_len, kv_dim) */
+static void attention(Buffers *b, const Config *c, const float *kc, const float *vc, int pos) {
+    const int hs = c->head_size, n_heads = c->n_heads, group = c->n_heads / c->n_kv_heads;
+    const float sqrt_hs = sqrtf((float)hs);
+#ifdef _OPENMP
+    if ((size_t)n_heads * (size_t)(pos + 1) * (size_t)hs >= PARALLEL_MIN_WORK) {
+        int h;
+#pragma omp parallel for
+        for (h = 0; h < n_heads; h++)
+            attend_head(b, kc, vc, h, h / group, pos, hs, c->kv_dim, c->seq_len, sqrt_hs);
+        return;
+    }
+#endif
+    for (int h = 0; h < n_heads; h++)
+        attend_head(b, kc, vc, h, h / group, pos, hs, c->kv_dim, c->seq_len, sqrt_hs);
+}
+
+/* SwiGLU: hb = silu(hb) * hb2, silu in llama2.c's float operations */
+static void swiglu(float *hb, const float *hb2, int n) {
+    for (int i = 0; i < n; i++) {
+        float g = hb[i];
+        g *= (1.0f / (1.0f + expf(-g)));
+        hb[i] = g * hb2[i];
+    }
+}
+
+/* The model behind four functions: the fp32 one below, or runq.c's int8 one. */
+typedef struct Model Model;
+static Model *model_load(const char *path);
+static const Config *model_config(const Model *m);
+static float *model_forward(Model *m, int token, int pos);
+static void model_free(Model *m);
+
+#ifndef RUNQ
+/* ------------------------------------------------------------------------- */
+/* the fp32 model (versions 0 and 1)                                          */
+
+typedef struct {
+    const float *tok_emb;   /* (vocab, dim) */
+    const float *rms_att;   /* (L, dim) */
+    const float *wq;        /* (L, dim, dim) */
+    const float *wk;        /* (L, kv_dim, dim) */
+    const float *wv;        /* (L, kv_dim, dim) */
+    const float *wo;        /* (L, dim, dim) */
+    const float *rms_ffn;   /* (L, dim) */
+    const float *w1;        /* (L, hidden, dim) */
+    const float *w2;        /* (L, dim, hidden) */
+    const float *w3;        /* (L, hidden, dim) */
+    const float *rms_final; /* (dim) */
+    const float *wcls;      /* (vocab, dim) */
+} Weights;
+
+struct Model {
+    Config c;
+    Weights w;
+    Buffers b;
+    void *map;
+    size_t map_bytes;
+};
+
+/* the next n floats of the mapping */
+static const float *take(const float **p, size_t n) {
+    const float *at = *p;
+    *p += n;
+    return at;
+}
+
+static Model *model_load(const char *path) {
+    Model *m = alloc_array(1, sizeof(Model), "the model");
+    open_model(path, 0, &m->c, &m->map, &m->map_bytes);
+    const Config *c = &m->c;
+    /* open_model checked the file size, so every offset below lies inside the mapping */
+    size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, L = (size_t)c->n_layers;
+    size_t kv = (size_t)c->kv_dim, vocab = (size_t)c->vocab_size;
+    const float *p = (const float *)((const char *)m->map + c->header_bytes);
+    Weights *w = &m->w;
+    if (c->version == 0) {
+        w->tok_emb = take(&p, vocab * dim);
+        w->rms_att = take(&p, L * dim);
+    } else { /* version 1: the norms first, then the matrices */
+        w->rms_att = take(&p, L * dim);
+        w->rms_ffn = take(&p, L * dim);
+        w->rms_final = take(&p, dim);
+        w->tok_emb = take(&p, vocab * dim);
+    }
+    w->wq = take(&p, L * dim * dim);
+    w->wk = take(&p, L * kv * dim);
+    w->wv = take(&p, L * kv * dim);
+    w->wo = take(&p, L * dim * dim);
+    if (c->version == 0) w->rms_ffn = take(&p, L * dim);
+    w->w1 = take(&p, L * hid * dim);
+    w->w2 = take(&p, L * dim * hid);
+    w->w3 = take(&p, L * hid * dim);
+    if (c->version == 0) {
+        w->rms_final = take(&p, dim);
+        p += (size_t)c->seq_len * (size_t)c->head_size; /* skip the legacy RoPE tables */
+    }
+    w->wcls = c->shared_classifier ? w->tok_emb : p;
+    alloc_buffers(&m->b, c);
+    return m;
+}
+
+static const Config *model_config(const Model *m) { return &m->c; }
+
+static void model_free(Model *m) {
+    free_buffers(&m->b);
+    if (m->map) munmap(m->map, m->map_bytes);
+    free(m);
+}
+
+/* y (rows) = W (rows, cols) . x (cols); the inner loop is kept plain for the vectoriser */
+static void matvec(float *restrict y, const float *restrict W, const float *restrict x, int rows, int cols) {
+#ifdef _OPENMP
+    if ((size_t)rows * (size_t)cols >= PARALLEL_MIN_WORK) {
+        int r;
+#pragma omp parallel for
+        for (r = 0; r < rows; r++) y[r] = dot(W + (size_t)r * (size_t)cols, x, cols);
+        return;
+    }
+#endif
+    for (int r = 0; r < rows; r++) y[r] = dot(W + (size_t)r * (size_t)cols, x, cols);
+}
+
+static float *model_forward(Model *m, int token, int pos) {
     const Config *c = &m->c;
     const Weights *w = &m->w;
     Buffers *b = &m->b;
-    const int dim = c->dim, hid = c->hidden_dim, kv_dim = c->kv_dim, hs = c->head_size;
-    const int seq = c->seq_len, n_heads = c->n_heads;
-    const int group = c->n_heads / c->n_kv_heads; /* query heads per kv head */
-    const float sqrt_hs = sqrtf((float)hs);
+    const size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, kv_dim = (size_t)c->kv_dim;
 
-    memcpy(b->x, w->tok_emb + (size_t)token * dim, (size_t)dim * sizeof(float));
+    memcpy(b->x, w->tok_emb + (size_t)token * dim, dim * sizeof(float));
 
-    for (int l = 0; l < c->n_layers; l++) {
-        const size_t lw = (size_t)l;
-        const size_t cache_off = lw * (size_t)seq * kv_dim;
+    for (size_t l = 0; l < (size_t)c->n_layers; l++) {
+        const size_t cache_off = l * (size_t)c->seq_len * kv_dim;
         float *k = b->k_cache + cache_off + (size_t)pos * kv_dim; /* write k, v straight into the cache */
         float *v = b->v_cache + cache_off + (size_t)pos * kv_dim;
 
-        rmsnorm(b->xb, b->x, w->rms_att + lw * dim, dim);
-        matvec(b->q, w->wq + lw * dim * dim, b->xb, dim, dim);
-        matvec(k, w->wk + lw * kv_dim * dim, b->xb, kv_dim, dim);
-        matvec(v, w->wv + lw * kv_dim * dim, b->xb, kv_dim, dim);
+        rmsnorm(b->xb, b->x, w->rms_att + l * dim, c->dim);
+        matvec(b->q, w->wq + l * dim * dim, b->xb, c->dim, c->dim);
+        matvec(k, w->wk + l * kv_dim * dim, b->xb, c->kv_dim, c->dim);
+        matvec(v, w->wv + l * kv_dim * dim, b->xb, c->kv_dim, c->dim);
+        rope(b->q, k, c->dim, c->kv_dim, c->head_size, pos);
+        attention(b, c, b->k_cache + cache_off, b->v_cache + cache_off, pos);
+        matvec(b->xb2, w->wo + l * dim * dim, b->xb, c->dim, c->dim);
+        for (size_t i = 0; i < dim; i++) b->x[i] += b->xb2[i];
 
-        /* rotary position embedding on consecutive pairs */
-        for (int i = 0; i < dim; i += 2) {
-            int within = i % hs;
-            float freq = 1.0f / powf(10000.0f, (float)within / (float)hs);
-            float angle = (float)pos * freq;
-            float co = cosf(angle), si = sinf(angle);
-            float a = b->q[i], bb = b->q[i + 1];
-            b->q[i] = a * co - bb * si;
-            b->q[i + 1] = a * si + bb * co;
-            if (i < kv_dim) {
-                a = k[i]; bb = k[i + 1];
-                k[i] = a * co - bb * si;
-                k[i + 1] = a * si + bb * co;
-            }
-        }
-
-        /* causal attention, each query head reading kv head h / group */
-        const float *kc = b->k_cache + cache_off, *vc = b->v_cache + cache_off;
-#ifdef _OPENMP
-        if ((size_t)n_heads * (size_t)(pos + 1) * (size_t)hs >= PARALLEL_MIN_WORK) {
-            int h;
-#pragma omp parallel for
-            for (h = 0; h < n_heads; h++)
-                attend_head(b, kc, vc, h, h / group, pos, hs, kv_dim, seq, sqrt_hs);
-        } else
-#endif
-        {
-            for (int h = 0; h < n_heads; h++)
-                attend_head(b, kc, vc, h, h / group, pos, hs, kv_dim, seq, sqrt_hs);
-        }
-
-        matvec(b->xb2, w->wo + lw * dim * dim, b->xb, dim, dim);
-        for (int i = 0; i < dim; i++) b->x[i] += b->xb2[i];
-
-        /* SwiGLU feed-forward */
-        rmsnorm(b->xb, b->x, w->rms_ffn + lw * dim, dim);
-        matvec(b->hb, w->w1 + lw * hid * dim, b->xb, hid, dim);
-        matvec(b->hb2, w->w3 + lw * hid * dim, b->xb, hid, dim);
-        for (int i = 0; i < hid; i++) {
-            float g = b->hb[i];
-            g *= (1.0f / (1.0f + expf(-g))); /* silu, in llama2.c's float operations */
-            b->hb[i] = g * b->hb2[i];
-        }
-        matvec(b->xb, w->w2 + lw * dim * hid, b->hb, dim, hid);
-        for (int i = 0; i < dim; i++) b->x[i] += b->xb[i];
+        rmsnorm(b->xb, b->x, w->rms_ffn + l * dim, c->dim);
+        matvec(b->hb, w->w1 + l * hid * dim, b->xb, c->hidden_dim, c->dim);
+        matvec(b->hb2, w->w3 + l * hid * dim, b->xb, c->hidden_dim, c->dim);
+        swiglu(b->hb, b->hb2, c->hidden_dim);
+        matvec(b->xb, w->w2 + l * dim * hid, b->hb, c->dim, c->hidden_dim);
+        for (size_t i = 0; i < dim; i++) b->x[i] += b->xb[i];
     }
 
-    rmsnorm(b->x, b->x, w->rms_final, dim);
-    matvec(b->logits, w->wcls, b->x, c->vocab_size, dim);
+    rmsnorm(b->x, b->x, w->rms_final, c->dim);
+    matvec(b->logits, w->wcls, b->x, c->vocab_size, c->dim);
     return b->logits;
 }
+#endif /* RUNQ */
 
 /* ------------------------------------------------------------------------- */
 /* tokenizer                                                                  */
@@ -693,10 +822,10 @@ static int sample(Sampler *s, float *logits, int n) {
 /* command line                                                               */
 
 static void usage(const char *problem) {
-    if (problem) fprintf(stderr, "run: error: %s\n", problem);
-    fputs("Usage:   run <checkpoint> [options]\n"
-          "Example: run model.bin -n 256 -i \"Once upon a time\"\n"
-          "Options:\n"
+    if (problem) fprintf(stderr, "%s: error: %s\n", g_prog, problem);
+    fprintf(stderr, "Usage:   %s <checkpoint> [options]\n"
+            "Example: %s model.bin -n 256 -i \"Once upon a time\"\n", g_prog, g_prog);
+    fputs("Options:\n"
           "  -t <float>  temperature in [0,inf), default 1.0 (0 = greedy)\n"
           "  -p <float>  top-p (nucleus) sampling in [0,1], default 0.9 (0 or 1 = off)\n"
           "  -s <int>    random seed, default time(NULL) (0 also means time)\n"
@@ -747,7 +876,7 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-int main(int argc, char **argv) {
+static int run_main(int argc, char **argv) {
     const char *model_path = NULL, *tok_path = "tokenizer.bin", *prompt = "", *mode = "generate";
     double temperature = 1.0, topp = 0.9;
     long long seed = 0, steps = 256, ids_mode = 0;
@@ -800,18 +929,17 @@ int main(int argc, char **argv) {
         topp = 0.9;
     }
 
-    Model model;
-    memset(&model, 0, sizeof model);
-    load_model(&model, model_path);
-    const int vocab = model.c.vocab_size;
+    Model *model = model_load(model_path);
+    const Config *mc = model_config(model);
+    const int vocab = mc->vocab_size;
 
     Tokenizer tok;
     memset(&tok, 0, sizeof tok);
     load_tokenizer(&tok, tok_path, vocab);
 
     if (steps < 0) fprintf(stderr, "run: warning: -n %lld is negative; using seq_len %d, as llama2.c does\n",
-                           steps, model.c.seq_len);
-    if (steps <= 0 || steps > model.c.seq_len) steps = model.c.seq_len;
+                           steps, mc->seq_len);
+    if (steps <= 0 || steps > mc->seq_len) steps = mc->seq_len;
 
     Sampler sampler;
     sampler.temperature = (float)temperature;
@@ -830,7 +958,7 @@ int main(int argc, char **argv) {
     int token = prompt_ids[0];
     int pos = 0;
     while (pos < steps) {
-        float *logits = forward(&model, token, pos);
+        float *logits = model_forward(model, token, pos);
         int next = pos < n_prompt - 1 ? prompt_ids[pos + 1] : sample(&sampler, logits, vocab);
         pos++;
         if (next == BOS_ID) break;
@@ -856,6 +984,10 @@ int main(int argc, char **argv) {
     free(prompt_ids);
     free(sampler.cands);
     free_tokenizer(&tok);
-    free_model(&model);
+    model_free(model);
     return 0;
 }
+
+#ifndef RUNQ
+int main(int argc, char **argv) { return run_main(argc, argv); }
+#endif

@@ -7,6 +7,8 @@ $ python tinystories.py sample                         # offline: ~4,000 generat
 $ python tinystories.py sample --noise=0.2 --data_dir=data_noisy   # 20% of training stories corrupted
 $ python tinystories.py train_vocab --vocab_size=512   # -> data/tok512.model
 $ python tinystories.py pretokenize --vocab_size=512   # -> data/tok512/*.bin, batch index, out/tables/batch_metrics.csv
+$ python tinystories.py pretokenize --vocab_size=0 --tokenizer=path/to/llama2/tokenizer.model
+                                  # llama2.c's Llama 2 vocabulary: the shards beside the JSON, then --vocab_size=32000
 
 A *batch* (llama2.c's word) is one window of max_seq_len+1 tokens at offset
 i*max_seq_len of one shard. Batches are numbered in shard order, shard 0 first; shard 0
@@ -27,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from prebias import batchmetrics
-from prebias.common import UserError, atomic_path, main_guard
-from prebias.data import (BOS_ID, DATA_DIR, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE, load_stories, raw_dir, raw_shards,
-                          sha256_file, tok_dir, token_stamps, write_index)
+from prebias.common import UserError, atomic_path, main_guard, write_json_atomic
+from prebias.data import (BOS_ID, DATA_DIR, LLAMA2_RECORD, LLAMA2_TOKENIZER, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE,
+                          load_stories, raw_dir, raw_shards, sha256_file, tok_dir, token_stamps, write_index)
 from prebias.storygen import corrupt, generate_stories, noise_plan
 from tokenizer import Tokenizer, tokenizer_model_path
 
@@ -205,12 +207,54 @@ def _tokenize_shard(args):
     return shard
 
 
+def use_llama2_tokenizer(data_dir, tokenizer: str = "") -> int:
+    """pretokenize --vocab_size=0 (llama2.c's vocab_source=llama2): the Llama 2 sentencepiece
+    model is the user's file (this project ships none and downloads none): --tokenizer=path,
+    else the one an earlier --vocab_size=0 copied beside the JSON, else tokenizer.model in the
+    working folder as llama2.c documents, when it has Llama 2's 32,000 pieces. It is copied
+    beside the JSON shards (and recorded) so that every later stage finds it by its vocab
+    size. Returns that vocab size."""
+    raw = raw_dir(data_dir)
+    recorded = not tokenizer and (raw / LLAMA2_RECORD).exists()
+    src = Path(tokenizer) if tokenizer else raw / LLAMA2_TOKENIZER if recorded else Path(LLAMA2_TOKENIZER)
+    if not src.is_file():
+        raise UserError(f"--vocab_size=0 tokenizes with a Llama 2 sentencepiece model and {src} is not there: pass "
+                        "--tokenizer=path/to/tokenizer.model (Meta's, as llama2.c uses; this project ships none)")
+    enc = Tokenizer(src)
+    if enc.vocab_size > 65536:
+        raise UserError(f"{src} has {enc.vocab_size} pieces: uint16 shards hold at most 65,536")
+    if not tokenizer and not recorded and enc.vocab_size != 32000:
+        raise UserError(f"{src} has {enc.vocab_size} pieces, not Llama 2's 32,000 (here tokenizer.model is the "
+                        "project's own default): pass --tokenizer=path to use it, or the Llama 2 one")
+    custom = Path(data_dir) / f"tok{enc.vocab_size}"
+    if custom.exists() or custom.with_suffix(".model").exists():
+        raise UserError(f"{custom} already holds a custom {enc.vocab_size}-piece vocabulary: use another --data_dir "
+                        "for the Llama 2 one")
+    if recorded:
+        return enc.vocab_size
+    raw.mkdir(parents=True, exist_ok=True)
+    dst, sha = raw / LLAMA2_TOKENIZER, sha256_file(src)
+    if not dst.exists() or sha256_file(dst) != sha:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    write_json_atomic(raw / LLAMA2_RECORD, {"vocab_size": enc.vocab_size, "source": str(src.resolve()),
+                                            "sha256": sha})
+    return enc.vocab_size
+
+
 def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
-                workers=None, tables_dir=None, metrics="all", ref_model=""):
+                workers=None, tables_dir=None, metrics="all", ref_model="", tokenizer=""):
     from tqdm import tqdm
     if max_seq_len < 1 or (workers is not None and workers < 1):
         raise UserError(f"--max_seq_len={max_seq_len} --workers={workers}: both must be at least 1")
     shards = raw_shards(data_dir)
+    if vocab_size == 0:  # from here on the data answers for its tokenizer's vocab size (tok_dir)
+        vocab_size = use_llama2_tokenizer(data_dir, tokenizer)
+        print(f"Llama 2 vocabulary ({vocab_size} pieces): shards beside the JSON in {raw_dir(data_dir)}; "
+              f"train with --vocab_size={vocab_size}")
+    elif tokenizer:
+        raise UserError("--tokenizer is for --vocab_size=0 (a Llama 2 model); a custom vocabulary uses "
+                        f"{Path(data_dir) / f'tok{vocab_size}.model'} from train_vocab")
     model_path = tokenizer_model_path(vocab_size, data_dir)
     tok_sha = sha256_file(model_path)
     out = tok_dir(data_dir, vocab_size)
@@ -255,6 +299,8 @@ def main():
     ap.add_argument("--tables_dir", default=None, help="pretokenize: where batch_metrics.csv goes (default out/tables)")
     ap.add_argument("--ref_model", default="", help="pretokenize: model.bin or ckpt .pt as reference scorer "
                     "(default: a 3-gram model of the validation shard)")
+    ap.add_argument("--tokenizer", default="", help="pretokenize --vocab_size=0: the Llama 2 sentencepiece model "
+                    "(default: tokenizer.model, as llama2.c)")
     a = ap.parse_args()
     if a.stage == "download":
         download(a.data_dir, a.url)
@@ -263,7 +309,8 @@ def main():
     elif a.stage == "train_vocab":
         train_vocab(a.vocab_size, a.data_dir)
     elif a.stage == "pretokenize":
-        pretokenize(a.vocab_size, a.max_seq_len, a.data_dir, a.workers, a.tables_dir, a.metrics, a.ref_model)
+        pretokenize(a.vocab_size, a.max_seq_len, a.data_dir, a.workers, a.tables_dir, a.metrics, a.ref_model,
+                    a.tokenizer)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,22 @@ from pathlib import Path
 from sentencepiece import SentencePieceProcessor
 
 from prebias.common import ROOT, UserError, atomic_path, main_guard
-from prebias.data import BOS_ID, DATA_DIR, EOS_ID
+from prebias.data import BOS_ID, DATA_DIR, EOS_ID, LLAMA2_TOKENIZER, raw_dir, tok_dir
 
 DEFAULT_MODEL = ROOT / "tokenizer.model"
 
 
 def tokenizer_model_path(vocab_size: int, data_dir=DATA_DIR) -> Path:
     """Where the tokenizer of a vocab size lives: data/tok{V}.model (made by
-    `tinystories.py train_vocab`), else the bundled tokenizer.model when it has V pieces."""
+    `tinystories.py train_vocab`); for vocab_size 0, or the vocab size of the Llama 2 model
+    that `pretokenize --vocab_size=0` copied beside the JSON shards, that copy; else the
+    bundled tokenizer.model when it has V pieces."""
+    if vocab_size == 0 or tok_dir(data_dir, vocab_size) == raw_dir(data_dir):
+        p = raw_dir(data_dir) / LLAMA2_TOKENIZER
+        if not p.exists():
+            raise UserError(f"no Llama 2 tokenizer in {raw_dir(data_dir)}: run python tinystories.py pretokenize "
+                            "--vocab_size=0 --tokenizer=path/to/tokenizer.model")
+        return p
     p = Path(data_dir) / f"tok{vocab_size}.model"
     if p.exists():
         return p
@@ -45,7 +53,9 @@ class Tokenizer:
                             "re-run python tinystories.py train_vocab") from None
         self.model_path = model_path
         self.vocab_size = self.sp.vocab_size()
-        assert self.sp.bos_id() == BOS_ID and self.sp.eos_id() == EOS_ID, "unexpected special ids"
+        if (self.sp.bos_id(), self.sp.eos_id()) != (BOS_ID, EOS_ID):
+            raise UserError(f"tokenizer {model_path} has BOS/EOS ids {self.sp.bos_id()}/{self.sp.eos_id()}, not "
+                            f"{BOS_ID}/{EOS_ID} as llama2.c's (and Llama 2's) models and run.c expect")
 
     @classmethod
     def for_vocab(cls, vocab_size: int, data_dir=DATA_DIR) -> "Tokenizer":

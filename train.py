@@ -6,6 +6,8 @@ $ python train.py                                   # tiny default config, CPU-f
 $ python train.py --max_iters=2000 --out_dir=out/shuffle_s2 --seed=2
 $ python train.py config/stories15M.json            # llama2.c's 15M model (GPU)
 $ python train.py --init_from=resume                # continue the same schedule exactly
+$ python train.py --init_from=out/hf_import/ckpt/ckpt_0.pt --out_dir=out/cont   # continued pretraining
+$ python train.py --export_version=2                # the final model as int8 model_q80.bin (./runq)
 $ python train.py --schedule=sorted --schedule_metric=fk_grade --out_dir=out/curriculum
 $ python train.py --schedule_spec=config/schedules/competence.json --out_dir=out/competence
 $ python train.py --tags=config/tags/canary.json --out_dir=out/canary
@@ -23,6 +25,10 @@ describes their contents); <out_dir>/batch_ids.npy keeps the ids as plain numpy.
 
 A run owns its out_dir for its whole life (out_dir/.lock); config.json and run.json
 record how it started, history.jsonl each start and resume with what changed.
+--init_from=<ckpt> starts a new run from another checkpoint's weights and shape (one of
+this toolkit's, or one export.py imported from Hugging Face or a llama2.c .bin): every
+checkpoint of the run records where they came from (path, sha256, step, and that
+checkpoint's own source), and its batch ids are the ones trained here.
 """
 
 import dataclasses
@@ -37,11 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import export_v0
+from export import export_model
 from model import ModelArgs, Transformer, mean_loss
 from prebias import common, tracking
 from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint,
-                                list_checkpoints, load_checkpoint, optimizer_path, save_checkpoint, stream_records)
+                                list_checkpoints, load_checkpoint, optimizer_path, save_checkpoint, source_record,
+                                stream_records)
 from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit,
                             library_versions, main_guard, parse_config, write_json_atomic)
 from prebias.configs import TRAIN_CHOICES as CHOICES
@@ -50,6 +57,7 @@ from prebias.data import BatchData
 from prebias.schedule import get_lr, rank_micro_batches
 from prebias.selection import SCORES
 from prebias.stream import build_stream, stream_fingerprint
+from tokenizer import tokenizer_model_path
 
 # -----------------------------------------------------------------------------
 # config: TrainConfig (prebias/configs.py) holds every key with its default and why;
@@ -86,10 +94,32 @@ def validate(cfg: TrainConfig):
         raise UserError(f"--select={cfg.select} needs --select_metric=<a batch metric> (and --select_target)")
 
 
+def export_name(version: str, iter_num: int | None = None) -> str:
+    """model.bin (versions 0, 1), model_q80.bin (2) or hf (a folder), with _<iter> per checkpoint."""
+    base = {"2": "model_q80", "hf": "hf"}.get(version, "model")
+    return base + ("" if iter_num is None else f"_{iter_num}") + ("" if version == "hf" else ".bin")
+
+
 def default_model_bin(cfg: TrainConfig) -> str:
     if cfg.model_bin:
         return "" if cfg.model_bin == "none" else cfg.model_bin
-    return "model.bin" if Path(cfg.out_dir) == Path("out") else str(Path(cfg.out_dir) / "model.bin")
+    name = export_name(cfg.export_version)
+    return name if Path(cfg.out_dir) == Path("out") and cfg.export_version != "hf" else str(Path(cfg.out_dir) / name)
+
+
+def init_source(cfg: TrainConfig) -> tuple[dict, dict] | None:
+    """--init_from=<ckpt>: (its checkpoint, the source record); the run takes its shape
+    (vocab_size included: it decides the data), so config.json says what is trained."""
+    if cfg.init_from in ("scratch", "resume"):
+        return None
+    ck = load_checkpoint(cfg.init_from)
+    a = ck["model_args"]
+    if cfg.max_seq_len > a["max_seq_len"]:
+        raise UserError(f"--max_seq_len={cfg.max_seq_len} is longer than the {a['max_seq_len']} positions of "
+                        f"{cfg.init_from}: use --max_seq_len={a['max_seq_len']} or less")
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
+        setattr(cfg, k, a[k])
+    return ck, source_record(cfg.init_from, ck)
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
@@ -144,8 +174,9 @@ def remove_stale_temps(out_dir):
 class Trainer:
     """The training loop's state: model, optimizer, data, stream and DDP layout."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, init: tuple[dict, dict] | None = None):
         self.cfg = cfg
+        self.init = init[1] if init else {}  # where the step-0 weights came from (checkpoint.py: init)
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         self.rank, self.world = 0, 1
         self.device = auto_device(cfg.device)
@@ -178,7 +209,9 @@ class Trainer:
             raise UserError(f"no validation batches (shard 0 of {self.data.dir} is shorter than "
                             f"max_seq_len={cfg.max_seq_len})")
         torch.manual_seed(cfg.seed)
-        self.model = Transformer(model_args(cfg)).to(self.device)
+        self.model = Transformer(self._model_args(init)).to(self.device)
+        if init:
+            self._start_from(init[0])
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                          (cfg.beta1, cfg.beta2), self.device.split(":")[0])
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == "float16")
@@ -193,8 +226,33 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.model = DDP(self.model, device_ids=[self.device] if self.device.startswith("cuda") else None)
 
+    def _model_args(self, init) -> ModelArgs:
+        """The config's shape; the shape of the weights the run continues from (an init or
+        resumed checkpoint: it may hold a hidden_dim or a separate classifier, which the
+        config has no key for), with this run's max_seq_len and dropout."""
+        ck = init[0] if init else None
+        if self.cfg.init_from == "resume" and list_checkpoints(self.cfg.out_dir):
+            ck = load_checkpoint(latest_checkpoint(self.cfg.out_dir))
+        if ck is None:
+            return model_args(self.cfg)
+        return ModelArgs.from_dict({**ck["model_args"], "max_seq_len": self.cfg.max_seq_len,
+                                    "dropout": self.cfg.dropout})
+
+    def _start_from(self, ck: dict):
+        """--init_from=<ckpt>: its weights, on data of the tokenizer it was trained with."""
+        want = ck.get("data", {}).get("tokenizer_sha256", "")
+        if want and want != self.data.meta["tokenizer_sha256"]:
+            raise UserError(f"{self.cfg.init_from} was trained with another tokenizer than the data in "
+                            f"{self.data.dir}: pretokenize with its tokenizer (for a Hugging Face import, "
+                            "pretokenize --vocab_size=0 --tokenizer=<folder>/tokenizer.model)")
+        self.model.load_state_dict(ck["model"])
+
     def _resume(self):
         ck = load_checkpoint(latest_checkpoint(self.cfg.out_dir), map_location=self.device)
+        if ck["schedule"].get("imported"):
+            raise UserError(f"{self.cfg.out_dir} holds an imported model, not a training run: train from it with "
+                            f"--init_from={ckpt_path(self.cfg.out_dir, ck['iter_num'])} --out_dir=<a new folder>")
+        self.init = ck.get("init", {})
         check_resume(ck, dataclasses.asdict(self.cfg), RUN_DEFINING, self.data.meta["tokenizer_sha256"],
                      stream_fingerprint(self.stream), self.cfg.out_dir)
         try:
@@ -239,7 +297,7 @@ class Trainer:
                       "desc": self.schedule.desc},
             data_meta={"vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
                        "tokenizer_sha256": self.data.meta["tokenizer_sha256"], "n_batches": len(self.data)},
-            rng=rng, train_loss=train_loss, val_loss=val_loss)
+            rng=rng, train_loss=train_loss, val_loss=val_loss, init=self.init)
         # the optimizer first: a kill between the two saves leaves the previous pair intact
         with atomic_path(optimizer_path(cfg.out_dir, self.iter_num)) as tmp:
             torch.save(self.optimizer.state_dict(), tmp)
@@ -251,7 +309,7 @@ class Trainer:
                     optimizer_path(cfg.out_dir, it).unlink(missing_ok=True)
         write_ids_file(cfg.out_dir)
         if cfg.export_ckpt_bins:
-            export_v0(self.raw_model, path.with_name(f"model_{self.iter_num}.bin"))
+            self.export(path.with_name(export_name(cfg.export_version, self.iter_num)), path)
         self.stream.record.clear()
         self.prev_ckpt = self.iter_num
         self.log(f"step:{self.iter_num}/{cfg.max_iters} train_loss:{train_loss:.4f} val_loss:{val_loss:.4f} "
@@ -297,13 +355,21 @@ class Trainer:
                 t0, n_timed = time.perf_counter(), 0
         model_bin = default_model_bin(cfg)
         if self.master and model_bin:
-            export_v0(self.raw_model, model_bin)
+            self.export(model_bin, ckpt_path(cfg.out_dir, self.iter_num))
             print(f"wrote {model_bin}")
         if wandb:
             wandb.finish()
         if self.ddp:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+    def export(self, path, ckpt):
+        """The model as --export_version says (a Hugging Face folder gets the run's tokenizer
+        and, in its metadata, the checkpoint it was written from)."""
+        v = self.cfg.export_version
+        tok = tokenizer_model_path(self.cfg.vocab_size, self.cfg.data_dir) if v == "hf" else None
+        export_model(self.raw_model, path, v, tok, {"kind": "run", "checkpoint": str(Path(ckpt).resolve()),
+                                                    "iter_num": self.iter_num, "init": self.init})
 
     def train_step(self, windows: np.ndarray) -> float:
         """One optimizer step over this rank's slice of the step's windows (B, T+1);
@@ -349,13 +415,13 @@ def write_ids_file(out_dir):
                      replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"))
 
 
-def write_run_record(cfg: TrainConfig, resumed_from: dict | None):
+def write_run_record(cfg: TrainConfig, resumed_from: dict | None, init: dict | None = None):
     """config.json and run.json once, at the start; history.jsonl gets a line per start
     and resume, with what a resume changed (the originals are never overwritten)."""
     out = Path(cfg.out_dir)
     now = dataclasses.asdict(cfg)
     run = {"commit": git_commit(), "versions": library_versions(), "argv": sys.argv,
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"init": init} if init else {})}
     if resumed_from is None or not (out / "config.json").exists():
         write_json_atomic(out / "config.json", now)
         write_json_atomic(out / "run.json", run)
@@ -388,6 +454,7 @@ def load_run_config(argv) -> tuple[TrainConfig, dict | None]:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg, saved = load_run_config(argv)
+    init = init_source(cfg) if cfg.show_batches < 0 else None
     validate(cfg)
     if cfg.show_batches >= 0:  # the batch viewer's shortcut
         return subprocess.run([sys.executable, str(Path(__file__).with_name("batch_viewer.py")),
@@ -397,14 +464,14 @@ def main(argv=None):
     rank0 = int(os.environ.get("RANK", 0)) == 0
     lock = FolderLock(cfg.out_dir, "--out_dir") if rank0 else None
     try:
-        if cfg.init_from == "scratch" and list_checkpoints(cfg.out_dir):
+        if cfg.init_from != "resume" and list_checkpoints(cfg.out_dir):
             raise UserError(f"{cfg.out_dir} already holds checkpoints: use --init_from=resume to continue, "
                             "or another --out_dir")
         if rank0:
             remove_stale_temps(cfg.out_dir)
-        trainer = Trainer(cfg)  # data, stream and model are checked before anything is written
+        trainer = Trainer(cfg, init)  # data, stream and model are checked before anything is written
         if trainer.master:
-            changed = write_run_record(cfg, saved)
+            changed = write_run_record(cfg, saved, trainer.init)
             for k, (old, new) in changed.items():
                 trainer.log(f"resume: {k} {old!r} -> {new!r}")
             n = sum(p.numel() for p in trainer.raw_model.parameters())

@@ -20,6 +20,10 @@ Each holds plain types and tensors only (so torch.load(..., weights_only=True) w
   data                      vocab_size, max_seq_len, tokenizer sha256 of the batch index
   rng                       torch RNG state, for exact resume
   train_loss, val_loss      measured at this checkpoint
+  init                      where the weights at step 0 came from, when not from a seeded
+                            random start: {kind: checkpoint | hf | bin, from: path, sha256
+                            of the files read, ...} (train.py --init_from=<ckpt>, and
+                            export.py's imports); {} for a run trained from scratch
 
 The optimizer state lives beside it in ckpt/optimizer_<iter>.pt, kept for the latest
 checkpoint only (train.py --keep_optimizer=True keeps all), so checkpoints are written
@@ -37,6 +41,7 @@ import torch
 
 from model import ModelArgs, Transformer
 from prebias.common import UserError, atomic_path
+from prebias.data import sha256_file
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1: optimizer inside, no pool/insertions; eval and views read both
@@ -130,13 +135,14 @@ def run_config(out_dir) -> dict:
 
 def build_checkpoint(*, model, model_args: dict, config: dict, iter_num: int, prev_iter: int,
                      record: dict, schedule: dict, data_meta: dict, rng: dict, train_loss: float,
-                     val_loss: float) -> dict:
+                     val_loss: float, init: dict | None = None) -> dict:
     """The checkpoint dict (the format this module's docstring describes). `record` holds
     the stream's arrays since the previous checkpoint: batch_ids, pool_ids, insertions,
     insert_tokens, replaced_tokens (numpy), and tags (str)."""
     obj = {"format_version": FORMAT_VERSION, "model": model, "model_args": model_args, "config": config,
            "iter_num": iter_num, "prev_iter": prev_iter, "schedule": schedule, "data": data_meta,
-           "rng": rng, "train_loss": train_loss, "val_loss": val_loss, "tags": record.get("tags", "")}
+           "rng": rng, "train_loss": train_loss, "val_loss": val_loss, "tags": record.get("tags", ""),
+           "init": init or {}}
     for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens"):
         obj[k] = torch.from_numpy(record[k].astype("int64"))
     return obj
@@ -209,6 +215,13 @@ def model_from_checkpoint(ckpt: dict, device="cpu"):
     model = Transformer(ModelArgs.from_dict(ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])  # strict: a shape mismatch is an error
     return model.to(device).eval()
+
+
+def source_record(path, ckpt: dict) -> dict:
+    """Where weights taken from a checkpoint came from: its path, sha256 and step, and its
+    own init record (so a chain of imports and continued runs stays traceable)."""
+    return {"kind": "checkpoint", "from": str(Path(path).resolve()), "sha256": sha256_file(path),
+            "iter_num": int(ckpt["iter_num"]), **({"init": ckpt["init"]} if ckpt.get("init") else {})}
 
 
 def batch_ids_by_checkpoint(out_dir) -> dict[int, torch.Tensor]:

@@ -29,8 +29,11 @@ class TrainConfig:
     log_interval: int = 10
     eval_iters: int = 8  # batches of batch_size for each loss estimate
     export_ckpt_bins: bool = False  # also write <out_dir>/ckpt/model_<iter>.bin
+    export_version: str = "0"  # what model_bin is: llama2.c version 0, 1 (fp32, ./run), 2 (int8, ./runq;
+    #                            model_q80.bin by default) or hf (a Hugging Face folder, <out_dir>/hf)
     keep_optimizer: bool = False  # keep the optimizer state of every checkpoint, not only the latest
-    init_from: str = "scratch"  # 'scratch' or 'resume'
+    init_from: str = "scratch"  # 'scratch', 'resume', or a ckpt_<iter>.pt to continue pretraining from: its
+    #                             weights and shape, a new run and schedule from step 0, its source recorded
     show_batches: int = -1  # >= 0: print the batches of this step and exit (batch_viewer.py)
     # wandb (optional)
     wandb_log: bool = False
@@ -88,7 +91,17 @@ class TrainConfig:
 
 # the allowed values of some fields (live views: a strategy or score registered later is
 # a valid choice at once)
-TRAIN_CHOICES = {"init_from": ("scratch", "resume"), "schedule": flat_strategies(),
+class InitFrom:
+    """--init_from's values: 'scratch', 'resume', or the path of a checkpoint (.pt)."""
+
+    def __contains__(self, value) -> bool:
+        return value in ("scratch", "resume") or str(value).endswith(".pt")
+
+    def __iter__(self):
+        yield from ("scratch", "resume", "<path/to/ckpt_N.pt>")
+
+
+TRAIN_CHOICES = {"init_from": InitFrom(), "export_version": ("0", "1", "2", "hf"), "schedule": flat_strategies(),
                  "schedule_order": ("asc", "desc"), "dtype": ("auto", "float32", "bfloat16", "float16"),
                  "select": SCORES.choices(extra=("none",))}
 

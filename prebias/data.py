@@ -31,6 +31,8 @@ MAX_SEQ_LEN = 256
 VOCAB_SIZE = 512
 BOS_ID, EOS_ID = 1, 2  # sentencepiece's (and llama2.c's) ids; run.c stops at BOS
 INDEX_FORMAT, INDEX_VERSION = "llama2_prebiasing.batch_index", 1
+LLAMA2_TOKENIZER = "tokenizer.model"  # llama2.c's name for Meta's Llama 2 sentencepiece model
+LLAMA2_RECORD = "llama2_tokenizer.json"  # beside the JSON: which tokenizer vocab_size=0 used
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("story_first", "<i4"), ("story_last", "<i4")])
 # -----------------------------------------------------------------------------
 
@@ -47,8 +49,31 @@ def raw_shards(data_dir) -> list[Path]:
     return shards
 
 
+def llama2_vocab(data_dir) -> int:
+    """The vocab size of the tokenizer that `pretokenize --vocab_size=0` used for the shards
+    beside the JSON (its record, LLAMA2_RECORD), or 0 when there are none."""
+    try:
+        return int(json.loads((raw_dir(data_dir) / LLAMA2_RECORD).read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def tok_dir(data_dir, vocab_size) -> Path:
-    return Path(data_dir) / f"tok{vocab_size}"
+    """Where a vocabulary's .bin shards (and its batch index, stamps, scorer) live:
+    data/tok{V}/ for a custom vocabulary (train_vocab); beside the JSON shards, in
+    data/TinyStories_all_data/, for llama2.c's vocab_size=0 (a Llama 2 sentencepiece model
+    the user supplies). That folder then also answers for its tokenizer's vocab size (say
+    32000), so train.py --vocab_size=32000 and every later stage find it; a custom
+    vocabulary of the same size beside it is refused as ambiguous."""
+    custom = Path(data_dir) / f"tok{vocab_size}"
+    if vocab_size == 0:
+        return raw_dir(data_dir)
+    if llama2_vocab(data_dir) == vocab_size:
+        if custom.exists() or custom.with_suffix(".model").exists():
+            raise UserError(f"{custom} (a custom vocabulary) and {raw_dir(data_dir)} (pretokenize --vocab_size=0) "
+                            f"both hold {vocab_size}-token data: remove one, or use another --data_dir")
+        return raw_dir(data_dir)
+    return custom
 
 
 def sha256_file(path, chunk=1 << 20) -> str:

@@ -71,6 +71,22 @@ def tiny_run(tiny_data, tmp_path_factory) -> TinyRun:
 
 
 @pytest.fixture(scope="session")
+def c_builds():
+    """run, runexact and runq (int8) built with the Makefile."""
+    res = subprocess.run(["make", "-s", "run", "runexact", "runq"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr
+    return {b: ROOT / b for b in ("run", "runexact", "runq")}
+
+
+@pytest.fixture(scope="session")
+def tok512_bin(tiny_data, tmp_path_factory):
+    """The fixture data's tokenizer as run.c's tokenizer.bin."""
+    from tokenizer import Tokenizer
+    return Tokenizer(tiny_data[0] / f"tok{VOCAB}.model").export(tmp_path_factory.mktemp("tokbin") / "tok512.bin")
+
+
+@pytest.fixture(scope="session")
 def runc_binary():
     """run.c built with the Makefile's default (fast) target."""
     subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True, capture_output=True)
