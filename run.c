@@ -610,7 +610,10 @@ static void load_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
         if (n > t->longest) t->longest = n;
         t->sorted[i] = i;
     }
-    fclose(f); /* records beyond vocab_size, if any, are ignored as in llama2.c */
+    if (offset != fsize) /* llama2.c ignores records beyond vocab_size; they mean another vocabulary's file */
+        die("tokenizer file '%s' holds more than the model's %d tokens (%llu bytes left after them): it belongs to a model of another vocabulary (hint: use the tokenizer the model was trained with, or re-export it with python tokenizer.py)",
+            path, vocab_size, (unsigned long long)(fsize - offset));
+    fclose(f);
 
     g_sort_tok = t;
     qsort(t->sorted, (size_t)vocab_size, sizeof(int), cmp_ids);
@@ -951,6 +954,10 @@ static int run_main(int argc, char **argv) {
 
     int *prompt_ids = alloc_array((unsigned __int128)strlen(prompt) + 3, sizeof(int), "prompt tokens");
     int n_prompt = encode(&tok, prompt, prompt_ids);
+    if (n_prompt > steps) /* llama2.c cuts it without a word: say so, and where */
+        fprintf(stderr, "run: warning: the prompt is %d tokens (BOS included) but -n %lld steps (at most seq_len %d) "
+                "leave room for %lld of them: it is cut there and nothing is generated\n",
+                n_prompt, steps, mc->seq_len, steps);
     int *generated = alloc_array((unsigned __int128)steps, sizeof(int), "output tokens");
     int n_generated = 0;
 

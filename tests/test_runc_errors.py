@@ -364,3 +364,22 @@ def test_llama2c_fix_ups_are_kept_but_said(binaries, tiny, build, args, said, sa
     res = run_c(binaries[build], model, tok, "-d", 1, *args)
     assert res.returncode == 0 and res.stderr.startswith(f"run: warning: {said}")
     assert res.stdout == run_c(binaries[build], model, tok, "-d", 1, *same_as).stdout
+
+
+def test_tokenizer_of_a_larger_vocabulary(binaries, tmp_path, tiny):
+    """A tokenizer with more pieces than the model's vocab_size is another vocabulary's
+    (llama2.c reads its first pieces and prints the wrong text): refused."""
+    model, _ = tiny
+    tok = tmp_path / "big.bin"
+    tok.write_bytes(tokenizer_bytes(tiny_pieces() + [b"x%d" % i for i in range(10)]))
+    res = run_c(binaries["run"], model, tok, "-n", 4)
+    assert_one_line_error(res, "holds more than the model's 64 tokens")
+
+
+def test_prompt_longer_than_the_steps_is_said(binaries, tiny):
+    model, tok = tiny
+    res = run_c(binaries["run"], model, tok, "-n", 5, "-i", "abcdefghij", "-d", 1)
+    assert res.returncode == 0
+    assert "the prompt is 12 tokens (BOS included) but -n 5 steps" in res.stderr  # BOS, the leading space, 10 letters
+    res = run_c(binaries["run"], model, tok, "-n", 30, "-i", "abc", "-d", 1)
+    assert "prompt is" not in res.stderr
