@@ -17,12 +17,14 @@ to its shard, offset and the stories it overlaps.
 """
 
 import argparse
+import gzip
 import itertools
 import json
 import os
 import random
 import shutil
 import tarfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import numpy as np
 
 from prebias import batchmetrics
 from prebias.common import UserError, atomic_path, main_guard, write_json_atomic
+from prebias.inputs import read_json
 from prebias.data import (BOS_ID, DATA_DIR, LLAMA2_RECORD, LLAMA2_TOKENIZER, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE,
                           load_stories, raw_dir, raw_shards, sha256_file, tok_dir, token_stamps, write_index)
 from prebias.storygen import corrupt, generate_stories, noise_plan
@@ -39,15 +42,26 @@ from tokenizer import Tokenizer, tokenizer_model_path
 # config
 DATA_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 MIN_VOCAB = 259  # 256 byte-fallback pieces + <unk>, <s>, </s>
+DOWNLOAD_RECORD = "DOWNLOAD.json"  # beside the extracted shards: the archive's and each shard's size and sha256
 # -----------------------------------------------------------------------------
 
 
 # -----------------------------------------------------------------------------
 # download: resumable (HTTP Range), atomic, safe extraction
 
+def _range_start(resp) -> int | None:
+    """The first byte of a 206 response (its Content-Range), None when it has none."""
+    cr = resp.headers.get("content-range", "")
+    try:
+        return int(cr.split()[1].split("-")[0]) if cr.startswith("bytes ") else None
+    except (IndexError, ValueError):
+        return None
+
+
 def download_file(url: str, dest: Path, chunk_size=1 << 16, timeout=30):
     """Download url to dest. Bytes arrive in dest.part; a second call resumes from
-    its size with a Range request. dest appears only when complete."""
+    its size with a Range request (a 206 must start exactly there). dest appears only
+    when complete."""
     import requests
     from tqdm import tqdm
     part = dest.with_name(dest.name + ".part")
@@ -66,6 +80,10 @@ def download_file(url: str, dest: Path, chunk_size=1 << 16, timeout=30):
             raise UserError(f"download of {url} failed: HTTP {resp.status_code}")
         if resp.status_code == 200:  # server ignored Range: start over
             have = 0
+        elif _range_start(resp) != have:  # bytes from elsewhere would be glued onto the .part
+            part.unlink(missing_ok=True)
+            raise UserError(f"download of {url}: asked for bytes from {have} but the server sent a range starting at "
+                            f"{_range_start(resp)}; the partial file was removed: run the same command again")
         total = int(resp.headers.get("content-length", 0)) + have
         with open(part, "ab" if have else "wb") as f, tqdm(
                 desc=dest.name, total=total or None, initial=have, unit="iB",
@@ -84,23 +102,49 @@ def download_file(url: str, dest: Path, chunk_size=1 << 16, timeout=30):
 
 def extract_archive(archive: Path, target: Path):
     """Extract a .tar.gz into target atomically: into a temp folder first, refusing
-    members that would land outside it (links, absolute paths, '..')."""
+    members that would land outside it (links, absolute paths, '..'). On any failure
+    the temp folder and the archive go, so a rerun starts clean."""
     tmp = target.with_name(target.name + ".extracting")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        with gzip.open(archive) as g:  # the whole stream first: its CRC32 catches damage tarfile would not read
+            while g.read(1 << 22):
+                pass
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(tmp, filter="data")  # 'data' filter rejects escaping paths
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:  # a corrupt gzip stream: zlib.error
         shutil.rmtree(tmp, ignore_errors=True)
         archive.unlink(missing_ok=True)
-        raise UserError(f"archive {archive} is corrupt or unsafe ({e}); it was removed: "
+        raise UserError(f"archive {archive} is corrupt or unsafe ({type(e).__name__}: {e}); it was removed: "
                         "run python tinystories.py download again") from None
-    if not list(tmp.glob("data*.json")):
+    shards = sorted(p for p in tmp.glob("data*.json") if p.is_file() and not p.is_symlink())
+    if not shards:
         shutil.rmtree(tmp)
-        raise UserError(f"archive {archive} holds no data*.json shards; check --url")
+        archive.unlink(missing_ok=True)
+        raise UserError(f"archive {archive} holds no data*.json shards (it was removed); check --url")
+    write_json_atomic(tmp / DOWNLOAD_RECORD, {
+        "archive": {"name": archive.name, "size": archive.stat().st_size, "sha256": sha256_file(archive)},
+        "shards": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in shards}})
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+def check_download(target: Path):
+    """The downloaded shards against the record made when they were extracted: a shard
+    changed, added or removed since is one line, never silently trained on."""
+    rec = read_json(target / DOWNLOAD_RECORD, "the download record", f"delete {target} and run python "
+                    "tinystories.py download again", keys=("shards",))
+    have = {p.name for p in target.glob("data*.json")}
+    if have != set(rec["shards"]):
+        extra, gone = sorted(have - set(rec["shards"])), sorted(set(rec["shards"]) - have)
+        raise UserError(f"{target}: {'unknown shard ' + extra[0] if extra else 'shard ' + gone[0] + ' is missing'} "
+                        f"since the download: delete {target} and run python tinystories.py download again")
+    for name, want in rec["shards"].items():
+        p = target / name
+        if p.is_symlink() or not p.is_file() or p.stat().st_size != want["size"] or sha256_file(p) != want["sha256"]:
+            raise UserError(f"{p} changed since the download (its size or sha256 differs from {DOWNLOAD_RECORD}): "
+                            f"delete {target} and run python tinystories.py download again")
 
 
 def download(data_dir=DATA_DIR, url=DATA_URL):
@@ -108,7 +152,12 @@ def download(data_dir=DATA_DIR, url=DATA_URL):
     data_dir.mkdir(parents=True, exist_ok=True)
     target = raw_dir(data_dir)
     if list(target.glob("data*.json")) and not (target / "SAMPLE").exists():
-        print(f"{target} already holds the dataset, skipping download")
+        if (target / DOWNLOAD_RECORD).exists():
+            check_download(target)
+            print(f"{target} already holds the dataset (shards checked against {DOWNLOAD_RECORD}), skipping download")
+        else:
+            print(f"{target} already holds the dataset (placed there by hand: no {DOWNLOAD_RECORD} to check it "
+                  "against), skipping download")
         return target
     archive = data_dir / f"{RAW_NAME}.tar.gz"
     if not archive.exists():

@@ -42,10 +42,19 @@ def raw_dir(data_dir) -> Path:
 
 
 def raw_shards(data_dir) -> list[Path]:
+    """The raw shards data*.json, each a plain, non-empty file: a symbolic link (say to the
+    validation shard) would be trained on as new data, a folder or an empty file read as
+    nothing."""
     shards = sorted(Path(p) for p in glob.glob(str(raw_dir(data_dir) / "data*.json")))
     if not shards:
         raise UserError(f"no shards in {raw_dir(data_dir)}: run python tinystories.py download "
                         "(or python tinystories.py sample offline)")
+    for p in shards:
+        what = ("a symbolic link" if p.is_symlink() else "a folder" if p.is_dir() else
+                "not a regular file" if not p.is_file() else "empty" if p.stat().st_size == 0 else "")
+        if what:
+            raise UserError(f"raw shard {p} is {what}: every data*.json must be a plain file of stories; remove it "
+                            "(or rerun python tinystories.py download / sample into a fresh --data_dir)")
     return shards
 
 

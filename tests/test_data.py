@@ -4,6 +4,7 @@ pretokenize (.bin shards and batch index, checked exactly), the batch reader."""
 import http.server
 import io
 import json
+import re
 import shutil
 import socket
 import struct
@@ -86,7 +87,7 @@ def test_download_full_and_skip(server, tmp_path):
     handler.payload = make_archive(SHARDS)
     tinystories.download(tmp_path, url)
     got = sorted(p.name for p in (tmp_path / "TinyStories_all_data").iterdir())
-    assert got == sorted(SHARDS)
+    assert got == sorted([*SHARDS, "DOWNLOAD.json"])
     assert (tmp_path / "TinyStories_all_data" / "data01.json").read_bytes() == SHARDS["data01.json"]
     n = len(handler.ranges_seen)
     tinystories.download(tmp_path, url)  # already there: no request
@@ -323,3 +324,69 @@ def test_nonsense_values_write_nothing(tiny_raw, tmp_path, stage, kw, match):
     assert "\n" not in str(e.value)
     after = sorted(p.relative_to(target) for p in target.rglob("*")) if target.exists() else []
     assert after == before
+
+
+# -----------------------------------------------------------------------------
+# a damaged download is cleared, a wrong range refused, reused shards checked
+
+def test_download_corrupt_gzip_stream_is_cleared_and_a_good_url_then_works(server, tmp_path):
+    handler, url = server
+    good = make_archive({**SHARDS, "big.bin": np.random.default_rng(1).bytes(100_000)})
+    bad = bytearray(good)
+    bad[len(bad) // 2: len(bad) // 2 + 64] = b"\xff" * 64  # inside the deflate stream: zlib.error mid-way
+    handler.payload = bytes(bad)
+    with pytest.raises(UserError, match="is corrupt or unsafe"):
+        tinystories.download(tmp_path, url)
+    assert not (tmp_path / "TinyStories_all_data.tar.gz").exists()
+    assert not (tmp_path / "TinyStories_all_data.extracting").exists() and not (tmp_path / "TinyStories_all_data").exists()
+    handler.payload = good
+    tinystories.download(tmp_path, url)  # nothing half-done blocks the rerun
+    assert (tmp_path / "TinyStories_all_data" / "data01.json").read_bytes() == SHARDS["data01.json"]
+
+
+def test_download_refuses_a_range_at_the_wrong_offset(server, tmp_path):
+    handler, url = server
+    handler.payload = make_archive(SHARDS)
+    part = tmp_path / "TinyStories_all_data.tar.gz.part"
+    part.write_bytes(handler.payload[:100])
+
+    def wrong_range(self):  # a 206 that starts at 0, whatever was asked
+        data = type(self).payload
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    handler.do_GET = wrong_range
+    with pytest.raises(UserError, match="asked for bytes from 100 but the server sent a range starting at 0"):
+        tinystories.download(tmp_path, url)
+    assert not part.exists() and not (tmp_path / "TinyStories_all_data.tar.gz").exists()
+
+
+def test_reused_download_is_checked_against_its_record(server, tmp_path):
+    handler, url = server
+    handler.payload = make_archive(SHARDS)
+    tinystories.download(tmp_path, url)
+    raw = tmp_path / "TinyStories_all_data"
+    rec = json.loads((raw / "DOWNLOAD.json").read_text())
+    assert rec["archive"]["size"] == len(handler.payload) and set(rec["shards"]) == set(SHARDS)
+    shard = raw / "data02.json"
+    shard.write_bytes(shard.read_bytes().replace(b"Story 2", b"Story 9"))  # same size, other stories
+    with pytest.raises(UserError, match="data02.json changed since the download"):
+        tinystories.download(tmp_path, url)
+    shard.unlink()
+    shard.symlink_to(raw / "data00.json")
+    with pytest.raises(UserError, match="changed since the download"):
+        tinystories.download(tmp_path, url)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder", "empty"])
+def test_raw_shards_must_be_plain_files(tmp_path, kind):
+    raw = tmp_path / "TinyStories_all_data"
+    raw.mkdir()
+    (raw / "data00.json").write_text('[{"story": "a"}]')
+    bad = raw / "data01.json"
+    {"symlink": lambda: bad.symlink_to(raw / "data00.json"), "folder": bad.mkdir,
+     "empty": lambda: bad.write_bytes(b"")}[kind]()
+    with pytest.raises(UserError, match=f"raw shard {re.escape(str(bad))} is"):
+        data.raw_shards(tmp_path)
