@@ -86,8 +86,14 @@ def test_console_capture_sees_errors(tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 @pytest.mark.slow
 def test_page_in_a_real_browser(experiment_page, tmp_path):
-    probed = tmp_path / "probed.html"
-    probed.write_text(experiment_page.read_text().replace("</body>", PROBE))
+    page = experiment_page.read_text()
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="[^"]+">', page).group(0)
+    blocked = tmp_path / "blocked.html"  # a script slipped into the page does not run: the policy blocks it
+    blocked.write_text(page.replace("</body>", PROBE))
+    dom, console = chromium(blocked, tmp_path, "--dump-dom")
+    assert any("violates the following Content Security Policy" in c for c in console) and 'data-images="' not in dom
+    probed = tmp_path / "probed.html"  # the test's own probe runs on a copy without the policy
+    probed.write_text(page.replace(csp, "").replace("</body>", PROBE))
     dom, console = chromium(probed, tmp_path, "--dump-dom")
     assert console == [], console  # the page itself logs nothing: no error, no failed resource
     assert 'data-images="4/4"' in dom  # four figures, all decoded
