@@ -77,8 +77,7 @@ import pandas as pd
 import metrics
 from model import mean_loss
 from prebias import batchmetrics, metrics_engine, tracking
-from prebias.checkpoint import (check_member, load_checkpoint, model_from_checkpoint, run_checkpoints, run_config,
-                                run_identity)
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config,
                             write_csv_atomic)
 from prebias.configs import EvalConfig
@@ -327,10 +326,8 @@ def evaluate(cfg: EvalConfig):
 
     # 3) every checkpoint in order: input means always, outputs only when not cached
     in_rows, new, prev, n_cum = [], [], -1, 0
-    identity = run_identity(cfg.out_dir)
     for it, path in tqdm(ckpts, desc="eval", unit="ckpt"):
         ck = load_checkpoint(path)
-        check_member(ck, identity, path, cfg.out_dir)
         if ck["prev_iter"] != prev:
             raise UserError(f"{path} follows step {ck['prev_iter']} but the previous checkpoint is "
                             f"step {prev}: restore ckpt_{ck['prev_iter']}.pt so the batches seen are known")

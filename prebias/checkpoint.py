@@ -73,10 +73,14 @@ def list_checkpoints(out_dir) -> list[tuple[int, Path]]:
 
 
 def run_checkpoints(out_dir) -> list[tuple[int, Path]]:
-    """[(iter, path)] of a run, or a UserError when it has none."""
+    """[(iter, path)] of a run, each checked to belong to it (check_member; the files are
+    memory-mapped, so this reads their small fields only), or a UserError when it has none."""
     found = list_checkpoints(out_dir)
     if not found:
         raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: run python train.py --out_dir={out_dir}")
+    identity = run_identity(out_dir, found[0][1])
+    for _, p in found:
+        check_member(load_checkpoint(p), identity, p, out_dir)
     return found
 
 
@@ -86,7 +90,7 @@ IDENTITY = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_
             "batch_size", "gradient_accumulation_steps")
 
 
-def run_identity(out_dir) -> dict:
+def run_identity(out_dir, first_ckpt=None) -> dict:
     """The identity fields of the run in out_dir, from config.json (written once, when the
     run started), else its first checkpoint."""
     p = Path(out_dir) / "config.json"
@@ -95,8 +99,10 @@ def run_identity(out_dir) -> dict:
             cfg = json.loads(p.read_text())
         except ValueError:
             raise UserError(f"{p} is not valid JSON: restore it or start a new --out_dir") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{p} is not a run's config (a JSON object): restore it or start a new --out_dir")
     else:
-        cfg = dict(load_checkpoint(run_checkpoints(out_dir)[0][1])["config"])
+        cfg = dict(load_checkpoint(first_ckpt or list_checkpoints(out_dir)[0][1])["config"])
     return {k: cfg.get(k) for k in IDENTITY}
 
 
@@ -115,7 +121,10 @@ def check_member(ck: dict, identity: dict, path, out_dir):
 
 
 def latest_checkpoint(out_dir) -> Path:
-    return run_checkpoints(out_dir)[-1][1]
+    found = list_checkpoints(out_dir)
+    if not found:
+        raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: run python train.py --out_dir={out_dir}")
+    return found[-1][1]
 
 
 def run_config(out_dir) -> dict:
