@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, optimizer_path, run_config
-from prebias.checkpoint import stream_records
+from prebias.checkpoint import (list_checkpoints, load_checkpoint, model_from_checkpoint, optimizer_path, run_config,
+                                stream_records)
 from prebias.common import DoneRecord, Registry, UserError, atomic_path, file_signature
 from prebias.data import BatchData
 from prebias.schedule import get_lr
@@ -455,12 +455,13 @@ def kronfluence_scores(model, train_tokens: list, probes: list[Item], out_dir, d
                        strategy: str = "ekfac", batch_size: int = 16, empirical_fisher: bool = False) -> np.ndarray:
     """(n_probes, n_train) influence scores from Kronfluence (factors fitted on the training
     windows themselves), > 0 = training on it lowers the probe's loss."""
+    import copy
+    import logging
+    import warnings
+
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    import logging
     task = _kronfluence_task()
-    import copy
-    import warnings
     warnings.filterwarnings("ignore", message=".*GradScaler.*", category=FutureWarning)  # its CPU path, harmless
     model = prepare_model(copy.deepcopy(model).float().train(False), task)  # it freezes and wraps the modules
     train = _Seqs([Item(np.asarray(t)) for t in train_tokens])
