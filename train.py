@@ -275,7 +275,8 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             ids, windows = self.stream.step(self.iter_num, self.raw_model, self.rank, self.world)
-            loss = self.train_step(windows, self.stream.masked(ids))
+            masked = self.stream.masked(ids)  # (B,) rows of --train_mask: weight 0 at this step
+            loss = self.train_step(windows, masked) if masked.any() else self.train_step(windows)
             self.iter_num += 1
             n_timed += 1
             if not math.isfinite(loss):
