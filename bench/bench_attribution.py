@@ -17,7 +17,7 @@ Settings: dim 64, 4 layers, 4 heads, 2 kv heads, vocab 512 (the demo's shape) wi
 max_seq_len 64 and batch_size 8 (the demo trains 256 x 16: smaller here so the ~80 retrains
 of a dataset fit in under an hour of a shared 2-core machine), 200 steps, warmup 20,
 checkpoints at 0, 1, 2, ..., 32 and every 50 steps with the optimizer moments kept;
-probes: the first 64 validation windows; d = 1024.
+probes: the first 64 validation windows; d = 512.
 """
 
 import argparse
@@ -39,7 +39,7 @@ REAL = ROOT.parent / "shared" / "realdata" / "TinyStories_all_data"
 RUN = dict(vocab_size=512, max_seq_len=64, batch_size=8, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
            max_iters=200, eval_interval=50, warmup_iters=20, eval_iters=4, log_interval=50,
            keep_optimizer=True, device="cpu", dtype="float32", model_bin="none")
-ATTR = dict(probe="val", n_val=64, d=1024)
+ATTR = dict(probe="val", n_val=64, d=512)
 
 
 def prepare(name: str, root: Path) -> Path | None:
@@ -113,8 +113,8 @@ def main():
     ap.add_argument("--datasets", default="sample,real")
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--k", type=int, default=50)
-    ap.add_argument("--n_random", type=int, default=5)
-    ap.add_argument("--moves", type=int, default=20)
+    ap.add_argument("--n_random", type=int, default=3)
+    ap.add_argument("--moves", type=int, default=12)
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
     results = {}
