@@ -470,7 +470,9 @@ def kronfluence_scores(model, train_tokens: list, probes: list[Item], out_dir, d
     print(f"ekfac: fitting factors on {len(train)} windows, then {len(probes)} probes x {len(train)} scores")
     an.fit_all_factors("factors", train, per_device_batch_size=batch_size, overwrite_output_dir=True,
                        factor_args=FactorArguments(strategy=strategy, use_empirical_fisher=empirical_fisher))
-    an.compute_pairwise_scores("scores", "factors", _Seqs(probes), train, per_device_query_batch_size=1,
+    same = len({len(p.tokens) for p in probes}) == 1  # one query batch: one pass over the training windows
+    an.compute_pairwise_scores("scores", "factors", _Seqs(probes), train,
+                               per_device_query_batch_size=len(probes) if same else 1,
                                per_device_train_batch_size=batch_size, overwrite_output_dir=True,
                                score_args=ScoreArguments(damping_factor=damping))
     return an.load_pairwise_scores("scores")["all_modules"].double().numpy()
