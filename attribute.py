@@ -361,6 +361,17 @@ def t_interval(x) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
+def base_loss(cfg: AttributeConfig, traj: A.Trajectory, items: list[A.Item]) -> float:
+    """The mean probe loss of the in-place retrain with nothing removed: every effect is
+    measured against it, not against the run, so a run trained with other numerics (thread
+    count, a resume on another machine, GPU kernels) does not shift every effect alike."""
+    out = retrain_all(cfg, traj, "base", [("empty", None, None)])[0]
+    base, run = float(measure(out, items).mean()), float(measure(traj.out_dir, items).mean())
+    print(f"probe loss {base:.4f} retrained in place with nothing removed; {run:.4f} as the run trained "
+          f"({'bitwise the same' if base == run else f'{base - run:+.5f}: the numerics differ'})")
+    return base
+
+
 # -----------------------------------------------------------------------------
 # validation 1: top-k vs timing-matched random-k, removed in place
 
@@ -384,7 +395,7 @@ def matched_random(traj: A.Trajectory, top: np.ndarray, rng) -> np.ndarray:
 
 def validate_topk(cfg: AttributeConfig, ctx: A.Context, df: pd.DataFrame) -> dict:
     traj, items = ctx.traj, ctx.probes
-    base = float(measure(traj.out_dir, items).mean())
+    base = base_loss(cfg, traj, items)
     k = min(cfg.k, len(df) // 2)
     top = df["batch_id"].to_numpy()[:k]
     rng = np.random.default_rng([cfg.seed, 0x746F706B])
@@ -497,7 +508,7 @@ def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     orders = random_moves(traj, cfg.moves, cfg.move_rows, cfg.move_frac, cfg.seed)
     group = f"order_r{cfg.move_rows}_f{cfg.move_frac:g}_s{cfg.seed}"
     outs = retrain_all(cfg, traj, group, [(f"move{m:03d}", None, o) for m, o in enumerate(orders)])
-    base = float(measure(traj.out_dir, items).mean())
+    base = base_loss(cfg, traj, items)
     measured = np.array([float(measure(o, items).mean()) - base for o in outs])
     kinds = {"tracin": "plain", "tracin_adam": "adam"}
     if not traj.preconditioner_available():
