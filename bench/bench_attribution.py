@@ -100,7 +100,8 @@ def summary(name: str, r: dict):
     t = r["topk"]
     print(f"top-{int(t['k'])} removed in place ({r['best']}): {t['top_effect']:+.4f}; timing-matched random-"
           f"{int(t['k'])}: {t['random_mean']:+.4f} [{t['random_lo']:+.4f}, {t['random_hi']:+.4f}] "
-          f"({int(t['n_random'])} draws); ratio {t['ratio']:.2f} [{t['ratio_lo']:.2f}, {t['ratio_hi']:.2f}]")
+          f"({int(t['n_random'])} draws); ratio {t['ratio']:.2f} [{t['ratio_lo']:.2f}, {t['ratio_hi']:.2f}], "
+          f"difference {t['difference']:+.4f} [{t['difference_lo']:+.4f}, {t['difference_hi']:+.4f}]")
     for x in r["order"].itertuples():
         print(f"order-aware ({x.estimator}): Pearson {x.pearson:+.3f} [{x.pearson_lo:+.3f}, {x.pearson_hi:+.3f}], "
               f"Spearman {x.spearman:+.3f} [{x.spearman_lo:+.3f}, {x.spearman_hi:+.3f}]")

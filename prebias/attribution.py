@@ -570,6 +570,8 @@ def unrolled_adjoints(T: int, lr, hvp, precond, v_final: torch.Tensor, want) -> 
         out[T] = v.clone()
     for t in tqdm(range(T - 1, -1, -1), desc="adjoint (backward through the steps)", unit="step", leave=False):
         v = v - lr(t) * hvp(t, precond(t) * v)
+        if not torch.isfinite(v).all():
+            raise UserError(f"the adjoint overflowed at step {t}: the linearised run is unstable there")
         if t in want:
             out[t] = v.clone()
     return out
@@ -588,11 +590,19 @@ def move_prediction(moves, lr, B: int, grad, adjoint, precond) -> float:
     return total
 
 
+def damped(D: torch.Tensor) -> torch.Tensor:
+    """1 / (sqrt(v_hat) + median sqrt(v_hat)) from 1 / (sqrt(v_hat) + eps): with eps = 1e-8 the
+    weights whose moments are ~0 get ~1e8, and the linearised recursion through 200 steps
+    overflows; damping by the median bounds the preconditioner at 1 / median."""
+    s = 1 / D.double()  # sqrt(v_hat) + eps
+    return 1 / (s + s.median())
+
+
 def move_effect_unrolled(ctx: Context, move_sets: list, adam: bool = True) -> np.ndarray:
     """move_prediction for each move set on the run: the adjoint from the last checkpoint's
     mean probe gradient back through every step (Hessian-vector products of each step's
     kept rows at the checkpoint starting its interval), Adam's preconditioner of that
-    checkpoint (or 1 without saved moments). Exact gradients: no projection."""
+    checkpoint damped by its median (damped; 1 without saved moments). Exact gradients."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     traj = ctx.traj
     B = traj.rec["batch_ids"].shape[1]
@@ -602,7 +612,7 @@ def move_effect_unrolled(ctx: Context, move_sets: list, adam: bool = True) -> np
         iv = traj.interval_of(s)
         if iv.it0 not in models:
             models[iv.it0] = model_from_checkpoint(load_checkpoint(iv.p0))
-            pre[iv.it0] = (traj.preconditioner(models[iv.it0], iv.it0).float() if adam else
+            pre[iv.it0] = (damped(traj.preconditioner(models[iv.it0], iv.it0)).float() if adam else
                            torch.ones(sum(p.numel() for p in models[iv.it0].parameters())))
         return models[iv.it0], pre[iv.it0], iv
 
