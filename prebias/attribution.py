@@ -135,7 +135,8 @@ class GradStore:
 
     def __init__(self, cache_dir, d: int, proj: str, seed: int, chunk: int = 0):
         self.dir, self.d, self.proj, self.seed, self.chunk = Path(cache_dir), d, proj, seed, chunk
-        self.done = DoneRecord(self.dir / "done.json", {"d": d, "proj": proj, "seed": seed, "version": 4})  # bump when P changes
+        # version: bump when P changes
+        self.done = DoneRecord(self.dir / "done.json", {"d": d, "proj": proj, "seed": seed, "version": 4})
         self.mem = {}  # (ckpt stem, kind) -> {key: row}
         self.computed = 0  # gradients computed (not read from the cache) by this store
 
