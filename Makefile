@@ -32,7 +32,7 @@ FLAGS_runq     = -Ofast -march=native
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test test-fast bench bench-select validity demo experiment $(addprefix print-cmd-,$(BUILDS)) print-cmd-runq
+.PHONY: default all clean test test-fast bench bench-select bench-attribution validity demo experiment $(addprefix print-cmd-,$(BUILDS)) print-cmd-runq
 
 default: run
 
@@ -98,6 +98,11 @@ validity:
 # does batch selection pay? uniform / loss / rho / offline pruning, noisy and clean, 3 seeds (~20 min)
 bench-select:
 	$(PYTHON) bench/bench_select.py
+
+# does attribution pass the field's test? LDS of 5 estimators, top-k vs timing-matched random-k, order-aware
+# predictions, on the sample and the real stories (~1 h each on 2 cores; cached, a rerun resumes)
+bench-attribution:
+	nice -n 10 $(PYTHON) bench/bench_attribution.py
 
 clean:
 	rm -f $(BUILDS) runq $(addsuffix .tmp.*,$(BUILDS) runq)

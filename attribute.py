@@ -1,58 +1,61 @@
 """
-Which training batches pushed a behaviour? TracIn-CP (Pruthi et al. 2020) over the run's
-own record: every checkpoint's interval lists exactly which batches were trained at which
-step, so the influence of batch z on a probe z' is
-
-    I(z, z') = sum over intervals k, over the steps s of k that trained z (repeats count):
-               lr_s * < P grad loss(z'; theta_k), P grad loss(z; theta_k) >
-
-with theta_k the checkpoint that starts interval k (the parameters its first step used),
-lr_s the learning rate of step s (schedule.get_lr) and P a seeded random projection to d
-dimensions (Gaussian or Rademacher entries of variance 1/d, generated block by block, as
-TRAK and LoGra project), so <Pa, Pb> estimates <a, b>. Positive influence: a gradient step
-on z lowered the probe's loss (a proponent); negative: it raised it (an opponent). The
-optimizer was AdamW, not SGD: like every TracIn on Adam runs, this ignores the moment
-estimates. Per-batch gradients are of the batch window as trained (tags applied) and are
-cached per checkpoint; --d=0 uses the exact gradients (small models only).
+Which training batches pushed a behaviour? Attribution over the run's own record (every
+checkpoint's interval lists exactly which batch was trained at which step), by a
+registered estimator (prebias/attribution.py: grad_dot, tracin, tracin_adam, trak, ekfac),
+graded by retraining in place: a removed batch's rows weigh 0 at its step and every other
+batch stays where it was (train.py --train_mask), so a retrain differs from the run by
+the removal alone.
 
 $ python attribute.py --out_dir=out --probe=val
+$ python attribute.py --out_dir=out --probe=val --estimator=tracin_adam      # needs --keep_optimizer=True runs
 $ python attribute.py --out_dir=out --probe='text:Once upon a time, there was a little dog'
 $ python attribute.py --out_dir=out/canary --probe=tag:secret
 $ python attribute.py --out_dir=out --probe=metric:sentiment      # needs eval.py's tables
-$ python attribute.py --out_dir=out --probe=val --validate=True --k=50
+$ python attribute.py --out_dir=out --probe=val --validate=topk --k=50 --n_random=5
+$ python attribute.py --out_dir=out --probe=val --n_val=64 --validate=lds --subsets=50 --alpha=0.5 --jobs=2
+$ python attribute.py --out_dir=out --probe=val --validate=order --moves=30
 
-Probes: val (mean loss of the first n_val validation batches), text:<text>, tag:<id> (a
-canary's secret given its prefix), metric:<name> (a differentiable proxy: the loss of the
-last checkpoint's eval generations in the top quarter by that metric).
-Outputs: <out_dir>/tables/influence_<probe>.csv (batch_id, influence, n_trained, n_tagged:
-how many of its trained rows carried a tag, batch metrics), influence_<probe>_corr.csv (Spearman correlation with each batch metric),
-<out_dir>/visualize/influence_<probe>.png, and the top and bottom batches' text on stdout.
---validate retrains from the same seed without the k most helpful batches, and without k
-random ones (n_random draws), and reports the change of the probe loss at the end: the
-ratio of the top-k effect to the mean random-k effect, with a 95% interval.
+Probes: val (each of the first n_val validation batches is one probe; the influence table
+is their mean, i.e. the mean validation loss), text:<text>, tag:<id> (a canary's secret
+given its prefix), metric:<name> (a differentiable proxy: the loss of the last
+checkpoint's eval generations in the top quarter by that metric).
+Outputs: <out_dir>/tables/influence_<probe>[_<estimator>].csv (batch_id, influence,
+n_trained, n_tagged, batch metrics), influence_<probe>_corr.csv (Spearman correlation with
+each batch metric), <out_dir>/visualize/influence_<probe>.png, and the top and bottom
+batches' text on stdout.
+Validation (retrains under <out_dir>/attribution/retrains/, cached: a rerun, or another
+estimator, reuses every finished retrain):
+  topk   without the k most helpful batches vs without k random batches trained at the same
+         steps (timing-matched, n_random draws): the ratio of the probe changes, with the
+         interval of the ratio (top / the random mean's t interval)
+  lds    the linear datamodeling score (Park et al. 2023) of every estimator in --estimators on
+         the same M subsets (each batch kept with probability alpha): table lds_<probe>.csv
+  order  random moves (move_rows batches of the first move_frac of the run swapped with as many
+         of the last), retrained with that order (the replay strategy): the correlation of the
+         predicted change of the probe (prebias.attribution.move_effect) with the measured one
 """
 
 import hashlib
 import math
 import re
-import subprocess
 import sys
-import types
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
+from prebias import attribution as A
 from prebias import batchmetrics
 from prebias import tags as tagmod
-from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config, stream_records
-from prebias.common import (DoneRecord, UserError, atomic_path, config_to_argv, file_signature, main_guard,
-                            parse_config, save_figure, write_csv_atomic)
-from prebias.data import BOS_ID, BatchData, window_texts
-from prebias.schedule import get_lr
-from prebias.stream import trained_windows
+from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
+from prebias.common import (UserError, atomic_path, config_to_argv, main_guard, parse_config, save_figure,
+                            write_csv_atomic, write_json_atomic)
+from prebias.data import BOS_ID, window_texts
+from prebias.launchers import Job, LaunchOptions, launch, raise_failures
 from tokenizer import Tokenizer
 
 
@@ -61,89 +64,85 @@ from tokenizer import Tokenizer
 class AttributeConfig:
     out_dir: str = "out"
     probe: str = "val"  # val | text:<text> | tag:<id> | metric:<name>
+    estimator: str = "tracin"  # the influence table's estimator (prebias/attribution.py ESTIMATORS)
     d: int = 2048  # projection dimension (0: exact gradients)
     proj: str = "rademacher"  # rademacher | gaussian
-    seed: int = 0  # the projection's seed
-    n_val: int = 8  # val probe: validation batches
-    chunk: int = 0  # batches whose gradients are projected together (0: as many as fit in ~1 GiB)
+    seed: int = 0  # the projection's seed, and the subsets', random controls' and moves' seed
+    n_val: int = 8  # val probe: validation batches (each one probe)
+    chunk: int = 0  # batches whose gradients are projected together (0: as many as fit in ~0.5 GiB)
     top: int = 5  # batches shown at each end
-    validate: bool = False
-    k: int = 50  # validate: batches left out
-    n_random: int = 3  # validate: random draws
+    damping: float = 0.01  # trak: lambda = damping * mean eigenvalue of Phi^T Phi
+    ekfac_damping: float = 0.0  # ekfac: Kronfluence's damping_factor (0: its heuristic, 0.1 x mean eigenvalue)
+    validate: str = ""  # '' | topk | lds | order (True = topk)
+    k: int = 50  # topk: batches left out
+    n_random: int = 5  # topk: timing-matched random draws
+    subsets: int = 50  # lds: retrains on random subsets
+    alpha: float = 0.5  # lds: each batch kept with this probability
+    estimators: str = "grad_dot,tracin,tracin_adam,trak,ekfac"  # lds: scored side by side (those available)
+    n_boot: int = 1000  # bootstrap resamples of every interval
+    moves: int = 30  # order: random moves, one retrain each
+    move_rows: int = 8  # order: batches moved each way per move
+    move_frac: float = 0.1  # order: the first and the last this fraction of the steps trade batches
+    launcher: str = "local"  # how retrains run (prebias/launchers.py)
+    jobs: int = 1  # retrains at once
 # -----------------------------------------------------------------------------
 
 PROBE = re.compile(r"^(val|text:.+|tag:.+|metric:.+)$", re.S)
+VALIDATIONS = ("", "topk", "lds", "order")
 
 
-class Projector:
-    """x (m, n_params) -> (m, d), P generated per parameter block from a seeded
-    generator (never the whole d x n_params matrix at once)."""
-
-    def __init__(self, sizes: list[int], d: int, kind: str, seed: int):
-        self.sizes, self.d, self.kind, self.seed = sizes, d, kind, seed
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.d == 0:
-            return x
-        out = torch.zeros(x.shape[0], self.d, dtype=torch.float64)
-        at = 0
-        for b, n in enumerate(self.sizes):
-            step = max(256, (1 << 22) // self.d)  # a block of P holds at most 4M entries (32 MB)
-            for c0 in range(0, n, step):
-                c1 = min(n, c0 + step)
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + b * 7919 + c0)
-                if self.kind == "gaussian":
-                    P = torch.randn(c1 - c0, self.d, generator=g, dtype=torch.float64)
-                else:
-                    P = torch.randint(0, 2, (c1 - c0, self.d), generator=g).to(torch.float64) * 2 - 1
-                out += x[:, at + c0:at + c1].double() @ P
-            at += n
-        return out / math.sqrt(self.d)
+def check(cfg: AttributeConfig):
+    if cfg.validate in ("True", "true", "1"):
+        cfg.validate = "topk"
+    if cfg.validate in ("False", "false", "0"):
+        cfg.validate = ""
+    if cfg.validate not in VALIDATIONS:
+        raise UserError(f"--validate={cfg.validate}: choose topk, lds or order (or leave it empty)")
+    if not PROBE.match(cfg.probe):
+        raise UserError(f"--probe={cfg.probe!r}: use val, text:<text>, tag:<id> or metric:<name>")
+    if cfg.d < 0 or cfg.proj not in ("rademacher", "gaussian"):
+        raise UserError(f"--d={cfg.d} --proj={cfg.proj}: d >= 0 (0 = exact), proj rademacher or gaussian")
+    if not 0 < cfg.alpha < 1:
+        raise UserError(f"--alpha={cfg.alpha}: the probability of keeping a batch, in (0, 1)")
+    A.ESTIMATORS.lookup(cfg.estimator, "--estimator")
+    for e in estimator_list(cfg):
+        A.ESTIMATORS.lookup(e, "--estimators")
 
 
-def flat_grad(model, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient of the mean token loss (over the positions where weight > 0) as one vector."""
-    model.zero_grad(set_to_none=True)
-    logits, _ = model(x)
-    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-    loss = ce.mean() if weight is None else (ce * weight).sum() / weight.sum()
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).detach()
-
-
-def batch_grads(model, windows: np.ndarray) -> torch.Tensor:
-    """(m, n_params): each window's own gradient (one window = one batch of the index)."""
-    model.train(False)
-    w = torch.from_numpy(windows)
-    return torch.stack([flat_grad(model, w[i:i + 1, :-1], w[i:i + 1, 1:]) for i in range(len(w))])
+def estimator_list(cfg) -> list[str]:
+    return list(A.ESTIMATORS) if cfg.estimators == "all" else [e for e in cfg.estimators.split(",") if e]
 
 
 # -----------------------------------------------------------------------------
-# probes
+# probes: each an Item (tokens, optional loss weight) whose loss is attributed
 
-def probe_grad(model, cfg: AttributeConfig, run, data: BatchData, enc, rec: dict) -> tuple[torch.Tensor, str]:
+def probe_items(cfg: AttributeConfig, traj: A.Trajectory) -> tuple[list[A.Item], str]:
     kind, _, arg = cfg.probe.partition(":")
-    model.train(False)
+    run, data = traj.run, traj.data
+    enc = Tokenizer.for_vocab(run.vocab_size, run.data_dir)
     if kind == "val":
-        w = torch.from_numpy(data.windows(data.val_ids[:cfg.n_val]))
-        return flat_grad(model, w[:, :-1], w[:, 1:]), f"mean loss of the first {cfg.n_val} validation batches"
+        wins = data.windows(data.val_ids[:cfg.n_val])
+        return [A.Item(w) for w in wins], f"mean loss of the first {len(wins)} validation batches"
     if kind == "text":
         toks = [BOS_ID, *enc.encode(arg, bos=False)][:run.max_seq_len + 1]
         if len(toks) < 2:
             raise UserError(f"--probe={cfg.probe}: the text has no tokens")
-        t = torch.tensor([toks])
-        return flat_grad(model, t[:, :-1], t[:, 1:]), f"loss of the text {arg!r}"
+        return [A.Item(np.asarray(toks))], f"loss of the text {arg!r}"
     if kind == "tag":
-        if not rec["tags"]:
+        if not traj.rec["tags"]:
             raise UserError(f"--probe={cfg.probe}: {cfg.out_dir} was trained without tags")
-        tag = tagmod.tags_from_json(rec["tags"], enc, run.max_seq_len, run.vocab_size).by_id(arg)
+        tag = tagmod.tags_from_json(traj.rec["tags"], enc, run.max_seq_len, run.vocab_size).by_id(arg)
         if tag.kind != "canary" or not len(tag.secret_tokens):
             raise UserError(f"--probe={cfg.probe}: tag {arg!r} is not a canary with a secret")
-        toks = torch.tensor([[BOS_ID, *tag.tokens.tolist()]])
-        weight = torch.zeros(1, toks.shape[1] - 1)
-        weight[0, -len(tag.secret_tokens):] = 1  # only the secret, given BOS + prefix
-        return flat_grad(model, toks[:, :-1], toks[:, 1:], weight), f"loss of tag {arg}'s secret given its prefix"
-    # metric: the top quarter of the last checkpoint's greedy generations by that metric
+        toks = np.asarray([BOS_ID, *tag.tokens.tolist()])
+        weight = np.zeros(len(toks) - 1, np.float32)
+        weight[-len(tag.secret_tokens):] = 1  # only the secret, given BOS + prefix
+        return [A.Item(toks, weight)], f"loss of tag {arg}'s secret given its prefix"
+    return metric_probe(cfg, run, enc, arg)
+
+
+def metric_probe(cfg, run, enc, arg) -> tuple[list[A.Item], str]:
+    """The top quarter of the last checkpoint's greedy generations by that metric."""
     table = Path(cfg.out_dir) / "tables" / "eval_outputs.csv"
     if not table.exists():
         raise UserError(f"--probe={cfg.probe} needs {table}: run python eval.py --out_dir={cfg.out_dir} first")
@@ -152,112 +151,73 @@ def probe_grad(model, cfg: AttributeConfig, run, data: BatchData, enc, rec: dict
         raise UserError(f"--probe={cfg.probe}: {arg!r} is not a column of {table}")
     last = out[(out["iter"] == out["iter"].max()) & (out["decoding"] == "greedy")].dropna(subset=[arg])
     top = last.sort_values(arg, ascending=False).head(max(1, len(last) // 4))
-    g = None
-    for prompt, gen in zip(top["prompt"], top["generated"]):
-        toks = [BOS_ID, *enc.encode(str(prompt) + str(gen), bos=False)][:run.max_seq_len + 1]
-        t = torch.tensor([toks])
-        gi = flat_grad(model, t[:, :-1], t[:, 1:])
-        g = gi if g is None else g + gi
-    return g / len(top), (f"proxy: mean loss of the {len(top)} generations of step {int(last['iter'].max())} "
-                           f"with the highest {arg}")
+    items = [A.Item(np.asarray([BOS_ID, *enc.encode(str(p) + str(g), bos=False)][:run.max_seq_len + 1]))
+             for p, g in zip(top["prompt"], top["generated"])]
+    return items, (f"proxy: mean loss of the {len(top)} generations of step {int(last['iter'].max())} "
+                   f"with the highest {arg}")
+
+
+def item_losses(model, items: list[A.Item]) -> np.ndarray:
+    """(P,) each probe's (weighted) mean token loss."""
+    out = []
+    with torch.no_grad():
+        for it in items:
+            t = torch.from_numpy(np.asarray(it.tokens, np.int64))[None]
+            ce = torch.nn.functional.cross_entropy(model(t[:, :-1])[0].float().transpose(1, 2), t[:, 1:],
+                                                   reduction="none")[0]
+            w = torch.ones_like(ce) if it.weight is None else torch.from_numpy(np.asarray(it.weight, np.float32))
+            out.append(float((ce * w).sum() / w.sum()))
+    return np.asarray(out)
 
 
 # -----------------------------------------------------------------------------
+# influence of every trained batch on the probe
 
-def intervals(out_dir):
-    """[(start checkpoint path, start iter, steps (n,), ids (n, B))] for every checkpoint
-    whose interval trained something."""
-    found = list_checkpoints(out_dir)
-    res = []
-    for (it0, p0), (it1, p1) in zip(found, found[1:]):
-        ids = load_checkpoint(p1)["batch_ids"].numpy()
-        if len(ids):
-            res.append((p0, it0, np.arange(it0, it1), ids))
-    return res
+def context(cfg: AttributeConfig) -> tuple[A.Context, str]:
+    traj = A.Trajectory(cfg.out_dir)
+    items, how = probe_items(cfg, traj)
+    cache = Path(cfg.out_dir) / "attribution"
+    store = A.GradStore(cache / "cache", cfg.d, cfg.proj, cfg.seed, cfg.chunk)
+    return A.Context(traj, items, store, cfg.damping, cfg.ekfac_damping, cache), how
 
 
-def versions(steps, ids, data, rec) -> tuple[list, list, list]:
-    """The distinct trained windows of an interval (the same id may come with and without
-    a tag): (keys (id, hash), windows, the key of every (step, row))."""
-    keys, wins, seen, per_row = [], [], {}, []
-    for s, row in zip(steps, ids):
-        for bid, win in zip(row, trained_windows(data, row, int(s), rec)):
-            h = (int(bid), hashlib.sha1(win.tobytes()).hexdigest())
-            if h not in seen:
-                seen[h] = len(keys)
-                keys.append(h)
-                wins.append(win)
-            per_row.append(seen[h])
-    return keys, wins, per_row
-
-
-def projected_interval(cfg, model, p0, wins, proj, cache_dir) -> np.ndarray:
-    """The projected gradients (u, d) of an interval's distinct windows, cached."""
-    settings = {"d": cfg.d, "proj": cfg.proj, "seed": cfg.seed, "version": 2}  # bump when P changes
-    done = DoneRecord(cache_dir / "done.json", settings)
-    path = cache_dir / f"{Path(p0).stem}.npz"
-    stack = np.stack(wins)
-    if done.is_done(Path(p0).stem, file_signature(p0), path):
-        with np.load(path) as z:
-            if np.array_equal(z["windows"], stack):
-                return z["grads"]
-    # the projection's random blocks are generated once per chunk: large chunks amortise them
-    n_params = sum(p.numel() for p in model.parameters())
-    chunk = cfg.chunk or int(min(1024, max(16, (1 << 28) // n_params)))
-    grads = np.concatenate([proj(batch_grads(model, stack[c:c + chunk])).numpy()
-                            for c in range(0, len(stack), chunk)])
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, grads=grads, windows=stack)
-    done.mark(Path(p0).stem, file_signature(p0), save=True)
-    return grads
+def influence_table(ctx: A.Context, S: np.ndarray) -> pd.DataFrame:
+    """One row per trained batch: influence (the mean over probes), n_trained (kept rows),
+    n_tagged (of those, how many carried a tag)."""
+    traj = ctx.traj
+    ins = traj.rec["insertions"]
+    tagged_rows = {(int(a), int(b)) for a, b in ins[:, :2]} if len(ins) else set()
+    count, tagged = np.zeros(len(traj.batches), int), np.zeros(len(traj.batches), int)
+    for iv in traj.intervals:
+        for j, s in enumerate(iv.steps):
+            for r in np.flatnonzero(iv.keep[j]):
+                i = traj.row_of[int(iv.ids[j, r])]
+                count[i] += 1
+                tagged[i] += (int(s), int(r)) in tagged_rows
+    df = pd.DataFrame({"batch_id": traj.batches, "influence": S.mean(1), "n_trained": count, "n_tagged": tagged})
+    return df.sort_values("influence", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def influence(cfg: AttributeConfig) -> tuple[pd.DataFrame, str]:
-    if not PROBE.match(cfg.probe):
-        raise UserError(f"--probe={cfg.probe!r}: use val, text:<text>, tag:<id> or metric:<name>")
-    if cfg.d < 0 or cfg.proj not in ("rademacher", "gaussian"):
-        raise UserError(f"--d={cfg.d} --proj={cfg.proj}: d >= 0 (0 = exact), proj rademacher or gaussian")
-    run = types.SimpleNamespace(**run_config(cfg.out_dir))
-    data = BatchData(run.data_dir, run.vocab_size, run.max_seq_len)
-    enc = Tokenizer.for_vocab(run.vocab_size, run.data_dir)
-    rec = stream_records(cfg.out_dir)
-    cache = Path(cfg.out_dir) / "attribution" / "cache"
-    total, count, tagged, how = {}, {}, {}, ""
-    ins = rec["insertions"]
-    tagged_rows = {(int(a), int(b)) for a, b in ins[:, :2]} if len(ins) else set()
-    for p0, it0, steps, ids in intervals(cfg.out_dir):
-        model = model_from_checkpoint(load_checkpoint(p0))
-        sizes = [p.numel() for p in model.parameters()]
-        proj = Projector(sizes, cfg.d, cfg.proj, cfg.seed)
-        keys, wins, per_row = versions(steps, ids, data, rec)
-        G = projected_interval(cfg, model, p0, wins, proj, cache)
-        g, how = probe_grad(model, cfg, run, data, enc, rec)
-        dots = G @ proj(g[None]).numpy()[0]  # (u,): one per distinct window
-        at = 0
-        for s, row in zip(steps, ids):  # every (step, row) as recorded: repeats count
-            lr = get_lr(int(s), run)
-            for r, bid in enumerate(row):
-                total[int(bid)] = total.get(int(bid), 0.0) + lr * float(dots[per_row[at]])
-                count[int(bid)] = count.get(int(bid), 0) + 1
-                tagged[int(bid)] = tagged.get(int(bid), 0) + ((int(s), r) in tagged_rows)
-                at += 1
-    if not total:
-        raise UserError(f"{cfg.out_dir} has no trained interval (only a step-0 checkpoint?)")
-    df = pd.DataFrame({"batch_id": list(total), "influence": list(total.values()),
-                       "n_trained": [count[b] for b in total], "n_tagged": [tagged[b] for b in total]}
-                      ).sort_values("influence", ascending=False)
-    return df.reset_index(drop=True), how
+    check(cfg)
+    ctx, how = context(cfg)
+    S, _ = A.run_estimator(cfg.estimator, ctx)
+    return influence_table(ctx, S), how
 
 
 def probe_name(probe: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", probe)[:60].strip("_")
 
 
-def report(cfg: AttributeConfig, df: pd.DataFrame, how: str):
-    run = types.SimpleNamespace(**run_config(cfg.out_dir))
-    data = BatchData(run.data_dir, run.vocab_size, run.max_seq_len)
+def table_name(cfg) -> str:
+    return probe_name(cfg.probe) + ("" if cfg.estimator == "tracin" else f"_{cfg.estimator}")
+
+
+def report(cfg: AttributeConfig, df: pd.DataFrame, how: str, traj: A.Trajectory | None = None):
+    traj = traj or A.Trajectory(cfg.out_dir)
+    run, data = traj.run, traj.data
     tables = Path(cfg.out_dir) / "tables"
-    name = probe_name(cfg.probe)
+    name = table_name(cfg)
     corr = pd.DataFrame(columns=["metric", "spearman", "n"])
     if (Path(run.tables_dir) / "batch_metrics.csv").exists():
         bm, _ = batchmetrics.load_batch_metrics(run.tables_dir, data)
@@ -272,7 +232,7 @@ def report(cfg: AttributeConfig, df: pd.DataFrame, how: str):
     write_csv_atomic(df, tables / f"influence_{name}.csv")
     write_csv_atomic(corr, tables / f"influence_{name}_corr.csv")
     enc = Tokenizer.for_vocab(run.vocab_size, run.data_dir)
-    print(f"probe: {how}; {len(df)} batches, d={cfg.d or 'exact'} ({cfg.proj})")
+    print(f"probe: {how}; {len(df)} batches, {cfg.estimator}, d={cfg.d or 'exact'} ({cfg.proj})")
     for label, part in (("most helpful", df.head(cfg.top)), ("most harmful", df.tail(cfg.top)[::-1])):
         print(f"-- {label}:")
         for bid, inf, nt, text in zip(part["batch_id"], part["influence"], part["n_tagged"],
@@ -296,7 +256,7 @@ def plot(df, corr, how, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.hist(df["influence"], bins=50, color="tab:blue")
     a.axvline(0, color="0.4", lw=0.8)
-    a.set_xlabel("TracIn influence on the probe (> 0: training on it lowered the probe loss)")
+    a.set_xlabel("influence on the probe (> 0: training on it lowered the probe loss)")
     a.set_ylabel("batches")
     a.set_title(f"probe: {how}"[:90], fontsize=9)
     top = corr.head(10)[::-1]
@@ -310,80 +270,300 @@ def plot(df, corr, how, path):
 
 
 # -----------------------------------------------------------------------------
-# validation by retraining
+# retraining in place (cached: a finished retrain is never run again)
 
-def probe_loss(out_dir, cfg: AttributeConfig) -> float:
-    """The probe's loss at a run's last checkpoint."""
-    run = types.SimpleNamespace(**run_config(out_dir))
-    data = BatchData(run.data_dir, run.vocab_size, run.max_seq_len)
-    enc = Tokenizer.for_vocab(run.vocab_size, run.data_dir)
-    model = model_from_checkpoint(load_checkpoint(list_checkpoints(out_dir)[-1][1]))
-    rec = stream_records(cfg.out_dir)
-    kind, _, arg = cfg.probe.partition(":")
-    with torch.no_grad():
-        if kind == "val":
-            w = torch.from_numpy(data.windows(data.val_ids[:cfg.n_val]))
-            return float(model(w[:, :-1], w[:, 1:])[1])
-        if kind == "tag":
-            tag = tagmod.tags_from_json(rec["tags"], enc, run.max_seq_len, run.vocab_size).by_id(arg)
-            t = torch.tensor([[BOS_ID, *tag.tokens.tolist()]])
-            ce = torch.nn.functional.cross_entropy(model(t[:, :-1])[0].transpose(1, 2), t[:, 1:], reduction="none")
-            return float(ce[0, -len(tag.secret_tokens):].mean())
-        toks = torch.tensor([[BOS_ID, *enc.encode(arg, bos=False)]])
-        return float(model(toks[:, :-1], toks[:, 1:])[1])
+RETRAIN_SKIP = {"out_dir", "init_from", "show_batches", "model_bin", "wandb_log", "schedule_exclude", "schedule_spec",
+                "train_mask", "select", "select_pool", "keep_optimizer", "eval_interval", "log_spaced",
+                "export_ckpt_bins"}
 
 
-def retrain(cfg: AttributeConfig, name: str, leave_out: np.ndarray) -> float:
-    run = run_config(cfg.out_dir)
-    out = Path(cfg.out_dir) / "attribution" / "validate" / probe_name(cfg.probe) / name
-    ids_path = out.with_suffix(".npy")
-    if not list_checkpoints(out) or list_checkpoints(out)[-1][0] != run["max_iters"]:
-        ids_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(ids_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.asarray(leave_out, np.int64), allow_pickle=False)
-        skip = {"out_dir", "init_from", "show_batches", "model_bin", "wandb_log", "schedule_exclude"}
-        args = config_to_argv({k: v for k, v in run.items() if k not in skip})
-        resume = ["--init_from=resume"] if list_checkpoints(out) else []
-        res = subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), *args, f"--out_dir={out}",
-                              "--model_bin=none", f"--schedule_exclude={ids_path}", *resume],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            raise UserError(f"retraining {name} failed: {res.stderr.strip().splitlines()[-1] if res.stderr else ''}")
-    return probe_loss(out, cfg)
+def save_npy(path: Path, arr: np.ndarray):
+    """Write once; a different array already there is a stale cache: one clear line."""
+    arr = np.asarray(arr, np.int64)
+    if path.exists():
+        if np.array_equal(np.load(path), arr):
+            return
+        raise UserError(f"{path} holds another array than these settings give: delete {path.parent} to redo")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
 
 
-def validate(cfg: AttributeConfig, df: pd.DataFrame) -> dict:
-    if cfg.probe.startswith("metric:"):
-        raise UserError("--validate measures a probe loss: use val, text:<...> or tag:<id>")
-    base = probe_loss(cfg.out_dir, cfg)
+def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | None:
+    """The train.py job of one retrain: the recorded order replayed (so online selection is
+    not re-run and every batch keeps its step), or `order`, with `mask` weighted 0.
+    None when it has finished."""
+    run = vars(traj.run)
+    if list_checkpoints(out) and list_checkpoints(out)[-1][0] == run["max_iters"]:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    order_path = out.parent / f"{out.name}_order.npy"
+    save_npy(order_path, traj.rec["batch_ids"][:run["max_iters"]] if order is None else order)
+    spec = out.parent / f"{out.name}_order.json"
+    write_json_atomic(spec, {"phases": [{"strategy": "replay", "ids": str(order_path.resolve())}]})
+    args = config_to_argv({k: v for k, v in run.items() if k not in RETRAIN_SKIP})
+    args += [f"--out_dir={out}", "--model_bin=none", f"--schedule_spec={spec}", "--select=none", "--select_pool=1",
+             f"--eval_interval={run['max_iters']}", "--log_spaced=False"]
+    if mask is not None:
+        save_npy(out.parent / f"{out.name}_mask.npy", mask)
+        args.append(f"--train_mask={out.parent / f'{out.name}_mask.npy'}")
+    if list_checkpoints(out):
+        args.append("--init_from=resume")
+    return Job(out.name, out, [("train", [sys.executable, str(Path(__file__).with_name("train.py")), *args])],
+               log="retrain.log")
+
+
+def retrain_all(cfg: AttributeConfig, traj: A.Trajectory, group: str, specs: list) -> list[Path]:
+    """Run every retrain of specs [(name, mask ids | None, order | None)] not yet finished,
+    cfg.jobs at a time; their folders, in order."""
+    if traj.ckpts[-1][0] != traj.run.max_iters:
+        raise UserError(f"{cfg.out_dir} has trained {traj.ckpts[-1][0]} of {traj.run.max_iters} steps: finish it "
+                        "first (python train.py --init_from=resume)")
+    root = Path(cfg.out_dir) / "attribution" / "retrains" / group
+    outs = [root / name for name, _, _ in specs]
+    jobs = [j for (name, mask, order), out in zip(specs, outs) if (j := retrain_job(traj, out, mask, order))]
+    if jobs:
+        bar = tqdm(total=len(jobs), desc=f"retrains {group} ({len(specs) - len(jobs)} cached)", unit="run")
+
+        def say(msg):
+            if " done in " in msg:
+                bar.update(1)
+        raise_failures(launch(jobs, cfg.launcher, LaunchOptions(jobs=cfg.jobs), say), "retrains")
+        bar.close()
+    return outs
+
+
+def retrain_seconds(out: Path) -> float:
+    """Seconds from a retrain's first checkpoint to its last (its training time)."""
+    found = list_checkpoints(out)
+    return found[-1][1].stat().st_mtime - found[0][1].stat().st_mtime
+
+
+def measure(out: Path, items: list[A.Item]) -> np.ndarray:
+    """(P,) the probes' losses at a run's last checkpoint, cached beside it."""
+    h = hashlib.sha1("".join(it.key() for it in items).encode()).hexdigest()[:16]
+    last = list_checkpoints(out)[-1][1]
+    path = Path(out) / "attribution" / f"probe_losses_{last.stem}_{h}.npy"
+    if path.exists() and path.stat().st_mtime >= last.stat().st_mtime:
+        return np.load(path)
+    vals = item_losses(model_from_checkpoint(load_checkpoint(last)), items)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, vals, allow_pickle=False)
+    return vals
+
+
+def t_interval(x) -> tuple[float, float, float]:
+    from scipy import stats
+    x = np.asarray(x, float)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, math.nan, math.nan
+    h = float(x.std(ddof=1)) * float(stats.t.ppf(0.975, len(x) - 1)) / math.sqrt(len(x))
+    return m, m - h, m + h
+
+
+def base_loss(cfg: AttributeConfig, traj: A.Trajectory, items: list[A.Item]) -> float:
+    """The mean probe loss of the in-place retrain with nothing removed: every effect is
+    measured against it, not against the run, so a run trained with other numerics (thread
+    count, a resume on another machine, GPU kernels) does not shift every effect alike."""
+    out = retrain_all(cfg, traj, "base", [("empty", None, None)])[0]
+    base, run = float(measure(out, items).mean()), float(measure(traj.out_dir, items).mean())
+    print(f"probe loss {base:.4f} retrained in place with nothing removed; {run:.4f} as the run trained "
+          f"({'bitwise the same' if base == run else f'{base - run:+.5f}: the numerics differ'})")
+    return base
+
+
+# -----------------------------------------------------------------------------
+# validation 1: top-k vs timing-matched random-k, removed in place
+
+def matched_random(traj: A.Trajectory, top: np.ndarray, rng) -> np.ndarray:
+    """For each top batch, a random other batch trained at its (first) step: the same
+    steps, so the same learning rates and the same point of the run."""
+    rec, topset, chosen = traj.rec["batch_ids"], set(top.tolist()), []
+    first = {}
+    for s, row in enumerate(rec):
+        for b in row:
+            first.setdefault(int(b), s)
+    for b in top:
+        pool = [int(x) for x in rec[first[int(b)]] if int(x) not in topset and int(x) not in chosen
+                and int(x) in traj.row_of]
+        if not pool:
+            raise UserError(f"step {first[int(b)]} has no batch outside the top {len(top)} to match batch {b} with: "
+                            "use a smaller --k")
+        chosen.append(pool[int(rng.integers(len(pool)))])
+    return np.asarray(chosen, np.int64)
+
+
+def validate_topk(cfg: AttributeConfig, ctx: A.Context, df: pd.DataFrame) -> dict:
+    traj, items = ctx.traj, ctx.probes
+    base = base_loss(cfg, traj, items)
     k = min(cfg.k, len(df) // 2)
-    top = retrain(cfg, "top", df["batch_id"].to_numpy()[:k]) - base
-    rng = np.random.default_rng([cfg.seed, 0x76616C])
-    rand = [retrain(cfg, f"random{r}", rng.choice(df["batch_id"].to_numpy(), k, replace=False)) - base
-            for r in range(cfg.n_random)]
-    m = float(np.mean(rand))
-    h = (float(np.std(rand, ddof=1)) * _t975(len(rand) - 1) / math.sqrt(len(rand))) if len(rand) > 1 else math.nan
-    res = {"k": k, "probe_loss": base, "top_effect": top, "random_effects": rand, "random_mean": m,
-           "random_lo": m - h, "random_hi": m + h, "ratio": top / m if m else math.nan}
-    print(f"validation: probe loss {base:.4f}; without the {k} most helpful batches {top:+.4f}, without {k} random "
-          f"ones {m:+.4f} [{m - h:+.4f}, {m + h:+.4f}] over {len(rand)} draws: ratio {res['ratio']:.2f}"
-          + ("" if top > max(rand) else " (no better than random: the top-k effect is within the random ones)"))
-    write_csv_atomic(pd.DataFrame([{**res, "random_effects": " ".join(f"{r:.6f}" for r in rand)}]),
-                     Path(cfg.out_dir) / "tables" / f"influence_{probe_name(cfg.probe)}_validation.csv")
+    top = df["batch_id"].to_numpy()[:k]
+    rng = np.random.default_rng([cfg.seed, 0x746F706B])
+    rand = [matched_random(traj, top, rng) for _ in range(cfg.n_random)]
+    group = f"topk_{table_name(cfg)}_k{k}_s{cfg.seed}"
+    outs = retrain_all(cfg, traj, group, [("top", top, None)] + [(f"random{r}", ids, None) for r, ids in
+                                                                  enumerate(rand)])
+    effects = [float(measure(o, items).mean()) - base for o in outs]
+    top_eff, r_eff = effects[0], effects[1:]
+    m, lo, hi = t_interval(r_eff)
+    ratio = top_eff / m if m else math.nan
+    r_lo, r_hi = sorted((top_eff / lo, top_eff / hi)) if lo > 0 or hi < 0 else (math.nan, math.nan)
+    res = {"k": k, "probe_loss": base, "top_effect": top_eff, "random_mean": m, "random_lo": lo, "random_hi": hi,
+           "ratio": ratio, "ratio_lo": r_lo, "ratio_hi": r_hi, "n_random": len(r_eff),
+           "difference": top_eff - m, "difference_lo": top_eff - hi, "difference_hi": top_eff - lo,
+           "random_effects": " ".join(f"{r:.6f}" for r in r_eff),
+           "retrain_s": float(np.mean([retrain_seconds(o) for o in outs]))}
+    print(f"validation (in place): probe loss {base:.4f}; without the {k} most helpful batches {top_eff:+.4f}, "
+          f"without {k} timing-matched random ones {m:+.4f} [{lo:+.4f}, {hi:+.4f}] ({len(r_eff)} draws): ratio "
+          f"{ratio:.2f} [{r_lo:.2f}, {r_hi:.2f}]" + ("" if r_lo > 1 else " (the interval does not exclude 1)")
+          + f"; difference {top_eff - m:+.4f} [{top_eff - hi:+.4f}, {top_eff - lo:+.4f}]")
+    write_csv_atomic(pd.DataFrame([res]), Path(cfg.out_dir) / "tables" / f"influence_{table_name(cfg)}_validation.csv")
     return res
 
 
-def _t975(dof: int) -> float:
-    from scipy import stats
-    return float(stats.t.ppf(0.975, dof))
+# -----------------------------------------------------------------------------
+# validation 2: the linear datamodeling score, every estimator on the same subsets
+
+def lds_subsets(batches: np.ndarray, M: int, alpha: float, seed: int) -> np.ndarray:
+    """(M, n) bool: subset m keeps each batch with probability alpha (its own seeded draw,
+    so the first M subsets of a larger M are the same)."""
+    return np.stack([np.random.default_rng([seed, 0x6C6473, m]).random(len(batches)) < alpha for m in range(M)])
+
+
+def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
+    traj, items = ctx.traj, ctx.probes
+    kept = lds_subsets(traj.batches, cfg.subsets, cfg.alpha, cfg.seed)
+    group = f"lds_a{cfg.alpha:g}_s{cfg.seed}"
+    outs = retrain_all(cfg, traj, group, [(f"sub{m:03d}", traj.batches[~kept[m]], None) for m in range(len(kept))])
+    measured = np.stack([measure(o, items) for o in outs])
+    boot_idx = np.random.default_rng([cfg.seed, 0x626F6F74]).integers(0, len(kept), (cfg.n_boot, len(kept)))
+    rows, boots = [], {}
+    for name in estimator_list(cfg):
+        if not A.available(name):
+            print(f"lds: {name} skipped ({A.ESTIMATORS[name].optional} is not installed)")
+            continue
+        if A.ESTIMATORS[name].needs_optimizer and not traj.preconditioner_available():
+            print(f"lds: {name} skipped (the run kept no optimizer moments: train with --keep_optimizer=True)")
+            continue
+        S, cost = A.run_estimator(name, ctx)
+        r = A.lds(S, kept, measured, boot_idx=boot_idx)
+        boots[name] = r["boot"]
+        rows.append({"estimator": name, "lds": r["lds"], "lo": r["lo"], "hi": r["hi"], "seconds": cost["seconds"],
+                     "gradients": cost["gradients"]})
+    df = pd.DataFrame(rows)
+    if "grad_dot" in boots:  # paired: the same resampled subsets for every estimator (percentile interval)
+        d = {n: np.nanpercentile(b - boots["grad_dot"], [2.5, 97.5]) for n, b in boots.items()}
+        df["vs_grad_dot_lo"], df["vs_grad_dot_hi"] = [d[n][0] for n in df.estimator], [d[n][1] for n in df.estimator]
+    secs = [retrain_seconds(o) for o in outs]  # median below: a retrain cut and resumed spans its pause
+    print(f"LDS over {len(kept)} retrains in place (each batch kept with probability {cfg.alpha}), {len(items)} "
+          f"probes, {traj.run.max_iters} steps; retrain {np.median(secs):.1f} s each (median of the training time, "
+          "first to last checkpoint)")
+    print(f"{'estimator':<12} {'LDS [95% CI]':<24} {'vs grad_dot [95% CI]':<22} {'cost':>8} {'gradients':>10}")
+    for r in df.itertuples():
+        vs = f"[{r.vs_grad_dot_lo:+.3f}, {r.vs_grad_dot_hi:+.3f}]" if "vs_grad_dot_lo" in df else ""
+        print(f"{r.estimator:<12} {r.lds:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]{'':<4} {vs:<22} {r.seconds:>7.0f}s "
+              f"{r.gradients:>10}")
+    df["retrain_s"] = float(np.median(secs))
+    df["subsets"], df["alpha"], df["probes"] = len(kept), cfg.alpha, len(items)
+    write_csv_atomic(df, Path(cfg.out_dir) / "tables" / f"lds_{probe_name(cfg.probe)}.csv")
+    return df
+
+
+# -----------------------------------------------------------------------------
+# validation 3: order-aware attribution, against retraining with the moved order
+
+def random_moves(traj: A.Trajectory, n_moves: int, rows: int, frac: float, seed: int) -> list[np.ndarray]:
+    """Each move: `rows` random kept (step, row) slots of the first frac of the steps swap
+    their batches with as many of the last frac; the orders (steps, B)."""
+    order = traj.rec["batch_ids"][:traj.run.max_iters]
+    n = len(order)
+    w = max(1, int(round(frac * n)))
+    early = [(s, r) for s in range(w) for r in range(order.shape[1])]
+    late = [(s, r) for s in range(n - w, n) for r in range(order.shape[1])]
+    if len(early) < rows:
+        raise UserError(f"--move_rows={rows}: the first {w} steps hold only {len(early)} batches")
+    out = []
+    for m in range(n_moves):
+        rng = np.random.default_rng([seed, 0x6D6F7665, m])
+        a = [early[i] for i in rng.choice(len(early), rows, replace=False)]
+        b = [late[i] for i in rng.choice(len(late), rows, replace=False)]
+        o = order.copy()
+        for (s1, r1), (s2, r2) in zip(a, b):
+            o[s1, r1], o[s2, r2] = order[s2, r2], order[s1, r1]
+        out.append(o)
+    return out
+
+
+def moves_of(base: np.ndarray, new: np.ndarray) -> list[tuple[int, int, int]]:
+    """[(batch id, old step, new step)] of every slot whose batch changed."""
+    first = {}
+    for s, row in enumerate(base):
+        for b in row:
+            first.setdefault(int(b), s)
+    return [(int(new[s, r]), first[int(new[s, r])], int(s)) for s, r in zip(*np.nonzero(base != new))]
+
+
+def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
+    traj, items = ctx.traj, ctx.probes
+    if len(traj.rec["insertions"]) or len(traj.rec["masked_rows"]):
+        raise UserError("--validate=order moves untagged, unmasked batches: use a run without tags or a mask")
+    orders = random_moves(traj, cfg.moves, cfg.move_rows, cfg.move_frac, cfg.seed)
+    group = f"order_r{cfg.move_rows}_f{cfg.move_frac:g}_s{cfg.seed}"
+    outs = retrain_all(cfg, traj, group, [(f"move{m:03d}", None, o) for m, o in enumerate(orders)])
+    base = base_loss(cfg, traj, items)
+    measured = np.array([float(measure(o, items).mean()) - base for o in outs])
+    kinds = {"tracin": "plain", "tracin_adam": "adam"}
+    if not traj.preconditioner_available():
+        kinds.pop("tracin_adam")
+    table = pd.DataFrame({"move": range(len(orders)), "measured": measured})
+    rows = []
+    for name, kind in kinds.items():
+        t0 = time.perf_counter()
+        pred = np.array([A.move_effect(ctx, moves_of(traj.rec["batch_ids"], o), kind).mean()
+                         for o in tqdm(orders, desc=f"order predictions ({name})", unit="move")])
+        table[f"predicted_{name}"] = pred
+        p, s = A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed), \
+            A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed, "spearman")
+        rows.append({"estimator": name, "pearson": p["r"], "pearson_lo": p["lo"], "pearson_hi": p["hi"],
+                     "spearman": s["r"], "spearman_lo": s["lo"], "spearman_hi": s["hi"],
+                     "seconds": time.perf_counter() - t0})
+    t0 = time.perf_counter()
+    # propagated as SGD: the linearised AdamW run (frozen moments, even damped by their median)
+    # overflows within ~100 steps on the bench runs (Adam trains at its edge of stability)
+    pred = A.move_effect_unrolled(ctx, [moves_of(traj.rec["batch_ids"], o) for o in orders], adam=False)
+    table["predicted_unrolled"] = pred
+    p, s = A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed), \
+        A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed, "spearman")
+    rows.append({"estimator": "unrolled", "pearson": p["r"], "pearson_lo": p["lo"], "pearson_hi": p["hi"],
+                 "spearman": s["r"], "spearman_lo": s["lo"], "spearman_hi": s["hi"],
+                 "seconds": time.perf_counter() - t0})
+    res = pd.DataFrame(rows)
+    print(f"order: {len(orders)} moves of {cfg.move_rows} batches each way between the first and last "
+          f"{cfg.move_frac:g} of {traj.run.max_iters} steps; measured change of the probe loss "
+          f"{measured.mean():+.5f} on average (sd {measured.std():.5f})")
+    for r in res.itertuples():
+        print(f"  {r.estimator:<12} Pearson {r.pearson:+.3f} [{r.pearson_lo:+.3f}, {r.pearson_hi:+.3f}]  "
+              f"Spearman {r.spearman:+.3f} [{r.spearman_lo:+.3f}, {r.spearman_hi:+.3f}]  ({r.seconds:.0f} s)")
+    write_csv_atomic(table, Path(cfg.out_dir) / "tables" / f"order_{probe_name(cfg.probe)}_moves.csv")
+    write_csv_atomic(res, Path(cfg.out_dir) / "tables" / f"order_{probe_name(cfg.probe)}.csv")
+    return res
 
 
 def main(argv=None):
     cfg = parse_config(AttributeConfig(), sys.argv[1:] if argv is None else argv)
-    df, how = influence(cfg)
-    df, _ = report(cfg, df, how)
-    if cfg.validate:
-        validate(cfg, df)
+    check(cfg)
+    if cfg.validate in ("lds", "order"):
+        if cfg.probe.startswith("metric:"):
+            raise UserError(f"--validate={cfg.validate} measures a probe loss: use val, text:<...> or tag:<id>")
+        ctx, _ = context(cfg)
+        return (validate_lds if cfg.validate == "lds" else validate_order)(cfg, ctx)
+    ctx, how = context(cfg)
+    S, _ = A.run_estimator(cfg.estimator, ctx)
+    df, _ = report(cfg, influence_table(ctx, S), how, ctx.traj)
+    if cfg.validate == "topk":
+        if cfg.probe.startswith("metric:"):
+            raise UserError("--validate measures a probe loss: use val, text:<...> or tag:<id>")
+        validate_topk(cfg, ctx, df)
     return df
 
 

@@ -44,6 +44,8 @@ def main(argv=None):
         print(f"batch_id:{r['batch_id']} shard:{r['shard']} offset:{r['offset']} stories:{r['stories']} | {text}")
         for t in r["tags"]:
             print(f"    {t}")
+        if r["masked"]:
+            print("    loss weight 0 at this step (--train_mask: removed in place)")
     return np.array([r["batch_id"] for r in rows])
 
 

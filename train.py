@@ -13,6 +13,7 @@ $ python train.py --schedule_spec=config/schedules/competence.json --out_dir=out
 $ python train.py --tags=config/tags/canary.json --out_dir=out/canary
 $ python train.py --select=rho --select_pool=4 --out_dir=out/rho
 $ python train.py --show_batches=12                 # ids + text of step 12 (batch_viewer.py)
+$ python train.py --train_mask=ids.npy --out_dir=out/masked   # those batches' rows weigh 0, all else in place
 $ torchrun --standalone --nproc_per_node=4 train.py config/stories15M.json
 
 What a step trains on is one stream (stream.py): the schedule's ids (schedule.py: a
@@ -331,8 +332,9 @@ class Trainer:
             lr = get_lr(self.iter_num, cfg)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-            _, windows = self.stream.step(self.iter_num, self.raw_model, self.rank, self.world)
-            loss = self.train_step(windows)
+            ids, windows = self.stream.step(self.iter_num, self.raw_model, self.rank, self.world)
+            masked = self.stream.masked(ids)  # (B,) rows of --train_mask: weight 0 at this step
+            loss = self.train_step(windows, masked) if masked.any() else self.train_step(windows)
             self.iter_num += 1
             n_timed += 1
             if not math.isfinite(loss):
@@ -371,10 +373,16 @@ class Trainer:
         export_model(self.raw_model, path, v, tok, {"kind": "run", "checkpoint": str(Path(ckpt).resolve()),
                                                     "iter_num": self.iter_num, "init": self.init})
 
-    def train_step(self, windows: np.ndarray) -> float:
+    def train_step(self, windows: np.ndarray, masked: np.ndarray | None = None) -> float:
         """One optimizer step over this rank's slice of the step's windows (B, T+1);
-        returns the mean loss of the step's micro-batches (over all ranks under DDP)."""
+        returns the mean loss of the step's micro-batches (over all ranks under DDP).
+        masked (B,) bool: rows of the train mask, weight 0 with the denominator unchanged
+        (sum of the kept rows' token losses / (B x T)), so every other row's gradient term
+        is what it was; a step with no masked row takes the plain path (bitwise as before)."""
         micro = rank_micro_batches(windows, self.rank, self.world, self.micro_steps)  # (micro, bs, T+1)
+        keep = None
+        if masked is not None and masked.any():
+            keep = rank_micro_batches(~masked, self.rank, self.world, self.micro_steps)  # (micro, bs)
         total = torch.zeros((), device=self.device)
         for k, w in enumerate(micro):
             w = torch.from_numpy(np.ascontiguousarray(w))
@@ -382,7 +390,10 @@ class Trainer:
             if self.ddp:  # sync gradients on the last micro-step only
                 self.model.require_backward_grad_sync = k == self.micro_steps - 1
             with self.ctx:
-                _, loss = self.model(x, y)
+                if keep is None:
+                    _, loss = self.model(x, y)
+                else:
+                    loss = masked_loss(self.model(x)[0], y, torch.from_numpy(keep[k]).to(self.device))
                 loss = loss / self.micro_steps
             self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -399,16 +410,27 @@ class Trainer:
         return float(total)
 
 
+def masked_loss(logits: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The mean token loss with the rows where keep (bs,) is False weighted 0 and the
+    denominator unchanged (all bs x T tokens): removing a row leaves the others' terms."""
+    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (bs, T)
+    return (ce * keep[:, None].to(ce.dtype)).sum() / ce.numel()
+
+
 def write_ids_file(out_dir):
     """<out_dir>/batch_ids.npy: every trained step's ids (steps, B) as plain numpy, from
-    the checkpoints (Pythia keeps its order as data); pool_ids.npy and insertions.npz too
-    where selection or tags ran."""
+    the checkpoints (Pythia keeps its order as data); pool_ids.npy, insertions.npz and
+    masked_rows.npy ([step, row] trained with weight 0) too where selection, tags or a
+    --train_mask ran."""
     rec = stream_records(out_dir)
     with atomic_path(Path(out_dir) / "batch_ids.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, rec["batch_ids"], allow_pickle=False)
     if rec["pool_ids"].size:
         with atomic_path(Path(out_dir) / "pool_ids.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, rec["pool_ids"], allow_pickle=False)
+    if len(rec["masked_rows"]):
+        with atomic_path(Path(out_dir) / "masked_rows.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, rec["masked_rows"], allow_pickle=False)
     if len(rec["insertions"]):
         with atomic_path(Path(out_dir) / "insertions.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, insertions=rec["insertions"], insert_tokens=rec["insert_tokens"],

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attribute  # noqa: E402
+from prebias import attribution as attribute  # noqa: E402  (Projector, batch_grads)
 from model import ModelArgs, Transformer  # noqa: E402
 
 SHAPES = {"tiny (dim 64, 4 layers)": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2),

@@ -8,7 +8,7 @@ $ python bench/validity.py --quick              # fewer replicates: a smoke run
 $ python bench/validity.py --only=stats         # one area (or a,b)
 
 Areas, one module each beside this file (bench/validity_<area>.py, a function
-checks(quick: bool) -> list[Line]): stats, durability, selection.
+checks(quick: bool) -> list[Line]): stats, durability, selection, attribution.
 """
 
 import argparse
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-AREAS = ("stats", "durability", "selection")
+AREAS = ("stats", "durability", "selection", "attribution")
 
 
 @dataclass

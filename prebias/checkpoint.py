@@ -13,6 +13,9 @@ Each holds plain types and tensors only (so torch.load(..., weights_only=True) w
   insertions                int64 (n, 6): one row per tag insertion [step, row, pos, tag,
                             n_tokens, mode] (stream.py explains), with insert_tokens and
                             replaced_tokens (int64, concatenated in row order)
+  masked_rows               int64 (n, 2): [step, row] of each row trained with loss weight 0
+                            (train.py --train_mask: in-place removal; the step's denominator
+                            stays all rows x T). Absent in older checkpoints: nothing masked
   tags                      the JSON text of the run's tags ('' without tags)
   schedule                  the structured record of the order (schedule.Schedule.record:
                             spec, seed, phase bounds, hashes of ids and metrics) and its
@@ -154,6 +157,7 @@ def build_checkpoint(*, model, model_args: dict, config: dict, iter_num: int, pr
            "init": init or {}}
     for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens"):
         obj[k] = torch.from_numpy(record[k].astype("int64"))
+    obj["masked_rows"] = torch.from_numpy(np.asarray(record.get("masked_rows", np.zeros((0, 2))), "int64"))
     return obj
 
 
@@ -179,8 +183,9 @@ def check_resume(ck: dict, cfg: dict, defining, tokenizer_sha: str, fingerprint:
 def stream_records(out_dir) -> dict:
     """The whole run's stream record, concatenated over its checkpoints in order: batch_ids
     (steps, B), pool_ids (steps, K*B), insertions (n, 6), insert_tokens, replaced_tokens,
-    and tags (the run's tag JSON). Checks that the chain of checkpoints is unbroken."""
-    parts = {k: [] for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens")}
+    masked_rows (n, 2), and tags (the run's tag JSON). Checks that the chain of checkpoints is unbroken."""
+    parts = {k: [] for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens",
+                             "masked_rows")}
     prev, tags = -1, ""
     for it, p in list_checkpoints(out_dir):
         ck = load_checkpoint(p)
@@ -194,6 +199,8 @@ def stream_records(out_dir) -> dict:
         parts["insertions"].append(ck["insertions"].numpy() if "insertions" in ck else np.zeros((0, 6), np.int64))
         for k in ("insert_tokens", "replaced_tokens"):
             parts[k].append(ck[k].numpy() if k in ck else np.zeros(0, np.int64))
+        parts["masked_rows"].append(ck["masked_rows"].numpy() if "masked_rows" in ck
+                                    else np.zeros((0, 2), np.int64))
         tags = ck.get("tags", "") or tags
     if not parts["batch_ids"]:
         raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: run python train.py --out_dir={out_dir}")

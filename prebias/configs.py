@@ -55,6 +55,8 @@ class TrainConfig:
     schedule_lo: float = -math.inf
     schedule_hi: float = math.inf
     schedule_exclude: str = ""  # a .npy of batch ids never trained on (the rest keep their order)
+    train_mask: str = ""  # a .npy of batch ids whose rows get loss weight 0 wherever they are trained: every
+    #                       batch keeps its step (in-place removal, attribute.py); recorded per step
     tables_dir: str = str(TABLES_DIR)  # where batch_metrics.csv lives
     # tags and online selection (stream.py)
     tags: str = ""  # a JSON tag file (tags.py): canaries and conditional tags

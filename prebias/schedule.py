@@ -20,6 +20,8 @@ run (a phase with neither lasts until the end; only the last may), and has one s
               over the phase); each step's B rows are apportioned by largest remainder
   interleave  two sub-orders (`orders`, each a strategy as above) alternated by step in
               `ratio` [a, b]: a steps of the first, then b of the second, repeating
+  replay      an explicit order: `ids`, a .npy (steps, B) whose row s is step s (its
+              content hash `ids_sha256` is recorded and fingerprinted)
 
 Repeats: shuffle, filter and each mixture bin never repeat a batch within an epoch (of
 their own set: a small bin starts its next epoch sooner); sorted repeats its order every
@@ -439,6 +441,50 @@ class Interleave(Strategy):
         a, b = self.p["ratio"]
         cyc, k = divmod(s, a + b)
         return self.subs[0].ids(cyc * a + k) if k < a else self.subs[1].ids(cyc * b + k - a)
+
+
+@STRATEGIES.register("replay")
+class Replay(Strategy):
+    """an explicit order: row s of `ids` (a .npy of shape (steps, B)) is the phase's step s
+    (attribute.py's reorder retrains); `ids_sha256` pins its content (filled in when absent,
+    so the record and the resume fingerprint hold what was trained, not only a path)"""
+    keys, nestable = ("ids", "ids_sha256"), False
+
+    @classmethod
+    def check(cls, p, where, metrics):
+        path = p.get("ids")
+        if not isinstance(path, str) or not path:
+            raise SpecError(f"{where}.ids: replay needs the path of a .npy of batch ids (steps, B)")
+        arr = _replay_array(path, f"{where}.ids")
+        sha = hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+        if p.get("ids_sha256", sha) != sha:
+            raise SpecError(f"{where}.ids_sha256: {path} now holds other ids ({sha}, not {p['ids_sha256']}): "
+                            "it changed since the spec was written")
+        return {"ids": path, "ids_sha256": sha}
+
+    def setup(self, ids, vals, metric_of):
+        self.rows = _replay_array(self.p["ids"], "replay ids")
+        if self.rows.shape[1] != self.n:
+            raise SpecError(f"replay: {self.p['ids']} has {self.rows.shape[1]} ids per step; the run trains {self.n}")
+        if len(self.rows) < self.length:
+            raise SpecError(f"replay: {self.p['ids']} has {len(self.rows)} steps; the phase lasts {self.length}")
+        if not np.isin(self.rows, ids).all():
+            raise SpecError(f"replay: {self.p['ids']} holds ids that are not training batches")
+
+    def ids(self, s):
+        if s >= len(self.rows):
+            raise SpecError(f"replay: {self.p['ids']} has {len(self.rows)} steps; step {s} was asked")
+        return self.rows[s].copy()
+
+
+def _replay_array(path, where: str) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{where}: cannot read {path} ({type(e).__name__}); it must be a .npy of batch ids") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise SpecError(f"{where}: {path} must hold a 2-D integer array (steps, batches per step)")
+    return arr.astype(np.int64)
 
 
 def apportion(w: np.ndarray, n: int) -> np.ndarray:

@@ -47,7 +47,7 @@ from prebias import tags as tagmod
 from prebias.checkpoint import run_config
 from prebias.common import DoneRecord, UserError, atomic_path, autocast_ctx
 from prebias.data import BOS_ID, BatchData, tok_dir, window_texts
-from prebias.schedule import STRATEGIES, Schedule, SpecError, load_spec, spec_from_flags, spec_metrics
+from prebias.schedule import STRATEGIES, Schedule, SpecError, load_ids, load_spec, spec_from_flags, spec_metrics
 from prebias.selection import SCORES, Irreducible, ScoreContext, keep_best
 from tokenizer import Tokenizer
 
@@ -266,14 +266,16 @@ class Record:
 
     def clear(self):
         self.ids, self.pools, self.ins, self.ins_tok, self.rep_tok = [], [], [], [], []
+        self.masked = []  # [step, row] of every row trained with loss weight 0 (--train_mask)
 
-    def add(self, ids, pool=None, ins=None, ins_tok=None, rep_tok=None):
+    def add(self, ids, pool=None, ins=None, ins_tok=None, rep_tok=None, step=None, masked=()):
         self.ids.append(np.asarray(ids, np.int64))
         self.pools.append(np.asarray(pool if pool is not None else np.zeros(0), np.int64))
         if ins is not None and len(ins):
             self.ins.append(ins)
             self.ins_tok.append(ins_tok)
             self.rep_tok.append(rep_tok)
+        self.masked += [(step, int(r)) for r in masked]
 
     def arrays(self) -> dict:
         n = len(self.ids)
@@ -283,6 +285,7 @@ class Record:
                 "insertions": cat(self.ins, np.zeros((0, 6), np.int64)),
                 "insert_tokens": cat(self.ins_tok, np.zeros(0, np.int64)),
                 "replaced_tokens": cat(self.rep_tok, np.zeros(0, np.int64)),
+                "masked_rows": np.asarray(self.masked, np.int64).reshape(-1, 2),
                 "tags": self.tags}
 
 
@@ -290,10 +293,15 @@ class Stream:
     """schedule -> selection -> tags for each step (train.py drives it)."""
 
     def __init__(self, schedule: Schedule, data: BatchData, selector: Selector | None = None,
-                 inserter: Inserter | None = None, tags_json: str = ""):
+                 inserter: Inserter | None = None, tags_json: str = "", mask: np.ndarray | None = None):
         self.schedule, self.data, self.selector, self.inserter = schedule, data, selector, inserter
         pool_width = selector.K * schedule.B if selector else 0
         self.record = Record(schedule.B, pool_width, tags_json)
+        self.mask = np.zeros(0, np.int64) if mask is None else np.unique(np.asarray(mask, np.int64))
+
+    def masked(self, ids: np.ndarray) -> np.ndarray:
+        """(B,) bool: the rows of a step whose batch is in the train mask (loss weight 0)."""
+        return np.isin(ids, self.mask)
 
     def step(self, step: int, model=None, rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(ids (B,), windows (B, T+1)) of the step, recorded."""
@@ -306,7 +314,7 @@ class Stream:
         ins = tok = rep = None
         if self.inserter is not None:
             ins, tok, rep = self.inserter.apply(step, ids, wins)
-        self.record.add(ids, pool, ins, tok, rep)
+        self.record.add(ids, pool, ins, tok, rep, step, np.flatnonzero(self.masked(ids)))
         return ids, wins
 
 
@@ -372,7 +380,13 @@ def build_stream(cfg, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
         tagset = tagmod.load_tags(cfg.tags, enc, cfg.max_seq_len, cfg.vocab_size)
         tagset.check_run(sched.B, cfg.max_iters, f"tag file {cfg.tags}")
         inserter, tags_json = Inserter(tagset, data, cfg.data_dir, cfg.seed), tagset.json
-    return Stream(sched, data, selector, inserter, tags_json)
+    mask = None
+    if getattr(cfg, "train_mask", ""):
+        try:
+            mask = load_ids(cfg.train_mask, "--train_mask")
+        except SpecError as e:
+            raise UserError(str(e)) from None
+    return Stream(sched, data, selector, inserter, tags_json, mask)
 
 
 def stream_fingerprint(stream: Stream) -> str:
@@ -381,6 +395,8 @@ def stream_fingerprint(stream: Stream) -> str:
     h.update(stream.record.tags.encode())
     if stream.selector:
         h.update(f"{stream.selector.method}:{stream.selector.K}".encode())
+    if len(stream.mask):  # a run without a mask keeps the fingerprint it always had
+        h.update(b"train_mask:" + stream.mask.tobytes())
     return h.hexdigest()[:16]
 
 
@@ -413,6 +429,8 @@ class RunBatches:
         self.cfg = types.SimpleNamespace(**run_config(out_dir))
         self.data = BatchData(self.cfg.data_dir, self.cfg.vocab_size, self.cfg.max_seq_len)
         self.ids, self.ins = recorded_batches(out_dir)
+        m = self.out_dir / "masked_rows.npy"  # [step, row] trained with loss weight 0 (--train_mask)
+        self.masked = np.load(m, allow_pickle=False) if m.exists() else np.zeros((0, 2), np.int64)
         self._enc = None
 
     def step(self, step: int):
@@ -432,8 +450,10 @@ class RunBatches:
 
     def rows(self, step: int, chars: int = 0) -> tuple[list[dict], str]:
         """One dict per batch of the step (row, batch_id, shard, offset, stories, text cut
-        to `chars` (0: all), tags: its insertions in words), and the source line."""
+        to `chars` (0: all), tags: its insertions in words, masked: trained with loss
+        weight 0), and the source line."""
         ids, wins, ins, source = self.step(step)
+        masked = set(self.masked[self.masked[:, 0] == step, 1].tolist()) if step < len(self.ids) else set()
         if self._enc is None:
             self._enc = Tokenizer.for_vocab(self.cfg.vocab_size, self.cfg.data_dir)
         out = []
@@ -442,6 +462,6 @@ class RunBatches:
             tags = [f"tag {t[3]} {'replaced' if t[5] == 0 else 'inserted'} at token {t[2]} ({t[4]} tokens)"
                     for t in ins[ins[:, 1] == r]]
             out.append({"row": r, "batch_id": int(i), "shard": int(rec["shard"]), "offset": int(rec["offset"]),
-                        "stories": f"{rec['story_first']}-{rec['story_last']}", "tags": tags,
+                        "stories": f"{rec['story_first']}-{rec['story_last']}", "tags": tags, "masked": r in masked,
                         "text": text[:chars] if chars else text})
         return out, source
