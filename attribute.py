@@ -54,7 +54,7 @@ from prebias import tags as tagmod
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
 from prebias.common import (UserError, atomic_path, config_to_argv, main_guard, parse_config, save_figure,
                             write_csv_atomic, write_json_atomic)
-from prebias.data import BOS_ID, window_texts
+from prebias.data import BOS_ID, sha256_file, window_texts
 from prebias.launchers import Job, LaunchOptions, launch, raise_failures
 from tokenizer import Tokenizer
 
@@ -288,6 +288,19 @@ def save_npy(path: Path, arr: np.ndarray):
         np.save(f, arr, allow_pickle=False)
 
 
+def init_from(traj: A.Trajectory) -> str:
+    """The checkpoint the run started from (train.py --init_from=<ckpt>: its record in the
+    run's checkpoints), checked unchanged by its sha256; '' for a run from scratch."""
+    init = load_checkpoint(traj.ckpts[0][1]).get("init") or {}
+    if init.get("kind") != "checkpoint":
+        return ""
+    src = Path(init["from"])
+    if not src.is_file() or sha256_file(src) != init.get("sha256"):
+        raise UserError(f"{traj.out_dir} continued from {src}, which is gone or changed since (its sha256 differs): "
+                        "restore it to retrain the run")
+    return str(src)
+
+
 def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | None:
     """The train.py job of one retrain: the recorded order replayed (so online selection is
     not re-run and every batch keeps its step), or `order`, with `mask` weighted 0.
@@ -308,6 +321,8 @@ def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | N
         args.append(f"--train_mask={out.parent / f'{out.name}_mask.npy'}")
     if list_checkpoints(out):
         args.append("--init_from=resume")
+    elif init_from(traj):  # a continued run is retrained from the weights it continued from, not from scratch
+        args.append(f"--init_from={init_from(traj)}")
     return Job(out.name, out, [("train", [sys.executable, str(Path(__file__).with_name("train.py")), *args])],
                log="retrain.log")
 
