@@ -334,3 +334,20 @@ def test_validations_retrain_in_place_end_to_end(one_layer):
         assert [step_of[int(b)] for b in rnd] == [step_of[int(b)] for b in top] and not set(rnd) & set(top)
     val = pd.read_csv(r.out_dir / "tables" / "influence_val_validation.csv").iloc[0]
     assert val["k"] == 2 and val["n_random"] == 2 and np.isfinite(val["top_effect"])
+
+
+def test_a_continued_run_is_retrained_from_its_start(tiny_run, tmp_path):
+    """train.py --init_from=<ckpt>: the retrains start from the same weights (and refuse
+    when that file changed), not from scratch."""
+    import attribute
+    from prebias import attribution
+    src = tmp_path / "start.pt"
+    shutil.copy(tiny_run.out_dir / "ckpt" / "ckpt_24.pt", src)
+    run = TinyRun(tiny_run.data_dir, tiny_run.tables_dir, tmp_path / "cont")
+    train.main(run.train_args(init_from=src, max_iters=4, eval_interval=2))
+    traj = attribution.Trajectory(run.out_dir)
+    job = attribute.retrain_job(traj, tmp_path / "retrains" / "base")
+    assert f"--init_from={src.resolve()}" in job.stages[0][1]
+    src.write_bytes(src.read_bytes() + b"x")
+    with pytest.raises(UserError, match="which is gone or changed since"):
+        attribute.retrain_job(traj, tmp_path / "retrains" / "other")
