@@ -60,6 +60,9 @@ class TrainConfig:
     select_ref: str = ""  # rho: a model.bin/.pt for the irreducible loss ('' = batch metrics' ref_nll)
     select_metric: str = ""  # metric: the batch metric to steer by...
     select_target: float = 0.0  # ...toward this value
+    holdout: str = "auto"  # the data's holdout (pretokenize --holdout): auto = left out exactly when the run reads
+    #                        the reference fitted on it (rho, a ref_* metric); exclude | keep | only (train on it
+    #                        alone: the irreducible-loss model for --select_ref)
     # model
     dim: int = 64
     n_layers: int = 4
@@ -90,7 +93,7 @@ class TrainConfig:
 # a valid choice at once)
 TRAIN_CHOICES = {"init_from": ("scratch", "resume"), "schedule": flat_strategies(),
                  "schedule_order": ("asc", "desc"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-                 "select": SCORES.choices(extra=("none",))}
+                 "select": SCORES.choices(extra=("none",)), "holdout": ("auto", "exclude", "keep", "only")}
 
 
 # -----------------------------------------------------------------------------
