@@ -131,6 +131,20 @@ def reads_reference(score, select_metric: str = "", metrics=()) -> bool:
         or any(m in REF_COLUMNS for m in metrics)
 
 
+HOLDOUT_FIX = "; or pass --holdout=keep to use it anyway (the run then also trains on the holdout)"
+
+
+def check_fit(fit: dict, data, where: str):
+    """The batch metrics' reference scorer (batch_metrics.json's scorer_fit) must have been
+    fitted on this data's holdout, unless it is the user's model (pretokenize --ref_model)."""
+    if fit.get("on") == "model":
+        return
+    if fit.get("on") != "holdout" or fit.get("stories_sha256") != data.holdout_meta.get("stories_sha256"):
+        raise UserError(f"{where}: the ref_nll column of batch_metrics.csv comes from a reference scorer fitted on "
+                        f"{fit.get('on', 'the validation shard (an older pretokenize)')}, not on this data's holdout: "
+                        f"re-run python tinystories.py pretokenize{HOLDOUT_FIX}")
+
+
 class Irreducible:
     """ids -> irreducible loss of each batch (rho): the batch metrics' ref_nll column (the
     reference scorer, fitted on the holdout), or with ref_model (a model.bin or .pt, e.g.
@@ -160,20 +174,12 @@ class Irreducible:
         """A reference that leaves the holdout is refused: ref_nll must come from a scorer
         fitted on this data's holdout, a .pt of this data must have trained on holdout
         batches only (--holdout=keep opts out of both)."""
-        fix = "; or pass --holdout=keep to use it anyway (the run then also trains on the holdout)"
         if self.record["kind"] == "ref_nll":
-            fit = self.record["fit"]
-            if fit.get("on") == "model":
-                return  # pretokenize --ref_model: the user's model, trained on what they chose
-            want = self.data.holdout_meta.get("stories_sha256")
-            if fit.get("on") != "holdout" or fit.get("stories_sha256") != want:
-                raise UserError(f"{where}: the ref_nll column of batch_metrics.csv comes from a reference scorer "
-                                f"fitted on {fit.get('on', 'the validation shard (an older pretokenize)')}, not on "
-                                f"this data's holdout: re-run python tinystories.py pretokenize{fix}")
+            check_fit(self.record["fit"], self.data, where)
         elif self.record.get("outside_holdout"):
             raise UserError(f"{where}: --select_ref={self.record['path']} trained on "
                             f"{self.record['outside_holdout']} batches outside the holdout of this data: train the "
-                            f"reference with python train.py --holdout=only{fix}")
+                            f"reference with python train.py --holdout=only{HOLDOUT_FIX}")
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         if self.model is None:
