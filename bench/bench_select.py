@@ -92,8 +92,9 @@ def run(out: Path, argv: list[str], max_iters: int) -> Path:
 # -----------------------------------------------------------------------------
 # one bed: every method, every seed
 
-def bed_runs(bed: str, data: Path, tables: Path, a, root: Path) -> dict:
-    """{method: [per-seed result dict]}."""
+def bed_runs(bed: str, data: Path, tables: Path, a, root: Path, methods=SELECTED, matched=SELECTED) -> dict:
+    """{method: [per-seed result dict]} for uniform, `methods` and the compute-matched
+    uniform baselines of `matched`."""
     d = root / bed
     ref = run(d / "ref_model", train_args(data, tables, d / "ref_model", 1, a.ref_iters, a, holdout="only",
                                           dim=a.ref_dim), a.ref_iters)
@@ -104,20 +105,23 @@ def bed_runs(bed: str, data: Path, tables: Path, a, root: Path) -> dict:
             "rho": dict(select="rho", select_pool=a.pool),
             "rho_ref": dict(select="rho", select_pool=a.pool, select_ref=ref_ckpt),
             "prune": dict(schedule_spec=spec)}
+    over = {m: kw for m, kw in over.items() if m == "uniform" or m in methods}
     bm, _ = batchmetrics.load_batch_metrics(tables, BatchData(data, 512, a.seq))
     noisy = bm["noisy"].to_numpy()
-    res = {m: [] for m in list(over) + [f"uniform@{m}" for m in SELECTED]}
+    res = {m: [] for m in list(over) + [f"uniform@{m}" for m in matched]}
     for s in range(1, a.seeds + 1):
         for m, kw in over.items():
             out = run(d / f"{m}_s{s}", train_args(data, tables, d / f"{m}_s{s}", s, a.max_iters, a, **kw), a.max_iters)
             res[m].append(result(out, noisy))
-        prune_cost = json.loads(Path(str(spec).replace("_spec.json", "_select.json")).read_text())["cost"]
-        res["prune"][-1]["flops"] = res["prune"][-1]["flops"] + prune_cost["flops"] + prune_cost["ref_fit_flops"]
+        if "prune" in res:  # the offline ranking's cost (the 3-gram's: no FLOPs)
+            cost = json.loads(Path(str(spec).replace("_spec.json", "_select.json")).read_text())["cost"]
+            res["prune"][-1]["flops"] = res["prune"][-1]["flops"] + cost["flops"] + cost["ref_fit_flops"]
         per_step = res["uniform"][-1]["flops"][-1] / a.max_iters
-        for m in SELECTED:  # the compute-matched baseline of each selected run (shared where budgets agree)
+        for m in matched:  # the compute-matched baseline of each selected run (shared where budgets agree)
             steps = matched_steps(res[m][-1]["flops"][-1], per_step)
             out = d / (f"uniform_{steps}_s{s}" if steps != a.max_iters else f"uniform_s{s}")
-            res[f"uniform@{m}"].append(result(run(out, train_args(data, tables, out, s, steps, a), steps), noisy))
+            argv = train_args(data, tables, out, s, steps, a, eval_interval=steps)  # its end is what counts
+            res[f"uniform@{m}"].append(result(run(out, argv, steps), noisy))
     return res
 
 
@@ -191,8 +195,8 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--pool", type=int, default=4)
     ap.add_argument("--keep", type=float, default=0.8, help="prune: share kept (lowest ref_nll)")
-    ap.add_argument("--ref_iters", type=int, default=100, help="rho_ref: steps of the model trained on the holdout")
-    ap.add_argument("--ref_dim", type=int, default=32, help="rho_ref: its width (same depth)")
+    ap.add_argument("--ref_iters", type=int, default=200, help="rho_ref: steps of the model trained on the holdout")
+    ap.add_argument("--ref_dim", type=int, default=64, help="rho_ref: its width (same depth)")
     ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
     a = ap.parse_args()
     beds = [b for b in a.beds.split(",") if b]

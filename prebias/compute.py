@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from prebias.checkpoint import list_checkpoints, load_checkpoint
+
 FLOP_FIELDS = ("train_flops", "select_flops", "ref_score_flops", "ref_fit_flops")
 TIME_FIELDS = ("train_s", "select_s", "ckpt_s", "ref_fit_s")
 
@@ -77,7 +79,6 @@ class ComputeRecord:
 def compute_curve(out_dir) -> dict:
     """{"step", "flops", "wall", "val"}: arrays over a run's checkpoints (total_flops and
     wall_s as recorded; NaN for checkpoints without a record)."""
-    from prebias.checkpoint import list_checkpoints, load_checkpoint
     rows = []
     for it, p in list_checkpoints(out_dir):
         ck = load_checkpoint(p)

@@ -37,8 +37,11 @@ import torch
 
 from export import load_v0
 from model import per_row_loss
-from prebias.checkpoint import load_checkpoint, model_from_checkpoint
+from prebias.batchmetrics import REF_COLUMNS  # the batch metrics that read the reference scorer
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, stream_records
 from prebias.common import Registry, UserError
+from prebias.compute import train_flops_per_window
+from prebias.data import sha256_file
 
 SCORES = Registry("selection score")  # name -> score function
 
@@ -120,9 +123,6 @@ def metric(model, data, ids, ctx):
     return -np.abs(ctx.batch_metric(ctx.metric)[ids] - ctx.target)
 
 
-REF_COLUMNS = ("ref_nll", "ref_ppl")  # the batch metrics that read the reference scorer
-
-
 def reads_reference(score, select_metric: str = "", metrics=()) -> bool:
     """Whether a run (or a pruning) reads the reference: its score reads the irreducible
     loss, or it steers, sorts or filters by a ref_* batch metric. Such a run never trains
@@ -197,9 +197,6 @@ def _reference_model(path: str, data, device: str):
     """(model, record) of --select_ref: for a train.py checkpoint of this data, the record
     says how many of the batches it trained on lie outside the holdout, and what its
     training cost (its compute record; else its steps x batches x FLOPs per window)."""
-    from prebias.checkpoint import stream_records
-    from prebias.compute import train_flops_per_window
-    from prebias.data import sha256_file
     rec = {"kind": "model", "path": str(path), "sha256": sha256_file(path)[:16], "fit_flops": 0.0, "fit_s": 0.0}
     if not str(path).endswith(".pt"):
         rec["trained_on"] = "unknown (a model.bin has no record of its data)"
