@@ -7,7 +7,8 @@ a copy of them with the same corruption), several seeds of:
     loss       online, the highest-loss B of a pool of K*B (Loshchilov & Hutter 2015)
     rho        online RHO-LOSS, irreducible loss = the 3-gram reference fitted on the holdout
     rho_ref    online RHO-LOSS, irreducible loss = a small model trained on the holdout
-               (train.py --holdout=only; one per bed, its training counted in every run)
+               (train.py --holdout=only; one per bed, its training counted in every run;
+               on the --ref_beds only, the noisy sample by default: its budget is the largest)
     prune      offline: keep the keep share of batches with the lowest reference loss
     uniform@X  a uniform run given X's FLOP budget (compute.matched_steps), its cosine
                schedule decaying to min_lr at that budget (Kaddour et al. 2023)
@@ -20,7 +21,7 @@ noisy share it trained on. Mean and 95% t-interval over seeds. Runs are kept in
 --keep_dir and reused (a finished run is read back, a killed one resumes), so a second
 call only adds what is missing; per-seed numbers go to <keep_dir>/bench_select.csv.
 
-$ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~1.5 h on 2 cores)
+$ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~2 h on 2 cores)
 $ python bench/bench_select.py --beds=noisy --seeds=1 --max_iters=60  # a smoke run
 """
 
@@ -96,9 +97,11 @@ def bed_runs(bed: str, data: Path, tables: Path, a, root: Path, methods=SELECTED
     """{method: [per-seed result dict]} for uniform, `methods` and the compute-matched
     uniform baselines of `matched`."""
     d = root / bed
-    ref = run(d / "ref_model", train_args(data, tables, d / "ref_model", 1, a.ref_iters, a, holdout="only",
-                                          dim=a.ref_dim), a.ref_iters)
-    ref_ckpt = checkpoint.ckpt_path(ref, a.ref_iters)
+    ref_ckpt = ""
+    if "rho_ref" in methods:  # the irreducible-loss model: trained on the holdout alone, once per bed
+        ref = run(d / "ref_model", train_args(data, tables, d / "ref_model", 1, a.ref_iters, a, holdout="only",
+                                              dim=a.ref_dim), a.ref_iters)
+        ref_ckpt = checkpoint.ckpt_path(ref, a.ref_iters)
     spec = select_batches.main([f"--data_dir={data}", f"--tables_dir={tables}", "--vocab_size=512",
                                 f"--max_seq_len={a.seq}", "--by=ref_nll", f"--keep={a.keep}", "--easiest"])
     over = {"uniform": {}, "loss": dict(select="loss", select_pool=a.pool),
@@ -120,7 +123,7 @@ def bed_runs(bed: str, data: Path, tables: Path, a, root: Path, methods=SELECTED
         for m in matched:  # the compute-matched baseline of each selected run (shared where budgets agree)
             steps = matched_steps(res[m][-1]["flops"][-1], per_step)
             out = d / (f"uniform_{steps}_s{s}" if steps != a.max_iters else f"uniform_s{s}")
-            argv = train_args(data, tables, out, s, steps, a, eval_interval=steps)  # its end is what counts
+            argv = train_args(data, tables, out, s, steps, a, eval_interval=100)  # its end counts; 100: resumable
             res[f"uniform@{m}"].append(result(run(out, argv, steps), noisy))
     return res
 
@@ -148,10 +151,10 @@ def interval(x, fmt="{:.2f}") -> str:
     return f"{fmt.format(x.mean())} [{fmt.format(x.mean() - h)}, {fmt.format(x.mean() + h)}]"
 
 
-def rows(bed: str, res: dict, a) -> list[dict]:
+def rows(bed: str, res: dict, a, methods=SELECTED) -> list[dict]:
     """Per method and seed, the numbers of the table."""
     out = []
-    for m in ["uniform", *SELECTED]:
+    for m in ["uniform", *methods]:
         for s, r in enumerate(res[m]):
             u, match = res["uniform"][s], res[f"uniform@{m}"][s] if m != "uniform" else res["uniform"][s]
             target = u["val"][-1]
@@ -173,11 +176,12 @@ def print_table(bed: str, table: list[dict], a):
             ("budget to match", "compute_to_matched_target", "{:.2f}"), ("wall / uniform@budget", "wall_vs_matched",
                                                                          "{:.2f}"), ("noisy", "noisy", "{:.3f}")]
     print(f"{'method':8s} " + " ".join(f"{c[0]:>26s}" for c in cols))
-    for m in ["uniform", *SELECTED]:
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    for m in methods:
         sel = [r for r in table if r["method"] == m]
         print(f"{m:8s} " + " ".join(f"{interval([r[k] for r in sel], f):>26s}" for _, k, f in cols))
     print("uniform@budget: " + ", ".join(f"{m} {sorted({r['matched_steps'] for r in table if r['method'] == m})} steps"
-                                         for m in SELECTED))
+                                         for m in methods[1:]))
 
 
 def main():
@@ -197,6 +201,7 @@ def main():
     ap.add_argument("--keep", type=float, default=0.8, help="prune: share kept (lowest ref_nll)")
     ap.add_argument("--ref_iters", type=int, default=200, help="rho_ref: steps of the model trained on the holdout")
     ap.add_argument("--ref_dim", type=int, default=64, help="rho_ref: its width (same depth)")
+    ap.add_argument("--ref_beds", default="noisy", help="beds that also run rho_ref (its baseline is the costliest run)")
     ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
     a = ap.parse_args()
     beds = [b for b in a.beds.split(",") if b]
@@ -209,7 +214,8 @@ def main():
             t0 = time.time()
             made = make_bed(bed, root, a)
             if made:
-                rs = rows(bed, bed_runs(bed, *made, a, root), a)
+                methods = SELECTED if bed in a.ref_beds.split(",") else tuple(m for m in SELECTED if m != "rho_ref")
+                rs = rows(bed, bed_runs(bed, *made, a, root, methods, methods), a, methods)
                 print_table(bed, rs, a)
                 print(f"bed {bed}: {time.time() - t0:.0f} s (runs already done are reused)")
                 table += rs
