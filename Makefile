@@ -85,9 +85,11 @@ bench: run
 validity:
 	$(PYTHON) bench/validity.py
 
-# does batch selection pay? uniform / loss / rho / offline pruning, noisy and clean, 3 seeds (~20 min)
+# does batch selection pay at matched compute? uniform / loss / rho / rho_ref / pruning against
+# uniform at each budget, on the noisy and clean sample and the real stories, 3 seeds (~2 h; runs
+# kept in /tmp/bench_select and reused, so a second call only adds what is missing)
 bench-select:
-	$(PYTHON) bench/bench_select.py
+	$(PYTHON) bench/bench_select.py --keep_dir=/tmp/bench_select
 
 clean:
 	rm -f $(BUILDS) $(addsuffix .tmp.*,$(BUILDS))

@@ -10,7 +10,7 @@ $ python train.py --help        # every TrainConfig key with its default
 import math
 from dataclasses import dataclass
 
-from prebias.data import DATA_DIR, TABLES_DIR
+from prebias.data import DATA_DIR, HOLDOUT_MODES, TABLES_DIR
 from prebias.schedule import flat_strategies
 from prebias.selection import SCORES
 
@@ -93,7 +93,7 @@ class TrainConfig:
 # a valid choice at once)
 TRAIN_CHOICES = {"init_from": ("scratch", "resume"), "schedule": flat_strategies(),
                  "schedule_order": ("asc", "desc"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-                 "select": SCORES.choices(extra=("none",)), "holdout": ("auto", "exclude", "keep", "only")}
+                 "select": SCORES.choices(extra=("none",)), "holdout": HOLDOUT_MODES}
 
 
 # -----------------------------------------------------------------------------

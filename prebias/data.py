@@ -6,7 +6,9 @@ index that numbers every batch, and BatchData, the reader that serves batches by
 A *batch* (llama2.c's word) is one window of max_seq_len+1 tokens at offset
 i*max_seq_len of one shard. Batches are numbered in shard order, shard 0 first; shard 0
 is the validation split (llama2.c's rule). The index maps every batch_id back to its
-shard, offset and the first/last story it overlaps.
+shard, offset and the first/last story it overlaps. The holdout (write_holdout) marks
+seeded blocks of whole training stories, and the batches touching them, for the
+irreducible-loss model of RHO-LOSS; it changes no batch id.
 
 Default paths follow one rule, llama2.c's: relative to the working folder
 (data/, out/, out/tables/), so running from the repository root gives the seed's paths.
@@ -33,6 +35,7 @@ BOS_ID, EOS_ID = 1, 2  # sentencepiece's (and llama2.c's) ids; run.c stops at BO
 INDEX_FORMAT, INDEX_VERSION = "llama2_prebiasing.batch_index", 1
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("story_first", "<i4"), ("story_last", "<i4")])
 HOLDOUT_FRACTION, HOLDOUT_SEED, HOLDOUT_BLOCK = 0.1, 1337, 32  # pretokenize --holdout: share of training stories
+HOLDOUT_MODES = ("auto", "exclude", "keep", "only")  # train.py --holdout (stream.holdout_mode)
 # -----------------------------------------------------------------------------
 
 

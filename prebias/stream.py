@@ -21,6 +21,9 @@ loss, rho, el2n, metric; higher = kept, ties: the earlier pool position), the sa
 functions select_batches.py uses offline.
 A batch chosen from the second stream may come again later in the first: selection
 trades the once-per-epoch guarantee for the choice.
+The training ids are the data's training batches, less its holdout where the run reads
+the reference fitted on it (holdout_mode: rho, a ref_* metric; train.py --holdout), or the
+holdout alone (--holdout=only: an irreducible-loss model); checkpoints record which.
 
 Insertions: a row [step, row, pos, tag, n_tokens, mode] says that at `step`, in row `row`
 (0..B-1) of that step's ids, the tag's n tokens sit at window position `pos`; mode 0
@@ -204,7 +207,7 @@ class Selector:
             if self.score.needs_ref else None
         self.ctx = ScoreContext(device=device, ctx=ctx, batch_size=micro_bs, batch_metric=batch_metric,
                                 irreducible=self.irreducible, metric=metric, target=target)
-        self.scored = 0  # windows scored by the model since take_counts (the compute record)
+        self.scored, self._ref_seen = 0, 0  # windows scored by the model since take_counts; the reference's so far
 
     def pool(self, step: int, ids: np.ndarray) -> np.ndarray:
         return ids if self.aux is None else np.concatenate([ids, self.aux.step_ids(step)])
@@ -220,7 +223,7 @@ class Selector:
     def take_counts(self) -> tuple[int, int]:
         """(windows the model scored, windows the reference model scored) since the last call."""
         ref = self.irreducible.scored if self.irreducible is not None else 0
-        out = (self.scored, ref - getattr(self, "_ref_seen", 0))
+        out = (self.scored, ref - self._ref_seen)
         self.scored, self._ref_seen = 0, ref
         return out
 
@@ -309,9 +312,6 @@ class BatchMetrics:
 
 # -----------------------------------------------------------------------------
 # the holdout (data.write_holdout): which training batches a run leaves out
-
-HOLDOUT_MODES = ("auto", "exclude", "keep", "only")
-
 
 def holdout_mode(cfg, spec: dict) -> str:
     """exclude | keep | only. --holdout=auto (the default) excludes the holdout exactly when
