@@ -402,8 +402,9 @@ def stream_fingerprint(stream: Stream, legacy: bool = False) -> str:
     h.update(stream.record.tags.encode())
     if stream.selector:
         h.update(f"{stream.selector.method}:{stream.selector.K}".encode())
-        if stream.selector.irreducible is not None and not legacy:
-            h.update(json.dumps(stream.selector.irreducible.record, sort_keys=True).encode())
+        if stream.selector.irreducible is not None and not legacy:  # the reference's content, not its timing
+            rec = stream.selector.irreducible.record
+            h.update(json.dumps({k: rec.get(k) for k in ("kind", "scorer", "sha256")}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

@@ -169,3 +169,16 @@ def test_a_reference_fitted_elsewhere_is_refused(tiny_data, tmp_path):
     with pytest.raises(UserError, match="fitted on validation shard, not on this data's holdout"):
         select_batches.main([f"--data_dir={data_dir}", f"--tables_dir={t}", "--vocab_size=512", "--max_seq_len=64",
                              "--by=ref_nll"])
+
+
+def test_a_resume_refuses_another_reference(tiny_data, tmp_path):
+    data_dir, tables = tiny_data
+    t = tmp_path / "tables"
+    shutil.copytree(tables, t)
+    run = TinyRun(data_dir, t, tmp_path / "rho")
+    train.main(run.train_args(**{**RHO, "max_iters": 2}))
+    meta = json.loads((t / "batch_metrics.json").read_text())
+    meta["scorer"] = "another scorer"  # the reference refitted: other irreducible losses
+    (t / "batch_metrics.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="fingerprint mismatch"):
+        train.main(run.train_args(**RHO, init_from="resume"))
