@@ -144,7 +144,7 @@ def interval(x, fmt="{:.2f}") -> str:
     bad = int((~np.isfinite(x)).sum())
     if bad:
         return f"not reached in {bad}/{len(x)}"
-    if len(x) == 1:
+    if len(x) == 1 or np.ptp(x) == 0:  # one seed, or the same in every seed (a ratio by construction)
         return fmt.format(x[0])
     from scipy import stats
     h = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
@@ -182,6 +182,20 @@ def print_table(bed: str, table: list[dict], a):
         print(f"{m:8s} " + " ".join(f"{interval([r[k] for r in sel], f):>26s}" for _, k, f in cols))
     print("uniform@budget: " + ", ".join(f"{m} {sorted({r['matched_steps'] for r in table if r['method'] == m})} steps"
                                          for m in methods[1:]))
+
+
+def markdown(table: list[dict]) -> str:
+    """The README's table: one row per bed and method, mean [95% t-interval] over seeds."""
+    cols = [("final val loss", "final_val", "{:.2f}"), ("steps to target", "steps_to_target", "{:.2f}"),
+            ("FLOPs / uniform", "flops_vs_uniform", "{:.2f}"), ("val − uniform at its budget", "gap_vs_matched", "{:+.2f}"),
+            ("budget to match uniform", "compute_to_matched_target", "{:.2f}"), ("noisy share", "noisy", "{:.3f}")]
+    out = ["| bed | method | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for bed in dict.fromkeys(r["bed"] for r in table):
+        for m in dict.fromkeys(r["method"] for r in table if r["bed"] == bed):
+            sel = [r for r in table if r["bed"] == bed and r["method"] == m]
+            cells = [interval([r[k] for r in sel], f).replace("not reached in", "not reached,") for _, k, f in cols]
+            out.append(f"| {bed} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main():
@@ -223,7 +237,7 @@ def main():
         if table:
             import pandas as pd
             pd.DataFrame(table).to_csv(root / "bench_select.csv", index=False)
-            print(f"\nper-seed numbers: {root / 'bench_select.csv'}")
+            print(f"\n{markdown(table)}\n\nper-seed numbers: {root / 'bench_select.csv'}")
     finally:
         if not a.keep_dir:
             shutil.rmtree(root, ignore_errors=True)

@@ -37,7 +37,8 @@ class ComputeRecord:
     """Cumulative compute of a run. step() adds one optimizer step: B trained windows,
     the windows selection scored with the model and those the reference model scored
     (both counted where they ran: the pool once, each rank's reference passes each), and
-    the step's seconds. ref_fit_flops / ref_fit_s: fitting the irreducible-loss model
+    the step's seconds (select_s: the stream's, i.e. the pool, its scoring and reading the
+    windows; train_s: forward, backward and the optimizer). ref_fit_flops / ref_fit_s: fitting the irreducible-loss model
     (a train.py run's own recorded compute), counted once, from step 0."""
 
     def __init__(self, model, ref_model=None, ref_fit_flops: float = 0.0, ref_fit_s: float = 0.0,
