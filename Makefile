@@ -95,9 +95,11 @@ bench: run runq
 validity:
 	$(PYTHON) bench/validity.py
 
-# does batch selection pay? uniform / loss / rho / offline pruning, noisy and clean, 3 seeds (~20 min)
+# does batch selection pay at matched compute? uniform / loss / rho / rho_ref / pruning against
+# uniform at each budget, on the noisy and clean sample and the real stories, 3 seeds (~2 h; runs
+# kept in /tmp/bench_select and reused, so a second call only adds what is missing)
 bench-select:
-	$(PYTHON) bench/bench_select.py
+	$(PYTHON) bench/bench_select.py --keep_dir=/tmp/bench_select
 
 # does attribution pass the field's test? LDS of 5 estimators, top-k vs timing-matched random-k, order-aware
 # predictions, on the sample and the real stories (~1 h each on 2 cores; cached, a rerun resumes)

@@ -3,7 +3,7 @@ Offline batch selection (data pruning): rank every training batch by a score, ke
 fraction, and write a schedule spec that trains only on the kept batches, with the
 ranking table beside it.
 
-$ python select_batches.py --by=ref_nll --keep=0.5 --hardest       # reference-scorer loss
+$ python select_batches.py --by=ref_nll --keep=0.8 --easiest       # reference-scorer loss (fitted on the holdout)
 $ python select_batches.py --by=el2n --keep=0.5 --out_dir=out/short  # EL2N from an early checkpoint
 $ python select_batches.py --by=rho --keep=0.8 --out_dir=out/short   # RHO-LOSS offline
 $ python select_batches.py --by=fk_grade --keep=0.3 --easiest        # any batch metric
@@ -19,14 +19,21 @@ irreducible loss is ref_nll or --select_ref's model; metric steers toward
 --hardest keeps the highest scores (EL2N's and Sorscher et al.'s choice for large data),
 --easiest the lowest. NaN scores are never kept.
 
+A ranking that reads the reference (ref_nll, ref_ppl, rho, a ref_* --select_metric) leaves
+out the holdout it was fitted on (--holdout=auto; exclude | keep): its batches are neither
+ranked nor kept, so a run on the spec never trains on them.
+
 Outputs (in <tables_dir>/select/, named <by>_<hardest|easiest>_<keep>):
   _ids.npy       the kept batch ids (sorted), read by the spec's "include"
   _spec.json     a schedule spec: shuffle over the kept batches
   _ranking.csv   batch_id, score, rank (1 = first kept), kept, and the noisy column
                  when the data has one (tinystories.py sample --noise)
+  _select.json   how: the score, the holdout left out, and the cost of scoring (FLOPs of
+                 a scoring model's forward passes, seconds), for compute-matched comparisons
 """
 
 import sys
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +46,8 @@ from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_che
 from prebias.common import (UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic,
                             write_json_atomic)
 from prebias.data import DATA_DIR, MAX_SEQ_LEN, TABLES_DIR, VOCAB_SIZE, BatchData
-from prebias.selection import SCORES, Irreducible, ScoreContext
+from prebias.compute import forward_flops_per_window
+from prebias.selection import REF_COLUMNS, SCORES, Irreducible, ScoreContext, check_fit, reads_reference
 
 
 # -----------------------------------------------------------------------------
@@ -54,6 +62,7 @@ class SelectConfig:
     select_metric: str = ""  # metric: the batch metric to steer by...
     select_target: float = 0.0  # ...toward this value
     seed: int = 1337  # uniform: the seed of the random subset
+    holdout: str = "auto"  # auto: leave the holdout out exactly when the ranking reads the reference; exclude | keep
     data_dir: str = str(DATA_DIR)  # ignored when out_dir is given (the run's own data)
     tables_dir: str = str(TABLES_DIR)
     vocab_size: int = VOCAB_SIZE
@@ -77,28 +86,34 @@ def early_checkpoint(out_dir, ckpt_iter: int, by: str):
     return next(((it, p) for it, p in found if it >= max(target, 1)), found[-1])
 
 
-def score_batches(cfg: SelectConfig, data: BatchData, column) -> tuple[np.ndarray, str]:
-    """A registered score of every training batch. The offline pool is every training
-    batch in a seeded order (uniform keeps its first ones: a random subset)."""
+def score_batches(cfg: SelectConfig, data: BatchData, column, ids: np.ndarray, meta: dict) -> tuple[np.ndarray, str, dict]:
+    """A registered score of the batches `ids`, (scores, how, cost). The offline pool is
+    every one of them in a seeded order (uniform keeps its first ones: a random subset)."""
     score, model, how = SCORES[cfg.by], None, f"score {cfg.by}"
     device = auto_device(cfg.device)
+    cost = {"flops": 0.0, "ref_fit_flops": 0.0}
     if score.needs_model:
         it, path = early_checkpoint(cfg.out_dir, cfg.ckpt_iter, cfg.by)
         model, how = model_from_checkpoint(load_checkpoint(path), device), f"{cfg.by} at {path} (step {it})"
+        cost["flops"] = forward_flops_per_window(model) * len(ids)
     if score.needs_metric:
         column(cfg.select_metric)  # an unknown metric: one line now
+    irr = Irreducible(data, column, cfg.select_ref, device, meta) if score.needs_ref else None
+    if irr is not None and cfg.holdout != "keep":
+        irr.check_held_out(f"--by={cfg.by}")
     ctx = ScoreContext(device=device, batch_size=cfg.batch_size, batch_metric=column, metric=cfg.select_metric,
-                       target=cfg.select_target,
-                       irreducible=Irreducible(data, column, cfg.select_ref, device) if score.needs_ref else None)
-    ids = data.train_ids
+                       target=cfg.select_target, irreducible=irr)
     perm = np.random.default_rng(cfg.seed).permutation(len(ids))
     out = np.empty(len(ids))
     out[perm] = score(model, data, ids[perm], ctx)
-    return out, how
+    if irr is not None:
+        cost["flops"] += (forward_flops_per_window(irr.model) * irr.scored) if irr.model is not None else 0.0
+        cost["ref_fit_flops"], cost["reference"] = irr.fit_flops, irr.record
+    return out, how, cost
 
 
-def scores(cfg: SelectConfig, data: BatchData, bm: pd.DataFrame) -> tuple[np.ndarray, str]:
-    """(score of every training batch, how it was computed)."""
+def scores(cfg: SelectConfig, data: BatchData, bm: pd.DataFrame, ids: np.ndarray, meta: dict):
+    """(score of every batch in ids, how it was computed, its cost)."""
     numeric = [c for c in bm.columns if c not in batchmetrics.ID_COLUMNS]
 
     def column(name):
@@ -106,11 +121,29 @@ def scores(cfg: SelectConfig, data: BatchData, bm: pd.DataFrame) -> tuple[np.nda
             raise UserError(f"unknown batch metric {name!r}; valid: {', '.join(numeric)}")
         return bm[name].to_numpy(np.float64)
     if cfg.by in SCORES:
-        return score_batches(cfg, data, column)
+        return score_batches(cfg, data, column, ids, meta)
     if cfg.by not in numeric:
         raise UserError(f"--by={cfg.by}: choose a selection score ({', '.join(SCORES)}) or a batch metric: "
                         f"{', '.join(numeric)}")
-    return column(cfg.by)[data.train_ids], f"batch_metrics.csv column {cfg.by}"
+    return column(cfg.by)[ids], f"batch_metrics.csv column {cfg.by}", {"flops": 0.0, "ref_fit_flops": 0.0}
+
+
+def ranked_ids(cfg: SelectConfig, data: BatchData, meta: dict) -> tuple[np.ndarray, str]:
+    """(the training batches to rank, the holdout mode): less the holdout where the ranking
+    reads the reference fitted on it (--holdout=auto) or --holdout=exclude."""
+    mode = cfg.holdout
+    if mode == "auto":
+        reads = cfg.by in REF_COLUMNS or (cfg.by in SCORES and reads_reference(SCORES[cfg.by], cfg.select_metric))
+        mode = "exclude" if reads else "keep"
+    if mode != "exclude":
+        return data.train_ids, mode
+    if not len(data.holdout_ids):
+        raise UserError(f"--by={cfg.by} reads the reference, but {data.dir} has no holdout: re-run python "
+                        "tinystories.py pretokenize (it holds out --holdout=0.1 of the training stories), or pass "
+                        "--holdout=keep")
+    if cfg.by in REF_COLUMNS and meta.get("scorer_fit", {}).get("on") != "model":
+        check_fit(meta.get("scorer_fit", {}), data, f"--by={cfg.by}")
+    return np.setdiff1d(data.train_ids, data.holdout_ids), mode
 
 
 def select(cfg: SelectConfig) -> Path:
@@ -118,14 +151,18 @@ def select(cfg: SelectConfig) -> Path:
         raise UserError(f"--keep={cfg.keep}: a fraction in (0, 1]")
     if cfg.which not in ("hardest", "easiest"):
         raise UserError(f"--which={cfg.which}: hardest or easiest")
+    if cfg.holdout not in ("auto", "exclude", "keep"):
+        raise UserError(f"--holdout={cfg.holdout}: auto, exclude or keep")
     if cfg.out_dir:  # the run's own data
         run = types.SimpleNamespace(**run_config(cfg.out_dir))
         cfg.data_dir, cfg.tables_dir = run.data_dir, run.tables_dir
         cfg.vocab_size, cfg.max_seq_len = run.vocab_size, run.max_seq_len
     data = BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len)
-    bm, _ = batchmetrics.load_batch_metrics(cfg.tables_dir, data)
-    s, how = scores(cfg, data, bm)
-    ids = data.train_ids
+    bm, meta = batchmetrics.load_batch_metrics(cfg.tables_dir, data)
+    t0 = time.perf_counter()
+    ids, mode = ranked_ids(cfg, data, meta)
+    s, how, cost = scores(cfg, data, bm, ids, meta)
+    cost["seconds"] = round(time.perf_counter() - t0, 3)
     key = np.where(np.isnan(s), np.inf, -s if cfg.which == "hardest" else s)
     order = np.argsort(key, kind="stable")
     n_keep = min(int(round(cfg.keep * len(ids))), int((~np.isnan(s)).sum()))
@@ -145,7 +182,13 @@ def select(cfg: SelectConfig) -> Path:
     write_csv_atomic(table.sort_values("rank"), out / f"{name}_ranking.csv")
     spec = {"phases": [{"strategy": "shuffle"}], "include": str(ids_path)}
     write_json_atomic(out / f"{name}_spec.json", spec)
-    msg = f"kept {n_keep} of {len(ids)} training batches ({cfg.which} by {how})"
+    write_json_atomic(out / f"{name}_select.json", {
+        "by": cfg.by, "which": cfg.which, "keep": cfg.keep, "n_kept": n_keep, "n_ranked": len(ids), "how": how,
+        "holdout": {"mode": mode, "n_batches": len(data.holdout_ids), "sha256": data.holdout_meta.get("sha256", "")},
+        "cost": cost})
+    left = f", the holdout's {len(data.holdout_ids)} left out (the reference was fitted on them)" \
+        if mode == "exclude" else ""
+    msg = f"kept {n_keep} of {len(ids)} training batches ({cfg.which} by {how}{left})"
     if "noisy" in table:
         msg += (f"; noisy share kept {table.loc[kept, 'noisy'].mean():.3f} vs all "
                 f"{table['noisy'].mean():.3f}")

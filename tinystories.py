@@ -9,11 +9,15 @@ $ python tinystories.py train_vocab --vocab_size=512   # -> data/tok512.model
 $ python tinystories.py pretokenize --vocab_size=512   # -> data/tok512/*.bin, batch index, out/tables/batch_metrics.csv
 $ python tinystories.py pretokenize --vocab_size=0 --tokenizer=path/to/llama2/tokenizer.model
                                   # llama2.c's Llama 2 vocabulary: the shards beside the JSON, then --vocab_size=32000
+$ python tinystories.py pretokenize --holdout=0.2      # hold out 20% of the training batches (default 10%)
 
 A *batch* (llama2.c's word) is one window of max_seq_len+1 tokens at offset
 i*max_seq_len of one shard. Batches are numbered in shard order, shard 0 first; shard 0
 is the validation split (llama2.c's rule). The batch index maps every batch_id back
-to its shard, offset and the stories it overlaps.
+to its shard, offset and the stories it overlaps. pretokenize also marks a seeded
+holdout of whole training batches (holdout.npy beside the index; no id changes): the
+reference scorer is fitted on it, and runs whose selection, pruning or schedule reads
+that reference never train on it (RHO-LOSS's holdout split).
 """
 
 import argparse
@@ -32,9 +36,10 @@ import numpy as np
 
 from prebias import batchmetrics
 from prebias.common import UserError, atomic_path, main_guard, write_json_atomic
+from prebias.data import (BOS_ID, DATA_DIR, HOLDOUT_FRACTION, LLAMA2_RECORD, LLAMA2_TOKENIZER, MAX_SEQ_LEN, RAW_NAME,
+                          VOCAB_SIZE, load_stories, raw_dir, raw_shards, sha256_file, tok_dir, token_stamps,
+                          write_holdout, write_index)
 from prebias.inputs import read_json
-from prebias.data import (BOS_ID, DATA_DIR, LLAMA2_RECORD, LLAMA2_TOKENIZER, MAX_SEQ_LEN, RAW_NAME, VOCAB_SIZE,
-                          load_stories, raw_dir, raw_shards, sha256_file, tok_dir, token_stamps, write_index)
 from prebias.storygen import corrupt, generate_stories, noise_plan
 from tokenizer import Tokenizer, tokenizer_model_path
 
@@ -184,13 +189,7 @@ def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=1337, noise=0.0):
                         "Use --data_dir=<another folder> for the sample")
     stories = generate_stories(n_stories, seed=seed)
     chunks = np.array_split(np.arange(n_stories), n_shards)
-    n_val = len(chunks[0])
-    plan = noise_plan(n_stories - n_val, noise, seed) if noise else {}
-    rng = random.Random(f"corrupt:{seed}")
-    kinds = [None] * n_stories
-    for i, kind in plan.items():  # in index order, so the draws are reproducible
-        kinds[n_val + i] = kind
-        stories[n_val + i] = corrupt(stories[n_val + i], kind, rng)
+    stories, kinds = corrupt_stories(stories, len(chunks[0]), noise, seed)
     target.mkdir(parents=True, exist_ok=True)
     for old in target.glob("data*.json"):
         old.unlink()
@@ -202,7 +201,41 @@ def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=1337, noise=0.0):
             tmp.write_text(json.dumps(rows, ensure_ascii=False))
     (target / "SAMPLE").write_text(json.dumps({"n_stories": n_stories, "seed": seed, "noise": noise}) + "\n")
     print(f"wrote {n_stories} stories in {n_shards} shards to {target}"
-          + (f" ({len(plan)} training stories corrupted)" if noise else ""))
+          + (f" ({sum(k is not None for k in kinds)} training stories corrupted)" if noise else ""))
+    return target
+
+
+def corrupt_stories(stories: list[str], n_val: int, noise: float, seed: int) -> tuple[list[str], list]:
+    """(stories, kinds): the planted noise of `sample --noise` (storygen.noise_plan and
+    corrupt) applied to the stories after the first n_val (the validation shard stays
+    clean); kinds[i] is story i's corruption or None. Any stories, generated or real."""
+    stories, kinds = list(stories), [None] * len(stories)
+    plan = noise_plan(len(stories) - n_val, noise, seed) if noise else {}
+    rng = random.Random(f"corrupt:{seed}")
+    for i, kind in plan.items():  # in index order, so the draws are reproducible
+        kinds[n_val + i] = kind
+        stories[n_val + i] = corrupt(stories[n_val + i], kind, rng)
+    return stories, kinds
+
+
+def noisy_copy(src_dir, dst_dir, noise: float, seed: int = 1337) -> Path:
+    """A copy of src_dir's raw shards (real or generated) in dst_dir with the planted noise
+    of `sample --noise` (corrupt_stories) in the training shards: every row gains the
+    "noise" field that batch metrics' noisy column reads. Real stories as a noisy test bed."""
+    shards = raw_shards(src_dir)
+    rows = [json.loads(p.read_text(encoding="utf-8")) for p in shards]
+    stories, kinds = corrupt_stories([r["story"] for rs in rows for r in rs], len(rows[0]), noise, seed)
+    target = raw_dir(dst_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    k = 0
+    for p, rs in zip(shards, rows):
+        out = []
+        for r in rs:
+            out.append({**r, "story": stories[k], "noise": kinds[k]})
+            k += 1
+        with atomic_path(target / p.name) as tmp:
+            tmp.write_text(json.dumps(out, ensure_ascii=False))
+    print(f"wrote {k} stories to {target} ({sum(x is not None for x in kinds)} training stories corrupted)")
     return target
 
 
@@ -292,10 +325,13 @@ def use_llama2_tokenizer(data_dir, tokenizer: str = "") -> int:
 
 
 def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
-                workers=None, tables_dir=None, metrics="all", ref_model="", tokenizer=""):
+                workers=None, tables_dir=None, metrics="all", ref_model="", tokenizer="",
+                holdout=HOLDOUT_FRACTION):
     from tqdm import tqdm
     if max_seq_len < 1 or (workers is not None and workers < 1):
         raise UserError(f"--max_seq_len={max_seq_len} --workers={workers}: both must be at least 1")
+    if not 0 <= holdout < 1:
+        raise UserError(f"--holdout={holdout}: a fraction of the training batches in [0, 1)")
     shards = raw_shards(data_dir)
     if vocab_size == 0:  # from here on the data answers for its tokenizer's vocab size (tok_dir)
         vocab_size = use_llama2_tokenizer(data_dir, tokenizer)
@@ -322,8 +358,9 @@ def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DI
     done.save(keep=keys)  # forget shards whose raw json is gone ...
     for stale in set(out.glob("data*.bin")) - {out / s.with_suffix(".bin").name for s in shards}:
         stale.unlink()  # ... and their tokens
-    # 2) batch index over all shards, shard 0 (validation) first
+    # 2) batch index over all shards, shard 0 (validation) first, and the holdout marked in it
     idir = write_index(data_dir, vocab_size, max_seq_len, model_path.name, tok_sha)
+    write_holdout(data_dir, vocab_size, max_seq_len, holdout)
     if metrics not in (None, "", "none"):
         batchmetrics.write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir, metrics, workers,
                                          ref_model)
@@ -347,9 +384,11 @@ def main():
     ap.add_argument("--metrics", default="all", help="pretokenize: comma list of batch metrics, 'all' or 'none'")
     ap.add_argument("--tables_dir", default=None, help="pretokenize: where batch_metrics.csv goes (default out/tables)")
     ap.add_argument("--ref_model", default="", help="pretokenize: model.bin or ckpt .pt as reference scorer "
-                    "(default: a 3-gram model of the validation shard)")
+                    "(default: a 3-gram model of the holdout)")
     ap.add_argument("--tokenizer", default="", help="pretokenize --vocab_size=0: the Llama 2 sentencepiece model "
                     "(default: tokenizer.model, as llama2.c)")
+    ap.add_argument("--holdout", type=float, default=HOLDOUT_FRACTION,
+                    help="pretokenize: share of the training batches held out for the reference scorer")
     a = ap.parse_args()
     if a.stage == "download":
         download(a.data_dir, a.url)
@@ -359,7 +398,7 @@ def main():
         train_vocab(a.vocab_size, a.data_dir)
     elif a.stage == "pretokenize":
         pretokenize(a.vocab_size, a.max_seq_len, a.data_dir, a.workers, a.tables_dir, a.metrics, a.ref_model,
-                    a.tokenizer)
+                    a.tokenizer, a.holdout)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ $ python train.py --schedule=sorted --schedule_metric=fk_grade --out_dir=out/cur
 $ python train.py --schedule_spec=config/schedules/competence.json --out_dir=out/competence
 $ python train.py --tags=config/tags/canary.json --out_dir=out/canary
 $ python train.py --select=rho --select_pool=4 --out_dir=out/rho
+$ python train.py --holdout=only --max_iters=100 --out_dir=out/ref   # an irreducible-loss model on the holdout
+$ python train.py --select=rho --select_pool=4 --select_ref=out/ref/ckpt/ckpt_100.pt --out_dir=out/rho_ref
 $ python train.py --show_batches=12                 # ids + text of step 12 (batch_viewer.py)
 $ python train.py --train_mask=ids.npy --out_dir=out/masked   # those batches' rows weigh 0, all else in place
 $ torchrun --standalone --nproc_per_node=4 train.py config/stories15M.json
@@ -29,7 +31,10 @@ record how it started, history.jsonl each start and resume with what changed.
 --init_from=<ckpt> starts a new run from another checkpoint's weights and shape (one of
 this toolkit's, or one export.py imported from Hugging Face or a llama2.c .bin): every
 checkpoint of the run records where they came from (path, sha256, step, and that
-checkpoint's own source), and its batch ids are the ones trained here.
+checkpoint's own source), and its batch ids are the ones trained here. Each
+checkpoint also records the run's compute so far (prebias/compute.py: FLOPs of training,
+of selection's scoring and of the irreducible-loss model, and wall-clock) and its
+holdout (which training batches were held out, and whether the run left them out).
 """
 
 import dataclasses
@@ -52,12 +57,13 @@ from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_p
                                 stream_records)
 from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit,
                             library_versions, main_guard, parse_config, write_json_atomic)
+from prebias.compute import ComputeRecord
 from prebias.configs import TRAIN_CHOICES as CHOICES
 from prebias.configs import TrainConfig
 from prebias.data import BatchData
 from prebias.schedule import get_lr, rank_micro_batches
 from prebias.selection import SCORES
-from prebias.stream import build_stream, stream_fingerprint
+from prebias.stream import build_stream, save_holdout_ids, stream_fingerprint, stream_provenance
 from tokenizer import tokenizer_model_path
 
 # -----------------------------------------------------------------------------
@@ -204,8 +210,8 @@ class Trainer:
         n_eval = cfg.eval_iters * cfg.batch_size
         self.val_ids = self.data.val_ids[:n_eval]
         rng = np.random.default_rng([cfg.seed, 7])
-        self.train_eval_ids = np.sort(rng.choice(self.data.train_ids, min(n_eval, len(self.data.train_ids)),
-                                                 replace=False))
+        pool = self.schedule.run_ids  # the training batches (less the holdout where the run leaves it out)
+        self.train_eval_ids = np.sort(rng.choice(pool, min(n_eval, len(pool)), replace=False))
         if len(self.val_ids) == 0:
             raise UserError(f"no validation batches (shard 0 of {self.data.dir} is shorter than "
                             f"max_seq_len={cfg.max_seq_len})")
@@ -216,10 +222,13 @@ class Trainer:
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                          (cfg.beta1, cfg.beta2), self.device.split(":")[0])
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == "float16")
-        self.iter_num, self.prev_ckpt = 0, -1
+        self.iter_num, self.prev_ckpt, saved_compute = 0, -1, None
         self.mfu_peak = cfg.peak_flops or peak_flops(self.device, self.dtype)  # before resume restores the RNG
         if cfg.init_from == "resume":
-            self._resume()
+            saved_compute = self._resume()
+        irr = self.stream.selector.irreducible if self.stream.selector else None
+        self.compute = ComputeRecord(self.model, irr.model if irr else None, irr.fit_flops if irr else 0.0,
+                                     irr.fit_s if irr else 0.0, saved_compute, self.iter_num)
         self.raw_model = self.model
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -255,7 +264,7 @@ class Trainer:
                             f"--init_from={ckpt_path(self.cfg.out_dir, ck['iter_num'])} --out_dir=<a new folder>")
         self.init = ck.get("init", {})
         check_resume(ck, dataclasses.asdict(self.cfg), RUN_DEFINING, self.data.meta["tokenizer_sha256"],
-                     stream_fingerprint(self.stream), self.cfg.out_dir)
+                     stream_fingerprint(self.stream, legacy="holdout" not in ck["schedule"]), self.cfg.out_dir)
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError:
@@ -271,6 +280,7 @@ class Trainer:
         self.iter_num = self.prev_ckpt = ck["iter_num"]
         if self.master:
             print(f"resuming from {self.cfg.out_dir} at step {self.iter_num}")
+        return ck.get("compute")
 
     # -------------------------------------------------------------------------
 
@@ -285,20 +295,22 @@ class Trainer:
 
     def checkpoint(self):
         cfg = self.cfg
+        t0 = time.perf_counter()
         val_loss = self.estimate_loss(self.val_ids)
         train_loss = self.estimate_loss(self.train_eval_ids)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and self.device.startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state()
+        self.compute.add_checkpoint_time(time.perf_counter() - t0)  # the loss estimates above
         obj = build_checkpoint(
             model=self.raw_model.state_dict(), model_args=self.raw_model.params.to_dict(),
             config=dataclasses.asdict(cfg), iter_num=self.iter_num, prev_iter=self.prev_ckpt,
             record=self.stream.record.arrays(),
             schedule={**self.schedule.record(), "fingerprint": stream_fingerprint(self.stream),
-                      "desc": self.schedule.desc},
+                      "desc": self.schedule.desc, **stream_provenance(self.stream)},
             data_meta={"vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
                        "tokenizer_sha256": self.data.meta["tokenizer_sha256"], "n_batches": len(self.data)},
-            rng=rng, train_loss=train_loss, val_loss=val_loss, init=self.init)
+            rng=rng, train_loss=train_loss, val_loss=val_loss, init=self.init, compute=self.compute.as_dict())
         # the optimizer first: a kill between the two saves leaves the previous pair intact
         with atomic_path(optimizer_path(cfg.out_dir, self.iter_num)) as tmp:
             torch.save(self.optimizer.state_dict(), tmp)
@@ -332,9 +344,14 @@ class Trainer:
             lr = get_lr(self.iter_num, cfg)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
+            t_step = time.perf_counter()
             ids, windows = self.stream.step(self.iter_num, self.raw_model, self.rank, self.world)
+            t_sel = time.perf_counter()
             masked = self.stream.masked(ids)  # (B,) rows of --train_mask: weight 0 at this step
             loss = self.train_step(windows, masked) if masked.any() else self.train_step(windows)
+            scored, ref_scored = self.stream.selector.take_counts() if self.stream.selector else (0, 0)
+            self.compute.step(self.schedule.B, scored, ref_scored * self.world, t_sel - t_step,
+                              time.perf_counter() - t_sel)
             self.iter_num += 1
             n_timed += 1
             if not math.isfinite(loss):
@@ -464,7 +481,7 @@ def load_run_config(argv) -> tuple[TrainConfig, dict | None]:
     if not (cfg.init_from == "resume" or cfg.show_batches >= 0) or not list_checkpoints(cfg.out_dir):
         return cfg, None
     saved = dict(load_checkpoint(latest_checkpoint(cfg.out_dir))["config"])
-    base = TrainConfig()
+    base = TrainConfig(holdout="keep")  # a run from before the holdout existed trained on every batch
     for k, v in saved.items():
         if hasattr(base, k):
             setattr(base, k, v)
@@ -494,6 +511,7 @@ def main(argv=None):
         trainer = Trainer(cfg, init)  # data, stream and model are checked before anything is written
         if trainer.master:
             changed = write_run_record(cfg, saved, trainer.init)
+            save_holdout_ids(cfg.out_dir, trainer.stream)
             for k, (old, new) in changed.items():
                 trainer.log(f"resume: {k} {old!r} -> {new!r}")
             n = sum(p.numel() for p in trainer.raw_model.parameters())

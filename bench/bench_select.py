@@ -1,14 +1,28 @@
 """
-Does batch selection pay here? Uniform, loss, rho (online, pool K) and offline pruning
-(keep the batches with the lowest reference-scorer loss) on a noisy sample and on the
-clean one, several seeds each, same steps. Per method: the steps to reach the validation
-loss that uniform reaches at the end (ratio to uniform, mean and 95% t-interval over
-seeds; each seed against uniform's own final loss with that seed), wall-clock to that loss
-including the scoring cost (ratio to uniform's whole run), and the share of noisy batches
-trained on. Finished runs are reused with --keep_dir.
+Does batch selection pay, at matched compute? On each bed (the sample with 20% of its
+training stories corrupted, the clean sample, the real stories of ../shared/realdata and
+a copy of them with the same corruption), several seeds of:
 
-$ python bench/bench_select.py                       # noise 0.2 and clean, 3 seeds (~20 min on 2 cores)
-$ python bench/bench_select.py --seeds=1 --max_iters=100 --noise=0.2 --clean=False
+    uniform    plain training, max_iters steps
+    loss       online, the highest-loss B of a pool of K*B (Loshchilov & Hutter 2015)
+    rho        online RHO-LOSS, irreducible loss = the 3-gram reference fitted on the holdout
+    rho_ref    online RHO-LOSS, irreducible loss = a small model trained on the holdout
+               (train.py --holdout=only; one per bed, its training counted in every run;
+               on the --ref_beds only, the noisy sample by default: its budget is the largest)
+    prune      offline: keep the keep share of batches with the lowest reference loss
+    uniform@X  a uniform run given X's FLOP budget (compute.matched_steps), its cosine
+               schedule decaying to min_lr at that budget (Kaddour et al. 2023)
+
+and for each method, paired by seed: the steps to the validation loss uniform reaches at
+max_iters (as a share of max_iters), its FLOPs against uniform's, the compute-matched gap
+(its final val loss minus uniform@X's) and the share of its budget it needs to reach
+uniform@X's final loss (> 1: not reached), the wall-clock against uniform@X's, and the
+noisy share it trained on. Mean and 95% t-interval over seeds. Runs are kept in
+--keep_dir and reused (a finished run is read back, a killed one resumes), so a second
+call only adds what is missing; per-seed numbers go to <keep_dir>/bench_select.csv.
+
+$ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~2 h on 2 cores)
+$ python bench/bench_select.py --beds=noisy --seeds=1 --max_iters=60  # a smoke run
 """
 
 import argparse
@@ -26,99 +40,171 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import select_batches  # noqa: E402
 import tinystories  # noqa: E402
 import train  # noqa: E402
-from prebias import batchmetrics  # noqa: E402
-from prebias import checkpoint  # noqa: E402
+from prebias import batchmetrics, checkpoint  # noqa: E402
+from prebias.compute import compute_curve, matched_steps, reach  # noqa: E402
 from prebias.data import BatchData  # noqa: E402
 
-METHODS = ("uniform", "loss", "rho", "prune")
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "TinyStories_all_data"
+BEDS = ("noisy", "clean", "real", "real_noisy")
+SELECTED = ("loss", "rho", "rho_ref", "prune")
 
 
-def make_data(root: Path, noise: float, n_stories: int, seq: int) -> tuple[Path, Path]:
-    data, tables = root / "data", root / "tables"
-    if noise:
-        tinystories.sample(data, n_stories=n_stories, n_shards=5, seed=1337, noise=noise)
-    else:
-        tinystories.sample(data, n_stories=n_stories, n_shards=5, seed=1337)
-    tinystories.train_vocab(512, data)
-    tinystories.pretokenize(512, seq, data, tables_dir=tables)
+# -----------------------------------------------------------------------------
+# beds
+
+def make_bed(bed: str, root: Path, a) -> tuple[Path, Path] | None:
+    """(data_dir, tables_dir) of a bed, made once and reused; None (with a reason) when
+    the real stories are absent."""
+    data, tables = root / bed / "data", root / bed / "tables"
+    if bed.startswith("real") and not REALDATA.exists():
+        print(f"skipping bed {bed}: {REALDATA} is absent")
+        return None
+    if not tinystories.raw_dir(data).exists():
+        if bed in ("noisy", "clean"):
+            tinystories.sample(data, n_stories=a.n_stories, n_shards=5, seed=1337,
+                               noise=a.noise if bed == "noisy" else 0.0)
+        elif bed == "real":
+            shutil.copytree(REALDATA, tinystories.raw_dir(data))
+        else:
+            tinystories.noisy_copy(REALDATA.parent, data, a.noise, seed=1337)
+    if not (data / "tok512.model").exists():
+        tinystories.train_vocab(512, data)
+    tinystories.pretokenize(512, a.seq, data, tables_dir=tables, holdout=a.holdout)  # reuses what is done
     return data, tables
 
 
-def run(method, seed, data, tables, out, a) -> dict:
+def train_args(data, tables, out, seed, max_iters, a, **over) -> list[str]:
     args = dict(data_dir=data, tables_dir=tables, out_dir=out, vocab_size=512, max_seq_len=a.seq, dim=a.dim,
-                n_layers=a.layers, n_heads=4, n_kv_heads=2, batch_size=a.batch, max_iters=a.max_iters,
-                eval_interval=a.eval_interval, eval_iters=8, log_interval=a.max_iters, learning_rate=5e-3,
-                warmup_iters=10, seed=seed, device="cpu", dtype="float32", model_bin="none")
-    if method in ("loss", "rho"):
-        args.update(select=method, select_pool=a.pool)
-    if method == "prune":
-        spec = select_batches.main([f"--data_dir={data}", f"--tables_dir={tables}", "--vocab_size=512",
-                                    f"--max_seq_len={a.seq}", "--by=ref_nll", f"--keep={a.keep}", "--easiest"])
-        args.update(schedule_spec=spec)
-    done = Path(out) / "bench_wall.json"  # a finished run is reused (--keep_dir)
-    if done.exists():
-        wall = json.loads(done.read_text())["wall"]
-    else:
-        t0 = time.perf_counter()
-        train.main([f"--{k}={v}" for k, v in args.items()])
-        wall = time.perf_counter() - t0
-        done.write_text(json.dumps({"wall": wall}))
-    steps, val = [], []
-    for it, p in checkpoint.list_checkpoints(out):
-        ck = checkpoint.load_checkpoint(p)
-        steps.append(it)
-        val.append(float(ck["val_loss"]))
-    ids = np.load(out / "batch_ids.npy")
+                n_layers=a.layers, n_heads=4, n_kv_heads=2, batch_size=a.batch, max_iters=max_iters,
+                eval_interval=a.eval_interval, log_spaced=False, eval_iters=8, log_interval=max_iters,
+                learning_rate=5e-3, warmup_iters=10, seed=seed, device="cpu", dtype="float32", model_bin="none")
+    args.update(over)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run(out: Path, argv: list[str], max_iters: int) -> Path:
+    """Train, or reuse a finished run, or resume a killed one."""
+    found = dict(checkpoint.list_checkpoints(out))
+    if max_iters not in found:
+        train.main(argv + (["--init_from=resume"] if found else []))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# one bed: every method, every seed
+
+def bed_runs(bed: str, data: Path, tables: Path, a, root: Path, methods=SELECTED, matched=SELECTED) -> dict:
+    """{method: [per-seed result dict]} for uniform, `methods` and the compute-matched
+    uniform baselines of `matched`."""
+    d = root / bed
+    ref_ckpt = ""
+    if "rho_ref" in methods:  # the irreducible-loss model: trained on the holdout alone, once per bed
+        ref = run(d / "ref_model", train_args(data, tables, d / "ref_model", 1, a.ref_iters, a, holdout="only",
+                                              dim=a.ref_dim), a.ref_iters)
+        ref_ckpt = checkpoint.ckpt_path(ref, a.ref_iters)
+    spec = select_batches.main([f"--data_dir={data}", f"--tables_dir={tables}", "--vocab_size=512",
+                                f"--max_seq_len={a.seq}", "--by=ref_nll", f"--keep={a.keep}", "--easiest"])
+    over = {"uniform": {}, "loss": dict(select="loss", select_pool=a.pool),
+            "rho": dict(select="rho", select_pool=a.pool),
+            "rho_ref": dict(select="rho", select_pool=a.pool, select_ref=ref_ckpt),
+            "prune": dict(schedule_spec=spec)}
+    over = {m: kw for m, kw in over.items() if m == "uniform" or m in methods}
     bm, _ = batchmetrics.load_batch_metrics(tables, BatchData(data, 512, a.seq))
-    noisy = float(bm["noisy"].to_numpy()[ids].mean()) if "noisy" in bm else float("nan")
-    return {"steps": np.array(steps), "val": np.array(val), "wall": wall, "noisy": noisy}
+    noisy = bm["noisy"].to_numpy()
+    res = {m: [] for m in list(over) + [f"uniform@{m}" for m in matched]}
+    for s in range(1, a.seeds + 1):
+        for m, kw in over.items():
+            out = run(d / f"{m}_s{s}", train_args(data, tables, d / f"{m}_s{s}", s, a.max_iters, a, **kw), a.max_iters)
+            res[m].append(result(out, noisy))
+        if "prune" in res:  # the offline ranking's cost (the 3-gram's: no FLOPs)
+            cost = json.loads(Path(str(spec).replace("_spec.json", "_select.json")).read_text())["cost"]
+            res["prune"][-1]["flops"] = res["prune"][-1]["flops"] + cost["flops"] + cost["ref_fit_flops"]
+        per_step = res["uniform"][-1]["flops"][-1] / a.max_iters
+        for m in matched:  # the compute-matched baseline of each selected run (shared where budgets agree)
+            steps = matched_steps(res[m][-1]["flops"][-1], per_step)
+            out = d / (f"uniform_{steps}_s{s}" if steps != a.max_iters else f"uniform_s{s}")
+            argv = train_args(data, tables, out, s, steps, a, eval_interval=100)  # its end counts; 100: resumable
+            res[f"uniform@{m}"].append(result(run(out, argv, steps), noisy))
+    return res
 
 
-def steps_to(r: dict, target: float) -> float:
-    """First step at which val loss <= target, interpolated between checkpoints; inf if never."""
-    s, v = r["steps"], r["val"]
-    for i in range(1, len(s)):
-        if v[i] <= target:
-            f = (v[i - 1] - target) / max(v[i - 1] - v[i], 1e-12)
-            return s[i - 1] + f * (s[i] - s[i - 1]) if i > 0 else s[0]
-    return math.inf
+def result(out: Path, noisy) -> dict:
+    c = compute_curve(out)
+    ids = np.load(out / "batch_ids.npy")
+    last = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out))
+    return {**c, "noisy": float(noisy[ids].mean()), "wall_s": last["compute"]["wall_s"], "dir": str(out)}
 
 
-def interval(x) -> str:
+# -----------------------------------------------------------------------------
+# the table
+
+def interval(x, fmt="{:.2f}") -> str:
+    """mean [95% t-interval] over seeds; how many seeds never got there, if any."""
     x = np.asarray(x, float)
-    if not np.isfinite(x).all():
-        return f"not reached in {int((~np.isfinite(x)).sum())}/{len(x)} seeds"
-    if len(x) == 1:
-        return f"{x[0]:.2f}"
+    bad = int((~np.isfinite(x)).sum())
+    if bad:
+        return f"not reached in {bad}/{len(x)}"
+    if len(x) == 1 or np.ptp(x) == 0:  # one seed, or the same in every seed (a ratio by construction)
+        return fmt.format(x[0])
     from scipy import stats
     h = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return f"{x.mean():.2f} [{x.mean() - h:.2f}, {x.mean() + h:.2f}]"
+    return f"{fmt.format(x.mean())} [{fmt.format(x.mean() - h)}, {fmt.format(x.mean() + h)}]"
 
 
-def bench(noise: float, a, root: Path):
-    data, tables = make_data(root / f"noise{noise}", noise, a.n_stories, a.seq)
-    res = {m: [run(m, s, data, tables, root / f"noise{noise}" / f"{m}_s{s}", a) for s in range(1, a.seeds + 1)]
-           for m in METHODS}
-    targets = [r["val"][-1] for r in res["uniform"]]  # each seed against uniform's own end
-    print(f"\n== {'noisy sample (noise=' + str(noise) + ')' if noise else 'clean sample'}: {a.seeds} seeds, "
-          f"{a.max_iters} steps; target: the val loss uniform reaches at step {a.max_iters} with the same seed "
-          f"(mean {np.mean(targets):.4f})")
-    print(f"{'method':8s} {'final val':>10s} {'steps to target / uniform':>30s} {'wall-clock to target / uniform':>32s} "
-          f"{'noisy share':>11s}")
-    for m, rs in res.items():
-        st = [steps_to(r, t) if m != "uniform" else a.max_iters for r, t in zip(rs, targets)]
-        ratio = [s / a.max_iters for s in st]
-        wall = [r["wall"] * s / a.max_iters / u["wall"] for r, s, u in zip(rs, st, res["uniform"])]
-        print(f"{m:8s} {np.mean([r['val'][-1] for r in rs]):10.4f} {interval(ratio):>30s} {interval(wall):>32s} "
-              f"{np.mean([r['noisy'] for r in rs]):11.3f}")
+def rows(bed: str, res: dict, a, methods=SELECTED) -> list[dict]:
+    """Per method and seed, the numbers of the table."""
+    out = []
+    for m in ["uniform", *methods]:
+        for s, r in enumerate(res[m]):
+            u, match = res["uniform"][s], res[f"uniform@{m}"][s] if m != "uniform" else res["uniform"][s]
+            target = u["val"][-1]
+            out.append({"bed": bed, "method": m, "seed": s + 1, "final_val": r["val"][-1],
+                        "steps_to_target": reach(r["step"], r["val"], target) / a.max_iters,
+                        "flops_vs_uniform": r["flops"][-1] / u["flops"][-1],
+                        "matched_steps": int(match["step"][-1]), "matched_final_val": match["val"][-1],
+                        "gap_vs_matched": r["val"][-1] - match["val"][-1],
+                        "compute_to_matched_target": reach(r["flops"], r["val"], match["val"][-1]) / r["flops"][-1],
+                        "wall_vs_matched": r["wall_s"] / match["wall_s"], "noisy": r["noisy"]})
+    return out
+
+
+def print_table(bed: str, table: list[dict], a):
+    print(f"\n== bed {bed}: {a.seeds} seeds, {a.max_iters} steps, pool {a.pool}, prune keeps {a.keep}; "
+          f"each seed paired with uniform's own runs")
+    cols = [("final val", "final_val", "{:.3f}"), ("steps to target", "steps_to_target", "{:.2f}"),
+            ("FLOPs / uniform", "flops_vs_uniform", "{:.2f}"), ("val - uniform@budget", "gap_vs_matched", "{:+.3f}"),
+            ("budget to match", "compute_to_matched_target", "{:.2f}"), ("wall / uniform@budget", "wall_vs_matched",
+                                                                         "{:.2f}"), ("noisy", "noisy", "{:.3f}")]
+    print(f"{'method':8s} " + " ".join(f"{c[0]:>26s}" for c in cols))
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    for m in methods:
+        sel = [r for r in table if r["method"] == m]
+        print(f"{m:8s} " + " ".join(f"{interval([r[k] for r in sel], f):>26s}" for _, k, f in cols))
+    print("uniform@budget: " + ", ".join(f"{m} {sorted({r['matched_steps'] for r in table if r['method'] == m})} steps"
+                                         for m in methods[1:]))
+
+
+def markdown(table: list[dict]) -> str:
+    """The README's table: one row per bed and method, mean [95% t-interval] over seeds."""
+    cols = [("final val loss", "final_val", "{:.2f}"), ("steps to target", "steps_to_target", "{:.2f}"),
+            ("FLOPs / uniform", "flops_vs_uniform", "{:.2f}"), ("val − uniform at its budget", "gap_vs_matched", "{:+.2f}"),
+            ("budget to match uniform", "compute_to_matched_target", "{:.2f}"), ("noisy share", "noisy", "{:.3f}")]
+    out = ["| bed | method | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for bed in dict.fromkeys(r["bed"] for r in table):
+        for m in dict.fromkeys(r["method"] for r in table if r["bed"] == bed):
+            sel = [r for r in table if r["bed"] == bed and r["method"] == m]
+            cells = [interval([r[k] for r in sel], f).replace("not reached in", "not reached,") for _, k, f in cols]
+            out.append(f"| {bed} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--beds", default=",".join(BEDS), help=f"comma list of {', '.join(BEDS)}")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--noise", type=float, default=0.2)
-    ap.add_argument("--clean", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
-    ap.add_argument("--n_stories", type=int, default=4000)
+    ap.add_argument("--noise", type=float, default=0.2, help="share of training stories corrupted (noisy beds)")
+    ap.add_argument("--n_stories", type=int, default=4000, help="generated beds: stories")
+    ap.add_argument("--holdout", type=float, default=0.1, help="share of training stories held out")
     ap.add_argument("--max_iters", type=int, default=200)
     ap.add_argument("--eval_interval", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
@@ -126,15 +212,32 @@ def main():
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--pool", type=int, default=4)
-    ap.add_argument("--keep", type=float, default=0.8, help="prune: fraction kept (lowest ref_nll)")
-    ap.add_argument("--keep_dir", default="", help="keep the runs here instead of a temp folder")
+    ap.add_argument("--keep", type=float, default=0.8, help="prune: share kept (lowest ref_nll)")
+    ap.add_argument("--ref_iters", type=int, default=200, help="rho_ref: steps of the model trained on the holdout")
+    ap.add_argument("--ref_dim", type=int, default=64, help="rho_ref: its width (same depth)")
+    ap.add_argument("--ref_beds", default="noisy", help="beds that also run rho_ref (its baseline is the costliest run)")
+    ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
     a = ap.parse_args()
+    beds = [b for b in a.beds.split(",") if b]
+    if set(beds) - set(BEDS):
+        ap.error(f"--beds: choose from {', '.join(BEDS)}")
     root = Path(a.keep_dir) if a.keep_dir else Path(tempfile.mkdtemp(prefix="bench_select_"))
+    table, t_all = [], time.time()
     try:
-        if a.noise:
-            bench(a.noise, a, root)
-        if a.clean:
-            bench(0.0, a, root)
+        for bed in beds:
+            t0 = time.time()
+            made = make_bed(bed, root, a)
+            if made:
+                methods = SELECTED if bed in a.ref_beds.split(",") else tuple(m for m in SELECTED if m != "rho_ref")
+                rs = rows(bed, bed_runs(bed, *made, a, root, methods, methods), a, methods)
+                print_table(bed, rs, a)
+                print(f"bed {bed}: {time.time() - t0:.0f} s (runs already done are reused)")
+                table += rs
+        print(f"all beds: {time.time() - t_all:.0f} s")
+        if table:
+            import pandas as pd
+            pd.DataFrame(table).to_csv(root / "bench_select.csv", index=False)
+            print(f"\n{markdown(table)}\n\nper-seed numbers: {root / 'bench_select.csv'}")
     finally:
         if not a.keep_dir:
             shutil.rmtree(root, ignore_errors=True)

@@ -7,7 +7,10 @@ batch_id), out/tables/shard_metrics.csv (per shard) and out/tables/batch_metrics
 Run by `python tinystories.py pretokenize`; reused by train.py (metric orders) and
 eval.py (means over the batches each checkpoint saw). The reference scorer is the one
 yardstick for inputs and outputs: by default a token 3-gram model fitted on the
-validation shard (data/tok{V}/ref_ngram3.npz), or a trained model (--ref_model).
+holdout's stories (data/tok{V}/ref_ngram3.npz; refscorer.reference_source), or a
+trained model (--ref_model). The split column says val, train or holdout (a training
+batch touching a held-out story: runs that read the reference never train on it);
+batch_metrics.json says what the scorer was fitted on (scorer_fit).
 
 $ python tinystories.py pretokenize --vocab_size=512 --metrics=sentiment,fk_grade
 $ python tinystories.py pretokenize --ref_model=model.bin
@@ -26,7 +29,7 @@ from prebias import metrics_engine
 from prebias.common import DoneRecord, UserError, atomic_path, write_json_atomic
 from prebias.data import (TABLES_DIR, BatchData, index_dir, raw_dir, shard_window_texts, shard_windows_2d, story_noise,
                           story_noise_free, tok_dir, token_stamps, window_noise)
-from prebias.refscorer import ModelScorer, fit_reference_scorer, reference_scorer, scorer_path
+from prebias.refscorer import ModelScorer, fit_reference_scorer, reference_scorer, scorer_fit, scorer_path
 from tokenizer import Tokenizer
 
 ID_COLUMNS = ["batch_id", "shard", "offset", "story_first", "story_last", "n_stories", "n_tokens", "split"]
@@ -87,13 +90,15 @@ def _shard_rows(job) -> tuple[str, dict]:
         noisy = window_noise(np.asarray(data.tokens[shard]), story_noise(raw), rows["offset"], max_seq_len)
     values = np.column_stack([noisy, np.load(npy)])  # (batch, [noisy, ref_nll, ref_ppl, *names])
     split = "val" if shard == 0 else "train"
-    fixed = np.column_stack([ids, rows["shard"], rows["offset"], rows["story_first"], rows["story_last"],
-                             rows["story_last"] - rows["story_first"] + 1]).astype(np.int64).tolist()
-    head = "%d,%d,%d,%d,%d,%d," + f"{max_seq_len + 1},{split}"
+    splits = np.where(np.isin(ids, data.holdout_ids), "holdout", split)  # the holdout: a marking, ids unchanged
+    fixed = [(*r, sp) for r, sp in zip(np.column_stack([ids, rows["shard"], rows["offset"], rows["story_first"],
+                                                        rows["story_last"], rows["story_last"] - rows["story_first"] + 1])
+                                       .astype(np.int64).tolist(), splits.tolist())]
+    head = "%d,%d,%d,%d,%d,%d," + f"{max_seq_len + 1}," + "%s"
     tail = ",%.6g" * values.shape[1]
     text = "\n".join(map(str.__add__, map(head.__mod__, map(tuple, fixed)), map(tail.__mod__, map(tuple, values.tolist()))))
     text = text.replace(",nan", ",") + "\n" if len(ids) else ""  # NaN -> empty cell, as pandas writes it
-    summ = {"shard": shard, "split": split, "n_batches": len(ids),
+    summ = {"shard": shard, "split": split, "n_batches": len(ids), "n_holdout": int((splits == "holdout").sum()),
             "n_tokens": int(data.meta["shards"][shard]["n_tokens"]),
             "n_stories": int(data.meta["shards"][shard]["n_stories"])}
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -131,12 +136,13 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
     if None in shard_keys:  # tokens made by an older version, or stamps.json deleted
         raise UserError(f"{tok_dir(data_dir, vocab_size) / 'stamps.json'} does not describe every shard: run "
                         f"python tinystories.py pretokenize --vocab_size={vocab_size} --max_seq_len={max_seq_len}")
-    # 1) the reference scorer, fitted on the validation shard (shard 0)
+    # 1) the reference scorer, fitted on the holdout (the validation shard where there is none)
     if ref_model:
         scorer, scorer_fp = None, ModelScorer(ref_model).fingerprint()
+        fit = {"on": "model", "path": str(ref_model)}
     else:
-        scorer = fit_reference_scorer(data_dir, vocab_size, np.asarray(data.tokens[0]), shard_keys[0])
-        scorer_fp = scorer.fingerprint()
+        scorer = fit_reference_scorer(data_dir, vocab_size, shard_keys[0])
+        scorer_fp, fit = scorer.fingerprint(), scorer_fit(data_dir, vocab_size)
     # 2) per shard, reusing the cached scores when nothing they depend on changed (the
     # metric versions carry the gender word lists' hash; the shard key its tokens')
     cache = index_dir(data_dir, vocab_size, max_seq_len) / "metrics"
@@ -171,7 +177,7 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
         tmp.write_text(_summary_csv(summaries))
     meta = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "n_batches": len(data),
             "tokenizer": data.meta["tokenizer"], "tokenizer_sha256": data.meta["tokenizer_sha256"],
-            "data_dir": str(Path(data_dir).resolve()), **want}
+            "data_dir": str(Path(data_dir).resolve()), "scorer_fit": fit, **want}
     write_json_atomic(tables_dir / "batch_metrics.json", meta)
     print(f"wrote {tables_dir / 'batch_metrics.csv'} ({len(data)} batches x {len(cols)} columns) "
           f"and {tables_dir / 'shard_metrics.csv'}")

@@ -27,6 +27,9 @@ Each holds plain types and tensors only (so torch.load(..., weights_only=True) w
                             random start: {kind: checkpoint | hf | bin, from: path, sha256
                             of the files read, ...} (train.py --init_from=<ckpt>, and
                             export.py's imports); {} for a run trained from scratch
+  compute                   the run's compute up to here (compute.ComputeRecord: FLOPs of
+                            training, selection's scoring and the irreducible-loss model,
+                            seconds); absent in checkpoints written before it was recorded
 
 The optimizer state lives beside it in ckpt/optimizer_<iter>.pt, kept for the latest
 checkpoint only (train.py --keep_optimizer=True keeps all), so checkpoints are written
@@ -147,7 +150,7 @@ def run_config(out_dir) -> dict:
 
 def build_checkpoint(*, model, model_args: dict, config: dict, iter_num: int, prev_iter: int,
                      record: dict, schedule: dict, data_meta: dict, rng: dict, train_loss: float,
-                     val_loss: float, init: dict | None = None) -> dict:
+                     val_loss: float, init: dict | None = None, compute: dict | None = None) -> dict:
     """The checkpoint dict (the format this module's docstring describes). `record` holds
     the stream's arrays since the previous checkpoint: batch_ids, pool_ids, insertions,
     insert_tokens, replaced_tokens (numpy), and tags (str)."""
@@ -155,6 +158,8 @@ def build_checkpoint(*, model, model_args: dict, config: dict, iter_num: int, pr
            "iter_num": iter_num, "prev_iter": prev_iter, "schedule": schedule, "data": data_meta,
            "rng": rng, "train_loss": train_loss, "val_loss": val_loss, "tags": record.get("tags", ""),
            "init": init or {}}
+    if compute is not None:
+        obj["compute"] = compute
     for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens"):
         obj[k] = torch.from_numpy(record[k].astype("int64"))
     obj["masked_rows"] = torch.from_numpy(np.asarray(record.get("masked_rows", np.zeros((0, 2))), "int64"))

@@ -10,7 +10,7 @@ $ python train.py --help        # every TrainConfig key with its default
 import math
 from dataclasses import dataclass
 
-from prebias.data import DATA_DIR, TABLES_DIR
+from prebias.data import DATA_DIR, HOLDOUT_MODES, TABLES_DIR
 from prebias.schedule import flat_strategies
 from prebias.selection import SCORES
 
@@ -65,6 +65,9 @@ class TrainConfig:
     select_ref: str = ""  # rho: a model.bin/.pt for the irreducible loss ('' = batch metrics' ref_nll)
     select_metric: str = ""  # metric: the batch metric to steer by...
     select_target: float = 0.0  # ...toward this value
+    holdout: str = "auto"  # the data's holdout (pretokenize --holdout): auto = left out exactly when the run reads
+    #                        the reference fitted on it (rho, a ref_* metric); exclude | keep | only (train on it
+    #                        alone: the irreducible-loss model for --select_ref)
     # model
     dim: int = 64
     n_layers: int = 4
@@ -105,7 +108,7 @@ class InitFrom:
 
 TRAIN_CHOICES = {"init_from": InitFrom(), "export_version": ("0", "1", "2", "hf"), "schedule": flat_strategies(),
                  "schedule_order": ("asc", "desc"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-                 "select": SCORES.choices(extra=("none",))}
+                 "select": SCORES.choices(extra=("none",)), "holdout": HOLDOUT_MODES}
 
 
 # -----------------------------------------------------------------------------

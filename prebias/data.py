@@ -6,7 +6,9 @@ index that numbers every batch, and BatchData, the reader that serves batches by
 A *batch* (llama2.c's word) is one window of max_seq_len+1 tokens at offset
 i*max_seq_len of one shard. Batches are numbered in shard order, shard 0 first; shard 0
 is the validation split (llama2.c's rule). The index maps every batch_id back to its
-shard, offset and the first/last story it overlaps.
+shard, offset and the first/last story it overlaps. The holdout (write_holdout) marks
+seeded blocks of whole training stories, and the batches touching them, for the
+irreducible-loss model of RHO-LOSS; it changes no batch id.
 
 Default paths follow one rule, llama2.c's: relative to the working folder
 (data/, out/, out/tables/), so running from the repository root gives the seed's paths.
@@ -34,6 +36,8 @@ INDEX_FORMAT, INDEX_VERSION = "llama2_prebiasing.batch_index", 1
 LLAMA2_TOKENIZER = "tokenizer.model"  # llama2.c's name for Meta's Llama 2 sentencepiece model
 LLAMA2_RECORD = "llama2_tokenizer.json"  # beside the JSON: which tokenizer vocab_size=0 used
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("story_first", "<i4"), ("story_last", "<i4")])
+HOLDOUT_FRACTION, HOLDOUT_SEED, HOLDOUT_BLOCK = 0.1, 1337, 32  # pretokenize --holdout: share of training stories
+HOLDOUT_MODES = ("auto", "exclude", "keep", "only")  # train.py --holdout (stream.holdout_mode)
 # -----------------------------------------------------------------------------
 
 
@@ -186,6 +190,82 @@ def write_index(data_dir, vocab_size, max_seq_len, tokenizer_name, tokenizer_sha
 
 
 # -----------------------------------------------------------------------------
+# the holdout: training stories kept apart for the irreducible-loss model (RHO-LOSS)
+
+def choose_holdout(n_stories: list[int], fraction: float, seed: int = HOLDOUT_SEED,
+                   block: int = HOLDOUT_BLOCK) -> np.ndarray:
+    """The held-out stories as rows [shard, first story, end story) (sorted): each training
+    shard (1..) cut into blocks of `block` consecutive stories (its last one shorter), and
+    round(fraction * blocks) blocks drawn without replacement by numpy's
+    default_rng([seed, 'hold']). Whole stories of the training shards, so noisy where they
+    are noisy, never the validation shard; the same for every vocab_size and max_seq_len
+    (a story's index in its shard does not depend on them)."""
+    rows = np.array([(s, lo, min(lo + block, n)) for s, n in enumerate(n_stories) if s > 0
+                     for lo in range(0, n, block)], dtype=np.int64).reshape(-1, 3)
+    k = int(round(fraction * len(rows)))
+    rng = np.random.default_rng([int(seed), 0x686F6C64])  # 'hold'
+    return rows[np.sort(rng.choice(len(rows), k, replace=False))] if k else rows[:0]
+
+
+def holdout_batches(index: np.ndarray, stories: np.ndarray) -> np.ndarray:
+    """The batch ids whose window touches a held-out story (rows of choose_holdout): every
+    token a reference fitted on those stories saw lies in these batches, so a run that
+    leaves them out never trains on one (a block's edge windows, part held-out, go too)."""
+    out = []
+    for s in np.unique(stories[:, 0]) if len(stories) else []:
+        ids = np.flatnonzero(index["shard"] == s)
+        held = np.zeros(int(index["story_last"][ids].max(initial=0)) + 2, np.int64)
+        for _, lo, hi in stories[stories[:, 0] == s]:
+            held[lo:hi] = 1
+        c = np.concatenate([[0], np.cumsum(held)])
+        first, last = index["story_first"][ids], index["story_last"][ids]
+        out.append(ids[c[np.minimum(last + 1, len(held))] - c[np.maximum(first, 0)] > 0])
+    return np.sort(np.concatenate(out)).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def write_holdout(data_dir, vocab_size, max_seq_len, fraction: float = HOLDOUT_FRACTION,
+                  seed: int = HOLDOUT_SEED, block: int = HOLDOUT_BLOCK) -> np.ndarray:
+    """Mark the holdout: data/tok{V}/holdout.json (its stories, the rule; what the reference
+    scorer is fitted on) and, beside the batch index, holdout.npy (the batch ids touching
+    them) with holdout.json (their count and sha256). batches.npy stays as it was: the
+    holdout is a marking, no batch id changes. fraction 0: no holdout."""
+    if not 0 <= fraction < 1:
+        raise UserError(f"--holdout={fraction}: a fraction of the training stories in [0, 1)")
+    idir = index_dir(data_dir, vocab_size, max_seq_len)
+    meta = json.loads((idir / "meta.json").read_text())
+    stories = choose_holdout([sh["n_stories"] for sh in meta["shards"]], fraction, seed, block)
+    story_rec = {"fraction": fraction, "seed": seed, "block": block, "stories": stories.tolist(),
+                 "shards": [sh["name"] for sh in meta["shards"]],
+                 "n_stories": int((stories[:, 2] - stories[:, 1]).sum()),
+                 "sha256": hashlib.sha256(stories.tobytes()).hexdigest(),
+                 "rule": "blocks of `block` consecutive stories of each training shard; round(fraction * blocks) "
+                         "of them drawn without replacement by numpy default_rng([seed, 0x686F6C64])"}
+    write_json_atomic(tok_dir(data_dir, vocab_size) / "holdout.json", story_rec)
+    ids = holdout_batches(np.load(idir / "batches.npy", allow_pickle=False), stories)
+    with atomic_path(idir / "holdout.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, ids, allow_pickle=False)
+    write_json_atomic(idir / "holdout.json", {"n_batches": len(ids), "sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+                                              "stories_sha256": story_rec["sha256"], "fraction": fraction})
+    return ids
+
+
+def holdout_stories(data_dir, vocab_size) -> dict:
+    """data/tok{V}/holdout.json (write_holdout), {} when there is none."""
+    p = tok_dir(data_dir, vocab_size) / "holdout.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def holdout_tokens(data_dir, vocab_size) -> list[np.ndarray]:
+    """The held-out stories' tokens, one array per story (BOS first), in shard order."""
+    rec, out = holdout_stories(data_dir, vocab_size), []
+    for s, lo, hi in rec.get("stories", []):
+        tok = np.memmap(tok_dir(data_dir, vocab_size) / rec["shards"][s], dtype=np.uint16, mode="r")
+        starts = np.append(np.flatnonzero(tok == BOS_ID), len(tok))
+        out += [np.asarray(tok[starts[i]:starts[i + 1]]) for i in range(lo, hi)]
+    return out
+
+
+# -----------------------------------------------------------------------------
 # reading batches back
 
 class BatchData:
@@ -230,6 +310,26 @@ class BatchData:
     @property
     def val_ids(self) -> np.ndarray:
         return np.arange(0, self.n_val, dtype=np.int64)
+
+    @property
+    def holdout_ids(self) -> np.ndarray:
+        """The holdout's batch ids (write_holdout; sorted), empty when the index has none
+        (pretokenize --holdout=0, or an index made before the holdout existed)."""
+        if not hasattr(self, "_holdout"):
+            p = self.dir / "holdout.npy"
+            ids = np.load(p, allow_pickle=False).astype(np.int64) if p.exists() else np.zeros(0, np.int64)
+            if p.exists() and (ids.min(initial=self.n_val) < self.n_val or ids.max(initial=0) >= len(self.index)
+                               or hashlib.sha256(ids.tobytes()).hexdigest() != self.holdout_meta.get("sha256")):
+                raise UserError(f"{p} does not match the batch index in {self.dir}: re-run python tinystories.py "
+                                f"pretokenize --vocab_size={self.vocab_size} --max_seq_len={self.max_seq_len}")
+            self._holdout = ids
+        return self._holdout
+
+    @property
+    def holdout_meta(self) -> dict:
+        """index_T{T}/holdout.json: the holdout batches' count and sha256 ({} without one)."""
+        p = self.dir / "holdout.json"
+        return json.loads(p.read_text()) if p.exists() else {}
 
     def window(self, batch_id: int) -> np.ndarray:
         """The max_seq_len+1 tokens of one batch."""

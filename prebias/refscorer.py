@@ -1,8 +1,9 @@
 """
 The reference scorer: the one model-based yardstick for the text going in (batch
 metrics) and coming out (eval). By default a token n-gram language model with
-interpolated Witten-Bell smoothing, fitted on the validation shard (held-out data) and
-saved as data/tok{V}/ref_ngram3.npz; or any trained model (model.bin or a ckpt_*.pt)
+interpolated Witten-Bell smoothing, fitted on the holdout (training stories that runs
+reading the reference never train on: data/tok{V}/holdout.json; the validation shard
+where the data has none) and saved as data/tok{V}/ref_ngram3.npz; or any trained model (model.bin or a ckpt_*.pt)
 given as --ref_model. Both give nll_many(seqs): each sequence's mean next-token loss
 in nats.
 
@@ -12,6 +13,7 @@ $ python -c "from prebias.refscorer import NGramScorer; import numpy as np; s = 
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -20,7 +22,7 @@ import numpy as np
 from export import load_v0
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint
 from prebias.common import UserError, atomic_path, write_json_atomic
-from prebias.data import BOS_ID, sha256_file, tok_dir
+from prebias.data import BOS_ID, holdout_stories, holdout_tokens, sha256_file, tok_dir
 
 NGRAM_ORDER = 3
 
@@ -432,30 +434,58 @@ class ModelScorer:
 
 
 def reference_scorer(data_dir, vocab_size, ref_model: str = ""):
-    """The scorer of this data: ref_model when given, else the validation 3-gram model
-    (fitted here on first use when pretokenize ran with --metrics=none)."""
+    """The scorer of this data: ref_model when given, else the 3-gram model of the holdout
+    (or of the validation shard where the data has no holdout), fitted here on first use
+    when pretokenize ran with --metrics=none."""
     if ref_model:
         return ModelScorer(ref_model)
     p = scorer_path(data_dir, vocab_size)
-    val_bin = tok_dir(data_dir, vocab_size) / "data00.bin"
-    if not p.exists() and val_bin.exists():
-        print(f"fitting the reference scorer on {val_bin} (pretokenize skipped it)")
-        return fit_reference_scorer(data_dir, vocab_size, np.fromfile(val_bin, dtype=np.uint16),
-                                    "bin:" + sha256_file(val_bin))
+    if not p.exists() and (holdout_stories(data_dir, vocab_size) or (tok_dir(data_dir, vocab_size) / "data00.bin").exists()):
+        print(f"fitting the reference scorer of {tok_dir(data_dir, vocab_size)} (pretokenize skipped it)")
+        return fit_reference_scorer(data_dir, vocab_size)
     try:
         return NGramScorer.load(p)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def fit_reference_scorer(data_dir, vocab_size, val_tokens: np.ndarray, key: str):
-    """Fit the 3-gram scorer on the validation shard, or reuse it if key is unchanged."""
+def reference_source(data_dir, vocab_size, val_key: str = "") -> tuple[list[np.ndarray], str, dict]:
+    """(sequences, cache key, record) of what the 3-gram scorer is fitted on: the held-out
+    stories (data/tok{V}/holdout.json: training stories no reference-reading run trains
+    on, noisy where the training shards are), or the validation shard where the data has
+    no holdout (pretokenize --holdout=0, or tokens made before the holdout existed). The
+    key is the content's sha256, so a scorer fitted on another set is refitted."""
+    held = holdout_stories(data_dir, vocab_size)
+    if held.get("stories"):
+        seqs = holdout_tokens(data_dir, vocab_size)
+        h = hashlib.sha256(held["sha256"].encode())
+        for q in seqs:
+            h.update(np.ascontiguousarray(q, dtype=np.uint16).tobytes())
+        return seqs, "holdout:" + h.hexdigest(), {"on": "holdout", "stories_sha256": held["sha256"],
+                                                  "n_stories": len(seqs), "n_tokens": int(sum(map(len, seqs)))}
+    val_bin = tok_dir(data_dir, vocab_size) / "data00.bin"
+    tokens = np.fromfile(val_bin, dtype=np.uint16).astype(np.int64)
+    seqs = np.split(tokens, np.flatnonzero(tokens == BOS_ID)[1:])
+    return seqs, val_key or "bin:" + sha256_file(val_bin), {"on": "validation shard", "n_stories": len(seqs),
+                                                             "n_tokens": len(tokens)}
+
+
+def scorer_fit(data_dir, vocab_size) -> dict:
+    """What the saved 3-gram scorer was fitted on (reference_source's record, with the
+    fit's seconds); {} for a scorer saved before this was recorded."""
+    stamp = scorer_path(data_dir, vocab_size).with_suffix(".json")
+    return json.loads(stamp.read_text()).get("fit", {}) if stamp.exists() else {}
+
+
+def fit_reference_scorer(data_dir, vocab_size, val_key: str = "") -> NGramScorer:
+    """Fit the 3-gram scorer on reference_source, or reuse the saved one if its key is unchanged."""
     p = scorer_path(data_dir, vocab_size)
     stamp = p.with_suffix(".json")
+    seqs, key, rec = reference_source(data_dir, vocab_size, val_key)
     if p.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         return NGramScorer.load(p)
-    stories = np.split(np.asarray(val_tokens, dtype=np.int64), np.flatnonzero(val_tokens == BOS_ID)[1:])
-    scorer = NGramScorer(NGRAM_ORDER, vocab_size).fit(stories)
+    t0 = time.perf_counter()
+    scorer = NGramScorer(NGRAM_ORDER, vocab_size).fit([np.asarray(q, np.int64) for q in seqs])
     scorer.save(p)
-    write_json_atomic(stamp, {"key": key})
+    write_json_atomic(stamp, {"key": key, "fit": {**rec, "seconds": round(time.perf_counter() - t0, 3)}})
     return scorer

@@ -14,7 +14,8 @@ columns, the irreducible loss and the metric target. Registered:
              seeded permutation, so it keeps a random subset)
     loss     the model's mean token loss on the window (Loshchilov & Hutter 2015)
     rho      loss - irreducible loss (RHO-LOSS, Mindermann et al. 2022): the reference
-             scorer's ref_nll of the batch, or a reference model's loss (--select_ref)
+             scorer's ref_nll of the batch (fitted on the holdout), or the loss of a
+             reference model trained on the holdout (--select_ref; train.py --holdout=only)
     el2n     mean over the window's tokens of ||softmax(logits) - onehot(next)||_2
              (EL2N, Paul et al. 2021)
     metric   -|metric - target| of a batch metric: steer toward a value
@@ -29,14 +30,18 @@ $ python -c "from prebias.selection import SCORES; print(list(SCORES))"
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from export import load_v0
 from model import per_row_loss
-from prebias.checkpoint import load_checkpoint, model_from_checkpoint
+from prebias.batchmetrics import REF_COLUMNS  # the batch metrics that read the reference scorer
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, stream_records
 from prebias.common import Registry, UserError
+from prebias.compute import train_flops_per_window
+from prebias.data import sha256_file
 
 SCORES = Registry("selection score")  # name -> score function
 
@@ -118,22 +123,63 @@ def metric(model, data, ids, ctx):
     return -np.abs(ctx.batch_metric(ctx.metric)[ids] - ctx.target)
 
 
+def reads_reference(score, select_metric: str = "", metrics=()) -> bool:
+    """Whether a run (or a pruning) reads the reference: its score reads the irreducible
+    loss, or it steers, sorts or filters by a ref_* batch metric. Such a run never trains
+    on the holdout the reference was fitted on (stream.holdout_mode)."""
+    return bool(score is not None and (score.needs_ref or (score.needs_metric and select_metric in REF_COLUMNS))) \
+        or any(m in REF_COLUMNS for m in metrics)
+
+
+HOLDOUT_FIX = "; or pass --holdout=keep to use it anyway (the run then also trains on the holdout)"
+
+
+def check_fit(fit: dict, data, where: str):
+    """The batch metrics' reference scorer (batch_metrics.json's scorer_fit) must have been
+    fitted on this data's holdout, unless it is the user's model (pretokenize --ref_model)."""
+    if fit.get("on") == "model":
+        return
+    if fit.get("on") != "holdout" or fit.get("stories_sha256") != data.holdout_meta.get("stories_sha256"):
+        raise UserError(f"{where}: the ref_nll column of batch_metrics.csv comes from a reference scorer fitted on "
+                        f"{fit.get('on', 'the validation shard (an older pretokenize)')}, not on this data's holdout: "
+                        f"re-run python tinystories.py pretokenize{HOLDOUT_FIX}")
+
+
 class Irreducible:
     """ids -> irreducible loss of each batch (rho): the batch metrics' ref_nll column (the
-    reference scorer), or with ref_model (a model.bin or .pt) that model's mean token loss,
-    computed once per batch and cached."""
+    reference scorer, fitted on the holdout), or with ref_model (a model.bin or .pt, e.g.
+    a train.py run on the holdout: --holdout=only) that model's mean token loss, computed
+    once per batch and cached. .record says which reference it is (kept in checkpoints),
+    .fit_flops / .fit_s what fitting it cost (a .pt's recorded compute), .scored counts
+    the reference model's forward passes (the compute record)."""
 
-    def __init__(self, data, batch_metric, ref_model: str = "", device: str = "cpu"):
+    def __init__(self, data, batch_metric, ref_model: str = "", device: str = "cpu", bm_meta: dict | None = None):
         self.data, self.device, self.cache = data, device, {}
         self.ref_nll = self.model = None
+        self.fit_flops = self.fit_s = 0.0
+        self.scored = 0
         if not ref_model:
             self.ref_nll = batch_metric("ref_nll")
+            meta = bm_meta or {}
+            self.record = {"kind": "ref_nll", "scorer": meta.get("scorer", ""), "fit": meta.get("scorer_fit", {})}
+            self.fit_s = float(self.record["fit"].get("seconds", 0.0))
             return
-        self.model = (model_from_checkpoint(load_checkpoint(ref_model), device) if ref_model.endswith(".pt")
-                      else load_v0(ref_model).to(device).eval())
+        self.model, self.record = _reference_model(ref_model, data, device)
         if self.model.params.vocab_size != data.vocab_size:
             raise UserError(f"--select_ref={ref_model} has vocab_size {self.model.params.vocab_size}, "
                             f"the data {data.vocab_size}: train the reference model on this data")
+        self.fit_flops, self.fit_s = self.record.pop("fit_flops"), self.record.pop("fit_s")
+
+    def check_held_out(self, where: str):
+        """A reference that leaves the holdout is refused: ref_nll must come from a scorer
+        fitted on this data's holdout, a .pt of this data must have trained on holdout
+        batches only (--holdout=keep opts out of both)."""
+        if self.record["kind"] == "ref_nll":
+            check_fit(self.record["fit"], self.data, where)
+        elif self.record.get("outside_holdout"):
+            raise UserError(f"{where}: --select_ref={self.record['path']} trained on "
+                            f"{self.record['outside_holdout']} batches outside the holdout of this data: train the "
+                            f"reference with python train.py --holdout=only{HOLDOUT_FIX}")
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         if self.model is None:
@@ -143,7 +189,34 @@ class Irreducible:
             x, y = self.data.get(todo)
             for i, v in zip(todo, per_row_loss(self.model, x.to(self.device), y.to(self.device)).tolist()):
                 self.cache[i] = v
+            self.scored += len(todo)
         return np.array([self.cache[int(i)] for i in ids])
+
+
+def _reference_model(path: str, data, device: str):
+    """(model, record) of --select_ref: for a train.py checkpoint of this data, the record
+    says how many of the batches it trained on lie outside the holdout, and what its
+    training cost (its compute record; else its steps x batches x FLOPs per window)."""
+    rec = {"kind": "model", "path": str(path), "sha256": sha256_file(path)[:16], "fit_flops": 0.0, "fit_s": 0.0}
+    if not str(path).endswith(".pt"):
+        rec["trained_on"] = "unknown (a model.bin has no record of its data)"
+        return load_v0(path).to(device).eval(), rec
+    ck = load_checkpoint(path)
+    model = model_from_checkpoint(ck, device)
+    comp = ck.get("compute") or {}
+    cfg = ck["config"]
+    rec["fit_flops"] = float(comp.get("total_flops", train_flops_per_window(model) * ck["iter_num"]
+                                      * cfg["batch_size"] * cfg["gradient_accumulation_steps"]))
+    rec["fit_s"] = float(comp.get("wall_s", 0.0))
+    same_data = (ck["data"]["tokenizer_sha256"] == data.meta["tokenizer_sha256"]
+                 and ck["data"]["n_batches"] == len(data) and ck["data"]["max_seq_len"] == data.max_seq_len)
+    if not same_data:
+        rec["trained_on"] = "other data (another tokenizer, length or batch index)"
+        return model, rec
+    seen = stream_records(Path(path).parent.parent)["batch_ids"][:ck["iter_num"]]
+    rec["outside_holdout"] = int((~np.isin(np.unique(seen), data.holdout_ids)).sum())
+    rec["trained_on"] = "holdout only" if rec["outside_holdout"] == 0 else "batches outside the holdout"
+    return model, rec
 
 
 def keep_best(scores: np.ndarray, n: int) -> np.ndarray:

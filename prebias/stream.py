@@ -21,6 +21,9 @@ loss, rho, el2n, metric; higher = kept, ties: the earlier pool position), the sa
 functions select_batches.py uses offline.
 A batch chosen from the second stream may come again later in the first: selection
 trades the once-per-epoch guarantee for the choice.
+The training ids are the data's training batches, less its holdout where the run reads
+the reference fitted on it (holdout_mode: rho, a ref_* metric; train.py --holdout), or the
+holdout alone (--holdout=only: an irreducible-loss model); checkpoints record which.
 
 Insertions: a row [step, row, pos, tag, n_tokens, mode] says that at `step`, in row `row`
 (0..B-1) of that step's ids, the tag's n tokens sit at window position `pos`; mode 0
@@ -47,8 +50,9 @@ from prebias import tags as tagmod
 from prebias.checkpoint import run_config
 from prebias.common import DoneRecord, UserError, atomic_path, autocast_ctx
 from prebias.data import BOS_ID, BatchData, tok_dir, window_texts
-from prebias.schedule import STRATEGIES, Schedule, SpecError, load_ids, load_spec, spec_from_flags, spec_metrics
-from prebias.selection import SCORES, Irreducible, ScoreContext, keep_best
+from prebias.schedule import (STRATEGIES, Schedule, SpecError, load_ids, load_spec, spec_from_flags, spec_metrics,
+                              validate_spec)
+from prebias.selection import SCORES, Irreducible, ScoreContext, keep_best, reads_reference
 from tokenizer import Tokenizer
 
 REPLACE, INSERT = 0, 1
@@ -227,27 +231,40 @@ class Selector:
 
     def __init__(self, method: str, K: int, spec: dict, data: BatchData, B: int, seed: int, max_iters: int,
                  batch_metric, micro_bs: int, device: str, ctx, ref_model: str = "", metric: str = "",
-                 target: float = 0.0):
-        """batch_metric(name) -> that batch metric for every batch id (batch_metrics.csv)."""
+                 target: float = 0.0, train_ids: np.ndarray | None = None):
+        """batch_metric(name) -> that batch metric for every batch id (batch_metrics.csv);
+        train_ids: the ids the pool's second stream draws from (the schedule's: the
+        training batches, less the holdout where the run excludes it)."""
         self.method, self.K, self.B, self.data = method, K, B, data
         self.score = SCORES.lookup(method, "--select")
-        self.aux = Schedule(spec, data.train_ids, (K - 1) * B, seed=_pool_seed(seed), max_iters=max_iters,
-                            metric_of=lambda m: batch_metric(m)[data.train_ids]) if K > 1 else None
+        ids = data.train_ids if train_ids is None else train_ids
+        self.aux = Schedule(spec, ids, (K - 1) * B, seed=_pool_seed(seed), max_iters=max_iters,
+                            metric_of=lambda m: batch_metric(m)[ids]) if K > 1 else None
         if self.score.needs_metric:
             batch_metric(metric)  # an unknown metric is refused now, not at the first step
+        self.irreducible = Irreducible(data, batch_metric, ref_model, device, getattr(batch_metric, "meta", None)) \
+            if self.score.needs_ref else None
         self.ctx = ScoreContext(device=device, ctx=ctx, batch_size=micro_bs, batch_metric=batch_metric,
-                                irreducible=Irreducible(data, batch_metric, ref_model, device)
-                                if self.score.needs_ref else None, metric=metric, target=target)
+                                irreducible=self.irreducible, metric=metric, target=target)
+        self.scored, self._ref_seen = 0, 0  # windows scored by the model since take_counts; the reference's so far
 
     def pool(self, step: int, ids: np.ndarray) -> np.ndarray:
         return ids if self.aux is None else np.concatenate([ids, self.aux.step_ids(step)])
 
     def scores(self, model, pool: np.ndarray, rank: int = 0, world: int = 1) -> np.ndarray:
+        self.scored += len(pool) if self.score.needs_model else 0
         return self.score(model, self.data, pool, dataclasses.replace(self.ctx, rank=rank, world=world))
 
     def choose(self, model, pool: np.ndarray, rank: int = 0, world: int = 1) -> np.ndarray:
         """The B kept ids, in pool order."""
         return pool[keep_best(self.scores(model, pool, rank, world), self.B)]
+
+    def take_counts(self) -> tuple[int, int]:
+        """(windows the model scored, windows the reference model scored) since the last call."""
+        ref = self.irreducible.scored if self.irreducible is not None else 0
+        out = (self.scored, ref - self._ref_seen)
+        self.scored, self._ref_seen = 0, ref
+        return out
 
 
 def _pool_seed(seed: int) -> int:
@@ -333,6 +350,42 @@ class BatchMetrics:
             self.cols[name] = batchmetrics.load_metric_column(self.tables_dir, name, self.data)
         return self.cols[name]
 
+    @property
+    def meta(self) -> dict:
+        """batch_metrics.json (the scorer's fingerprint, what it was fitted on)."""
+        p = Path(self.tables_dir) / "batch_metrics.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+
+# -----------------------------------------------------------------------------
+# the holdout (data.write_holdout): which training batches a run leaves out
+
+def holdout_mode(cfg, spec: dict) -> str:
+    """exclude | keep | only. --holdout=auto (the default) excludes the holdout exactly when
+    the run reads the reference fitted on it (selection.reads_reference: rho, a ref_*
+    metric to steer, sort or filter by), so other runs keep every training batch and their
+    ids; a config from before the holdout existed (no such key) trained on all: keep."""
+    mode = getattr(cfg, "holdout", "keep")
+    if mode != "auto":
+        return mode
+    score = SCORES.get(cfg.select) if cfg.select != "none" else None
+    return "exclude" if reads_reference(score, cfg.select_metric, spec_metrics(validate_spec(spec))) else "keep"
+
+
+def run_train_ids(cfg, data: BatchData, spec: dict) -> tuple[np.ndarray, dict]:
+    """(the ids the run's schedule draws from, its holdout record for the checkpoints)."""
+    mode, held = holdout_mode(cfg, spec), data.holdout_ids
+    if mode in ("exclude", "only") and not len(held):
+        raise UserError(f"--holdout={getattr(cfg, 'holdout', 'keep')}: this run reads the reference (or trains on "
+                        f"the holdout) but {data.dir} has no holdout: re-run python tinystories.py pretokenize "
+                        f"(it holds out --holdout=0.1 of the training stories and fits the reference scorer on them), "
+                        "or pass --holdout=keep to train on every batch")
+    ids = {"exclude": np.setdiff1d(data.train_ids, held), "only": held}.get(mode, data.train_ids)
+    rec = {"mode": mode, "n_batches": int(len(held)), "sha256": data.holdout_meta.get("sha256", ""),
+           "file": str(data.dir / "holdout.npy") if len(held) else "",
+           "in_schedule": int(np.isin(ids, held).sum())}
+    return ids, rec
+
 
 def schedule_spec(cfg) -> tuple[dict, str]:
     """(spec, where it came from): --schedule_spec, else the flat flags."""
@@ -352,17 +405,21 @@ def schedule_spec(cfg) -> tuple[dict, str]:
 
 
 def build_schedule(cfg, data: BatchData, bm: BatchMetrics | None = None) -> Schedule:
+    """The run's schedule over its training ids (run_train_ids); .holdout is their record."""
     bm = bm or BatchMetrics(cfg.tables_dir, data)
     spec, name = schedule_spec(cfg)
     try:
+        ids, holdout = run_train_ids(cfg, data, spec)
         if isinstance(spec.get("phases"), list):  # name an unknown metric before reading values
             for m in spec_metrics({"phases": [p for p in spec["phases"] if isinstance(p, dict) and "strategy" in p
                                               and isinstance(p.get("metric", ""), str)]}):
                 bm(m)
-        return Schedule(spec, data.train_ids, cfg.batch_size * cfg.gradient_accumulation_steps, cfg.seed,
-                        cfg.max_iters, lambda m: bm(m)[data.train_ids], name=name)
+        sched = Schedule(spec, ids, cfg.batch_size * cfg.gradient_accumulation_steps, cfg.seed,
+                         cfg.max_iters, lambda m: bm(m)[ids], name=name)
     except SpecError as e:
         raise UserError(str(e)) from None
+    sched.holdout, sched.run_ids = holdout, ids  # run_ids: before the spec's include
+    return sched
 
 
 def build_stream(cfg, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
@@ -374,7 +431,9 @@ def build_stream(cfg, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
     if cfg.select != "none":
         selector = Selector(cfg.select, cfg.select_pool, sched.spec, data, sched.B, cfg.seed, cfg.max_iters, bm,
                             cfg.batch_size, device, ctx or autocast_ctx(device, "float32"), cfg.select_ref,
-                            cfg.select_metric, cfg.select_target)
+                            cfg.select_metric, cfg.select_target, train_ids=sched.run_ids)
+        if selector.irreducible is not None and sched.holdout["mode"] == "exclude":
+            selector.irreducible.check_held_out(f"--select={cfg.select}")
     if cfg.tags:
         enc = Tokenizer.for_vocab(cfg.vocab_size, cfg.data_dir)
         tagset = tagmod.load_tags(cfg.tags, enc, cfg.max_seq_len, cfg.vocab_size)
@@ -389,15 +448,38 @@ def build_stream(cfg, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
     return Stream(sched, data, selector, inserter, tags_json, mask)
 
 
-def stream_fingerprint(stream: Stream) -> str:
-    """The schedule's fingerprint, extended by the tags and the selection settings."""
+def stream_fingerprint(stream: Stream, legacy: bool = False) -> str:
+    """The schedule's fingerprint, extended by the tags, the selection settings and the
+    reference the irreducible loss comes from; legacy: as a checkpoint written before the
+    holdout existed has it (no reference), so such a run resumes."""
     h = hashlib.sha256(stream.schedule.fingerprint().encode())
     h.update(stream.record.tags.encode())
     if stream.selector:
         h.update(f"{stream.selector.method}:{stream.selector.K}".encode())
+        if stream.selector.irreducible is not None and not legacy:  # the reference's content, not its timing
+            rec = stream.selector.irreducible.record
+            h.update(json.dumps({k: rec.get(k) for k in ("kind", "scorer", "sha256")}, sort_keys=True).encode())
     if len(stream.mask):  # a run without a mask keeps the fingerprint it always had
         h.update(b"train_mask:" + stream.mask.tobytes())
     return h.hexdigest()[:16]
+
+
+def stream_provenance(stream: Stream) -> dict:
+    """What the checkpoints record beside the schedule: its holdout (mode, size, sha256,
+    how many holdout batches the schedule draws from) and the irreducible loss's reference."""
+    sel = stream.selector
+    return {"holdout": getattr(stream.schedule, "holdout", {}),
+            "reference": sel.irreducible.record if sel is not None and sel.irreducible is not None else {}}
+
+
+def save_holdout_ids(out_dir, stream: Stream):
+    """<out_dir>/holdout_ids.npy: the data's holdout batch ids as the run found them (the
+    checkpoints record its mode, size and sha256), so the run says which batches were
+    holdout even if the data is marked again later."""
+    held = stream.data.holdout_ids
+    if len(held) and not (Path(out_dir) / "holdout_ids.npy").exists():
+        with atomic_path(Path(out_dir) / "holdout_ids.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, held, allow_pickle=False)
 
 
 # -----------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def test_rows_and_summaries_are_what_pandas_writes(tiny_data):
                        "offset": ix["offset"], "story_first": ix["story_first"].astype(np.int64),
                        "story_last": ix["story_last"].astype(np.int64),
                        "n_stories": (ix["story_last"] - ix["story_first"] + 1).astype(np.int64),
-                       "n_tokens": 65, "split": np.where(ix["shard"] == 0, "val", "train")})
+                       "n_tokens": 65, "split": np.where(ix["shard"] == 0, "val", np.where(
+                           np.isin(np.arange(len(data)), data.holdout_ids), "holdout", "train"))})
     raws = [raw_dir(data_dir) / s["name"].replace(".bin", ".json") for s in data.meta["shards"]]
     assert all(story_noise_free(r) for r in raws)
     df["noisy"] = np.concatenate([window_noise(np.asarray(data.tokens[s]), story_noise(raws[s]),

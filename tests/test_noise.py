@@ -70,3 +70,13 @@ def test_noisy_column_is_the_share_of_corrupted_tokens(noisy_data, tmp_path):
         checked += want > 0
     assert checked > 0 and bm.loc[bm["split"] == "val", "noisy"].eq(0).all()
     assert 0.1 < bm.loc[bm["split"] == "train", "noisy"].mean() < 0.35
+
+
+def test_noisy_copy_plants_the_same_noise_in_any_stories(noisy_data, tmp_path):
+    """tinystories.noisy_copy (real stories as a noisy bed) corrupts exactly as sample --noise
+    does: the same plan over the training stories, the same corrupted text, validation clean."""
+    clean, noisy = noisy_data
+    out = tinystories.noisy_copy(clean, tmp_path / "copy", 0.2, seed=5)
+    for i in range(4):
+        assert (out / f"data{i:02d}.json").read_text() == (noisy / "TinyStories_all_data" / f"data{i:02d}.json").read_text()
+    assert not story_noise(out / "data00.json").any() and story_noise(out / "data01.json").any()

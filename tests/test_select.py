@@ -25,14 +25,18 @@ def test_keeps_the_hardest_by_ref_nll_and_train_uses_only_them(tiny_run, tmp_pat
     spec_path = select_batches.main([f"--data_dir={tiny_run.data_dir}", f"--tables_dir={tables}", "--vocab_size=512",
                                      "--max_seq_len=64", "--by=ref_nll", "--keep=0.25", "--hardest"])
     data = BatchData(tiny_run.data_dir, 512, 64)
-    ref = batchmetrics.load_metric_column(tables, "ref_nll", data)[data.train_ids]
-    n = round(0.25 * len(data.train_ids))
-    want = np.sort(data.train_ids[np.argsort(-ref, kind="stable")[:n]])
+    ranked = np.setdiff1d(data.train_ids, data.holdout_ids)  # ref_nll reads the reference: its holdout is left out
+    ref = batchmetrics.load_metric_column(tables, "ref_nll", data)[ranked]
+    n = round(0.25 * len(ranked))
+    want = np.sort(ranked[np.argsort(-ref, kind="stable")[:n]])
     kept = np.load(tables / "select" / "ref_nll_hardest_0.25_ids.npy")
     assert np.array_equal(kept, want)
     ranking = pd.read_csv(tables / "select" / "ref_nll_hardest_0.25_ranking.csv")
     assert ranking["kept"].sum() == n and ranking["rank"].iloc[0] == 1
+    assert np.array_equal(np.sort(ranking["batch_id"]), ranked) and len(data.holdout_ids) > 0
     assert ranking["score"].iloc[0] == pytest.approx(ref.max(), rel=1e-6)
+    how = json.loads((tables / "select" / "ref_nll_hardest_0.25_select.json").read_text())
+    assert how["holdout"]["mode"] == "exclude" and how["n_ranked"] == len(ranked) and how["cost"]["flops"] == 0
     assert json.loads(spec_path.read_text())["include"] == str(tables / "select" / "ref_nll_hardest_0.25_ids.npy")
     run = TinyRun(tiny_run.data_dir, tables, tmp_path / "pruned")
     train.main(run.train_args(max_iters=4, eval_interval=2, schedule_spec=spec_path))
@@ -42,7 +46,10 @@ def test_keeps_the_hardest_by_ref_nll_and_train_uses_only_them(tiny_run, tmp_pat
                                    "--max_seq_len=64", "--by=fk_grade", "--keep=0.1", "--easiest"])
     ids = np.load(str(easiest).replace("_spec.json", "_ids.npy"))
     fk = batchmetrics.load_metric_column(tables, "fk_grade", data)
-    assert np.nanmax(fk[ids]) <= np.nanmin(np.delete(fk, np.concatenate([ids, data.val_ids])))
+    assert np.nanmax(fk[ids]) <= np.nanmin(np.delete(fk, np.concatenate([ids, data.val_ids])))  # holdout ranked too
+    kept_all = select_batches.main([f"--data_dir={tiny_run.data_dir}", f"--tables_dir={tables}", "--vocab_size=512",
+                                    "--max_seq_len=64", "--by=ref_nll", "--keep=1", "--holdout=keep"])
+    assert np.array_equal(np.load(str(kept_all).replace("_spec.json", "_ids.npy")), data.train_ids)
 
 
 def test_el2n_matches_its_definition(tiny_run, tmp_path):
