@@ -324,6 +324,18 @@ def use_llama2_tokenizer(data_dir, tokenizer: str = "") -> int:
     return enc.vocab_size
 
 
+BIN_HASHES = "bins.json"  # data/tok{V}/: sha256 of each .bin shard as pretokenize wrote it
+
+
+def bin_hashes(out: Path) -> dict:
+    p = out / BIN_HASHES
+    try:
+        got = json.loads(p.read_text()) if p.exists() else {}
+    except ValueError:
+        got = {}  # a damaged record: every shard is re-tokenized
+    return got if isinstance(got, dict) else {}
+
+
 def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
                 workers=None, tables_dir=None, metrics="all", ref_model="", tokenizer="",
                 holdout=HOLDOUT_FRACTION):
@@ -346,14 +358,18 @@ def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DI
     out.mkdir(parents=True, exist_ok=True)
     # 1) tokens: skip shards whose json and tokenizer are unchanged since the last run
     done = token_stamps(data_dir, vocab_size)
+    bins = bin_hashes(out)  # what each .bin held when written: a skipped one is checked, not trusted
     jobs, keys = [], {}
     for shard in shards:
         bin_path = out / shard.with_suffix(".bin").name
         keys[shard.name] = f"{sha256_file(shard)}:{tok_sha}"
-        if not done.is_done(shard.name, keys[shard.name], bin_path):
+        if not (done.is_done(shard.name, keys[shard.name], bin_path) and bin_path.is_file()
+                and bins.get(bin_path.name) == sha256_file(bin_path)):
             jobs.append((shard, bin_path, model_path))
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
         for shard in tqdm(pool.map(_tokenize_shard, jobs), total=len(jobs), desc="tokenize", disable=not jobs):
+            bins[shard.with_suffix(".bin").name] = sha256_file(out / shard.with_suffix(".bin").name)
+            write_json_atomic(out / BIN_HASHES, bins)
             done.mark(shard.name, keys[shard.name], save=True)  # progress survives an interruption
     done.save(keep=keys)  # forget shards whose raw json is gone ...
     for stale in set(out.glob("data*.bin")) - {out / s.with_suffix(".bin").name for s in shards}:

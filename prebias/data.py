@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from prebias.common import DoneRecord, UserError, atomic_path, write_json_atomic
+from prebias.inputs import read_json
 
 # -----------------------------------------------------------------------------
 DATA_DIR = Path("data")
@@ -180,9 +181,15 @@ def write_index(data_dir, vocab_size, max_seq_len, tokenizer_name, tokenizer_sha
         "format": INDEX_FORMAT, "version": INDEX_VERSION, "vocab_size": vocab_size,
         "max_seq_len": max_seq_len, "tokenizer": tokenizer_name, "tokenizer_sha256": tokenizer_sha,
         "n_batches": len(index), "n_val_batches": int((index["shard"] == 0).sum()),
-        "shards": [{"name": p.name, "n_tokens": len(t), "n_stories": int((np.asarray(t) == 1).sum())}
+        "shards": [{"name": p.name, "n_tokens": len(t), "n_stories": int((np.asarray(t) == 1).sum()),
+                    "max_token": int(np.max(t, initial=0)), "sha256": sha256_file(p)}
                    for p, t in zip(bins, toks)],
     }
+    bad = [(sh, t) for sh, t in zip(meta["shards"], toks) if sh["max_token"] >= vocab_size]
+    if bad:
+        raise UserError(f"{tok_dir(data_dir, vocab_size) / bad[0][0]['name']} holds token id {bad[0][0]['max_token']}, "
+                        f"outside the vocabulary of {vocab_size}: it was made with another tokenizer; delete "
+                        f"{tok_dir(data_dir, vocab_size)} and rerun python tinystories.py pretokenize")
     write_json_atomic(idir / "meta.json", meta)
     print(f"wrote {len(toks)} shards to {tok_dir(data_dir, vocab_size)} and {len(index)} batches "
           f"({meta['n_val_batches']} validation) to {idir}")
@@ -268,6 +275,20 @@ def holdout_tokens(data_dir, vocab_size) -> list[np.ndarray]:
 # -----------------------------------------------------------------------------
 # reading batches back
 
+def check_bin(p: Path, rec: dict, vocab_size: int, fix: str):
+    """A .bin shard is the one its index describes: the sha256 recorded at indexing (a
+    rewrite with other valid ids of the same size would otherwise train silently; ~1.5 s
+    per GB), and every id in the vocabulary (an index older than the recorded hash: the
+    shard is scanned)."""
+    if "sha256" in rec:
+        if sha256_file(p) != rec["sha256"]:
+            raise UserError(f"shard {p} has changed since indexing (its sha256 differs from the batch index's): {fix}")
+        if rec.get("max_token", 0) >= vocab_size:
+            raise UserError(f"shard {p} holds token ids outside the vocabulary of {vocab_size}: {fix}")
+    elif int(np.max(np.memmap(p, dtype=np.uint16, mode="r"), initial=0)) >= vocab_size:
+        raise UserError(f"shard {p} holds token ids outside the vocabulary of {vocab_size}: {fix}")
+
+
 class BatchData:
     """The pretokenized batches of one (vocab_size, max_seq_len), by batch_id.
 
@@ -280,11 +301,15 @@ class BatchData:
         fix = f"run python tinystories.py pretokenize --vocab_size={vocab_size} --max_seq_len={max_seq_len}"
         if not meta_path.exists() or not idx_path.exists():
             raise UserError(f"no batch index in {self.dir}: {fix}")
+        self.meta = read_json(meta_path, "a batch index's record", fix, keys=(
+            "format", "version", "vocab_size", "max_seq_len", "n_batches", "n_val_batches", "shards", "tokenizer_sha256"))
         try:
-            self.meta = json.loads(meta_path.read_text())
             self.index = np.load(idx_path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise UserError(f"corrupt batch index in {self.dir} ({e}): {fix}") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"corrupt batch index in {self.dir} ({type(e).__name__}: {e}): {fix}") from None
+        if not isinstance(self.meta["shards"], list) or not all(isinstance(x, dict) and {"name", "n_tokens"} <= set(x)
+                                                                  for x in self.meta["shards"]):
+            raise UserError(f"{meta_path}: 'shards' must list each shard's name and n_tokens: {fix}")
         m = self.meta
         if (m.get("format"), m.get("version")) != (INDEX_FORMAT, INDEX_VERSION) or \
                 m["vocab_size"] != vocab_size or m["max_seq_len"] != max_seq_len or \
@@ -295,8 +320,9 @@ class BatchData:
         self.tokens = []
         for s in m["shards"]:
             p = tok_dir(data_dir, vocab_size) / s["name"]
-            if not p.exists() or p.stat().st_size != 2 * s["n_tokens"]:
+            if not p.is_file() or p.stat().st_size != 2 * s["n_tokens"]:
                 raise UserError(f"shard {p} is missing or has changed since indexing: {fix}")
+            check_bin(p, s, vocab_size, fix)
             self.tokens.append(np.memmap(p, dtype=np.uint16, mode="r"))
         self.n_val = m["n_val_batches"]
 

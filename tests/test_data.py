@@ -390,3 +390,43 @@ def test_raw_shards_must_be_plain_files(tmp_path, kind):
      "empty": lambda: bad.write_bytes(b"")}[kind]()
     with pytest.raises(UserError, match=f"raw shard {re.escape(str(bad))} is"):
         data.raw_shards(tmp_path)
+
+
+def test_a_rewritten_bin_shard_is_refused_and_pretokenize_repairs_it(tiny_data, tmp_path):
+    """Other valid ids of the same size in a .bin trained silently, and pretokenize skipped
+    the shard (its key checked only the raw shard and the tokenizer)."""
+    data, _ = tiny_data
+    shutil.copytree(data / "TinyStories_all_data", tmp_path / "TinyStories_all_data")
+    shutil.copy(data / "tok512.model", tmp_path)
+    tinystories.pretokenize(512, 64, tmp_path, workers=1, metrics="none")
+    good = BatchData(tmp_path, 512, 64).window(100).copy()
+    p = tmp_path / "tok512" / "data01.bin"
+    tok = np.fromfile(p, dtype=np.uint16)
+    tok[tok > 300] -= 1  # other valid ids, same size
+    tok.tofile(p)
+    with pytest.raises(UserError, match="data01.bin has changed since indexing"):
+        BatchData(tmp_path, 512, 64)
+    tinystories.pretokenize(512, 64, tmp_path, workers=1, metrics="none")  # re-tokenizes the damaged shard
+    assert np.array_equal(BatchData(tmp_path, 512, 64).window(100), good)
+
+
+def test_batch_index_record_and_ids_outside_the_vocabulary(tiny_data, tmp_path):
+    data, _ = tiny_data
+    shutil.copytree(data / "tok512", tmp_path / "tok512")
+    meta_p = tmp_path / "tok512" / "index_T64" / "meta.json"
+    meta = json.loads(meta_p.read_text())
+    meta_p.write_text(json.dumps({k: v for k, v in meta.items() if k != "n_val_batches"}))
+    with pytest.raises(UserError, match="meta.json lacks 'n_val_batches'"):
+        BatchData(tmp_path, 512, 64)
+    meta_p.write_text("[]")
+    with pytest.raises(UserError, match="meta.json holds a JSON list"):
+        BatchData(tmp_path, 512, 64)
+    old = {**meta, "shards": [{k: v for k, v in s.items() if k not in ("sha256", "max_token")} for s in meta["shards"]]}
+    meta_p.write_text(json.dumps(old))  # an index made before the hash was recorded: the ids are scanned
+    BatchData(tmp_path, 512, 64)
+    p = tmp_path / "tok512" / "data02.bin"
+    tok = np.fromfile(p, dtype=np.uint16)
+    tok[5] = 600
+    tok.tofile(p)
+    with pytest.raises(UserError, match="data02.bin holds token ids outside the vocabulary of 512"):
+        BatchData(tmp_path, 512, 64)
