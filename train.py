@@ -41,6 +41,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,6 +92,13 @@ def validate(cfg: TrainConfig):
             raise UserError(f"--{k}={getattr(cfg, k)}: must be >= 0")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout={cfg.dropout}: must be in [0, 1)")
+    for k in ("beta1", "beta2"):  # AdamW's moments: a beta of 1 or more never forgets, below 0 is no average
+        if not 0 <= getattr(cfg, k) < 1:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be in [0, 1)")
+    if cfg.seed < 0:
+        raise UserError(f"--seed={cfg.seed}: must be >= 0 (numpy's generators take no negative seed)")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise UserError(f"--device={cfg.device}: choose auto, cpu, cuda, cuda:<index> or mps")
     if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
         raise UserError(f"--dim={cfg.dim}, --n_heads={cfg.n_heads}, --n_kv_heads={cfg.n_kv_heads}: dim must be a "
                         "multiple of n_heads and n_heads of n_kv_heads")
@@ -273,7 +281,12 @@ class Trainer:
         if not opt.exists():
             raise UserError(f"{opt} is missing: the optimizer state of the latest checkpoint is needed to resume "
                             "exactly; restore it or start a new --out_dir")
-        self.optimizer.load_state_dict(torch.load(opt, map_location=self.device, weights_only=True))
+        try:
+            self.optimizer.load_state_dict(torch.load(opt, map_location=self.device, weights_only=True))
+        except Exception as e:  # a truncated file (zip error) or another optimizer's state (key or size errors)
+            raise UserError(f"{opt} cannot be read as this run's optimizer state ({type(e).__name__}): it is damaged "
+                            "or belongs to another run; restore it, or resume from an earlier checkpoint whose "
+                            "optimizer file you keep (--keep_optimizer=True keeps them all)") from None
         torch.set_rng_state(ck["rng"]["torch"].cpu())
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu())

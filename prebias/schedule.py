@@ -39,6 +39,7 @@ $ python -c "from prebias.schedule import *; import numpy as np; s = Schedule({'
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,14 @@ def load_ids(path, where: str) -> np.ndarray:
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise SpecError(f"{where}: {path} must hold a 1-D integer array of batch ids")
     return ids.astype(np.int64)
+
+
+def _note_outside(listed: np.ndarray, train_ids: np.ndarray, where: str):
+    """A warning line when some listed ids are not training batches (they are ignored)."""
+    n_out = int((~np.isin(listed, train_ids)).sum())
+    if n_out:
+        print(f"warning: {where}: {n_out} of its {len(listed)} ids are not training batches (validation ids, or "
+              "not batches of this data): ignored", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -541,6 +550,7 @@ class Schedule:
             keep = np.isin(ids, inc)
             if not keep.any():
                 raise SpecError(f"{name}.include: none of its ids is a training batch")
+            _note_outside(inc, ids, f"{name}.include")
             ids, values = ids[keep], {m: v[keep] for m, v in values.items()}
             self.extra["include"] = inc
         lookup = dict(values)
@@ -551,14 +561,26 @@ class Schedule:
         if "exclude" in self.spec:
             exc = load_ids(self.spec["exclude"], f"{name}.exclude")
             self.extra["exclude"] = exc
-            mask = np.zeros(int(max(ids.max(), exc.max(initial=0))) + 1, dtype=bool)
-            mask[exc[exc >= 0]] = True
+            inside = exc[np.isin(exc, ids)]  # only training ids count (an id of 10^12 allocates nothing)
+            if not len(inside):
+                raise SpecError(f"{name}.exclude: none of its {len(exc)} ids is a training batch, so it would "
+                                "exclude nothing (validation ids are never trained on)")
+            if len(np.setdiff1d(ids, inside)) == 0:
+                raise SpecError(f"{name}.exclude: it removes every training batch")
+            _note_outside(exc, ids, f"{name}.exclude")
+            mask = np.zeros(int(ids.max()) + 1, dtype=bool)
+            mask[inside] = True
         for i, (p, (a, b)) in enumerate(zip(self.spec["phases"], self.bounds)):
             try:
                 o = build_order(p, ids, lookup.__getitem__, (self.seed, i), self.B, b - a)
             except SpecError as e:
                 raise SpecError(f"{name}: phases[{i}]: {e}") from None
             self.orders.append(_Excluding(o, mask) if mask is not None else o)
+            if mask is not None:  # a phase left with nothing to train on is an error now, not at its first step
+                try:
+                    self.orders[-1].ids(0)
+                except SpecError as e:
+                    raise SpecError(f"{name}: phases[{i}]: {e}") from None
         self._values_sha = {m: hashlib.sha256(v.tobytes()).hexdigest()[:16] for m, v in values.items()}
 
     def _phase_bounds(self) -> list[tuple[int, int]]:

@@ -186,3 +186,49 @@ def test_tag_rows_steps_and_ids(tmp_path, capsys):
     with pytest.raises(UserError, match=r"tags\[0\].id: 'a b\$': letters, digits"):
         tags.load_tags(p, enc, 256, 512)
 
+
+
+# -----------------------------------------------------------------------------
+# train.py: values, exclusions and the optimizer file, refused before anything is written
+
+@pytest.mark.parametrize("arg, msg", [
+    ("--beta2=5", r"--beta2=5.0: must be in \[0, 1\)"), ("--beta1=-0.1", "must be in"),
+    ("--device=tpu", "--device=tpu: choose auto, cpu, cuda"), ("--seed=-1", "--seed=-1: must be >= 0"),
+])
+def test_train_values_write_nothing(tiny_data, tmp_path, arg, msg):
+    run = TinyRun(*tiny_data, tmp_path / "never")
+    with pytest.raises(UserError, match=msg):
+        train.main(run.train_args() + [arg])
+    assert not run.out_dir.exists()
+
+
+def test_exclusions_that_exclude_nothing_or_everything(tiny_data, tmp_path, capsys):
+    from prebias.data import BatchData
+    data = BatchData(tiny_data[0], 512, 64)
+    cases = {"val": (data.val_ids[:20], "none of its 20 ids is a training batch"),
+             "all": (data.train_ids, "it removes every training batch")}
+    for name, (ids, msg) in cases.items():
+        np.save(tmp_path / f"{name}.npy", ids)
+        run = TinyRun(*tiny_data, tmp_path / f"run_{name}")
+        with pytest.raises(UserError, match=msg):
+            train.main(run.train_args(schedule_exclude=tmp_path / f"{name}.npy"))
+        assert not run.out_dir.exists()  # it used to fail after ckpt_0 was written
+    np.save(tmp_path / "huge.npy", np.array([10 ** 12, int(data.train_ids[0])]))  # no 931 GiB mask
+    run = TinyRun(*tiny_data, tmp_path / "run_huge")
+    train.main(run.train_args(schedule_exclude=tmp_path / "huge.npy", max_iters=2, eval_interval=2))
+    assert "1 of its 2 ids are not training batches" in capsys.readouterr().err
+    assert int(data.train_ids[0]) not in np.load(run.out_dir / "batch_ids.npy")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign"])
+def test_a_damaged_optimizer_file_on_resume_is_one_line(tiny_data, tmp_path, damage):
+    import torch
+    run = TinyRun(*tiny_data, tmp_path / "run")
+    train.main(run.train_args(max_iters=4, eval_interval=2))
+    opt = run.out_dir / "ckpt" / "optimizer_4.pt"
+    if damage == "truncate":
+        opt.write_bytes(opt.read_bytes()[:200])
+    else:
+        torch.save(torch.optim.SGD([torch.zeros(3)], lr=0.1).state_dict(), opt)
+    with pytest.raises(UserError, match="optimizer_4.pt cannot be read as this run's optimizer state"):
+        train.main(run.train_args(max_iters=8, eval_interval=2, init_from="resume"))
