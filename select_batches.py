@@ -32,6 +32,7 @@ Outputs (in <tables_dir>/select/, named <by>_<hardest|easiest>_<keep>):
                  a scoring model's forward passes, seconds), for compute-matched comparisons
 """
 
+import re
 import sys
 import time
 import types
@@ -147,6 +148,9 @@ def ranked_ids(cfg: SelectConfig, data: BatchData, meta: dict) -> tuple[np.ndarr
 
 
 def select(cfg: SelectConfig) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.by) or cfg.by.startswith("."):  # it names the output files
+        raise UserError(f"--by={cfg.by!r}: a score or column name of letters, digits, '_', '-' and '.' (it names "
+                        "the output files in <tables_dir>/select/)")
     if not 0 < cfg.keep <= 1:
         raise UserError(f"--keep={cfg.keep}: a fraction in (0, 1]")
     if cfg.which not in ("hardest", "easiest"):

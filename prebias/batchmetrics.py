@@ -16,7 +16,6 @@ $ python tinystories.py pretokenize --vocab_size=512 --metrics=sentiment,fk_grad
 $ python tinystories.py pretokenize --ref_model=model.bin
 """
 
-import json
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ from prebias import metrics_engine
 from prebias.common import DoneRecord, UserError, atomic_path, write_json_atomic
 from prebias.data import (TABLES_DIR, BatchData, index_dir, raw_dir, shard_window_texts, shard_windows_2d, story_noise,
                           story_noise_free, tok_dir, token_stamps, window_noise)
+from prebias.inputs import read_csv, read_json
 from prebias.refscorer import ModelScorer, fit_reference_scorer, reference_scorer, scorer_fit, scorer_path
 from tokenizer import Tokenizer
 
@@ -138,7 +138,9 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
                         f"python tinystories.py pretokenize --vocab_size={vocab_size} --max_seq_len={max_seq_len}")
     # 1) the reference scorer, fitted on the holdout (the validation shard where there is none)
     if ref_model:
-        scorer, scorer_fp = None, ModelScorer(ref_model).fingerprint()
+        ref = ModelScorer(ref_model)
+        ref.check(vocab_size, max_seq_len)
+        scorer, scorer_fp = None, ref.fingerprint()
         fit = {"on": "model", "path": str(ref_model)}
     else:
         scorer = fit_reference_scorer(data_dir, vocab_size, shard_keys[0])
@@ -189,19 +191,21 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
 
 def load_batch_metrics(tables_dir, data=None):
     """The batch metrics table, checked against the batch index it must describe."""
-    import pandas as pd
     tables_dir = Path(tables_dir)
     csv, meta_p = tables_dir / "batch_metrics.csv", tables_dir / "batch_metrics.json"
     fix = "run python tinystories.py pretokenize with the same --vocab_size and --max_seq_len"
     if not csv.exists() or not meta_p.exists():
         raise UserError(f"no batch metrics in {tables_dir}: {fix}")
-    meta = json.loads(meta_p.read_text())
+    meta = read_json(meta_p, "the batch metrics' record", fix, keys=("vocab_size", "max_seq_len", "tokenizer_sha256",
+                                                                        "n_batches"))
     if data is not None and (meta["vocab_size"] != data.vocab_size or meta["max_seq_len"] != data.max_seq_len
                              or meta["tokenizer_sha256"] != data.meta["tokenizer_sha256"]
                              or meta["n_batches"] != len(data)):
         raise UserError(f"{csv} was made with another tokenizer or max_seq_len (vocab {meta['vocab_size']}, "
                         f"T {meta['max_seq_len']}) than the data in use: {fix}")
-    df = pd.read_csv(csv)
+    head = read_csv(csv, "the batch metrics table", fix, columns=("batch_id",), nrows=0).columns
+    df = read_csv(csv, "the batch metrics table", fix, columns=("batch_id",),
+                  numeric=[c for c in head if c != "split"])
     if len(df) != meta["n_batches"] or not (df["batch_id"].to_numpy() == np.arange(len(df))).all():
         raise UserError(f"{csv} is incomplete or reordered: {fix}")
     return df, meta

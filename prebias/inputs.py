@@ -38,7 +38,7 @@ def read_json(path, what: str, fix: str, want: type = dict, keys=()):
     return obj
 
 
-def read_csv(path, what: str, fix: str, columns=(), numeric=()):
+def read_csv(path, what: str, fix: str, columns=(), numeric=(), nrows=None):
     """The table at path as a DataFrame with these columns (those in `numeric` holding
     numbers or blanks), or one line naming the file."""
     import pandas as pd
@@ -46,7 +46,7 @@ def read_csv(path, what: str, fix: str, columns=(), numeric=()):
     if p.is_dir():
         raise UserError(f"{p} is a folder, not {what}: {fix}")
     try:
-        df = pd.read_csv(p)
+        df = pd.read_csv(p, nrows=nrows)
     except FileNotFoundError:
         raise UserError(f"{p} is missing ({what}): {fix}") from None
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError

@@ -418,6 +418,19 @@ class ModelScorer:
     def fingerprint(self) -> str:
         return "model:" + sha256_file(self.path)[:16]
 
+    def check(self, vocab_size: int, max_seq_len: int):
+        """One line unless the model reads this data whole: the same vocabulary (another's
+        ids mean other text) and a context as long as a window (it would score only the
+        first part of each)."""
+        a = self.model.params
+        if a.vocab_size != vocab_size:
+            raise UserError(f"--ref_model={self.path} has vocab_size {a.vocab_size}, the data {vocab_size}: train the "
+                            "reference model on this data's tokenizer")
+        if a.max_seq_len < max_seq_len:
+            raise UserError(f"--ref_model={self.path} has a context of {a.max_seq_len} tokens, shorter than the "
+                            f"{max_seq_len}-token windows it would score: use a model trained with "
+                            f"--max_seq_len={max_seq_len} or more")
+
     def nll_many(self, seqs, batch=32) -> np.ndarray:
         import torch
         out = np.full(len(seqs), np.nan)

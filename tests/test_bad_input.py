@@ -232,3 +232,54 @@ def test_a_damaged_optimizer_file_on_resume_is_one_line(tiny_data, tmp_path, dam
         torch.save(torch.optim.SGD([torch.zeros(3)], lr=0.1).state_dict(), opt)
     with pytest.raises(UserError, match="optimizer_4.pt cannot be read as this run's optimizer state"):
         train.main(run.train_args(max_iters=8, eval_interval=2, init_from="resume"))
+
+
+# -----------------------------------------------------------------------------
+# batch metrics, references and offline selection
+
+def test_select_by_a_name_that_would_escape_tables_dir(tiny_data, tmp_path):
+    import select_batches
+    shutil.copytree(tiny_data[1], tmp_path / "t")
+    with pytest.raises(UserError, match=r"--by='\.\./\.\./x': a score or column name"):
+        select_batches.main([f"--data_dir={tiny_data[0]}", f"--tables_dir={tmp_path / 't'}", "--vocab_size=512",
+                             "--max_seq_len=64", "--by=../../x"])
+    assert sorted(os.listdir(tmp_path)) == ["t"] and not (tmp_path / "t" / "select").exists()
+
+
+@pytest.mark.parametrize("damage, msg", [
+    (lambda t: pd.read_csv(t / "batch_metrics.csv").drop(columns="batch_id").to_csv(t / "batch_metrics.csv",
+                                                                                   index=False),
+     "batch_metrics.csv lacks the column 'batch_id'"),
+    (lambda t: pd.read_csv(t / "batch_metrics.csv").assign(fk_grade="high").to_csv(t / "batch_metrics.csv",
+                                                                                  index=False),
+     "column 'fk_grade' holds 'high', not a number"),
+    (lambda t: (t / "batch_metrics.csv").write_text(""), "batch_metrics.csv cannot be read"),
+    (lambda t: (t / "batch_metrics.json").write_text('{"vocab_size": 512'), "batch_metrics.json is not valid JSON"),
+    (lambda t: (t / "batch_metrics.json").write_text('{"vocab_size": 512}'), "batch_metrics.json lacks 'max_seq_len'"),
+])
+def test_damaged_batch_metrics_are_one_line(tiny_data, tmp_path, damage, msg):
+    from prebias import batchmetrics
+    from prebias.data import BatchData
+    t = tmp_path / "t"
+    shutil.copytree(tiny_data[1], t)
+    damage(t)
+    with pytest.raises(UserError, match=msg):
+        batchmetrics.load_batch_metrics(t, BatchData(tiny_data[0], 512, 64))
+
+
+def test_a_reference_model_of_another_vocabulary_or_a_shorter_context(tiny_data, tmp_path):
+    """pretokenize --ref_model accepted both (--select_ref checked them, pretokenize not)."""
+    import torch
+
+    from export import export_v0
+    from model import ModelArgs, Transformer
+    from prebias import batchmetrics
+    for name, args, msg in (("short", dict(vocab_size=512, max_seq_len=32), "has a context of 32 tokens, shorter "
+                                                                             "than the 64-token windows"),
+                            ("small", dict(vocab_size=256, max_seq_len=64), "has vocab_size 256, the data 512")):
+        torch.manual_seed(0)
+        export_v0(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, **args)), tmp_path / f"{name}.bin")
+        with pytest.raises(UserError, match=msg):
+            batchmetrics.write_batch_metrics(tiny_data[0], 512, 64, tmp_path / "t", "n_words",
+                                             ref_model=str(tmp_path / f"{name}.bin"))
+        assert not (tmp_path / "t" / "batch_metrics.csv").exists()
