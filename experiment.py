@@ -159,6 +159,9 @@ def load_spec(path) -> dict:
             base = json.loads(Path(base).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{p}: base config {spec['base']}: {e}") from None
+    for k, kind in (("question", str), ("baseline", str), ("test", str), ("eval", dict), ("durability", dict)):
+        if k in spec and not isinstance(spec[k], kind):
+            raise UserError(f"{p}: {k!r} must be a JSON {'string' if kind is str else 'object'}")
     out = {"question": str(spec.get("question", "")), "spec_path": str(p),
            "base": _settings(p, "base", base, "train.py", RESERVED)}
     arms = spec.get("arms")

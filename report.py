@@ -170,7 +170,9 @@ def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
     spec = read_json(exp_dir / "experiment.json", "an experiment record (experiment.py writes it)",
                      f"rerun the experiment: python experiment.py <spec> (it rewrites {exp_dir / 'experiment.json'})",
                      keys=("name", "arms", "baseline", "seeds", "base"))
-    if not isinstance(spec["arms"], dict) or not isinstance(spec["seeds"], list) or not isinstance(spec["base"], dict):
+    if not isinstance(spec["arms"], dict) or not all(isinstance(v, dict) for v in spec["arms"].values()) or \
+            not isinstance(spec["seeds"], list) or not isinstance(spec["base"], dict) or \
+            not isinstance(spec["baseline"], str) or not isinstance(spec["name"], str):
         raise UserError(f"{exp_dir / 'experiment.json'}: arms and base must be objects and seeds a list: rerun the "
                         "experiment (python experiment.py <spec>)")
     tables = exp_dir / "tables"

@@ -52,6 +52,12 @@ from prebias.data import sha256_file
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1: optimizer inside, no pool/insertions; eval and views read both
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+# what a reader may rely on: field -> type (a checkpoint holding other types was not written here)
+FIELDS = {"model": dict, "model_args": dict, "config": dict, "iter_num": int, "prev_iter": int,
+          "batch_ids": torch.Tensor, "schedule": dict, "data": dict, "train_loss": float, "val_loss": float,
+          "pool_ids": torch.Tensor, "insertions": torch.Tensor, "insert_tokens": torch.Tensor,
+          "replaced_tokens": torch.Tensor, "masked_rows": torch.Tensor, "tags": str, "init": dict, "compute": dict}
+REQUIRED = ("model", "model_args", "config", "iter_num", "prev_iter", "batch_ids")
 
 
 def ckpt_dir(out_dir) -> Path:
@@ -229,6 +235,14 @@ def load_checkpoint(path, map_location="cpu", mmap=True) -> dict:
         raise UserError(f"checkpoint {path} is not a llama2_prebiasing checkpoint (format "
                         f"{ckpt.get('format_version') if isinstance(ckpt, dict) else '?'}; this code reads "
                         f"{', '.join(map(str, READABLE_VERSIONS))})")
+    for k, kind in FIELDS.items():
+        if k in ckpt and not isinstance(ckpt[k], kind) or (k not in ckpt and k in REQUIRED):
+            raise UserError(f"checkpoint {path} has no {k} of the right kind ({getattr(kind, '__name__', kind)}): it "
+                            "was not written by train.py, or is damaged; delete it and resume from the previous one")
+    it, prev, ids = ckpt["iter_num"], ckpt["prev_iter"], ckpt["batch_ids"]
+    if ids.ndim != 2 or it < 0 or not -1 <= prev < max(it, 0) + (it == 0) or len(ids) != it - max(prev, 0):
+        raise UserError(f"checkpoint {path}: its steps (prev_iter {prev}, iter_num {it}) and its {len(ids)} rows of "
+                        "batch_ids do not fit: it is damaged; delete it and resume from the previous one")
     return ckpt
 
 

@@ -19,6 +19,7 @@ $ python -c "from prebias.data import BatchData; d = BatchData(); print(len(d), 
 import glob
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -133,8 +134,11 @@ def window_noise(tokens: np.ndarray, noisy: np.ndarray, offsets: np.ndarray, max
 def load_stories(shard: Path) -> list[str]:
     try:
         data = json.loads(Path(shard).read_text(encoding="utf-8"))
+        if not isinstance(data, list) or not all(isinstance(ex, dict) and isinstance(ex.get("story"), str)
+                                                 for ex in data):
+            raise ValueError("a shard is a JSON list of objects, each with a 'story' string")
         return [ex["story"].strip() for ex in data]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"corrupt shard {shard} ({type(e).__name__}: {e}): delete it and re-run "
                         "python tinystories.py download (or sample)") from None
 
@@ -275,15 +279,19 @@ def holdout_tokens(data_dir, vocab_size) -> list[np.ndarray]:
 # -----------------------------------------------------------------------------
 # reading batches back
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 53
+
+
 def check_bin(p: Path, rec: dict, vocab_size: int, fix: str):
     """A .bin shard is the one its index describes: the sha256 recorded at indexing (a
     rewrite with other valid ids of the same size would otherwise train silently; ~1.5 s
     per GB), and every id in the vocabulary (an index older than the recorded hash: the
     shard is scanned)."""
     if "sha256" in rec:
-        if sha256_file(p) != rec["sha256"]:
+        if not isinstance(rec["sha256"], str) or sha256_file(p) != rec["sha256"]:
             raise UserError(f"shard {p} has changed since indexing (its sha256 differs from the batch index's): {fix}")
-        if rec.get("max_token", 0) >= vocab_size:
+        if not _is_count(rec.get("max_token", 0)) or rec.get("max_token", 0) >= vocab_size:
             raise UserError(f"shard {p} holds token ids outside the vocabulary of {vocab_size}: {fix}")
     elif int(np.max(np.memmap(p, dtype=np.uint16, mode="r"), initial=0)) >= vocab_size:
         raise UserError(f"shard {p} holds token ids outside the vocabulary of {vocab_size}: {fix}")
@@ -307,15 +315,25 @@ class BatchData:
             self.index = np.load(idx_path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise UserError(f"corrupt batch index in {self.dir} ({type(e).__name__}: {e}): {fix}") from None
-        if not isinstance(self.meta["shards"], list) or not all(isinstance(x, dict) and {"name", "n_tokens"} <= set(x)
-                                                                  for x in self.meta["shards"]):
-            raise UserError(f"{meta_path}: 'shards' must list each shard's name and n_tokens: {fix}")
         m = self.meta
         if (m.get("format"), m.get("version")) != (INDEX_FORMAT, INDEX_VERSION) or \
-                m["vocab_size"] != vocab_size or m["max_seq_len"] != max_seq_len or \
-                self.index.dtype != INDEX_DTYPE or len(self.index) != m["n_batches"]:
+                m["vocab_size"] != vocab_size or m["max_seq_len"] != max_seq_len:
             raise UserError(f"batch index {self.dir} does not match vocab_size={vocab_size}, "
                             f"max_seq_len={max_seq_len} or this version: {fix}")
+        if not isinstance(m["shards"], list) or not m["shards"] or not all(
+                isinstance(x, dict) and isinstance(x.get("name"), str) and re.fullmatch(r"[\w-]+\.bin", x["name"])
+                and _is_count(x.get("n_tokens")) for x in m["shards"]) or \
+                not all(_is_count(m[k]) for k in ("n_batches", "n_val_batches")):
+            raise UserError(f"{meta_path}: its counts or its 'shards' (each shard's name and n_tokens) are damaged: {fix}")
+        ok = self.index.ndim == 1 and self.index.dtype == INDEX_DTYPE and len(self.index) == m["n_batches"] and \
+            0 <= m["n_val_batches"] <= m["n_batches"]
+        if ok and len(self.index):  # every window inside its shard
+            sh = self.index["shard"].astype(np.int64)
+            ok = sh.min() >= 0 and sh.max() < len(m["shards"]) and self.index["offset"].min() >= 0
+            n_tok = np.array([x["n_tokens"] for x in m["shards"]], np.int64)
+            ok = ok and bool((self.index["offset"].astype(np.int64) + max_seq_len + 1 <= n_tok[sh]).all())
+        if not ok:
+            raise UserError(f"batch index {self.dir} is inconsistent (its batches.npy and meta.json disagree): {fix}")
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.tokens = []
         for s in m["shards"]:
