@@ -165,8 +165,8 @@ def page(title: str, body: list[str]) -> str:
             f'\n<p class="meta">written by report.py on {stamp}</p></body></html>\n')
 
 
-def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
-    fix = f"rerun python experiment.py <spec> --aggregate_only=True (it rewrites {exp_dir}'s tables)"
+def read_experiment(exp_dir: Path) -> dict:
+    """experiment.json, its fields of the types the page uses (one line otherwise)."""
     spec = read_json(exp_dir / "experiment.json", "an experiment record (experiment.py writes it)",
                      f"rerun the experiment: python experiment.py <spec> (it rewrites {exp_dir / 'experiment.json'})",
                      keys=("name", "arms", "baseline", "seeds", "base"))
@@ -175,6 +175,12 @@ def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
             not isinstance(spec["baseline"], str) or not isinstance(spec["name"], str):
         raise UserError(f"{exp_dir / 'experiment.json'}: arms and base must be objects and seeds a list: rerun the "
                         "experiment (python experiment.py <spec>)")
+    return spec
+
+
+def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
+    fix = f"rerun python experiment.py <spec> --aggregate_only=True (it rewrites {exp_dir}'s tables)"
+    spec = read_experiment(exp_dir)
     tables = exp_dir / "tables"
     final, diff, sat, runs = (read_csv(tables / f, f"an experiment table ({f})", fix, columns=cols)
                               for f, cols in TABLE_COLUMNS.items())
