@@ -21,9 +21,17 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
            exposure        log2(R) - log2(rank), the rank (1 = most likely) of the secret's nll among the
                            secret and the R candidates (Carlini et al. 2019): at most log2(R) (9.97 bits at
                            R = 1,000), 1.44 on average for a secret never seen
+           exposure_sampled, exposure_sampled_lo, exposure_sampled_hi
+                           log2 |space| - log2(rank among every secret of the format), the rank estimated by
+                           importance sampling (sampled_exposure, prebias/forgetting.py): the R candidates and
+                           R draws from the model itself, restricted to the format, weighted by the balance
+                           heuristic; unbiased for the count, never above log2 |space| (19.93 bits for 6
+                           digits), with a 95% interval; what the half-life fit uses. Against the exact count
+                           of all 10^6 on the tiny model of `make validity`: within 0.1-0.6 bits (README)
            exposure_extrap -log2 P(candidate nll <= secret nll), P from a skew-normal fitted to the R
-                           candidates (Carlini et al. 2019, sec. 4.3): not capped by R, but on the tiny
-                           model of `make validity` 2.7-5.5 bits below the exact value where that is 11.8-14.5
+                           candidates (Carlini et al. 2019, sec. 4.3), kept for comparison: on the tiny model
+                           of `make validity` 2.5-5 bits below the exact value where that is 11.8-14.5 (the
+                           candidates' real left tail is lighter than any skew-normal's)
            exposure_exact  with --exact_budget=N: log2 |space| - log2(exact rank among every secret of the
                            format), by branch and bound (exact_exposure); NaN where it gives up
            extraction      fraction of the secret's tokens the model completes greedily from the prefix
@@ -43,7 +51,7 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
                            BOS + tag + prompt against BOS + prompt, t interval over openings (the measure
                            before controls: any inserted text can move it)
   both     steps_since_seen  steps since the tag was last trained on (NaN before its first insertion)
-Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_extrap of a canary,
+Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_sampled of a canary,
 effect of a conditional tag): the checkpoints after the tag's last insertion, against steps since
 seen, fitted by y = base + A 2^(-(x - x0)/h) (prebias/forgetting.py: base 0 for a gap or an effect,
 1/ln 2 for exposure, A and h fitted, h's 95% profile-likelihood interval with the F(1, n-2)
@@ -83,12 +91,13 @@ from tokenizer import Tokenizer
 # config: DurabilityConfig (prebias/configs.py) holds every key with its default and why
 # -----------------------------------------------------------------------------
 
-VERSION = 2  # 2: gap to never-seen candidates, trained contexts, extrapolated exposure, tag - control
+VERSION = 3  # 2: gap to never-seen candidates, trained contexts, extrapolated exposure, tag - control; 3: sampled
 COLUMNS = ["iter", "tag", "kind", "steps_since_seen", "loss", "cand_loss", "gap", "loss_ctx", "gap_ctx", "n_ctx",
-           "exposure", "exposure_extrap", "exposure_exact", "extraction", "effect", "effect_lo", "effect_hi",
+           "exposure", "exposure_sampled", "exposure_sampled_lo", "exposure_sampled_hi", "exposure_extrap",
+           "exposure_exact", "extraction", "effect", "effect_lo", "effect_hi",
            "effect_band_lo", "effect_band_hi", "effect_se", "effect_df", "n", "effect_vs_none", "effect_vs_none_lo",
            "effect_vs_none_hi"]
-FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_extrap", forgetting.UNSEEN_EXPOSURE)),
+FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_sampled", forgetting.UNSEEN_EXPOSURE)),
         "conditional": (("effect", 0.0),)}  # measure, the value that means "forgotten"
 exposure = forgetting.rank_exposure  # the published definition, one home (prebias/forgetting.py)
 
@@ -148,6 +157,7 @@ def canary_row(model, tag, cands: np.ndarray, cfg: DurabilityConfig, device: str
            "exposure_extrap": forgetting.extrapolated_exposure(nll[0], nll[1:]), "extraction": float(hit)}
     row["gap"] = row["cand_loss"] - row["loss"]
     row["exposure_exact"] = exact_exposure(model, tag, device, cfg.exact_budget) if cfg.exact_budget else math.nan
+    row.update(sampled_exposure(model, tag, cands, cfg.R, cfg.seed, device, cfg.batch_size))
     loss, gap = [], []
     for ctx in contexts:
         c = continuation_nll(model, ctx, np.vstack([tag.secret_tokens[None], cands[:cfg.R_context]]),
@@ -209,6 +219,69 @@ def exact_exposure(model, tag, device: str, budget: int, batch_size: int = 4096)
         nodes, partial = np.concatenate([nodes[r], allowed[a][:, None]], 1), child[r, a]
     below = len(nodes) - int((nodes == secret[None]).all(1).any())  # the secret itself never counts
     return N * math.log2(len(allowed)) - math.log2(1 + below)
+
+
+def _format_scores(model, cache, P: int, first, seqs: np.ndarray, allowed_t, batch_size: int):
+    """(nll, logq) of each (M, N) format sequence after the cached context: nll over the whole
+    vocabulary (what exposure ranks), log q under the model renormalised over the allowed tokens."""
+    nll, logq = np.empty(len(seqs)), np.empty(len(seqs))
+    for i in range(0, len(seqs), batch_size):
+        c = torch.as_tensor(seqs[i:i + batch_size], device=first.device)
+        lp = first.expand(len(c), 1, -1)  # (b, N, V): log-probs before each token
+        if c.shape[1] > 1:
+            lp = torch.cat([lp, continue_logp(model, cache, P, c)], 1)
+        chosen = lp.gather(-1, c[..., None])[..., 0]
+        lse = torch.logsumexp(lp[..., allowed_t], -1)
+        nll[i:i + len(c)] = (-chosen.sum(1)).cpu().numpy()
+        logq[i:i + len(c)] = (chosen - lse).sum(1).cpu().numpy()
+    return nll, logq
+
+
+def _format_draws(model, cache, P: int, first, allowed: np.ndarray, N: int, n: int, rng, batch_size: int):
+    """(n, N) secrets drawn token by token from the model renormalised over the allowed tokens."""
+    nodes = np.zeros((n, 0), np.int64)
+    allowed_t = torch.as_tensor(allowed, device=first.device)
+    for k in range(N):
+        probs = np.empty((n, len(allowed)))
+        for i in range(0, n, batch_size):
+            c = torch.as_tensor(nodes[i:i + batch_size], device=first.device)
+            lp = first[None] if k == 0 else continue_logp(model, cache, P, torch.cat([c, c[:, :1]], 1))[:, -1]
+            probs[i:i + len(c)] = torch.softmax(lp[:, allowed_t].double(), -1).cpu().numpy()
+        cum = np.cumsum(probs, 1)
+        pick = np.minimum((cum < rng.random(n)[:, None] * cum[:, -1:]).sum(1), len(allowed) - 1)
+        nodes = np.concatenate([nodes, allowed[pick][:, None]], 1)
+    return nodes
+
+
+@torch.no_grad()
+def sampled_exposure(model, tag, cands: np.ndarray, n_draws: int, seed: int, device: str,
+                     batch_size: int = 256) -> dict:
+    """exposure_sampled, _lo, _hi: the secret's exposure over every secret of its format,
+    the rank estimated from the uniform candidates and n_draws draws from the model itself
+    (forgetting.sampled_exposure); NaN where the format is not a trie of tokens (format_trie)."""
+    out = dict.fromkeys(("exposure_sampled", "exposure_sampled_lo", "exposure_sampled_hi"), math.nan)
+    found = format_trie(tag)
+    if found is None:
+        return out
+    lead, allowed, N = found
+    body = cands[:, len(lead):]
+    if cands.shape[1] != len(lead) + N or not (cands[:, :len(lead)] == lead).all() or not np.isin(body, allowed).all():
+        return out
+    model.train(False)
+    ctx = np.r_[BOS_ID, tag.prefix_tokens, lead].astype(np.int64)
+    cache, first = prefill(model, ctx, len(ctx) + N, device)
+    allowed_t = torch.as_tensor(allowed, device=device)
+    rng = np.random.default_rng([seed, tag.index, 0x6973])  # 'is'
+    draws = _format_draws(model, cache, len(ctx), first, allowed, N, n_draws, rng, batch_size)
+    secret = tag.secret_tokens[len(lead):]
+    seqs = np.concatenate([secret[None], body, draws])
+    nll, logq = _format_scores(model, cache, len(ctx), first, seqs, allowed_t, batch_size)
+    target = nll[0] - 1e-6 * max(1.0, abs(nll[0]))  # strictly below, float noise aside
+    nll = np.where((seqs == secret).all(1), math.inf, nll)  # the secret itself never counts
+    u = slice(1, 1 + len(body))
+    e, lo, hi = forgetting.sampled_exposure(target, nll[u], logq[u], nll[1 + len(body):], logq[1 + len(body):],
+                                            N * math.log2(len(allowed)))
+    return {"exposure_sampled": e, "exposure_sampled_lo": lo, "exposure_sampled_hi": hi}
 
 
 def trained_contexts(tag, rec: dict, data: BatchData, n_max: int) -> list[np.ndarray]:
@@ -428,11 +501,13 @@ def measure(cfg: DurabilityConfig) -> pd.DataFrame:
 # the figure
 
 PANELS = [("canary", ("gap", "gap_ctx"), "secret's gap below never-seen\nsecrets (nats/token)"),
-          ("canary", ("exposure", "exposure_extrap", "exposure_exact"), "exposure (bits)"),
+          ("canary", ("exposure", "exposure_sampled", "exposure_extrap", "exposure_exact"), "exposure (bits)"),
           ("canary", ("extraction",), "greedy extraction"),
           ("conditional", ("effect",), "tag - control\non its metric")]
 STYLE = {"gap": ("o-", "after BOS + prefix"), "gap_ctx": ("s--", "in its trained windows"),
-         "exposure": ("o-", "rank among R (capped at log2 R)"), "exposure_extrap": ("s--", "skew-normal extrapolated"),
+         "exposure": ("o-", "rank among R (capped at log2 R)"),
+         "exposure_sampled": ("d-", "sampled rank among every secret (95% band)"),
+         "exposure_extrap": ("s--", "skew-normal extrapolated (biased low)"),
          "exposure_exact": ("^:", "exact rank among every secret"),
          "extraction": ("o-", ""), "effect": ("o-", "tag - control")}
 
@@ -452,6 +527,8 @@ def _draw_tag(ax, tag, cols, d, fits, ins, c):
             label += (f"; half-life {f['half_life']:.0f} [{f['half_life_lo']:.0f}, {f['half_life_hi']:.0f}] steps"
                       if f["status"] == "fitted" else f"; {f['status'].split(':')[0].split(' (')[0]}")
         ax.plot(d["iter"], d[col], fmt, ms=3, color=c, label=label)
+        if col == "exposure_sampled":
+            ax.fill_between(d["iter"], d["exposure_sampled_lo"], d["exposure_sampled_hi"], color=c, alpha=0.15)
     if cols == ("effect",):
         ax.fill_between(d["iter"], d["effect_band_lo"], d["effect_band_hi"], color=c, alpha=0.1,
                         label="Bonferroni band over checkpoints")
