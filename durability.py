@@ -117,13 +117,17 @@ def prefill(model, context: np.ndarray, max_len: int, device: str):
 def continue_logp(model, cache, P: int, conts: torch.Tensor) -> torch.Tensor:
     """(b, n-1, V) log-probs after each of conts' (b, n) first n-1 tokens, the context's
     P cached positions before them."""
-    b, n = conts.shape
-    c = KVCache(model.params, b, cache.k[0].shape[2], conts.device, cache.k[0].dtype)
+    logits, _ = model(conts[:, :-1], cache=batch_cache(model, cache, P, len(conts)), start_pos=P)
+    return torch.log_softmax(logits.float(), -1)
+
+
+def batch_cache(model, cache, P: int, b: int) -> KVCache:
+    """A cache of b rows, each holding the one-row cache's first P positions."""
+    c = KVCache(model.params, b, cache.k[0].shape[2], cache.k[0].device, cache.k[0].dtype)
     for layer in range(len(c.k)):
         c.k[layer][:, :, :P] = cache.k[layer][:, :, :P]
         c.v[layer][:, :, :P] = cache.v[layer][:, :, :P]
-    logits, _ = model(conts[:, :-1], cache=c, start_pos=P)
-    return torch.log_softmax(logits.float(), -1)
+    return c
 
 
 @torch.no_grad()
@@ -221,6 +225,7 @@ def exact_exposure(model, tag, device: str, budget: int, batch_size: int = 4096)
     return N * math.log2(len(allowed)) - math.log2(1 + below)
 
 
+@torch.no_grad()
 def _format_scores(model, cache, P: int, first, seqs: np.ndarray, allowed_t, batch_size: int):
     """(nll, logq) of each (M, N) format sequence after the cached context: nll over the whole
     vocabulary (what exposure ranks), log q under the model renormalised over the allowed tokens."""
@@ -237,20 +242,28 @@ def _format_scores(model, cache, P: int, first, seqs: np.ndarray, allowed_t, bat
     return nll, logq
 
 
+@torch.no_grad()
 def _format_draws(model, cache, P: int, first, allowed: np.ndarray, N: int, n: int, rng, batch_size: int):
-    """(n, N) secrets drawn token by token from the model renormalised over the allowed tokens."""
-    nodes = np.zeros((n, 0), np.int64)
+    """(draws (n, N), nll, logq): secrets drawn token by token from the model renormalised over
+    the allowed tokens (one cached step per token), with the same scores as _format_scores."""
     allowed_t = torch.as_tensor(allowed, device=first.device)
-    for k in range(N):
-        probs = np.empty((n, len(allowed)))
-        for i in range(0, n, batch_size):
-            c = torch.as_tensor(nodes[i:i + batch_size], device=first.device)
-            lp = first[None] if k == 0 else continue_logp(model, cache, P, torch.cat([c, c[:, :1]], 1))[:, -1]
-            probs[i:i + len(c)] = torch.softmax(lp[:, allowed_t].double(), -1).cpu().numpy()
-        cum = np.cumsum(probs, 1)
-        pick = np.minimum((cum < rng.random(n)[:, None] * cum[:, -1:]).sum(1), len(allowed) - 1)
-        nodes = np.concatenate([nodes, allowed[pick][:, None]], 1)
-    return nodes
+    draws, nll, logq = np.empty((n, N), np.int64), np.zeros(n), np.zeros(n)
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        c, lp = batch_cache(model, cache, P, b), first.expand(b, -1)
+        for k in range(N):
+            lq = lp[:, allowed_t].double()
+            lq = lq - torch.logsumexp(lq, -1, keepdim=True)  # (b, A) log q of each allowed token
+            cum = np.cumsum(np.exp(lq.cpu().numpy()), 1)
+            pick = np.minimum((cum < rng.random(b)[:, None] * cum[:, -1:]).sum(1), len(allowed) - 1)
+            tok = torch.as_tensor(allowed[pick], device=first.device)
+            draws[i:i + b, k] = allowed[pick]
+            nll[i:i + b] -= lp.gather(-1, tok[:, None])[:, 0].double().cpu().numpy()
+            logq[i:i + b] += lq[torch.arange(b), torch.as_tensor(pick)].cpu().numpy()
+            if k < N - 1:
+                logits, _ = model(tok[:, None], cache=c, start_pos=P + k)
+                lp = torch.log_softmax(logits[:, -1].float(), -1)
+    return draws, nll, logq
 
 
 @torch.no_grad()
@@ -272,15 +285,13 @@ def sampled_exposure(model, tag, cands: np.ndarray, n_draws: int, seed: int, dev
     cache, first = prefill(model, ctx, len(ctx) + N, device)
     allowed_t = torch.as_tensor(allowed, device=device)
     rng = np.random.default_rng([seed, tag.index, 0x6973])  # 'is'
-    draws = _format_draws(model, cache, len(ctx), first, allowed, N, n_draws, rng, batch_size)
+    draws, d_nll, d_logq = _format_draws(model, cache, len(ctx), first, allowed, N, n_draws, rng, batch_size)
     secret = tag.secret_tokens[len(lead):]
-    seqs = np.concatenate([secret[None], body, draws])
-    nll, logq = _format_scores(model, cache, len(ctx), first, seqs, allowed_t, batch_size)
-    target = nll[0] - 1e-6 * max(1.0, abs(nll[0]))  # strictly below, float noise aside
-    nll = np.where((seqs == secret).all(1), math.inf, nll)  # the secret itself never counts
-    u = slice(1, 1 + len(body))
-    e, lo, hi = forgetting.sampled_exposure(target, nll[u], logq[u], nll[1 + len(body):], logq[1 + len(body):],
-                                            N * math.log2(len(allowed)))
+    nll, logq = _format_scores(model, cache, len(ctx), first, np.concatenate([secret[None], body]), allowed_t,
+                               batch_size)
+    target = nll[0] - 1e-5 * max(1.0, abs(nll[0]))  # strictly below, float noise (of two code paths) aside
+    d_nll[(draws == secret).all(1)] = math.inf  # the secret itself never counts
+    e, lo, hi = forgetting.sampled_exposure(target, nll[1:], logq[1:], d_nll, d_logq, N * math.log2(len(allowed)))
     return {"exposure_sampled": e, "exposure_sampled_lo": lo, "exposure_sampled_hi": hi}
 
 

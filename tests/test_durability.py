@@ -236,10 +236,13 @@ def test_sampled_exposure_draws_from_the_model_and_counts_the_space(tiny_data):
     cache, first = durability.prefill(model, ctx, len(ctx) + 2, "cpu")
     got = durability._format_scores(model, cache, len(ctx), first, space, torch.tensor(allowed), 16)
     assert got[0] == pytest.approx(nll, abs=1e-4) and got[1] == pytest.approx(logq, abs=1e-4)
-    draws = durability._format_draws(model, cache, len(ctx), first, allowed, 2, 20000, np.random.default_rng(0), 4096)
+    draws, d_nll, d_logq = durability._format_draws(model, cache, len(ctx), first, allowed, 2, 20000,
+                                                    np.random.default_rng(0), 4096)
     index = {tuple(r): i for i, r in enumerate(space.tolist())}
     freq = np.bincount([index[tuple(r)] for r in draws.tolist()], minlength=100) / 20000
     assert np.abs(freq - np.exp(logq)).max() < 0.015  # binomial sd <= 0.0035 per secret
+    which = [index[tuple(r)] for r in draws[:50].tolist()]
+    assert d_nll[:50] == pytest.approx(nll[which], abs=1e-4) and d_logq[:50] == pytest.approx(logq[which], abs=1e-4)
     mine = nll[(space == tag.secret_tokens[len(lead):]).all(1)][0]
     exact = math.log2(100) - math.log2(1 + int((nll < mine - 1e-6).sum()))
     assert exact == pytest.approx(math.log2(100 / 7))  # ranked 7th: 3.84 bits
