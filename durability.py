@@ -27,10 +27,12 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
                            R draws from the model itself, restricted to the format, weighted by the balance
                            heuristic; unbiased for the count, never above log2 |space| (19.93 bits for 6
                            digits), with a 95% interval; what the half-life fit uses. Against the exact count
-                           of all 10^6 on the tiny model of `make validity`: within 0.1-0.6 bits (README)
+                           of all 10^6 on the tiny model of `make validity`: 0.01-0.22 bits off where that is
+                           11.8-14.5 bits, at most 0.6 at any checkpoint (README); NaN for a format that is not
+                           a trie of tokens (format_trie)
            exposure_extrap -log2 P(candidate nll <= secret nll), P from a skew-normal fitted to the R
                            candidates (Carlini et al. 2019, sec. 4.3), kept for comparison: on the tiny model
-                           of `make validity` 2.5-5 bits below the exact value where that is 11.8-14.5 (the
+                           of `make validity` 2.7-5.5 bits below the exact value where that is 11.8-14.5 (the
                            candidates' real left tail is lighter than any skew-normal's)
            exposure_exact  with --exact_budget=N: log2 |space| - log2(exact rank among every secret of the
                            format), by branch and bound (exact_exposure); NaN where it gives up

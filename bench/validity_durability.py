@@ -19,7 +19,7 @@ $ python bench/validity.py --only=durability --quick    # ~2 min: fewer replicat
    the rank among R is capped and an estimate beyond it is needed); redrawn 200 times per
    checkpoint (50 quick) from the exact tables, the same and its 95% interval's coverage, pooled
    over the checkpoints, in [0.90, 0.98]. The skew-normal extrapolation of the paper (sec. 4.3,
-   exposure_extrap) is printed beside it as a comparison, not a check: it is 2.5-5 bits low here.
+   exposure_extrap) is printed beside it as a comparison, not a check: it is 2.7-5.5 bits low here.
    And durability.py's exact count by branch and bound (--exact_budget) must equal the full count
    wherever it does not give up.
 3. Conditional tags that do nothing (planted: effect 0): in the same run, a tag inserted into
