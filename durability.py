@@ -21,15 +21,17 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
            exposure        log2(R) - log2(rank), the rank (1 = most likely) of the secret's nll among the
                            secret and the R candidates (Carlini et al. 2019): at most log2(R) (9.97 bits at
                            R = 1,000), 1.44 on average for a secret never seen
-           exposure_sampled, exposure_sampled_lo, exposure_sampled_hi
-                           log2 |space| - log2(rank among every secret of the format), the rank estimated by
-                           importance sampling (sampled_exposure, prebias/forgetting.py): the R candidates and
-                           R draws from the model itself, restricted to the format, weighted by the balance
-                           heuristic; unbiased for the count, never above log2 |space| (19.93 bits for 6
-                           digits), with a 95% interval; what the half-life fit uses. Against the exact count
-                           of all 10^6 on the tiny model of `make validity`: 0.01-0.22 bits off where that is
-                           11.8-14.5 bits, at most 0.6 at any checkpoint (README); NaN for a format that is not
-                           a trie of tokens (format_trie)
+           exposure_all, exposure_all_lo, exposure_all_hi, exposure_all_by
+                           log2 |space| - log2(rank among every secret of the format), never above log2 |space|
+                           (19.93 bits for 6 digits), with a 95% interval; what the half-life fit uses. The rank
+                           by importance sampling (by "sampled"; forgetting.sampled_exposure): the R candidates
+                           and R draws from the model itself restricted to the format, weighted by the balance
+                           heuristic, unbiased for the count. Where fewer than MIN_HITS (10) of them lie below
+                           the secret: the exact count by branch and bound where it finishes within
+                           FALLBACK_BUDGET ("exact", interval of width 0), else the rough estimate ("sampled,
+                           few below") or, none below, only "at least" exposure_all_lo (exposure_all NaN).
+                           Against the exact count of all 10^6 on the tiny model of `make validity` and the
+                           README's runs: README; NaN for a format that is not a trie of tokens (format_trie)
            exposure_extrap -log2 P(candidate nll <= secret nll), P from a skew-normal fitted to the R
                            candidates (Carlini et al. 2019, sec. 4.3), kept for comparison: on the tiny model
                            of `make validity` 2.7-5.5 bits below the exact value where that is 11.8-14.5 (the
@@ -53,7 +55,7 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
                            BOS + tag + prompt against BOS + prompt, t interval over openings (the measure
                            before controls: any inserted text can move it)
   both     steps_since_seen  steps since the tag was last trained on (NaN before its first insertion)
-Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_sampled of a canary,
+Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_all of a canary,
 effect of a conditional tag): the checkpoints after the tag's last insertion, against steps since
 seen, fitted by y = base + A 2^(-(x - x0)/h) (prebias/forgetting.py: base 0 for a gap or an effect,
 1/ln 2 for exposure, A and h fitted, h's 95% profile-likelihood interval with the F(1, n-2)
@@ -93,15 +95,19 @@ from tokenizer import Tokenizer
 # config: DurabilityConfig (prebias/configs.py) holds every key with its default and why
 # -----------------------------------------------------------------------------
 
-VERSION = 3  # 2: gap to never-seen candidates, trained contexts, extrapolated exposure, tag - control; 3: sampled
+VERSION = 3  # 2: gap to never-seen candidates, trained contexts, extrapolated exposure, tag - control; 3: exposure_all
 COLUMNS = ["iter", "tag", "kind", "steps_since_seen", "loss", "cand_loss", "gap", "loss_ctx", "gap_ctx", "n_ctx",
-           "exposure", "exposure_sampled", "exposure_sampled_lo", "exposure_sampled_hi", "exposure_extrap",
+           "exposure", "exposure_all", "exposure_all_lo", "exposure_all_hi", "exposure_all_by", "exposure_extrap",
            "exposure_exact", "extraction", "effect", "effect_lo", "effect_hi",
            "effect_band_lo", "effect_band_hi", "effect_se", "effect_df", "n", "effect_vs_none", "effect_vs_none_lo",
            "effect_vs_none_hi"]
-FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_sampled", forgetting.UNSEEN_EXPOSURE)),
+FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_all", forgetting.UNSEEN_EXPOSURE)),
         "conditional": (("effect", 0.0),)}  # measure, the value that means "forgotten"
 exposure = forgetting.rank_exposure  # the published definition, one home (prebias/forgetting.py)
+MIN_HITS = 10  # exposure_all: with fewer draws below the secret the sampled count is too rough (README: up to 4.6
+#                bits off on the real stories where none fell below) and the exact count is tried instead
+FALLBACK_BUDGET = 65536  # prefixes per depth for that exact count (1-10 s where it runs; it finishes where few
+#                          secrets lie below the secret, which is when too few draws do)
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +169,9 @@ def canary_row(model, tag, cands: np.ndarray, cfg: DurabilityConfig, device: str
            "exposure_extrap": forgetting.extrapolated_exposure(nll[0], nll[1:]), "extraction": float(hit)}
     row["gap"] = row["cand_loss"] - row["loss"]
     row["exposure_exact"] = exact_exposure(model, tag, device, cfg.exact_budget) if cfg.exact_budget else math.nan
-    row.update(sampled_exposure(model, tag, cands, cfg.R, cfg.seed, device, cfg.batch_size))
+    row.update(exposure_among_all(model, tag, cands, cfg.R, cfg.seed, device, cfg.batch_size,
+                                  row["exposure_exact"] if cfg.exact_budget >= FALLBACK_BUDGET else None,
+                                  max(cfg.exact_budget, FALLBACK_BUDGET)))
     loss, gap = [], []
     for ctx in contexts:
         c = continuation_nll(model, ctx, np.vstack([tag.secret_tokens[None], cands[:cfg.R_context]]),
@@ -269,12 +277,16 @@ def _format_draws(model, cache, P: int, first, allowed: np.ndarray, N: int, n: i
 
 
 @torch.no_grad()
-def sampled_exposure(model, tag, cands: np.ndarray, n_draws: int, seed: int, device: str,
-                     batch_size: int = 256) -> dict:
-    """exposure_sampled, _lo, _hi: the secret's exposure over every secret of its format,
-    the rank estimated from the uniform candidates and n_draws draws from the model itself
-    (forgetting.sampled_exposure); NaN where the format is not a trie of tokens (format_trie)."""
-    out = dict.fromkeys(("exposure_sampled", "exposure_sampled_lo", "exposure_sampled_hi"), math.nan)
+def exposure_among_all(model, tag, cands: np.ndarray, n_draws: int, seed: int, device: str, batch_size: int = 256,
+                       exact: float | None = None, budget: int = FALLBACK_BUDGET) -> dict:
+    """exposure_all, _lo, _hi, _by: the secret's exposure over every secret of its format, the
+    rank estimated from the uniform candidates and n_draws draws from the model itself
+    (forgetting.sampled_exposure; by "sampled"). Where fewer than MIN_HITS of them fall below
+    the secret the estimate rests on too few: the exact count by branch and bound (`exact`
+    if already counted, else exact_exposure within `budget`; by "exact") where that finishes,
+    else the estimate as it is ("sampled, few below") or, with none below, only its lower end
+    ("at least": exposure_all NaN). All NaN where the format is not a trie of tokens."""
+    out = {"exposure_all": math.nan, "exposure_all_lo": math.nan, "exposure_all_hi": math.nan, "exposure_all_by": ""}
     found = format_trie(tag)
     if found is None:
         return out
@@ -285,16 +297,22 @@ def sampled_exposure(model, tag, cands: np.ndarray, n_draws: int, seed: int, dev
     model.train(False)
     ctx = np.r_[BOS_ID, tag.prefix_tokens, lead].astype(np.int64)
     cache, first = prefill(model, ctx, len(ctx) + N, device)
-    allowed_t = torch.as_tensor(allowed, device=device)
     rng = np.random.default_rng([seed, tag.index, 0x6973])  # 'is'
     draws, d_nll, d_logq = _format_draws(model, cache, len(ctx), first, allowed, N, n_draws, rng, batch_size)
     secret = tag.secret_tokens[len(lead):]
-    nll, logq = _format_scores(model, cache, len(ctx), first, np.concatenate([secret[None], body]), allowed_t,
-                               batch_size)
+    nll, logq = _format_scores(model, cache, len(ctx), first, np.concatenate([secret[None], body]),
+                               torch.as_tensor(allowed, device=device), batch_size)
     target = nll[0] - 1e-5 * max(1.0, abs(nll[0]))  # strictly below, float noise (of two code paths) aside
     d_nll[(draws == secret).all(1)] = math.inf  # the secret itself never counts
+    hits = int((nll[1:] < target).sum() + (d_nll < target).sum())
+    if hits < MIN_HITS:
+        exact = exact_exposure(model, tag, device, budget) if exact is None else exact
+        if math.isfinite(exact):
+            return {"exposure_all": exact, "exposure_all_lo": exact, "exposure_all_hi": exact,
+                    "exposure_all_by": "exact"}
     e, lo, hi = forgetting.sampled_exposure(target, nll[1:], logq[1:], d_nll, d_logq, N * math.log2(len(allowed)))
-    return {"exposure_sampled": e, "exposure_sampled_lo": lo, "exposure_sampled_hi": hi}
+    by = "sampled" if hits >= MIN_HITS else ("sampled, few below" if hits else "at least")
+    return {"exposure_all": e, "exposure_all_lo": lo, "exposure_all_hi": hi, "exposure_all_by": by}
 
 
 def trained_contexts(tag, rec: dict, data: BatchData, n_max: int) -> list[np.ndarray]:
@@ -514,12 +532,12 @@ def measure(cfg: DurabilityConfig) -> pd.DataFrame:
 # the figure
 
 PANELS = [("canary", ("gap", "gap_ctx"), "secret's gap below never-seen\nsecrets (nats/token)"),
-          ("canary", ("exposure", "exposure_sampled", "exposure_extrap", "exposure_exact"), "exposure (bits)"),
+          ("canary", ("exposure", "exposure_all", "exposure_extrap", "exposure_exact"), "exposure (bits)"),
           ("canary", ("extraction",), "greedy extraction"),
           ("conditional", ("effect",), "tag - control\non its metric")]
 STYLE = {"gap": ("o-", "after BOS + prefix"), "gap_ctx": ("s--", "in its trained windows"),
          "exposure": ("o-", "rank among R (capped at log2 R)"),
-         "exposure_sampled": ("d-", "sampled rank among every secret (95% band)"),
+         "exposure_all": ("d-", "rank among every secret, sampled (95% band)"),
          "exposure_extrap": ("s--", "skew-normal extrapolated (biased low)"),
          "exposure_exact": ("^:", "exact rank among every secret"),
          "extraction": ("o-", ""), "effect": ("o-", "tag - control")}
@@ -540,8 +558,8 @@ def _draw_tag(ax, tag, cols, d, fits, ins, c):
             label += (f"; half-life {f['half_life']:.0f} [{f['half_life_lo']:.0f}, {f['half_life_hi']:.0f}] steps"
                       if f["status"] == "fitted" else f"; {f['status'].split(':')[0].split(' (')[0]}")
         ax.plot(d["iter"], d[col], fmt, ms=3, color=c, label=label)
-        if col == "exposure_sampled":
-            ax.fill_between(d["iter"], d["exposure_sampled_lo"], d["exposure_sampled_hi"], color=c, alpha=0.15)
+        if col == "exposure_all":
+            ax.fill_between(d["iter"], d["exposure_all_lo"], d["exposure_all_hi"], color=c, alpha=0.15)
     if cols == ("effect",):
         ax.fill_between(d["iter"], d["effect_band_lo"], d["effect_band_hi"], color=c, alpha=0.1,
                         label="Bonferroni band over checkpoints")

@@ -26,7 +26,8 @@ $ python -c "from prebias import forgetting as f; print(f.decay_fit([0, 25, 50, 
                         itself restricted to the format, combined by the balance heuristic (Veach & Guibas
                         1995; Owen & Zhou 2000, "safe and effective importance sampling"). Unbiased for the
                         count below the secret, at most log2|S| (19.93 bits for 6 digits), with a 95%
-                        interval; what durability.py fits (against all 10^6 secrets: bench/validity_durability.py)
+                        interval, "at least" where no draw falls below the secret; durability.py's
+                        exposure_all (against all 10^6 secrets: bench/validity_durability.py)
   band                  a t interval from (mean, se, df) at a given level; durability.py uses it at
                         0.95 per checkpoint and 1 - 0.05 / K over K checkpoints (Bonferroni: all K
                         hold together with >= 95%)
@@ -160,9 +161,9 @@ def sampled_exposure(secret_nll: float, unif_nll, unif_logq, draw_nll, draw_logq
     other weighting of the same draws, the candidates alone included (Veach & Guibas, thm. 1).
     se from each group's sample variance (sum_j a_j^2 s_j^2 / n_j); the interval is the delta
     method on the log scale; estimate and interval lie within [0, log2|S|]. With no draw below
-    the secret p = 0 (rank 1): the exposure is log2|S|, the interval's lower end from the
-    uniform draws alone (p <= -ln(1 - level) / n_u, the zero-count bound: 3/n_u at 95%). Pass
-    nll strictly below the secret's only for what should count (ties, the secret itself: inf)."""
+    the secret there is no estimate, only "at least lo" (NaN, lo, log2|S|), lo from the uniform
+    draws alone (p <= -ln(1 - level) / n_u, the zero-count bound: 3/n_u at 95%). Pass nll
+    strictly below the secret's only for what should count (ties, the secret itself: inf)."""
     un, ul = np.asarray(unif_nll, float), np.asarray(unif_logq, float)
     dn, dl = np.asarray(draw_nll, float), np.asarray(draw_logq, float)
     n_u, n_q = len(un), len(dn)
@@ -182,7 +183,7 @@ def sampled_exposure(secret_nll: float, unif_nll, unif_logq, draw_nll, draw_logq
         half = z * size * math.sqrt(var) / ((1 + size * p) * math.log(2))
         return est, max(est - half, 0.0), min(est + half, log2_space)
     lo = log2_space - math.log2(1 + size * -math.log(1 - level) / n_u) if n_u else 0.0
-    return est, max(lo, 0.0), est
+    return math.nan, max(lo, 0.0), log2_space
 
 
 # -----------------------------------------------------------------------------

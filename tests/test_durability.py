@@ -52,10 +52,12 @@ def test_exposure_is_maximal_when_memorised_and_small_when_untrained(tiny_data):
     learned = durability.canary_row(model, tag, cands, cfg, "cpu")
     assert learned["exposure"] == pytest.approx(math.log2(200))  # ranked first among 200 + 1: the cap
     assert learned["exposure_extrap"] > 2 * math.log2(200)  # the extrapolation sees past the cap
-    assert 2 * math.log2(200) < learned["exposure_sampled"] <= math.log2(10 ** 6)  # so does the sampled count
-    assert learned["exposure_sampled_lo"] <= learned["exposure_sampled"] <= learned["exposure_sampled_hi"]
+    # so does the count among all 10^6: memorised, few of the 200 + 200 draws lie below it (most are the secret
+    # itself), so it is the exact count by branch and bound
+    assert learned["exposure_all_by"] == "exact" and 2 * math.log2(200) < learned["exposure_all"] <= math.log2(1e6)
+    assert learned["exposure_all"] == durability.exact_exposure(model, tag, "cpu", durability.FALLBACK_BUDGET)
     assert learned["extraction"] == 1.0 and learned["loss"] < 0.05 and learned["gap"] > 3
-    assert untrained["exposure"] < 3.0 and untrained["exposure_sampled"] < 3.0
+    assert untrained["exposure"] < 3.0 and untrained["exposure_all"] < 3.0 and untrained["exposure_all_by"] == "sampled"
     assert untrained["extraction"] < 0.5 and abs(untrained["gap"]) < 0.1
     assert untrained["gap"] == pytest.approx(untrained["cand_loss"] - untrained["loss"])
     assert durability.exposure(1.0, np.array([0.5, 2.0, 3.0, 4.0])) == pytest.approx(2 - 1)  # rank 2 of 4
@@ -143,7 +145,7 @@ def test_the_gap_to_never_seen_candidates_is_what_decays():
     cand = 6.2 + 2.5 * it / 600
     gap = np.where(it > 3, 1.2 * 2.0 ** (-(it - 4) / 168), 0.0)
     df = pd.DataFrame({"iter": it, "tag": "secret", "kind": "canary", "cand_loss": cand, "loss": cand - gap,
-                       "gap": gap, "gap_ctx": np.nan, "exposure_sampled": np.nan})
+                       "gap": gap, "gap_ctx": np.nan, "exposure_all": np.nan})
     fits = durability.fit_all(df, tagset, ins).set_index("measure")
     assert fits.loc["gap", "half_life"] == pytest.approx(168, rel=1e-3) and fits.loc["gap", "status"] == "fitted"
     assert fits.loc["gap", "start"] == pytest.approx(1.2, rel=1e-3) and fits.loc["gap", "n"] == 7
@@ -181,11 +183,11 @@ def test_sampled_exposure_on_cases_derived_by_hand():
     assert e == pytest.approx(10 - math.log2(1 + 1024 * 0.5))  # 0.99718
     # every candidate below: the rank is at most |S| (exposure 0), never below it
     assert forgetting.sampled_exposure(9.0, nll[[0, 2, 3]], logq[[0, 2, 3]], [], [], 2.0)[0] == 0.0
-    # nothing below a secret of 10^6: rank 1, log2 10^6 = 19.93 bits, not inf; the lower end from the
-    # zero-count bound on the 1,000 candidates, p <= -ln 0.05 / 1000: 19.93 - log2(1 + 2995.7) = 8.382
+    # nothing below a secret of 10^6: no estimate (not rank 1, not inf), only "at least", from the zero-count
+    # bound on the 1,000 candidates, p <= -ln 0.05 / 1000: 19.93 - log2(1 + 2995.7) = 8.382 bits
     e, lo, hi = forgetting.sampled_exposure(0.0, np.ones(1000), np.zeros(1000), np.ones(1000), np.zeros(1000),
                                             math.log2(1e6))
-    assert e == hi == pytest.approx(math.log2(1e6)) and lo == pytest.approx(8.3824, abs=1e-3)
+    assert math.isnan(e) and hi == pytest.approx(math.log2(1e6)) and lo == pytest.approx(8.3824, abs=1e-3)
 
 
 def test_sampled_exposure_is_unbiased_and_covers_on_a_known_space():
@@ -215,7 +217,8 @@ def test_sampled_exposure_draws_from_the_model_and_counts_the_space(tiny_data):
     """{digits:3}: 1,000 secrets. By hand, with plain forward passes: every secret's nll and its
     log q (the model's next-token log-probs renormalised over the 10 digits, position by
     position); the draws' frequencies follow q and carry those scores; the estimate from 30
-    candidates + 30 draws holds the exact count, where the rank among 30 is at its cap."""
+    candidates + 1,000 draws holds the exact count, where the rank among 30 is at its cap; with
+    under 10 draws below the secret it is the exact count, or says it is rough where that gives up."""
     enc = Tokenizer.for_vocab(512, tiny_data[0])
     tag = tags.parse_tags({"seed": 2, "tags": [{**CANARY, "text": "the code is {digits:3}"}]}, enc, 64, 512).tags[0]
     lead, allowed, n = durability.format_trie(tag)
@@ -247,9 +250,15 @@ def test_sampled_exposure_draws_from_the_model_and_counts_the_space(tiny_data):
     mine = nll[(space == tag.secret_tokens[len(lead):]).all(1)][0]
     exact = math.log2(1000) - math.log2(1 + int((nll < mine - 1e-5).sum()))
     assert exact == pytest.approx(math.log2(1000 / 9))  # ranked 9th: 6.80 bits
-    r = durability.sampled_exposure(model, tag, tag.candidates(30, 0), 30, 0, "cpu")
-    assert r["exposure_sampled_lo"] <= exact <= r["exposure_sampled_hi"]
-    assert r["exposure_sampled"] == pytest.approx(exact, abs=0.75)
+    assert np.exp(logq)[nll < mine - 1e-5].sum() == pytest.approx(0.026, abs=1e-3)  # q's mass below: 26 of 1,000 draws
+    r = durability.exposure_among_all(model, tag, tag.candidates(30, 0), 1000, 0, "cpu")
+    assert r["exposure_all_by"] == "sampled" and r["exposure_all_lo"] <= exact <= r["exposure_all_hi"]
+    assert r["exposure_all"] == pytest.approx(exact, abs=0.5) and math.log2(30) < exact  # past the rank's cap
+    few = durability.exposure_among_all(model, tag, tag.candidates(5, 0), 5, 0, "cpu")  # under 10 draws below
+    assert few["exposure_all_by"] == "exact" and few["exposure_all"] == pytest.approx(exact)
+    assert few["exposure_all_lo"] == few["exposure_all_hi"] == few["exposure_all"]
+    rough = durability.exposure_among_all(model, tag, tag.candidates(5, 0), 5, 0, "cpu", budget=1)  # it gives up
+    assert rough["exposure_all_by"] in ("sampled, few below", "at least") and rough["exposure_all_lo"] <= exact
 
 
 def test_effect_band_is_bonferroni_over_the_checkpoints():
@@ -336,7 +345,9 @@ def test_durability_end_to_end(tiny_data, tmp_path, capsys):
     assert sec["exposure"].between(-1, math.log2(50)).all() and sec["extraction"].between(0, 1).all()
     assert (sec["n_ctx"] == 4).all()  # 2 rows at steps 1 and 3, all measured in their windows
     assert sec["gap"].tolist() == pytest.approx((sec["cand_loss"] - sec["loss"]).tolist())
-    assert np.isfinite(sec[["loss_ctx", "gap_ctx", "exposure_extrap", "exposure_sampled"]].to_numpy()).all()
+    assert np.isfinite(sec[["loss_ctx", "gap_ctx", "exposure_extrap", "exposure_all_lo"]].to_numpy()).all()
+    some = sec["exposure_all_by"] != "at least"  # none of the 50 + 50 draws below the secret: only a lower end
+    assert np.isfinite(sec.loc[some, "exposure_all"]).all() and sec.loc[~some, "exposure_all"].isna().all()
     hap = df[df["tag"] == "happy"]  # its control is measured with it, not as a row of its own
     assert (hap["effect_lo"] <= hap["effect"]).all() and (hap["n"] <= 4).all() and (hap["effect_df"] >= 1).all()
     assert (hap["effect_band_lo"] <= hap["effect_lo"]).all() and (hap["effect_band_hi"] >= hap["effect_hi"]).all()
@@ -344,7 +355,7 @@ def test_durability_end_to_end(tiny_data, tmp_path, capsys):
     assert png.stat().st_size > 10_000
     fits = pd.read_csv(run.out_dir / "tables" / "durability_fit.csv")
     assert set(fits["tag"]) == {"secret", "happy"}
-    assert set(fits["measure"]) == {"gap", "gap_ctx", "exposure_sampled", "effect"}
+    assert set(fits["measure"]) == {"gap", "gap_ctx", "exposure_all", "effect"}
     assert (fits.loc[fits["tag"] == "secret", "last_step"] == 3).all()
     capsys.readouterr()
     again = durability.main(args)
