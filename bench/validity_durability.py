@@ -260,8 +260,9 @@ def exposure_verdicts(d: pd.DataFrame, sims, R: int, draws: int) -> list[Line]:
     done = d[d["bnb"].notna()]
     return [Line(f"exposure among all secrets (durability.py exposure_all: R = {R} candidates + {R} model draws, "
                  f"exact below {durability.MIN_HITS} hits) vs the exact rank among all 10^6, at the {len(need)} of "
-                 f"{len(d)} checkpoints where exact > log2 R", f"exact exposure {need['exact'].min():.1f} to {need['exact'].max():.1f} bits"
-                 if len(need) else "no checkpoint above log2 R",
+                 f"{len(d)} checkpoints where exact > log2 R",
+                 f"exact exposure {need['exact'].min():.1f} to {need['exact'].max():.1f} bits" if len(need) else
+                 "no checkpoint above log2 R",
                  f"median |error| {err.abs().median():.2f} bits (signed {err.median():+.2f}), max "
                  f"{err.abs().max():.2f}, by {', '.join(f'{k} {v}' for k, v in need['by'].value_counts().items())}; "
                  f"its 95% interval holds the exact value at {held:.0%} of all {len(d)} checkpoints",
