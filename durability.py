@@ -21,9 +21,21 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
            exposure        log2(R) - log2(rank), the rank (1 = most likely) of the secret's nll among the
                            secret and the R candidates (Carlini et al. 2019): at most log2(R) (9.97 bits at
                            R = 1,000), 1.44 on average for a secret never seen
+           exposure_all, exposure_all_lo, exposure_all_hi, exposure_all_by
+                           log2 |space| - log2(rank among every secret of the format), never above log2 |space|
+                           (19.93 bits for 6 digits), with a 95% interval; what the half-life fit uses. The rank
+                           by importance sampling (by "sampled"; forgetting.sampled_exposure): the R candidates
+                           and R draws from the model itself restricted to the format, weighted by the balance
+                           heuristic, unbiased for the count. Where fewer than MIN_HITS (10) of them lie below
+                           the secret: the exact count by branch and bound where it finishes within
+                           FALLBACK_BUDGET ("exact", interval of width 0), else the rough estimate ("sampled,
+                           few below") or, none below, only "at least" exposure_all_lo (exposure_all NaN).
+                           Against the exact count of all 10^6 on the tiny model of `make validity` and the
+                           README's runs: README; NaN for a format that is not a trie of tokens (format_trie)
            exposure_extrap -log2 P(candidate nll <= secret nll), P from a skew-normal fitted to the R
-                           candidates (Carlini et al. 2019, sec. 4.3): not capped by R, but on the tiny
-                           model of `make validity` 2.7-5.5 bits below the exact value where that is 11.8-14.5
+                           candidates (Carlini et al. 2019, sec. 4.3), kept for comparison: on the tiny model
+                           of `make validity` 2.7-5.5 bits below the exact value where that is 11.8-14.5 (the
+                           candidates' real left tail is lighter than any skew-normal's)
            exposure_exact  with --exact_budget=N: log2 |space| - log2(exact rank among every secret of the
                            format), by branch and bound (exact_exposure); NaN where it gives up
            extraction      fraction of the secret's tokens the model completes greedily from the prefix
@@ -43,7 +55,7 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
                            BOS + tag + prompt against BOS + prompt, t interval over openings (the measure
                            before controls: any inserted text can move it)
   both     steps_since_seen  steps since the tag was last trained on (NaN before its first insertion)
-Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_extrap of a canary,
+Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_all of a canary,
 effect of a conditional tag): the checkpoints after the tag's last insertion, against steps since
 seen, fitted by y = base + A 2^(-(x - x0)/h) (prebias/forgetting.py: base 0 for a gap or an effect,
 1/ln 2 for exposure, A and h fitted, h's 95% profile-likelihood interval with the F(1, n-2)
@@ -83,14 +95,19 @@ from tokenizer import Tokenizer
 # config: DurabilityConfig (prebias/configs.py) holds every key with its default and why
 # -----------------------------------------------------------------------------
 
-VERSION = 2  # 2: gap to never-seen candidates, trained contexts, extrapolated exposure, tag - control
+VERSION = 3  # 2: gap to never-seen candidates, trained contexts, extrapolated exposure, tag - control; 3: exposure_all
 COLUMNS = ["iter", "tag", "kind", "steps_since_seen", "loss", "cand_loss", "gap", "loss_ctx", "gap_ctx", "n_ctx",
-           "exposure", "exposure_extrap", "exposure_exact", "extraction", "effect", "effect_lo", "effect_hi",
+           "exposure", "exposure_all", "exposure_all_lo", "exposure_all_hi", "exposure_all_by", "exposure_extrap",
+           "exposure_exact", "extraction", "effect", "effect_lo", "effect_hi",
            "effect_band_lo", "effect_band_hi", "effect_se", "effect_df", "n", "effect_vs_none", "effect_vs_none_lo",
            "effect_vs_none_hi"]
-FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_extrap", forgetting.UNSEEN_EXPOSURE)),
+FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_all", forgetting.UNSEEN_EXPOSURE)),
         "conditional": (("effect", 0.0),)}  # measure, the value that means "forgotten"
 exposure = forgetting.rank_exposure  # the published definition, one home (prebias/forgetting.py)
+MIN_HITS = 10  # exposure_all: with fewer draws below the secret the sampled count is too rough (README: up to 4.6
+#                bits off on the real stories where none fell below) and the exact count is tried instead
+FALLBACK_BUDGET = 65536  # prefixes per depth for that exact count (1-10 s where it runs; it finishes where few
+#                          secrets lie below the secret, which is when too few draws do)
 
 
 # -----------------------------------------------------------------------------
@@ -108,13 +125,17 @@ def prefill(model, context: np.ndarray, max_len: int, device: str):
 def continue_logp(model, cache, P: int, conts: torch.Tensor) -> torch.Tensor:
     """(b, n-1, V) log-probs after each of conts' (b, n) first n-1 tokens, the context's
     P cached positions before them."""
-    b, n = conts.shape
-    c = KVCache(model.params, b, cache.k[0].shape[2], conts.device, cache.k[0].dtype)
+    logits, _ = model(conts[:, :-1], cache=batch_cache(model, cache, P, len(conts)), start_pos=P)
+    return torch.log_softmax(logits.float(), -1)
+
+
+def batch_cache(model, cache, P: int, b: int) -> KVCache:
+    """A cache of b rows, each holding the one-row cache's first P positions."""
+    c = KVCache(model.params, b, cache.k[0].shape[2], cache.k[0].device, cache.k[0].dtype)
     for layer in range(len(c.k)):
         c.k[layer][:, :, :P] = cache.k[layer][:, :, :P]
         c.v[layer][:, :, :P] = cache.v[layer][:, :, :P]
-    logits, _ = model(conts[:, :-1], cache=c, start_pos=P)
-    return torch.log_softmax(logits.float(), -1)
+    return c
 
 
 @torch.no_grad()
@@ -148,6 +169,9 @@ def canary_row(model, tag, cands: np.ndarray, cfg: DurabilityConfig, device: str
            "exposure_extrap": forgetting.extrapolated_exposure(nll[0], nll[1:]), "extraction": float(hit)}
     row["gap"] = row["cand_loss"] - row["loss"]
     row["exposure_exact"] = exact_exposure(model, tag, device, cfg.exact_budget) if cfg.exact_budget else math.nan
+    row.update(exposure_among_all(model, tag, cands, cfg.R, cfg.seed, device, cfg.batch_size,
+                                  row["exposure_exact"] if cfg.exact_budget >= FALLBACK_BUDGET else None,
+                                  max(cfg.exact_budget, FALLBACK_BUDGET)))
     loss, gap = [], []
     for ctx in contexts:
         c = continuation_nll(model, ctx, np.vstack([tag.secret_tokens[None], cands[:cfg.R_context]]),
@@ -209,6 +233,86 @@ def exact_exposure(model, tag, device: str, budget: int, batch_size: int = 4096)
         nodes, partial = np.concatenate([nodes[r], allowed[a][:, None]], 1), child[r, a]
     below = len(nodes) - int((nodes == secret[None]).all(1).any())  # the secret itself never counts
     return N * math.log2(len(allowed)) - math.log2(1 + below)
+
+
+@torch.no_grad()
+def _format_scores(model, cache, P: int, first, seqs: np.ndarray, allowed_t, batch_size: int):
+    """(nll, logq) of each (M, N) format sequence after the cached context: nll over the whole
+    vocabulary (what exposure ranks), log q under the model renormalised over the allowed tokens."""
+    nll, logq = np.empty(len(seqs)), np.empty(len(seqs))
+    for i in range(0, len(seqs), batch_size):
+        c = torch.as_tensor(seqs[i:i + batch_size], device=first.device)
+        lp = first.expand(len(c), 1, -1)  # (b, N, V): log-probs before each token
+        if c.shape[1] > 1:
+            lp = torch.cat([lp, continue_logp(model, cache, P, c)], 1)
+        chosen = lp.gather(-1, c[..., None])[..., 0]
+        lse = torch.logsumexp(lp[..., allowed_t], -1)
+        nll[i:i + len(c)] = (-chosen.sum(1)).cpu().numpy()
+        logq[i:i + len(c)] = (chosen - lse).sum(1).cpu().numpy()
+    return nll, logq
+
+
+@torch.no_grad()
+def _format_draws(model, cache, P: int, first, allowed: np.ndarray, N: int, n: int, rng, batch_size: int):
+    """(draws (n, N), nll, logq): secrets drawn token by token from the model renormalised over
+    the allowed tokens (one cached step per token), with the same scores as _format_scores."""
+    allowed_t = torch.as_tensor(allowed, device=first.device)
+    draws, nll, logq = np.empty((n, N), np.int64), np.zeros(n), np.zeros(n)
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        c, lp = batch_cache(model, cache, P, b), first.expand(b, -1)
+        for k in range(N):
+            lq = lp[:, allowed_t].double()
+            lq = lq - torch.logsumexp(lq, -1, keepdim=True)  # (b, A) log q of each allowed token
+            cum = np.cumsum(np.exp(lq.cpu().numpy()), 1)
+            pick = np.minimum((cum < rng.random(b)[:, None] * cum[:, -1:]).sum(1), len(allowed) - 1)
+            tok = torch.as_tensor(allowed[pick], device=first.device)
+            draws[i:i + b, k] = allowed[pick]
+            nll[i:i + b] -= lp.gather(-1, tok[:, None])[:, 0].double().cpu().numpy()
+            logq[i:i + b] += lq[torch.arange(b), torch.as_tensor(pick)].cpu().numpy()
+            if k < N - 1:
+                logits, _ = model(tok[:, None], cache=c, start_pos=P + k)
+                lp = torch.log_softmax(logits[:, -1].float(), -1)
+    return draws, nll, logq
+
+
+@torch.no_grad()
+def exposure_among_all(model, tag, cands: np.ndarray, n_draws: int, seed: int, device: str, batch_size: int = 256,
+                       exact: float | None = None, budget: int = FALLBACK_BUDGET) -> dict:
+    """exposure_all, _lo, _hi, _by: the secret's exposure over every secret of its format, the
+    rank estimated from the uniform candidates and n_draws draws from the model itself
+    (forgetting.sampled_exposure; by "sampled"). Where fewer than MIN_HITS of them fall below
+    the secret the estimate rests on too few: the exact count by branch and bound (`exact`
+    if already counted, else exact_exposure within `budget`; by "exact") where that finishes,
+    else the estimate as it is ("sampled, few below") or, with none below, only its lower end
+    ("at least": exposure_all NaN). All NaN where the format is not a trie of tokens."""
+    out = {"exposure_all": math.nan, "exposure_all_lo": math.nan, "exposure_all_hi": math.nan, "exposure_all_by": ""}
+    found = format_trie(tag)
+    if found is None:
+        return out
+    lead, allowed, N = found
+    body = cands[:, len(lead):]
+    if cands.shape[1] != len(lead) + N or not (cands[:, :len(lead)] == lead).all() or not np.isin(body, allowed).all():
+        return out
+    model.train(False)
+    ctx = np.r_[BOS_ID, tag.prefix_tokens, lead].astype(np.int64)
+    cache, first = prefill(model, ctx, len(ctx) + N, device)
+    rng = np.random.default_rng([seed, tag.index, 0x6973])  # 'is'
+    draws, d_nll, d_logq = _format_draws(model, cache, len(ctx), first, allowed, N, n_draws, rng, batch_size)
+    secret = tag.secret_tokens[len(lead):]
+    nll, logq = _format_scores(model, cache, len(ctx), first, np.concatenate([secret[None], body]),
+                               torch.as_tensor(allowed, device=device), batch_size)
+    target = nll[0] - 1e-5 * max(1.0, abs(nll[0]))  # strictly below, float noise (of two code paths) aside
+    d_nll[(draws == secret).all(1)] = math.inf  # the secret itself never counts
+    hits = int((nll[1:] < target).sum() + (d_nll < target).sum())
+    if hits < MIN_HITS:
+        exact = exact_exposure(model, tag, device, budget) if exact is None else exact
+        if math.isfinite(exact):
+            return {"exposure_all": exact, "exposure_all_lo": exact, "exposure_all_hi": exact,
+                    "exposure_all_by": "exact"}
+    e, lo, hi = forgetting.sampled_exposure(target, nll[1:], logq[1:], d_nll, d_logq, N * math.log2(len(allowed)))
+    by = "sampled" if hits >= MIN_HITS else ("sampled, few below" if hits else "at least")
+    return {"exposure_all": e, "exposure_all_lo": lo, "exposure_all_hi": hi, "exposure_all_by": by}
 
 
 def trained_contexts(tag, rec: dict, data: BatchData, n_max: int) -> list[np.ndarray]:
@@ -428,11 +532,13 @@ def measure(cfg: DurabilityConfig) -> pd.DataFrame:
 # the figure
 
 PANELS = [("canary", ("gap", "gap_ctx"), "secret's gap below never-seen\nsecrets (nats/token)"),
-          ("canary", ("exposure", "exposure_extrap", "exposure_exact"), "exposure (bits)"),
+          ("canary", ("exposure", "exposure_all", "exposure_extrap", "exposure_exact"), "exposure (bits)"),
           ("canary", ("extraction",), "greedy extraction"),
           ("conditional", ("effect",), "tag - control\non its metric")]
 STYLE = {"gap": ("o-", "after BOS + prefix"), "gap_ctx": ("s--", "in its trained windows"),
-         "exposure": ("o-", "rank among R (capped at log2 R)"), "exposure_extrap": ("s--", "skew-normal extrapolated"),
+         "exposure": ("o-", "rank among R (capped at log2 R)"),
+         "exposure_all": ("d-", "rank among every secret, sampled (95% band)"),
+         "exposure_extrap": ("s--", "skew-normal extrapolated (biased low)"),
          "exposure_exact": ("^:", "exact rank among every secret"),
          "extraction": ("o-", ""), "effect": ("o-", "tag - control")}
 
@@ -452,6 +558,8 @@ def _draw_tag(ax, tag, cols, d, fits, ins, c):
             label += (f"; half-life {f['half_life']:.0f} [{f['half_life_lo']:.0f}, {f['half_life_hi']:.0f}] steps"
                       if f["status"] == "fitted" else f"; {f['status'].split(':')[0].split(' (')[0]}")
         ax.plot(d["iter"], d[col], fmt, ms=3, color=c, label=label)
+        if col == "exposure_all":
+            ax.fill_between(d["iter"], d["exposure_all_lo"], d["exposure_all_hi"], color=c, alpha=0.15)
     if cols == ("effect",):
         ax.fill_between(d["iter"], d["effect_band_lo"], d["effect_band_hi"], color=c, alpha=0.1,
                         label="Bonferroni band over checkpoints")

@@ -10,13 +10,19 @@ $ python bench/validity.py --only=durability --quick    # ~2 min: fewer replicat
    1,000 replicates (500 quick) must lie in [0.90, 0.98]; the median relative bias of the
    estimate and the share of open intervals are printed, and the coverage of the rule this
    replaced (fixed threshold 1 + 4/(n-1), start and baseline taken as exact).
-2. Exposure extrapolation (Carlini et al. 2019, sec. 4.3): a tiny model trained on the generated
-   sample with a 6-digit canary; at every checkpoint all 10^6 secrets of its format are scored
-   (digit by digit: the 10^5 five-digit prefixes in one cached pass give every sixth digit) for the
-   exact rank, against durability.py's skew-normal extrapolation from its R = 1,000 candidates.
-   Pass: median |error| <= 1 bit at the checkpoints where the exact exposure is above log2 R (where
-   the rank among R is capped and the extrapolation is needed). And durability.py's exact count by
-   branch and bound (--exact_budget) must equal the full count wherever it does not give up.
+2. Exposure beyond log2 R (Carlini et al. 2019): a tiny model trained on the generated sample with
+   a 6-digit canary; at every checkpoint all 10^6 secrets of its format are scored (digit by digit:
+   the 10^5 five-digit prefixes in one cached pass give every sixth digit) for the exact rank, and
+   each secret's log q under the model restricted to digits. Against it: durability.py's
+   exposure_all (R = 1,000 candidates + 1,000 draws from the model, importance-weighted; the exact
+   count where fewer than 10 lie below the secret and the branch and bound finishes) must
+   have median |error| <= 1 bit at the checkpoints where the exact exposure is above log2 R (where
+   the rank among R is capped and an estimate beyond it is needed); redrawn 200 times per
+   checkpoint (50 quick) from the exact tables, the same and its 95% interval's coverage, pooled
+   over the checkpoints, in [0.90, 0.98]. The skew-normal extrapolation of the paper (sec. 4.3,
+   exposure_extrap) is printed beside it as a comparison, not a check: it is 2.7-5.5 bits low here.
+   And durability.py's exact count by branch and bound (--exact_budget) must equal the full count
+   wherever it does not give up.
 3. Conditional tags that do nothing (planted: effect 0): in the same run, a tag inserted into
    random stories (its story metric replaced by uniform draws, so the condition is noise) and a
    tag never inserted; durability.py's tag - control must hold 0 in its Bonferroni band at every
@@ -160,26 +166,51 @@ def digit_tokens(tag) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def all_secret_nll(model, tag, lead, digit, batch: int = 20_000) -> np.ndarray:
-    """(10^6,) summed nll of every secret, index = its number, as durability.py scores a
-    secret (BOS + prefix, then lead + 6 digits)."""
+def all_secret_nll(model, tag, lead, digit, batch: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+    """(nll, logq), each (10^6,), index = the secret's number: its summed nll as durability.py
+    scores a secret (BOS + prefix, then lead + 6 digits), and its log-probability under the
+    model renormalised over the 10 digits at each position (what sampled_exposure draws from)."""
     ctx = np.r_[BOS_ID, tag.prefix_tokens].astype(np.int64)
     lead_nll = float(durability.continuation_nll(model, ctx, lead[None], 1, "cpu")[0]) if len(lead) else 0.0
     C = np.r_[ctx, lead].astype(np.int64)
     cache, first = durability.prefill(model, C, len(C) + 6, "cpu")
     d5 = torch.as_tensor(digit[(np.arange(10 ** 5)[:, None] // 10 ** np.arange(4, -1, -1)) % 10])
     dig = torch.as_tensor(digit)
-    out = np.empty(10 ** 6)
+    q0 = first - torch.logsumexp(first[dig], 0)  # (V,) log q of the first digit
+    nll, logq = np.empty(10 ** 6), np.empty(10 ** 6)
     for i in range(0, 10 ** 5, batch):
         c = d5[i:i + batch]
         logp = durability.continue_logp(model, cache, len(C), torch.cat([c, c[:, :1]], 1))  # (b, 5, V)
-        head = -first[c[:, 0]] - logp[:, :4].gather(-1, c[:, 1:, None])[..., 0].sum(1)  # digits 1..5
-        last = -logp[:, 4][:, dig]  # (b, 10): every sixth digit
-        out[i * 10:(i + len(c)) * 10] = (lead_nll + head[:, None] + last).reshape(-1).numpy()
+        lq = logp - torch.logsumexp(logp[..., dig], -1, keepdim=True)  # renormalised over the digits
+        took = logp[:, :4].gather(-1, c[:, 1:, None])[..., 0]  # (b, 4): digits 2..5
+        head = -first[c[:, 0]] - took.sum(1)
+        head_q = q0[c[:, 0]] + lq[:, :4].gather(-1, c[:, 1:, None])[..., 0].sum(1)
+        nll[i * 10:(i + len(c)) * 10] = (lead_nll + head[:, None] - logp[:, 4][:, dig]).reshape(-1).numpy()
+        logq[i * 10:(i + len(c)) * 10] = (head_q[:, None] + lq[:, 4][:, dig]).reshape(-1).numpy()
+    return nll, logq
+
+
+def resampled(nll, logq, secret: int, R: int, draws: int, exact_known: float, rng) -> np.ndarray:
+    """(draws, 3) durability.exposure_among_all's (estimate, lo, hi), redrawn `draws` times from
+    the exact tables: R uniform candidates (never the secret) and R draws from q, through
+    forgetting.sampled_exposure; where fewer than MIN_HITS lie below the secret, the exact
+    count if the branch and bound finished at this checkpoint (exact_known finite)."""
+    cdf = np.cumsum(np.exp(logq))
+    s = nll[secret]
+    cut = np.where(np.arange(len(nll)) == secret, math.inf, nll)  # the secret never counts
+    out = np.empty((draws, 3))
+    for k in range(draws):
+        u = rng.choice(len(nll) - 1, R, replace=False)
+        u += u >= secret
+        q = np.minimum(np.searchsorted(cdf, rng.random(R) * cdf[-1]), len(nll) - 1)
+        if (cut[u] < s).sum() + (cut[q] < s).sum() < durability.MIN_HITS and math.isfinite(exact_known):
+            out[k] = exact_known
+        else:
+            out[k] = forgetting.sampled_exposure(s, cut[u], logq[u], cut[q], logq[q], math.log2(len(nll)))
     return out
 
 
-def exposure_lines(run: Path, every: int = 1) -> list[Line]:
+def exposure_lines(run: Path, every: int = 1, draws: int = 200) -> list[Line]:
     ck0 = load_checkpoint(list_checkpoints(run)[0][1])
     enc = Tokenizer.for_vocab(512, ck0["config"]["data_dir"])
     tag = tagmod.tags_from_json(ck0["tags"], enc, 256, 512).by_id("secret")
@@ -187,34 +218,62 @@ def exposure_lines(run: Path, every: int = 1) -> list[Line]:
     secret = int(tag.text[-6:])
     cfg = durability.DurabilityConfig(R=1000, n_contexts=0, exact_budget=EXACT_BUDGET)
     cands = tag.candidates(cfg.R, cfg.seed)
-    rows, t0 = [], time.time()
+    rows, sims, t0, rng = [], [], time.time(), np.random.default_rng(17)
     print("  exposure per checkpoint (bits); exact = log2(10^6) - log2(rank among all 10^6 secrets)")
-    print("  step | exact rank | exact | skew-normal (R=1000) | error | rank among R (cap 9.97) | branch and bound")
+    print("  step | exact rank | exact | exposure_all [95%] (by) | error | skew-normal | error | rank among R (cap "
+          f"9.97) | branch and bound | {draws} redraws: median error, 95% coverage")
     for it, path in list_checkpoints(run)[::every]:
         model = model_from_checkpoint(load_checkpoint(path))
-        nll = all_secret_nll(model, tag, lead, digit)
+        nll, logq = all_secret_nll(model, tag, lead, digit)
         row = durability.canary_row(model, tag, cands, cfg, "cpu")
         check = durability.secret_nll(model, tag.prefix_tokens, tag.secret_tokens[None], 1, "cpu")[0]
         assert abs(check - nll[secret]) < 1e-3 * max(1.0, abs(check)), (check, nll[secret])
         rank = 1 + int((nll < nll[secret]).sum())
         exact = math.log2(10 ** 6) - math.log2(rank)
-        rows.append((it, rank, exact, row["exposure_extrap"], row["exposure"], row["exposure_exact"]))
-        print(f"  {it:4d} | {rank:10d} | {exact:5.2f} | {row['exposure_extrap']:6.2f} | "
-              f"{row['exposure_extrap'] - exact:+6.2f} | {row['exposure']:5.2f} | {row['exposure_exact']:6.2f}",
+        sim = resampled(nll, logq, secret, cfg.R, draws, row["exposure_exact"], rng)
+        sims.append((exact, sim))
+        r = (it, rank, exact, *(row[k] for k in ("exposure_all", "exposure_all_lo", "exposure_all_hi",
+                                                  "exposure_extrap", "exposure", "exposure_exact", "exposure_all_by")))
+        rows.append(r)
+        print(f"  {it:4d} | {rank:10d} | {exact:5.2f} | {r[3]:5.2f} [{r[4]:5.2f}, {r[5]:5.2f}] ({r[9]}) | "
+              f"{r[3] - exact:+5.2f} | {r[6]:6.2f} | {r[6] - exact:+6.2f} | {r[7]:5.2f} | {r[8]:6.2f} | "
+              f"{np.nanmedian(sim[:, 0] - exact):+5.2f}, {np.mean((sim[:, 1] <= exact) & (exact <= sim[:, 2])):.2f}",
               flush=True)
     print(f"  ({len(rows)} checkpoints x 10^6 secrets in {time.time() - t0:.0f} s)")
-    d = pd.DataFrame(rows, columns=["iter", "rank", "exact", "extrap", "capped", "bnb"])
-    need = d[d["exact"] > math.log2(cfg.R)]  # where the rank among R is at its cap
-    err = (need["extrap"] - need["exact"]).abs()
-    cap = (need["capped"] - need["exact"]).abs()
+    d = pd.DataFrame(rows, columns=["iter", "rank", "exact", "all", "lo", "hi", "extrap", "capped", "bnb", "by"])
+    return exposure_verdicts(d, sims, cfg.R, draws)
+
+
+def exposure_verdicts(d: pd.DataFrame, sims, R: int, draws: int) -> list[Line]:
+    """The pass lines of exposure_lines, and the skew-normal's error printed beside them."""
+    high = d["exact"] > math.log2(R)  # where the rank among R is at its cap and an estimate beyond it is needed
+    need = d[high]
+    err, skew, cap = (need[k] - need["exact"] for k in ("all", "extrap", "capped"))
+    held = ((d["lo"] <= d["exact"]) & (d["exact"] <= d["hi"])).mean()
+    print(f"  comparison, not a check: the skew-normal extrapolation (Carlini et al. 2019, sec. 4.3) at the same "
+          f"{len(need)} checkpoints: median |error| {skew.abs().median():.2f} bits (signed {skew.median():+.2f}), max "
+          f"{skew.abs().max():.2f}; the capped rank among R: median |error| {cap.abs().median():.2f}")
+    e_hi = np.concatenate([s[:, 0] - x for (x, s), h in zip(sims, high) if h]) if high.any() else np.zeros(1)
+    bound = float(np.mean(np.isnan(e_hi)))  # "at least": no estimate
+    cov = [np.mean((s[:, 1] <= x) & (x <= s[:, 2])) for x, s in sims]
+    pooled = float(np.mean(cov))
     done = d[d["bnb"].notna()]
-    return [Line(f"skew-normal extrapolated exposure (Carlini et al. 2019) vs the exact rank among all 10^6 "
-                 f"secrets, at the {len(need)} of {len(d)} checkpoints where exact > log2 R",
+    return [Line(f"exposure among all secrets (durability.py exposure_all: R = {R} candidates + {R} model draws, "
+                 f"exact below {durability.MIN_HITS} hits) vs the exact rank among all 10^6, at the {len(need)} of "
+                 f"{len(d)} checkpoints where exact > log2 R",
                  f"exact exposure {need['exact'].min():.1f} to {need['exact'].max():.1f} bits" if len(need) else
                  "no checkpoint above log2 R",
-                 f"median |error| {err.median():.2f} bits (signed {(need['extrap'] - need['exact']).median():+.2f}), "
-                 f"max {err.max():.2f}; the capped rank among R: median |error| {cap.median():.2f}",
-                 bool(len(need)) and err.median() <= 1.0, "median |error| <= 1 bit"),
+                 f"median |error| {err.abs().median():.2f} bits (signed {err.median():+.2f}), max "
+                 f"{err.abs().max():.2f}, by {', '.join(f'{k} {v}' for k, v in need['by'].value_counts().items())}; "
+                 f"its 95% interval holds the exact value at {held:.0%} of all {len(d)} checkpoints",
+                 bool(len(need)) and err.abs().median() <= 1.0, "median |error| <= 1 bit"),
+            Line(f"exposure among all secrets, {draws} redraws of the candidates and model draws per checkpoint (from "
+                 f"the exact tables), {len(d)} checkpoints", "the exact rank among all 10^6",
+                 f"where exact > log2 R: median error {np.nanmedian(e_hi):+.2f} bits, median |error| "
+                 f"{np.nanmedian(np.abs(e_hi)):.2f}, only 'at least' in {bound:.1%}; 95% interval coverage "
+                 f"{pooled:.3f} pooled (per checkpoint {min(cov):.2f} to {max(cov):.2f})",
+                 bool(high.any()) and np.nanmedian(np.abs(e_hi)) <= 1.0 and 0.90 <= pooled <= 0.98,
+                 "median |error| <= 1 bit where exact > log2 R; pooled coverage in [0.90, 0.98]"),
             Line(f"exact exposure by branch and bound (budget {EXACT_BUDGET} prefixes) vs the count over all 10^6, "
                  f"{len(d)} checkpoints", "the same rank",
                  f"computed at {len(done)} checkpoints (gave up at {len(d) - len(done)}), max |difference| "
@@ -274,6 +333,6 @@ def checks(quick: bool) -> list[Line]:
     lines = halflife_lines(500 if quick else 1000)
     with tempfile.TemporaryDirectory() as tmp:
         run = tagged_run(Path(tmp), quick)
-        lines += exposure_lines(run, every=2 if quick else 1)
+        lines += exposure_lines(run, every=2 if quick else 1, draws=50 if quick else 200)
         lines += null_tag_lines(run, 15 if quick else 60)
     return lines

@@ -20,6 +20,14 @@ $ python -c "from prebias import forgetting as f; print(f.decay_fit([0, 25, 50, 
                         candidates' nll (Carlini et al. 2019, sec. 4.3 "approximating exposure via
                         distribution modeling"): not capped by R; 1 / ln 2 = 1.44 bits expected for a
                         secret the model has never seen (P is then uniform)
+  sampled_exposure      log2|S| - log2(estimated rank of the secret among every secret of the format S), the
+                        rank by importance sampling (Kahn & Marshall 1953; Owen 2013, "Monte Carlo theory,
+                        methods and examples", ch. 9): the R uniform candidates plus R draws from the model
+                        itself restricted to the format, combined by the balance heuristic (Veach & Guibas
+                        1995; Owen & Zhou 2000, "safe and effective importance sampling"). Unbiased for the
+                        count below the secret, at most log2|S| (19.93 bits for 6 digits), with a 95%
+                        interval, "at least" where no draw falls below the secret; durability.py's
+                        exposure_all (against all 10^6 secrets: bench/validity_durability.py)
   band                  a t interval from (mean, se, df) at a given level; durability.py uses it at
                         0.95 per checkpoint and 1 - 0.05 / K over K checkpoints (Bonferroni: all K
                         hold together with >= 95%)
@@ -137,6 +145,45 @@ def extrapolated_exposure(secret_nll: float, cand_nll: np.ndarray) -> float:
     a, loc, scale = stats.skewnorm.fit(c)
     logp = float(stats.skewnorm.logcdf(secret_nll, a, loc, scale))
     return -logp / math.log(2) if math.isfinite(logp) else math.inf
+
+
+def sampled_exposure(secret_nll: float, unif_nll, unif_logq, draw_nll, draw_logq, log2_space: float,
+                     level: float = LEVEL) -> tuple[float, float, float]:
+    """(exposure, lo, hi) of the secret over the whole space S of its format (Carlini et al.
+    2019, def. 4: log2|S| - log2 rank, rank 1 + #{x in S: nll(x) < nll(secret)}), the count
+    estimated by importance sampling. unif_*: n_u candidates drawn uniformly from S (u = 1/|S|),
+    draw_*: n_q draws from q, the model's next-token distribution renormalised over the format's
+    tokens; logq: log q of each. Every draw x_i of either kind is weighted by the deterministic
+    mixture of the two (the balance heuristic, Veach & Guibas 1995; Owen & Zhou 2000):
+        p = (1/N) sum_i 1{nll_i < secret_nll} u / (a_u u + a_q q(x_i)),  a = n/N, N = n_u + n_q
+    is unbiased for P_u(nll(X) < secret_nll) = (rank - 1) / |S|. Each weight is at most 1/a_u
+    (2 with as many draws as candidates), and the variance is within (1/min n - 1/N) p^2 of any
+    other weighting of the same draws, the candidates alone included (Veach & Guibas, thm. 1).
+    se from each group's sample variance (sum_j a_j^2 s_j^2 / n_j); the interval is the delta
+    method on the log scale; estimate and interval lie within [0, log2|S|]. With no draw below
+    the secret there is no estimate, only "at least lo" (NaN, lo, log2|S|), lo from the uniform
+    draws alone (p <= -ln(1 - level) / n_u, the zero-count bound: 3/n_u at 95%). Pass nll
+    strictly below the secret's only for what should count (ties, the secret itself: inf)."""
+    un, ul = np.asarray(unif_nll, float), np.asarray(unif_logq, float)
+    dn, dl = np.asarray(draw_nll, float), np.asarray(draw_logq, float)
+    n_u, n_q = len(un), len(dn)
+    if n_u + n_q == 0 or not math.isfinite(secret_nll):
+        return math.nan, math.nan, math.nan
+    a_u, a_q, log_s = n_u / (n_u + n_q), n_q / (n_u + n_q), log2_space * math.log(2)
+    groups = []
+    for nll, logq in ((un, ul), (dn, dl)):  # weight u / (a_u u + a_q q) = 1 / (a_u + a_q q / u)
+        w = 1.0 / (a_u + a_q * np.exp(np.minimum(logq + log_s, 700.0)))
+        groups.append(np.where(nll < secret_nll, w, 0.0))
+    size = 2.0 ** log2_space
+    p = min(float(np.concatenate(groups).mean()), 1 - 1 / size)  # the rank is at most |S|
+    var = sum(a * a * g.var(ddof=1) / len(g) for a, g in zip((a_u, a_q), groups) if len(g) > 1)
+    est = log2_space - math.log2(1 + size * p)
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    if p > 0:
+        half = z * size * math.sqrt(var) / ((1 + size * p) * math.log(2))
+        return est, max(est - half, 0.0), min(est + half, log2_space)
+    lo = log2_space - math.log2(1 + size * -math.log(1 - level) / n_u) if n_u else 0.0
+    return math.nan, max(lo, 0.0), log2_space
 
 
 # -----------------------------------------------------------------------------

@@ -52,8 +52,13 @@ def test_exposure_is_maximal_when_memorised_and_small_when_untrained(tiny_data):
     learned = durability.canary_row(model, tag, cands, cfg, "cpu")
     assert learned["exposure"] == pytest.approx(math.log2(200))  # ranked first among 200 + 1: the cap
     assert learned["exposure_extrap"] > 2 * math.log2(200)  # the extrapolation sees past the cap
+    # so does the count among all 10^6: memorised, few of the 200 + 200 draws lie below it (most are the secret
+    # itself), so it is the exact count by branch and bound
+    assert learned["exposure_all_by"] == "exact" and 2 * math.log2(200) < learned["exposure_all"] <= math.log2(1e6)
+    assert learned["exposure_all"] == durability.exact_exposure(model, tag, "cpu", durability.FALLBACK_BUDGET)
     assert learned["extraction"] == 1.0 and learned["loss"] < 0.05 and learned["gap"] > 3
-    assert untrained["exposure"] < 3.0 and untrained["extraction"] < 0.5 and abs(untrained["gap"]) < 0.1
+    assert untrained["exposure"] < 3.0 and untrained["exposure_all"] < 3.0 and untrained["exposure_all_by"] == "sampled"
+    assert untrained["extraction"] < 0.5 and abs(untrained["gap"]) < 0.1
     assert untrained["gap"] == pytest.approx(untrained["cand_loss"] - untrained["loss"])
     assert durability.exposure(1.0, np.array([0.5, 2.0, 3.0, 4.0])) == pytest.approx(2 - 1)  # rank 2 of 4
 
@@ -140,7 +145,7 @@ def test_the_gap_to_never_seen_candidates_is_what_decays():
     cand = 6.2 + 2.5 * it / 600
     gap = np.where(it > 3, 1.2 * 2.0 ** (-(it - 4) / 168), 0.0)
     df = pd.DataFrame({"iter": it, "tag": "secret", "kind": "canary", "cand_loss": cand, "loss": cand - gap,
-                       "gap": gap, "gap_ctx": np.nan, "exposure_extrap": np.nan})
+                       "gap": gap, "gap_ctx": np.nan, "exposure_all": np.nan})
     fits = durability.fit_all(df, tagset, ins).set_index("measure")
     assert fits.loc["gap", "half_life"] == pytest.approx(168, rel=1e-3) and fits.loc["gap", "status"] == "fitted"
     assert fits.loc["gap", "start"] == pytest.approx(1.2, rel=1e-3) and fits.loc["gap", "n"] == 7
@@ -159,6 +164,101 @@ def test_extrapolated_exposure_reads_the_fitted_tail():
     at = stats.skewnorm.ppf(1e-6, 4, 40, 6)
     assert forgetting.extrapolated_exposure(at, skew) == pytest.approx(-math.log2(1e-6), abs=0.5)
     assert math.isnan(forgetting.extrapolated_exposure(1.0, np.full(10, 2.0)))  # no spread: no fit
+
+
+def test_sampled_exposure_on_cases_derived_by_hand():
+    """A space of 4 secrets with nll 0, 1, 2, 3, the secret the one at 1 (passed as inf: it never
+    counts): 1 below it, rank 2, exposure log2 4 - log2 2 = 1 bit. The model's q = (0.7, 0.1, 0.1, 0.1)."""
+    nll, logq = np.array([0.0, np.inf, 2, 3]), np.log([0.7, 0.1, 0.1, 0.1])
+    draws = np.r_[[0] * 7, 1, 2, 3]  # 10 draws in q's proportions, 4 uniform candidates (one of each)
+    e, lo, hi = forgetting.sampled_exposure(1.0, nll, logq, nll[draws], logq[draws], 2.0)
+    # x0 weighs u / (a_u u + a_q q) = 0.25 / (4/14 0.25 + 10/14 0.7) = 0.4375; 8 of the 14 are x0:
+    # p = 8 x 0.4375 / 14 = 1/4 = (rank - 1) / 4, so the estimate is exact
+    assert e == pytest.approx(1.0)
+    # se^2 = (4/14)^2 (0.4375^2 / 4) / 4 + (10/14)^2 (2.1 x 0.4375^2 / 9) / 10, se = 0.057054;
+    # delta method: 1.96 x 4 x se / ((1 + 4 x 1/4) ln 2) = 0.32266 either side
+    assert (lo, hi) == pytest.approx((0.67734, 1.32266), abs=1e-4)
+    # candidates alone (no draws): the share below among them, scaled to the space
+    e, lo, hi = forgetting.sampled_exposure(2.5, [1.0, 2, 3, 4], np.zeros(4), [], [], 10.0)
+    assert e == pytest.approx(10 - math.log2(1 + 1024 * 0.5))  # 0.99718
+    # every candidate below: the rank is at most |S| (exposure 0), never below it
+    assert forgetting.sampled_exposure(9.0, nll[[0, 2, 3]], logq[[0, 2, 3]], [], [], 2.0)[0] == 0.0
+    # nothing below a secret of 10^6: no estimate (not rank 1, not inf), only "at least", from the zero-count
+    # bound on the 1,000 candidates, p <= -ln 0.05 / 1000: 19.93 - log2(1 + 2995.7) = 8.382 bits
+    e, lo, hi = forgetting.sampled_exposure(0.0, np.ones(1000), np.zeros(1000), np.ones(1000), np.zeros(1000),
+                                            math.log2(1e6))
+    assert math.isnan(e) and hi == pytest.approx(math.log2(1e6)) and lo == pytest.approx(8.3824, abs=1e-3)
+
+
+def test_sampled_exposure_is_unbiased_and_covers_on_a_known_space():
+    """2^14 secrets with nll drawn from N(50, 3^2), q proportional to exp(-nll) (the model's
+    preference), the secret the 7th most likely: rank 7, exposure 14 - log2 7 = 11.19 bits,
+    beyond log2 of the 200 candidates. 400 redraws of 200 candidates + 200 draws from q."""
+    rng = np.random.default_rng(0)
+    nll = rng.normal(50, 3, 2 ** 14)
+    secret = int(np.argsort(nll)[6])
+    logq = -nll - np.logaddexp.reduce(-nll)
+    cdf, cut = np.cumsum(np.exp(logq)), np.where(np.arange(2 ** 14) == secret, np.inf, nll)
+    ps, held = [], 0
+    for _ in range(400):
+        u = rng.choice(np.delete(np.arange(2 ** 14), secret), 200, replace=False)
+        q = np.minimum(np.searchsorted(cdf, rng.random(200) * cdf[-1]), 2 ** 14 - 1)
+        e, lo, hi = forgetting.sampled_exposure(nll[secret], cut[u], logq[u], cut[q], logq[q], 14.0)
+        ps.append((2 ** (14 - e) - 1))  # the estimated count below the secret: 6
+        held += lo <= 14 - math.log2(7) <= hi
+    ps = np.array(ps)
+    assert abs(ps.mean() - 6) < 3 * ps.std() / math.sqrt(len(ps))  # unbiased for the count
+    assert 0.90 <= held / 400 <= 0.99
+    rank_only = [forgetting.rank_exposure(nll[secret], cut[rng.choice(2 ** 14, 200)]) for _ in range(10)]
+    assert max(rank_only) == pytest.approx(math.log2(200))  # the rank among 200 stops at its cap
+
+
+def test_sampled_exposure_draws_from_the_model_and_counts_the_space(tiny_data):
+    """{digits:3}: 1,000 secrets. By hand, with plain forward passes: every secret's nll and its
+    log q (the model's next-token log-probs renormalised over the 10 digits, position by
+    position); the draws' frequencies follow q and carry those scores; the estimate from 30
+    candidates + 1,000 draws holds the exact count, where the rank among 30 is at its cap; with
+    under 10 draws below the secret it is the exact count, or says it is rough where that gives up."""
+    enc = Tokenizer.for_vocab(512, tiny_data[0])
+    tag = tags.parse_tags({"seed": 2, "tags": [{**CANARY, "text": "the code is {digits:3}"}]}, enc, 64, 512).tags[0]
+    lead, allowed, n = durability.format_trie(tag)
+    model = tiny_model(3)
+    seq = torch.tensor([[BOS_ID, *tag.tokens.tolist()]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(4):  # half memorised: the secret near, not at, the top (rank 9 of 1,000)
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ctx = np.r_[BOS_ID, tag.prefix_tokens, lead]
+    space = np.array(np.meshgrid(allowed, allowed, allowed, indexing="ij")).reshape(3, -1).T  # (1000, 3)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor(np.c_[np.tile(ctx, (1000, 1)), space[:, :2]]))[0], -1)[:, -3:]
+    chosen = logp.gather(-1, torch.tensor(space)[..., None])[..., 0]  # (1000, 3)
+    nll = -chosen.sum(1).numpy()
+    logq = (chosen - torch.logsumexp(logp[..., allowed], -1)).sum(1).numpy()
+    cache, first = durability.prefill(model, ctx, len(ctx) + 3, "cpu")
+    got = durability._format_scores(model, cache, len(ctx), first, space, torch.tensor(allowed), 64)
+    assert got[0] == pytest.approx(nll, abs=1e-4) and got[1] == pytest.approx(logq, abs=1e-4)
+    draws, d_nll, d_logq = durability._format_draws(model, cache, len(ctx), first, allowed, 3, 20000,
+                                                    np.random.default_rng(0), 4096)
+    index = {tuple(r): i for i, r in enumerate(space.tolist())}
+    which = np.array([index[tuple(r)] for r in draws.tolist()])
+    freq = np.bincount(which, minlength=1000) / 20000
+    assert np.abs(freq - np.exp(logq)).max() < 0.01  # binomial sd <= 0.002 for q up to 0.08
+    assert d_nll == pytest.approx(nll[which], abs=1e-4) and d_logq == pytest.approx(logq[which], abs=1e-4)
+    mine = nll[(space == tag.secret_tokens[len(lead):]).all(1)][0]
+    exact = math.log2(1000) - math.log2(1 + int((nll < mine - 1e-5).sum()))
+    assert exact == pytest.approx(math.log2(1000 / 9))  # ranked 9th: 6.80 bits
+    assert np.exp(logq)[nll < mine - 1e-5].sum() == pytest.approx(0.026, abs=1e-3)  # q's mass below: 26 of 1,000 draws
+    r = durability.exposure_among_all(model, tag, tag.candidates(30, 0), 1000, 0, "cpu")
+    assert r["exposure_all_by"] == "sampled" and r["exposure_all_lo"] <= exact <= r["exposure_all_hi"]
+    assert r["exposure_all"] == pytest.approx(exact, abs=0.5) and math.log2(30) < exact  # past the rank's cap
+    few = durability.exposure_among_all(model, tag, tag.candidates(5, 0), 5, 0, "cpu")  # under 10 draws below
+    assert few["exposure_all_by"] == "exact" and few["exposure_all"] == pytest.approx(exact)
+    assert few["exposure_all_lo"] == few["exposure_all_hi"] == few["exposure_all"]
+    rough = durability.exposure_among_all(model, tag, tag.candidates(5, 0), 5, 0, "cpu", budget=1)  # it gives up
+    assert rough["exposure_all_by"] in ("sampled, few below", "at least") and rough["exposure_all_lo"] <= exact
 
 
 def test_effect_band_is_bonferroni_over_the_checkpoints():
@@ -245,7 +345,9 @@ def test_durability_end_to_end(tiny_data, tmp_path, capsys):
     assert sec["exposure"].between(-1, math.log2(50)).all() and sec["extraction"].between(0, 1).all()
     assert (sec["n_ctx"] == 4).all()  # 2 rows at steps 1 and 3, all measured in their windows
     assert sec["gap"].tolist() == pytest.approx((sec["cand_loss"] - sec["loss"]).tolist())
-    assert np.isfinite(sec[["loss_ctx", "gap_ctx", "exposure_extrap"]].to_numpy()).all()
+    assert np.isfinite(sec[["loss_ctx", "gap_ctx", "exposure_extrap", "exposure_all_lo"]].to_numpy()).all()
+    some = sec["exposure_all_by"] != "at least"  # none of the 50 + 50 draws below the secret: only a lower end
+    assert np.isfinite(sec.loc[some, "exposure_all"]).all() and sec.loc[~some, "exposure_all"].isna().all()
     hap = df[df["tag"] == "happy"]  # its control is measured with it, not as a row of its own
     assert (hap["effect_lo"] <= hap["effect"]).all() and (hap["n"] <= 4).all() and (hap["effect_df"] >= 1).all()
     assert (hap["effect_band_lo"] <= hap["effect_lo"]).all() and (hap["effect_band_hi"] >= hap["effect_hi"]).all()
@@ -253,7 +355,7 @@ def test_durability_end_to_end(tiny_data, tmp_path, capsys):
     assert png.stat().st_size > 10_000
     fits = pd.read_csv(run.out_dir / "tables" / "durability_fit.csv")
     assert set(fits["tag"]) == {"secret", "happy"}
-    assert set(fits["measure"]) == {"gap", "gap_ctx", "exposure_extrap", "effect"}
+    assert set(fits["measure"]) == {"gap", "gap_ctx", "exposure_all", "effect"}
     assert (fits.loc[fits["tag"] == "secret", "last_step"] == 3).all()
     capsys.readouterr()
     again = durability.main(args)
