@@ -464,6 +464,7 @@ def setup(cfg: DurabilityConfig) -> types.SimpleNamespace:
         for c in contexts[i]:
             h.update(c.tobytes())
     settings = {**asdict(cfg), "out_dir": None, "redo": None, "device": None, "version": VERSION,
+                "columns": COLUMNS,  # a table cached with other columns is measured again, version or not
                 "tags": tagset.fingerprint(), "metric_versions": metrics.metric_versions(),
                 "contexts": h.hexdigest()[:16]}
     return types.SimpleNamespace(run=run, rec=rec, enc=enc, tagset=tagset, cands=cands, contexts=contexts,

@@ -361,6 +361,19 @@ def test_durability_end_to_end(tiny_data, tmp_path, capsys):
     again = durability.main(args)
     assert "measured" not in capsys.readouterr().out  # every checkpoint reused
     pd.testing.assert_frame_equal(again.reset_index(drop=True), df.reset_index(drop=True), check_dtype=False)
+    # a table cached by a version with other columns (seen: exposure_sampled, renamed without a
+    # version bump, read back as "exposure_all not measured") is measured again
+    done = run.out_dir / "tables" / "durability_done.json"
+    rec = json.loads(done.read_text())
+    if "columns" in rec["settings"]:  # as the older version wrote it
+        rec["settings"]["columns"] = [c.replace("exposure_all", "exposure_sampled") for c in durability.COLUMNS]
+    done.write_text(json.dumps(rec))
+    old = df.rename(columns=lambda c: c.replace("exposure_all", "exposure_sampled"))
+    old.to_csv(run.out_dir / "tables" / "durability.csv", index=False)
+    capsys.readouterr()
+    third = durability.main(args)
+    assert "measured 5 checkpoint(s)" in capsys.readouterr().out
+    assert np.isfinite(third.loc[third["tag"] == "secret", "exposure_all_lo"]).all()
 
 
 def test_a_run_without_tags_is_one_line(tiny_run):
