@@ -26,7 +26,8 @@ Per checkpoint and tag (<out_dir>/tables/durability.csv):
                            (19.93 bits for 6 digits), with a 95% interval; what the half-life fit uses. The rank
                            by importance sampling (by "sampled"; forgetting.sampled_exposure): the R candidates
                            and R draws from the model itself restricted to the format, weighted by the balance
-                           heuristic, unbiased for the count. Where fewer than MIN_HITS (10) of them lie below
+                           heuristic, unbiased for the count. With --exact_budget, the exact count where it
+                           finished ("exact"). Where fewer than MIN_HITS (10) of them lie below
                            the secret: the exact count by branch and bound where it finishes within
                            FALLBACK_BUDGET ("exact", interval of width 0), else the rough estimate ("sampled,
                            few below") or, none below, only "at least" exposure_all_lo (exposure_all NaN).
@@ -170,7 +171,8 @@ def canary_row(model, tag, cands: np.ndarray, cfg: DurabilityConfig, device: str
     row["gap"] = row["cand_loss"] - row["loss"]
     row["exposure_exact"] = exact_exposure(model, tag, device, cfg.exact_budget) if cfg.exact_budget else math.nan
     row.update(exposure_among_all(model, tag, cands, cfg.R, cfg.seed, device, cfg.batch_size,
-                                  row["exposure_exact"] if cfg.exact_budget >= FALLBACK_BUDGET else None,
+                                  row["exposure_exact"] if cfg.exact_budget >= FALLBACK_BUDGET or
+                                  math.isfinite(row["exposure_exact"]) else None,
                                   max(cfg.exact_budget, FALLBACK_BUDGET)))
     loss, gap = [], []
     for ctx in contexts:
@@ -281,11 +283,14 @@ def exposure_among_all(model, tag, cands: np.ndarray, n_draws: int, seed: int, d
                        exact: float | None = None, budget: int = FALLBACK_BUDGET) -> dict:
     """exposure_all, _lo, _hi, _by: the secret's exposure over every secret of its format, the
     rank estimated from the uniform candidates and n_draws draws from the model itself
-    (forgetting.sampled_exposure; by "sampled"). Where fewer than MIN_HITS of them fall below
-    the secret the estimate rests on too few: the exact count by branch and bound (`exact`
-    if already counted, else exact_exposure within `budget`; by "exact") where that finishes,
-    else the estimate as it is ("sampled, few below") or, with none below, only its lower end
-    ("at least": exposure_all NaN). All NaN where the format is not a trie of tokens."""
+    (forgetting.sampled_exposure; by "sampled"). An exact count already made (`exact` finite:
+    --exact_budget) is used as it is (by "exact"): no estimate beats it (on the README's sample
+    run the sampled interval missed it at 3 of 9 checkpoints, by 0.3-0.9 bits). Where fewer
+    than MIN_HITS draws fall below the secret the estimate rests on too few: the exact count by
+    branch and bound within `budget` (unless `exact` is NaN: it gave up within that budget
+    already) where that finishes, else the estimate as it is ("sampled, few below") or, with
+    none below, only its lower end ("at least": exposure_all NaN). All NaN where the format is
+    not a trie of tokens."""
     out = {"exposure_all": math.nan, "exposure_all_lo": math.nan, "exposure_all_hi": math.nan, "exposure_all_by": ""}
     found = format_trie(tag)
     if found is None:
@@ -294,6 +299,8 @@ def exposure_among_all(model, tag, cands: np.ndarray, n_draws: int, seed: int, d
     body = cands[:, len(lead):]
     if cands.shape[1] != len(lead) + N or not (cands[:, :len(lead)] == lead).all() or not np.isin(body, allowed).all():
         return out
+    if exact is not None and math.isfinite(exact):
+        return {"exposure_all": exact, "exposure_all_lo": exact, "exposure_all_hi": exact, "exposure_all_by": "exact"}
     model.train(False)
     ctx = np.r_[BOS_ID, tag.prefix_tokens, lead].astype(np.int64)
     cache, first = prefill(model, ctx, len(ctx) + N, device)
@@ -305,8 +312,8 @@ def exposure_among_all(model, tag, cands: np.ndarray, n_draws: int, seed: int, d
     target = nll[0] - 1e-5 * max(1.0, abs(nll[0]))  # strictly below, float noise (of two code paths) aside
     d_nll[(draws == secret).all(1)] = math.inf  # the secret itself never counts
     hits = int((nll[1:] < target).sum() + (d_nll < target).sum())
-    if hits < MIN_HITS:
-        exact = exact_exposure(model, tag, device, budget) if exact is None else exact
+    if hits < MIN_HITS and exact is None:
+        exact = exact_exposure(model, tag, device, budget)
         if math.isfinite(exact):
             return {"exposure_all": exact, "exposure_all_lo": exact, "exposure_all_hi": exact,
                     "exposure_all_by": "exact"}

@@ -216,7 +216,7 @@ def exposure_lines(run: Path, every: int = 1, draws: int = 200) -> list[Line]:
     tag = tagmod.tags_from_json(ck0["tags"], enc, 256, 512).by_id("secret")
     lead, digit = digit_tokens(tag)
     secret = int(tag.text[-6:])
-    cfg = durability.DurabilityConfig(R=1000, n_contexts=0, exact_budget=EXACT_BUDGET)
+    cfg = durability.DurabilityConfig(R=1000, n_contexts=0)  # no exact count given: exposure_all samples
     cands = tag.candidates(cfg.R, cfg.seed)
     rows, sims, t0, rng = [], [], time.time(), np.random.default_rng(17)
     print("  exposure per checkpoint (bits); exact = log2(10^6) - log2(rank among all 10^6 secrets)")
@@ -226,6 +226,7 @@ def exposure_lines(run: Path, every: int = 1, draws: int = 200) -> list[Line]:
         model = model_from_checkpoint(load_checkpoint(path))
         nll, logq = all_secret_nll(model, tag, lead, digit)
         row = durability.canary_row(model, tag, cands, cfg, "cpu")
+        row["exposure_exact"] = durability.exact_exposure(model, tag, "cpu", EXACT_BUDGET)
         check = durability.secret_nll(model, tag.prefix_tokens, tag.secret_tokens[None], 1, "cpu")[0]
         assert abs(check - nll[secret]) < 1e-3 * max(1.0, abs(check)), (check, nll[secret])
         rank = 1 + int((nll < nll[secret]).sum())

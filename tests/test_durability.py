@@ -257,6 +257,10 @@ def test_sampled_exposure_draws_from_the_model_and_counts_the_space(tiny_data):
     few = durability.exposure_among_all(model, tag, tag.candidates(5, 0), 5, 0, "cpu")  # under 10 draws below
     assert few["exposure_all_by"] == "exact" and few["exposure_all"] == pytest.approx(exact)
     assert few["exposure_all_lo"] == few["exposure_all_hi"] == few["exposure_all"]
+    known = durability.exposure_among_all(model, tag, tag.candidates(30, 0), 1000, 0, "cpu", exact=exact)
+    assert known["exposure_all_by"] == "exact" and known["exposure_all"] == exact  # a count made is used
+    gave_up = durability.exposure_among_all(model, tag, tag.candidates(5, 0), 5, 0, "cpu", exact=math.nan)
+    assert gave_up["exposure_all_by"] != "exact"  # not counted again within the budget it gave up in
     rough = durability.exposure_among_all(model, tag, tag.candidates(5, 0), 5, 0, "cpu", budget=1)  # it gives up
     assert rough["exposure_all_by"] in ("sampled, few below", "at least") and rough["exposure_all_lo"] <= exact
 
