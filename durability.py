@@ -545,7 +545,7 @@ PANELS = [("canary", ("gap", "gap_ctx"), "secret's gap below never-seen\nsecrets
           ("conditional", ("effect",), "tag - control\non its metric")]
 STYLE = {"gap": ("o-", "after BOS + prefix"), "gap_ctx": ("s--", "in its trained windows"),
          "exposure": ("o-", "rank among R (capped at log2 R)"),
-         "exposure_all": ("d-", "rank among every secret, sampled (95% band)"),
+         "exposure_all": ("d-", "rank among every secret (sampled, 95% band; or exact)"),
          "exposure_extrap": ("s--", "skew-normal extrapolated (biased low)"),
          "exposure_exact": ("^:", "exact rank among every secret"),
          "extraction": ("o-", ""), "effect": ("o-", "tag - control")}
