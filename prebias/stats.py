@@ -374,12 +374,12 @@ def plot_forest(diff: pd.DataFrame, metrics: list[str], arms: list[str], path, t
     handles = [Line2D([], [], color=color[a], marker="o", ls="-", label=a) for a in arms]
     base = diff["baseline"].iloc[0] if len(diff) else "baseline"
     test = diff["test"].iloc[0] if len(diff) else ""
-    fig.suptitle(f"{title}\narm - {base} at the end of training ({test} test over seeds): simultaneous {level:.0%} "
+    fig.suptitle(f"{title}\narm - {base} at the end of training ({test} test over seeds)\nsimultaneous {level:.0%} "
                  "intervals over each family (Bonferroni); p: Holm-adjusted", fontsize=9.5,
-                 y=1 - 0.1 / fig.get_figheight(), va="top")
+                 y=1 - 0.1 / fig.get_figheight(), va="top")  # three lines: one was wider than the figure
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 1 - 0.62 / fig.get_figheight()))
-    fig.tight_layout(rect=(0, 0, 0.85, 1 - 0.85 / fig.get_figheight()), h_pad=0.6)
+               bbox_to_anchor=(0.5, 1 - 0.78 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 0.85, 1 - 1.0 / fig.get_figheight()), h_pad=0.6)
     save_figure(fig, path)
     plt.close(fig)
     return path
