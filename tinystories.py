@@ -336,6 +336,21 @@ def bin_hashes(out: Path) -> dict:
     return got if isinstance(got, dict) else {}
 
 
+def shard_hashes(shards: list[Path]) -> dict:
+    """{shard name: sha256}, refusing two raw shards with the same bytes: a copy of the
+    validation shard (data00) would be trained on as new data and scored as unseen, a copy
+    of a training shard trained twice."""
+    seen, out = {}, {}
+    for p in shards:
+        h = out[p.name] = sha256_file(p)
+        if h in seen:
+            raise UserError(f"raw shards {seen[h]} and {p} hold the same bytes (sha256 {h[:12]}): a copy would be "
+                            f"trained on as new data; remove {p.name} (or rerun python tinystories.py download / "
+                            "sample into a fresh --data_dir)")
+        seen[h] = p
+    return out
+
+
 def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DIR,
                 workers=None, tables_dir=None, metrics="all", ref_model="", tokenizer="",
                 holdout=HOLDOUT_FRACTION):
@@ -354,15 +369,17 @@ def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DI
                         f"{Path(data_dir) / f'tok{vocab_size}.model'} from train_vocab")
     model_path = tokenizer_model_path(vocab_size, data_dir)
     tok_sha = sha256_file(model_path)
+    if metrics not in (None, "", "none"):  # a bad request is refused before anything is rewritten
+        batchmetrics.check_request(metrics, ref_model, vocab_size, max_seq_len)
     out = tok_dir(data_dir, vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     # 1) tokens: skip shards whose json and tokenizer are unchanged since the last run
     done = token_stamps(data_dir, vocab_size)
     bins = bin_hashes(out)  # what each .bin held when written: a skipped one is checked, not trusted
-    jobs, keys = [], {}
+    jobs, keys, raw_sha = [], {}, shard_hashes(shards)
     for shard in shards:
         bin_path = out / shard.with_suffix(".bin").name
-        keys[shard.name] = f"{sha256_file(shard)}:{tok_sha}"
+        keys[shard.name] = f"{raw_sha[shard.name]}:{tok_sha}"
         if not (done.is_done(shard.name, keys[shard.name], bin_path) and bin_path.is_file()
                 and bins.get(bin_path.name) == sha256_file(bin_path)):
             jobs.append((shard, bin_path, model_path))

@@ -122,13 +122,22 @@ def _summary_csv(summaries: list[dict]) -> str:
     return "".join(",".join(map(cell, r)) + "\n" for r in [cols] + [[s[c] for c in cols] for s in summaries])
 
 
-def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metric_spec="all",
-                        workers=None, ref_model=""):
-    from tqdm import tqdm
+def check_request(metric_spec, ref_model, vocab_size: int, max_seq_len: int) -> list[str]:
+    """The metric names asked for; one line for an unknown metric or a reference model
+    that cannot score this data whole (pretokenize calls it before it writes anything)."""
     try:
         names = metrics.resolve_metrics(metric_spec)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if ref_model:
+        ModelScorer(ref_model).check(vocab_size, max_seq_len)
+    return names
+
+
+def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metric_spec="all",
+                        workers=None, ref_model=""):
+    from tqdm import tqdm
+    names = check_request(metric_spec, "", vocab_size, max_seq_len)  # the reference model is checked below
     tables_dir = Path(tables_dir or TABLES_DIR)
     data = BatchData(data_dir, vocab_size, max_seq_len)
     stamps = token_stamps(data_dir, vocab_size).done

@@ -453,13 +453,18 @@ def reference_scorer(data_dir, vocab_size, ref_model: str = ""):
     if ref_model:
         return ModelScorer(ref_model)
     p = scorer_path(data_dir, vocab_size)
-    if not p.exists() and (holdout_stories(data_dir, vocab_size) or (tok_dir(data_dir, vocab_size) / "data00.bin").exists()):
+    can_fit = bool(holdout_stories(data_dir, vocab_size)) or (tok_dir(data_dir, vocab_size) / "data00.bin").exists()
+    if not p.exists() and can_fit:
         print(f"fitting the reference scorer of {tok_dir(data_dir, vocab_size)} (pretokenize skipped it)")
         return fit_reference_scorer(data_dir, vocab_size)
     try:
         return NGramScorer.load(p)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        if not can_fit:
+            raise UserError(str(e)) from None
+        print(f"{str(e).split(';')[0]}: fitting it again")  # the same data, the same deterministic fit
+        p.with_suffix(".json").unlink(missing_ok=True)
+        return fit_reference_scorer(data_dir, vocab_size)
 
 
 def reference_source(data_dir, vocab_size, val_key: str = "") -> tuple[list[np.ndarray], str, dict]:
@@ -483,11 +488,21 @@ def reference_source(data_dir, vocab_size, val_key: str = "") -> tuple[list[np.n
                                                              "n_tokens": len(tokens)}
 
 
+def _stamp(path: Path) -> dict:
+    """The scorer's stamp (what it was fitted on), {} when absent or damaged: a damaged
+    stamp only means the scorer is fitted again."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 def scorer_fit(data_dir, vocab_size) -> dict:
     """What the saved 3-gram scorer was fitted on (reference_source's record, with the
     fit's seconds); {} for a scorer saved before this was recorded."""
-    stamp = scorer_path(data_dir, vocab_size).with_suffix(".json")
-    return json.loads(stamp.read_text()).get("fit", {}) if stamp.exists() else {}
+    fit = _stamp(scorer_path(data_dir, vocab_size).with_suffix(".json")).get("fit", {})
+    return fit if isinstance(fit, dict) else {}
 
 
 def fit_reference_scorer(data_dir, vocab_size, val_key: str = "") -> NGramScorer:
@@ -495,8 +510,11 @@ def fit_reference_scorer(data_dir, vocab_size, val_key: str = "") -> NGramScorer
     p = scorer_path(data_dir, vocab_size)
     stamp = p.with_suffix(".json")
     seqs, key, rec = reference_source(data_dir, vocab_size, val_key)
-    if p.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
-        return NGramScorer.load(p)
+    if p.exists() and _stamp(stamp).get("key") == key:
+        try:
+            return NGramScorer.load(p)
+        except ValueError as e:  # a damaged file of ours: the data to fit it again is here
+            print(f"{str(e).split(';')[0]}: fitting it again")
     t0 = time.perf_counter()
     scorer = NGramScorer(NGRAM_ORDER, vocab_size).fit([np.asarray(q, np.int64) for q in seqs])
     scorer.save(p)
