@@ -54,8 +54,8 @@ from export import export_model
 from model import ModelArgs, Transformer, mean_loss
 from prebias import common, tracking
 from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint,
-                                list_checkpoints, load_checkpoint, optimizer_path, save_checkpoint, source_record,
-                                stream_records)
+                                list_checkpoints, load_checkpoint, load_optimizer, optimizer_path, save_checkpoint,
+                                save_optimizer, source_record, stream_records)
 from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit,
                             library_versions, main_guard, parse_config, write_json_atomic)
 from prebias.compute import ComputeRecord
@@ -192,6 +192,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, init: tuple[dict, dict] | None = None):
         self.cfg = cfg
         self.init = init[1] if init else {}  # where the step-0 weights came from (checkpoint.py: init)
+        self.notes = []  # warnings of the start, for train.log once the run's record is written
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         self.rank, self.world = 0, 1
         self.device = auto_device(cfg.device)
@@ -281,12 +282,15 @@ class Trainer:
         if not opt.exists():
             raise UserError(f"{opt} is missing: the optimizer state of the latest checkpoint is needed to resume "
                             "exactly; restore it or start a new --out_dir")
+        state, note = load_optimizer(opt, ck, self.optimizer)  # only the file saved with ck, of the model's shapes
         try:
-            self.optimizer.load_state_dict(torch.load(opt, map_location=self.device, weights_only=True))
-        except Exception as e:  # a truncated file (zip error) or another optimizer's state (key or size errors)
+            self.optimizer.load_state_dict(state)
+        except Exception as e:  # another optimizer's state (key or group errors)
             raise UserError(f"{opt} cannot be read as this run's optimizer state ({type(e).__name__}): it is damaged "
                             "or belongs to another run; restore it, or resume from an earlier checkpoint whose "
                             "optimizer file you keep (--keep_optimizer=True keeps them all)") from None
+        if note:
+            self.notes.append(note)
         torch.set_rng_state(ck["rng"]["torch"].cpu())
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu())
@@ -325,8 +329,7 @@ class Trainer:
                        "tokenizer_sha256": self.data.meta["tokenizer_sha256"], "n_batches": len(self.data)},
             rng=rng, train_loss=train_loss, val_loss=val_loss, init=self.init, compute=self.compute.as_dict())
         # the optimizer first: a kill between the two saves leaves the previous pair intact
-        with atomic_path(optimizer_path(cfg.out_dir, self.iter_num)) as tmp:
-            torch.save(self.optimizer.state_dict(), tmp)
+        save_optimizer(self.optimizer.state_dict(), optimizer_path(cfg.out_dir, self.iter_num), obj)
         path = ckpt_path(cfg.out_dir, self.iter_num)
         save_checkpoint(obj, path)
         if not cfg.keep_optimizer:
@@ -527,6 +530,8 @@ def main(argv=None):
             save_holdout_ids(cfg.out_dir, trainer.stream)
             for k, (old, new) in changed.items():
                 trainer.log(f"resume: {k} {old!r} -> {new!r}")
+            for note in trainer.notes:
+                trainer.log(note)
             n = sum(p.numel() for p in trainer.raw_model.parameters())
             print(f"{n / 1e6:.2f}M parameters, {trainer.device}/{trainer.dtype}, "
                   f"{trainer.schedule.B} batches/step ({trainer.schedule.B * cfg.max_seq_len} tokens), "
