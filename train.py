@@ -60,7 +60,7 @@ from prebias.common import (FolderLock, UserError, atomic_path, auto_device, aut
                             library_versions, main_guard, parse_config, write_json_atomic)
 from prebias.compute import ComputeRecord
 from prebias.configs import TRAIN_CHOICES as CHOICES
-from prebias.configs import TrainConfig
+from prebias.configs import MAX_SEED, TrainConfig
 from prebias.data import BatchData
 from prebias.schedule import get_lr, rank_micro_batches
 from prebias.selection import SCORES
@@ -95,8 +95,9 @@ def validate(cfg: TrainConfig):
     for k in ("beta1", "beta2"):  # AdamW's moments: a beta of 1 or more never forgets, below 0 is no average
         if not 0 <= getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be in [0, 1)")
-    if cfg.seed < 0:
-        raise UserError(f"--seed={cfg.seed}: must be >= 0 (numpy's generators take no negative seed)")
+    if not 0 <= cfg.seed < MAX_SEED:
+        raise UserError(f"--seed={cfg.seed}: must be in [0, 2**63) (numpy's generators take no negative seed, "
+                        "torch's at most 64 bits)")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise UserError(f"--device={cfg.device}: choose auto, cpu, cuda, cuda:<index> or mps")
     if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
@@ -107,6 +108,32 @@ def validate(cfg: TrainConfig):
                         "larger than 1 (e.g. --select_pool=4), and a pool needs a --select method")
     if cfg.select != "none" and SCORES[cfg.select].needs_metric and not cfg.select_metric:
         raise UserError(f"--select={cfg.select} needs --select_metric=<a batch metric> (and --select_target)")
+    check_fits_memory(cfg)
+
+
+def param_count(a: ModelArgs) -> int:
+    """The model's parameters (model.py's Transformer), counted without building it."""
+    kv = a.n_kv_heads * (a.dim // a.n_heads)
+    layer = 2 * a.dim * a.dim + 2 * a.dim * kv + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    return a.vocab_size * a.dim * (1 if a.shared_classifier else 2) + a.n_layers * layer + a.dim
+
+
+def check_fits_memory(cfg: TrainConfig):
+    """A model whose float32 weights, gradients and AdamW moments (16 bytes a parameter)
+    exceed the device's whole memory is refused before anything is allocated or written."""
+    n = param_count(model_args(cfg))
+    device = auto_device(cfg.device)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        total, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, device
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        total, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine"
+    else:
+        return
+    if 16 * n > total:
+        shape = " ".join(f"--{k}={getattr(cfg, k)}" for k in ("dim", "n_layers", "vocab_size"))
+        raise UserError(f"{shape} make a model of {n:.3g} parameters: training it needs about {16 * n / 2**30:.3g} "
+                        f"GiB (weights, gradients and AdamW moments in float32), more than the "
+                        f"{total / 2**30:.3g} GiB of {where}: use a smaller --dim, --n_layers or --vocab_size")
 
 
 def export_name(version: str, iter_num: int | None = None) -> str:
