@@ -95,9 +95,10 @@ def validate(cfg: TrainConfig):
     for k in ("beta1", "beta2"):  # AdamW's moments: a beta of 1 or more never forgets, below 0 is no average
         if not 0 <= getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be in [0, 1)")
-    if not 0 <= cfg.seed < MAX_SEED:
-        raise UserError(f"--seed={cfg.seed}: must be in [0, 2**63) (numpy's generators take no negative seed, "
-                        "torch's at most 64 bits)")
+    if cfg.seed < 0:
+        raise UserError(f"--seed={cfg.seed}: must be >= 0 (numpy's generators take no negative seed)")
+    if cfg.seed >= MAX_SEED:
+        raise UserError(f"--seed={cfg.seed}: must be below 2**63 (torch's generator takes 64 bits, the tables int64)")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise UserError(f"--device={cfg.device}: choose auto, cpu, cuda, cuda:<index> or mps")
     if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
