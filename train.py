@@ -150,9 +150,21 @@ def default_model_bin(cfg: TrainConfig) -> str:
     return name if Path(cfg.out_dir) == Path("out") and cfg.export_version != "hf" else str(Path(cfg.out_dir) / name)
 
 
-def init_source(cfg: TrainConfig) -> tuple[dict, dict] | None:
+def given_keys(argv) -> set[str]:
+    """The config keys argv sets (--key=value, or the keys of a .json config file)."""
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            keys.add(arg[2:].split("=", 1)[0])
+        elif arg.endswith(".json"):  # parse_config has read it already
+            keys.update(json.loads(Path(arg).read_text()))
+    return keys
+
+
+def init_source(cfg: TrainConfig, given=()) -> tuple[dict, dict] | None:
     """--init_from=<ckpt>: (its checkpoint, the source record); the run takes its shape
-    (vocab_size included: it decides the data), so config.json says what is trained."""
+    (vocab_size included: it decides the data), so config.json says what is trained. A
+    shape key in `given` (set by the command line) that says otherwise is refused."""
     if cfg.init_from in ("scratch", "resume"):
         return None
     ck = load_checkpoint(cfg.init_from)
@@ -161,6 +173,9 @@ def init_source(cfg: TrainConfig) -> tuple[dict, dict] | None:
         raise UserError(f"--max_seq_len={cfg.max_seq_len} is longer than the {a['max_seq_len']} positions of "
                         f"{cfg.init_from}: use --max_seq_len={a['max_seq_len']} or less")
     for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
+        if k in given and getattr(cfg, k) != a[k]:
+            raise UserError(f"--{k}={getattr(cfg, k)} but {cfg.init_from} has {k}={a[k]}: drop --{k} (a run "
+                            "continued from a checkpoint takes its shape)")
         setattr(cfg, k, a[k])
     return ck, source_record(cfg.init_from, ck)
 
@@ -537,7 +552,7 @@ def load_run_config(argv) -> tuple[TrainConfig, dict | None]:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg, saved = load_run_config(argv)
-    init = init_source(cfg) if cfg.show_batches < 0 else None
+    init = init_source(cfg, given_keys(argv)) if cfg.show_batches < 0 else None
     validate(cfg)
     if cfg.show_batches >= 0:  # the batch viewer's shortcut
         return subprocess.run([sys.executable, str(Path(__file__).with_name("batch_viewer.py")),
