@@ -37,6 +37,7 @@ of selection's scoring and of the irreducible-loss model, and wall-clock) and it
 holdout (which training batches were held out, and whether the run left them out).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,7 +54,7 @@ import torch
 from export import export_model
 from model import ModelArgs, Transformer, mean_loss
 from prebias import common, tracking
-from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint,
+from prebias.checkpoint import (IDENTITY, build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint,
                                 list_checkpoints, load_checkpoint, load_optimizer, optimizer_path, save_checkpoint,
                                 save_optimizer, source_record, stream_records)
 from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit,
@@ -513,19 +514,69 @@ def write_ids_file(out_dir):
                      replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"))
 
 
-def write_run_record(cfg: TrainConfig, resumed_from: dict | None, init: dict | None = None):
+def _record_damage(path: Path, keys=()) -> str:
+    """What is wrong with a JSON record of the run ('' when nothing is)."""
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"not valid JSON ({type(e).__name__})"
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    missing = [k for k in keys if k not in obj]
+    return f"lacking {missing[0]!r}" if missing else ""
+
+
+def rebuilt_records(out_dir) -> dict:
+    """On resume: {name: content} for config.json and run.json when missing or damaged,
+    rebuilt from what recorded the same thing at the same moment (so the record stays
+    true): config.json from the first checkpoint's config (step 0 saved the config the
+    run started with), run.json from history.jsonl's start line (the same fields). A
+    record with nothing to rebuild it from is refused with one line."""
+    out, rebuilt = Path(out_dir), {}
+    why = _record_damage(out / "config.json", IDENTITY)
+    if why:
+        it, first = list_checkpoints(out)[0]
+        ck = load_checkpoint(first)
+        if ck["prev_iter"] != -1:
+            raise UserError(f"{out / 'config.json'} is {why} and {first} is not the run's first checkpoint, so the "
+                            "config it started with is lost: restore config.json from a copy, or start a new --out_dir")
+        rebuilt["config.json"] = dict(ck["config"])
+    why = _record_damage(out / "run.json", ("commit", "argv", "time"))
+    if why:
+        start = None
+        if (out / "history.jsonl").exists():
+            for line in (out / "history.jsonl").read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if isinstance(entry := json.loads(line), dict) and entry.get("event") == "start":
+                        start = entry
+                        break
+        if start is None:
+            raise UserError(f"{out / 'run.json'} is {why} and history.jsonl has no start line to rebuild it from "
+                            "(its commit, versions and command are in no checkpoint): restore run.json from a copy, "
+                            "or start a new --out_dir")
+        rebuilt["run.json"] = {k: v for k, v in start.items() if k not in ("event", "changed", "rebuilt")}
+    return rebuilt
+
+
+def write_run_record(cfg: TrainConfig, resumed_from: dict | None, init: dict | None = None, rebuilt=None):
     """config.json and run.json once, at the start; history.jsonl gets a line per start
-    and resume, with what a resume changed (the originals are never overwritten)."""
+    and resume, with what a resume changed (the originals are never overwritten; a
+    damaged one is rewritten from `rebuilt`, rebuilt_records, and the line says so)."""
     out = Path(cfg.out_dir)
     now = dataclasses.asdict(cfg)
     run = {"commit": git_commit(), "versions": library_versions(), "argv": sys.argv,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"init": init} if init else {})}
-    if resumed_from is None or not (out / "config.json").exists():
+    if resumed_from is None:
         write_json_atomic(out / "config.json", now)
         write_json_atomic(out / "run.json", run)
+    for name, obj in (rebuilt or {}).items():
+        write_json_atomic(out / name, obj)
     changed = {k: [v, now.get(k)] for k, v in (resumed_from or {}).items()
                if k not in ("init_from", "show_batches") and v != now.get(k)}
-    entry = {**run, "event": "resume" if resumed_from is not None else "start", "changed": changed}
+    entry = {**run, "event": "resume" if resumed_from is not None else "start", "changed": changed,
+             **({"rebuilt": sorted(rebuilt)} if rebuilt else {})}
     with open(out / "history.jsonl", "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
     return changed
@@ -567,9 +618,12 @@ def main(argv=None):
                             "or another --out_dir")
         if rank0:
             remove_stale_temps(cfg.out_dir)
+        rebuilt = rebuilt_records(cfg.out_dir) if saved is not None and rank0 else {}
         trainer = Trainer(cfg, init)  # data, stream and model are checked before anything is written
         if trainer.master:
-            changed = write_run_record(cfg, saved, trainer.init)
+            changed = write_run_record(cfg, saved, trainer.init, rebuilt)
+            for name in rebuilt:
+                trainer.log(f"resume: {name} was missing or damaged: rebuilt from the run's own record")
             save_holdout_ids(cfg.out_dir, trainer.stream)
             for k, (old, new) in changed.items():
                 trainer.log(f"resume: {k} {old!r} -> {new!r}")
