@@ -115,6 +115,9 @@ DEFAULT_METRICS = ["val_loss"] + [f"out_{m}" for m in metrics.MAIN_METRICS]
 STAGE_CONFIGS = {"train.py": TrainConfig, "eval.py": EvalConfig, "durability.py": DurabilityConfig}
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a folder of the experiment's own (no '..', '/', '$')
 RESERVED_NAMES = ("tables", "visualize", "slurm", "experiment.json", "experiment.log", "report.html")  # its files
+DIFF_COLUMNS = ["arm", "baseline", "metric", "side", "n_baseline", "n_arm", "baseline_mean", "arm_mean", "diff", "lo",
+                "hi", "df", "se", "p", *(f"p_{t}" for t in stats.TESTS), "p_holm", "lo_sim", "hi_sim", "mdd80",
+                "family", "test"]  # differences.csv (stats.difference_table's columns)
 TAG_COLUMNS = ("loss", "gap", "gap_ctx", "exposure", "exposure_extrap", "exposure_exact", "extraction", "effect")  # durability.csv
 
 
@@ -368,6 +371,8 @@ def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
     curves = stats.curve_table(df, metrics)
     final = stats.final_table(df, metrics, arms)
     diff = stats.difference_table(df, metrics, arms, spec["baseline"], side, spec["test"])
+    if diff.empty:  # one arm: a table with its columns and no rows (a 1-byte file is no table to a reader)
+        diff = pd.DataFrame(columns=DIFF_COLUMNS)
     sat_runs, sat = stats.saturation_tables(df, metrics, arms, saturation.saturation_step)
     last = stats.final_rows(df)
     listing = pd.DataFrame([{"arm": r.arm, "seed": r.seed, "dir": str(r.dir),

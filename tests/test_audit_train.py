@@ -188,6 +188,7 @@ def test_a_one_arm_experiment_writes_a_readable_empty_differences_table(tmp_path
         (d / "tables").mkdir(parents=True)
         pd.DataFrame({"iter": [0, 4, 8], "val_loss": [6.2, 5.0 + seed / 10, 4.0 + seed / 10]}).to_csv(
             d / "tables" / "summary.csv", index=False)
+        (d / "config.json").write_text(json.dumps({"seed": seed}))
         runs.append(experiment.Run("shuffle", seed, d, []))
     experiment.aggregate(exp, spec, runs)
     diff = pd.read_csv(exp / "tables" / "differences.csv")
