@@ -180,8 +180,9 @@ def load_spec(path) -> dict:
     if out["baseline"] not in arms:
         raise UserError(f"{p}: baseline {out['baseline']!r} is not an arm ({', '.join(arms)})")
     seeds = spec.get("seeds", [1, 2, 3])
-    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
-            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_SEED for s in seeds):
+    if not isinstance(seeds, list) or not seeds or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_SEED for s in seeds) \
+            or len(set(seeds)) != len(seeds):
         raise UserError(f"{p}: 'seeds' must be a list of distinct non-negative integers below 2**63 (train.py's "
                         "--seed), e.g. [1, 2, 3]")
     out["seeds"] = seeds
