@@ -618,8 +618,8 @@ def main(argv=None):
                             "or another --out_dir")
         if rank0:
             remove_stale_temps(cfg.out_dir)
-        rebuilt = rebuilt_records(cfg.out_dir) if saved is not None and rank0 else {}
         trainer = Trainer(cfg, init)  # data, stream and model are checked before anything is written
+        rebuilt = rebuilt_records(cfg.out_dir) if saved is not None and trainer.master else {}  # reads only
         if trainer.master:
             changed = write_run_record(cfg, saved, trainer.init, rebuilt)
             for name in rebuilt:
