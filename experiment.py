@@ -78,7 +78,7 @@ from prebias import saturation, stats, tracking
 from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
                             write_csv_atomic, write_json_atomic)
-from prebias.configs import DurabilityConfig, EvalConfig, TrainConfig
+from prebias.configs import MAX_SEED, DurabilityConfig, EvalConfig, TrainConfig
 from prebias.launchers import LAUNCHERS, Job, gather, launch, options_from, raise_failures
 
 ROOT = Path(__file__).resolve().parent
@@ -115,6 +115,9 @@ DEFAULT_METRICS = ["val_loss"] + [f"out_{m}" for m in metrics.MAIN_METRICS]
 STAGE_CONFIGS = {"train.py": TrainConfig, "eval.py": EvalConfig, "durability.py": DurabilityConfig}
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a folder of the experiment's own (no '..', '/', '$')
 RESERVED_NAMES = ("tables", "visualize", "slurm", "experiment.json", "experiment.log", "report.html")  # its files
+DIFF_COLUMNS = ["arm", "baseline", "metric", "side", "n_baseline", "n_arm", "baseline_mean", "arm_mean", "diff", "lo",
+                "hi", "df", "se", "p", *(f"p_{t}" for t in stats.TESTS), "p_holm", "lo_sim", "hi_sim", "mdd80",
+                "family", "test"]  # differences.csv (stats.difference_table's columns)
 TAG_COLUMNS = ("loss", "gap", "gap_ctx", "exposure", "exposure_extrap", "exposure_exact", "extraction", "effect")  # durability.csv
 
 
@@ -177,9 +180,11 @@ def load_spec(path) -> dict:
     if out["baseline"] not in arms:
         raise UserError(f"{p}: baseline {out['baseline']!r} is not an arm ({', '.join(arms)})")
     seeds = spec.get("seeds", [1, 2, 3])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) \
+    if not isinstance(seeds, list) or not seeds or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_SEED for s in seeds) \
             or len(set(seeds)) != len(seeds):
-        raise UserError(f"{p}: 'seeds' must be a list of distinct non-negative integers, e.g. [1, 2, 3]")
+        raise UserError(f"{p}: 'seeds' must be a list of distinct non-negative integers below 2**63 (train.py's "
+                        "--seed), e.g. [1, 2, 3]")
     out["seeds"] = seeds
     out["eval"] = _settings(p, "eval", spec.get("eval", {}), "eval.py", ("out_dir",))
     out["durability"] = _settings(p, "durability", spec.get("durability", {}), "durability.py", ("out_dir",))
@@ -367,6 +372,8 @@ def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
     curves = stats.curve_table(df, metrics)
     final = stats.final_table(df, metrics, arms)
     diff = stats.difference_table(df, metrics, arms, spec["baseline"], side, spec["test"])
+    if diff.empty:  # one arm: a table with its columns and no rows (a 1-byte file is no table to a reader)
+        diff = pd.DataFrame(columns=DIFF_COLUMNS)
     sat_runs, sat = stats.saturation_tables(df, metrics, arms, saturation.saturation_step)
     last = stats.final_rows(df)
     listing = pd.DataFrame([{"arm": r.arm, "seed": r.seed, "dir": str(r.dir),
@@ -434,6 +441,17 @@ def print_power(diff: pd.DataFrame, n: int):
         print(f"  {arm}: " + ", ".join(f"{r.metric} {r.mdd80:.3g}" for r in g.itertuples()))
 
 
+def experiment_name(cfg: ExperimentConfig, spec_path: str) -> str:
+    """--name, else the spec's file name: a folder of its own under --out_root (the arms' rule)."""
+    name = cfg.name or Path(spec_path).stem
+    if not ARM_NAME.fullmatch(name):
+        where = f"--name={cfg.name}" if cfg.name else f"{spec_path} (its file name)"
+        raise UserError(f"experiment name {name!r} of {where} must be a plain folder name: letters, digits, '_', '-' "
+                        "and '.', starting with a letter or digit, at most 64 characters (rename the spec or pass "
+                        "--name=<such a name>)")
+    return name
+
+
 def log_wandb(exp_dir: Path, name: str, spec: dict, figures: dict, cfg: ExperimentConfig):
     """The experiment's figures and tables as one more run of its group (job type 'aggregate')."""
     run = tracking.start(project=cfg.wandb_project, dir=exp_dir, group=name, job_type="aggregate",
@@ -456,7 +474,7 @@ def main(argv=None):
         raise UserError("--detach=True needs --launcher=slurm (local runs are processes of this command)")
     options_from(cfg)  # the --slurm_* values, checked before anything is written
     spec = load_spec(spec_args[0])
-    name = cfg.name or Path(spec_args[0]).stem
+    name = experiment_name(cfg, spec_args[0])
     exp_dir = Path(cfg.out_root) / name
     lock = FolderLock(exp_dir, "experiment name (--name)")
     try:

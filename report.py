@@ -227,6 +227,8 @@ def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
               "each arm trained on, so they differ by design.</p>",
               table(d, left=("arm", "metric", "side", "difference [95%, this metric alone]", "[simultaneous 95%]"),
                     row_class=lambda r: "sig" if r["p_holm"] < 0.05 else "")]
+    elif len(arms) == 1:
+        b.append('<p class="note">No differences to show: the experiment has one arm (differences.csv is empty).</p>')
     # figures
     vis = exp_dir / "visualize"
     captions = {"forest.png": "End-of-run differences from the baseline, each metric on its own scale",

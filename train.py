@@ -37,6 +37,7 @@ of selection's scoring and of the irreducible-loss model, and wall-clock) and it
 holdout (which training batches were held out, and whether the run left them out).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,14 +54,14 @@ import torch
 from export import export_model
 from model import ModelArgs, Transformer, mean_loss
 from prebias import common, tracking
-from prebias.checkpoint import (build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint,
-                                list_checkpoints, load_checkpoint, optimizer_path, save_checkpoint, source_record,
-                                stream_records)
+from prebias.checkpoint import (IDENTITY, build_checkpoint, check_resume, ckpt_dir, ckpt_path, latest_checkpoint,
+                                list_checkpoints, load_checkpoint, load_optimizer, optimizer_path, save_checkpoint,
+                                save_optimizer, source_record, stream_records)
 from prebias.common import (FolderLock, UserError, atomic_path, auto_device, auto_dtype, autocast_ctx, git_commit,
                             library_versions, main_guard, parse_config, write_json_atomic)
 from prebias.compute import ComputeRecord
 from prebias.configs import TRAIN_CHOICES as CHOICES
-from prebias.configs import TrainConfig
+from prebias.configs import MAX_SEED, TrainConfig
 from prebias.data import BatchData
 from prebias.schedule import get_lr, rank_micro_batches
 from prebias.selection import SCORES
@@ -97,6 +98,8 @@ def validate(cfg: TrainConfig):
             raise UserError(f"--{k}={getattr(cfg, k)}: must be in [0, 1)")
     if cfg.seed < 0:
         raise UserError(f"--seed={cfg.seed}: must be >= 0 (numpy's generators take no negative seed)")
+    if cfg.seed >= MAX_SEED:
+        raise UserError(f"--seed={cfg.seed}: must be below 2**63 (torch's generator takes 64 bits, the tables int64)")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise UserError(f"--device={cfg.device}: choose auto, cpu, cuda, cuda:<index> or mps")
     if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
@@ -107,6 +110,32 @@ def validate(cfg: TrainConfig):
                         "larger than 1 (e.g. --select_pool=4), and a pool needs a --select method")
     if cfg.select != "none" and SCORES[cfg.select].needs_metric and not cfg.select_metric:
         raise UserError(f"--select={cfg.select} needs --select_metric=<a batch metric> (and --select_target)")
+    check_fits_memory(cfg)
+
+
+def param_count(a: ModelArgs) -> int:
+    """The model's parameters (model.py's Transformer), counted without building it."""
+    kv = a.n_kv_heads * (a.dim // a.n_heads)
+    layer = 2 * a.dim * a.dim + 2 * a.dim * kv + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    return a.vocab_size * a.dim * (1 if a.shared_classifier else 2) + a.n_layers * layer + a.dim
+
+
+def check_fits_memory(cfg: TrainConfig):
+    """A model whose float32 weights, gradients and AdamW moments (16 bytes a parameter)
+    exceed the device's whole memory is refused before anything is allocated or written."""
+    n = param_count(model_args(cfg))
+    device = auto_device(cfg.device)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        total, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, device
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        total, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine"
+    else:
+        return
+    if 16 * n > total:
+        shape = " ".join(f"--{k}={getattr(cfg, k)}" for k in ("dim", "n_layers", "vocab_size"))
+        raise UserError(f"{shape} make a model of {n:.3g} parameters: training it needs about {16 * n / 2**30:.3g} "
+                        f"GiB (weights, gradients and AdamW moments in float32), more than the "
+                        f"{total / 2**30:.3g} GiB of {where}: use a smaller --dim, --n_layers or --vocab_size")
 
 
 def export_name(version: str, iter_num: int | None = None) -> str:
@@ -122,9 +151,21 @@ def default_model_bin(cfg: TrainConfig) -> str:
     return name if Path(cfg.out_dir) == Path("out") and cfg.export_version != "hf" else str(Path(cfg.out_dir) / name)
 
 
-def init_source(cfg: TrainConfig) -> tuple[dict, dict] | None:
+def given_keys(argv) -> set[str]:
+    """The config keys argv sets (--key=value, or the keys of a .json config file)."""
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            keys.add(arg[2:].split("=", 1)[0])
+        elif arg.endswith(".json"):  # parse_config has read it already
+            keys.update(json.loads(Path(arg).read_text()))
+    return keys
+
+
+def init_source(cfg: TrainConfig, given=()) -> tuple[dict, dict] | None:
     """--init_from=<ckpt>: (its checkpoint, the source record); the run takes its shape
-    (vocab_size included: it decides the data), so config.json says what is trained."""
+    (vocab_size included: it decides the data), so config.json says what is trained. A
+    shape key in `given` (set by the command line) that says otherwise is refused."""
     if cfg.init_from in ("scratch", "resume"):
         return None
     ck = load_checkpoint(cfg.init_from)
@@ -133,6 +174,9 @@ def init_source(cfg: TrainConfig) -> tuple[dict, dict] | None:
         raise UserError(f"--max_seq_len={cfg.max_seq_len} is longer than the {a['max_seq_len']} positions of "
                         f"{cfg.init_from}: use --max_seq_len={a['max_seq_len']} or less")
     for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
+        if k in given and getattr(cfg, k) != a[k]:
+            raise UserError(f"--{k}={getattr(cfg, k)} but {cfg.init_from} has {k}={a[k]}: drop --{k} (a run "
+                            "continued from a checkpoint takes its shape)")
         setattr(cfg, k, a[k])
     return ck, source_record(cfg.init_from, ck)
 
@@ -192,6 +236,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, init: tuple[dict, dict] | None = None):
         self.cfg = cfg
         self.init = init[1] if init else {}  # where the step-0 weights came from (checkpoint.py: init)
+        self.notes = []  # warnings of the start, for train.log once the run's record is written
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         self.rank, self.world = 0, 1
         self.device = auto_device(cfg.device)
@@ -281,12 +326,15 @@ class Trainer:
         if not opt.exists():
             raise UserError(f"{opt} is missing: the optimizer state of the latest checkpoint is needed to resume "
                             "exactly; restore it or start a new --out_dir")
+        state, note = load_optimizer(opt, ck, self.optimizer)  # only the file saved with ck, of the model's shapes
         try:
-            self.optimizer.load_state_dict(torch.load(opt, map_location=self.device, weights_only=True))
-        except Exception as e:  # a truncated file (zip error) or another optimizer's state (key or size errors)
+            self.optimizer.load_state_dict(state)
+        except Exception as e:  # another optimizer's state (key or group errors)
             raise UserError(f"{opt} cannot be read as this run's optimizer state ({type(e).__name__}): it is damaged "
                             "or belongs to another run; restore it, or resume from an earlier checkpoint whose "
                             "optimizer file you keep (--keep_optimizer=True keeps them all)") from None
+        if note:
+            self.notes.append(note)
         torch.set_rng_state(ck["rng"]["torch"].cpu())
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu())
@@ -325,8 +373,7 @@ class Trainer:
                        "tokenizer_sha256": self.data.meta["tokenizer_sha256"], "n_batches": len(self.data)},
             rng=rng, train_loss=train_loss, val_loss=val_loss, init=self.init, compute=self.compute.as_dict())
         # the optimizer first: a kill between the two saves leaves the previous pair intact
-        with atomic_path(optimizer_path(cfg.out_dir, self.iter_num)) as tmp:
-            torch.save(self.optimizer.state_dict(), tmp)
+        save_optimizer(self.optimizer.state_dict(), optimizer_path(cfg.out_dir, self.iter_num), obj)
         path = ckpt_path(cfg.out_dir, self.iter_num)
         save_checkpoint(obj, path)
         if not cfg.keep_optimizer:
@@ -467,19 +514,69 @@ def write_ids_file(out_dir):
                      replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"))
 
 
-def write_run_record(cfg: TrainConfig, resumed_from: dict | None, init: dict | None = None):
+def _record_damage(path: Path, keys=()) -> str:
+    """What is wrong with a JSON record of the run ('' when nothing is)."""
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"not valid JSON ({type(e).__name__})"
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    missing = [k for k in keys if k not in obj]
+    return f"lacking {missing[0]!r}" if missing else ""
+
+
+def rebuilt_records(out_dir) -> dict:
+    """On resume: {name: content} for config.json and run.json when missing or damaged,
+    rebuilt from what recorded the same thing at the same moment (so the record stays
+    true): config.json from the first checkpoint's config (step 0 saved the config the
+    run started with), run.json from history.jsonl's start line (the same fields). A
+    record with nothing to rebuild it from is refused with one line."""
+    out, rebuilt = Path(out_dir), {}
+    why = _record_damage(out / "config.json", IDENTITY)
+    if why:
+        it, first = list_checkpoints(out)[0]
+        ck = load_checkpoint(first)
+        if ck["prev_iter"] != -1:
+            raise UserError(f"{out / 'config.json'} is {why} and {first} is not the run's first checkpoint, so the "
+                            "config it started with is lost: restore config.json from a copy, or start a new --out_dir")
+        rebuilt["config.json"] = dict(ck["config"])
+    why = _record_damage(out / "run.json", ("commit", "argv", "time"))
+    if why:
+        start = None
+        if (out / "history.jsonl").exists():
+            for line in (out / "history.jsonl").read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if isinstance(entry := json.loads(line), dict) and entry.get("event") == "start":
+                        start = entry
+                        break
+        if start is None:
+            raise UserError(f"{out / 'run.json'} is {why} and history.jsonl has no start line to rebuild it from "
+                            "(its commit, versions and command are in no checkpoint): restore run.json from a copy, "
+                            "or start a new --out_dir")
+        rebuilt["run.json"] = {k: v for k, v in start.items() if k not in ("event", "changed", "rebuilt")}
+    return rebuilt
+
+
+def write_run_record(cfg: TrainConfig, resumed_from: dict | None, init: dict | None = None, rebuilt=None):
     """config.json and run.json once, at the start; history.jsonl gets a line per start
-    and resume, with what a resume changed (the originals are never overwritten)."""
+    and resume, with what a resume changed (the originals are never overwritten; a
+    damaged one is rewritten from `rebuilt`, rebuilt_records, and the line says so)."""
     out = Path(cfg.out_dir)
     now = dataclasses.asdict(cfg)
     run = {"commit": git_commit(), "versions": library_versions(), "argv": sys.argv,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"init": init} if init else {})}
-    if resumed_from is None or not (out / "config.json").exists():
+    if resumed_from is None:
         write_json_atomic(out / "config.json", now)
         write_json_atomic(out / "run.json", run)
+    for name, obj in (rebuilt or {}).items():
+        write_json_atomic(out / name, obj)
     changed = {k: [v, now.get(k)] for k, v in (resumed_from or {}).items()
                if k not in ("init_from", "show_batches") and v != now.get(k)}
-    entry = {**run, "event": "resume" if resumed_from is not None else "start", "changed": changed}
+    entry = {**run, "event": "resume" if resumed_from is not None else "start", "changed": changed,
+             **({"rebuilt": sorted(rebuilt)} if rebuilt else {})}
     with open(out / "history.jsonl", "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
     return changed
@@ -506,7 +603,7 @@ def load_run_config(argv) -> tuple[TrainConfig, dict | None]:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg, saved = load_run_config(argv)
-    init = init_source(cfg) if cfg.show_batches < 0 else None
+    init = init_source(cfg, given_keys(argv)) if cfg.show_batches < 0 else None
     validate(cfg)
     if cfg.show_batches >= 0:  # the batch viewer's shortcut
         return subprocess.run([sys.executable, str(Path(__file__).with_name("batch_viewer.py")),
@@ -522,11 +619,16 @@ def main(argv=None):
         if rank0:
             remove_stale_temps(cfg.out_dir)
         trainer = Trainer(cfg, init)  # data, stream and model are checked before anything is written
+        rebuilt = rebuilt_records(cfg.out_dir) if saved is not None and trainer.master else {}  # reads only
         if trainer.master:
-            changed = write_run_record(cfg, saved, trainer.init)
+            changed = write_run_record(cfg, saved, trainer.init, rebuilt)
+            for name in rebuilt:
+                trainer.log(f"resume: {name} was missing or damaged: rebuilt from the run's own record")
             save_holdout_ids(cfg.out_dir, trainer.stream)
             for k, (old, new) in changed.items():
                 trainer.log(f"resume: {k} {old!r} -> {new!r}")
+            for note in trainer.notes:
+                trainer.log(note)
             n = sum(p.numel() for p in trainer.raw_model.parameters())
             print(f"{n / 1e6:.2f}M parameters, {trainer.device}/{trainer.dtype}, "
                   f"{trainer.schedule.B} batches/step ({trainer.schedule.B * cfg.max_seq_len} tokens), "

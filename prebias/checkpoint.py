@@ -33,11 +33,14 @@ Each holds plain types and tensors only (so torch.load(..., weights_only=True) w
 
 The optimizer state lives beside it in ckpt/optimizer_<iter>.pt, kept for the latest
 checkpoint only (train.py --keep_optimizer=True keeps all), so checkpoints are written
-once and never rewritten, and old ones stay small. The ids seen by checkpoint k are the
+once and never rewritten, and old ones stay small. It is the optimizer's state dict plus
+"checkpoint": {iter_num, identity (the IDENTITY fields), weights_sha256 (weights_digest
+of the checkpoint's model)}, so a resume takes only the file saved with its checkpoint. The ids seen by checkpoint k are the
 concatenation of batch_ids of all checkpoints <= k; <out_dir>/batch_ids.npy holds the
 same as plain numpy (Pythia's batch viewer needs no torch).
 """
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -70,6 +73,84 @@ def ckpt_path(out_dir, iter_num: int) -> Path:
 
 def optimizer_path(out_dir, iter_num: int) -> Path:
     return ckpt_dir(out_dir) / f"optimizer_{iter_num}.pt"
+
+
+def weights_digest(state_dict: dict) -> str:
+    """sha256 of a model state dict (names, dtypes, shapes and bytes): what ties an optimizer
+    file to the checkpoint it was saved with."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def save_optimizer(state: dict, path, ck: dict):
+    """The optimizer's state dict, with the record of the checkpoint `ck` it belongs to (atomic)."""
+    rec = {"iter_num": int(ck["iter_num"]), "identity": {k: ck["config"].get(k) for k in IDENTITY},
+           "weights_sha256": weights_digest(ck["model"])}
+    with atomic_path(path) as tmp:
+        torch.save({**state, "checkpoint": rec}, tmp)
+
+
+def load_optimizer(path, ck: dict, optimizer) -> tuple[dict, str]:
+    """(the state dict to load into `optimizer`, a warning or ''): refused with one line
+    unless it is the file saved with checkpoint ck (its record; a file from before the
+    record is taken when its tensors fit the parameters, with a warning) and its tensors
+    have the parameters' shapes (Adam's step would fail on them mid-run)."""
+    path, name = Path(path), f"ckpt_{ck['iter_num']}.pt"
+    fix = ("restore the file saved with it, or resume from an earlier checkpoint whose optimizer file you keep "
+           "(--keep_optimizer=True keeps them all)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file (zip error), not a torch file
+        raise UserError(f"{path} cannot be read as this run's optimizer state ({type(e).__name__}): it is damaged "
+                        f"or belongs to another run; {fix}") from None
+    if not isinstance(state, dict) or not {"state", "param_groups"} <= set(state):
+        raise UserError(f"{path} cannot be read as this run's optimizer state (not an optimizer's state dict): {fix}")
+    state = dict(state)
+    rec, note = state.pop("checkpoint", None), ""
+    if isinstance(rec, dict):
+        why = _foreign_optimizer(rec, ck)
+        if why:
+            raise UserError(f"{path} is not the optimizer state saved with {name}: it was saved {why}; {fix}")
+    else:
+        note = (f"warning: {path} predates the record that ties an optimizer file to its checkpoint: taken as "
+                f"{name}'s because its tensors fit the model (it cannot be checked further)")
+    bad = _optimizer_misfit(state, optimizer)
+    if bad:
+        raise UserError(f"{path} cannot be read as this run's optimizer state ({bad}): it is damaged or belongs to "
+                        f"another run; {fix}")
+    return state, note
+
+
+def _foreign_optimizer(rec: dict, ck: dict) -> str:
+    """Why an optimizer file's record says it is not checkpoint ck's ('' when it is)."""
+    for k in IDENTITY:
+        have, want = rec.get("identity", {}).get(k), ck["config"].get(k)
+        if have != want:
+            return f"by a run with {k}={have!r}, not {want!r}"
+    if rec.get("iter_num") != ck["iter_num"]:
+        return f"at step {rec.get('iter_num')}, not {ck['iter_num']}"
+    if rec.get("weights_sha256") != weights_digest(ck["model"]):
+        return "with other weights (another run of the same settings)"
+    return ""
+
+
+def _optimizer_misfit(state: dict, optimizer) -> str:
+    """What in a saved optimizer state does not fit `optimizer`'s parameters ('' when all does)."""
+    groups, saved = optimizer.param_groups, state["param_groups"]
+    if not isinstance(saved, list) or len(saved) != len(groups) or \
+            any(len(g["params"]) != len(s.get("params", ())) for g, s in zip(groups, saved)):
+        return "other parameter groups"
+    params = [p for g in groups for p in g["params"]]
+    ids = [i for s in saved for i in s["params"]]
+    for i, p in zip(ids, params):
+        for k, v in (state["state"].get(i) or {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                return f"its {k} has shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}"
+    return ""
 
 
 def save_checkpoint(obj: dict, path):

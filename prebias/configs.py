@@ -94,6 +94,11 @@ class TrainConfig:
     peak_flops: float = 0.0  # for MFU; 0: a known GPU's bf16 peak, or measured on CPU
 
 
+# seeds are below 2**63: torch.manual_seed takes 64 bits, and a seed is an int64 in the
+# tables (runs.csv) and in numpy arrays
+MAX_SEED = 2 ** 63
+
+
 # the allowed values of some fields (live views: a strategy or score registered later is
 # a valid choice at once)
 class InitFrom:

@@ -176,6 +176,18 @@ def load_ids(path, where: str) -> np.ndarray:
     return ids.astype(np.int64)
 
 
+def _not_training(listed: np.ndarray, train_ids: np.ndarray) -> str:
+    """What the ids of a list that holds no training batch are, and the fix (one clause)."""
+    top = int(train_ids.max())
+    past, neg = listed[listed > top], listed[listed < 0]
+    other = listed[(listed >= 0) & (listed <= top)]
+    parts = [f"{len(a)} {what} (e.g. {int(a[0])})" for a, what in
+             ((past, "past the last training batch"), (neg, "negative"),
+              (other, "of validation or held-out batches, or left out by an include")) if len(a)]
+    return (f"the training batches are {len(train_ids)} ids in {int(train_ids.min())}..{top}, and its ids are "
+            f"{', '.join(parts)}; list training batch ids (a run's batch_ids.npy holds the ones it trained on)")
+
+
 def _note_outside(listed: np.ndarray, train_ids: np.ndarray, where: str):
     """A warning line when some listed ids are not training batches (they are ignored)."""
     n_out = int((~np.isin(listed, train_ids)).sum())
@@ -549,7 +561,8 @@ class Schedule:
             inc = load_ids(self.spec["include"], f"{name}.include")
             keep = np.isin(ids, inc)
             if not keep.any():
-                raise SpecError(f"{name}.include: none of its ids is a training batch")
+                raise SpecError(f"{name}.include: none of its {len(inc)} ids is a training batch, so nothing would be "
+                                f"trained on: {_not_training(inc, ids)}")
             _note_outside(inc, ids, f"{name}.include")
             ids, values = ids[keep], {m: v[keep] for m, v in values.items()}
             self.extra["include"] = inc
@@ -564,9 +577,11 @@ class Schedule:
             inside = exc[np.isin(exc, ids)]  # only training ids count (an id of 10^12 allocates nothing)
             if not len(inside):
                 raise SpecError(f"{name}.exclude: none of its {len(exc)} ids is a training batch, so it would "
-                                "exclude nothing (validation ids are never trained on)")
+                                f"exclude nothing: {_not_training(exc, ids)}")
             if len(np.setdiff1d(ids, inside)) == 0:
-                raise SpecError(f"{name}.exclude: it removes every training batch")
+                raise SpecError(f"{name}.exclude: it removes every training batch (all {len(ids)}), so nothing is "
+                                "left to train on: leave some out of it (select_batches.py --keep=<fraction> writes a spec "
+                                "that keeps a part)")
             _note_outside(exc, ids, f"{name}.exclude")
             mask = np.zeros(int(ids.max()) + 1, dtype=bool)
             mask[inside] = True

@@ -237,12 +237,14 @@ def test_continued_pretraining_keeps_provenance(imported, tiny_run, tmp_path):
     out, folder = imported
     init = out / "ckpt" / "ckpt_0.pt"
     cont = tmp_path / "cont"
-    train.main(tiny_run.train_args(out_dir=cont, init_from=init, max_iters=4, eval_interval=4, dim=16, n_layers=1,
+    with pytest.raises(UserError, match="drop --dim"):  # the run takes the import's shape: a flag saying otherwise
+        train.main(tiny_run.train_args(out_dir=cont, init_from=init, max_iters=4, eval_interval=4, dim=16))
+    train.main(tiny_run.train_args(out_dir=cont, init_from=init, max_iters=4, eval_interval=4,
                                    model_bin=cont / "model.bin"))
     cks = sorted((cont / "ckpt").glob("ckpt_*.pt"))
     first, last = load_checkpoint(cont / "ckpt" / "ckpt_0.pt"), load_checkpoint(cks[-1])
     src = load_checkpoint(init)
-    for k, v in src["model"].items():  # step 0 is the imported model (its shape, not --dim=16)
+    for k, v in src["model"].items():  # step 0 is the imported model
         assert torch.equal(first["model"][k], v), k
     for ck in (first, last):
         assert ck["init"]["from"] == str(init.resolve()) and ck["init"]["sha256"] == export.sha256_file(init)
