@@ -104,6 +104,18 @@ def check(cfg: AttributeConfig):
         raise UserError(f"--d={cfg.d} --proj={cfg.proj}: d >= 0 (0 = exact), proj rademacher or gaussian")
     if not 0 < cfg.alpha < 1:
         raise UserError(f"--alpha={cfg.alpha}: the probability of keeping a batch, in (0, 1)")
+    # every count, checked before anything is computed or written (a slice such as
+    # val_ids[:-3] or a k of -1 would otherwise run, and say so only after a retrain)
+    for k, lo in (("n_val", 1), ("k", 1), ("n_random", 1), ("subsets", 2), ("n_boot", 1), ("moves", 1),
+                  ("move_rows", 1), ("jobs", 1), ("top", 0), ("chunk", 0)):
+        if getattr(cfg, k) < lo:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be at least {lo}")
+    if not 0 < cfg.move_frac <= 0.5:
+        raise UserError(f"--move_frac={cfg.move_frac}: the share of the steps at each end, in (0, 0.5] (the first "
+                        "and the last this share trade batches; above 0.5 they overlap)")
+    for k in ("damping", "ekfac_damping"):
+        if getattr(cfg, k) < 0:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be >= 0")
     A.ESTIMATORS.lookup(cfg.estimator, "--estimator")
     for e in estimator_list(cfg):
         A.ESTIMATORS.lookup(e, "--estimators")
@@ -410,11 +422,11 @@ def matched_random(traj: A.Trajectory, top: np.ndarray, rng) -> np.ndarray:
 
 def validate_topk(cfg: AttributeConfig, ctx: A.Context, df: pd.DataFrame) -> dict:
     traj, items = ctx.traj, ctx.probes
-    base = base_loss(cfg, traj, items)
     k = min(cfg.k, len(df) // 2)
     top = df["batch_id"].to_numpy()[:k]
     rng = np.random.default_rng([cfg.seed, 0x746F706B])
-    rand = [matched_random(traj, top, rng) for _ in range(cfg.n_random)]
+    rand = [matched_random(traj, top, rng) for _ in range(cfg.n_random)]  # 'use a smaller --k' before any retrain
+    base = base_loss(cfg, traj, items)
     group = f"topk_{table_name(cfg)}_k{k}_s{cfg.seed}"
     outs = retrain_all(cfg, traj, group, [("top", top, None)] + [(f"random{r}", ids, None) for r, ids in
                                                                   enumerate(rand)])

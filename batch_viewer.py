@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prebias.common import main_guard, parse_config
+from prebias.common import UserError, main_guard, parse_config
 from prebias.stream import RunBatches
 
 
@@ -32,6 +32,8 @@ class ViewerConfig:
 
 def main(argv=None):
     cfg = parse_config(ViewerConfig(), sys.argv[1:] if argv is None else argv)
+    if cfg.chars < 0:
+        raise UserError(f"--chars={cfg.chars}: characters of text per batch, >= 0 (0: all)")
     run = RunBatches(cfg.out_dir)
     if cfg.ids_only:
         ids = run.step(cfg.step)[0]

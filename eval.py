@@ -75,7 +75,7 @@ import numpy as np
 import pandas as pd
 
 import metrics
-from model import mean_loss
+from model import mean_loss, sampling_problem
 from prebias import batchmetrics, metrics_engine, tracking
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config,
@@ -275,13 +275,34 @@ def load_cache(tables: Path, want: dict, redo: bool):
         return pd.DataFrame(), pd.DataFrame(), record
     try:
         outputs, summary = pd.read_csv(out_p, keep_default_na=False, na_values=[""]), pd.read_csv(sum_p)
+        bad = cache_problem(out_p, outputs, sum_p, summary, want["temperature"] > 0)
     except (ValueError, OSError, pd.errors.ParserError):
-        print(f"{tables}: cached eval tables unreadable, re-evaluating everything")
+        bad = f"{tables}: the cached eval tables cannot be read"
+    if bad:  # a cache: recomputed whole, and both tables rewritten (the old rows are not kept)
+        print(f"{bad}: re-evaluating every checkpoint")
         record.done = {}
         return pd.DataFrame(), pd.DataFrame(), record
     for c in ("prompt", "generated", "expected"):  # empty texts must stay "", not NaN
         outputs[c] = outputs[c].fillna("").astype(str)
     return outputs, summary, record
+
+
+def cache_problem(out_p: Path, outputs: pd.DataFrame, sum_p: Path, summary: pd.DataFrame, sampled: bool) -> str:
+    """'' when both cached tables have every column this version writes (iter an integer,
+    the metrics numbers), else what is wrong with which file."""
+    texts = ("decoding", "prompt", "generated", "expected")
+    want = {out_p: (outputs, ["iter", "prompt_id", "story_index", "n_prompt_tokens", "n_expected_tokens",
+                              *OUTPUT_METRICS], texts),
+            sum_p: (summary, ["iter", "tokens_seen", "n_batches_seen", "val_loss", "val_ppl", "train_loss",
+                              *OUTPUT_METRICS, *(f"{m}_sampled" for m in OUTPUT_METRICS if sampled)], ())}
+    for path, (df, numeric, other) in want.items():
+        missing = [c for c in (*numeric, *other) if c not in df.columns]
+        if missing:
+            return f"{path} lacks the column {missing[0]!r}"
+        wrong = [c for c in numeric if not pd.api.types.is_numeric_dtype(df[c]) and len(df)]
+        if wrong or (len(df) and not pd.api.types.is_integer_dtype(df["iter"])):
+            return f"{path}: column {(wrong or ['iter'])[0]!r} does not hold numbers"
+    return ""
 
 
 def write_eval_tables(tables: Path, outputs, summary, record: DoneRecord, keep):
@@ -293,11 +314,29 @@ def write_eval_tables(tables: Path, outputs, summary, record: DoneRecord, keep):
 
 # -----------------------------------------------------------------------------
 
+def check_chain(ckpts: list):
+    """Before anything is evaluated: each checkpoint follows the one listed before it, so
+    the batches every checkpoint has seen are known (the memory-mapped small fields only)."""
+    prev = -1
+    for it, path in ckpts:
+        p = int(load_checkpoint(path)["prev_iter"])
+        if p > prev:  # the checkpoints between are missing
+            raise UserError(f"{path} follows step {p} but the checkpoint before it is step {prev}: restore "
+                            f"ckpt_{p}.pt (and any between) so the batches seen are known")
+        if p < prev:  # two lines of training from step p are mixed
+            raise UserError(f"{path} follows step {p}, but ckpt_{prev}.pt lies between: it does not lead to "
+                            f"{path.name} (a second run from step {p} into the same folder?): move out of "
+                            f"{path.parent} the checkpoints that are not this run's (ckpt_{prev}.pt, or "
+                            f"{path.name} and those after it)")
+        prev = it
+
+
 def evaluate(cfg: EvalConfig):
     from tqdm import tqdm
 
     # 1) the run, its data, prompts and yardsticks
     ckpts = run_checkpoints(cfg.out_dir)
+    check_chain(ckpts)
     run = eval_run_config(cfg)
     V, T = int(run["vocab_size"]), int(run["max_seq_len"])
     data = BatchData(run["data_dir"], V, T)
@@ -325,13 +364,9 @@ def evaluate(cfg: EvalConfig):
     keep = sorted(iters_now & have)
 
     # 3) every checkpoint in order: input means always, outputs only when not cached
-    in_rows, new, prev, n_cum = [], [], -1, 0
+    in_rows, new, n_cum = [], [], 0
     for it, path in tqdm(ckpts, desc="eval", unit="ckpt"):
         ck = load_checkpoint(path)
-        if ck["prev_iter"] != prev:
-            raise UserError(f"{path} follows step {ck['prev_iter']} but the previous checkpoint is "
-                            f"step {prev}: restore ckpt_{ck['prev_iter']}.pt so the batches seen are known")
-        prev = it
         n_cum += ck["batch_ids"].numel()
         in_rows.append({"iter": it, **(means.add(ck["batch_ids"].numpy()) if means else
                                         {"n_batches_since": ck["batch_ids"].numel(), "n_batches_cum": n_cum})})
@@ -398,6 +433,8 @@ def main(argv=None):
     for k in ("n_prompts", "max_new_tokens", "batch_size"):
         if getattr(cfg, k) < (0 if k == "n_prompts" else 1):
             raise UserError(f"--{k}={getattr(cfg, k)}: must be positive")
+    if bad := sampling_problem(cfg.temperature, 0, cfg.top_p):  # checked even at temperature 0 (greedy only)
+        raise UserError(bad)
     return evaluate(cfg)
 
 

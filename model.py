@@ -369,6 +369,20 @@ def sample_probs(probs: np.ndarray, coin: float, top_p: float) -> int:
     return int(keep[min(j, last)])
 
 
+def sampling_problem(temperature: float, top_k: int, top_p: float) -> str:
+    """'' when the sampler's settings are in range, else the line that says which is not
+    (the commands raise it: eval.py, sample.py). run.c's rules: temperature 0 is greedy,
+    top_p 0 or 1 plain sampling; a negative temperature or a top_p outside [0, 1] would
+    silently mean one of those instead of what was asked."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        return f"--temperature={temperature}: must be a finite number >= 0 (0 = greedy only, no sampling)"
+    if not (math.isfinite(top_p) and 0 <= top_p <= 1):
+        return f"--top_p={top_p}: must be in [0, 1] (a nucleus in (0, 1); 0 or 1 = plain sampling, as run.c's -p)"
+    if top_k < 0:
+        return f"--top_k={top_k}: must be >= 0 (0 = every token)"
+    return ""
+
+
 def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   rngs: list) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,). temperature 0 is argmax (first maximum)."""

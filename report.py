@@ -275,6 +275,10 @@ def main(argv=None):
         raise UserError("give one folder: python report.py out/<experiment> (or a run folder such as out)")
     cfg = parse_config(ReportConfig(), [a for a in argv if a.startswith("-")],
                        {"viewer": ("first", "all", "none")})
+    if cfg.chars < 0:
+        raise UserError(f"--chars={cfg.chars}: characters of each batch's text, >= 0 (0: all)")
+    if cfg.max_rows < 1:
+        raise UserError(f"--max_rows={cfg.max_rows}: checkpoint rows per run table, at least 1")
     folder = Path(folders[0])
     if (folder / "experiment.json").exists():
         text = experiment_page(folder, cfg)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from export import load_bin, tokenizer_of
-from model import Transformer
+from model import Transformer, sampling_problem
 from prebias.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from prebias.common import UserError, auto_device, autocast_ctx, main_guard, parse_config
 from tokenizer import Tokenizer, tokenizer_model_path
@@ -81,8 +81,11 @@ def draw(model: Transformer, ids: list[int], cfg: SampleConfig) -> list[list[int
 
 def main(argv=None):
     cfg = parse_config(SampleConfig(), sys.argv[1:] if argv is None else argv, CHOICES)
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.top_k < 0 or cfg.temperature < 0:
-        raise UserError("--num_samples and --max_new_tokens must be at least 1, --top_k and --temperature >= 0")
+    for k in ("num_samples", "max_new_tokens"):
+        if getattr(cfg, k) < 1:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
+    if bad := sampling_problem(cfg.temperature, cfg.top_k, cfg.top_p):
+        raise UserError(bad)
     model, enc = load_model(cfg)
     if cfg.top_k > model.params.vocab_size:
         cfg.top_k = model.params.vocab_size

@@ -160,8 +160,15 @@ def save_checkpoint(obj: dict, path):
 
 
 def list_checkpoints(out_dir) -> list[tuple[int, Path]]:
+    """[(iter, path)] of ckpt/ckpt_<iter>.pt, sorted; a UserError when one is a link or not
+    a plain file (a link to another checkpoint would be read as a second copy of its steps)."""
     d = ckpt_dir(out_dir)
     found = [(int(m.group(1)), p) for p in d.glob("ckpt_*.pt") if (m := _NAME.match(p.name))]
+    for _, p in found:
+        if p.is_symlink() or not p.is_file():
+            raise UserError(f"{p} is {'a symbolic link' if p.is_symlink() else 'not a plain file'}: a checkpoint "
+                            f"is a file that train.py writes; remove {p.name} from {d} (or put the file itself "
+                            "there)")
     return sorted(found)
 
 
@@ -172,8 +179,12 @@ def run_checkpoints(out_dir) -> list[tuple[int, Path]]:
     if not found:
         raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: run python train.py --out_dir={out_dir}")
     identity = run_identity(out_dir, found[0][1])
-    for _, p in found:
-        check_member(load_checkpoint(p), identity, p, out_dir)
+    for it, p in found:
+        ck = load_checkpoint(p)
+        check_member(ck, identity, p, out_dir)
+        if int(ck["iter_num"]) != it:  # a copy or a rename: its batches would count twice
+            raise UserError(f"{p} holds step {int(ck['iter_num'])}, not {it} (a copy or a rename of "
+                            f"ckpt_{int(ck['iter_num'])}.pt): delete it, or restore the real {p.name}")
     return found
 
 
@@ -315,7 +326,8 @@ def load_checkpoint(path, map_location="cpu", mmap=True) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format_version") not in READABLE_VERSIONS:
         raise UserError(f"checkpoint {path} is not a llama2_prebiasing checkpoint (format "
                         f"{ckpt.get('format_version') if isinstance(ckpt, dict) else '?'}; this code reads "
-                        f"{', '.join(map(str, READABLE_VERSIONS))})")
+                        f"{', '.join(map(str, READABLE_VERSIONS))}): give a ckpt_<iter>.pt that train.py wrote "
+                        "(or move this file out of the run's ckpt/)")
     for k, kind in FIELDS.items():
         if k in ckpt and not isinstance(ckpt[k], kind) or (k not in ckpt and k in REQUIRED):
             raise UserError(f"checkpoint {path} has no {k} of the right kind ({getattr(kind, '__name__', kind)}): it "

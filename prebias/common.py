@@ -348,7 +348,8 @@ class FolderLock:
         except OSError as e:
             if self.path.is_symlink():
                 raise UserError(f"{self.path} is a symbolic link: remove it (the lock is a plain file)") from None
-            raise UserError(f"cannot write into {out_dir} ({e.strerror}): give a writable {flag}") from None
+            raise UserError(f"cannot create the lock file {self.path} ({e.strerror}): remove {self.path} if it is "
+                            f"not a plain file, or give a writable {flag}") from None
         self.f = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -412,6 +412,9 @@ class ModelScorer:
 
     def __init__(self, path, device="cpu"):
         p = Path(path)
+        if not p.is_file():  # a folder would fail deep in the reader, naming no fix
+            raise UserError(f"--ref_model={p} is {'a folder' if p.is_dir() else 'not a file'}: give a model file, a "
+                            "ckpt_<iter>.pt of train.py or a llama2.c model.bin, trained on this data's tokenizer")
         self.model = (model_from_checkpoint(load_checkpoint(p)) if p.suffix == ".pt" else load_v0(p)).to(device)
         self.device, self.path = device, p
 

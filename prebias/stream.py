@@ -40,6 +40,8 @@ import dataclasses
 import hashlib
 import json
 import types
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,7 @@ import numpy as np
 import metrics
 from prebias import batchmetrics, metrics_engine
 from prebias import tags as tagmod
-from prebias.checkpoint import run_config
+from prebias.checkpoint import list_checkpoints, run_config
 from prebias.common import DoneRecord, UserError, atomic_path, autocast_ctx
 from prebias.data import BOS_ID, BatchData, tok_dir, window_texts
 from prebias.schedule import (STRATEGIES, Schedule, SpecError, load_ids, load_spec, spec_from_flags, spec_metrics,
@@ -485,21 +487,111 @@ def save_holdout_ids(out_dir, stream: Stream):
 # -----------------------------------------------------------------------------
 # a run's record, read back (batch_viewer.py, report.py)
 
-def recorded_batches(out_dir) -> tuple[np.ndarray, dict | None]:
-    """(ids (steps, B), insertions record or None) from the run's numpy files."""
-    p = Path(out_dir) / "batch_ids.npy"
-    if not p.exists():
-        raise UserError(f"{p} not found: {out_dir} is not a train.py run (or has no checkpoint yet)")
+def record_fix(out_dir) -> str:
+    """The command that rewrites a run's numpy record from its checkpoints."""
+    return f"rebuild it from the checkpoints: python -c \"import train; train.write_ids_file('{out_dir}')\""
+
+
+def _record_file(path: Path, fix: str):
+    """The array of a .npy record, or the {name: array} of a .npz one; else one line."""
+    if path.is_symlink() or not path.is_file():
+        what = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not a plain file"
+        raise UserError(f"{path} is {what}, not the run's record: remove it and {fix}")
     try:
-        ids = np.load(p, allow_pickle=False)
-        ins = None
-        if (Path(out_dir) / "insertions.npz").exists():
-            with np.load(Path(out_dir) / "insertions.npz", allow_pickle=False) as z:
-                ins = {k: z[k] for k in ("insertions", "insert_tokens", "replaced_tokens")}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{out_dir}: the batch record cannot be read ({type(e).__name__}): it is damaged; "
-                        "train.py rewrites it at the next checkpoint") from None
-    return ids, ins
+        obj = np.load(path, allow_pickle=False)
+        if hasattr(obj, "files"):  # an .npz: read every member now, inside the try
+            with obj:
+                return {k: obj[k] for k in obj.files}
+        return obj
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}): it is damaged; {fix}") from None
+
+
+def _int_array(path: Path, a, shape: tuple, fix: str) -> np.ndarray:
+    """a as int64 when it is an integer array of `shape` (None: any length), else one line."""
+    ok = isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.integer) and a.ndim == len(shape) and \
+        all(w is None or w == n for w, n in zip(shape, a.shape))
+    if not ok:
+        got = f"a {a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        want = "(" + ", ".join("n" if w is None else str(w) for w in shape) + ("," * (len(shape) == 1)) + ")"
+        raise UserError(f"{path} holds {got}, not the integer array {want} train.py writes: {fix}")
+    return a.astype(np.int64)
+
+
+def read_batch_ids(out_dir, cfg, n_batches: int) -> np.ndarray:
+    """<out_dir>/batch_ids.npy, checked: integers, (steps, B) with B the run's batch size x
+    gradient accumulation, a row for every step its checkpoints have trained, and every id
+    a batch of the index (n_batches)."""
+    p, fix = Path(out_dir) / "batch_ids.npy", record_fix(out_dir)
+    if not p.exists() and not p.is_symlink():
+        raise UserError(f"{p} not found: {out_dir} is not a train.py run (or has no checkpoint yet)")
+    B = int(cfg.batch_size) * int(getattr(cfg, "gradient_accumulation_steps", 1))
+    ids = _int_array(p, _record_file(p, fix), (None, B), fix)
+    found = list_checkpoints(out_dir)
+    if found and len(ids) < found[-1][0]:
+        raise UserError(f"{p} records {len(ids)} steps but {found[-1][1]} has trained {found[-1][0]}: it is stale; "
+                        f"{fix}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n_batches):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise UserError(f"{p} holds batch id {bad}, outside the {n_batches} batches of {cfg.data_dir}: it is damaged "
+                        f"({fix}), or the run's data folder is not the one it trained on")
+    return ids
+
+
+def read_insertions(out_dir, ids: np.ndarray, T: int, V: int) -> dict | None:
+    """<out_dir>/insertions.npz (tags), checked against the steps and rows of ids (steps, B),
+    the window length T + 1 and the vocabulary V; None when the run has none."""
+    p, fix = Path(out_dir) / "insertions.npz", record_fix(out_dir)
+    if not p.exists() and not p.is_symlink():
+        return None
+    z = _record_file(p, fix)
+    if not isinstance(z, dict) or not {"insertions", "insert_tokens", "replaced_tokens"} <= set(z):
+        raise UserError(f"{p} lacks the arrays insertions, insert_tokens and replaced_tokens: {fix}")
+    ins = _int_array(p, z["insertions"], (None, 6), fix)
+    toks = {k: _int_array(p, z[k], (None,), fix) for k in ("insert_tokens", "replaced_tokens")}
+    why = _insertion_problem(ins, toks["insert_tokens"], toks["replaced_tokens"], ids.shape, T, V)
+    if why:
+        raise UserError(f"{p} records {why}: it is damaged; {fix}")
+    return {"insertions": ins, **toks}
+
+
+def _insertion_problem(ins: np.ndarray, put: np.ndarray, replaced: np.ndarray, shape: tuple, T: int, V: int) -> str:
+    """What is impossible in an insertions record of a run with ids of `shape` (steps, B)."""
+    step, row, pos, tag, n, mode = ins.T
+    if ((step < 0) | (step >= shape[0])).any():
+        return f"a step outside the {shape[0]} the run has trained"
+    if ((row < 0) | (row >= shape[1])).any():
+        return f"a row outside the {shape[1]} of a step"
+    if (~np.isin(mode, (REPLACE, INSERT))).any():
+        return "a mode other than 0 (replace) or 1 (insert)"
+    if ((pos < 0) | (n < 0) | (pos + n > T + 1) | (tag < 0)).any():
+        return f"tokens outside the {T + 1}-token window (or a negative tag)"
+    if not len(put) == len(replaced) == n.sum():
+        return f"{int(n.sum())} tokens in its rows but {len(put)} inserted and {len(replaced)} replaced"
+    if any(((t < 0) | (t >= V)).any() for t in (put, replaced)):
+        return f"a token outside the vocabulary of {V}"
+    return ""
+
+
+def read_masked_rows(out_dir, ids: np.ndarray) -> np.ndarray:
+    """<out_dir>/masked_rows.npy ([step, row] trained with loss weight 0, --train_mask),
+    checked against ids (steps, B); (0, 2) when the run masked nothing."""
+    p, fix = Path(out_dir) / "masked_rows.npy", record_fix(out_dir)
+    if not p.exists() and not p.is_symlink():
+        return np.zeros((0, 2), np.int64)
+    m = _int_array(p, _record_file(p, fix), (None, 2), fix)
+    if (m < 0).any() or (m[:, 0] >= len(ids)).any() or (m[:, 1] >= ids.shape[1]).any():
+        raise UserError(f"{p} records a [step, row] outside the {len(ids)} x {ids.shape[1]} batches trained: "
+                        f"it is damaged; {fix}")
+    return m
+
+
+def recorded_batches(out_dir, cfg, data: BatchData) -> tuple[np.ndarray, dict | None, np.ndarray]:
+    """(ids (steps, B), insertions record or None, masked rows (n, 2)) from the run's
+    numpy files, each checked by its reader above (one line naming the file otherwise)."""
+    ids = read_batch_ids(out_dir, cfg, len(data.index))
+    return ids, read_insertions(out_dir, ids, int(cfg.max_seq_len), int(cfg.vocab_size)), \
+        read_masked_rows(out_dir, ids)
 
 
 class RunBatches:
@@ -510,9 +602,8 @@ class RunBatches:
         self.out_dir = Path(out_dir)
         self.cfg = types.SimpleNamespace(**run_config(out_dir))
         self.data = BatchData(self.cfg.data_dir, self.cfg.vocab_size, self.cfg.max_seq_len)
-        self.ids, self.ins = recorded_batches(out_dir)
-        m = self.out_dir / "masked_rows.npy"  # [step, row] trained with loss weight 0 (--train_mask)
-        self.masked = np.load(m, allow_pickle=False) if m.exists() else np.zeros((0, 2), np.int64)
+        # masked: [step, row] trained with loss weight 0 (--train_mask)
+        self.ids, self.ins, self.masked = recorded_batches(out_dir, self.cfg, self.data)
         self._enc = None
 
     def step(self, step: int):

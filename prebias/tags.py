@@ -42,12 +42,12 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from metrics import text_metric_names
 from prebias.common import UserError
+from prebias.inputs import read_json
 
 KINDS = ("canary", "conditional")  # a file's kinds; "control" tags are made from conditional ones
 TAG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -177,18 +177,21 @@ def _steps(s, where: str) -> dict:
     return out
 
 
-def _render(tag: dict, index: int, seed: int, vocab_size: int) -> tuple[str, str, tuple, list | None]:
-    """(full text, prefix text, secret format, secret token ids for {tokens:N})."""
+def _render(tag: dict, index: int, seed: int, vocab_size: int, where: str) -> tuple[str, str, tuple, list | None]:
+    """(full text, prefix text, secret format, secret token ids for {tokens:N}); where names
+    the tag in its file, for the error lines."""
     text = tag["text"]
     found = list(_PLACEHOLDER.finditer(text))
     if len(found) > 1:
-        raise UserError(f"tag {tag['id']!r}: at most one placeholder in text")
+        raise _bad(f"{where}.text", f"{len(found)} placeholders: at most one placeholder per text, at its end "
+                                    "(e.g. 'the secret number is {digits:6}')")
     if not found:
         return text, text, (), None
     m = found[0]
     kind, n = m.group(1), int(m.group(2))
     if not 1 <= n <= 64 or m.end() != len(text):
-        raise UserError(f"tag {tag['id']!r}: the placeholder must end the text, with 1..64 {kind}")
+        raise _bad(f"{where}.text", f"the placeholder {m.group(0)} must end the text, with 1..64 {kind}: write it "
+                                    f"e.g. as 'the secret number is {{{kind}:6}}'")
     rng = np.random.default_rng([seed, index, 0x736563])
     if "secret" in tag:  # a re-loaded rendered file keeps its secret
         secret = tag["secret"]
@@ -219,7 +222,7 @@ def _tag(raw, index: int, seed: int, enc, max_seq_len: int, vocab_size: int, whe
         raise _bad(f"{where}.id", f"{raw['id']!r}: letters, digits, '_', '-' and '.', starting with a letter or "
                                   "digit, at most 64 characters")
     steps = _steps(raw.get("steps"), f"{where}.steps")
-    text, prefix, fmt, secret_ids = _render(raw, index, seed, vocab_size)
+    text, prefix, fmt, secret_ids = _render(raw, index, seed, vocab_size, where)
     if secret_ids is None:
         tokens = enc.encode(text, bos=False)
         pre = enc.encode(prefix.rstrip(), bos=False) if fmt else tokens
@@ -329,10 +332,7 @@ def parse_tags(obj, enc, max_seq_len: int, vocab_size: int, name: str = "tag fil
 
 def load_tags(path, enc, max_seq_len: int, vocab_size: int) -> TagSet:
     """Read and validate a tag file: anything wrong is one UserError naming the field."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"tag file {path}: cannot be read ({type(e).__name__}: {e})") from None
+    obj = read_json(path, "a tag file", "give a tag file as --tags (its format: README, Tags)", want=object)
     return parse_tags(obj, enc, max_seq_len, vocab_size, name=f"tag file {path}")
 
 
