@@ -197,6 +197,9 @@ def _reference_model(path: str, data, device: str):
     """(model, record) of --select_ref: for a train.py checkpoint of this data, the record
     says how many of the batches it trained on lie outside the holdout, and what its
     training cost (its compute record; else its steps x batches x FLOPs per window)."""
+    if not Path(path).is_file():
+        raise UserError(f"--select_ref={path} is {'a folder' if Path(path).is_dir() else 'not a file'}: give a "
+                        "checkpoint (out/<ref>/ckpt/ckpt_<n>.pt) or a model.bin trained on this data's holdout")
     rec = {"kind": "model", "path": str(path), "sha256": sha256_file(path)[:16], "fit_flops": 0.0, "fit_s": 0.0}
     if not str(path).endswith(".pt"):
         rec["trained_on"] = "unknown (a model.bin has no record of its data)"

@@ -214,3 +214,10 @@ def test_exclude_list_messages_say_what_the_ids_are_and_the_fix(tiny_data, tmp_p
                                         r"train on: leave some out of it"):
         train.main(run.train_args(schedule_exclude=every, **SHORT))
     assert not run.out_dir.exists()
+
+
+def test_a_select_ref_that_is_a_folder_is_one_line(tiny_data, tmp_path):
+    """--select_ref=<folder> ended in IsADirectoryError while hashing it."""
+    run = TinyRun(*tiny_data, tmp_path / "out")
+    with pytest.raises(UserError, match=r"--select_ref=.* is a folder: give a checkpoint"):
+        train.main(run.train_args(max_iters=2, eval_interval=2, select="rho", select_pool=2, select_ref=str(tmp_path)))
