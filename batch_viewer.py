@@ -36,7 +36,9 @@ def main(argv=None):
         raise UserError(f"--chars={cfg.chars}: characters of text per batch, >= 0 (0: all)")
     run = RunBatches(cfg.out_dir)
     if cfg.ids_only:
-        ids = run.step(cfg.step)[0]
+        ids, _, _, source = run.step(cfg.step)
+        if source.startswith("NOT TRAINED"):  # ids only on stdout (for pipes); the warning beside them
+            print(source, file=sys.stderr)
         print("\n".join(map(str, ids)))
         return ids
     rows, source = run.rows(cfg.step, cfg.chars)

@@ -104,6 +104,8 @@ COLUMNS = ["iter", "tag", "kind", "steps_since_seen", "loss", "cand_loss", "gap"
            "effect_vs_none_hi"]
 FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_all", forgetting.UNSEEN_EXPOSURE)),
         "conditional": (("effect", 0.0),)}  # measure, the value that means "forgotten"
+LIMITS = {"R": 10 ** 6, "R_context": 10 ** 5, "n_prompts": 10 ** 4, "n_references": 10 ** 4, "n_contexts": 10 ** 4,
+          "max_new_tokens": 10 ** 5, "batch_size": 10 ** 5, "exact_budget": 2 ** 24}
 exposure = forgetting.rank_exposure  # the published definition, one home (prebias/forgetting.py)
 MIN_HITS = 10  # exposure_all: with fewer draws below the secret the sampled count is too rough (README: up to 4.6
 #                bits off on the real stories where none fell below) and the exact count is tried instead
@@ -611,6 +613,10 @@ def main(argv=None):
     for k in ("n_contexts", "n_references", "exact_budget"):
         if getattr(cfg, k) < 0:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be 0 (none) or more")
+    for k, most in LIMITS.items():  # sizes that would fill the memory before the first line is printed
+        if getattr(cfg, k) > most:
+            raise UserError(f"--{k}={getattr(cfg, k)}: at most {most:,} (candidates are scored and held in memory; "
+                            "--exact_budget counts the whole space exactly)")
     return measure(cfg)
 
 

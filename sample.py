@@ -90,6 +90,10 @@ def main(argv=None):
     if cfg.top_k > model.params.vocab_size:
         cfg.top_k = model.params.vocab_size
     ids = prompt_ids(cfg, enc)
+    room = model.params.max_seq_len + 1 - len(ids)  # model.generate stops at the context's end
+    if cfg.max_new_tokens > room:
+        print(f"note: --max_new_tokens={cfg.max_new_tokens} is cut to {max(room, 0)}: the prompt ({len(ids)} tokens) "
+              f"and the samples fit the model's context of {model.params.max_seq_len}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     for new in draw(model, ids, cfg):
         print(enc.decode(ids + new))

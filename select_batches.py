@@ -169,9 +169,16 @@ def select(cfg: SelectConfig) -> Path:
     cost["seconds"] = round(time.perf_counter() - t0, 3)
     key = np.where(np.isnan(s), np.inf, -s if cfg.which == "hardest" else s)
     order = np.argsort(key, kind="stable")
-    n_keep = min(int(round(cfg.keep * len(ids))), int((~np.isnan(s)).sum()))
+    n_nan, want = int(np.isnan(s).sum()), int(round(cfg.keep * len(ids)))
+    n_keep = min(want, len(ids) - n_nan)  # a batch without a score is never kept
     if n_keep < 1:
-        raise UserError(f"--keep={cfg.keep} keeps no batch of {len(ids)}")
+        raise UserError(f"--keep={cfg.keep} keeps no batch of {len(ids)}" + (
+            f": {n_nan} of them have no {cfg.by} value (NaN in batch_metrics.csv), the rest round to 0; rank by "
+            "another metric" if n_nan else f" (it rounds to 0): keep at least 1/{len(ids)}"))
+    if n_nan:
+        print(f"warning: {n_nan} of {len(ids)} batches have no {cfg.by} value (NaN in batch_metrics.csv: e.g. "
+              f"gender_ratio where a batch names nobody) and are never kept" +
+              (f"; kept {n_keep}, not the {want} that --keep={cfg.keep} asks for" if n_keep < want else ""))
     rank = np.empty(len(ids), np.int64)
     rank[order] = np.arange(1, len(ids) + 1)
     kept = rank <= n_keep

@@ -370,7 +370,7 @@ def pretokenize(vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, data_dir=DATA_DI
     model_path = tokenizer_model_path(vocab_size, data_dir)
     tok_sha = sha256_file(model_path)
     if metrics not in (None, "", "none"):  # a bad request is refused before anything is rewritten
-        batchmetrics.check_request(metrics, ref_model, vocab_size, max_seq_len)
+        batchmetrics.check_request(metrics, ref_model, vocab_size, max_seq_len, tok_sha)
     out = tok_dir(data_dir, vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     # 1) tokens: skip shards whose json and tokenizer are unchanged since the last run

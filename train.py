@@ -81,6 +81,9 @@ POSITIVE = ("eval_interval", "log_interval", "eval_iters", "batch_size", "max_se
 # -----------------------------------------------------------------------------
 
 
+MAX_SCHEDULE_ROWS = 2_000_000_000  # batch ids a run's schedule may hold (16 GiB of int64)
+
+
 def validate(cfg: TrainConfig):
     """Nonsense values get one line before anything is written."""
     for k in POSITIVE:
@@ -110,6 +113,12 @@ def validate(cfg: TrainConfig):
                         "larger than 1 (e.g. --select_pool=4), and a pool needs a --select method")
     if cfg.select != "none" and SCORES[cfg.select].needs_metric and not cfg.select_metric:
         raise UserError(f"--select={cfg.select} needs --select_metric=<a batch metric> (and --select_target)")
+    rows = cfg.max_iters * cfg.batch_size * cfg.gradient_accumulation_steps
+    if rows > MAX_SCHEDULE_ROWS:  # the schedule holds one int64 batch id per row of every step, in memory
+        raise UserError(f"--max_iters={cfg.max_iters} x --batch_size={cfg.batch_size} x "
+                        f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} = {rows:.3g} batch ids in the "
+                        f"schedule, more than {MAX_SCHEDULE_ROWS:.0e} ({MAX_SCHEDULE_ROWS * 8 / 2**30:.0f} GiB): "
+                        "lower one of them")
     check_fits_memory(cfg)
 
 
@@ -528,6 +537,20 @@ def _record_damage(path: Path, keys=()) -> str:
     return f"lacking {missing[0]!r}" if missing else ""
 
 
+RECORD_FILES = ("config.json", "run.json", "history.jsonl", "train.log", "batch_ids.npy", "insertions.npz",
+                "masked_rows.npy", "holdout_ids.npy")
+
+
+def check_record_files(out_dir) -> None:
+    """The files a run appends to or rewrites must be plain files where they exist: a
+    folder or a link in their place fails (or writes elsewhere) after the run has begun."""
+    for name in RECORD_FILES:
+        p = Path(out_dir) / name
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise UserError(f"{p} is {'a link' if p.is_symlink() else 'not a plain file'}: the run writes its record "
+                            "there; move it away (a resume rebuilds what it can) or use another --out_dir")
+
+
 def rebuilt_records(out_dir) -> dict:
     """On resume: {name: content} for config.json and run.json when missing or damaged,
     rebuilt from what recorded the same thing at the same moment (so the record stays
@@ -618,6 +641,7 @@ def main(argv=None):
                             "or another --out_dir")
         if rank0:
             remove_stale_temps(cfg.out_dir)
+            check_record_files(cfg.out_dir)
         trainer = Trainer(cfg, init)  # data, stream and model are checked before anything is written
         rebuilt = rebuilt_records(cfg.out_dir) if saved is not None and trainer.master else {}  # reads only
         if trainer.master:

@@ -215,6 +215,8 @@ def draw_over_training(df: pd.DataFrame, title: str, probe_desc: str, path: Path
 
 def main(argv=None):
     cfg = parse_config(AttnConfig(), sys.argv[1:] if argv is None else argv)
+    if cfg.dpi < 1:
+        raise UserError(f"--dpi={cfg.dpi}: the figures' resolution must be at least 1 (default 110)")
     out = Path(cfg.out_dir)
     ckpts = run_checkpoints(out)
     last = load_checkpoint(ckpts[-1][1])

@@ -310,6 +310,8 @@ def draw_all(cfg, df, pca, words, pngs, todo, summaries, record, sigs) -> list[P
 
 def main(argv=None):
     cfg = parse_config(EmbdConfig(), sys.argv[1:] if argv is None else argv, CHOICES)
+    if cfg.dpi < 1:
+        raise UserError(f"--dpi={cfg.dpi}: the figures' resolution must be at least 1 (default 110)")
     if cfg.max_panels < 1:
         raise UserError(f"--max_panels={cfg.max_panels}: use 1 or more")
     out = Path(cfg.out_dir)

@@ -122,7 +122,7 @@ def _summary_csv(summaries: list[dict]) -> str:
     return "".join(",".join(map(cell, r)) + "\n" for r in [cols] + [[s[c] for c in cols] for s in summaries])
 
 
-def check_request(metric_spec, ref_model, vocab_size: int, max_seq_len: int) -> list[str]:
+def check_request(metric_spec, ref_model, vocab_size: int, max_seq_len: int, tokenizer_sha: str = "") -> list[str]:
     """The metric names asked for; one line for an unknown metric or a reference model
     that cannot score this data whole (pretokenize calls it before it writes anything)."""
     try:
@@ -130,7 +130,7 @@ def check_request(metric_spec, ref_model, vocab_size: int, max_seq_len: int) -> 
     except ValueError as e:
         raise UserError(str(e)) from None
     if ref_model:
-        ModelScorer(ref_model).check(vocab_size, max_seq_len)
+        ModelScorer(ref_model).check(vocab_size, max_seq_len, tokenizer_sha)
     return names
 
 
@@ -148,7 +148,7 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
     # 1) the reference scorer, fitted on the holdout (the validation shard where there is none)
     if ref_model:
         ref = ModelScorer(ref_model)
-        ref.check(vocab_size, max_seq_len)
+        ref.check(vocab_size, max_seq_len, data.meta["tokenizer_sha256"])
         scorer, scorer_fp = None, ref.fingerprint()
         fit = {"on": "model", "path": str(ref_model)}
     else:

@@ -34,6 +34,10 @@ def main_guard(fn):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more, as cat does
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        sys.exit(141)
 
 
 # -----------------------------------------------------------------------------
@@ -206,7 +210,13 @@ def atomic_path(path):
     """Yield a temp path next to `path`; on success rename it onto `path`, on error
     remove it, so readers never see a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot write {path}: {next(p for p in path.parents if p.exists())} is a file where a folder "
+                        "belongs; move it away (or choose another output folder)") from None
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: a folder is in its place; move it away")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)

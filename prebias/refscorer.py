@@ -415,16 +415,27 @@ class ModelScorer:
         if not p.is_file():  # a folder would fail deep in the reader, naming no fix
             raise UserError(f"--ref_model={p} is {'a folder' if p.is_dir() else 'not a file'}: give a model file, a "
                             "ckpt_<iter>.pt of train.py or a llama2.c model.bin, trained on this data's tokenizer")
-        self.model = (model_from_checkpoint(load_checkpoint(p)) if p.suffix == ".pt" else load_v0(p)).to(device)
+        ck = load_checkpoint(p) if p.suffix == ".pt" else None
+        self.model = (model_from_checkpoint(ck) if ck else load_v0(p)).to(device)
         self.device, self.path = device, p
+        # a checkpoint records its tokenizer's sha256; a llama2.c model.bin records none
+        self.tokenizer_sha = str(((ck or {}).get("data") or {}).get("tokenizer_sha256", ""))
 
     def fingerprint(self) -> str:
         return "model:" + sha256_file(self.path)[:16]
 
-    def check(self, vocab_size: int, max_seq_len: int):
+    def check(self, vocab_size: int, max_seq_len: int, tokenizer_sha: str = ""):
         """One line unless the model reads this data whole: the same vocabulary (another's
-        ids mean other text) and a context as long as a window (it would score only the
-        first part of each)."""
+        ids mean other text: its size, and for a checkpoint its tokenizer's sha256 against
+        the data's) and a context as long as a window (it would score only the first part
+        of each). A model.bin names no tokenizer: a note says so."""
+        if tokenizer_sha and self.tokenizer_sha and self.tokenizer_sha != tokenizer_sha:
+            raise UserError(f"--ref_model={self.path} was trained with another tokenizer (sha256 "
+                            f"{self.tokenizer_sha[:12]}, the data's {tokenizer_sha[:12]}): its ids mean other text; train "
+                            "the reference model on this data")
+        if not self.tokenizer_sha:
+            print(f"note: --ref_model={self.path} is a model.bin, which records no tokenizer: make sure it was trained "
+                  "on this data's tokenizer (its ckpt_<n>.pt would be checked)")
         a = self.model.params
         if a.vocab_size != vocab_size:
             raise UserError(f"--ref_model={self.path} has vocab_size {a.vocab_size}, the data {vocab_size}: train the "

@@ -203,6 +203,8 @@ def _reference_model(path: str, data, device: str):
     rec = {"kind": "model", "path": str(path), "sha256": sha256_file(path)[:16], "fit_flops": 0.0, "fit_s": 0.0}
     if not str(path).endswith(".pt"):
         rec["trained_on"] = "unknown (a model.bin has no record of its data)"
+        print(f"note: --select_ref={path} is a model.bin, which records no tokenizer or data: make sure it was trained "
+              "on this data's holdout (its ckpt_<n>.pt would be checked)")
         return load_v0(path).to(device).eval(), rec
     ck = load_checkpoint(path)
     model = model_from_checkpoint(ck, device)
@@ -211,6 +213,9 @@ def _reference_model(path: str, data, device: str):
     rec["fit_flops"] = float(comp.get("total_flops", train_flops_per_window(model) * ck["iter_num"]
                                       * cfg["batch_size"] * cfg["gradient_accumulation_steps"]))
     rec["fit_s"] = float(comp.get("wall_s", 0.0))
+    if ck["data"]["tokenizer_sha256"] != data.meta["tokenizer_sha256"]:
+        raise UserError(f"--select_ref={path} was trained with another tokenizer than this data's: its ids mean other "
+                        "text; train the reference model on this data's holdout (train.py --holdout=only)")
     same_data = (ck["data"]["tokenizer_sha256"] == data.meta["tokenizer_sha256"]
                  and ck["data"]["n_batches"] == len(data) and ck["data"]["max_seq_len"] == data.max_seq_len)
     if not same_data:

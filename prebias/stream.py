@@ -610,6 +610,9 @@ class RunBatches:
         """(ids, windows as trained (B, T+1), insertion rows of the step, source line)."""
         if step < 0:
             raise UserError(f"--step={step}: steps count from 0")
+        if step >= max(len(self.ids), self.cfg.max_iters):  # past the run and its schedule: no ids to give
+            raise UserError(f"--step={step}: the run's schedule has steps 0..{max(len(self.ids), self.cfg.max_iters) - 1}"
+                            f" (trained 0..{len(self.ids) - 1}); give one of them")
         if step < len(self.ids):
             rec = self.ins or {"insertions": np.zeros((0, 6), np.int64), "insert_tokens": np.zeros(0, np.int64)}
             wins = trained_windows(self.data, self.ids[step], step, rec)

@@ -89,7 +89,7 @@ def test_report_on_damaged_files_is_one_line(tmp_path, damage, msg):
 
 def test_report_unwritable_out_is_one_line(tmp_path):
     _evil_experiment(tmp_path / "exp")
-    with pytest.raises(UserError, match="cannot write .*: give a writable --out"):
+    with pytest.raises(UserError, match="cannot write .*experiment.json is a file where a folder belongs; move it"):
         report.main([str(tmp_path / "exp"), f"--out={tmp_path / 'exp' / 'experiment.json' / 'x.html'}"])
 
 
