@@ -86,7 +86,7 @@ from prebias import tags as tagmod
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config, stream_records
 from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, save_figure,
                             step_axis, write_csv_atomic)
-from prebias.configs import DurabilityConfig
+from prebias.configs import DurabilityConfig, check_durability
 from prebias.data import BOS_ID, BatchData, load_stories, raw_shards
 from prebias.stats import mean_interval
 from prebias.stream import INSERT, REPLACE, trained_windows
@@ -605,12 +605,7 @@ def plot(df, fits, tagset, ins, max_step, path, title):
 
 def main(argv=None):
     cfg = parse_config(DurabilityConfig(), sys.argv[1:] if argv is None else argv)
-    for k in ("R", "batch_size", "n_prompts", "prompt_tokens", "max_new_tokens", "R_context"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
-    for k in ("n_contexts", "n_references", "exact_budget"):
-        if getattr(cfg, k) < 0:
-            raise UserError(f"--{k}={getattr(cfg, k)}: must be 0 (none) or more")
+    check_durability(cfg)  # the values alone (experiment.py runs it on a spec's settings too)
     return measure(cfg)
 
 

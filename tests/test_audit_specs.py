@@ -95,3 +95,59 @@ def test_an_exclude_in_the_spec_names_the_spec_and_the_file(tiny_data, tmp_path)
     run = TinyRun(*tiny_data, tmp_path / "out")
     with pytest.raises(UserError, match=rf"^schedule spec {re.escape(str(path))}: exclude={re.escape(excl)}: none of"):
         train.main(run.train_args(schedule_spec=path, **SHORT))
+
+
+# -----------------------------------------------------------------------------
+# experiment specs: every value checked as the stages will read it, before any work
+
+EXP_BAD = [  # (what the spec changes, the one line it must give after '<spec>: ')
+    (lambda s: s["eval"].update(n_prompts=-2), r"eval\.n_prompts=-2: must be positive"),
+    (lambda s: s["eval"].update(top_p=1.5), r"eval\.top_p=1\.5: must be in \[0, 1\]"),
+    (lambda s: s["durability"].update(R="many"), r"durability\.R=many: expected int"),
+    (lambda s: s["durability"].update(n_contexts=-1), r"durability\.n_contexts=-1: must be 0 \(none\) or more"),
+    (lambda s: s["metrics"].append("nosuch_metric"), r"metrics: 'nosuch_metric' is not a column the runs'"),
+    (lambda s: s.update(primary=["out_nosuch"]), r"primary: 'out_nosuch' is not a column"),
+    (lambda s: s["base"].update(learning_rate=float("inf")), r"base\.learning_rate=inf: expected a finite number"),
+    (lambda s: s["base"].update(beta2=5), r"base\.beta2=5.*must be in \[0, 1\)"),
+    (lambda s: s["arms"]["curriculum"].update(dim=30), r"arms\.curriculum\.dim=30, --n_heads=4"),
+    (lambda s: s["arms"]["curriculum"].update(schedule="nosuch"), r"arms\.curriculum\.schedule=nosuch: choose one of"),
+    (lambda s: s["arms"]["shuffle"].update(schedule_spec="SPEC"),
+     r"arms\.shuffle\.schedule_spec: schedule spec .*bad_plan\.json: phases\[0\]\.strategy: 'nosuch'"),
+]
+
+
+@pytest.mark.parametrize("change, line", EXP_BAD, ids=[f"e{i}" for i in range(len(EXP_BAD))])
+def test_a_bad_experiment_value_is_one_line_before_any_folder(tiny_data, tmp_path, change, line):
+    """Old code: the runs were planned, their folders made and (but for the metrics) trained
+    first; the error came from a stage, or from the aggregation, without the spec's field."""
+    from conftest import experiment_spec
+    path = experiment_spec(tiny_data, tmp_path / "exp.json")
+    spec = json.loads(path.read_text())
+    spec["base"]["data_dir"] = str(tmp_path / "no_data")  # the old code fails fast in train.py, not after hours
+    (tmp_path / "bad_plan.json").write_text(json.dumps({"phases": [{"strategy": "nosuch"}]}))
+    change(spec)
+    if spec["arms"]["shuffle"].get("schedule_spec") == "SPEC":
+        spec["arms"]["shuffle"]["schedule_spec"] = str(tmp_path / "bad_plan.json")
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        experiment.main([str(path), f"--out_root={out}"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: "), msg
+    assert re.match(line, msg[len(f"{path}: "):]), msg
+    assert not out.exists()  # no experiment folder, no lock, no run folder
+
+
+def test_the_columns_the_runs_have_are_accepted_as_metrics(tiny_data, tmp_path):
+    """Every default metric, its input twin, the sampled twin, the since means and the tag
+    measures pass the check (a check that refused them would stop every experiment)."""
+    from conftest import experiment_spec
+    cols = experiment.DEFAULT_METRICS + [f"in_{m[4:]}_cum" for m in experiment.DEFAULT_METRICS
+                                         if m not in ("val_loss", "out_bleu", "out_rouge_l")]  # not batch metrics
+    cols += ["out_fk_grade_sampled", "in_noisy_since", "out_prefix_match", "val_ppl", "train_loss", "n_batches_cum",
+             "tag_secret_exposure", "tag_my_tag_gap_ctx", "tag_x_exposure_extrap"]
+    path = experiment_spec(tiny_data, tmp_path / "exp.json", metrics=cols, primary=["val_loss", "out_ref_nll"])
+    spec = experiment.load_spec(path)
+    assert spec["metrics"] == cols
+    for bad in ("tag_secret", "tag__exposure", "in_fk_grade", "in_bleu_cum", "out_", "arm", "seed"):
+        assert not experiment.is_summary_column(bad), bad
