@@ -86,7 +86,7 @@ from prebias import tags as tagmod
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config, stream_records
 from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config, save_figure,
                             step_axis, write_csv_atomic)
-from prebias.configs import DurabilityConfig
+from prebias.configs import DurabilityConfig, check_durability
 from prebias.data import BOS_ID, BatchData, load_stories, raw_shards
 from prebias.stats import mean_interval
 from prebias.stream import INSERT, REPLACE, trained_windows
@@ -104,8 +104,6 @@ COLUMNS = ["iter", "tag", "kind", "steps_since_seen", "loss", "cand_loss", "gap"
            "effect_vs_none_hi"]
 FITS = {"canary": (("gap", 0.0), ("gap_ctx", 0.0), ("exposure_all", forgetting.UNSEEN_EXPOSURE)),
         "conditional": (("effect", 0.0),)}  # measure, the value that means "forgotten"
-LIMITS = {"R": 10 ** 6, "R_context": 10 ** 5, "n_prompts": 10 ** 4, "n_references": 10 ** 4, "n_contexts": 10 ** 4,
-          "max_new_tokens": 10 ** 5, "batch_size": 10 ** 5, "exact_budget": 2 ** 24}
 exposure = forgetting.rank_exposure  # the published definition, one home (prebias/forgetting.py)
 MIN_HITS = 10  # exposure_all: with fewer draws below the secret the sampled count is too rough (README: up to 4.6
 #                bits off on the real stories where none fell below) and the exact count is tried instead
@@ -607,16 +605,7 @@ def plot(df, fits, tagset, ins, max_step, path, title):
 
 def main(argv=None):
     cfg = parse_config(DurabilityConfig(), sys.argv[1:] if argv is None else argv)
-    for k in ("R", "batch_size", "n_prompts", "prompt_tokens", "max_new_tokens", "R_context"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
-    for k in ("n_contexts", "n_references", "exact_budget"):
-        if getattr(cfg, k) < 0:
-            raise UserError(f"--{k}={getattr(cfg, k)}: must be 0 (none) or more")
-    for k, most in LIMITS.items():  # sizes that would fill the memory before the first line is printed
-        if getattr(cfg, k) > most:
-            raise UserError(f"--{k}={getattr(cfg, k)}: at most {most:,} (candidates are scored and held in memory; "
-                            "--exact_budget counts the whole space exactly)")
+    check_durability(cfg)  # the values alone (experiment.py runs it on a spec's settings too)
     return measure(cfg)
 
 

@@ -75,12 +75,12 @@ import numpy as np
 import pandas as pd
 
 import metrics
-from model import mean_loss, sampling_problem
+from model import mean_loss
 from prebias import batchmetrics, metrics_engine, tracking
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoints, run_config
 from prebias.common import (DoneRecord, UserError, auto_device, file_signature, main_guard, parse_config,
                             write_csv_atomic)
-from prebias.configs import EvalConfig
+from prebias.configs import EvalConfig, check_eval
 from prebias.data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
 from prebias.refscorer import reference_scorer
 from tokenizer import Tokenizer
@@ -90,8 +90,7 @@ from tokenizer import Tokenizer
 
 EVAL_VERSION = 2  # bump when an output column's definition changes
 OPEN_PROMPT = "Once upon a time"
-OUTPUT_METRICS = (["n_new_tokens", "ref_nll", "ref_ppl", "bleu", "rouge_l", "prefix_match"]
-                  + metrics.text_metric_names())
+OUTPUT_METRICS = metrics.output_metric_names()
 
 
 @dataclass
@@ -430,11 +429,7 @@ def join_summary(summary: pd.DataFrame, inputs: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv=None):
     cfg = parse_config(EvalConfig(), sys.argv[1:] if argv is None else argv)
-    for k in ("n_prompts", "max_new_tokens", "batch_size"):
-        if getattr(cfg, k) < (0 if k == "n_prompts" else 1):
-            raise UserError(f"--{k}={getattr(cfg, k)}: must be positive")
-    if bad := sampling_problem(cfg.temperature, 0, cfg.top_p):  # checked even at temperature 0 (greedy only)
-        raise UserError(bad)
+    check_eval(cfg)  # the values alone (experiment.py runs it on a spec's eval settings too)
     return evaluate(cfg)
 
 

@@ -78,7 +78,11 @@ from prebias import saturation, stats, tracking
 from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
                             write_csv_atomic, write_json_atomic)
-from prebias.configs import MAX_SEED, DurabilityConfig, EvalConfig, TrainConfig
+from prebias.batchmetrics import REF_COLUMNS
+from prebias.configs import (MAX_SEED, TRAIN_CHOICES, DurabilityConfig, EvalConfig, TrainConfig, check_durability,
+                             check_eval, check_train)
+from prebias.schedule import SpecError
+from prebias.schedule import load_spec as load_schedule_spec
 from prebias.launchers import LAUNCHERS, Job, gather, launch, options_from, raise_failures
 
 ROOT = Path(__file__).resolve().parent
@@ -199,7 +203,54 @@ def load_spec(path) -> dict:
     out["test"] = spec.get("test", "auto")
     if out["test"] not in ("auto", *stats.TESTS):
         raise UserError(f"{p}: 'test' must be auto or one of {', '.join(stats.TESTS)}, not {out['test']!r}")
+    check_values(p, out)
     return out
+
+
+def check_values(p, spec: dict):
+    """Every value as the stages will read it, before the lock and before any run folder:
+    each arm's train.py settings (base + arm), the eval and durability settings through
+    parse_config and the stage's own check (configs.check_*), an arm's schedule spec, and
+    the metrics against the columns the runs can have. One line naming the field."""
+    for arm, over in spec["arms"].items():
+        settings = {**spec["base"], **over, "seed": spec["seeds"][0]}
+        _check_stage(p, settings, TrainConfig(), TRAIN_CHOICES, check_train,
+                     lambda k, arm=arm, over=over: f"arms.{arm}" if k in over else "base")
+        if settings.get("schedule_spec"):
+            try:
+                load_schedule_spec(settings["schedule_spec"])
+            except SpecError as e:
+                raise UserError(f"{p}: {'arms.' + arm if 'schedule_spec' in over else 'base'}.schedule_spec: {e}") \
+                    from None
+    _check_stage(p, spec["eval"], EvalConfig(), None, check_eval, lambda k: "eval")
+    _check_stage(p, spec["durability"], DurabilityConfig(), None, check_durability, lambda k: "durability")
+    for key in ("metrics", "primary"):
+        bad = [m for m in spec[key] if not is_summary_column(m)]
+        if bad:
+            raise UserError(f"{p}: {key}: {bad[0]!r} is not a column the runs' summary.csv (or durability.csv) can "
+                            "have: val_loss, val_ppl, train_loss, out_<metric>[_sampled], in_<metric>_cum or _since, "
+                            f"tag_<tag>_<measure>; metrics: {', '.join(metrics.output_metric_names())}")
+
+
+def _check_stage(p, settings: dict, cfg, choices, check, where):
+    """parse_config + check on settings as the stage gets them; its '--key=value: why' line
+    becomes '<spec>: <where(key)>.key=value: why'."""
+    try:
+        check(parse_config(cfg, config_to_argv(settings), choices))
+    except UserError as e:
+        msg = str(e)
+        m = re.match(r"--(\w+)=", msg)
+        raise UserError(f"{p}: {where(m.group(1))}.{msg[2:]}" if m else f"{p}: {where(None)}: {msg}") from None
+
+
+def is_summary_column(name: str) -> bool:
+    """Whether a run's summary.csv (eval.py's join_summary) or its durability.csv
+    measures (read_runs: tag_<tag>_<measure>) can have this column."""
+    batch = ["noisy", *REF_COLUMNS, *metrics.text_metric_names()]  # batch_metrics.csv's metric columns
+    names = {"iter", "tokens_seen", "val_loss", "val_ppl", "train_loss", "n_batches_since", "n_batches_cum",
+             *(f"out_{m}{s}" for m in metrics.output_metric_names() for s in ("", "_sampled")),
+             *(f"in_{c}_{s}" for c in batch for s in ("since", "cum"))}
+    return name in names or bool(re.fullmatch(rf"tag_.+_({'|'.join(TAG_COLUMNS)})", name))
 
 
 # -----------------------------------------------------------------------------

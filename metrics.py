@@ -92,6 +92,13 @@ def text_metric_names() -> list[str]:
     return list(TEXT_METRICS)
 
 
+def output_metric_names() -> list[str]:
+    """eval.py's columns per generation (eval_outputs.csv), so summary.csv's out_<name>:
+    the length, the reference scorer's loss, the overlap with the true continuation, then
+    every text metric."""
+    return ["n_new_tokens", "ref_nll", "ref_ppl", "bleu", "rouge_l", "prefix_match", *text_metric_names()]
+
+
 def resolve_metrics(spec: str | list[str] | None) -> list[str]:
     """"all"/None/"" -> every metric; "a,b" or ["a", "b"] -> those, in registry order,
     without duplicates.  An unknown name raises ValueError with the valid choices."""

@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -61,10 +60,9 @@ from prebias.common import (FolderLock, UserError, atomic_path, auto_device, aut
                             library_versions, main_guard, parse_config, write_json_atomic)
 from prebias.compute import ComputeRecord
 from prebias.configs import TRAIN_CHOICES as CHOICES
-from prebias.configs import MAX_SEED, TrainConfig
+from prebias.configs import TrainConfig, check_train
 from prebias.data import BatchData
 from prebias.schedule import get_lr, rank_micro_batches
-from prebias.selection import SCORES
 from prebias.stream import build_stream, save_holdout_ids, stream_fingerprint, stream_provenance
 from tokenizer import tokenizer_model_path
 
@@ -76,49 +74,13 @@ from tokenizer import tokenizer_model_path
 RUN_DEFINING = ("batch_size", "max_seq_len", "vocab_size", "seed", "dim", "n_layers", "n_heads",
                 "n_kv_heads", "multiple_of", "gradient_accumulation_steps", "select", "select_pool",
                 "select_ref", "select_metric", "select_target")
-POSITIVE = ("eval_interval", "log_interval", "eval_iters", "batch_size", "max_seq_len", "vocab_size", "dim",
-            "n_layers", "n_heads", "n_kv_heads", "multiple_of", "gradient_accumulation_steps", "select_pool")
 # -----------------------------------------------------------------------------
 
 
-MAX_SCHEDULE_ROWS = 2_000_000_000  # batch ids a run's schedule may hold (16 GiB of int64)
-
-
 def validate(cfg: TrainConfig):
-    """Nonsense values get one line before anything is written."""
-    for k in POSITIVE:
-        if getattr(cfg, k) < 1:
-            raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
-    if cfg.max_iters < 0:
-        raise UserError(f"--max_iters={cfg.max_iters}: must be >= 0")
-    for k in ("learning_rate", "weight_decay", "grad_clip", "min_lr", "warmup_iters"):
-        if not getattr(cfg, k) >= 0:
-            raise UserError(f"--{k}={getattr(cfg, k)}: must be >= 0")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout={cfg.dropout}: must be in [0, 1)")
-    for k in ("beta1", "beta2"):  # AdamW's moments: a beta of 1 or more never forgets, below 0 is no average
-        if not 0 <= getattr(cfg, k) < 1:
-            raise UserError(f"--{k}={getattr(cfg, k)}: must be in [0, 1)")
-    if cfg.seed < 0:
-        raise UserError(f"--seed={cfg.seed}: must be >= 0 (numpy's generators take no negative seed)")
-    if cfg.seed >= MAX_SEED:
-        raise UserError(f"--seed={cfg.seed}: must be below 2**63 (torch's generator takes 64 bits, the tables int64)")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise UserError(f"--device={cfg.device}: choose auto, cpu, cuda, cuda:<index> or mps")
-    if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
-        raise UserError(f"--dim={cfg.dim}, --n_heads={cfg.n_heads}, --n_kv_heads={cfg.n_kv_heads}: dim must be a "
-                        "multiple of n_heads and n_heads of n_kv_heads")
-    if (cfg.select == "none") != (cfg.select_pool == 1) and cfg.select != "uniform":
-        raise UserError(f"--select={cfg.select} --select_pool={cfg.select_pool}: selection needs a pool "
-                        "larger than 1 (e.g. --select_pool=4), and a pool needs a --select method")
-    if cfg.select != "none" and SCORES[cfg.select].needs_metric and not cfg.select_metric:
-        raise UserError(f"--select={cfg.select} needs --select_metric=<a batch metric> (and --select_target)")
-    rows = cfg.max_iters * cfg.batch_size * cfg.gradient_accumulation_steps
-    if rows > MAX_SCHEDULE_ROWS:  # the schedule holds one int64 batch id per row of every step, in memory
-        raise UserError(f"--max_iters={cfg.max_iters} x --batch_size={cfg.batch_size} x "
-                        f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} = {rows:.3g} batch ids in the "
-                        f"schedule, more than {MAX_SCHEDULE_ROWS:.0e} ({MAX_SCHEDULE_ROWS * 8 / 2**30:.0f} GiB): "
-                        "lower one of them")
+    """Nonsense values get one line before anything is written: the values alone
+    (configs.check_train, which experiment.py runs on a spec too), then the memory."""
+    check_train(cfg)
     check_fits_memory(cfg)
 
 

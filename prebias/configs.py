@@ -8,8 +8,11 @@ $ python train.py --help        # every TrainConfig key with its default
 """
 
 import math
+import re
 from dataclasses import dataclass
 
+from model import sampling_problem
+from prebias.common import UserError
 from prebias.data import DATA_DIR, HOLDOUT_MODES, TABLES_DIR
 from prebias.schedule import flat_strategies
 from prebias.selection import SCORES
@@ -155,3 +158,78 @@ class DurabilityConfig:
     max_new_tokens: int = 48
     device: str = "auto"
     redo: bool = False
+
+
+# -----------------------------------------------------------------------------
+# each stage's value checks: pure functions of the config, run by the stage itself and
+# by experiment.py on a spec's settings before any run starts
+
+TRAIN_POSITIVE = ("eval_interval", "log_interval", "eval_iters", "batch_size", "max_seq_len", "vocab_size", "dim",
+                  "n_layers", "n_heads", "n_kv_heads", "multiple_of", "gradient_accumulation_steps", "select_pool")
+
+
+MAX_SCHEDULE_ROWS = 2_000_000_000  # batch ids a run's schedule may hold (16 GiB of int64)
+
+
+def check_train(cfg: TrainConfig):
+    """train.py's nonsense values (one UserError line); train.py then checks the memory."""
+    for k in TRAIN_POSITIVE:
+        if getattr(cfg, k) < 1:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
+    if cfg.max_iters < 0:
+        raise UserError(f"--max_iters={cfg.max_iters}: must be >= 0")
+    for k in ("learning_rate", "weight_decay", "grad_clip", "min_lr", "warmup_iters"):
+        if not getattr(cfg, k) >= 0:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be >= 0")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout={cfg.dropout}: must be in [0, 1)")
+    for k in ("beta1", "beta2"):  # AdamW's moments: a beta of 1 or more never forgets, below 0 is no average
+        if not 0 <= getattr(cfg, k) < 1:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be in [0, 1)")
+    if cfg.seed < 0:
+        raise UserError(f"--seed={cfg.seed}: must be >= 0 (numpy's generators take no negative seed)")
+    if cfg.seed >= MAX_SEED:
+        raise UserError(f"--seed={cfg.seed}: must be below 2**63 (torch's generator takes 64 bits, the tables int64)")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise UserError(f"--device={cfg.device}: choose auto, cpu, cuda, cuda:<index> or mps")
+    if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
+        raise UserError(f"--dim={cfg.dim}, --n_heads={cfg.n_heads}, --n_kv_heads={cfg.n_kv_heads}: dim must be a "
+                        "multiple of n_heads and n_heads of n_kv_heads")
+    if (cfg.select == "none") != (cfg.select_pool == 1) and cfg.select != "uniform":
+        raise UserError(f"--select={cfg.select} --select_pool={cfg.select_pool}: selection needs a pool "
+                        "larger than 1 (e.g. --select_pool=4), and a pool needs a --select method")
+    if cfg.select != "none" and SCORES[cfg.select].needs_metric and not cfg.select_metric:
+        raise UserError(f"--select={cfg.select} needs --select_metric=<a batch metric> (and --select_target)")
+    rows = cfg.max_iters * cfg.batch_size * cfg.gradient_accumulation_steps
+    if rows > MAX_SCHEDULE_ROWS:  # the schedule holds one int64 batch id per row of every step, in memory
+        raise UserError(f"--max_iters={cfg.max_iters} x --batch_size={cfg.batch_size} x "
+                        f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} = {rows:.3g} batch ids in the "
+                        f"schedule, more than {MAX_SCHEDULE_ROWS:.0e} ({MAX_SCHEDULE_ROWS * 8 / 2**30:.0f} GiB): "
+                        "lower one of them")
+
+
+def check_eval(cfg: EvalConfig):
+    """eval.py's nonsense values (one UserError line)."""
+    for k in ("n_prompts", "max_new_tokens", "batch_size"):
+        if getattr(cfg, k) < (0 if k == "n_prompts" else 1):
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be positive")
+    if bad := sampling_problem(cfg.temperature, 0, cfg.top_p):  # checked even at temperature 0 (greedy only)
+        raise UserError(bad)
+
+
+DURABILITY_LIMITS = {"R": 10 ** 6, "R_context": 10 ** 5, "n_prompts": 10 ** 4, "n_references": 10 ** 4, "n_contexts": 10 ** 4,
+          "max_new_tokens": 10 ** 5, "batch_size": 10 ** 5, "exact_budget": 2 ** 24}
+
+
+def check_durability(cfg: DurabilityConfig):
+    """durability.py's nonsense values (one UserError line)."""
+    for k in ("R", "batch_size", "n_prompts", "prompt_tokens", "max_new_tokens", "R_context"):
+        if getattr(cfg, k) < 1:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")
+    for k in ("n_contexts", "n_references", "exact_budget"):
+        if getattr(cfg, k) < 0:
+            raise UserError(f"--{k}={getattr(cfg, k)}: must be 0 (none) or more")
+    for k, most in DURABILITY_LIMITS.items():  # sizes that would fill the memory before the first line is printed
+        if getattr(cfg, k) > most:
+            raise UserError(f"--{k}={getattr(cfg, k)}: at most {most:,} (candidates are scored and held in memory; "
+                            "--exact_budget counts the whole space exactly)")

@@ -71,10 +71,17 @@ def spec_from_flags(strategy="shuffle", metric="", order="asc", lo=-math.inf, hi
 
 
 def load_spec(path) -> dict:
+    """The spec file as it is (the Schedule normalises it), checked here, where it is
+    read, so that every error names the file and the field and says where the fix goes."""
     try:
         spec = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise SpecError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+        raise SpecError(f"schedule spec {path}: cannot read it ({type(e).__name__}: {e}); it must be a JSON "
+                        "object {\"phases\": [...]} (config/schedules/ has examples)") from None
+    try:
+        validate_spec(spec, name=f"schedule spec {path}")
+    except SpecError as e:
+        raise SpecError(f"{e}; fix it in {path} (config/schedules/ has a working spec of each strategy)") from None
     return spec
 
 
@@ -546,10 +553,14 @@ class Schedule:
     """step -> the batches_per_step global ids of that optimizer step."""
 
     def __init__(self, spec: dict, train_ids: np.ndarray, batches_per_step: int, seed: int = 1337,
-                 max_iters: int = 1, metric_of=None, name: str = "schedule spec"):
+                 max_iters: int = 1, metric_of=None, name: str = "schedule spec", given: dict | None = None):
         """metric_of(name) -> one value per entry of train_ids (only called for the
-        metrics the spec names). Raises SpecError for a spec that cannot be used."""
+        metrics the spec names); given: how include/exclude came, if not from the spec
+        (e.g. {"exclude": "--schedule_exclude"}), for the messages. Raises SpecError for
+        a spec that cannot be used."""
         self.spec = validate_spec(spec, name=name)
+        where = {k: f"{(given or {}).get(k) or f'{name}: {k}'}={self.spec[k]}" for k in ("include", "exclude")
+                 if k in self.spec}  # the flag or field, and the file
         self.seed, self.B, self.max_iters = int(seed), int(batches_per_step), int(max_iters)
         ids = np.asarray(train_ids, dtype=np.int64)
         values = {m: np.asarray(metric_of(m), dtype=np.float64) for m in spec_metrics(self.spec)}
@@ -558,12 +569,12 @@ class Schedule:
                 raise SpecError(f"{name}: metric {m} has {len(v)} values for {len(ids)} training batches")
         self.extra = {}  # include/exclude ids, part of the fingerprint
         if "include" in self.spec:
-            inc = load_ids(self.spec["include"], f"{name}.include")
+            inc = load_ids(self.spec["include"], where["include"])
             keep = np.isin(ids, inc)
             if not keep.any():
-                raise SpecError(f"{name}.include: none of its {len(inc)} ids is a training batch, so nothing would be "
+                raise SpecError(f"{where['include']}: none of its {len(inc)} ids is a training batch, so nothing would be "
                                 f"trained on: {_not_training(inc, ids)}")
-            _note_outside(inc, ids, f"{name}.include")
+            _note_outside(inc, ids, where["include"])
             ids, values = ids[keep], {m: v[keep] for m, v in values.items()}
             self.extra["include"] = inc
         lookup = dict(values)
@@ -572,17 +583,17 @@ class Schedule:
         self.orders = []
         mask = None
         if "exclude" in self.spec:
-            exc = load_ids(self.spec["exclude"], f"{name}.exclude")
+            exc = load_ids(self.spec["exclude"], where["exclude"])
             self.extra["exclude"] = exc
             inside = exc[np.isin(exc, ids)]  # only training ids count (an id of 10^12 allocates nothing)
             if not len(inside):
-                raise SpecError(f"{name}.exclude: none of its {len(exc)} ids is a training batch, so it would "
+                raise SpecError(f"{where['exclude']}: none of its {len(exc)} ids is a training batch, so it would "
                                 f"exclude nothing: {_not_training(exc, ids)}")
             if len(np.setdiff1d(ids, inside)) == 0:
-                raise SpecError(f"{name}.exclude: it removes every training batch (all {len(ids)}), so nothing is "
+                raise SpecError(f"{where['exclude']}: it removes every training batch (all {len(ids)}), so nothing is "
                                 "left to train on: leave some out of it (select_batches.py --keep=<fraction> writes a spec "
                                 "that keeps a part)")
-            _note_outside(exc, ids, f"{name}.exclude")
+            _note_outside(exc, ids, where["exclude"])
             mask = np.zeros(int(ids.max()) + 1, dtype=bool)
             mask[inside] = True
         for i, (p, (a, b)) in enumerate(zip(self.spec["phases"], self.bounds)):

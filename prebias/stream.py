@@ -417,7 +417,8 @@ def build_schedule(cfg, data: BatchData, bm: BatchMetrics | None = None) -> Sche
                                               and isinstance(p.get("metric", ""), str)]}):
                 bm(m)
         sched = Schedule(spec, ids, cfg.batch_size * cfg.gradient_accumulation_steps, cfg.seed,
-                         cfg.max_iters, lambda m: bm(m)[ids], name=name)
+                         cfg.max_iters, lambda m: bm(m)[ids], name=name,
+                         given={"exclude": "--schedule_exclude"} if cfg.schedule_exclude else None)
     except SpecError as e:
         raise UserError(str(e)) from None
     sched.holdout, sched.run_ids = holdout, ids  # run_ids: before the spec's include
