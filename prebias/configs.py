@@ -218,7 +218,7 @@ def check_eval(cfg: EvalConfig):
 
 
 DURABILITY_LIMITS = {"R": 10 ** 6, "R_context": 10 ** 5, "n_prompts": 10 ** 4, "n_references": 10 ** 4, "n_contexts": 10 ** 4,
-          "max_new_tokens": 10 ** 5, "batch_size": 10 ** 5, "exact_budget": 2 ** 24}
+                     "max_new_tokens": 10 ** 5, "batch_size": 10 ** 5, "exact_budget": 2 ** 24}
 
 
 def check_durability(cfg: DurabilityConfig):
