@@ -3,7 +3,6 @@ before its fix. A copy of a raw shard, a damaged reference scorer file, and a ba
 --metrics/--ref_model request that used to rewrite the index before it was refused."""
 import shutil
 
-import numpy as np
 import pytest
 
 import tinystories

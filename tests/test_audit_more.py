@@ -3,7 +3,6 @@ where an output folder belongs, figure resolution, a run record replaced by a fo
 schedule too large to hold, steps past the run, a reader that left the pipe, metrics with
 no value, generation cut by the context, candidate counts that fill the memory, and a
 reference model trained with another tokenizer."""
-import json
 import shutil
 import sys
 
