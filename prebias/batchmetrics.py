@@ -16,6 +16,7 @@ $ python tinystories.py pretokenize --vocab_size=512 --metrics=sentiment,fk_grad
 $ python tinystories.py pretokenize --ref_model=model.bin
 """
 
+import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -173,7 +174,10 @@ def write_batch_metrics(data_dir, vocab_size, max_seq_len, tables_dir=None, metr
     # 3) stream the shards' rows into one table, in shard order (memory flat in the number of shards)
     cols = ID_COLUMNS + ["noisy"] + REF_COLUMNS + names
     summaries = []
-    with ProcessPoolExecutor(min(workers or os.cpu_count(), len(jobs))) as pool, \
+    # a model scorer runs torch in the workers: forked from a parent whose OpenMP pool has
+    # started they can deadlock (seen in the test suite), so those start fresh (spawn)
+    ctx = multiprocessing.get_context("spawn") if ref_model else None
+    with ProcessPoolExecutor(min(workers or os.cpu_count(), len(jobs)), mp_context=ctx) as pool, \
             atomic_path(tables_dir / "batch_metrics.csv") as tmp, open(tmp, "w") as out:
         out.write(",".join(cols) + "\n")
         bar = tqdm(pool.map(_shard_rows, jobs), total=len(jobs), desc=f"batch metrics ({n_todo} to score)")

@@ -18,7 +18,7 @@ import tinystories
 import train
 import visualize_embd
 from conftest import SEQ, VOCAB, TinyRun
-from prebias import batchmetrics, checkpoint
+from prebias import checkpoint
 from prebias.common import UserError, main_guard
 
 
@@ -117,7 +117,9 @@ def test_a_reference_checkpoint_of_another_tokenizer_is_refused(tiny_run, tmp_pa
     shutil.copytree(tiny_run.data_dir, d)
     with pytest.raises(UserError, match=r"--ref_model=.* was trained with another tokenizer"):
         tinystories.pretokenize(VOCAB, SEQ, d, workers=1, tables_dir=tmp_path / "t", ref_model=str(other))
-    # a model.bin records no tokenizer: said (the check pretokenize runs first; scoring with it
-    # would fork workers that run torch, which deadlocks under this test process's OpenMP pool)
-    batchmetrics.check_request("fk_grade", str(tiny_run.out_dir / "model.bin"), VOCAB, SEQ, "0" * 64)
+    # a model.bin records no tokenizer: said, and the data scored with it (its workers start
+    # fresh: forked from this process, whose OpenMP pool has run, they deadlocked)
+    tinystories.pretokenize(VOCAB, SEQ, d, workers=1, tables_dir=tmp_path / "t", metrics="fk_grade",
+                            ref_model=str(tiny_run.out_dir / "model.bin"))
     assert "is a model.bin, which records no tokenizer" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "t" / "batch_metrics.csv")["ref_nll"].notna().all()
