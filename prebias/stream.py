@@ -595,6 +595,9 @@ def recorded_batches(out_dir, cfg, data: BatchData) -> tuple[np.ndarray, dict | 
         read_masked_rows(out_dir, ids)
 
 
+MAX_STEP = 2 ** 40  # RunBatches.step: steps past the run are shown from the schedule, up to here
+
+
 class RunBatches:
     """A run's recorded batches, read once (config, batch index, ids, insertions,
     tokenizer): what any step trained on, as ids, windows and text."""
@@ -611,9 +614,9 @@ class RunBatches:
         """(ids, windows as trained (B, T+1), insertion rows of the step, source line)."""
         if step < 0:
             raise UserError(f"--step={step}: steps count from 0")
-        if step >= max(len(self.ids), self.cfg.max_iters):  # past the run and its schedule: no ids to give
-            raise UserError(f"--step={step}: the run's schedule has steps 0..{max(len(self.ids), self.cfg.max_iters) - 1}"
-                            f" (trained 0..{len(self.ids) - 1}); give one of them")
+        if step >= MAX_STEP:  # the schedule's positions (step x rows) are int64: 10^20 overflowed in numpy
+            raise UserError(f"--step={step}: at most {MAX_STEP - 1} (the run trained steps 0..{len(self.ids) - 1}; "
+                            "a later step shows the ids its schedule would give)")
         if step < len(self.ids):
             rec = self.ins or {"insertions": np.zeros((0, 6), np.int64), "insert_tokens": np.zeros(0, np.int64)}
             wins = trained_windows(self.data, self.ids[step], step, rec)

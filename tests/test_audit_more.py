@@ -77,10 +77,13 @@ def test_a_schedule_too_large_to_hold_is_one_line_and_no_folder(tiny_data, tmp_p
 
 
 def test_steps_past_the_schedule_and_untrained_ids_say_so(tiny_run, capsys):
-    with pytest.raises(UserError, match=r"--step=100000000000000000000: the run's schedule has steps 0\.\.23"):
+    with pytest.raises(UserError, match=r"--step=100000000000000000000: at most \d+ \(the run trained steps 0\.\.23"):
         batch_viewer.main([f"--out_dir={tiny_run.out_dir}", "--step=100000000000000000000"])
     ids = batch_viewer.main([f"--out_dir={tiny_run.out_dir}", "--step=5", "--ids_only=True"])
     assert len(ids) == 8 and "NOT TRAINED" not in capsys.readouterr().err  # a trained step: ids only
+    later = batch_viewer.main([f"--out_dir={tiny_run.out_dir}", "--step=30", "--ids_only=True"])
+    out = capsys.readouterr()
+    assert "NOT TRAINED: the run has trained steps 0..23" in out.err and out.out.split() == [str(i) for i in later]
 
 
 def test_a_reader_that_leaves_the_pipe_ends_quietly(capsys, monkeypatch):

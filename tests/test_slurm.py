@@ -284,13 +284,14 @@ class QueueWatch(threading.Thread):
 
 @pytest.fixture(scope="module")
 def slurm_experiment(slurm, tiny_data, tmp_path_factory):
-    """The tiny experiment plus a 'broken' arm (n_heads=5: train.py refuses it) as one
+    """The tiny experiment plus a 'broken' arm (a tag file that is not there: train.py
+    refuses it; the spec check before any run reads no tag file) as one
     Slurm job array, 2 at once; curriculum/seed2's job is scancelled once it has ckpt_8.
     Then the 2-arm spec again (the tiny experiment's own): only the cut run is submitted."""
     root = tmp_path_factory.mktemp("slurm")
     spec = experiment_spec(tiny_data, root / "tiny.json")
     arms = json.loads(spec.read_text())["arms"]
-    spec3 = experiment_spec(tiny_data, root / "tiny3.json", arms={**arms, "broken": {"n_heads": 5}})
+    spec3 = experiment_spec(tiny_data, root / "tiny3.json", arms={**arms, "broken": {"tags": str(root / "missing_tags.json")}})
     exp = root / "out" / "tiny"
     cmd = [sys.executable, str(ROOT / "experiment.py"), f"--out_root={root / 'out'}", "--name=tiny",
            "--launcher=slurm", "--slurm_poll=0.5", "--slurm_max_parallel=2", "--slurm_time=20"]
@@ -375,7 +376,7 @@ def test_slurm_failing_arm_is_reported_the_others_finish(slurm_experiment):
     out = x["first"].stdout + x["first"].stderr
     assert x["first"].returncode == 1
     for s in (1, 2):
-        assert re.search(rf"FAILED broken/seed{s}: train failed \(exit 1; error: --dim=32, --n_heads=5.*\): see "
+        assert re.search(rf"FAILED broken/seed{s}: train failed \(exit 1; error: \S*missing_tags.json is missing .*\): see "
                          rf"\S*broken/seed{s}/experiment.log", out), out
     assert "error: 3 of 6 runs failed" in out
     for d in good_runs(x)[:3]:  # finished in the first submission, alongside the failures
