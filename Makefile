@@ -99,12 +99,12 @@ validity:
 # uniform at each budget, on the noisy and clean sample and the real stories, 3 seeds (~2 h; runs
 # kept in /tmp/bench_select and reused, so a second call only adds what is missing)
 bench-select:
-	$(PYTHON) bench/bench_select.py --keep_dir=/tmp/bench_select
+	$(PYTHON) bench/bench_select.py --keep_dir=/tmp/bench_select $(if $(REAL),--real_dir=$(REAL))
 
 # does attribution pass the field's test? LDS of 5 estimators, top-k vs timing-matched random-k, order-aware
 # predictions, on the sample and the real stories (~1 h each on 2 cores; cached, a rerun resumes)
 bench-attribution:
-	nice -n 10 $(PYTHON) bench/bench_attribution.py
+	nice -n 10 $(PYTHON) bench/bench_attribution.py $(if $(REAL),--real_dir=$(REAL))
 
 clean:
 	rm -f $(BUILDS) runq $(addsuffix .tmp.*,$(BUILDS) runq)

@@ -1,6 +1,7 @@
 """
 Does attribution pass the field's test? On the generated sample and on the real stories
-(../shared/realdata, when present), a run of the demo's model shape is trained once, then
+(--real_dir: a folder of real TinyStories dataNN.json shards, e.g. data/TinyStories_all_data
+after `tinystories.py download`; skipped without it), a run of the demo's model shape is trained once, then
 retrained in place (train.py --train_mask) many times:
   1) LDS (Park et al. 2023) of every estimator on the same M = 50 subsets (alpha = 0.5),
      with bootstrap intervals and each one's interval of the difference to grad_dot
@@ -35,23 +36,23 @@ import tinystories  # noqa: E402
 import train  # noqa: E402
 from prebias.checkpoint import list_checkpoints  # noqa: E402
 
-REAL = ROOT.parent / "shared" / "realdata" / "TinyStories_all_data"
 RUN = dict(vocab_size=512, max_seq_len=64, batch_size=8, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
            max_iters=200, eval_interval=50, warmup_iters=20, eval_iters=4, log_interval=50,
            keep_optimizer=True, device="cpu", dtype="float32", model_bin="none")
 ATTR = dict(probe="val", n_val=64, d=512)
 
 
-def prepare(name: str, root: Path) -> Path | None:
+def prepare(name: str, root: Path, real_dir: str = "") -> Path | None:
     """The dataset's data folder (sample generated, real stories copied), pretokenized once."""
     data = root / name / "data"
     if (data / "tok512" / f"index_T{RUN['max_seq_len']}").exists():
         return data
     if name == "real":
-        if not REAL.exists():
-            print(f"real stories: skipped ({REAL} is absent)")
+        if not (real_dir and list(Path(real_dir).glob("data*.json"))):
+            print("real stories: skipped (" + (f"no data*.json in --real_dir={real_dir})" if real_dir else
+                                               "give --real_dir=<a folder of real TinyStories dataNN.json shards>)"))
             return None
-        shutil.copytree(REAL, data / "TinyStories_all_data", dirs_exist_ok=True)
+        shutil.copytree(real_dir, data / "TinyStories_all_data", dirs_exist_ok=True)
     else:
         tinystories.sample(data)
     tinystories.train_vocab(512, data)
@@ -75,7 +76,7 @@ def attribution(out: Path, args, **over):
 
 def dataset(name: str, args) -> dict | None:
     root = Path(args.root)
-    data = prepare(name, root)
+    data = prepare(name, root, args.real_dir)
     if data is None:
         return None
     t0 = time.time()
@@ -112,6 +113,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/prebias_bench_attribution")
     ap.add_argument("--datasets", default="sample,real")
+    ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (dataset real)")
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--n_random", type=int, default=3)

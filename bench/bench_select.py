@@ -1,7 +1,9 @@
 """
 Does batch selection pay, at matched compute? On each bed (the sample with 20% of its
-training stories corrupted, the clean sample, the real stories of ../shared/realdata and
-a copy of them with the same corruption), several seeds of:
+training stories corrupted, the clean sample, real TinyStories stories (--real_dir: a folder
+of dataNN.json shards, e.g. data/TinyStories_all_data after `tinystories.py download`; the
+real beds are skipped without it) and a copy of them with the same corruption), several
+seeds of:
 
     uniform    plain training, max_iters steps
     loss       online, the highest-loss B of a pool of K*B (Loshchilov & Hutter 2015)
@@ -44,7 +46,6 @@ from prebias import batchmetrics, checkpoint  # noqa: E402
 from prebias.compute import compute_curve, matched_steps, reach  # noqa: E402
 from prebias.data import BatchData  # noqa: E402
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "TinyStories_all_data"
 BEDS = ("noisy", "clean", "real", "real_noisy")
 SELECTED = ("loss", "rho", "rho_ref", "prune")
 
@@ -56,17 +57,22 @@ def make_bed(bed: str, root: Path, a) -> tuple[Path, Path] | None:
     """(data_dir, tables_dir) of a bed, made once and reused; None (with a reason) when
     the real stories are absent."""
     data, tables = root / bed / "data", root / bed / "tables"
-    if bed.startswith("real") and not REALDATA.exists():
-        print(f"skipping bed {bed}: {REALDATA} is absent")
+    real = Path(a.real_dir) if a.real_dir else None
+    if bed.startswith("real") and not (real and list(real.glob("data*.json"))):
+        print(f"skipping bed {bed}: " + (f"no data*.json in --real_dir={real}" if real else
+                                         "give --real_dir=<a folder of real TinyStories dataNN.json shards>"))
         return None
     if not tinystories.raw_dir(data).exists():
         if bed in ("noisy", "clean"):
             tinystories.sample(data, n_stories=a.n_stories, n_shards=5, seed=1337,
                                noise=a.noise if bed == "noisy" else 0.0)
         elif bed == "real":
-            shutil.copytree(REALDATA, tinystories.raw_dir(data))
+            shutil.copytree(real, tinystories.raw_dir(data))
         else:
-            tinystories.noisy_copy(REALDATA.parent, data, a.noise, seed=1337)
+            src = root / "real_src"  # noisy_copy reads a data folder: the shards under its raw_dir
+            if not tinystories.raw_dir(src).exists():
+                shutil.copytree(real, tinystories.raw_dir(src))
+            tinystories.noisy_copy(src, data, a.noise, seed=1337)
     if not (data / "tok512.model").exists():
         tinystories.train_vocab(512, data)
     tinystories.pretokenize(512, a.seq, data, tables_dir=tables, holdout=a.holdout)  # reuses what is done
@@ -216,6 +222,7 @@ def main():
     ap.add_argument("--ref_iters", type=int, default=200, help="rho_ref: steps of the model trained on the holdout")
     ap.add_argument("--ref_dim", type=int, default=64, help="rho_ref: its width (same depth)")
     ap.add_argument("--ref_beds", default="noisy", help="beds that also run rho_ref (its baseline is the costliest run)")
+    ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (real beds)")
     ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
     a = ap.parse_args()
     beds = [b for b in a.beds.split(",") if b]
