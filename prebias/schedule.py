@@ -173,13 +173,15 @@ def spec_metrics(spec: dict) -> list[str]:
     return found
 
 
-def load_ids(path, where: str) -> np.ndarray:
+def load_ids(path, where: str, ndim: int = 1) -> np.ndarray:
+    """A .npy of batch ids: 1-D (a list) or 2-D (steps, batches per step: a replay)."""
     try:
         ids = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise SpecError(f"{where}: cannot read {path} ({type(e).__name__}); it must be a .npy of batch ids") from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise SpecError(f"{where}: {path} must hold a 1-D integer array of batch ids")
+    if ids.ndim != ndim or not np.issubdtype(ids.dtype, np.integer):
+        raise SpecError(f"{where}: {path} must hold a " + ("1-D integer array of batch ids" if ndim == 1 else
+                                                            "2-D integer array (steps, batches per step)"))
     return ids.astype(np.int64)
 
 
@@ -483,7 +485,7 @@ class Replay(Strategy):
         path = p.get("ids")
         if not isinstance(path, str) or not path:
             raise SpecError(f"{where}.ids: replay needs the path of a .npy of batch ids (steps, B)")
-        arr = _replay_array(path, f"{where}.ids")
+        arr = load_ids(path, f"{where}.ids", ndim=2)
         sha = hashlib.sha256(arr.tobytes()).hexdigest()[:16]
         if p.get("ids_sha256", sha) != sha:
             raise SpecError(f"{where}.ids_sha256: {path} now holds other ids ({sha}, not {p['ids_sha256']}): "
@@ -491,7 +493,7 @@ class Replay(Strategy):
         return {"ids": path, "ids_sha256": sha}
 
     def setup(self, ids, vals, metric_of):
-        self.rows = _replay_array(self.p["ids"], "replay ids")
+        self.rows = load_ids(self.p["ids"], "replay ids", ndim=2)
         if self.rows.shape[1] != self.n:
             raise SpecError(f"replay: {self.p['ids']} has {self.rows.shape[1]} ids per step; the run trains {self.n}")
         if len(self.rows) < self.length:
@@ -503,16 +505,6 @@ class Replay(Strategy):
         if s >= len(self.rows):
             raise SpecError(f"replay: {self.p['ids']} has {len(self.rows)} steps; step {s} was asked")
         return self.rows[s].copy()
-
-
-def _replay_array(path, where: str) -> np.ndarray:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise SpecError(f"{where}: cannot read {path} ({type(e).__name__}); it must be a .npy of batch ids") from None
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise SpecError(f"{where}: {path} must hold a 2-D integer array (steps, batches per step)")
-    return arr.astype(np.int64)
 
 
 def apportion(w: np.ndarray, n: int) -> np.ndarray:
