@@ -409,3 +409,16 @@ def test_slurm_job_environment_and_refusal(slurm, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"slurm: the jobs were not submitted \(sbatch: error: .*Invalid partition name") as e:
         launch([Job("p", tmp_path / "p", [])], "slurm", LaunchOptions(slurm_partition="nope", name="t"))
     assert "\n" not in str(e.value)
+
+
+def test_same_table_allows_float32_rounding_only(tmp_path):
+    """The Slurm/local comparison: 1e-7 apart passes (thread counts), 1e-3 or a text change fails."""
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("arm,metric,n,mean,values\nx,val_loss,2,1.2345678,1.23457 1.23456\n")
+    b.write_text("arm,metric,n,mean,values\nx,val_loss,2,1.2345679,1.23457 1.23456\n")
+    same_table(a, b)
+    for changed in ("x,val_loss,2,1.2355678,1.23457 1.23456", "y,val_loss,2,1.2345678,1.23457 1.23456",
+                    "x,val_loss,2,1.2345678,1.23457 1.33456"):
+        b.write_text(f"arm,metric,n,mean,values\n{changed}\n")
+        with pytest.raises(AssertionError):
+            same_table(a, b)
