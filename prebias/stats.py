@@ -215,8 +215,13 @@ def mdd(r: dict, alpha: float, power: float = 0.8) -> float:
     if not (np.isfinite(se) and np.isfinite(df)):
         return math.nan
     crit = float(sps.t.ppf(1 - alpha / 2, df))
-    lam = brentq(lambda nc: float(sps.nct.sf(crit, df, nc)) - power, 0.0, 100.0)
-    return lam * se
+    f = lambda nc: float(sps.nct.sf(crit, df, nc)) - power  # noqa: E731
+    hi = max(2.0 * crit, 1.0)  # at 1 df and a Bonferroni alpha crit is in the hundreds: widen until it brackets
+    while f(hi) < 0:
+        if hi > 1e12:
+            return math.inf  # no difference this test can detect with that power
+        hi *= 4.0
+    return brentq(f, 0.0, hi, xtol=1e-12 * hi) * se
 
 
 def holm(pvalues) -> np.ndarray:

@@ -136,6 +136,19 @@ def test_difference_table_by_hand():
     assert c[(c.arm == "x") & (c.iter == 0)]["sd"].item() == 0.0
 
 
+def test_difference_table_two_seeds_many_metrics():
+    """2 seeds (1 df) and a family of 12: t_{1-0.05/24, 1} is ~153, beyond the noncentrality a
+    fixed bracket searched, and every 2-seed experiment stopped in mdd after all its runs."""
+    rows = [{"arm": a, "seed": s, "iter": 10, **{f"m{j}": v + 0.1 * j * s + u * s * (j % 3 + 1) for j in range(12)}}
+            for a, v, u in (("base", 1.0, 0.0), ("x", 1.3, 0.05)) for s in (1, 2)]
+    metrics = [f"m{j}" for j in range(12)]
+    d = stats.difference_table(pd.DataFrame(rows), metrics, ["base", "x"], "base", dict.fromkeys(metrics, "output"))
+    assert (d["family"] == 12).all() and (d["test"] == "paired").all()
+    crit = sps.t.ppf(1 - 0.05 / 12 / 2, 1)
+    for _, r in d.iterrows():
+        assert r["se"] > 0 and sps.nct.sf(crit, 1, r["mdd80"] / r["se"]) == pytest.approx(0.8, abs=1e-6)
+
+
 def test_saturation_tables_by_hand():
     rows = []
     for seed, curve in ((1, [0, 5, 10, 10]), (2, [0, 9.8, 10, 10])):
