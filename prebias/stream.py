@@ -55,7 +55,7 @@ from prebias.data import BOS_ID, BatchData, tok_dir, window_texts
 from prebias.schedule import (STRATEGIES, Schedule, SpecError, load_ids, load_spec, spec_from_flags, spec_metrics,
                               validate_spec)
 from prebias.selection import SCORES, Irreducible, ScoreContext, keep_best, reads_reference
-from tokenizer import Tokenizer
+from prebias.sp_tokenizer import Tokenizer
 
 REPLACE, INSERT = 0, 1
 INS_COLUMNS = ("step", "row", "pos", "tag", "n_tokens", "mode")

@@ -4,6 +4,8 @@
 - nothing imports a command (tests and benchmarks may: they drive the commands);
 - the libraries import each other downward only (no cycle), and no import of a project
   module hides inside a function to dodge one;
+- prebias/ stands on its own: of the root files it imports only model and metrics (the
+  floor), which import nothing of prebias/ that imports them back;
 - no function is longer than ~80 lines."""
 
 import ast
@@ -11,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"model", "tokenizer", "metrics", "export"}  # the design card's modules at the root
+FLOOR = {"model", "metrics"}  # the root modules prebias/ may import: they have no command face
 MODULES = {p.stem: p for p in ROOT.glob("*.py")} | {f"prebias.{p.stem}": p for p in (ROOT / "prebias").glob("*.py")}
 COMMANDS = {m for m in MODULES if "." not in m} - SHARED
 LIBRARY = set(MODULES) - COMMANDS
@@ -59,6 +62,25 @@ def test_library_imports_form_no_cycle_and_none_hide_in_functions():
         state[m] = "done"
     for m in graph:
         visit(m, [])
+
+
+def reachable(start: set[str]) -> set[str]:
+    """Every project module that importing the modules in start loads, directly or not."""
+    seen, todo = set(), list(start)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += sorted(imports(MODULES[m], top_only=False))
+    return seen
+
+
+def test_the_library_imports_only_the_floor_from_the_root():
+    bad = [f"{m} imports {s}" for m, p in MODULES.items() if m.startswith("prebias.")
+           for s in imports(p, top_only=False) if "." not in s and s not in FLOOR]
+    assert bad == []
+    for m in FLOOR:  # what model and metrics load of prebias/ does not import them back
+        assert m not in reachable(imports(MODULES[m], top_only=False) - {m}), f"{m} is imported back by its imports"
 
 
 def test_no_function_is_over_80_lines():
