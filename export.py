@@ -47,6 +47,7 @@ from prebias.hf import export_hf, load_hf
 from prebias.llama2c import (GROUP_SIZE, MAGIC, RUN_EPS, V0_HEADER, VERSIONED_BYTES, export_bin,  # noqa: F401
                              export_v0, fake_quantise, group_size_for, layout, load_bin, load_v0, quantize_q80,
                              read_bin, read_header, shared_classifier, simulate_runq, tensor_bytes)
+from prebias.paths import RunPaths
 from prebias.sp_tokenizer import tokenizer_model_path
 
 VERSIONS = ("0", "1", "2", "hf")
@@ -94,7 +95,7 @@ def import_checkpoint(model: Transformer, record: dict, out_dir, tokenizer_model
         rng={"torch": torch.get_rng_state()}, train_loss=float("nan"), val_loss=float("nan"), init=record)
     path = ckpt_path(out_dir, 0)
     save_checkpoint(obj, path)
-    write_json_atomic(out_dir / "config.json", cfg)
+    write_json_atomic(RunPaths(out_dir).config, cfg)
     return path
 
 
