@@ -56,6 +56,7 @@ from prebias.common import (UserError, atomic_path, config_to_argv, main_guard, 
                             write_csv_atomic, write_json_atomic)
 from prebias.data import BOS_ID, sha256_file, window_texts
 from prebias.launchers import Job, LaunchOptions, launch, raise_failures
+from prebias.paths import RunPaths
 from tokenizer import Tokenizer
 
 
@@ -155,7 +156,7 @@ def probe_items(cfg: AttributeConfig, traj: A.Trajectory) -> tuple[list[A.Item],
 
 def metric_probe(cfg, run, enc, arg) -> tuple[list[A.Item], str]:
     """The top quarter of the last checkpoint's greedy generations by that metric."""
-    table = Path(cfg.out_dir) / "tables" / "eval_outputs.csv"
+    table = RunPaths(cfg.out_dir).tables / "eval_outputs.csv"
     if not table.exists():
         raise UserError(f"--probe={cfg.probe} needs {table}: run python eval.py --out_dir={cfg.out_dir} first")
     out = pd.read_csv(table, keep_default_na=False, na_values=[""])
@@ -188,7 +189,7 @@ def item_losses(model, items: list[A.Item]) -> np.ndarray:
 def context(cfg: AttributeConfig) -> tuple[A.Context, str]:
     traj = A.Trajectory(cfg.out_dir)
     items, how = probe_items(cfg, traj)
-    cache = Path(cfg.out_dir) / "attribution"
+    cache = RunPaths(cfg.out_dir).attribution
     store = A.GradStore(cache / "cache", cfg.d, cfg.proj, cfg.seed, cfg.chunk)
     return A.Context(traj, items, store, cfg.damping, cfg.ekfac_damping, cache), how
 
@@ -228,7 +229,7 @@ def table_name(cfg) -> str:
 def report(cfg: AttributeConfig, df: pd.DataFrame, how: str, traj: A.Trajectory | None = None):
     traj = traj or A.Trajectory(cfg.out_dir)
     run, data = traj.run, traj.data
-    tables = Path(cfg.out_dir) / "tables"
+    tables = RunPaths(cfg.out_dir).tables
     name = table_name(cfg)
     corr = pd.DataFrame(columns=["metric", "spearman", "n"])
     if (Path(run.tables_dir) / "batch_metrics.csv").exists():
@@ -254,9 +255,9 @@ def report(cfg: AttributeConfig, df: pd.DataFrame, how: str, traj: A.Trajectory 
     if len(corr):
         print("-- Spearman correlation of influence with batch metrics: " +
               ", ".join(f"{r.metric} {r.spearman:+.2f}" for r in corr.head(6).itertuples()))
-    plot(df, corr, how, Path(cfg.out_dir) / "visualize" / f"influence_{name}.png")
+    plot(df, corr, how, RunPaths(cfg.out_dir).visualize / f"influence_{name}.png")
     for p in (tables / f"influence_{name}.csv", tables / f"influence_{name}_corr.csv",
-              Path(cfg.out_dir) / "visualize" / f"influence_{name}.png"):
+              RunPaths(cfg.out_dir).visualize / f"influence_{name}.png"):
         print(f"wrote {p}")
     return df, corr
 
@@ -345,7 +346,7 @@ def retrain_all(cfg: AttributeConfig, traj: A.Trajectory, group: str, specs: lis
     if traj.ckpts[-1][0] != traj.run.max_iters:
         raise UserError(f"{cfg.out_dir} has trained {traj.ckpts[-1][0]} of {traj.run.max_iters} steps: finish it "
                         "first (python train.py --init_from=resume)")
-    root = Path(cfg.out_dir) / "attribution" / "retrains" / group
+    root = RunPaths(cfg.out_dir).attribution / "retrains" / group
     outs = [root / name for name, _, _ in specs]
     jobs = [j for (name, mask, order), out in zip(specs, outs) if (j := retrain_job(traj, out, mask, order))]
     if jobs:
@@ -369,7 +370,7 @@ def measure(out: Path, items: list[A.Item]) -> np.ndarray:
     """(P,) the probes' losses at a run's last checkpoint, cached beside it."""
     h = hashlib.sha1("".join(it.key() for it in items).encode()).hexdigest()[:16]
     last = list_checkpoints(out)[-1][1]
-    path = Path(out) / "attribution" / f"probe_losses_{last.stem}_{h}.npy"
+    path = RunPaths(out).attribution / f"probe_losses_{last.stem}_{h}.npy"
     if path.exists() and path.stat().st_mtime >= last.stat().st_mtime:
         return np.load(path)
     vals = item_losses(model_from_checkpoint(load_checkpoint(last)), items)
@@ -444,7 +445,7 @@ def validate_topk(cfg: AttributeConfig, ctx: A.Context, df: pd.DataFrame) -> dic
           f"without {k} timing-matched random ones {m:+.4f} [{lo:+.4f}, {hi:+.4f}] ({len(r_eff)} draws): ratio "
           f"{ratio:.2f} [{r_lo:.2f}, {r_hi:.2f}]" + ("" if r_lo > 1 else " (the interval does not exclude 1)")
           + f"; difference {top_eff - m:+.4f} [{top_eff - hi:+.4f}, {top_eff - lo:+.4f}]")
-    write_csv_atomic(pd.DataFrame([res]), Path(cfg.out_dir) / "tables" / f"influence_{table_name(cfg)}_validation.csv")
+    write_csv_atomic(pd.DataFrame([res]), RunPaths(cfg.out_dir).tables / f"influence_{table_name(cfg)}_validation.csv")
     return res
 
 
@@ -492,7 +493,7 @@ def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
               f"{r.gradients:>10}")
     df["retrain_s"] = float(np.median(secs))
     df["subsets"], df["alpha"], df["probes"] = len(kept), cfg.alpha, len(items)
-    write_csv_atomic(df, Path(cfg.out_dir) / "tables" / f"lds_{probe_name(cfg.probe)}.csv")
+    write_csv_atomic(df, RunPaths(cfg.out_dir).tables / f"lds_{probe_name(cfg.probe)}.csv")
     return df
 
 
@@ -571,8 +572,8 @@ def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     for r in res.itertuples():
         print(f"  {r.estimator:<12} Pearson {r.pearson:+.3f} [{r.pearson_lo:+.3f}, {r.pearson_hi:+.3f}]  "
               f"Spearman {r.spearman:+.3f} [{r.spearman_lo:+.3f}, {r.spearman_hi:+.3f}]  ({r.seconds:.0f} s)")
-    write_csv_atomic(table, Path(cfg.out_dir) / "tables" / f"order_{probe_name(cfg.probe)}_moves.csv")
-    write_csv_atomic(res, Path(cfg.out_dir) / "tables" / f"order_{probe_name(cfg.probe)}.csv")
+    write_csv_atomic(table, RunPaths(cfg.out_dir).tables / f"order_{probe_name(cfg.probe)}_moves.csv")
+    write_csv_atomic(res, RunPaths(cfg.out_dir).tables / f"order_{probe_name(cfg.probe)}.csv")
     return res
 
 

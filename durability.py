@@ -23,7 +23,6 @@ import sys
 import time
 import types
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,6 +37,7 @@ from prebias.common import (DoneRecord, UserError, auto_device, file_signature, 
                             step_axis, write_csv_atomic)
 from prebias.configs import DurabilityConfig, check_durability
 from prebias.data import BOS_ID, BatchData, load_stories, raw_shards
+from prebias.paths import RunPaths
 from prebias.stats import mean_interval
 from prebias.stream import INSERT, REPLACE, trained_windows
 from tokenizer import Tokenizer
@@ -451,7 +451,7 @@ def measure(cfg: DurabilityConfig) -> pd.DataFrame:
     ckpts = run_checkpoints(cfg.out_dir)
     s = setup(cfg)
     device = auto_device(cfg.device)
-    tables = Path(cfg.out_dir) / "tables"
+    tables = RunPaths(cfg.out_dir).tables
     done = DoneRecord(tables / "durability_done.json", s.settings, cfg.redo)
     csv = tables / "durability.csv"
     old = pd.read_csv(csv) if csv.exists() and done.done else pd.DataFrame(columns=COLUMNS)
@@ -479,7 +479,7 @@ def measure(cfg: DurabilityConfig) -> pd.DataFrame:
         hl = (f"half-life {f.half_life:.0f} steps [{f.half_life_lo:.0f}, {f.half_life_hi:.0f}] ({f.n} checkpoints)"
               if f.status == "fitted" else f.status)
         print(f"tag {f.tag} ({f.measure}): last inserted at step {f.last_step}, {hl}")
-    png = Path(cfg.out_dir) / "visualize" / "durability.png"
+    png = RunPaths(cfg.out_dir).visualize / "durability.png"
     plot(df, fits, s.tagset, s.rec["insertions"], int(ckpts[-1][0]), png, cfg.out_dir)
     for p in (csv, tables / "durability_fit.csv", png):
         print(f"wrote {p}")

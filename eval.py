@@ -33,6 +33,7 @@ from prebias.common import (DoneRecord, UserError, auto_device, file_signature, 
                             write_csv_atomic)
 from prebias.configs import EvalConfig, check_eval
 from prebias.data import TABLES_DIR, BatchData, load_stories, raw_shards, sha256_file
+from prebias.paths import RunPaths
 from prebias.refscorer import reference_scorer
 from tokenizer import Tokenizer
 
@@ -306,7 +307,7 @@ def evaluate(cfg: EvalConfig):
     device = auto_device(cfg.device)
 
     # 2) reuse what is cached with the same settings and an unchanged checkpoint file
-    tables = Path(cfg.out_dir) / "tables"
+    tables = RunPaths(cfg.out_dir).tables
     want = settings(cfg, data, scorer, run["data_dir"])
     outputs, summary, record = load_cache(tables, want, cfg.redo)
     have = set(summary["iter"]) if len(summary) else set()

@@ -33,17 +33,16 @@ import pandas as pd
 
 import metrics
 from prebias import saturation, stats, tracking
-from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
+from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, run_record
+from prebias.common import (ROOT, FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
                             write_csv_atomic, write_json_atomic)
 from prebias.batchmetrics import REF_COLUMNS
 from prebias.configs import (MAX_SEED, TRAIN_CHOICES, DurabilityConfig, EvalConfig, TrainConfig, check_durability,
                              check_eval, check_train)
+from prebias.paths import TABLES, VISUALIZE, RunPaths
 from prebias.schedule import SpecError
 from prebias.schedule import load_spec as load_schedule_spec
 from prebias.launchers import LAUNCHERS, Job, gather, launch, options_from, raise_failures
-
-ROOT = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
 # config (the spec file is the first argument; these are how to run it)
@@ -76,7 +75,7 @@ RESERVED = ("out_dir", "seed", "init_from", "model_bin", "show_batches", "wandb_
 DEFAULT_METRICS = ["val_loss"] + [f"out_{m}" for m in metrics.MAIN_METRICS]
 STAGE_CONFIGS = {"train.py": TrainConfig, "eval.py": EvalConfig, "durability.py": DurabilityConfig}
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a folder of the experiment's own (no '..', '/', '$')
-RESERVED_NAMES = ("tables", "visualize", "slurm", "experiment.json", "experiment.log", "report.html")  # its files
+RESERVED_NAMES = (TABLES, VISUALIZE, "slurm", "experiment.json", "experiment.log", "report.html")  # its files
 DIFF_COLUMNS = ["arm", "baseline", "metric", "side", "n_baseline", "n_arm", "baseline_mean", "arm_mean", "diff", "lo",
                 "hi", "df", "se", "p", *(f"p_{t}" for t in stats.TESTS), "p_holm", "lo_sim", "hi_sim", "mdd80",
                 "family", "test"]  # differences.csv (stats.difference_table's columns)
@@ -326,11 +325,11 @@ def read_runs(runs: list[Run]) -> pd.DataFrame:
     stacked with arm and seed columns."""
     frames = []
     for r in runs:
-        p = r.dir / "tables" / "summary.csv"
+        p = RunPaths(r.dir).tables / "summary.csv"
         if not p.exists():
             raise UserError(f"no {p}: run the experiment first (without --aggregate_only)")
         df = pd.read_csv(p)
-        dp = r.dir / "tables" / "durability.csv"
+        dp = RunPaths(r.dir).tables / "durability.csv"
         if dp.exists():
             dur = pd.read_csv(dp)
             for tag, g in dur.groupby("tag"):
@@ -362,22 +361,13 @@ def choose_metrics(df: pd.DataFrame, wanted: list[str]) -> tuple[list[str], dict
     return outs + ins + tags, side
 
 
-def label(m: str) -> str:
-    if m == "val_loss":
-        return "val_loss (nats/token)"
-    if m.startswith("out_"):
-        return f"{m[4:]} (generated)"
-    if m.startswith("in_") and m.endswith("_cum"):
-        return f"{m[3:-4]} (batches seen)"
-    return m
-
-
 def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
     df = read_runs(runs)
     arms = list(spec["arms"])
     metrics, side = choose_metrics(df, spec["metrics"])
     side.update({m: "primary" for m in spec.get("primary", []) if m in side})  # a family of its own
-    tables, vis = exp_dir / "tables", exp_dir / "visualize"
+    paths = RunPaths(exp_dir)
+    tables, vis = paths.tables, paths.visualize
     curves = stats.curve_table(df, metrics)
     final = stats.final_table(df, metrics, arms)
     diff = stats.difference_table(df, metrics, arms, spec["baseline"], side, spec["test"])
@@ -387,8 +377,7 @@ def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
     last = stats.final_rows(df)
     listing = pd.DataFrame([{"arm": r.arm, "seed": r.seed, "dir": str(r.dir),
                              "final_iter": int(last[(last.arm == r.arm) & (last.seed == r.seed)]["iter"].iloc[0]),
-                             "commit": json.loads((r.dir / "run.json").read_text()).get("commit", "")
-                             if (r.dir / "run.json").exists() else ""} for r in runs])
+                             "commit": run_record(r.dir).get("commit", "")} for r in runs])
     out = {}
     for name, t in (("curves", curves), ("final", final), ("differences", diff), ("saturation", sat),
                     ("saturation_runs", sat_runs), ("runs", listing)):
@@ -401,12 +390,12 @@ def aggregate(exp_dir: Path, spec: dict, runs: list[Run]) -> dict:
             what = {"output": "model outputs", "input": "batches trained on (cumulative means)",
                     "tag": "tags (durability.py)"}[s]
             saturation.plot_bands(curves, sat, ms, arms, vis / png, f"{exp_dir.name}: {what}, mean of {n} seeds "
-                                  "per arm vs training step", {m: label(m) for m in ms})
+                                  "per arm vs training step", {m: saturation.column_label(m) for m in ms})
             out[png] = vis / png
     if len(arms) > 1:
         ms = [m for m in metrics if side[m] != "input"]
         stats.plot_forest(diff, ms, arms, vis / "forest.png", f"{exp_dir.name}: end-of-run difference from "
-                          f"{spec['baseline']}", {m: label(m) for m in ms})
+                          f"{spec['baseline']}", {m: saturation.column_label(m) for m in ms})
         out["forest.png"] = vis / "forest.png"
     print_differences(diff, final, spec)
     return out

@@ -30,9 +30,10 @@ import pandas as pd
 
 from metrics import MAIN_METRICS
 from prebias import stats
-from prebias.checkpoint import run_config
+from prebias.checkpoint import run_config, run_record
 from prebias.common import UserError, main_guard, parse_config, write_text_atomic
 from prebias.inputs import read_csv, read_json
+from prebias.paths import RunPaths
 from prebias.stream import RunBatches
 
 
@@ -47,7 +48,6 @@ class ReportConfig:
     max_rows: int = 40  # checkpoint rows per run table
 # -----------------------------------------------------------------------------
 
-RUN_FIX = "it is damaged: restore it from a copy, or rerun python train.py --out_dir={}"
 TABLE_COLUMNS = {"final.csv": ("arm", "metric", "mean", "lo", "hi"),
                  "differences.csv": ("arm", "metric", "side", "diff", "lo", "hi", "lo_sim", "hi_sim", "p", "p_holm",
                                      "test"),
@@ -103,12 +103,11 @@ def run_section(run_dir: Path, cfg: ReportConfig, viewer: bool, title: str) -> s
     parts = [f"<h3>{esc(title)}</h3>"]
     batches = RunBatches(run_dir) if viewer else None  # reads the latest checkpoint's config once
     rc = vars(batches.cfg) if batches else run_config(run_dir)
-    meta = read_json(run_dir / "run.json", "a run record (train.py writes it)", RUN_FIX.format(run_dir)) \
-        if (run_dir / "run.json").exists() else {}
+    meta = run_record(run_dir)
     parts.append(f'<p class="meta">folder <code>{esc(run_dir)}</code> &middot; commit '
                  f'<code>{esc(meta.get("commit", "unknown"))}</code> &middot; started {esc(meta.get("time", "?"))}</p>')
     parts.append(f"<details><summary>config (train.py)</summary><pre>{esc(json.dumps(rc, indent=1))}</pre></details>")
-    sp = run_dir / "tables" / "summary.csv"
+    sp = RunPaths(run_dir).tables / "summary.csv"
     if sp.exists():
         s = read_csv(sp, "an evaluation table", f"rerun python eval.py --out_dir={run_dir} --redo=True",
                      columns=("iter",))
@@ -116,7 +115,7 @@ def run_section(run_dir: Path, cfg: ReportConfig, viewer: bool, title: str) -> s
                 if c in s.columns]
         parts.append(f"<details><summary>per checkpoint ({len(s)} checkpoints, summary.csv)</summary>"
                      f"{table(s[cols].head(cfg.max_rows))}</details>")
-    dp = run_dir / "tables" / "durability.csv"
+    dp = RunPaths(run_dir).tables / "durability.csv"
     if dp.exists():
         d = read_csv(dp, "a durability table", f"rerun python durability.py --out_dir={run_dir} --redo=True",
                      columns=("iter", "tag", "kind"))
@@ -181,7 +180,7 @@ def read_experiment(exp_dir: Path) -> dict:
 def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
     fix = f"rerun python experiment.py <spec> --aggregate_only=True (it rewrites {exp_dir}'s tables)"
     spec = read_experiment(exp_dir)
-    tables = exp_dir / "tables"
+    tables = RunPaths(exp_dir).tables
     final, diff, sat, runs = (read_csv(tables / f, f"an experiment table ({f})", fix, columns=cols)
                               for f, cols in TABLE_COLUMNS.items())
     arms, base, n = spec.get("arm_order", list(spec["arms"])), spec["baseline"], len(spec["seeds"])
@@ -230,7 +229,7 @@ def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
     elif len(arms) == 1:
         b.append('<p class="note">No differences to show: the experiment has one arm (differences.csv is empty).</p>')
     # figures
-    vis = exp_dir / "visualize"
+    vis = RunPaths(exp_dir).visualize
     captions = {"forest.png": "End-of-run differences from the baseline, each metric on its own scale",
                 "bands_output.png": "Model outputs over training: mean per arm with its 95% band over seeds, "
                                     "saturation steps dashed (min..max over seeds on top)",
@@ -258,10 +257,10 @@ def experiment_page(exp_dir: Path, cfg: ReportConfig) -> str:
 
 def single_run_page(run_dir: Path, cfg: ReportConfig) -> str:
     b = [f"<h1>Run: {esc(run_dir)}</h1>"]
-    if not (run_dir / "tables" / "summary.csv").exists():
+    if not (RunPaths(run_dir).tables / "summary.csv").exists():
         b.append(f'<p class="note">no evaluation yet: run python eval.py --out_dir={esc(run_dir)} for the '
                  "per-checkpoint table</p>")
-    figs = sorted((run_dir / "visualize").glob("*.png")) if (run_dir / "visualize").exists() else []
+    figs = sorted(RunPaths(run_dir).visualize.glob("*.png")) if RunPaths(run_dir).visualize.exists() else []
     b.append(run_section(run_dir, cfg, cfg.viewer != "none", "config, checkpoints and batches"))
     if figs:
         b += ["<h2>Figures</h2>"] + [img(p, p.stem.replace("_", " ")) for p in figs]
@@ -282,7 +281,7 @@ def main(argv=None):
     folder = Path(folders[0])
     if (folder / "experiment.json").exists():
         text = experiment_page(folder, cfg)
-    elif (folder / "config.json").exists() or (folder / "ckpt").exists():
+    elif RunPaths(folder).config.exists() or RunPaths(folder).ckpt.exists():
         text = single_run_page(folder, cfg)
     else:
         raise UserError(f"{folder} is neither an experiment (experiment.json) nor a run (config.json): "

@@ -23,7 +23,7 @@ import torch
 from export import load_bin, tokenizer_of
 from model import Transformer, sampling_problem
 from prebias.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
-from prebias.common import UserError, auto_device, autocast_ctx, main_guard, parse_config
+from prebias.common import SEED, UserError, auto_device, autocast_ctx, main_guard, parse_config
 from tokenizer import Tokenizer, tokenizer_model_path
 
 
@@ -38,7 +38,7 @@ class SampleConfig:
     top_k: int = 300  # keep only the top_k most likely tokens (0 = all)
     top_p: float = 0.0  # nucleus as run.c's -p (0 = off)
     tokenizer: str = ""  # the sentencepiece .model; default: the checkpoint's run's (checked by sha256)
-    seed: int = 1337  # sample k uses seed + k
+    seed: int = SEED  # sample k uses seed + k
     device: str = "auto"
     dtype: str = "float32"  # float32 | bfloat16 | float16
 

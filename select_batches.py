@@ -44,7 +44,7 @@ import pandas as pd
 
 from prebias import batchmetrics
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config
-from prebias.common import (UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic,
+from prebias.common import (SEED, UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic,
                             write_json_atomic)
 from prebias.data import DATA_DIR, MAX_SEQ_LEN, TABLES_DIR, VOCAB_SIZE, BatchData
 from prebias.compute import forward_flops_per_window
@@ -62,7 +62,7 @@ class SelectConfig:
     select_ref: str = ""  # rho: a model.bin/.pt for the irreducible loss ('' = batch metrics' ref_nll)
     select_metric: str = ""  # metric: the batch metric to steer by...
     select_target: float = 0.0  # ...toward this value
-    seed: int = 1337  # uniform: the seed of the random subset
+    seed: int = SEED  # uniform: the seed of the random subset
     holdout: str = "auto"  # auto: leave the holdout out exactly when the ranking reads the reference; exclude | keep
     data_dir: str = str(DATA_DIR)  # ignored when out_dir is given (the run's own data)
     tables_dir: str = str(TABLES_DIR)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from prebias import batchmetrics
-from prebias.common import UserError, atomic_path, main_guard, write_json_atomic
+from prebias.common import SEED, UserError, atomic_path, main_guard, write_json_atomic
 from prebias.data import (BOS_ID, DATA_DIR, HOLDOUT_FRACTION, LLAMA2_RECORD, LLAMA2_TOKENIZER, MAX_SEQ_LEN, RAW_NAME,
                           VOCAB_SIZE, load_stories, raw_dir, raw_shards, sha256_file, tok_dir, token_stamps,
                           write_holdout, write_index)
@@ -172,7 +172,7 @@ def download(data_dir=DATA_DIR, url=DATA_URL):
     return target
 
 
-def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=1337, noise=0.0):
+def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=SEED, noise=0.0):
     """Write generated stories (storygen.py) in TinyStories' JSON format, so that the
     whole pipeline runs offline. A SAMPLE marker keeps it from overwriting real data.
     noise > 0 replaces that (seeded) fraction of the training stories (shards 1..; the
@@ -218,7 +218,7 @@ def corrupt_stories(stories: list[str], n_val: int, noise: float, seed: int) -> 
     return stories, kinds
 
 
-def noisy_copy(src_dir, dst_dir, noise: float, seed: int = 1337) -> Path:
+def noisy_copy(src_dir, dst_dir, noise: float, seed: int = SEED) -> Path:
     """A copy of src_dir's raw shards (real or generated) in dst_dir with the planted noise
     of `sample --noise` (corrupt_stories) in the training shards: every row gains the
     "noise" field that batch metrics' noisy column reads. Real stories as a noisy test bed."""
@@ -411,7 +411,7 @@ def main():
     ap.add_argument("--url", default=DATA_URL, help="download: archive address")
     ap.add_argument("--n_stories", type=int, default=4000, help="sample: number of stories")
     ap.add_argument("--n_shards", type=int, default=5, help="sample: number of shards")
-    ap.add_argument("--seed", type=int, default=1337, help="sample: generator seed")
+    ap.add_argument("--seed", type=int, default=SEED, help="sample: generator seed")
     ap.add_argument("--noise", type=float, default=0.0, help="sample: fraction of training stories corrupted")
     ap.add_argument("--workers", type=int, default=None, help="pretokenize: processes (default: all cores)")
     ap.add_argument("--metrics", default="all", help="pretokenize: comma list of batch metrics, 'all' or 'none'")

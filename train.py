@@ -62,6 +62,7 @@ from prebias.compute import ComputeRecord
 from prebias.configs import TRAIN_CHOICES as CHOICES
 from prebias.configs import TrainConfig, check_train
 from prebias.data import BatchData
+from prebias.paths import CONFIG, RECORD_FILES, RUN, RunPaths
 from prebias.schedule import get_lr, rank_micro_batches
 from prebias.stream import build_stream, save_holdout_ids, stream_fingerprint, stream_provenance
 from tokenizer import tokenizer_model_path
@@ -319,7 +320,7 @@ class Trainer:
     def log(self, line: str):
         """One greppable line, to stdout and to <out_dir>/train.log (rank 0 only)."""
         print(line, flush=True)
-        with open(Path(self.cfg.out_dir) / "train.log", "a") as f:
+        with open(RunPaths(self.cfg.out_dir).log, "a") as f:
             f.write(line + "\n")
 
     def estimate_loss(self, ids: np.ndarray) -> float:
@@ -470,17 +471,17 @@ def write_ids_file(out_dir):
     the checkpoints (Pythia keeps its order as data); pool_ids.npy, insertions.npz and
     masked_rows.npy ([step, row] trained with weight 0) too where selection, tags or a
     --train_mask ran."""
-    rec = stream_records(out_dir)
-    with atomic_path(Path(out_dir) / "batch_ids.npy") as tmp, open(tmp, "wb") as f:
+    rec, paths = stream_records(out_dir), RunPaths(out_dir)
+    with atomic_path(paths.batch_ids) as tmp, open(tmp, "wb") as f:
         np.save(f, rec["batch_ids"], allow_pickle=False)
     if rec["pool_ids"].size:
-        with atomic_path(Path(out_dir) / "pool_ids.npy") as tmp, open(tmp, "wb") as f:
+        with atomic_path(paths.pool_ids) as tmp, open(tmp, "wb") as f:
             np.save(f, rec["pool_ids"], allow_pickle=False)
     if len(rec["masked_rows"]):
-        with atomic_path(Path(out_dir) / "masked_rows.npy") as tmp, open(tmp, "wb") as f:
+        with atomic_path(paths.masked_rows) as tmp, open(tmp, "wb") as f:
             np.save(f, rec["masked_rows"], allow_pickle=False)
     if len(rec["insertions"]):
-        with atomic_path(Path(out_dir) / "insertions.npz") as tmp, open(tmp, "wb") as f:
+        with atomic_path(paths.insertions) as tmp, open(tmp, "wb") as f:
             np.savez(f, insertions=rec["insertions"], insert_tokens=rec["insert_tokens"],
                      replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"))
 
@@ -499,10 +500,6 @@ def _record_damage(path: Path, keys=()) -> str:
     return f"lacking {missing[0]!r}" if missing else ""
 
 
-RECORD_FILES = ("config.json", "run.json", "history.jsonl", "train.log", "batch_ids.npy", "insertions.npz",
-                "masked_rows.npy", "holdout_ids.npy")
-
-
 def check_record_files(out_dir) -> None:
     """The files a run appends to or rewrites must be plain files where they exist: a
     folder or a link in their place fails (or writes elsewhere) after the run has begun."""
@@ -519,29 +516,29 @@ def rebuilt_records(out_dir) -> dict:
     true): config.json from the first checkpoint's config (step 0 saved the config the
     run started with), run.json from history.jsonl's start line (the same fields). A
     record with nothing to rebuild it from is refused with one line."""
-    out, rebuilt = Path(out_dir), {}
-    why = _record_damage(out / "config.json", IDENTITY)
+    paths, rebuilt = RunPaths(out_dir), {}
+    why = _record_damage(paths.config, IDENTITY)
     if why:
-        it, first = list_checkpoints(out)[0]
+        it, first = list_checkpoints(out_dir)[0]
         ck = load_checkpoint(first)
         if ck["prev_iter"] != -1:
-            raise UserError(f"{out / 'config.json'} is {why} and {first} is not the run's first checkpoint, so the "
+            raise UserError(f"{paths.config} is {why} and {first} is not the run's first checkpoint, so the "
                             "config it started with is lost: restore config.json from a copy, or start a new --out_dir")
-        rebuilt["config.json"] = dict(ck["config"])
-    why = _record_damage(out / "run.json", ("commit", "argv", "time"))
+        rebuilt[CONFIG] = dict(ck["config"])
+    why = _record_damage(paths.run, ("commit", "argv", "time"))
     if why:
         start = None
-        if (out / "history.jsonl").exists():
-            for line in (out / "history.jsonl").read_text().splitlines():
+        if paths.history.exists():
+            for line in paths.history.read_text().splitlines():
                 with contextlib.suppress(ValueError):
                     if isinstance(entry := json.loads(line), dict) and entry.get("event") == "start":
                         start = entry
                         break
         if start is None:
-            raise UserError(f"{out / 'run.json'} is {why} and history.jsonl has no start line to rebuild it from "
+            raise UserError(f"{paths.run} is {why} and history.jsonl has no start line to rebuild it from "
                             "(its commit, versions and command are in no checkpoint): restore run.json from a copy, "
                             "or start a new --out_dir")
-        rebuilt["run.json"] = {k: v for k, v in start.items() if k not in ("event", "changed", "rebuilt")}
+        rebuilt[RUN] = {k: v for k, v in start.items() if k not in ("event", "changed", "rebuilt")}
     return rebuilt
 
 
@@ -549,20 +546,20 @@ def write_run_record(cfg: TrainConfig, resumed_from: dict | None, init: dict | N
     """config.json and run.json once, at the start; history.jsonl gets a line per start
     and resume, with what a resume changed (the originals are never overwritten; a
     damaged one is rewritten from `rebuilt`, rebuilt_records, and the line says so)."""
-    out = Path(cfg.out_dir)
+    paths = RunPaths(cfg.out_dir)
     now = dataclasses.asdict(cfg)
     run = {"commit": git_commit(), "versions": library_versions(), "argv": sys.argv,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"init": init} if init else {})}
     if resumed_from is None:
-        write_json_atomic(out / "config.json", now)
-        write_json_atomic(out / "run.json", run)
+        write_json_atomic(paths.config, now)
+        write_json_atomic(paths.run, run)
     for name, obj in (rebuilt or {}).items():
-        write_json_atomic(out / name, obj)
+        write_json_atomic(paths.dir / name, obj)
     changed = {k: [v, now.get(k)] for k, v in (resumed_from or {}).items()
                if k not in ("init_from", "show_batches") and v != now.get(k)}
     entry = {**run, "event": "resume" if resumed_from is not None else "start", "changed": changed,
              **({"rebuilt": sorted(rebuilt)} if rebuilt else {})}
-    with open(out / "history.jsonl", "a") as f:
+    with open(paths.history, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
     return changed
 

@@ -45,6 +45,7 @@ from prebias.checkpoint import load_checkpoint, model_from_checkpoint, run_check
 from prebias.common import (DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure, step_axis,
                             write_csv_atomic)
 from prebias.data import load_stories, raw_shards
+from prebias.paths import RunPaths
 from tokenizer import Tokenizer, piece_label
 
 
@@ -228,7 +229,7 @@ def main(argv=None):
     title = f"run {cfg.out_dir}"
     probe_desc = f"{source}, {len(ids)} tokens"
 
-    vis, table = out / "visualize", out / "tables" / "attn_entropy.csv"
+    vis, table = RunPaths(out).visualize, RunPaths(out).tables / "attn_entropy.csv"
     settings = {"version": VERSION, "probe_ids": ids, "dpi": cfg.dpi}
     record = DoneRecord(vis / "attn" / "settings.json", settings, cfg.redo)
     old = pd.read_csv(table) if table.exists() and record.done else pd.DataFrame(columns=CSV_COLUMNS)

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from prebias.checkpoint import load_checkpoint, run_checkpoints, run_config
 from prebias.common import (DoneRecord, UserError, file_signature, main_guard, parse_config, save_figure,
                             write_csv_atomic)
+from prebias.paths import RunPaths
 from tokenizer import Tokenizer, piece_label
 
 
@@ -327,7 +328,7 @@ def main(argv=None):
     words, notes = word_pieces(enc, cfg.words, cfg.multi_piece)
     kinds, labels = token_kinds(enc.sp, V), [piece_label(enc.sp, i) for i in range(V)]
 
-    vis, table = out / "visualize", out / "tables" / "embd_pca.csv"
+    vis, table = RunPaths(out).visualize, RunPaths(out).tables / "embd_pca.csv"
     summaries = [vis / "embd_pca.png", vis / "embd_trajectories.png"]
     sigs = {it: file_signature(p) for it, p in ckpts}
     # the basis and the shared limits depend on every checkpoint: any change redraws all

@@ -55,21 +55,13 @@ def input_columns(which: str):
     return pick
 
 
-def label(col: str) -> str:
-    name = col[len("in_"):]
-    for suffix, what in (("_cum", "mean, all batches so far"), ("_since", "mean since prev. ckpt")):
-        if name.endswith(suffix):
-            return f"{name[:-len(suffix)]} ({what})"
-    return name
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     dirs, rest = saturation.split_out_dirs(argv)
     cfg = parse_config(SatBatchConfig(), rest, CHOICES)
     which = {"cum": "cumulative", "since": "since previous checkpoint", "both": "cumulative and since"}[cfg.which]
     return saturation.visualize(dirs or [cfg.out_dir], cfg.plot_dir, cfg.metrics, cfg.tol, cfg.ncols,
-                                "visualize_sat_batch.py", input_columns(cfg.which), label, PNG, CSV,
+                                "visualize_sat_batch.py", input_columns(cfg.which), PNG, CSV,
                                 f"Training batch metrics ({which} means)")
 
 

@@ -44,19 +44,12 @@ def output_columns(df) -> list[str]:
     return [c for c in df.columns if c == "val_loss" or c.startswith("out_")]
 
 
-def label(col: str) -> str:
-    if col == "val_loss":
-        return "val_loss (nats/token, held-out batches)"
-    name = col[len("out_"):]
-    return f"{name} (generated text)"
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     dirs, rest = saturation.split_out_dirs(argv)
     cfg = parse_config(SatOutputConfig(), rest)
     return saturation.visualize(dirs or [cfg.out_dir], cfg.plot_dir, cfg.metrics, cfg.tol, cfg.ncols,
-                                "visualize_sat_output.py", output_columns, label, PNG, CSV,
+                                "visualize_sat_output.py", output_columns, PNG, CSV,
                                 "Output metrics")
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from prebias.checkpoint import (list_checkpoints, load_checkpoint, model_from_checkpoint, optimizer_path, run_config,
                                 stream_records)
-from prebias.common import DoneRecord, Registry, UserError, atomic_path, file_signature
+from prebias.common import LEVEL, DoneRecord, Registry, UserError, atomic_path, file_signature
 from prebias.data import BatchData
 from prebias.schedule import get_lr
 from prebias.stream import trained_windows
@@ -528,7 +528,7 @@ def lds(scores: np.ndarray, kept: np.ndarray, measured: np.ndarray, n_boot: int 
     return {"lds": est, "lo": lo, "hi": hi, "per_probe": per, "boot": boot}
 
 
-def bc_interval(boot: np.ndarray, est: float, level: float = 0.95) -> tuple[float, float]:
+def bc_interval(boot: np.ndarray, est: float, level: float = LEVEL) -> tuple[float, float]:
     """Bias-corrected percentile bootstrap interval (Efron 1981): a resample's repeated
     subsets tie in rank and pull a rank correlation down, so the plain percentiles sit
     below the estimate; z0 = Phi^-1(share of resamples below it) shifts them back."""

@@ -31,7 +31,7 @@ from prebias.data import (TABLES_DIR, BatchData, index_dir, raw_dir, shard_windo
                           story_noise_free, tok_dir, token_stamps, window_noise)
 from prebias.inputs import read_csv, read_json
 from prebias.refscorer import ModelScorer, fit_reference_scorer, reference_scorer, scorer_fit, scorer_path
-from tokenizer import Tokenizer
+from prebias.sp_tokenizer import Tokenizer
 
 ID_COLUMNS = ["batch_id", "shard", "offset", "story_first", "story_last", "n_stories", "n_tokens", "split"]
 REF_COLUMNS = ["ref_nll", "ref_ppl"]

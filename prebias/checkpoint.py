@@ -51,6 +51,8 @@ import torch
 from model import ModelArgs, Transformer
 from prebias.common import UserError, atomic_path
 from prebias.data import sha256_file
+from prebias.inputs import read_json
+from prebias.paths import RunPaths
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1: optimizer inside, no pool/insertions; eval and views read both
@@ -64,7 +66,7 @@ REQUIRED = ("model", "model_args", "config", "iter_num", "prev_iter", "batch_ids
 
 
 def ckpt_dir(out_dir) -> Path:
-    return Path(out_dir) / "ckpt"
+    return RunPaths(out_dir).ckpt
 
 
 def ckpt_path(out_dir, iter_num: int) -> Path:
@@ -197,7 +199,7 @@ IDENTITY = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_
 def run_identity(out_dir, first_ckpt=None) -> dict:
     """The identity fields of the run in out_dir, from config.json (written once, when the
     run started), else its first checkpoint."""
-    p = Path(out_dir) / "config.json"
+    p = RunPaths(out_dir).config
     if p.exists():
         try:
             cfg = json.loads(p.read_text())
@@ -237,13 +239,20 @@ def run_config(out_dir) -> dict:
     config the run started with; history.jsonl beside it lists each resume's changes)."""
     if list_checkpoints(out_dir):
         return dict(load_checkpoint(latest_checkpoint(out_dir))["config"])
-    p = Path(out_dir) / "config.json"
+    p = RunPaths(out_dir).config
     if not p.exists():
         raise UserError(f"no run in {out_dir} (no checkpoints, no config.json): run python train.py --out_dir={out_dir}")
     try:
         return json.loads(p.read_text())
     except ValueError:
         raise UserError(f"{p} is not valid JSON: restore it or start a new --out_dir") from None
+
+
+def run_record(out_dir) -> dict:
+    """<out_dir>/run.json (commit, library versions, command, start time: train.py writes it
+    once); {} for a folder without one."""
+    return read_json(RunPaths(out_dir).run, "a run record (train.py writes it)",
+                     f"it is damaged: restore it from a copy, or rerun python train.py --out_dir={out_dir}", missing={})
 
 
 def build_checkpoint(*, model, model_args: dict, config: dict, iter_num: int, prev_iter: int,

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root (this file is prebias/common.py)
+SEED = 1337  # every default seed (llama2.c's): the sample, the schedule, sampling, selection, the holdout
+LEVEL = 0.95  # the level of every interval the toolkit reports (stats, bands, fits, bootstraps)
 
 
 class UserError(Exception):

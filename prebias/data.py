@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from prebias.common import DoneRecord, UserError, atomic_path, write_json_atomic
+from prebias.common import SEED, DoneRecord, UserError, atomic_path, write_json_atomic
 from prebias.inputs import read_json
+from prebias.paths import RunPaths
 
 # -----------------------------------------------------------------------------
 DATA_DIR = Path("data")
-TABLES_DIR = Path("out") / "tables"
+TABLES_DIR = RunPaths("out").tables
 RAW_NAME = "TinyStories_all_data"
 MAX_SEQ_LEN = 256
 VOCAB_SIZE = 512
@@ -38,7 +39,7 @@ INDEX_FORMAT, INDEX_VERSION = "llama2_prebiasing.batch_index", 1
 LLAMA2_TOKENIZER = "tokenizer.model"  # llama2.c's name for Meta's Llama 2 sentencepiece model
 LLAMA2_RECORD = "llama2_tokenizer.json"  # beside the JSON: which tokenizer vocab_size=0 used
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("story_first", "<i4"), ("story_last", "<i4")])
-HOLDOUT_FRACTION, HOLDOUT_SEED, HOLDOUT_BLOCK = 0.1, 1337, 32  # pretokenize --holdout: share of training stories
+HOLDOUT_FRACTION, HOLDOUT_SEED, HOLDOUT_BLOCK = 0.1, SEED, 32  # pretokenize --holdout: share of training stories
 HOLDOUT_MODES = ("auto", "exclude", "keep", "only")  # train.py --holdout (stream.holdout_mode)
 # -----------------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
-LEVEL = 0.95
+from prebias.common import LEVEL
+
 UNSEEN_EXPOSURE = 1 / math.log(2)  # E[-log2 U], U uniform: a never-seen secret's expected exposure
 
 

@@ -17,14 +17,21 @@ from pathlib import Path
 from prebias.common import UserError
 
 
-def read_json(path, what: str, fix: str, want: type = dict, keys=()):
-    """The JSON value of path (of type want, holding keys), or one line naming the file."""
+MUST_EXIST = object()  # read_json's default: a missing file is an error
+
+
+def read_json(path, what: str, fix: str, want: type = dict, keys=(), missing=MUST_EXIST):
+    """The JSON value of path (of type want, holding keys), or one line naming the file.
+    A caller for which a missing file is fine says so with missing=<what to return then>;
+    a damaged one is an error all the same."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{p} is a folder, not {what}: {fix}")
     try:
         obj = json.loads(p.read_text())
     except FileNotFoundError:
+        if missing is not MUST_EXIST:
+            return missing
         raise UserError(f"{p} is missing ({what}): {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{p} cannot be read ({what}: {type(e).__name__}): {fix}") from None

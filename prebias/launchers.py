@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prebias.common import ROOT, Registry, UserError, write_json_atomic
+from prebias.inputs import read_json
 
 LAUNCHERS = Registry("launcher")  # name -> fn(jobs, opts, say) -> {job name: None | why it failed}
 
@@ -251,11 +252,10 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"
          "DEADLINE", "REVOKED", "FINISHED", "INTERRUPTED", "ENDED"}
 
 
-def read_json(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
+def read_progress(job_dir) -> dict:
+    """The job folder's PROGRESS record; {} before its Slurm job first starts."""
+    return read_json(Path(job_dir) / PROGRESS, "a Slurm job's progress record (the job writes it)",
+                     "delete it to run the job's stages again", missing={})
 
 
 def need_submitit():
@@ -279,7 +279,7 @@ class SlurmTask:
     def __call__(self) -> str | None:
         job, path = self.job, self.job.dir / PROGRESS
         job.dir.mkdir(parents=True, exist_ok=True)
-        prog = read_json(path)
+        prog = read_progress(job.dir)
         if prog.get("token") != self.token:  # the first start of this submission
             prog = {"token": self.token, "stages": [[s, [str(c) for c in cmd]] for s, cmd in job.stages],
                     "done": [], "running": None, "finished": False}
@@ -324,7 +324,7 @@ def signal_name(n: int) -> str:
 def finished_before(job: Job) -> bool:
     """Every stage of the job, with this very command, was finished by an earlier Slurm job
     in its folder (a run trained and evaluated there is not submitted again)."""
-    prog = read_json(job.dir / PROGRESS)
+    prog = read_progress(job.dir)
     done = {s: cmd for s, cmd in prog.get("stages", [])} if prog.get("finished") else {}
     return bool(done) and all(done.get(s) == [str(c) for c in cmd] for s, cmd in job.stages)
 
@@ -557,7 +557,7 @@ def submitit_gather(jobs: list[Job], opts: LaunchOptions, say, q) -> dict:
         rec = last_record(j)
         if rec.get("launcher") != q.name:
             continue
-        prog = read_json(j.dir / PROGRESS)
+        prog = read_progress(j.dir)
         if prog.get("token") == rec["token"] and prog.get("finished"):
             results[j.name] = None
         else:

@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from export import load_v0
+from prebias.llama2c import load_v0
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint
 from prebias.common import UserError, atomic_path, write_json_atomic
 from prebias.data import BOS_ID, holdout_stories, holdout_tokens, sha256_file, tok_dir

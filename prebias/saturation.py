@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prebias.common import UserError, save_figure, step_axis
+from prebias.common import LEVEL, UserError, save_figure, step_axis
+from prebias.paths import RunPaths
 
 TOL = 0.05
 NOISY = 3.0  # range / |change| above this: the score mostly shows noise (flagged on plots)
@@ -147,7 +148,7 @@ def run_names(out_dirs: list[str]) -> list[str]:
 
 
 def read_summary(out_dir: str, script: str) -> pd.DataFrame:
-    p = Path(out_dir) / "tables" / "summary.csv"
+    p = RunPaths(out_dir).tables / "summary.csv"
     if not p.exists():
         raise UserError(f"no {p}: run python eval.py --out_dir={out_dir} first, then python {script}")
     df = pd.read_csv(p)
@@ -161,7 +162,7 @@ def output_paths(out_dirs: list[str], plot_dir: str, png: str, csv: str) -> tupl
     if given, else into the first run's visualize/ and tables/."""
     if plot_dir:
         return Path(plot_dir) / png, Path(plot_dir) / csv
-    return Path(out_dirs[0]) / "visualize" / png, Path(out_dirs[0]) / "tables" / csv
+    return RunPaths(out_dirs[0]).visualize / png, RunPaths(out_dirs[0]).tables / csv
 
 
 # -----------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def _finish_axis(ax, k, n, ncols, nrows, max_step, head, ylabel):
 
 
 def plot_bands(curves: pd.DataFrame, sat: pd.DataFrame, metrics: list[str], arms: list[str], path,
-               title: str, labels: dict[str, str] | None = None, ncols: int = 4, level: float = 0.95):
+               title: str, labels: dict[str, str] | None = None, ncols: int = 4, level: float = LEVEL):
     """An experiment's curves: one subplot per metric on its raw scale, one line per arm
     (the mean over seeds at each checkpoint) with its interval as a band, and each arm's
     saturation step (the mean over seeds, dashed) with the seeds' min..max as a bar on top.
@@ -367,11 +368,25 @@ def pick_metrics(df: pd.DataFrame, candidates: list[str], spec: str, script: str
     return [c for c in candidates if np.isfinite(df[c].to_numpy(dtype=float)).any()]
 
 
+def column_label(col: str) -> str:
+    """A summary.csv column's panel title, in every figure: val_loss, out_<m> (a metric of
+    the generated text), in_<m>_cum / in_<m>_since (the trained batches' mean so far / since
+    the previous checkpoint); any other column (tag_*) as it is."""
+    if col == "val_loss":
+        return "val_loss (nats/token, held-out batches)"
+    if col.startswith("out_"):
+        return f"{col[len('out_'):]} (generated text)"
+    for suffix, what in (("_cum", "mean, all batches so far"), ("_since", "mean since prev. ckpt")):
+        if col.startswith("in_") and col.endswith(suffix):
+            return f"{col[len('in_'):-len(suffix)]} ({what})"
+    return col
+
+
 def visualize(out_dirs: list[str], plot_dir: str, spec: str, tol: float, ncols: int, script: str,
-              candidates, label, png: str, csv: str, title: str):
+              candidates, png: str, csv: str, title: str):
     """The body of both visualize_sat_* scripts: read each run's summary.csv, choose
-    the metric columns (candidates(df) -> names, label(name) -> subplot title), write
-    the saturation CSV and the figure, and print both paths."""
+    the metric columns (candidates(df) -> names), write the saturation CSV and the
+    figure, and print both paths."""
     if not out_dirs:
         raise UserError(f"{script}: give at least one run with --out_dir=<run folder>")
     if not 0 < tol < 1:
@@ -396,7 +411,7 @@ def visualize(out_dirs: list[str], plot_dir: str, spec: str, tol: float, ncols: 
     runs = ", ".join(names)
     how = "normalised score" if len(names) == 1 else "values (each metric's own scale)"
     plot_saturation(curves, metrics, png_p, f"{title}: {how} vs training step ({runs})",
-                    {m: label(m) for m in metrics}, tol,
+                    {m: column_label(m) for m in metrics}, tol,
                     ncols=ncols, sat=sat)
     print(f"wrote {png_p}")
     print(f"wrote {csv_p}")

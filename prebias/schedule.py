@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prebias.common import Registry
+from prebias.common import SEED, Registry
 
 PACINGS = ("linear", "root", "step", "exp")
 STRATEGIES = Registry("schedule strategy")  # name -> Strategy subclass (register below)
@@ -544,7 +544,7 @@ class _Excluding:
 class Schedule:
     """step -> the batches_per_step global ids of that optimizer step."""
 
-    def __init__(self, spec: dict, train_ids: np.ndarray, batches_per_step: int, seed: int = 1337,
+    def __init__(self, spec: dict, train_ids: np.ndarray, batches_per_step: int, seed: int = SEED,
                  max_iters: int = 1, metric_of=None, name: str = "schedule spec", given: dict | None = None):
         """metric_of(name) -> one value per entry of train_ids (only called for the
         metrics the spec names); given: how include/exclude came, if not from the spec

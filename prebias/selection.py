@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import load_v0
+from prebias.llama2c import load_v0
 from model import per_row_loss
 from prebias.batchmetrics import REF_COLUMNS  # the batch metrics that read the reference scorer
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, stream_records

@@ -43,9 +43,8 @@ import pandas as pd
 from scipy import stats as sps
 from scipy.optimize import brentq
 
-from prebias.common import Registry, save_figure
+from prebias.common import LEVEL, Registry, save_figure
 
-LEVEL = 0.95
 MAX_EXACT = 20_000  # splits enumerated exactly; above this, as many random splits
 TESTS = Registry("test between arms")  # name -> fn(baseline, arm, level) -> dict (by-seed Series)
 

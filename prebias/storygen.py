@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
+from prebias.common import SEED
+
 __all__ = [
     "StoryStyle",
     "DEFAULT_STYLE",
@@ -1316,7 +1318,7 @@ def _curlify(text: str) -> str:
 # public API
 
 
-def generate_story_records(n: int, seed: int = 1337, style: StoryStyle = DEFAULT_STYLE) -> List[dict]:
+def generate_story_records(n: int, seed: int = SEED, style: StoryStyle = DEFAULT_STYLE) -> List[dict]:
     """n dicts {"story": text, **style labels} (ground-truth knobs used per story)."""
     if n < 0:
         raise ValueError("n must be >= 0")
@@ -1329,7 +1331,7 @@ def generate_story_records(n: int, seed: int = 1337, style: StoryStyle = DEFAULT
     return out
 
 
-def generate_stories(n: int, seed: int = 1337, style: StoryStyle = DEFAULT_STYLE) -> List[str]:
+def generate_stories(n: int, seed: int = SEED, style: StoryStyle = DEFAULT_STYLE) -> List[str]:
     """n stories, deterministic for (n, seed, style): the same list on every run,
     machine and Python version. Prefix-stable: the first k stories do not depend on n."""
     return [r["story"] for r in generate_story_records(n, seed, style)]
@@ -1364,7 +1366,7 @@ def story_features(text: str) -> dict:
 if __name__ == "__main__":
     import sys
     k = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    s = int(sys.argv[2]) if len(sys.argv) > 2 else 1337
+    s = int(sys.argv[2]) if len(sys.argv) > 2 else SEED
     for story in generate_stories(k, s):
         print(story)
         print("-" * 60)

@@ -52,10 +52,11 @@ from prebias import tags as tagmod
 from prebias.checkpoint import list_checkpoints, run_config
 from prebias.common import DoneRecord, UserError, atomic_path, autocast_ctx
 from prebias.data import BOS_ID, BatchData, tok_dir, window_texts
+from prebias.paths import RunPaths
 from prebias.schedule import (STRATEGIES, Schedule, SpecError, load_ids, load_spec, spec_from_flags, spec_metrics,
                               validate_spec)
 from prebias.selection import SCORES, Irreducible, ScoreContext, keep_best, reads_reference
-from tokenizer import Tokenizer
+from prebias.sp_tokenizer import Tokenizer
 
 REPLACE, INSERT = 0, 1
 INS_COLUMNS = ("step", "row", "pos", "tag", "n_tokens", "mode")
@@ -480,8 +481,8 @@ def save_holdout_ids(out_dir, stream: Stream):
     checkpoints record its mode, size and sha256), so the run says which batches were
     holdout even if the data is marked again later."""
     held = stream.data.holdout_ids
-    if len(held) and not (Path(out_dir) / "holdout_ids.npy").exists():
-        with atomic_path(Path(out_dir) / "holdout_ids.npy") as tmp, open(tmp, "wb") as f:
+    if len(held) and not RunPaths(out_dir).holdout_ids.exists():
+        with atomic_path(RunPaths(out_dir).holdout_ids) as tmp, open(tmp, "wb") as f:
             np.save(f, held, allow_pickle=False)
 
 
@@ -523,7 +524,7 @@ def read_batch_ids(out_dir, cfg, n_batches: int) -> np.ndarray:
     """<out_dir>/batch_ids.npy, checked: integers, (steps, B) with B the run's batch size x
     gradient accumulation, a row for every step its checkpoints have trained, and every id
     a batch of the index (n_batches)."""
-    p, fix = Path(out_dir) / "batch_ids.npy", record_fix(out_dir)
+    p, fix = RunPaths(out_dir).batch_ids, record_fix(out_dir)
     if not p.exists() and not p.is_symlink():
         raise UserError(f"{p} not found: {out_dir} is not a train.py run (or has no checkpoint yet)")
     B = int(cfg.batch_size) * int(getattr(cfg, "gradient_accumulation_steps", 1))
@@ -542,7 +543,7 @@ def read_batch_ids(out_dir, cfg, n_batches: int) -> np.ndarray:
 def read_insertions(out_dir, ids: np.ndarray, T: int, V: int) -> dict | None:
     """<out_dir>/insertions.npz (tags), checked against the steps and rows of ids (steps, B),
     the window length T + 1 and the vocabulary V; None when the run has none."""
-    p, fix = Path(out_dir) / "insertions.npz", record_fix(out_dir)
+    p, fix = RunPaths(out_dir).insertions, record_fix(out_dir)
     if not p.exists() and not p.is_symlink():
         return None
     z = _record_file(p, fix)
@@ -577,7 +578,7 @@ def _insertion_problem(ins: np.ndarray, put: np.ndarray, replaced: np.ndarray, s
 def read_masked_rows(out_dir, ids: np.ndarray) -> np.ndarray:
     """<out_dir>/masked_rows.npy ([step, row] trained with loss weight 0, --train_mask),
     checked against ids (steps, B); (0, 2) when the run masked nothing."""
-    p, fix = Path(out_dir) / "masked_rows.npy", record_fix(out_dir)
+    p, fix = RunPaths(out_dir).masked_rows, record_fix(out_dir)
     if not p.exists() and not p.is_symlink():
         return np.zeros((0, 2), np.int64)
     m = _int_array(p, _record_file(p, fix), (None, 2), fix)
@@ -622,7 +623,7 @@ class RunBatches:
             wins = trained_windows(self.data, self.ids[step], step, rec)
             rows = rec["insertions"][rec["insertions"][:, 0] == step]
             return self.ids[step], wins, rows, \
-                f"trained at step {step} (recorded in {self.out_dir / 'batch_ids.npy'})"
+                f"trained at step {step} (recorded in {RunPaths(self.out_dir).batch_ids})"
         sid = build_schedule(self.cfg, self.data).step_ids(step)
         return sid, self.data.windows(sid), np.zeros((0, 6), np.int64), (
             f"NOT TRAINED: the run has trained steps 0..{len(self.ids) - 1}; these are the ids its schedule gives "

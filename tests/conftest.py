@@ -152,3 +152,45 @@ def tiny_experiment(tiny_data, tmp_path_factory) -> TinyExperiment:
     r = subprocess.run(cmd + ["--jobs=2"], capture_output=True, text=True, env=env, cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     return TinyExperiment(spec, root / "out", exp, [killed, r.stdout], use_wandb)
+
+
+# -----------------------------------------------------------------------------
+# helpers of the tests that give a command bad input, on copies of the fixtures
+
+EVAL = ["--n_prompts=1", "--max_new_tokens=4", "--val_batches=2", "--device=cpu"]  # a quick eval.py
+
+
+def refused(fn, *words):
+    """The UserError line of fn(), checked to be one line holding every word."""
+    from prebias.common import UserError
+    with pytest.raises(UserError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+def run_with_checkpoints(tiny_run, dest, keep=(0, 1, 2)):
+    """A copy of the fixture run with only the checkpoints of `keep` (a valid chain)."""
+    import shutil
+    from prebias import checkpoint
+    shutil.copytree(tiny_run.out_dir, dest)
+    for it, p in checkpoint.list_checkpoints(dest):
+        if it not in keep:
+            p.unlink()
+    return dest
+
+
+def copy_data(tiny_data, tmp_path):
+    """A copy of the fixture's data folder (to damage), and a tables folder beside it."""
+    import shutil
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data[0], data_dir)
+    return data_dir, tmp_path / "tables"
+
+
+def pretok(data_dir, tables, **kw):
+    """tinystories.py pretokenize on the fixture's sizes, one worker."""
+    import tinystories
+    return tinystories.pretokenize(vocab_size=VOCAB, max_seq_len=SEQ, data_dir=data_dir, workers=1,
+                                   tables_dir=tables, **kw)

@@ -17,7 +17,7 @@ import torch
 
 import attribute
 import train
-from conftest import TinyRun
+from conftest import TinyRun, refused
 from model import ModelArgs, Transformer
 from prebias import attribution as A
 from prebias import checkpoint
@@ -351,3 +351,19 @@ def test_a_continued_run_is_retrained_from_its_start(tiny_run, tmp_path):
     src.write_bytes(src.read_bytes() + b"x")
     with pytest.raises(UserError, match="which is gone or changed since"):
         attribute.retrain_job(traj, tmp_path / "retrains" / "other")
+
+
+# -----------------------------------------------------------------------------
+# count flags, refused before anything is computed or written
+
+@pytest.mark.parametrize("flag", ["--n_val=0", "--n_val=-3", "--k=-1", "--k=0", "--n_random=0", "--subsets=1",
+                                  "--moves=0", "--move_rows=0", "--move_frac=0", "--move_frac=0.7", "--top=-1",
+                                  "--jobs=0", "--chunk=-1", "--n_boot=0", "--damping=-1",
+                                  "--ekfac_damping=-0.5"])
+def test_attribute_count_flags_are_refused_up_front(tiny_run, tmp_path, flag):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.out_dir, run)
+    topk = ["--validate=topk"] if flag.startswith(("--k=", "--n_random=")) else []
+    refused(lambda: attribute.main([f"--out_dir={run}", "--probe=val", "--d=64", *topk, flag]),
+            flag.split("=")[0] + "=")
+    assert not (run / "attribution").exists() and not (run / "tables").exists()

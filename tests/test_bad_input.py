@@ -11,15 +11,17 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import eval as ev
 import experiment
 import report
 import train
-from conftest import TinyRun
-from prebias import common, tags
+from conftest import TinyRun, refused
+from prebias import checkpoint, common, tags
 from prebias.common import FolderLock, UserError, parse_config
 from prebias.configs import EvalConfig, TrainConfig
+from prebias.refscorer import reference_scorer
 
 EVIL = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
 
@@ -283,3 +285,17 @@ def test_a_reference_model_of_another_vocabulary_or_a_shorter_context(tiny_data,
             batchmetrics.write_batch_metrics(tiny_data[0], 512, 64, tmp_path / "t", "n_words",
                                              ref_model=str(tmp_path / f"{name}.bin"))
         assert not (tmp_path / "t" / "batch_metrics.csv").exists()
+
+
+# -----------------------------------------------------------------------------
+# a model file, a checkpoint and a lock: the lines name the file and the fix
+
+def test_model_and_lock_lines_name_the_file_and_the_fix(tiny_data, tmp_path):
+    d = tmp_path / "model.bin"
+    d.mkdir()
+    refused(lambda: reference_scorer(tiny_data[0], 512, str(d)), f"--ref_model={d}", "folder", "give")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    refused(lambda: checkpoint.load_checkpoint(foreign), str(foreign), "train.py")
+    (tmp_path / "r31" / ".lock").mkdir(parents=True)
+    refused(lambda: FolderLock(tmp_path / "r31"), str(tmp_path / "r31" / ".lock"), "remove")

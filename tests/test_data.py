@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 import tinystories
+from conftest import SEQ, VOCAB, copy_data, pretok
 from prebias import data
 from prebias.common import UserError
-from prebias.data import BatchData, load_stories, shard_window_texts, shard_windows, shard_windows_2d, window_texts
+from prebias.data import (BatchData, index_dir, load_stories, shard_window_texts, shard_windows, shard_windows_2d,
+                          tok_dir, window_texts)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -430,3 +432,34 @@ def test_batch_index_record_and_ids_outside_the_vocabulary(tiny_data, tmp_path):
     tok.tofile(p)
     with pytest.raises(UserError, match="data02.bin holds token ids outside the vocabulary of 512"):
         BatchData(tmp_path, 512, 64)
+
+
+# -----------------------------------------------------------------------------
+# pretokenize refuses a copied raw shard and a bad metrics request before rewriting the index
+
+@pytest.mark.parametrize("copied", ["data00.json", "data02.json"])
+def test_a_copy_of_a_raw_shard_is_refused(tiny_data, tmp_path, copied):
+    """A byte copy of the validation shard was tokenised as a new training shard (and a copy
+    of a training shard trained twice): the symlink was refused, the copy was not."""
+    data_dir, tables = copy_data(tiny_data, tmp_path)
+    raw = data_dir / "TinyStories_all_data"
+    n = len(sorted(raw.glob("data*.json")))
+    shutil.copy(raw / copied, raw / f"data{n:02d}.json")
+    meta = (index_dir(data_dir, VOCAB, SEQ) / "meta.json").read_bytes()
+    with pytest.raises(UserError, match=rf"raw shards .*{copied} and .*data{n:02d}.json hold the same bytes.*remove"):
+        pretok(data_dir, tables, metrics="none")
+    assert (index_dir(data_dir, VOCAB, SEQ) / "meta.json").read_bytes() == meta  # nothing rewritten
+    assert not (tok_dir(data_dir, VOCAB) / f"data{n:02d}.bin").exists()
+
+
+@pytest.mark.parametrize("kw, words", [({"metrics": "fk_grade,nope"}, "nope"),
+                                       ({"metrics": "fk_grade", "ref_model": "MISSING"}, "MISSING")])
+def test_a_bad_metrics_request_is_refused_before_the_index_is_rewritten(tiny_data, tmp_path, kw, words):
+    data_dir, tables = copy_data(tiny_data, tmp_path)
+    meta = index_dir(data_dir, VOCAB, SEQ) / "meta.json"
+    before = meta.stat().st_mtime_ns
+    if kw.get("ref_model") == "MISSING":
+        kw["ref_model"] = str(tmp_path / "MISSING.bin")
+    with pytest.raises(UserError, match=words):
+        pretok(data_dir, tables, **kw)
+    assert meta.stat().st_mtime_ns == before

@@ -383,3 +383,13 @@ def test_durability_end_to_end(tiny_data, tmp_path, capsys):
 def test_a_run_without_tags_is_one_line(tiny_run):
     with pytest.raises(UserError, match="trained without tags: train with --tags"):
         durability.main([f"--out_dir={tiny_run.out_dir}"])
+
+
+# -----------------------------------------------------------------------------
+# candidate counts
+
+@pytest.mark.parametrize("flag", ["--R=1000000000000", "--R_context=10000000", "--exact_budget=1000000000"])
+def test_candidate_counts_that_fill_the_memory_are_refused(tiny_run, flag):
+    """--R=10**12 hung, filling the memory, with no output."""
+    with pytest.raises(UserError, match=flag.split("=")[0] + r"=\d+: at most"):
+        durability.main([f"--out_dir={tiny_run.out_dir}", flag])

@@ -11,6 +11,7 @@ import torch
 
 import eval as ev
 import model as model_mod
+from conftest import EVAL, refused, run_with_checkpoints
 from prebias.common import UserError
 
 N_PROMPTS, NEW = 2, 12
@@ -213,3 +214,28 @@ def test_data_without_batch_metrics_still_evaluates_outputs(tiny_data, tmp_path,
     assert out.count("no batch metrics in") == 1 and "outputs only" in out
     assert list(joined["iter"]) == [0, 1, 2] and "out_n_words" in joined and not any(c.startswith("in_") for c in joined)
     assert joined["n_batches_since"].tolist() == [0, 8, 8]
+
+
+# -----------------------------------------------------------------------------
+# the cache's columns and the sampling flags
+
+@pytest.mark.parametrize("table", ["eval_outputs.csv", "eval_summary.csv"])
+def test_eval_cache_with_other_columns_is_recomputed(tiny_run, tmp_path, capsys, table):
+    run = run_with_checkpoints(tiny_run, tmp_path / "run")
+    first = ev.main([f"--out_dir={run}", *EVAL])
+    (run / "tables" / table).write_text("a,b\n1,2\n")
+    capsys.readouterr()
+    again = ev.main([f"--out_dir={run}", *EVAL])
+    out = capsys.readouterr().out
+    assert f"{run / 'tables' / table}" in out and "re-evaluating every checkpoint" in out
+    assert "evaluated 3 checkpoint(s), reused 0" in out
+    outputs = pd.read_csv(run / "tables" / "eval_outputs.csv", keep_default_na=False)
+    assert sorted(set(outputs["iter"])) == [0, 1, 2] and {"prompt", "generated", "expected"} <= set(outputs.columns)
+    pd.testing.assert_frame_equal(first, again)  # the same numbers as the first evaluation
+
+
+@pytest.mark.parametrize("flag", ["--temperature=-1", "--top_p=2", "--top_p=-0.5"])
+def test_eval_sampling_flags_out_of_range_are_refused(tiny_run, tmp_path, flag):
+    run = run_with_checkpoints(tiny_run, tmp_path / "run")
+    refused(lambda: ev.main([f"--out_dir={run}", *EVAL, "--temperature=0.8", flag]), flag.split("=")[0] + "=")
+    assert not (run / "tables").exists()

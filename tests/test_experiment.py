@@ -373,3 +373,95 @@ def test_wandb_without_login_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     with pytest.raises(UserError, match=r"wandb could not start a run \(.*\): run `wandb login`, or set WANDB_MODE"):
         tracking.start(project="p", dir=tmp_path, config={})
+
+
+# -----------------------------------------------------------------------------
+# the spec: every value checked as the stages will read it, before any folder
+
+@pytest.mark.parametrize("how", ["stem", "flag_up", "flag_html"])
+def test_an_experiment_name_that_leaves_out_root_is_refused(tiny_data, tmp_path, how):
+    root = tmp_path / "w"
+    root.mkdir()
+    spec = experiment_spec(tiny_data, root / ("...json" if how == "stem" else "ok.json"))
+    flag = {"stem": [], "flag_up": ["--name=../esc"], "flag_html": ["--name=<script>"]}[how]
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(UserError, match="experiment name .* must be a plain folder name"):
+        experiment.main([str(spec), f"--out_root={root / 'out'}", "--aggregate_only=True", *flag])
+    assert sorted(p.name for p in root.iterdir()) == before  # no out/, no experiment.json, no .lock beside the spec
+
+
+EXP_BAD = [  # (what the spec changes, the one line it must give after '<spec>: ')
+    (lambda s: s["eval"].update(n_prompts=-2), r"eval\.n_prompts=-2: must be positive"),
+    (lambda s: s["eval"].update(top_p=1.5), r"eval\.top_p=1\.5: must be in \[0, 1\]"),
+    (lambda s: s["durability"].update(R="many"), r"durability\.R=many: expected int"),
+    (lambda s: s["durability"].update(n_contexts=-1), r"durability\.n_contexts=-1: must be 0 \(none\) or more"),
+    (lambda s: s["metrics"].append("nosuch_metric"), r"metrics: 'nosuch_metric' is not a column the runs'"),
+    (lambda s: s.update(primary=["out_nosuch"]), r"primary: 'out_nosuch' is not a column"),
+    (lambda s: s["base"].update(learning_rate=float("inf")), r"base\.learning_rate=inf: expected a finite number"),
+    (lambda s: s["base"].update(beta2=5), r"base\.beta2=5.*must be in \[0, 1\)"),
+    (lambda s: s["arms"]["curriculum"].update(dim=30), r"arms\.curriculum\.dim=30, --n_heads=4"),
+    (lambda s: s["arms"]["curriculum"].update(schedule="nosuch"), r"arms\.curriculum\.schedule=nosuch: choose one of"),
+    (lambda s: s["arms"]["shuffle"].update(schedule_spec="SPEC"),
+     r"arms\.shuffle\.schedule_spec: schedule spec .*bad_plan\.json: phases\[0\]\.strategy: 'nosuch'"),
+]
+
+
+@pytest.mark.parametrize("change, line", EXP_BAD, ids=[f"e{i}" for i in range(len(EXP_BAD))])
+def test_a_bad_experiment_value_is_one_line_before_any_folder(tiny_data, tmp_path, change, line):
+    """Old code: the runs were planned, their folders made and (but for the metrics) trained
+    first; the error came from a stage, or from the aggregation, without the spec's field."""
+    from conftest import experiment_spec
+    path = experiment_spec(tiny_data, tmp_path / "exp.json")
+    spec = json.loads(path.read_text())
+    spec["base"]["data_dir"] = str(tmp_path / "no_data")  # the old code fails fast in train.py, not after hours
+    (tmp_path / "bad_plan.json").write_text(json.dumps({"phases": [{"strategy": "nosuch"}]}))
+    change(spec)
+    if spec["arms"]["shuffle"].get("schedule_spec") == "SPEC":
+        spec["arms"]["shuffle"]["schedule_spec"] = str(tmp_path / "bad_plan.json")
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        experiment.main([str(path), f"--out_root={out}"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: "), msg
+    assert re.match(line, msg[len(f"{path}: "):]), msg
+    assert not out.exists()  # no experiment folder, no lock, no run folder
+
+
+def test_the_columns_the_runs_have_are_accepted_as_metrics(tiny_data, tmp_path):
+    """Every default metric, its input twin, the sampled twin, the since means and the tag
+    measures pass the check (a check that refused them would stop every experiment)."""
+    from conftest import experiment_spec
+    cols = experiment.DEFAULT_METRICS + [f"in_{m[4:]}_cum" for m in experiment.DEFAULT_METRICS
+                                         if m not in ("val_loss", "out_bleu", "out_rouge_l")]  # not batch metrics
+    cols += ["out_fk_grade_sampled", "in_noisy_since", "out_prefix_match", "val_ppl", "train_loss", "n_batches_cum",
+             "tag_secret_exposure", "tag_my_tag_gap_ctx", "tag_x_exposure_extrap"]
+    path = experiment_spec(tiny_data, tmp_path / "exp.json", metrics=cols, primary=["val_loss", "out_ref_nll"])
+    spec = experiment.load_spec(path)
+    assert spec["metrics"] == cols
+    for bad in ("tag_secret", "tag__exposure", "in_fk_grade", "in_bleu_cum", "out_", "arm", "seed"):
+        assert not experiment.is_summary_column(bad), bad
+
+
+# -----------------------------------------------------------------------------
+# a one-arm experiment's differences table
+
+def test_a_one_arm_experiment_writes_a_readable_empty_differences_table(tmp_path):
+    import report
+    spec = {"arms": {"shuffle": {}}, "baseline": "shuffle", "seeds": [1, 2], "metrics": ["val_loss"],
+            "primary": ["val_loss"], "test": "auto", "base": {}, "name": "one", "question": ""}
+    exp = tmp_path / "one"
+    runs = []
+    for seed in (1, 2):
+        d = exp / "shuffle" / f"seed{seed}"
+        (d / "tables").mkdir(parents=True)
+        pd.DataFrame({"iter": [0, 4, 8], "val_loss": [6.2, 5.0 + seed / 10, 4.0 + seed / 10]}).to_csv(
+            d / "tables" / "summary.csv", index=False)
+        (d / "config.json").write_text(json.dumps({"seed": seed}))
+        runs.append(experiment.Run("shuffle", seed, d, []))
+    experiment.aggregate(exp, spec, runs)
+    diff = pd.read_csv(exp / "tables" / "differences.csv")
+    assert len(diff) == 0 and {"arm", "metric", "diff", "lo", "hi", "p", "p_holm", "test"} <= set(diff.columns)
+    (exp / "experiment.json").write_text(json.dumps({**spec, "arm_order": ["shuffle"]}))
+    page = report.experiment_page(exp, report.ReportConfig(viewer="none"))
+    assert "No differences to show: the experiment has one arm" in page

@@ -7,7 +7,8 @@ import pytest
 
 import export
 import sample
-from conftest import ROOT
+from conftest import ROOT, SEQ, refused
+from prebias import checkpoint
 from prebias.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from prebias.common import UserError
 from tokenizer import Tokenizer
@@ -75,3 +76,20 @@ def test_sample_errors(tiny_run, tmp_path):
         sample.main([f"--checkpoint={tiny_run.out_dir / 'model.bin'}", "--dtype=int4"])
     with pytest.raises(UserError, match="not the one the checkpoint was trained with"):
         sample.main([f"--checkpoint={latest_checkpoint(tiny_run.out_dir)}", f"--tokenizer={ROOT / 'tokenizer.model'}"])
+
+
+# -----------------------------------------------------------------------------
+# the context's limit and the sampling flags
+
+def test_generation_cut_by_the_context_is_said(tiny_run, capsys):
+    ck = checkpoint.ckpt_path(tiny_run.out_dir, 2)
+    sample.main([f"--checkpoint={ck}", "--max_new_tokens=1000000", "--device=cpu", "--temperature=0"])
+    assert f"is cut to {SEQ + 1 - 1}" in capsys.readouterr().err  # the prompt: BOS alone
+
+
+@pytest.mark.parametrize("flag", ["--temperature=-1", "--top_p=2", "--top_p=-0.5", "--top_k=-1"])
+def test_sample_flags_out_of_range_are_refused(tiny_run, flag, capsys):
+    ck = checkpoint.ckpt_path(tiny_run.out_dir, 2)
+    refused(lambda: sample.main([f"--checkpoint={ck}", "--max_new_tokens=4", "--device=cpu", flag]),
+            flag.split("=")[0] + "=")
+    assert capsys.readouterr().out == ""

@@ -144,3 +144,11 @@ def test_sat_errors(tmp_path, two_runs):
         visualize_sat_batch.main([f"--out_dir={two_runs[0]}", "--which=sometimes"])
     with pytest.raises(UserError, match="unknown metric"):
         visualize_sat_output.main([f"--out_dir={two_runs[0]}", "--metrics=out_nope"])
+
+
+def test_every_figure_labels_a_summary_column_the_same_way():
+    """One column_label for the two visualize_sat_* figures and experiment.py's bands and forest."""
+    want = {"val_loss": "val_loss (nats/token, held-out batches)", "out_fk_grade": "fk_grade (generated text)",
+            "in_fk_grade_cum": "fk_grade (mean, all batches so far)", "in_ttr_since": "ttr (mean since prev. ckpt)",
+            "tag_secret_exposure": "tag_secret_exposure", "in_noisy": "in_noisy", "n_batches_cum": "n_batches_cum"}
+    assert {c: sat.column_label(c) for c in want} == want

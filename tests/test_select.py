@@ -3,6 +3,7 @@ writes a spec that train.py trains on (only the kept ids), and EL2N matches its
 definition."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import torch
 
 import select_batches
 import train
-from conftest import TinyRun
+from conftest import SEQ, VOCAB, TinyRun
 from prebias import batchmetrics, checkpoint
 from prebias.common import UserError
 from prebias.data import BatchData
@@ -74,3 +75,34 @@ def test_bad_arguments_are_one_line(tiny_run):
                              "--vocab_size=512", "--max_seq_len=64", "--by=nope"])
     with pytest.raises(UserError, match=r"--keep=0.0: a fraction in \(0, 1\]"):
         select_batches.main(["--keep=0"])
+
+
+# -----------------------------------------------------------------------------
+# select_batches.py: an output folder that is a file; batches with no metric value
+
+def select_args(tiny_data, tables, *more):
+    return [f"--data_dir={tiny_data[0]}", f"--tables_dir={tables}", f"--vocab_size={VOCAB}", f"--max_seq_len={SEQ}",
+            *more]
+
+
+def test_a_file_where_an_output_folder_belongs_is_one_line(tiny_data, tmp_path):
+    """tables/select as a file: FileExistsError from mkdir inside atomic_path."""
+    shutil.copytree(tiny_data[1], tmp_path / "t")
+    (tmp_path / "t" / "select").write_text("mine")
+    with pytest.raises(UserError, match=r"cannot write .*select/.*: .*select is a file where a folder belongs"):
+        select_batches.main(select_args(tiny_data, tmp_path / "t", "--by=fk_grade", "--keep=0.5"))
+    assert (tmp_path / "t" / "select").read_text() == "mine"
+
+
+def test_batches_without_a_metric_value_are_said_not_kept(tiny_data, tmp_path, capsys):
+    """NaN scores were ranked last and never kept: --keep was not met, without a word."""
+    t = tmp_path / "t"
+    shutil.copytree(tiny_data[1], t)
+    bm = pd.read_csv(t / "batch_metrics.csv")
+    train_ids = np.flatnonzero(bm["batch_id"] >= 0)[-50:]
+    bm.loc[train_ids, "fk_grade"] = np.nan
+    bm.to_csv(t / "batch_metrics.csv", index=False)
+    shutil.rmtree(t / "select", ignore_errors=True)
+    select_batches.main(select_args(tiny_data, t, "--by=fk_grade", "--keep=1.0", "--holdout=keep"))
+    out = capsys.readouterr().out
+    assert "have no fk_grade value (NaN in batch_metrics.csv" in out and "not the" in out

@@ -391,7 +391,7 @@ def test_slurm_detach_and_gather(slurm, tmp_path):
     bad = failing_job(tmp_path)
     opts = LaunchOptions(slurm_poll=0.2, name="t", detach=True, slurm_time="5")
     assert launch([ok, bad], "slurm", opts) == {"ok": None, "bad": None}
-    assert not launchers.read_json(ok.dir / launchers.PROGRESS).get("finished")  # returned before the end
+    assert not launchers.read_progress(ok.dir).get("finished")  # returned before the end
     res = launchers.gather([Job("ok", ok.dir), Job("bad", bad.dir)], "slurm", opts)
     assert res["ok"] is None and re.fullmatch(r"check failed \(exit 3; a bad line\): see .*", res["bad"])
     assert steps(ok) == list(range(20))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import train
-from conftest import ROOT, TinyRun
+from conftest import ROOT, TinyRun, refused
 from prebias import checkpoint, stream, tags
 from prebias.common import UserError
 from prebias.data import BOS_ID, BatchData
@@ -195,3 +195,22 @@ def test_bad_tag_file_writes_nothing(tiny_data, tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 1 and "tags[0].position: 'middle' is not start or random" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not run.out_dir.exists()
+
+
+# -----------------------------------------------------------------------------
+# the tag file's error lines
+
+def test_tag_file_lines_name_the_file_and_the_fix(tmp_path):
+    enc = Tokenizer()
+    p = tmp_path / "tags.json"
+    p.write_text(json.dumps({"seed": 1, "tags": [{"id": "a", "kind": "canary", "text": "x {digits:65}",
+                                                   "steps": {"start": 1, "n": 2}, "rows": 1}]}))
+    refused(lambda: tags.load_tags(p, enc, 64, 512), str(p), "tags[0].text", "{digits:65}", "e.g.")
+    p.write_text(json.dumps({"seed": 1, "tags": [{"id": "a", "kind": "canary", "text": "x {digits:3} {digits:3}",
+                                                   "steps": {"start": 1, "n": 2}, "rows": 1}]}))
+    refused(lambda: tags.load_tags(p, enc, 64, 512), str(p), "tags[0].text", "one placeholder")
+    p.write_text('{"seed": 1, "tags": [{"id": "a", "ki')
+    refused(lambda: tags.load_tags(p, enc, 64, 512), str(p), "not valid JSON", "--tags")
+    p.unlink()
+    p.mkdir()
+    refused(lambda: tags.load_tags(p, enc, 64, 512), str(p), "folder", "--tags")

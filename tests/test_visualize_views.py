@@ -266,3 +266,11 @@ def test_changed_probe_redraws_every_map(small_run):
     assert len(probe_ids(out)) == 8
     df = pd.read_csv(out / "tables" / "attn_entropy.csv")
     assert len(df) == len(SMALL) * L * NH and (df["entropy"] <= math.log(8) + 1e-9).all()
+
+
+# -----------------------------------------------------------------------------
+# flags out of range
+
+def test_figure_resolution_must_be_positive(tiny_run):
+    with pytest.raises(UserError, match=r"--dpi=0: .* at least 1"):
+        visualize_embd.main([f"--out_dir={tiny_run.out_dir}", "--dpi=0"])
