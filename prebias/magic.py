@@ -371,6 +371,8 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True) -> Run:
     file was kept; every checkpoint's weights to hold the replay to."""
     cfg = traj.run
     check_replayable(cfg)
+    if str(device).startswith("cpu"):
+        torch.set_flush_denormal(bool(getattr(cfg, "flush_denormal", False)))  # as train.py set it (process-wide)
     if traj.ckpts[0][0] != 0:
         raise UserError(f"{traj.out_dir} has no ckpt_0.pt: the replay starts from step 0")
     model = model_from_checkpoint(load_checkpoint(traj.ckpts[0][1])).to(device)
@@ -380,7 +382,7 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True) -> Run:
     for iv in traj.intervals:
         ck_cfg = load_checkpoint(dict(traj.ckpts)[iv.it1])["config"]
         for j, s in enumerate(iv.steps):
-            windows[s] = torch.from_numpy(np.stack([traj.items[i].tokens for i in iv.win[j]])).to(device)
+            windows[s] = torch.from_numpy(np.stack([traj.items[i].tokens for i in iv.win[j]]).astype(np.int64)).to(device)
             w[s] = torch.from_numpy(iv.keep[j].astype(np.float32))
             lrs[s] = get_lr(int(s), _Cfg(ck_cfg))
     hyper = Hyper(lrs, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.gradient_accumulation_steps)
@@ -487,21 +489,80 @@ def step_effect(ctx, batch_ids, steps, device: str = "cpu") -> np.ndarray:
     each batch (its plain window) at each step with weight 1, one more row of that step:
     <lambda_t, g_z(theta_t)> / B. Where in the run does a batch matter most."""
     data = ctx.traj.data
-    wins = torch.from_numpy(np.stack([data.window(int(b)) for b in batch_ids])).to(device)
+    wins = torch.from_numpy(np.stack([data.window(int(b)) for b in batch_ids]).astype(np.int64)).to(device)
     res = metagradients(ctx.traj, ctx.probes, device, extra={int(t): wins for t in steps}, mean=True)
     return np.stack([res.extra[int(t)][:, 0] for t in steps], axis=1)
 
 
 def move_effect_magic(ctx, move_sets: list, device: str = "cpu") -> np.ndarray:
     """(n_sets,): the first-order change of the mean probe loss when the batches of each set
-    move, [(batch id, old step, new step)]: out at the old step, in at the new, each
-    <lambda_t, g_z(theta_t)> / B from one reverse pass (> 0: the loss rises)."""
+    move, [(batch id, old step, new step)], from one reverse pass (> 0: the loss rises)."""
     data, want = ctx.traj.data, {}
     for ms in move_sets:
         for z, a, b in ms:
             for s in (a, b):
                 want.setdefault(int(s), {}).setdefault(int(z), len(want.get(int(s), {})))
-    extra = {s: torch.from_numpy(np.stack([data.window(z) for z in zs])).to(device) for s, zs in want.items()}
-    res = metagradients(ctx.traj, ctx.probes, device, extra=extra, mean=True)
-    return np.array([sum(res.extra[int(b)][want[int(b)][int(z)], 0] - res.extra[int(a)][want[int(a)][int(z)], 0]
-                         for z, a, b in ms) for ms in move_sets])
+    extra = {s: torch.from_numpy(np.stack([data.window(z) for z in zs]).astype(np.int64)).to(device) for s, zs in want.items()}
+    res = metagradients(ctx.traj, ctx.probes, device, extra=extra, mean=True) if extra else None
+    return move_sum(move_sets, lambda z, s: res.extra[int(s)][want[int(s)][int(z)], 0])
+
+
+def move_sum(move_sets: list, effect) -> np.ndarray:
+    """(n_sets,) sum over each set's moves (z, a, b) of effect(z, b) - effect(z, a): z out of
+    step a (its row's weight 1 -> 0) and into step b (a row of weight 1 more), to first order;
+    effect(z, t) = <lambda_t, g_z(theta_t)> / B."""
+    return np.array([sum((effect(z, b) - effect(z, a) for z, a, b in ms), 0.0) for ms in move_sets])
+
+
+# -----------------------------------------------------------------------------
+# planted truth: the metagradient against central finite differences in float64
+
+def planted_truth(dim: int = 16, n_layers: int = 2, steps: int = 20, B: int = 4, T: int = 8, pairs: int = 20,
+                  vocab: int = 32, grad_clip: float = 0.5, seed: int = 0, h: float = 1e-6) -> dict:
+    """A tiny Transformer trained `steps` AdamW steps in float64 on random windows (warmup
+    over the first quarter, clipping at grad_clip: active where the norm exceeds it); dw of
+    a probe's loss by the reverse pass against (f(w + h e) - f(w - h e)) / 2h at `pairs`
+    random (step, row) pairs, each replayed from the stored state before its step.
+    {rel_err (pairs,), dw, fd, pairs, clipped (share of steps whose norm exceeded the clip)}."""
+    from model import ModelArgs, Transformer  # noqa: PLC0415 (model is a shared module, not a command)
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=2, n_kv_heads=1, vocab_size=vocab,
+                                  max_seq_len=T)).double()
+    warm = max(1, steps // 4)
+    lrs = np.array([3e-3 * min(1.0, (i + 1) / (warm + 1)) for i in range(steps)])
+    rp = Replay(model, Hyper(lrs, 0.9, 0.95, 0.1, grad_clip, micro=2))
+    g = torch.Generator().manual_seed(seed + 1)
+    wins = [torch.randint(0, vocab, (B, T + 1), generator=g) for _ in range(steps)]
+    probe = torch.randint(0, vocab, (T + 1,), generator=g)
+    zeros = [torch.zeros_like(p) for p in model.parameters()]
+    s0 = State([p.detach().clone() for p in model.parameters()], zeros, [z.clone() for z in zeros])
+    W = torch.ones(steps, B, dtype=torch.float64)
+    run = Run(rp, wins, W, {0: s0})
+    res = reverse_pass(run, probe_gradients(rp, [_Probe(probe)]), segment=steps)  # one segment: keep every state
+    states, Gs, _ = _Segments(run, steps).segment(0, steps)
+    clipped = np.mean([float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in G])))
+                       > grad_clip for G in Gs])
+    rng = np.random.default_rng(seed)
+    chosen = [(int(rng.integers(steps)), int(rng.integers(B))) for _ in range(pairs)]
+    fd = np.array([_central_difference(rp, states, wins, W, probe, t, r, h) for t, r in chosen])
+    dw = np.array([res.dw[0, t, r] for t, r in chosen])
+    return {"rel_err": np.abs(dw - fd) / np.abs(fd), "dw": dw, "fd": fd, "pairs": chosen, "clipped": clipped}
+
+
+@dataclass
+class _Probe:
+    tokens: np.ndarray
+    weight: np.ndarray | None = None
+
+
+def _central_difference(rp: Replay, states: list, wins: list, W: torch.Tensor, probe, t: int, r: int,
+                        h: float) -> float:
+    vals = []
+    for sign in (1, -1):
+        Wx = W.clone()
+        Wx[t, r] += sign * h
+        s = states[t]
+        for u in range(t, len(wins)):
+            s, _ = rp.step(s, u, wins[u], Wx[u])
+        vals.append(float(item_loss(rp, s.theta, probe)))
+    return (vals[0] - vals[1]) / (2 * h)
