@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, optimizer_path
+from model import ModelArgs, Transformer
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, optimizer_path
 from prebias.common import UserError, atomic_path, file_signature
 from prebias.schedule import get_lr
 
@@ -206,7 +207,8 @@ class Replay:
                 lam_G.append(list(d[3 * n:]))
         return back, lam_G
 
-    def _reverse_grad(self, theta: list, windows: torch.Tensor, w: torch.Tensor, lam_G: list) -> tuple[list, np.ndarray]:
+    def _reverse_grad(self, theta: list, windows: torch.Tensor, w: torch.Tensor,
+                      lam_G: list) -> tuple[list, np.ndarray]:
         """Through G(theta, w) = sum of the micro-batches' gradients: per probe, H lambda_G
         (double backward) and d <lambda_G, G> / d w. SDPA's math kernel: the fused CPU kernel
         has no double backward (same function, other rounding of the forward)."""
@@ -382,7 +384,7 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True) -> Run:
     for iv in traj.intervals:
         ck_cfg = load_checkpoint(dict(traj.ckpts)[iv.it1])["config"]
         for j, s in enumerate(iv.steps):
-            windows[s] = torch.from_numpy(np.stack([traj.items[i].tokens for i in iv.win[j]]).astype(np.int64)).to(device)
+            windows[s] = tokens([traj.items[i].tokens for i in iv.win[j]], device)
             w[s] = torch.from_numpy(iv.keep[j].astype(np.float32))
             lrs[s] = get_lr(int(s), _Cfg(ck_cfg))
     hyper = Hyper(lrs, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.gradient_accumulation_steps)
@@ -399,6 +401,11 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True) -> Run:
     return Run(Replay(model, hyper), windows, w.to(device), anchors, recorded)
 
 
+def tokens(windows: list, device: str = "cpu") -> torch.Tensor:
+    """(n, T+1) int64 on device from token arrays (the index stores uint16)."""
+    return torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
+
+
 class _Cfg:
     def __init__(self, d: dict):
         self.__dict__.update(d)
@@ -410,7 +417,8 @@ def item_loss(replay: Replay, theta: list, tokens, weight=None) -> torch.Tensor:
     logits = replay.logits(theta, t[:, :-1])
     ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2), t[:, 1:],
                          reduction="none")[0]
-    wt = torch.ones_like(ce) if weight is None else torch.as_tensor(np.asarray(weight), dtype=ce.dtype, device=ce.device)
+    wt = torch.ones_like(ce) if weight is None else torch.as_tensor(np.asarray(weight), dtype=ce.dtype,
+                                                                    device=ce.device)
     return (ce * wt).sum() / wt.sum()
 
 
@@ -489,7 +497,7 @@ def step_effect(ctx, batch_ids, steps, device: str = "cpu") -> np.ndarray:
     each batch (its plain window) at each step with weight 1, one more row of that step:
     <lambda_t, g_z(theta_t)> / B. Where in the run does a batch matter most."""
     data = ctx.traj.data
-    wins = torch.from_numpy(np.stack([data.window(int(b)) for b in batch_ids]).astype(np.int64)).to(device)
+    wins = tokens([data.window(int(b)) for b in batch_ids], device)
     res = metagradients(ctx.traj, ctx.probes, device, extra={int(t): wins for t in steps}, mean=True)
     return np.stack([res.extra[int(t)][:, 0] for t in steps], axis=1)
 
@@ -502,7 +510,7 @@ def move_effect_magic(ctx, move_sets: list, device: str = "cpu") -> np.ndarray:
         for z, a, b in ms:
             for s in (a, b):
                 want.setdefault(int(s), {}).setdefault(int(z), len(want.get(int(s), {})))
-    extra = {s: torch.from_numpy(np.stack([data.window(z) for z in zs]).astype(np.int64)).to(device) for s, zs in want.items()}
+    extra = {s: tokens([data.window(z) for z in zs], device) for s, zs in want.items()}
     res = metagradients(ctx.traj, ctx.probes, device, extra=extra, mean=True) if extra else None
     return move_sum(move_sets, lambda z, s: res.extra[int(s)][want[int(s)][int(z)], 0])
 
@@ -524,7 +532,6 @@ def planted_truth(dim: int = 16, n_layers: int = 2, steps: int = 20, B: int = 4,
     a probe's loss by the reverse pass against (f(w + h e) - f(w - h e)) / 2h at `pairs`
     random (step, row) pairs, each replayed from the stored state before its step.
     {rel_err (pairs,), dw, fd, pairs, clipped (share of steps whose norm exceeded the clip)}."""
-    from model import ModelArgs, Transformer  # noqa: PLC0415 (model is a shared module, not a command)
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=2, n_kv_heads=1, vocab_size=vocab,
                                   max_seq_len=T)).double()
