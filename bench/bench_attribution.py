@@ -144,7 +144,8 @@ def magic_cost(root: Path, data: Path, n_probes: int = 1, **over) -> dict:
     probes = [A.Item(w) for w in traj.data.windows(traj.data.val_ids[:n_probes])]
     res = magic.metagradients(traj, probes)
     r = {"train_s": t_run, "train_steps_s": t_steps, "reverse_s": res.seconds, "ratio": res.seconds / t_run,
-         "ratio_steps": res.seconds / t_steps, "peak_rss_train_mb": rss_train, "peak_rss_mb": res.peak_rss_mb, "replay_max_diff": res.replay_max_diff,
+         "ratio_steps": res.seconds / t_steps, "peak_rss_train_mb": rss_train,
+         "peak_rss_mb": res.peak_rss_mb, "replay_max_diff": res.replay_max_diff,
          "steps": traj.run.max_iters}
     print(f"magic cost ({traj.run.max_iters} steps, dim {traj.run.dim}, {traj.run.n_layers} layers, {n_probes} "
           f"probe): training {t_run:.1f} s (whole train.py run; its steps alone {t_steps:.1f} s), reverse pass "
