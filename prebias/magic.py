@@ -366,8 +366,9 @@ def _load_state(model, theta: list, opt_file: Path, it: int) -> State:
     return State(theta, m, v)
 
 
-def run_of(traj, device: str = "cpu", use_saved: bool = True) -> Run:
-    """The Run of a Trajectory: windows as trained, weights 1 (0 where masked), lr of each
+def run_of(traj, device: str = "cpu", use_saved: bool = True, weights: np.ndarray | None = None) -> Run:
+    """The Run of a Trajectory: windows as trained, weights 1 (0 where masked; or `weights`
+    (steps, B), the loss weights the run trained with where they were not 0/1), lr of each
     step from the config of the checkpoint closing its interval (a resume may change it),
     anchors at step 0 (zero moments) and, with use_saved, every checkpoint whose optimizer
     file was kept; every checkpoint's weights to hold the replay to."""
@@ -387,6 +388,8 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True) -> Run:
             windows[s] = tokens([traj.items[i].tokens for i in iv.win[j]], device)
             w[s] = torch.from_numpy(iv.keep[j].astype(np.float32))
             lrs[s] = get_lr(int(s), _Cfg(ck_cfg))
+    if weights is not None:
+        w = torch.as_tensor(np.asarray(weights, np.float32)[:T])
     hyper = Hyper(lrs, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.gradient_accumulation_steps)
     recorded, anchors = {}, {}
     for it, p in traj.ckpts:
@@ -432,12 +435,12 @@ def probe_gradients(replay: Replay, probes: list):
 
 
 def metagradients(traj, probes: list, device: str = "cpu", segment: int = 0, extra: dict | None = None,
-                  mean: bool = False) -> Pass:
+                  mean: bool = False, weights: np.ndarray | None = None) -> Pass:
     """One reverse pass through the run `traj` (an attribution.Trajectory) for the probes
     (Items: tokens, weight): Pass.dw (P, steps, B) = d probe_p / d w[s, r] (mean: one
     probe, their mean). Every checkpoint the replay reaches is compared with it
     (Pass.replay_max_diff); extra {step: windows (n, T+1)} as reverse_pass."""
-    run = run_of(traj, device)
+    run = run_of(traj, device, weights=weights)
     grads = probe_gradients(run.replay, probes)
     if mean:
         def one(theta):
