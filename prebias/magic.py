@@ -338,15 +338,16 @@ def extra_effects(replay: Replay, theta: list, windows: torch.Tensor, lam_G: lis
 # -----------------------------------------------------------------------------
 # a recorded run (attribution.Trajectory) as a Run
 
-def check_replayable(cfg) -> None:
-    """One line for a run whose step this replay cannot reproduce."""
+def check_replayable(cfg, on_cuda: bool) -> None:
+    """One line for a run whose step this replay cannot reproduce. on_cuda: the run trained on
+    a GPU (its checkpoints saved a CUDA RNG state), where --dtype=auto meant bfloat16."""
     if cfg.dropout > 0:
         raise UserError(f"--estimator=magic replays the run's steps exactly, but the run trained with "
                         f"--dropout={cfg.dropout}, whose masks the reverse pass cannot redraw (SDPA's fused "
                         "kernel draws them): use a run trained with --dropout=0")
-    if not (cfg.dtype == "float32" or (cfg.dtype == "auto" and cfg.device == "cpu")):
-        raise UserError(f"--estimator=magic replays float32 runs; this one trained with --dtype={cfg.dtype} on "
-                        f"--device={cfg.device} (autocast): retrain with --dtype=float32")
+    if not (cfg.dtype == "float32" or (cfg.dtype == "auto" and not on_cuda)):
+        raise UserError(f"--estimator=magic replays float32 runs; this one trained with --dtype={cfg.dtype}"
+                        f"{' on a GPU' if on_cuda else ''} (autocast): retrain with --dtype=float32")
 
 
 def _load_state(model, theta: list, opt_file: Path, it: int) -> State:
@@ -373,12 +374,13 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True, weights: np.ndarra
     anchors at step 0 (zero moments) and, with use_saved, every checkpoint whose optimizer
     file was kept; every checkpoint's weights to hold the replay to."""
     cfg = traj.run
-    check_replayable(cfg)
+    ck0 = load_checkpoint(traj.ckpts[0][1])
+    check_replayable(cfg, "cuda" in ck0.get("rng", {}))
     if str(device).startswith("cpu"):
         torch.set_flush_denormal(bool(getattr(cfg, "flush_denormal", False)))  # as train.py set it (process-wide)
     if traj.ckpts[0][0] != 0:
         raise UserError(f"{traj.out_dir} has no ckpt_0.pt: the replay starts from step 0")
-    model = model_from_checkpoint(load_checkpoint(traj.ckpts[0][1])).to(device)
+    model = model_from_checkpoint(ck0).to(device)
     names = [n for n, _ in model.named_parameters()]
     T = traj.intervals[-1].it1
     windows, w, lrs = [None] * T, torch.zeros(T, traj.rec["batch_ids"].shape[1]), np.zeros(T)
