@@ -129,11 +129,12 @@ def magic_planted_truth(dim=16, n_layers=2, steps=20, pairs=50, seed=0) -> dict:
 
 def magic_cost(root: Path, data: Path, n_probes: int = 1, **over) -> dict:
     """One probe's reverse pass against the run's own training, timed in one process on the same
-    machine: a fresh run of the bench config (RUN, with `over`), then metagradients of the first
-    n_probes validation windows. Peak memory: the process's max RSS (ru_maxrss) after each."""
+    machine: a fresh run of the bench config (RUN, with `over`; its kept optimizer files are the
+    reverse pass's anchors, without them it replays the run once more), then metagradients of
+    the first n_probes validation windows. Peak memory: the process's max RSS (ru_maxrss)."""
     out = root / "magic_cost" / "run"
     shutil.rmtree(out, ignore_errors=True)
-    args = {**RUN, "keep_optimizer": False, **over, "data_dir": data, "tables_dir": root / "magic_cost" / "tables",
+    args = {**RUN, **over, "data_dir": data, "tables_dir": root / "magic_cost" / "tables",
             "out_dir": out}
     t0 = time.perf_counter()
     train.main([f"--{k}={v}" for k, v in args.items()])
