@@ -23,8 +23,10 @@ by reverse-mode differentiation through every optimizer step, Adam's moments inc
                  (ckpt_0, zero moments) and every checkpoint whose optimizer file was kept
                  (--keep_optimizer=True), plus one every `segment` steps replayed forward; each
                  segment is replayed from its anchor keeping its states (theta, m, v and the
-                 pre-clip gradient G_t) and reversed (sqrt-T checkpointing: memory ~ (T/S + S)
-                 states of 4 parameter vectors, time ~ 1 forward replay + 1 reverse pass)
+                 pre-clip gradient G_t) and reversed. The stretches between anchors are the
+                 segments where their states fit in 1 GiB (time: 1 forward replay + 1 reverse
+                 pass); else sqrt-T checkpointing (memory ~ (T/S + S) states of 4 parameter
+                 vectors, time ~ 2 forward replays + 1 reverse pass)
 
 Why on torch autograd rather than a library: bergson (EleutherAI's MAGIC) wants torch 2.14
 and CUDA wheels (pip install --dry-run bergson replaces the pinned torch 2.13.0), and
@@ -295,14 +297,24 @@ class _Segments:
         return states, Gs, s
 
 
+def default_segment(run: Run, budget: float = 2 ** 30) -> int:
+    """Steps per segment: the longest stretch between anchors when its states (theta, m, v, G:
+    4 parameter vectors a step) fit in `budget` bytes, so each step is replayed once; else
+    ceil(sqrt(steps)) (a first pass keeps an anchor every segment: each step replayed twice)."""
+    cuts = sorted(set(run.anchors) | {run.steps})
+    longest = max(b - a for a, b in zip(cuts, cuts[1:]))
+    per_step = 4 * sum(x.numel() * x.element_size() for x in run.anchors[0].theta)
+    return longest if longest * per_step <= budget else math.isqrt(max(run.steps - 1, 0)) + 1
+
+
 def reverse_pass(run: Run, probe_grads, segment: int = 0, extra: dict | None = None) -> Pass:
     """d probe / d w for every (step, row) of the run, for every probe at once.
     probe_grads(theta_T) -> [d probe_p / d theta] (P lists); segment: steps per segment
-    (0: ceil(sqrt(steps))); extra {step: windows (n, T+1)}: windows whose first-order effect
+    (0: default_segment); extra {step: windows (n, T+1)}: windows whose first-order effect
     at that step is wanted, <lambda_t, g_z(theta_t)> / B."""
     t0 = time.perf_counter()
     T, extra = run.steps, extra or {}
-    every = segment or math.isqrt(max(T - 1, 0)) + 1
+    every = segment or default_segment(run)
     seg = _Segments(run, every)
     bounds = sorted({c for c in range(0, T, every)} | {a for a in run.anchors if a < T})
     lams, dw, out, theta_T = None, None, {}, None
