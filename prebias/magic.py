@@ -455,6 +455,9 @@ def metagradients(traj, probes: list, device: str = "cpu", segment: int = 0, ext
     probe, their mean). Every checkpoint the replay reaches is compared with it
     (Pass.replay_max_diff); extra {step: windows (n, T+1)} as reverse_pass."""
     run = run_of(traj, device, weights=weights)
+    bad = sorted(t for t in (extra or {}) if not 0 <= t < run.steps)
+    if bad:
+        raise UserError(f"step {bad[0]} is not a step of {traj.out_dir} (it trained steps 0..{run.steps - 1})")
     grads = probe_gradients(run.replay, probes)
     if mean:
         def one(theta):
