@@ -424,6 +424,11 @@ class Magic(Estimator):
     def scores(self, ctx):
         return magic.batch_scores(ctx.traj, magic.cached_table(ctx.traj, ctx.probes, ctx.cache_dir))
 
+    def occurrence_scores(self, ctx):
+        """(n_occurrences, P) over ctx.traj.occurrences ([step, row]): each occurrence's own -dw."""
+        occ = np.asarray(ctx.traj.occurrences)
+        return -magic.cached_table(ctx.traj, ctx.probes, ctx.cache_dir)["dw"][:, occ[:, 0], occ[:, 1]].T
+
 
 class _Seqs(torch.utils.data.Dataset):
     """Sequences for Kronfluence: tokens (L,) and a loss weight (L-1,) per item."""

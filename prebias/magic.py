@@ -380,9 +380,10 @@ def _load_state(model, theta: list, opt_file: Path, it: int) -> State:
 
 
 def run_of(traj, device: str = "cpu", use_saved: bool = True, weights: np.ndarray | None = None) -> Run:
-    """The Run of a Trajectory: windows as trained, weights 1 (0 where masked; or `weights`
-    (steps, B), the loss weights the run trained with where they were not 0/1), lr of each
-    step from the config of the checkpoint closing its interval (a resume may change it),
+    """The Run of a Trajectory: windows as trained; weights 1, 0 where masked, the recorded
+    weight where the record has weighted_rows [step, row, weight] (train.py --train_weights),
+    or `weights` (steps, B) where given; the lr of each step from the config of the
+    checkpoint closing its interval (a resume may change it),
     anchors at step 0 (zero moments) and, with use_saved, every checkpoint whose optimizer
     file was kept; every checkpoint's weights to hold the replay to."""
     cfg = traj.run
@@ -402,6 +403,9 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True, weights: np.ndarra
             windows[s] = tokens([traj.items[i].tokens for i in iv.win[j]], device)
             w[s] = torch.from_numpy(iv.keep[j].astype(np.float32))
             lrs[s] = get_lr(int(s), _Cfg(ck_cfg))
+    for s, r, x in np.asarray(traj.rec.get("weighted_rows", np.zeros((0, 3)))):  # train.py --train_weights
+        if int(s) < T:
+            w[int(s), int(r)] = float(np.float32(x))
     if weights is not None:
         w = torch.as_tensor(np.asarray(weights, np.float32)[:T])
     hyper = Hyper(lrs, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.gradient_accumulation_steps)
