@@ -255,13 +255,17 @@ class Run:
 class Pass:
     """A reverse pass's output: dw (P, steps, B) = d probe_p / d w[s, r]; extra {step: (n, P)}
     first-order effects of adding the extra windows at that step with weight 1; the largest
-    |replayed - recorded| weight over the checkpoints reached (0.0: bitwise); the final theta."""
+    |replayed - recorded| weight over the checkpoints reached (0.0: bitwise); the final theta;
+    seconds of the pass; step_s: the mean seconds of a replayed step, which is a training step
+    (the same ops), timed interleaved with the reverse steps, so seconds / (steps x step_s) is
+    the pass's cost in training runs on the same machine under the same load."""
     dw: np.ndarray
     extra: dict
     replay_max_diff: float
     theta: list
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    step_s: float = 0.0
 
 
 class _Segments:
@@ -269,10 +273,13 @@ class _Segments:
 
     def __init__(self, run: Run, every: int):
         self.run, self.every, self.anchors, self.diff = run, every, dict(run.anchors), 0.0
+        self.fwd_s, self.fwd_n = 0.0, 0  # the replayed steps' seconds: training steps, timed in the pass
 
     def advance(self, s: State, t: int) -> tuple[State, list]:
         w = self.run.w[t]
+        t0 = time.perf_counter()
         s2, G = self.run.replay.step(s, t, self.run.windows[t], None if bool((w == 1).all()) else w)
+        self.fwd_s, self.fwd_n = self.fwd_s + time.perf_counter() - t0, self.fwd_n + 1
         rec = self.run.recorded.get(t + 1)
         if rec is not None:
             self.diff = max(self.diff, max(float((a - b.to(a)).abs().max()) for a, b in zip(s2.theta, rec)))
@@ -331,7 +338,7 @@ def reverse_pass(run: Run, probe_grads, segment: int = 0, extra: dict | None = N
                 out[t] = extra_effects(run.replay, states[t - c].theta, extra[t], lam_G, run.w.shape[1])
         del states, Gs
     return Pass(dw, out, seg.diff, theta_T, time.perf_counter() - t0,
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seg.fwd_s / max(seg.fwd_n, 1))
 
 
 def extra_effects(replay: Replay, theta: list, windows: torch.Tensor, lam_G: list, B: int) -> np.ndarray:
@@ -492,12 +499,13 @@ def cached_table(traj, probes: list, cache_dir, device: str = "cpu", segment: in
     keep = np.concatenate([iv.keep for iv in traj.intervals])[:T]
     table = {"dw": res.dw, "batch_ids": traj.rec["batch_ids"][:T], "keep": keep,
              "replay_max_diff": np.float64(res.replay_max_diff), "seconds": np.float64(res.seconds),
-             "peak_rss_mb": np.float64(res.peak_rss_mb)}
+             "peak_rss_mb": np.float64(res.peak_rss_mb), "cost_runs": np.float64(res.seconds / (T * res.step_s))}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **table)
-    print(f"magic: {len(probes)} probes through {T} steps in {res.seconds:.1f} s (peak rss {res.peak_rss_mb:.0f} "
-          f"MB); replay vs checkpoints: max |diff| {res.replay_max_diff:.3g}" +
+    print(f"magic: {len(probes)} probes through {T} steps in {res.seconds:.1f} s = "
+          f"{res.seconds / (T * res.step_s):.2f} training runs (its steps, timed in the pass), peak rss {res.peak_rss_mb:.0f} MB; replay vs "
+          f"checkpoints: max |diff| {res.replay_max_diff:.3g}" +
           (" (bitwise)" if res.replay_max_diff == 0 else "") + f"; table {path}")
     return table
 
