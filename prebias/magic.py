@@ -503,9 +503,9 @@ def cached_table(traj, probes: list, cache_dir, device: str = "cpu", segment: in
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **table)
-    print(f"magic: {len(probes)} probes through {T} steps in {res.seconds:.1f} s = "
-          f"{res.seconds / (T * res.step_s):.2f} training runs (its steps, timed in the pass), peak rss {res.peak_rss_mb:.0f} MB; replay vs "
-          f"checkpoints: max |diff| {res.replay_max_diff:.3g}" +
+    print(f"magic: {len(probes)} probes through {T} steps in {res.seconds:.1f} s = {table['cost_runs']:.2f} training "
+          f"runs (its steps, timed in the pass), peak rss {res.peak_rss_mb:.0f} MB; replay vs checkpoints: max |diff| "
+          f"{res.replay_max_diff:.3g}" +
           (" (bitwise)" if res.replay_max_diff == 0 else "") + f"; table {path}")
     return table
 
