@@ -54,6 +54,12 @@ class ModelArgs:
         return asdict(self)
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the half types, else the dtype itself: the norm and RoPE compute in at
+    least float32, and a float64 model (prebias/magic.py's planted-truth checks) stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -61,7 +67,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.to(wide(x.dtype))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -74,7 +80,7 @@ def rope_cache(head_size: int, end: int, theta: float = 10000.0):
 
 def apply_rope(x, cos, sin):
     """x (B, T, n, hs) with adjacent pairs (x0, x1) rotated, as run.c does."""
-    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    xr = x.to(wide(x.dtype)).reshape(*x.shape[:-1], -1, 2)
     x0, x1 = xr.unbind(-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)

@@ -19,6 +19,10 @@ lowered the probe's loss (a proponent):
                phi_probe (Phi^T Phi + lambda I)^-1 phi_z, averaged over the regular checkpoints
   ekfac        EK-FAC influence at the last checkpoint (Grosse et al. 2023) through
                Kronfluence (optional: pip install kronfluence, see requirements-extra.txt)
+  magic        exact metagradients (MAGIC, Ilyas & Engstrom 2025): -d probe / d w[s, r] by
+               reverse-mode through every AdamW step of the replayed run, summed over the
+               batch's trained occurrences (prebias/magic.py; the (step, row) table is kept
+               in <out_dir>/attribution/magic_<hash>.npz)
 
 Gradients are of the window's mean token loss, projected to d dimensions by a seeded
 random projection (P, Gaussian or Rademacher entries of variance 1/d, generated block by
@@ -41,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prebias import magic
 from prebias.checkpoint import (list_checkpoints, load_checkpoint, model_from_checkpoint, optimizer_path, run_config,
                                 stream_records)
 from prebias.common import LEVEL, DoneRecord, Registry, UserError, atomic_path, file_signature
@@ -410,6 +415,19 @@ class EKFAC(Estimator):
         by_item = np.zeros((len(ctx.traj.items), len(ctx.probes)))
         by_item[used] = S.T
         return ctx.traj.per_batch(by_item)
+
+
+@ESTIMATORS.register("magic")
+class Magic(Estimator):
+    """-d probe / d w summed over the batch's occurrences, through every replayed AdamW step"""
+
+    def scores(self, ctx):
+        return magic.batch_scores(ctx.traj, magic.cached_table(ctx.traj, ctx.probes, ctx.cache_dir))
+
+    def occurrence_scores(self, ctx):
+        """(n_occurrences, P) over ctx.traj.occurrences ([step, row]): each occurrence's own -dw."""
+        occ = np.asarray(ctx.traj.occurrences)
+        return -magic.cached_table(ctx.traj, ctx.probes, ctx.cache_dir)["dw"][:, occ[:, 0], occ[:, 1]].T
 
 
 class _Seqs(torch.utils.data.Dataset):
