@@ -285,7 +285,7 @@ def plot(df, corr, how, path):
 # retraining in place (cached: a finished retrain is never run again)
 
 RETRAIN_SKIP = {"out_dir", "init_from", "show_batches", "model_bin", "wandb_log", "schedule_exclude", "schedule_spec",
-                "train_mask", "select", "select_pool", "keep_optimizer", "eval_interval", "log_spaced",
+                "train_mask", "train_weights", "select", "select_pool", "keep_optimizer", "eval_interval", "log_spaced",
                 "export_ckpt_bins"}
 
 
@@ -532,8 +532,8 @@ def moves_of(base: np.ndarray, new: np.ndarray) -> list[tuple[int, int, int]]:
 
 def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     traj, items = ctx.traj, ctx.probes
-    if len(traj.rec["insertions"]) or len(traj.rec["masked_rows"]):
-        raise UserError("--validate=order moves untagged, unmasked batches: use a run without tags or a mask")
+    if len(traj.rec["insertions"]) or len(traj.rec["masked_rows"]) or len(traj.rec["weighted_rows"]):
+        raise UserError("--validate=order moves untagged, unmasked batches: use a run without tags, a mask or weights")
     orders = random_moves(traj, cfg.moves, cfg.move_rows, cfg.move_frac, cfg.seed)
     group = f"order_r{cfg.move_rows}_f{cfg.move_frac:g}_s{cfg.seed}"
     outs = retrain_all(cfg, traj, group, [(f"move{m:03d}", None, o) for m, o in enumerate(orders)])

@@ -203,7 +203,7 @@ class Interval:
     it1: int
     steps: np.ndarray  # (n,)
     ids: np.ndarray  # (n, B)
-    keep: np.ndarray  # (n, B) bool: False where --train_mask zeroed the row
+    keep: np.ndarray  # (n, B) bool: False where --train_mask (or a --train_weights weight of 0) zeroed the row
     win: np.ndarray  # (n, B) index into Trajectory.items: the window as trained
 
 
@@ -217,7 +217,8 @@ class Trajectory:
         self.data = BatchData(self.run.data_dir, self.run.vocab_size, self.run.max_seq_len)
         self.rec = stream_records(out_dir)
         self.ckpts = list_checkpoints(out_dir)
-        masked = {(int(s), int(r)) for s, r in self.rec["masked_rows"]}
+        masked = {(int(s), int(r)) for s, r in self.rec["masked_rows"]}  # and a --train_weights weight of 0:
+        masked |= {(int(s), int(r)) for s, r, w in self.rec["weighted_rows"] if w == 0}  # both added nothing
         self.items, self.item_bid, seen, self.intervals = [], [], {}, []
         for (it0, p0), (it1, _) in zip(self.ckpts, self.ckpts[1:]):
             steps = np.arange(it0, it1)
