@@ -13,6 +13,7 @@ $ python attribute.py --out_dir=out/canary --probe=tag:secret
 $ python attribute.py --out_dir=out --probe=metric:sentiment      # needs eval.py's tables
 $ python attribute.py --out_dir=out --probe=val --validate=topk --k=50 --n_random=5
 $ python attribute.py --out_dir=out --probe=val --n_val=64 --validate=lds --subsets=50 --alpha=0.5 --jobs=2
+$ python attribute.py --out_dir=out --probe=val --n_val=16 --validate=lds --subsets=100 --drop=0.01 --jobs=2
 $ python attribute.py --out_dir=out --probe=val --validate=order --moves=30
 
 Probes: val (each of the first n_val validation batches is one probe; the influence table
@@ -29,7 +30,10 @@ estimator, reuses every finished retrain):
          steps (timing-matched, n_random draws): the ratio of the probe changes, with the
          interval of the ratio (top / the random mean's t interval)
   lds    the linear datamodeling score (Park et al. 2023) of every estimator in --estimators on
-         the same M subsets (each batch kept with probability alpha): table lds_<probe>.csv
+         the same M subsets: each batch kept with probability alpha (table lds_<probe>.csv), or
+         with --drop=0.01 each subset drops 1% of the trained (step, row) occurrences in place
+         (train.py --train_weights; table lds_<probe>_drop0.01.csv); an estimator that scores
+         batches, not steps, has its batch score spread evenly over the batch's occurrences
   order  random moves (move_rows batches of the first move_frac of the run swapped with as many
          of the last), retrained with that order (the replay strategy): the correlation of the
          predicted change of the probe (prebias.attribution.move_effect) with the measured one
@@ -77,7 +81,9 @@ class AttributeConfig:
     k: int = 50  # topk: batches left out
     n_random: int = 5  # topk: timing-matched random draws
     subsets: int = 50  # lds: retrains on random subsets
-    alpha: float = 0.5  # lds: each batch kept with this probability
+    alpha: float = 0.5  # lds: each batch kept with this probability (batch-level subsets, drop=0)
+    drop: float = 0.0  # lds: > 0: each subset drops this share of the trained (step, row) occurrences in place
+    #                    (train.py --train_weights, weight 0), e.g. 0.01; 0: the batch-level subsets of alpha
     estimators: str = "grad_dot,tracin,tracin_adam,trak,ekfac"  # lds: scored side by side (those available)
     n_boot: int = 1000  # bootstrap resamples of every interval
     moves: int = 30  # order: random moves, one retrain each
@@ -104,6 +110,9 @@ def check(cfg: AttributeConfig):
         raise UserError(f"--d={cfg.d} --proj={cfg.proj}: d >= 0 (0 = exact), proj rademacher or gaussian")
     if not 0 < cfg.alpha < 1:
         raise UserError(f"--alpha={cfg.alpha}: the probability of keeping a batch, in (0, 1)")
+    if not 0 <= cfg.drop < 1:
+        raise UserError(f"--drop={cfg.drop}: the share of trained (step, row) occurrences each subset drops, in "
+                        "[0, 1) (e.g. 0.01; 0: batch-level subsets, --alpha)")
     # every count, checked before anything is computed or written (a slice such as
     # val_ids[:-3] or a k of -1 would otherwise run, and say so only after a retrain)
     for k, lo in (("n_val", 1), ("k", 1), ("n_random", 1), ("subsets", 2), ("n_boot", 1), ("moves", 1),
@@ -289,9 +298,9 @@ RETRAIN_SKIP = {"out_dir", "init_from", "show_batches", "model_bin", "wandb_log"
                 "export_ckpt_bins"}
 
 
-def save_npy(path: Path, arr: np.ndarray):
+def save_npy(path: Path, arr: np.ndarray, dtype=np.int64):
     """Write once; a different array already there is a stale cache: one clear line."""
-    arr = np.asarray(arr, np.int64)
+    arr = np.asarray(arr, dtype)
     if path.exists():
         if np.array_equal(np.load(path), arr):
             return
@@ -313,9 +322,10 @@ def init_from(traj: A.Trajectory) -> str:
     return str(src)
 
 
-def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | None:
+def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None, weights=None) -> Job | None:
     """The train.py job of one retrain: the recorded order replayed (so online selection is
-    not re-run and every batch keeps its step), or `order`, with `mask` weighted 0.
+    not re-run and every batch keeps its step), or `order`, with `mask` weighted 0 and
+    `weights` (steps, B) the loss weight of each (step, row) (train.py --train_weights).
     None when it has finished."""
     run = vars(traj.run)
     if list_checkpoints(out) and list_checkpoints(out)[-1][0] == run["max_iters"]:
@@ -331,6 +341,9 @@ def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | N
     if mask is not None:
         save_npy(out.parent / f"{out.name}_mask.npy", mask)
         args.append(f"--train_mask={out.parent / f'{out.name}_mask.npy'}")
+    if weights is not None:
+        save_npy(out.parent / f"{out.name}_weights.npy", weights, np.float64)
+        args.append(f"--train_weights={out.parent / f'{out.name}_weights.npy'}")
     if list_checkpoints(out):
         args.append("--init_from=resume")
     elif init_from(traj):  # a continued run is retrained from the weights it continued from, not from scratch
@@ -340,14 +353,14 @@ def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | N
 
 
 def retrain_all(cfg: AttributeConfig, traj: A.Trajectory, group: str, specs: list) -> list[Path]:
-    """Run every retrain of specs [(name, mask ids | None, order | None)] not yet finished,
-    cfg.jobs at a time; their folders, in order."""
+    """Run every retrain of specs [(name, mask ids | None, order | None[, weights (steps, B)])]
+    not yet finished, cfg.jobs at a time; their folders, in order."""
     if traj.ckpts[-1][0] != traj.run.max_iters:
         raise UserError(f"{cfg.out_dir} has trained {traj.ckpts[-1][0]} of {traj.run.max_iters} steps: finish it "
                         "first (python train.py --init_from=resume)")
     root = Path(cfg.out_dir) / "attribution" / "retrains" / group
-    outs = [root / name for name, _, _ in specs]
-    jobs = [j for (name, mask, order), out in zip(specs, outs) if (j := retrain_job(traj, out, mask, order))]
+    outs = [root / spec[0] for spec in specs]
+    jobs = [j for spec, out in zip(specs, outs) if (j := retrain_job(traj, out, *spec[1:]))]
     if jobs:
         bar = tqdm(total=len(jobs), desc=f"retrains {group} ({len(specs) - len(jobs)} cached)", unit="run")
 
@@ -457,12 +470,45 @@ def lds_subsets(batches: np.ndarray, M: int, alpha: float, seed: int) -> np.ndar
     return np.stack([np.random.default_rng([seed, 0x6C6473, m]).random(len(batches)) < alpha for m in range(M)])
 
 
-def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
-    traj, items = ctx.traj, ctx.probes
+def drop_subsets(n: int, M: int, drop: float, seed: int) -> np.ndarray:
+    """(M, n) bool: subset m keeps all but k = max(1, round(drop * n)) of n occurrences, the
+    dropped ones drawn without replacement (its own seeded draw, as lds_subsets)."""
+    k = max(1, int(round(drop * n)))
+    kept = np.ones((M, n), bool)
+    for m in range(M):
+        kept[m, np.random.default_rng([seed, 0x6C647364, m]).choice(n, k, replace=False)] = False
+    return kept
+
+
+def occurrence_weights(traj: A.Trajectory, kept: np.ndarray) -> np.ndarray:
+    """(steps, B) train.py --train_weights: 1, and 0 at the occurrences kept (n_occurrences,) drops."""
+    w = np.ones(traj.rec["batch_ids"][:traj.run.max_iters].shape)
+    s, r = traj.occurrences[~kept].T
+    w[s, r] = 0
+    return w
+
+
+def lds_design(cfg: AttributeConfig, traj: A.Trajectory) -> tuple[str, np.ndarray, list, str, str]:
+    """(retrain group, kept (M, n) bool, retrain specs, per, in words): batch-level subsets
+    (each trained batch kept with probability alpha, the rest removed in place by
+    --train_mask) or, with --drop, occurrence-level ones (a share of the trained (step, row)
+    occurrences weighted 0 by --train_weights, every other row as trained)."""
+    if cfg.drop:
+        kept = drop_subsets(len(traj.occurrences), cfg.subsets, cfg.drop, cfg.seed)
+        specs = [(f"sub{m:03d}", None, None, occurrence_weights(traj, k)) for m, k in enumerate(kept)]
+        how = f"each dropping {(~kept[0]).sum()} of the {kept.shape[1]} trained occurrences (step, row), {cfg.drop:g}"
+        return f"lds_d{cfg.drop:g}_s{cfg.seed}", kept, specs, "occurrence", how
     kept = lds_subsets(traj.batches, cfg.subsets, cfg.alpha, cfg.seed)
-    group = f"lds_a{cfg.alpha:g}_s{cfg.seed}"
-    outs = retrain_all(cfg, traj, group, [(f"sub{m:03d}", traj.batches[~kept[m]], None) for m in range(len(kept))])
-    measured = np.stack([measure(o, items) for o in outs])
+    specs = [(f"sub{m:03d}", traj.batches[~kept[m]], None) for m in range(len(kept))]
+    return f"lds_a{cfg.alpha:g}_s{cfg.seed}", kept, specs, "batch", f"each batch kept with probability {cfg.alpha}"
+
+
+def lds_scores(cfg: AttributeConfig, ctx: A.Context, kept, measured, per: str) -> pd.DataFrame:
+    """One row per available estimator of --estimators: its LDS on these subsets, with the
+    interval, the paired interval of its difference to grad_dot, and its cost. The datamodel
+    of an occurrence-level subset sums the kept occurrences' scores (the same ranking as
+    minus the dropped ones')."""
+    traj = ctx.traj
     boot_idx = np.random.default_rng([cfg.seed, 0x626F6F74]).integers(0, len(kept), (cfg.n_boot, len(kept)))
     rows, boots = [], {}
     for name in estimator_list(cfg):
@@ -472,7 +518,7 @@ def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
         if A.ESTIMATORS[name].needs_optimizer and not traj.preconditioner_available():
             print(f"lds: {name} skipped (the run kept no optimizer moments: train with --keep_optimizer=True)")
             continue
-        S, cost = A.run_estimator(name, ctx)
+        S, cost = A.run_estimator(name, ctx, per)
         r = A.lds(S, kept, measured, boot_idx=boot_idx)
         boots[name] = r["boot"]
         rows.append({"estimator": name, "lds": r["lds"], "lo": r["lo"], "hi": r["hi"], "seconds": cost["seconds"],
@@ -481,18 +527,31 @@ def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     if "grad_dot" in boots:  # paired: the same resampled subsets for every estimator (percentile interval)
         d = {n: np.nanpercentile(b - boots["grad_dot"], [2.5, 97.5]) for n, b in boots.items()}
         df["vs_grad_dot_lo"], df["vs_grad_dot_hi"] = [d[n][0] for n in df.estimator], [d[n][1] for n in df.estimator]
+    return df
+
+
+def lds_table_name(cfg: AttributeConfig) -> str:
+    return f"lds_{probe_name(cfg.probe)}" + (f"_drop{cfg.drop:g}" if cfg.drop else "")
+
+
+def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
+    traj, items = ctx.traj, ctx.probes
+    group, kept, specs, per, how = lds_design(cfg, traj)
+    outs = retrain_all(cfg, traj, group, specs)
+    measured = np.stack([measure(o, items) for o in outs])
+    df = lds_scores(cfg, ctx, kept, measured, per)
     secs = [retrain_seconds(o) for o in outs]  # median below: a retrain cut and resumed spans its pause
-    print(f"LDS over {len(kept)} retrains in place (each batch kept with probability {cfg.alpha}), {len(items)} "
-          f"probes, {traj.run.max_iters} steps; retrain {np.median(secs):.1f} s each (median of the training time, "
-          "first to last checkpoint)")
+    print(f"LDS over {len(kept)} retrains in place ({how}), {len(items)} probes, {traj.run.max_iters} steps; retrain "
+          f"{np.median(secs):.1f} s each (median of the training time, first to last checkpoint)")
     print(f"{'estimator':<12} {'LDS [95% CI]':<24} {'vs grad_dot [95% CI]':<22} {'cost':>8} {'gradients':>10}")
     for r in df.itertuples():
         vs = f"[{r.vs_grad_dot_lo:+.3f}, {r.vs_grad_dot_hi:+.3f}]" if "vs_grad_dot_lo" in df else ""
         print(f"{r.estimator:<12} {r.lds:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]{'':<4} {vs:<22} {r.seconds:>7.0f}s "
               f"{r.gradients:>10}")
     df["retrain_s"] = float(np.median(secs))
-    df["subsets"], df["alpha"], df["probes"] = len(kept), cfg.alpha, len(items)
-    write_csv_atomic(df, Path(cfg.out_dir) / "tables" / f"lds_{probe_name(cfg.probe)}.csv")
+    df["subsets"], df["probes"], df["level"] = len(kept), len(items), per
+    df["alpha"], df["drop"] = (math.nan, cfg.drop) if cfg.drop else (cfg.alpha, math.nan)
+    write_csv_atomic(df, Path(cfg.out_dir) / "tables" / f"{lds_table_name(cfg)}.csv")
     return df
 
 

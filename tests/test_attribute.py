@@ -351,3 +351,63 @@ def test_a_continued_run_is_retrained_from_its_start(tiny_run, tmp_path):
     src.write_bytes(src.read_bytes() + b"x")
     with pytest.raises(UserError, match="which is gone or changed since"):
         attribute.retrain_job(traj, tmp_path / "retrains" / "other")
+
+
+def test_occurrence_subsets_drop_exactly_k_occurrences_and_weigh_them_0():
+    kept = attribute.drop_subsets(500, 6, 0.01, seed=3)
+    assert kept.shape == (6, 500) and ((~kept).sum(1) == 5).all()  # exactly round(1% of 500) each
+    assert np.array_equal(attribute.drop_subsets(500, 3, 0.01, seed=3), kept[:3])  # more subsets: the same first
+    assert len({tuple(np.flatnonzero(~k)) for k in kept}) == 6
+    assert ((~attribute.drop_subsets(30, 4, 0.01, seed=0)).sum(1) == 1).all()  # at least one
+    traj = types.SimpleNamespace(rec={"batch_ids": np.zeros((5, 3), np.int64)}, run=types.SimpleNamespace(max_iters=4),
+                                 occurrences=np.array([[0, 0], [0, 2], [1, 1], [3, 0], [3, 2]]))
+    w = attribute.occurrence_weights(traj, np.array([True, False, True, True, False]))
+    want = np.ones((4, 3))
+    want[0, 2] = want[3, 2] = 0
+    assert np.array_equal(w, want)
+
+
+def test_occurrence_scores_sum_to_the_batch_scores(one_layer):
+    """tracin scores each (step, row) by lr_s <g_probe, g_z>; an estimator that scores
+    batches has its score split evenly over the batch's occurrences; a masked row is none."""
+    r, masked = one_layer
+    ctx, _ = attribute.context(attribute.AttributeConfig(out_dir=str(r.out_dir), probe="val", d=0, n_val=2))
+    traj = ctx.traj
+    ids = np.load(r.out_dir / "batch_ids.npy")
+    assert len(traj.occurrences) == ids.size - 1 and [4, 1] not in traj.occurrences.tolist()
+    assert np.array_equal(ids[tuple(traj.occurrences.T)], traj.batches[traj.occ_batch])
+    occ, _ = A.run_estimator("tracin", ctx, "occurrence")
+    np.testing.assert_allclose(traj.occurrence_sum(occ), A.run_estimator("tracin", ctx)[0], rtol=1e-12)
+    (s, row), it0 = traj.occurrences[3], traj.interval_of(int(traj.occurrences[3][0])).p0
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(it0))
+    g = by_hand_grads(model, traj.data, [ids[s, row]])[0]
+    q = by_hand_grads(model, traj.data, traj.data.val_ids[:2])
+    np.testing.assert_allclose(occ[3], get_lr(int(s), traj.run) * (q @ g).numpy(), rtol=1e-6)
+    S, _ = A.run_estimator("grad_dot", ctx)
+    spread, _ = A.run_estimator("grad_dot", ctx, "occurrence")
+    np.testing.assert_allclose(traj.occurrence_sum(spread), S, rtol=1e-12)
+    for b in range(len(traj.batches)):
+        mine = spread[traj.occ_batch == b]
+        assert np.allclose(mine, S[b] / len(mine))
+
+
+@pytest.mark.slow
+def test_lds_with_occurrence_drops_retrains_with_those_weights(one_layer):
+    r, _ = one_layer
+    base = [f"--out_dir={r.out_dir}", "--probe=val", "--n_val=4", "--d=8"]
+    res = attribute.main(base + ["--validate=lds", "--subsets=4", "--drop=0.1", "--estimators=grad_dot,tracin"])
+    assert list(res["estimator"]) == ["grad_dot", "tracin"] and (res["level"] == "occurrence").all()
+    assert res["lds"].between(-1, 1).all() and (res["drop"] == 0.1).all()
+    traj = A.Trajectory(r.out_dir)
+    kept = attribute.drop_subsets(len(traj.occurrences), 4, 0.1, 0)
+    root = r.out_dir / "attribution" / "retrains" / "lds_d0.1_s0"
+    for m in range(4):
+        dropped = traj.occurrences[~kept[m]].tolist()
+        assert len(dropped) == 1  # round(0.1 x 11)
+        w = np.load(root / f"sub{m:03d}_weights.npy")
+        assert np.argwhere(w != 1).tolist() == dropped and (w[w != 1] == 0).all()
+        rec = checkpoint.stream_records(root / f"sub{m:03d}")
+        assert rec["weighted_rows"].tolist() == [[*dropped[0], 0.0]]
+        assert np.array_equal(rec["batch_ids"], np.load(r.out_dir / "batch_ids.npy"))
+    table = pd.read_csv(r.out_dir / "tables" / "lds_val_drop0.1.csv")
+    assert list(table["estimator"]) == ["grad_dot", "tracin"] and (table["subsets"] == 4).all()
