@@ -15,6 +15,7 @@ $ python attribute.py --out_dir=out --probe=val --validate=topk --k=50 --n_rando
 $ python attribute.py --out_dir=out --probe=val --n_val=64 --validate=lds --subsets=50 --alpha=0.5 --jobs=2
 $ python attribute.py --out_dir=out --probe=val --n_val=16 --validate=lds --subsets=100 --drop=0.01 --jobs=2
 $ python attribute.py --out_dir=out --probe=val --validate=order --moves=30
+$ python attribute.py --out_dir=out --probe=val --n_val=16 --validate=smoothness --directions=4 --eps=0.001,0.01,0.1,1
 
 Probes: val (each of the first n_val validation batches is one probe; the influence table
 is their mean, i.e. the mean validation loss), text:<text>, tag:<id> (a canary's secret
@@ -34,6 +35,11 @@ estimator, reuses every finished retrain):
          with --drop=0.01 each subset drops 1% of the trained (step, row) occurrences in place
          (train.py --train_weights; table lds_<probe>_drop0.01.csv); an estimator that scores
          batches, not steps, has its batch score spread evenly over the batch's occurrences
+  smoothness  along --directions random directions d in weight space (every trained (step,
+         row) +-1), retrained at w = 1 +- eps d for each --eps: the probe's change against the
+         linear prediction eps <g, d> (g from --metagradient, else the central difference at the
+         smallest eps), and the eps up to which first order holds (prebias/smoothness.py):
+         tables/smoothness_<probe>.csv, visualize/smoothness_<probe>.png
   order  random moves (move_rows batches of the first move_frac of the run swapped with as many
          of the last), retrained with that order (the replay strategy): the correlation of the
          predicted change of the probe (prebias.attribution.move_effect) with the measured one
@@ -54,6 +60,7 @@ from tqdm import tqdm
 
 from prebias import attribution as A
 from prebias import batchmetrics
+from prebias import smoothness as SM
 from prebias import tags as tagmod
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
 from prebias.common import (UserError, atomic_path, config_to_argv, main_guard, parse_config, save_figure,
@@ -89,12 +96,17 @@ class AttributeConfig:
     moves: int = 30  # order: random moves, one retrain each
     move_rows: int = 8  # order: batches moved each way per move
     move_frac: float = 0.1  # order: the first and the last this fraction of the steps trade batches
+    directions: int = 4  # smoothness: random directions d in weight space (Rademacher on the trained occurrences)
+    eps: str = "0.001,0.01,0.1,1"  # smoothness: step sizes, each retrained at w = 1 + eps d and 1 - eps d
+    tol: float = 0.1  # smoothness: first order holds while the linear prediction's relative error is at most this
+    metagradient: str = ""  # smoothness: d probe / d w, .npy (steps, B) or (P, steps, B), or an .npz with `dw`
+    #                         (prebias/magic.py's table); '' = the central difference at the smallest eps
     launcher: str = "local"  # how retrains run (prebias/launchers.py)
     jobs: int = 1  # retrains at once
 # -----------------------------------------------------------------------------
 
 PROBE = re.compile(r"^(val|text:.+|tag:.+|metric:.+)$", re.S)
-VALIDATIONS = ("", "topk", "lds", "order")
+VALIDATIONS = ("", "topk", "lds", "order", "smoothness")
 
 
 def check(cfg: AttributeConfig):
@@ -103,7 +115,7 @@ def check(cfg: AttributeConfig):
     if cfg.validate in ("False", "false", "0"):
         cfg.validate = ""
     if cfg.validate not in VALIDATIONS:
-        raise UserError(f"--validate={cfg.validate}: choose topk, lds or order (or leave it empty)")
+        raise UserError(f"--validate={cfg.validate}: choose topk, lds, order or smoothness (or leave it empty)")
     if not PROBE.match(cfg.probe):
         raise UserError(f"--probe={cfg.probe!r}: use val, text:<text>, tag:<id> or metric:<name>")
     if cfg.d < 0 or cfg.proj not in ("rademacher", "gaussian"):
@@ -116,7 +128,7 @@ def check(cfg: AttributeConfig):
     # every count, checked before anything is computed or written (a slice such as
     # val_ids[:-3] or a k of -1 would otherwise run, and say so only after a retrain)
     for k, lo in (("n_val", 1), ("k", 1), ("n_random", 1), ("subsets", 2), ("n_boot", 1), ("moves", 1),
-                  ("move_rows", 1), ("jobs", 1), ("top", 0), ("chunk", 0)):
+                  ("move_rows", 1), ("jobs", 1), ("top", 0), ("chunk", 0), ("directions", 1)):
         if getattr(cfg, k) < lo:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be at least {lo}")
     if not 0 < cfg.move_frac <= 0.5:
@@ -125,6 +137,12 @@ def check(cfg: AttributeConfig):
     for k in ("damping", "ekfac_damping"):
         if getattr(cfg, k) < 0:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be >= 0")
+    try:
+        SM.parse_eps(cfg.eps)
+    except ValueError:
+        raise UserError(f"--eps={cfg.eps}: positive step sizes separated by commas, e.g. 0.001,0.01,0.1,1") from None
+    if not cfg.tol > 0:
+        raise UserError(f"--tol={cfg.tol}: the largest relative error of a first-order prediction, > 0 (e.g. 0.1)")
     A.ESTIMATORS.lookup(cfg.estimator, "--estimator")
     for e in estimator_list(cfg):
         A.ESTIMATORS.lookup(e, "--estimators")
@@ -556,6 +574,65 @@ def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
 
 
 # -----------------------------------------------------------------------------
+# validation 4: metasmoothness, the probe along random directions in weight space
+
+def metagradient_slopes(path: str, dirs: np.ndarray) -> np.ndarray | None:
+    """(R,) <g, d> of each direction d (R, steps, B), g = d mean probe / d w from --metagradient
+    (.npy (steps, B) or (P, steps, B): the mean over P probes; or an .npz holding `dw`, the
+    table prebias/magic.py saves); None without one."""
+    if not path:
+        return None
+    try:
+        obj = np.load(path, allow_pickle=False)
+        g = obj["dw"] if hasattr(obj, "files") else obj
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise UserError(f"--metagradient={path} cannot be read ({type(e).__name__}): give a .npy of d probe / d w, "
+                        "(steps, B) or (P, steps, B), or the .npz prebias/magic.py saves (with dw)") from None
+    g = np.asarray(g, np.float64)
+    g = g.mean(0) if g.ndim == 3 else g
+    if g.shape != dirs.shape[1:] or not np.isfinite(g).all():
+        raise UserError(f"--metagradient={path} holds {'non-finite values' if g.shape == dirs.shape[1:] else g.shape}"
+                        f", not finite d probe / d w of shape {dirs.shape[1:]} (steps, B): it is another run's")
+    return np.einsum("rsb,sb->r", dirs, g)
+
+
+def validate_smoothness(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
+    """Retrain at w = 1 +- eps d along --directions random directions d for every --eps and
+    compare the probe's change with eps <g, d> (prebias/smoothness.py)."""
+    traj, items = ctx.traj, ctx.probes
+    eps = SM.parse_eps(cfg.eps)
+    dirs = SM.directions(traj.occurrences, traj.rec["batch_ids"][:traj.run.max_iters].shape, cfg.directions,
+                         cfg.seed)
+    slope = metagradient_slopes(cfg.metagradient, dirs)
+    base = base_loss(cfg, traj, items)
+    specs = [(f"d{k}_{'p' if sg > 0 else 'm'}{e:g}", None, None, 1 + sg * e * dirs[k])
+             for k in range(len(dirs)) for e in eps for sg in (1, -1)]
+    outs = retrain_all(cfg, traj, f"smooth_s{cfg.seed}", specs)
+    vals = np.array([float(measure(o, items).mean()) - base for o in outs]).reshape(len(dirs), len(eps), 2)
+    table = SM.smoothness_table(eps, vals[..., 0], vals[..., 1], slope, cfg.tol)
+    size = SM.first_order_size(table)
+    table["first_order_size"] = table["direction"].map(size)
+    table["retrain_s"] = float(np.median([retrain_seconds(o) for o in outs]))
+    name = probe_name(cfg.probe)
+    write_csv_atomic(table, Path(cfg.out_dir) / "tables" / f"smoothness_{name}.csv")
+    how = (f"{len(dirs)} random directions over {len(traj.occurrences)} occurrences, {traj.run.max_iters} steps; "
+           f"prediction from the {table['source'].iloc[0]}")
+    SM.plot(table, cfg.tol, f"smoothness of the mean probe loss: {how}", Path(cfg.out_dir) / "visualize" /
+            f"smoothness_{name}.png")
+    print(f"smoothness: probe loss {base:.4f}; {how}")
+    print(f"{'eps':>8} {'|change| median':>16} {'rel err median [max]':>24} {'curvature median':>17}")
+    for e, part in table.groupby("eps"):
+        print(f"{e:>8g} {part['measured_plus'].abs().median():>16.3e} {part['rel_err'].median():>12.3f} "
+              f"[{part['rel_err'].max():.3f}] {part['curvature'].median():>17.3f}")
+    print(f"first order (relative error <= {cfg.tol:g}) holds up to eps = {size.min():g} in every direction "
+          f"(median over directions {size.median():g}); eps = 0.1 moves the weights as much as a 1% drop")
+    for p in (Path(cfg.out_dir) / "tables" / f"smoothness_{name}.csv",
+              Path(cfg.out_dir) / "visualize" / f"smoothness_{name}.png"):
+        print(f"wrote {p}")
+    return table
+
+
+# -----------------------------------------------------------------------------
 # validation 3: order-aware attribution, against retraining with the moved order
 
 def random_moves(traj: A.Trajectory, n_moves: int, rows: int, frac: float, seed: int) -> list[np.ndarray]:
@@ -638,11 +715,11 @@ def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
 def main(argv=None):
     cfg = parse_config(AttributeConfig(), sys.argv[1:] if argv is None else argv)
     check(cfg)
-    if cfg.validate in ("lds", "order"):
+    if cfg.validate in ("lds", "order", "smoothness"):
         if cfg.probe.startswith("metric:"):
             raise UserError(f"--validate={cfg.validate} measures a probe loss: use val, text:<...> or tag:<id>")
         ctx, _ = context(cfg)
-        return (validate_lds if cfg.validate == "lds" else validate_order)(cfg, ctx)
+        return {"lds": validate_lds, "order": validate_order, "smoothness": validate_smoothness}[cfg.validate](cfg, ctx)
     ctx, how = context(cfg)
     S, _ = A.run_estimator(cfg.estimator, ctx)
     df, _ = report(cfg, influence_table(ctx, S), how, ctx.traj)

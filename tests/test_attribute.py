@@ -21,6 +21,7 @@ from conftest import TinyRun
 from model import ModelArgs, Transformer
 from prebias import attribution as A
 from prebias import checkpoint
+from prebias import smoothness as SM
 from prebias.common import UserError
 from prebias.data import BatchData
 from prebias.schedule import get_lr
@@ -299,7 +300,7 @@ def test_cache_gives_identical_results_and_outputs_are_written(run, capsys):
     (["--probe=tag:secret"], "was trained without tags"),
     (["--probe=metric:sentiment"], "run python eval.py"),
     (["--estimator=nope"], "unknown attribution estimator 'nope'; choose one of tracin, tracin_adam"),
-    (["--validate=maybe"], "choose topk, lds or order"),
+    (["--validate=maybe"], "choose topk, lds, order or smoothness"),
     (["--estimator=tracin_adam"], "retrain with python train.py --keep_optimizer=True"),
 ])
 def test_bad_input_is_one_line(run, args, msg):
@@ -411,3 +412,35 @@ def test_lds_with_occurrence_drops_retrains_with_those_weights(one_layer):
         assert np.array_equal(rec["batch_ids"], np.load(r.out_dir / "batch_ids.npy"))
     table = pd.read_csv(r.out_dir / "tables" / "lds_val_drop0.1.csv")
     assert list(table["estimator"]) == ["grad_dot", "tracin"] and (table["subsets"] == 4).all()
+
+
+@pytest.mark.slow
+def test_smoothness_retrains_along_directions_and_compares_with_the_metagradient(one_layer, tmp_path):
+    r, _ = one_layer
+    traj = A.Trajectory(r.out_dir)
+    g = np.random.default_rng(0).normal(size=(2, 6, 2)) * 1e-3  # a stand-in d probe / d w, 2 probes
+    np.save(tmp_path / "g.npy", g)
+    base = [f"--out_dir={r.out_dir}", "--probe=val", "--n_val=4", "--validate=smoothness", "--directions=1",
+            "--eps=0.5,1"]
+    with pytest.raises(UserError, match="not finite d probe / d w of shape"):
+        np.save(tmp_path / "bad.npy", g[:, :4])
+        attribute.main(base + [f"--metagradient={tmp_path / 'bad.npy'}"])
+    table = attribute.main(base + [f"--metagradient={tmp_path / 'g.npy'}"])
+    d = SM.directions(traj.occurrences, (6, 2), 1, 0)[0]
+    assert d[4, 1] == 0 and (np.abs(np.delete(d.ravel(), 9)) == 1).all()  # the masked row has no weight to move
+    root = r.out_dir / "attribution" / "retrains" / "smooth_s0"
+    items, _ = attribute.probe_items(attribute.AttributeConfig(n_val=4), traj)
+    loss0 = attribute.measure(r.out_dir / "attribution" / "retrains" / "base" / "empty", items).mean()
+    for e, row in zip((0.5, 1.0), table.itertuples()):
+        for sign, col in ((1, "measured_plus"), (-1, "measured_minus")):
+            out = root / f"d0_{'p' if sign > 0 else 'm'}{e:g}"
+            assert np.array_equal(np.load(f"{out}_weights.npy"), 1 + sign * e * d)
+            assert checkpoint.stream_records(out)["weighted_rows"].shape == (11, 3)
+            assert getattr(row, col) == pytest.approx(attribute.measure(out, items).mean() - loss0, abs=1e-12)
+        assert row.predicted == pytest.approx(e * float((g.mean(0) * d).sum()), rel=1e-12)
+        assert row.source == "metagradient" and row.eps == e
+    assert table["measured_plus"].iloc[1] != table["measured_plus"].iloc[0]
+    assert (r.out_dir / "visualize" / "smoothness_val.png").stat().st_size > 10_000
+    fd = attribute.main(base)  # cached retrains; the central difference at eps 0.5
+    row = fd.iloc[0]
+    assert row.predicted == pytest.approx((row.measured_plus - row.measured_minus) / 2, rel=1e-12)
