@@ -13,9 +13,11 @@ $ python attribute.py --out_dir=out/canary --probe=tag:secret
 $ python attribute.py --out_dir=out --probe=metric:sentiment      # needs eval.py's tables
 $ python attribute.py --out_dir=out --probe=val --validate=topk --k=50 --n_random=5
 $ python attribute.py --out_dir=out --probe=val --n_val=64 --validate=lds --subsets=50 --alpha=0.5 --jobs=2
+$ python attribute.py --out_dir=out --probe=val --n_val=16 --validate=lds --subsets=100 --drop=0.01 --jobs=2
 $ python attribute.py --out_dir=out --probe=val --validate=order --moves=30
 $ python attribute.py --out_dir=out --probe=val --estimator=magic     # exact metagradients (prebias/magic.py)
 $ python attribute.py --out_dir=out --probe=val --validate=order --estimators=tracin,magic
+$ python attribute.py --out_dir=out --probe=val --n_val=16 --validate=smoothness --directions=4 --eps=0.001,0.01,0.1,1
 
 Probes: val (each of the first n_val validation batches is one probe; the influence table
 is their mean, i.e. the mean validation loss), text:<text>, tag:<id> (a canary's secret
@@ -31,7 +33,15 @@ estimator, reuses every finished retrain):
          steps (timing-matched, n_random draws): the ratio of the probe changes, with the
          interval of the ratio (top / the random mean's t interval)
   lds    the linear datamodeling score (Park et al. 2023) of every estimator in --estimators on
-         the same M subsets (each batch kept with probability alpha): table lds_<probe>.csv
+         the same M subsets: each batch kept with probability alpha (table lds_<probe>.csv), or
+         with --drop=0.01 each subset drops 1% of the trained (step, row) occurrences in place
+         (train.py --train_weights; table lds_<probe>_drop0.01.csv); an estimator that scores
+         batches, not steps, has its batch score spread evenly over the batch's occurrences
+  smoothness  along --directions random directions d in weight space (every trained (step,
+         row) +-1), retrained at w = 1 +- eps d for each --eps: the probe's change against the
+         linear prediction eps <g, d> (g from --metagradient, else the central difference at the
+         smallest eps), and the eps up to which first order holds (prebias/smoothness.py):
+         tables/smoothness_<probe>.csv, visualize/smoothness_<probe>.png
   order  random moves (move_rows batches of the first move_frac of the run swapped with as many
          of the last), retrained with that order (the replay strategy): the correlation of the
          predicted change of the probe (prebias.attribution.move_effect; with magic in
@@ -53,6 +63,7 @@ from tqdm import tqdm
 
 from prebias import attribution as A
 from prebias import batchmetrics, magic
+from prebias import smoothness as SM
 from prebias import tags as tagmod
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
 from prebias.common import (UserError, atomic_path, config_to_argv, main_guard, parse_config, save_figure,
@@ -81,18 +92,25 @@ class AttributeConfig:
     k: int = 50  # topk: batches left out
     n_random: int = 5  # topk: timing-matched random draws
     subsets: int = 50  # lds: retrains on random subsets
-    alpha: float = 0.5  # lds: each batch kept with this probability
+    alpha: float = 0.5  # lds: each batch kept with this probability (batch-level subsets, drop=0)
+    drop: float = 0.0  # lds: > 0: each subset drops this share of the trained (step, row) occurrences in place
+    #                    (train.py --train_weights, weight 0), e.g. 0.01; 0: the batch-level subsets of alpha
     estimators: str = "grad_dot,tracin,tracin_adam,trak,ekfac"  # lds: scored side by side (those available)
     n_boot: int = 1000  # bootstrap resamples of every interval
     moves: int = 30  # order: random moves, one retrain each
     move_rows: int = 8  # order: batches moved each way per move
     move_frac: float = 0.1  # order: the first and the last this fraction of the steps trade batches
+    directions: int = 4  # smoothness: random directions d in weight space (Rademacher on the trained occurrences)
+    eps: str = "0.001,0.01,0.1,1"  # smoothness: step sizes, each retrained at w = 1 + eps d and 1 - eps d
+    tol: float = 0.1  # smoothness: first order holds while the linear prediction's relative error is at most this
+    metagradient: str = ""  # smoothness: d probe / d w, .npy (steps, B) or (P, steps, B), or an .npz with `dw`
+    #                         (prebias/magic.py's table); '' = the central difference at the smallest eps
     launcher: str = "local"  # how retrains run (prebias/launchers.py)
     jobs: int = 1  # retrains at once
 # -----------------------------------------------------------------------------
 
 PROBE = re.compile(r"^(val|text:.+|tag:.+|metric:.+)$", re.S)
-VALIDATIONS = ("", "topk", "lds", "order")
+VALIDATIONS = ("", "topk", "lds", "order", "smoothness")
 
 
 def check(cfg: AttributeConfig):
@@ -101,17 +119,20 @@ def check(cfg: AttributeConfig):
     if cfg.validate in ("False", "false", "0"):
         cfg.validate = ""
     if cfg.validate not in VALIDATIONS:
-        raise UserError(f"--validate={cfg.validate}: choose topk, lds or order (or leave it empty)")
+        raise UserError(f"--validate={cfg.validate}: choose topk, lds, order or smoothness (or leave it empty)")
     if not PROBE.match(cfg.probe):
         raise UserError(f"--probe={cfg.probe!r}: use val, text:<text>, tag:<id> or metric:<name>")
     if cfg.d < 0 or cfg.proj not in ("rademacher", "gaussian"):
         raise UserError(f"--d={cfg.d} --proj={cfg.proj}: d >= 0 (0 = exact), proj rademacher or gaussian")
     if not 0 < cfg.alpha < 1:
         raise UserError(f"--alpha={cfg.alpha}: the probability of keeping a batch, in (0, 1)")
+    if not 0 <= cfg.drop < 1:
+        raise UserError(f"--drop={cfg.drop}: the share of trained (step, row) occurrences each subset drops, in "
+                        "[0, 1) (e.g. 0.01; 0: batch-level subsets, --alpha)")
     # every count, checked before anything is computed or written (a slice such as
     # val_ids[:-3] or a k of -1 would otherwise run, and say so only after a retrain)
     for k, lo in (("n_val", 1), ("k", 1), ("n_random", 1), ("subsets", 2), ("n_boot", 1), ("moves", 1),
-                  ("move_rows", 1), ("jobs", 1), ("top", 0), ("chunk", 0)):
+                  ("move_rows", 1), ("jobs", 1), ("top", 0), ("chunk", 0), ("directions", 1)):
         if getattr(cfg, k) < lo:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be at least {lo}")
     if not 0 < cfg.move_frac <= 0.5:
@@ -120,6 +141,12 @@ def check(cfg: AttributeConfig):
     for k in ("damping", "ekfac_damping"):
         if getattr(cfg, k) < 0:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be >= 0")
+    try:
+        SM.parse_eps(cfg.eps)
+    except ValueError:
+        raise UserError(f"--eps={cfg.eps}: positive step sizes separated by commas, e.g. 0.001,0.01,0.1,1") from None
+    if not cfg.tol > 0:
+        raise UserError(f"--tol={cfg.tol}: the largest relative error of a first-order prediction, > 0 (e.g. 0.1)")
     A.ESTIMATORS.lookup(cfg.estimator, "--estimator")
     for e in estimator_list(cfg):
         A.ESTIMATORS.lookup(e, "--estimators")
@@ -289,13 +316,13 @@ def plot(df, corr, how, path):
 # retraining in place (cached: a finished retrain is never run again)
 
 RETRAIN_SKIP = {"out_dir", "init_from", "show_batches", "model_bin", "wandb_log", "schedule_exclude", "schedule_spec",
-                "train_mask", "select", "select_pool", "keep_optimizer", "eval_interval", "log_spaced",
+                "train_mask", "train_weights", "select", "select_pool", "keep_optimizer", "eval_interval", "log_spaced",
                 "export_ckpt_bins"}
 
 
-def save_npy(path: Path, arr: np.ndarray):
+def save_npy(path: Path, arr: np.ndarray, dtype=np.int64):
     """Write once; a different array already there is a stale cache: one clear line."""
-    arr = np.asarray(arr, np.int64)
+    arr = np.asarray(arr, dtype)
     if path.exists():
         if np.array_equal(np.load(path), arr):
             return
@@ -317,9 +344,10 @@ def init_from(traj: A.Trajectory) -> str:
     return str(src)
 
 
-def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | None:
+def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None, weights=None) -> Job | None:
     """The train.py job of one retrain: the recorded order replayed (so online selection is
-    not re-run and every batch keeps its step), or `order`, with `mask` weighted 0.
+    not re-run and every batch keeps its step), or `order`, with `mask` weighted 0 and
+    `weights` (steps, B) the loss weight of each (step, row) (train.py --train_weights).
     None when it has finished."""
     run = vars(traj.run)
     if list_checkpoints(out) and list_checkpoints(out)[-1][0] == run["max_iters"]:
@@ -335,6 +363,9 @@ def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | N
     if mask is not None:
         save_npy(out.parent / f"{out.name}_mask.npy", mask)
         args.append(f"--train_mask={out.parent / f'{out.name}_mask.npy'}")
+    if weights is not None:
+        save_npy(out.parent / f"{out.name}_weights.npy", weights, np.float64)
+        args.append(f"--train_weights={out.parent / f'{out.name}_weights.npy'}")
     if list_checkpoints(out):
         args.append("--init_from=resume")
     elif init_from(traj):  # a continued run is retrained from the weights it continued from, not from scratch
@@ -344,14 +375,14 @@ def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None) -> Job | N
 
 
 def retrain_all(cfg: AttributeConfig, traj: A.Trajectory, group: str, specs: list) -> list[Path]:
-    """Run every retrain of specs [(name, mask ids | None, order | None)] not yet finished,
-    cfg.jobs at a time; their folders, in order."""
+    """Run every retrain of specs [(name, mask ids | None, order | None[, weights (steps, B)])]
+    not yet finished, cfg.jobs at a time; their folders, in order."""
     if traj.ckpts[-1][0] != traj.run.max_iters:
         raise UserError(f"{cfg.out_dir} has trained {traj.ckpts[-1][0]} of {traj.run.max_iters} steps: finish it "
                         "first (python train.py --init_from=resume)")
     root = RunPaths(cfg.out_dir).attribution / "retrains" / group
-    outs = [root / name for name, _, _ in specs]
-    jobs = [j for (name, mask, order), out in zip(specs, outs) if (j := retrain_job(traj, out, mask, order))]
+    outs = [root / spec[0] for spec in specs]
+    jobs = [j for spec, out in zip(specs, outs) if (j := retrain_job(traj, out, *spec[1:]))]
     if jobs:
         bar = tqdm(total=len(jobs), desc=f"retrains {group} ({len(specs) - len(jobs)} cached)", unit="run")
 
@@ -461,12 +492,45 @@ def lds_subsets(batches: np.ndarray, M: int, alpha: float, seed: int) -> np.ndar
     return np.stack([np.random.default_rng([seed, 0x6C6473, m]).random(len(batches)) < alpha for m in range(M)])
 
 
-def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
-    traj, items = ctx.traj, ctx.probes
+def drop_subsets(n: int, M: int, drop: float, seed: int) -> np.ndarray:
+    """(M, n) bool: subset m keeps all but k = max(1, round(drop * n)) of n occurrences, the
+    dropped ones drawn without replacement (its own seeded draw, as lds_subsets)."""
+    k = max(1, int(round(drop * n)))
+    kept = np.ones((M, n), bool)
+    for m in range(M):
+        kept[m, np.random.default_rng([seed, 0x6C647364, m]).choice(n, k, replace=False)] = False
+    return kept
+
+
+def occurrence_weights(traj: A.Trajectory, kept: np.ndarray) -> np.ndarray:
+    """(steps, B) train.py --train_weights: 1, and 0 at the occurrences kept (n_occurrences,) drops."""
+    w = np.ones(traj.rec["batch_ids"][:traj.run.max_iters].shape)
+    s, r = traj.occurrences[~kept].T
+    w[s, r] = 0
+    return w
+
+
+def lds_design(cfg: AttributeConfig, traj: A.Trajectory) -> tuple[str, np.ndarray, list, str, str]:
+    """(retrain group, kept (M, n) bool, retrain specs, per, in words): batch-level subsets
+    (each trained batch kept with probability alpha, the rest removed in place by
+    --train_mask) or, with --drop, occurrence-level ones (a share of the trained (step, row)
+    occurrences weighted 0 by --train_weights, every other row as trained)."""
+    if cfg.drop:
+        kept = drop_subsets(len(traj.occurrences), cfg.subsets, cfg.drop, cfg.seed)
+        specs = [(f"sub{m:03d}", None, None, occurrence_weights(traj, k)) for m, k in enumerate(kept)]
+        how = f"each dropping {(~kept[0]).sum()} of the {kept.shape[1]} trained occurrences (step, row), {cfg.drop:g}"
+        return f"lds_d{cfg.drop:g}_s{cfg.seed}", kept, specs, "occurrence", how
     kept = lds_subsets(traj.batches, cfg.subsets, cfg.alpha, cfg.seed)
-    group = f"lds_a{cfg.alpha:g}_s{cfg.seed}"
-    outs = retrain_all(cfg, traj, group, [(f"sub{m:03d}", traj.batches[~kept[m]], None) for m in range(len(kept))])
-    measured = np.stack([measure(o, items) for o in outs])
+    specs = [(f"sub{m:03d}", traj.batches[~kept[m]], None) for m in range(len(kept))]
+    return f"lds_a{cfg.alpha:g}_s{cfg.seed}", kept, specs, "batch", f"each batch kept with probability {cfg.alpha}"
+
+
+def lds_scores(cfg: AttributeConfig, ctx: A.Context, kept, measured, per: str) -> pd.DataFrame:
+    """One row per available estimator of --estimators: its LDS on these subsets, with the
+    interval, the paired interval of its difference to grad_dot, and its cost. The datamodel
+    of an occurrence-level subset sums the kept occurrences' scores (the same ranking as
+    minus the dropped ones')."""
+    traj = ctx.traj
     boot_idx = np.random.default_rng([cfg.seed, 0x626F6F74]).integers(0, len(kept), (cfg.n_boot, len(kept)))
     rows, boots = [], {}
     for name in estimator_list(cfg):
@@ -476,7 +540,7 @@ def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
         if A.ESTIMATORS[name].needs_optimizer and not traj.preconditioner_available():
             print(f"lds: {name} skipped (the run kept no optimizer moments: train with --keep_optimizer=True)")
             continue
-        S, cost = A.run_estimator(name, ctx)
+        S, cost = A.run_estimator(name, ctx, per)
         r = A.lds(S, kept, measured, boot_idx=boot_idx)
         boots[name] = r["boot"]
         rows.append({"estimator": name, "lds": r["lds"], "lo": r["lo"], "hi": r["hi"], "seconds": cost["seconds"],
@@ -485,19 +549,91 @@ def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     if "grad_dot" in boots:  # paired: the same resampled subsets for every estimator (percentile interval)
         d = {n: np.nanpercentile(b - boots["grad_dot"], [2.5, 97.5]) for n, b in boots.items()}
         df["vs_grad_dot_lo"], df["vs_grad_dot_hi"] = [d[n][0] for n in df.estimator], [d[n][1] for n in df.estimator]
+    return df
+
+
+def lds_table_name(cfg: AttributeConfig) -> str:
+    return f"lds_{probe_name(cfg.probe)}" + (f"_drop{cfg.drop:g}" if cfg.drop else "")
+
+
+def validate_lds(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
+    traj, items = ctx.traj, ctx.probes
+    group, kept, specs, per, how = lds_design(cfg, traj)
+    outs = retrain_all(cfg, traj, group, specs)
+    measured = np.stack([measure(o, items) for o in outs])
+    df = lds_scores(cfg, ctx, kept, measured, per)
     secs = [retrain_seconds(o) for o in outs]  # median below: a retrain cut and resumed spans its pause
-    print(f"LDS over {len(kept)} retrains in place (each batch kept with probability {cfg.alpha}), {len(items)} "
-          f"probes, {traj.run.max_iters} steps; retrain {np.median(secs):.1f} s each (median of the training time, "
-          "first to last checkpoint)")
+    print(f"LDS over {len(kept)} retrains in place ({how}), {len(items)} probes, {traj.run.max_iters} steps; retrain "
+          f"{np.median(secs):.1f} s each (median of the training time, first to last checkpoint)")
     print(f"{'estimator':<12} {'LDS [95% CI]':<24} {'vs grad_dot [95% CI]':<22} {'cost':>8} {'gradients':>10}")
     for r in df.itertuples():
         vs = f"[{r.vs_grad_dot_lo:+.3f}, {r.vs_grad_dot_hi:+.3f}]" if "vs_grad_dot_lo" in df else ""
         print(f"{r.estimator:<12} {r.lds:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]{'':<4} {vs:<22} {r.seconds:>7.0f}s "
               f"{r.gradients:>10}")
     df["retrain_s"] = float(np.median(secs))
-    df["subsets"], df["alpha"], df["probes"] = len(kept), cfg.alpha, len(items)
-    write_csv_atomic(df, RunPaths(cfg.out_dir).tables / f"lds_{probe_name(cfg.probe)}.csv")
+    df["subsets"], df["probes"], df["level"] = len(kept), len(items), per
+    df["alpha"], df["drop"] = (math.nan, cfg.drop) if cfg.drop else (cfg.alpha, math.nan)
+    write_csv_atomic(df, RunPaths(cfg.out_dir).tables / f"{lds_table_name(cfg)}.csv")
     return df
+
+
+# -----------------------------------------------------------------------------
+# validation 4: metasmoothness, the probe along random directions in weight space
+
+def metagradient_slopes(path: str, dirs: np.ndarray) -> np.ndarray | None:
+    """(R,) <g, d> of each direction d (R, steps, B), g = d mean probe / d w from --metagradient
+    (.npy (steps, B) or (P, steps, B): the mean over P probes; or an .npz holding `dw`, the
+    table prebias/magic.py saves); None without one."""
+    if not path:
+        return None
+    try:
+        obj = np.load(path, allow_pickle=False)
+        g = obj["dw"] if hasattr(obj, "files") else obj
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise UserError(f"--metagradient={path} cannot be read ({type(e).__name__}): give a .npy of d probe / d w, "
+                        "(steps, B) or (P, steps, B), or the .npz prebias/magic.py saves (with dw)") from None
+    g = np.asarray(g, np.float64)
+    g = g.mean(0) if g.ndim == 3 else g
+    if g.shape != dirs.shape[1:] or not np.isfinite(g).all():
+        raise UserError(f"--metagradient={path} holds {'non-finite values' if g.shape == dirs.shape[1:] else g.shape}"
+                        f", not finite d probe / d w of shape {dirs.shape[1:]} (steps, B): it is another run's")
+    return np.einsum("rsb,sb->r", dirs, g)
+
+
+def validate_smoothness(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
+    """Retrain at w = 1 +- eps d along --directions random directions d for every --eps and
+    compare the probe's change with eps <g, d> (prebias/smoothness.py)."""
+    traj, items = ctx.traj, ctx.probes
+    eps = SM.parse_eps(cfg.eps)
+    dirs = SM.directions(traj.occurrences, traj.rec["batch_ids"][:traj.run.max_iters].shape, cfg.directions,
+                         cfg.seed)
+    slope = metagradient_slopes(cfg.metagradient, dirs)
+    base = base_loss(cfg, traj, items)
+    specs = [(f"d{k}_{'p' if sg > 0 else 'm'}{e:g}", None, None, 1 + sg * e * dirs[k])
+             for k in range(len(dirs)) for e in eps for sg in (1, -1)]
+    outs = retrain_all(cfg, traj, f"smooth_s{cfg.seed}", specs)
+    vals = np.array([float(measure(o, items).mean()) - base for o in outs]).reshape(len(dirs), len(eps), 2)
+    table = SM.smoothness_table(eps, vals[..., 0], vals[..., 1], slope, cfg.tol)
+    size = SM.first_order_size(table)
+    table["first_order_size"] = table["direction"].map(size)
+    table["retrain_s"] = float(np.median([retrain_seconds(o) for o in outs]))
+    name = probe_name(cfg.probe)
+    write_csv_atomic(table, RunPaths(cfg.out_dir).tables / f"smoothness_{name}.csv")
+    how = (f"{len(dirs)} random directions over {len(traj.occurrences)} occurrences, {traj.run.max_iters} steps; "
+           f"prediction from the {table['source'].iloc[0]}")
+    SM.plot(table, cfg.tol, f"smoothness of the mean probe loss: {how}", RunPaths(cfg.out_dir).visualize /
+            f"smoothness_{name}.png")
+    print(f"smoothness: probe loss {base:.4f}; {how}")
+    print(f"{'eps':>8} {'|change| median':>16} {'rel err median [max]':>24} {'curvature median':>17}")
+    for e, part in table.groupby("eps"):
+        print(f"{e:>8g} {part['measured_plus'].abs().median():>16.3e} {part['rel_err'].median():>12.3f} "
+              f"[{part['rel_err'].max():.3f}] {part['curvature'].median():>17.3f}")
+    print(f"first order (relative error <= {cfg.tol:g}) holds up to eps = {size.min():g} in every direction "
+          f"(median over directions {size.median():g}); eps = 0.1 moves the weights as much as a 1% drop")
+    for p in (RunPaths(cfg.out_dir).tables / f"smoothness_{name}.csv",
+              RunPaths(cfg.out_dir).visualize / f"smoothness_{name}.png"):
+        print(f"wrote {p}")
+    return table
 
 
 # -----------------------------------------------------------------------------
@@ -536,8 +672,8 @@ def moves_of(base: np.ndarray, new: np.ndarray) -> list[tuple[int, int, int]]:
 
 def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     traj, items = ctx.traj, ctx.probes
-    if len(traj.rec["insertions"]) or len(traj.rec["masked_rows"]):
-        raise UserError("--validate=order moves untagged, unmasked batches: use a run without tags or a mask")
+    if len(traj.rec["insertions"]) or len(traj.rec["masked_rows"]) or len(traj.rec["weighted_rows"]):
+        raise UserError("--validate=order moves untagged, unmasked batches: use a run without tags, a mask or weights")
     orders = random_moves(traj, cfg.moves, cfg.move_rows, cfg.move_frac, cfg.seed)
     group = f"order_r{cfg.move_rows}_f{cfg.move_frac:g}_s{cfg.seed}"
     outs = retrain_all(cfg, traj, group, [(f"move{m:03d}", None, o) for m, o in enumerate(orders)])
@@ -592,11 +728,11 @@ def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
 def main(argv=None):
     cfg = parse_config(AttributeConfig(), sys.argv[1:] if argv is None else argv)
     check(cfg)
-    if cfg.validate in ("lds", "order"):
+    if cfg.validate in ("lds", "order", "smoothness"):
         if cfg.probe.startswith("metric:"):
             raise UserError(f"--validate={cfg.validate} measures a probe loss: use val, text:<...> or tag:<id>")
         ctx, _ = context(cfg)
-        return (validate_lds if cfg.validate == "lds" else validate_order)(cfg, ctx)
+        return {"lds": validate_lds, "order": validate_order, "smoothness": validate_smoothness}[cfg.validate](cfg, ctx)
     ctx, how = context(cfg)
     S, _ = A.run_estimator(cfg.estimator, ctx)
     df, _ = report(cfg, influence_table(ctx, S), how, ctx.traj)

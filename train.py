@@ -16,6 +16,7 @@ $ python train.py --holdout=only --max_iters=100 --out_dir=out/ref   # an irredu
 $ python train.py --select=rho --select_pool=4 --select_ref=out/ref/ckpt/ckpt_100.pt --out_dir=out/rho_ref
 $ python train.py --show_batches=12                 # ids + text of step 12 (batch_viewer.py)
 $ python train.py --train_mask=ids.npy --out_dir=out/masked   # those batches' rows weigh 0, all else in place
+$ python train.py --train_weights=w.npy --out_dir=out/weighted   # row r of step s weighs w[s, r] (steps, B)
 $ torchrun --standalone --nproc_per_node=4 train.py config/stories15M.json
 
 What a step trains on is one stream (stream.py): the schedule's ids (schedule.py: a
@@ -197,7 +198,7 @@ def peak_flops(device: str, dtype: str) -> float:
 
 def remove_stale_temps(out_dir):
     """Temp files of a save that a kill interrupted, of the files train.py writes only."""
-    common.remove_stale_temps(out_dir, r"(config|run|batch_ids|pool_ids|insertions|masked_rows)\.(json|npy|npz)"
+    common.remove_stale_temps(out_dir, r"(config|run|batch_ids|pool_ids|insertions|masked_rows|weighted_rows)\.(json|npy|npz)"
                                        r"|model\.bin")
     common.remove_stale_temps(ckpt_dir(out_dir), r"(ckpt|optimizer)_\d+\.pt|model_\d+\.bin")
 
@@ -379,8 +380,8 @@ class Trainer:
             t_step = time.perf_counter()
             ids, windows = self.stream.step(self.iter_num, self.raw_model, self.rank, self.world)
             t_sel = time.perf_counter()
-            masked = self.stream.masked(ids)  # (B,) rows of --train_mask: weight 0 at this step
-            loss = self.train_step(windows, masked) if masked.any() else self.train_step(windows)
+            weights = self.stream.row_weights(self.iter_num, ids)  # (B,) --train_weights/--train_mask, or None
+            loss = self.train_step(windows) if weights is None else self.train_step(windows, weights)
             scored, ref_scored = self.stream.selector.take_counts() if self.stream.selector else (0, 0)
             self.compute.step(self.schedule.B, scored, ref_scored * self.world, t_sel - t_step,
                               time.perf_counter() - t_sel)
@@ -422,16 +423,15 @@ class Trainer:
         export_model(self.raw_model, path, v, tok, {"kind": "run", "checkpoint": str(Path(ckpt).resolve()),
                                                     "iter_num": self.iter_num, "init": self.init})
 
-    def train_step(self, windows: np.ndarray, masked: np.ndarray | None = None) -> float:
+    def train_step(self, windows: np.ndarray, weights: np.ndarray | None = None) -> float:
         """One optimizer step over this rank's slice of the step's windows (B, T+1);
         returns the mean loss of the step's micro-batches (over all ranks under DDP).
-        masked (B,) bool: rows of the train mask, weight 0 with the denominator unchanged
-        (sum of the kept rows' token losses / (B x T)), so every other row's gradient term
-        is what it was; a step with no masked row takes the plain path (bitwise as before)."""
+        weights (B,) float: each row's loss weight (--train_weights; 0 where --train_mask
+        masks), the denominator unchanged (sum of the rows' weighted token losses / (B x T)),
+        so a weight scales that row's gradient term alone; None (every row weighs 1) takes
+        the plain path, bitwise the run without weights."""
         micro = rank_micro_batches(windows, self.rank, self.world, self.micro_steps)  # (micro, bs, T+1)
-        keep = None
-        if masked is not None and masked.any():
-            keep = rank_micro_batches(~masked, self.rank, self.world, self.micro_steps)  # (micro, bs)
+        row_w = None if weights is None else rank_micro_batches(weights, self.rank, self.world, self.micro_steps)
         total = torch.zeros((), device=self.device)
         for k, w in enumerate(micro):
             w = torch.from_numpy(np.ascontiguousarray(w))
@@ -439,10 +439,10 @@ class Trainer:
             if self.ddp:  # sync gradients on the last micro-step only
                 self.model.require_backward_grad_sync = k == self.micro_steps - 1
             with self.ctx:
-                if keep is None:
+                if row_w is None:
                     _, loss = self.model(x, y)
                 else:
-                    loss = masked_loss(self.model(x)[0], y, torch.from_numpy(keep[k]).to(self.device))
+                    loss = weighted_loss(self.model(x)[0], y, torch.from_numpy(row_w[k]).to(self.device))
                 loss = loss / self.micro_steps
             self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -459,18 +459,18 @@ class Trainer:
         return float(total)
 
 
-def masked_loss(logits: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The mean token loss with the rows where keep (bs,) is False weighted 0 and the
-    denominator unchanged (all bs x T tokens): removing a row leaves the others' terms."""
+def weighted_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The mean token loss with row i weighted w[i] (bs,) and the denominator unchanged
+    (all bs x T tokens): reweighting (or removing, w = 0) a row leaves the others' terms."""
     ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (bs, T)
-    return (ce * keep[:, None].to(ce.dtype)).sum() / ce.numel()
+    return (ce * w[:, None].to(ce.dtype)).sum() / ce.numel()
 
 
 def write_ids_file(out_dir):
     """<out_dir>/batch_ids.npy: every trained step's ids (steps, B) as plain numpy, from
-    the checkpoints (Pythia keeps its order as data); pool_ids.npy, insertions.npz and
-    masked_rows.npy ([step, row] trained with weight 0) too where selection, tags or a
-    --train_mask ran."""
+    the checkpoints (Pythia keeps its order as data); pool_ids.npy, insertions.npz,
+    masked_rows.npy ([step, row] trained with weight 0) and weighted_rows.npy ([step, row,
+    weight], float64) too where selection, tags, a --train_mask or --train_weights ran."""
     rec, paths = stream_records(out_dir), RunPaths(out_dir)
     with atomic_path(paths.batch_ids) as tmp, open(tmp, "wb") as f:
         np.save(f, rec["batch_ids"], allow_pickle=False)
@@ -480,6 +480,9 @@ def write_ids_file(out_dir):
     if len(rec["masked_rows"]):
         with atomic_path(paths.masked_rows) as tmp, open(tmp, "wb") as f:
             np.save(f, rec["masked_rows"], allow_pickle=False)
+    if len(rec["weighted_rows"]):
+        with atomic_path(paths.weighted_rows) as tmp, open(tmp, "wb") as f:
+            np.save(f, rec["weighted_rows"], allow_pickle=False)
     if len(rec["insertions"]):
         with atomic_path(paths.insertions) as tmp, open(tmp, "wb") as f:
             np.savez(f, insertions=rec["insertions"], insert_tokens=rec["insert_tokens"],

@@ -2,18 +2,23 @@
 Does attribution pass the field's test? On the generated sample and on the real stories
 (--real_dir: a folder of real TinyStories dataNN.json shards, e.g. data/TinyStories_all_data
 after `tinystories.py download`; skipped without it), a run of the demo's model shape is trained once, then
-retrained in place (train.py --train_mask) many times:
-  1) LDS (Park et al. 2023) of every estimator on the same M = 50 subsets (alpha = 0.5),
-     with bootstrap intervals and each one's interval of the difference to grad_dot
-  2) top-k in-place removal vs timing-matched random-k (the best estimator by LDS)
+retrained in place (train.py --train_mask, --train_weights) many times:
+  1) LDS (Park et al. 2023) of every estimator (ESTIMATORS below) with 1% drops: M = 100
+     subsets each dropping 1% of the trained (step, row) occurrences (--drop=0.01), and
+     with 50% drops: M = 50 batch-level subsets (alpha = 0.5); bootstrap intervals and each
+     one's paired interval of the difference to grad_dot
+  2) top-k in-place removal vs timing-matched random-k (the best estimator by 50% LDS)
   3) order-aware attribution: predicted vs measured change of the validation loss over
      random moves (batches of the first tenth of the run swapped with the last tenth)
+  4) metasmoothness: the validation loss along random directions in weight space at
+     several step sizes against the linear prediction (--validate=smoothness)
 and prints the cost per retrain and per estimator. Everything is cached under --root: a
 rerun reuses the trained run, every finished retrain and the gradient caches.
 
 $ python bench/bench_attribution.py                          # ~1 h per dataset on 2 busy cores
 $ python bench/bench_attribution.py --datasets=sample --subsets=20 --jobs=1
 $ python bench/bench_attribution.py --magic                   # magic's planted truth and cost only
+$ python bench/bench_attribution.py --datasets=sample --subsets=20 --drop_subsets=20 --directions=1 --jobs=1
 
 Settings: dim 64, 4 layers, 4 heads, 2 kv heads, vocab 512 (the demo's shape) with
 max_seq_len 64 and batch_size 8 (the demo trains 256 x 16: smaller here so the ~80 retrains
@@ -45,6 +50,9 @@ RUN = dict(vocab_size=512, max_seq_len=64, batch_size=8, dim=64, n_layers=4, n_h
            max_iters=200, eval_interval=50, warmup_iters=20, eval_iters=4, log_interval=50,
            keep_optimizer=True, device="cpu", dtype="float32", model_bin="none")
 ATTR = dict(probe="val", n_val=64, d=512)
+# every estimator graded side by side (those whose extras are installed); a new one is one name here
+ESTIMATORS = ["grad_dot", "tracin", "tracin_adam", "trak", "ekfac"]
+TOL = 0.1  # smoothness: first order holds while the relative error is at most this (attribute.py --tol)
 
 
 def prepare(name: str, root: Path, real_dir: str = "") -> Path | None:
@@ -75,7 +83,7 @@ def base_run(name: str, root: Path, data: Path) -> Path:
 
 
 def attribution(out: Path, args, **over):
-    a = {**ATTR, "out_dir": out, "jobs": args.jobs, **over}
+    a = {**ATTR, "out_dir": out, "jobs": args.jobs, "estimators": ",".join(ESTIMATORS), **over}
     return attribute.main([f"--{k}={v}" for k, v in a.items()])
 
 
@@ -87,22 +95,31 @@ def dataset(name: str, args) -> dict | None:
     t0 = time.time()
     out = base_run(name, root, data)
     print(f"== {name}: run {out} ({time.time() - t0:.0f} s)")
+    lds1 = attribution(out, args, validate="lds", subsets=args.drop_subsets, drop=0.01)
     lds = attribution(out, args, validate="lds", subsets=args.subsets, alpha=0.5)
     best = lds.sort_values("lds", ascending=False).iloc[0]["estimator"]
     attribution(out, args, validate="topk", estimator=best, k=args.k, n_random=args.n_random)
     topk = pd.read_csv(out / "tables" / f"influence_{attribute.table_name(attribute.AttributeConfig(estimator=best))}"
                                         "_validation.csv").iloc[0].to_dict()
     order = attribution(out, args, validate="order", moves=args.moves, move_rows=8, move_frac=0.1)
-    return {"lds": lds, "best": best, "topk": topk, "order": order, "seconds": time.time() - t0}
+    smooth = attribution(out, args, validate="smoothness", directions=args.directions, eps=args.eps, tol=TOL)
+    return {"lds1": lds1, "lds": lds, "best": best, "topk": topk, "order": order, "smooth": smooth,
+            "seconds": time.time() - t0}
+
+
+def lds_lines(df: pd.DataFrame, what: str):
+    print(f"LDS, {what}: {int(df['subsets'].iloc[0])} in-place retrains, {int(df['probes'].iloc[0])} probes; "
+          f"{df['retrain_s'].iloc[0]:.1f} s per retrain (training)")
+    print(f"{'estimator':<12} {'LDS [95% CI]':<24} {'minus grad_dot [95% CI]':<24} {'cost':>7}")
+    for x in df.itertuples():
+        vs = f"[{x.vs_grad_dot_lo:+.3f}, {x.vs_grad_dot_hi:+.3f}]" if "vs_grad_dot_lo" in df else ""
+        print(f"{x.estimator:<12} {x.lds:+.3f} [{x.lo:+.3f}, {x.hi:+.3f}]    {vs:<24}{x.seconds:>6.0f}s")
 
 
 def summary(name: str, r: dict):
-    print(f"\n==== {name}: LDS over {int(r['lds']['subsets'].iloc[0])} in-place retrains, alpha 0.5, "
-          f"{int(r['lds']['probes'].iloc[0])} probes; {r['lds']['retrain_s'].iloc[0]:.1f} s per retrain (training)")
-    print(f"{'estimator':<12} {'LDS [95% CI]':<24} {'minus grad_dot [95% CI]':<24} {'cost':>7}")
-    for x in r["lds"].itertuples():
-        print(f"{x.estimator:<12} {x.lds:+.3f} [{x.lo:+.3f}, {x.hi:+.3f}]    "
-              f"[{x.vs_grad_dot_lo:+.3f}, {x.vs_grad_dot_hi:+.3f}]{'':<6} {x.seconds:>6.0f}s")
+    print(f"\n==== {name}")
+    lds_lines(r["lds1"], "1% drops (each subset drops 1% of the trained (step, row) occurrences)")
+    lds_lines(r["lds"], "50% drops (each batch kept with probability 0.5)")
     t = r["topk"]
     print(f"top-{int(t['k'])} removed in place ({r['best']}): {t['top_effect']:+.4f}; timing-matched random-"
           f"{int(t['k'])}: {t['random_mean']:+.4f} [{t['random_lo']:+.4f}, {t['random_hi']:+.4f}] "
@@ -111,6 +128,11 @@ def summary(name: str, r: dict):
     for x in r["order"].itertuples():
         print(f"order-aware ({x.estimator}): Pearson {x.pearson:+.3f} [{x.pearson_lo:+.3f}, {x.pearson_hi:+.3f}], "
               f"Spearman {x.spearman:+.3f} [{x.spearman_lo:+.3f}, {x.spearman_hi:+.3f}]")
+    sm = r["smooth"]
+    size = sm.groupby("direction")["first_order_size"].first()
+    print(f"smoothness ({sm['source'].iloc[0]}): first order within {int(100 * TOL)}% up to eps = {size.min():g} in "
+          f"all {len(size)} directions (median {size.median():g}); median relative error by eps: " +
+          ", ".join(f"{e:g}: {v:.2f}" for e, v in sm.groupby("eps")["rel_err"].median().items()))
     print(f"total {r['seconds'] / 60:.0f} min (cached parts not counted again)")
 
 
@@ -162,7 +184,10 @@ def main():
     ap.add_argument("--root", default="/tmp/prebias_bench_attribution")
     ap.add_argument("--datasets", default="sample,real")
     ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (dataset real)")
-    ap.add_argument("--subsets", type=int, default=50)
+    ap.add_argument("--subsets", type=int, default=50, help="LDS at 50%% drops: batch-level subsets")
+    ap.add_argument("--drop_subsets", type=int, default=100, help="LDS at 1%% drops: occurrence-level subsets")
+    ap.add_argument("--directions", type=int, default=4, help="smoothness: random directions in weight space")
+    ap.add_argument("--eps", default="0.001,0.01,0.1,1", help="smoothness: step sizes")
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--n_random", type=int, default=3)
     ap.add_argument("--moves", type=int, default=12)

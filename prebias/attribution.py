@@ -208,7 +208,7 @@ class Interval:
     it1: int
     steps: np.ndarray  # (n,)
     ids: np.ndarray  # (n, B)
-    keep: np.ndarray  # (n, B) bool: False where --train_mask zeroed the row
+    keep: np.ndarray  # (n, B) bool: False where --train_mask (or a --train_weights weight of 0) zeroed the row
     win: np.ndarray  # (n, B) index into Trajectory.items: the window as trained
 
 
@@ -222,7 +222,8 @@ class Trajectory:
         self.data = BatchData(self.run.data_dir, self.run.vocab_size, self.run.max_seq_len)
         self.rec = stream_records(out_dir)
         self.ckpts = list_checkpoints(out_dir)
-        masked = {(int(s), int(r)) for s, r in self.rec["masked_rows"]}
+        masked = {(int(s), int(r)) for s, r in self.rec["masked_rows"]}  # and a --train_weights weight of 0:
+        masked |= {(int(s), int(r)) for s, r, w in self.rec["weighted_rows"] if w == 0}  # both added nothing
         self.items, self.item_bid, seen, self.intervals = [], [], {}, []
         for (it0, p0), (it1, _) in zip(self.ckpts, self.ckpts[1:]):
             steps = np.arange(it0, it1)
@@ -247,6 +248,12 @@ class Trajectory:
         kept = np.concatenate([iv.ids[iv.keep] for iv in self.intervals])
         self.batches = np.unique(kept)  # the trained batch ids (rows of every score matrix)
         self.row_of = {int(b): i for i, b in enumerate(self.batches)}
+        # every trained occurrence (step, row) that counted, step-major: what a per-occurrence
+        # score (and train.py --train_weights) addresses; occ_batch: its row of self.batches
+        self.occurrences = np.array([(s, r) for iv in self.intervals for j, s in enumerate(iv.steps)
+                                     for r in np.flatnonzero(iv.keep[j])], np.int64).reshape(-1, 2)
+        self.occ_batch = np.array([self.row_of[int(self.rec["batch_ids"][s, r])] for s, r in self.occurrences],
+                                  np.int64)
 
     @property
     def last(self) -> Path:
@@ -265,6 +272,18 @@ class Trajectory:
         """The checkpoints at multiples of eval_interval and the last, not step 0."""
         ev = self.run.eval_interval
         return [Path(p) for it, p in self.ckpts if it > 0 and (it % ev == 0 or it == self.ckpts[-1][0])]
+
+    def occurrence_sum(self, by_occ: np.ndarray) -> np.ndarray:
+        """(n_occurrences, P) -> (n_batches, P): each batch's occurrences summed."""
+        out = np.zeros((len(self.batches), by_occ.shape[1]))
+        np.add.at(out, self.occ_batch, by_occ)
+        return out
+
+    def spread(self, by_batch: np.ndarray) -> np.ndarray:
+        """(n_batches, P) -> (n_occurrences, P): a batch's score split evenly over the
+        occurrences that trained it (so they sum to it)."""
+        n = np.bincount(self.occ_batch, minlength=len(self.batches))
+        return by_batch[self.occ_batch] / n[self.occ_batch, None]
 
     def per_batch(self, by_item: np.ndarray) -> np.ndarray:
         """(n_items, P) -> (n_batches, P): the windows of each batch id summed, each once."""
@@ -313,6 +332,12 @@ class Estimator:
     def scores(self, ctx: Context) -> np.ndarray:
         raise NotImplementedError
 
+    def occurrence_scores(self, ctx: Context) -> np.ndarray:
+        """(n_occurrences, P) over ctx.traj.occurrences, > 0 = proponent. An estimator that
+        scores batches, not steps, gets its batch score spread evenly over the batch's
+        occurrences (Trajectory.spread); one that scores each step overrides this."""
+        return ctx.traj.spread(self.scores(ctx))
+
 
 def step_influence(ctx: Context, iv: Interval, kind: str, windows: list[Item] | None = None) -> np.ndarray:
     """(n_windows, P): <P g_probe(theta_k), P u(theta_k)> at the checkpoint starting `iv`,
@@ -326,35 +351,40 @@ def step_influence(ctx: Context, iv: Interval, kind: str, windows: list[Item] | 
     return G @ Q.T
 
 
-def tracin_sum(ctx: Context, kind: str) -> np.ndarray:
+def tracin_occurrences(ctx: Context, kind: str) -> np.ndarray:
+    """(n_occurrences, P): lr_s <g_probe, u_z> of each trained (step, row), in the order of
+    Trajectory.occurrences (repeats count, masked rows do not)."""
     traj = ctx.traj
-    out = np.zeros((len(traj.batches), len(ctx.probes)))
+    out, o = np.zeros((len(traj.occurrences), len(ctx.probes))), 0
     for iv in tqdm(traj.intervals, desc=f"intervals ({kind})", unit="ckpt"):
         uniq = np.unique(iv.win)
         dots = step_influence(ctx, iv, kind)
         pos = {int(w): i for i, w in enumerate(uniq)}
-        for j, s in enumerate(iv.steps):  # every (step, row) as recorded: repeats count, masked rows do not
+        for j, s in enumerate(iv.steps):
             lr = traj.lr(s)
             for r in np.flatnonzero(iv.keep[j]):
-                out[traj.row_of[int(iv.ids[j, r])]] += lr * dots[pos[int(iv.win[j, r])]]
+                out[o] = lr * dots[pos[int(iv.win[j, r])]]
+                o += 1
     return out
 
 
 @ESTIMATORS.register("tracin")
 class TracIn(Estimator):
     """TracIn-CP: sum of lr_s <g_probe, g_z> at the checkpoint starting each step's interval"""
+    kind = "plain"
+
+    def occurrence_scores(self, ctx):
+        return tracin_occurrences(ctx, self.kind)
 
     def scores(self, ctx):
-        return tracin_sum(ctx, "plain")
+        return ctx.traj.occurrence_sum(self.occurrence_scores(ctx))
 
 
 @ESTIMATORS.register("tracin_adam")
-class TracInAdam(Estimator):
+class TracInAdam(TracIn):
     """TracIn-CP with AdamW's preconditioning 1 / (sqrt(v_hat) + eps) from the saved moments (LESS)"""
     needs_optimizer = True
-
-    def scores(self, ctx):
-        return tracin_sum(ctx, "adam")
+    kind = "adam"
 
 
 def all_windows(traj: Trajectory) -> list[Item]:
@@ -503,13 +533,14 @@ def available(name: str) -> bool:
     return not opt or importlib.util.find_spec(opt) is not None
 
 
-def run_estimator(name: str, ctx: Context) -> tuple[np.ndarray, dict]:
-    """(scores (n_batches, P), cost {seconds, gradients computed})."""
+def run_estimator(name: str, ctx: Context, per: str = "batch") -> tuple[np.ndarray, dict]:
+    """(scores (n_batches, P), or (n_occurrences, P) for per='occurrence', cost {seconds,
+    gradients computed})."""
     est = ESTIMATORS.lookup(name, "--estimator")
     if est.optional and not available(name):
         raise UserError(f"--estimator={name} needs the optional package {est.optional}: see requirements-extra.txt")
     t0, g0 = time.perf_counter(), ctx.store.computed
-    S = est().scores(ctx)
+    S = est().occurrence_scores(ctx) if per == "occurrence" else est().scores(ctx)
     return S, {"seconds": time.perf_counter() - t0, "gradients": ctx.store.computed - g0}
 
 

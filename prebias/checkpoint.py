@@ -16,6 +16,9 @@ Each holds plain types and tensors only (so torch.load(..., weights_only=True) w
   masked_rows               int64 (n, 2): [step, row] of each row trained with loss weight 0
                             (train.py --train_mask: in-place removal; the step's denominator
                             stays all rows x T). Absent in older checkpoints: nothing masked
+  weighted_rows             float64 (n, 3): [step, row, weight] of each row trained with a loss
+                            weight other than 1 by train.py --train_weights (same denominator).
+                            Absent in older checkpoints and runs without weights: none
   tags                      the JSON text of the run's tags ('' without tags)
   schedule                  the structured record of the order (schedule.Schedule.record:
                             spec, seed, phase bounds, hashes of ids and metrics) and its
@@ -61,7 +64,7 @@ _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 FIELDS = {"model": dict, "model_args": dict, "config": dict, "iter_num": int, "prev_iter": int,
           "batch_ids": torch.Tensor, "schedule": dict, "data": dict, "train_loss": float, "val_loss": float,
           "pool_ids": torch.Tensor, "insertions": torch.Tensor, "insert_tokens": torch.Tensor,
-          "replaced_tokens": torch.Tensor, "masked_rows": torch.Tensor, "tags": str, "init": dict, "compute": dict}
+          "replaced_tokens": torch.Tensor, "masked_rows": torch.Tensor, "weighted_rows": torch.Tensor, "tags": str, "init": dict, "compute": dict}
 REQUIRED = ("model", "model_args", "config", "iter_num", "prev_iter", "batch_ids")
 
 
@@ -270,6 +273,7 @@ def build_checkpoint(*, model, model_args: dict, config: dict, iter_num: int, pr
     for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens"):
         obj[k] = torch.from_numpy(record[k].astype("int64"))
     obj["masked_rows"] = torch.from_numpy(np.asarray(record.get("masked_rows", np.zeros((0, 2))), "int64"))
+    obj["weighted_rows"] = torch.from_numpy(np.asarray(record.get("weighted_rows", np.zeros((0, 3))), "float64"))
     return obj
 
 
@@ -295,9 +299,10 @@ def check_resume(ck: dict, cfg: dict, defining, tokenizer_sha: str, fingerprint:
 def stream_records(out_dir) -> dict:
     """The whole run's stream record, concatenated over its checkpoints in order: batch_ids
     (steps, B), pool_ids (steps, K*B), insertions (n, 6), insert_tokens, replaced_tokens,
-    masked_rows (n, 2), and tags (the run's tag JSON). Checks that the chain of checkpoints is unbroken."""
+    masked_rows (n, 2), weighted_rows (n, 3), and tags (the run's tag JSON). Checks that the chain of
+    checkpoints is unbroken."""
     parts = {k: [] for k in ("batch_ids", "pool_ids", "insertions", "insert_tokens", "replaced_tokens",
-                             "masked_rows")}
+                             "masked_rows", "weighted_rows")}
     prev, tags = -1, ""
     for it, p in list_checkpoints(out_dir):
         ck = load_checkpoint(p)
@@ -313,6 +318,8 @@ def stream_records(out_dir) -> dict:
             parts[k].append(ck[k].numpy() if k in ck else np.zeros(0, np.int64))
         parts["masked_rows"].append(ck["masked_rows"].numpy() if "masked_rows" in ck
                                     else np.zeros((0, 2), np.int64))
+        parts["weighted_rows"].append(ck["weighted_rows"].numpy() if "weighted_rows" in ck
+                                      else np.zeros((0, 3), np.float64))
         tags = ck.get("tags", "") or tags
     if not parts["batch_ids"]:
         raise UserError(f"no checkpoints in {ckpt_dir(out_dir)}: run python train.py --out_dir={out_dir}")

@@ -60,6 +60,9 @@ class TrainConfig:
     schedule_exclude: str = ""  # a .npy of batch ids never trained on (the rest keep their order)
     train_mask: str = ""  # a .npy of batch ids whose rows get loss weight 0 wherever they are trained: every
     #                       batch keeps its step (in-place removal, attribute.py); recorded per step
+    train_weights: str = ""  # a .npy float array (steps, B): the loss weight of row r of step s (B = batch_size x
+    #                          gradient_accumulation_steps, rows as batch_ids.npy has them; 1 = as trained, 0 =
+    #                          dropped, any real value), the denominator unchanged; weights != 1 recorded per step
     tables_dir: str = str(TABLES_DIR)  # where batch_metrics.csv lives
     # tags and online selection (stream.py)
     tags: str = ""  # a JSON tag file (tags.py): canaries and conditional tags

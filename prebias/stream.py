@@ -287,8 +287,9 @@ class Record:
     def clear(self):
         self.ids, self.pools, self.ins, self.ins_tok, self.rep_tok = [], [], [], [], []
         self.masked = []  # [step, row] of every row trained with loss weight 0 (--train_mask)
+        self.weighted = []  # [step, row, weight] of every row --train_weights gave a weight other than 1
 
-    def add(self, ids, pool=None, ins=None, ins_tok=None, rep_tok=None, step=None, masked=()):
+    def add(self, ids, pool=None, ins=None, ins_tok=None, rep_tok=None, step=None, masked=(), weighted=()):
         self.ids.append(np.asarray(ids, np.int64))
         self.pools.append(np.asarray(pool if pool is not None else np.zeros(0), np.int64))
         if ins is not None and len(ins):
@@ -296,6 +297,7 @@ class Record:
             self.ins_tok.append(ins_tok)
             self.rep_tok.append(rep_tok)
         self.masked += [(step, int(r)) for r in masked]
+        self.weighted += [(step, int(r), float(w)) for r, w in weighted]
 
     def arrays(self) -> dict:
         n = len(self.ids)
@@ -306,6 +308,7 @@ class Record:
                 "insert_tokens": cat(self.ins_tok, np.zeros(0, np.int64)),
                 "replaced_tokens": cat(self.rep_tok, np.zeros(0, np.int64)),
                 "masked_rows": np.asarray(self.masked, np.int64).reshape(-1, 2),
+                "weighted_rows": np.asarray(self.weighted, np.float64).reshape(-1, 3),
                 "tags": self.tags}
 
 
@@ -313,15 +316,25 @@ class Stream:
     """schedule -> selection -> tags for each step (train.py drives it)."""
 
     def __init__(self, schedule: Schedule, data: BatchData, selector: Selector | None = None,
-                 inserter: Inserter | None = None, tags_json: str = "", mask: np.ndarray | None = None):
+                 inserter: Inserter | None = None, tags_json: str = "", mask: np.ndarray | None = None,
+                 weights: np.ndarray | None = None):
         self.schedule, self.data, self.selector, self.inserter = schedule, data, selector, inserter
         pool_width = selector.K * schedule.B if selector else 0
         self.record = Record(schedule.B, pool_width, tags_json)
         self.mask = np.zeros(0, np.int64) if mask is None else np.unique(np.asarray(mask, np.int64))
+        self.weights = weights  # (steps, B) float32 loss weights (--train_weights, load_weights) or None
 
     def masked(self, ids: np.ndarray) -> np.ndarray:
         """(B,) bool: the rows of a step whose batch is in the train mask (loss weight 0)."""
         return np.isin(ids, self.mask)
+
+    def row_weights(self, step: int, ids: np.ndarray) -> np.ndarray | None:
+        """(B,) float32: the loss weight of each row of the step, --train_weights' row (1
+        without it) and 0 where --train_mask masks the batch; None when every row weighs 1,
+        so such a step takes the plain path (train.py: bitwise the run without weights)."""
+        w = np.ones(len(ids), np.float32) if self.weights is None else self.weights[step]
+        w = np.where(self.masked(ids), np.float32(0), w)
+        return None if (w == 1).all() else w
 
     def step(self, step: int, model=None, rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(ids (B,), windows (B, T+1)) of the step, recorded."""
@@ -334,7 +347,9 @@ class Stream:
         ins = tok = rep = None
         if self.inserter is not None:
             ins, tok, rep = self.inserter.apply(step, ids, wins)
-        self.record.add(ids, pool, ins, tok, rep, step, np.flatnonzero(self.masked(ids)))
+        weighted = [] if self.weights is None else [(r, self.weights[step, r])
+                                                    for r in np.flatnonzero(self.weights[step] != 1)]
+        self.record.add(ids, pool, ins, tok, rep, step, np.flatnonzero(self.masked(ids)), weighted)
         return ids, wins
 
 
@@ -449,7 +464,32 @@ def build_stream(cfg, data: BatchData, device: str = "cpu", ctx=None) -> Stream:
             mask = load_ids(cfg.train_mask, "--train_mask")
         except SpecError as e:
             raise UserError(str(e)) from None
-    return Stream(sched, data, selector, inserter, tags_json, mask)
+    weights = load_weights(cfg.train_weights, sched.B, cfg.max_iters) if getattr(cfg, "train_weights", "") else None
+    return Stream(sched, data, selector, inserter, tags_json, mask, weights)
+
+
+def load_weights(path, B: int, steps: int) -> np.ndarray:
+    """--train_weights: (>= steps, B) finite real loss weights from a .npy file, as float32
+    (the dtype the step's token losses are multiplied in); one line naming the file otherwise."""
+    fix = (f"save a float array of shape ({steps}, {B}) with numpy.save: row s, column r is the loss weight of "
+           f"batch_ids.npy[s, r] (1 = as trained, 0 = dropped)")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--train_weights={path}: no such file; {fix}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"--train_weights={path} cannot be read as a .npy array ({type(e).__name__}): {fix}") from None
+    ok = isinstance(a, np.ndarray) and a.dtype.kind in "fiub" and a.ndim == 2
+    if not ok or a.shape[1] != B or a.shape[0] < steps:
+        got = f"a {a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise UserError(f"--train_weights={path} holds {got}, not a real array of {steps} steps x {B} rows: {fix}")
+    with np.errstate(over="ignore"):  # a weight beyond float32 becomes inf: refused below
+        a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        s, r = np.argwhere(~np.isfinite(a))[0]
+        raise UserError(f"--train_weights={path}: the weight of step {s}, row {r} is {a[s, r]} (float32): every "
+                        f"weight must be a finite real number; {fix}")
+    return a
 
 
 def stream_fingerprint(stream: Stream, legacy: bool = False) -> str:
@@ -465,6 +505,8 @@ def stream_fingerprint(stream: Stream, legacy: bool = False) -> str:
             h.update(json.dumps({k: rec.get(k) for k in ("kind", "scorer", "sha256")}, sort_keys=True).encode())
     if len(stream.mask):  # a run without a mask keeps the fingerprint it always had
         h.update(b"train_mask:" + stream.mask.tobytes())
+    if stream.weights is not None:  # nor one without weights; a resume may not change them
+        h.update(f"train_weights:{stream.weights.shape}:".encode() + stream.weights.tobytes())
     return h.hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ from conftest import TinyRun, refused
 from model import ModelArgs, Transformer
 from prebias import attribution as A
 from prebias import checkpoint
+from prebias import smoothness as SM
 from prebias.common import UserError
 from prebias.data import BatchData
 from prebias.schedule import get_lr
@@ -299,7 +300,7 @@ def test_cache_gives_identical_results_and_outputs_are_written(run, capsys):
     (["--probe=tag:secret"], "was trained without tags"),
     (["--probe=metric:sentiment"], "run python eval.py"),
     (["--estimator=nope"], "unknown attribution estimator 'nope'; choose one of tracin, tracin_adam"),
-    (["--validate=maybe"], "choose topk, lds or order"),
+    (["--validate=maybe"], "choose topk, lds, order or smoothness"),
     (["--estimator=tracin_adam"], "retrain with python train.py --keep_optimizer=True"),
 ])
 def test_bad_input_is_one_line(run, args, msg):
@@ -367,3 +368,95 @@ def test_attribute_count_flags_are_refused_up_front(tiny_run, tmp_path, flag):
     refused(lambda: attribute.main([f"--out_dir={run}", "--probe=val", "--d=64", *topk, flag]),
             flag.split("=")[0] + "=")
     assert not (run / "attribution").exists() and not (run / "tables").exists()
+
+
+def test_occurrence_subsets_drop_exactly_k_occurrences_and_weigh_them_0():
+    kept = attribute.drop_subsets(500, 6, 0.01, seed=3)
+    assert kept.shape == (6, 500) and ((~kept).sum(1) == 5).all()  # exactly round(1% of 500) each
+    assert np.array_equal(attribute.drop_subsets(500, 3, 0.01, seed=3), kept[:3])  # more subsets: the same first
+    assert len({tuple(np.flatnonzero(~k)) for k in kept}) == 6
+    assert ((~attribute.drop_subsets(30, 4, 0.01, seed=0)).sum(1) == 1).all()  # at least one
+    traj = types.SimpleNamespace(rec={"batch_ids": np.zeros((5, 3), np.int64)}, run=types.SimpleNamespace(max_iters=4),
+                                 occurrences=np.array([[0, 0], [0, 2], [1, 1], [3, 0], [3, 2]]))
+    w = attribute.occurrence_weights(traj, np.array([True, False, True, True, False]))
+    want = np.ones((4, 3))
+    want[0, 2] = want[3, 2] = 0
+    assert np.array_equal(w, want)
+
+
+def test_occurrence_scores_sum_to_the_batch_scores(one_layer):
+    """tracin scores each (step, row) by lr_s <g_probe, g_z>; an estimator that scores
+    batches has its score split evenly over the batch's occurrences; a masked row is none."""
+    r, masked = one_layer
+    ctx, _ = attribute.context(attribute.AttributeConfig(out_dir=str(r.out_dir), probe="val", d=0, n_val=2))
+    traj = ctx.traj
+    ids = np.load(r.out_dir / "batch_ids.npy")
+    assert len(traj.occurrences) == ids.size - 1 and [4, 1] not in traj.occurrences.tolist()
+    assert np.array_equal(ids[tuple(traj.occurrences.T)], traj.batches[traj.occ_batch])
+    occ, _ = A.run_estimator("tracin", ctx, "occurrence")
+    np.testing.assert_allclose(traj.occurrence_sum(occ), A.run_estimator("tracin", ctx)[0], rtol=1e-12)
+    (s, row), it0 = traj.occurrences[3], traj.interval_of(int(traj.occurrences[3][0])).p0
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(it0))
+    g = by_hand_grads(model, traj.data, [ids[s, row]])[0]
+    q = by_hand_grads(model, traj.data, traj.data.val_ids[:2])
+    np.testing.assert_allclose(occ[3], get_lr(int(s), traj.run) * (q @ g).numpy(), rtol=1e-6)
+    S, _ = A.run_estimator("grad_dot", ctx)
+    spread, _ = A.run_estimator("grad_dot", ctx, "occurrence")
+    np.testing.assert_allclose(traj.occurrence_sum(spread), S, rtol=1e-12)
+    for b in range(len(traj.batches)):
+        mine = spread[traj.occ_batch == b]
+        assert np.allclose(mine, S[b] / len(mine))
+
+
+@pytest.mark.slow
+def test_lds_with_occurrence_drops_retrains_with_those_weights(one_layer):
+    r, _ = one_layer
+    base = [f"--out_dir={r.out_dir}", "--probe=val", "--n_val=4", "--d=8"]
+    res = attribute.main(base + ["--validate=lds", "--subsets=4", "--drop=0.1", "--estimators=grad_dot,tracin"])
+    assert list(res["estimator"]) == ["grad_dot", "tracin"] and (res["level"] == "occurrence").all()
+    assert res["lds"].between(-1, 1).all() and (res["drop"] == 0.1).all()
+    traj = A.Trajectory(r.out_dir)
+    kept = attribute.drop_subsets(len(traj.occurrences), 4, 0.1, 0)
+    root = r.out_dir / "attribution" / "retrains" / "lds_d0.1_s0"
+    for m in range(4):
+        dropped = traj.occurrences[~kept[m]].tolist()
+        assert len(dropped) == 1  # round(0.1 x 11)
+        w = np.load(root / f"sub{m:03d}_weights.npy")
+        assert np.argwhere(w != 1).tolist() == dropped and (w[w != 1] == 0).all()
+        rec = checkpoint.stream_records(root / f"sub{m:03d}")
+        assert rec["weighted_rows"].tolist() == [[*dropped[0], 0.0]]
+        assert np.array_equal(rec["batch_ids"], np.load(r.out_dir / "batch_ids.npy"))
+    table = pd.read_csv(r.out_dir / "tables" / "lds_val_drop0.1.csv")
+    assert list(table["estimator"]) == ["grad_dot", "tracin"] and (table["subsets"] == 4).all()
+
+
+@pytest.mark.slow
+def test_smoothness_retrains_along_directions_and_compares_with_the_metagradient(one_layer, tmp_path):
+    r, _ = one_layer
+    traj = A.Trajectory(r.out_dir)
+    g = np.random.default_rng(0).normal(size=(2, 6, 2)) * 1e-3  # a stand-in d probe / d w, 2 probes
+    np.save(tmp_path / "g.npy", g)
+    base = [f"--out_dir={r.out_dir}", "--probe=val", "--n_val=4", "--validate=smoothness", "--directions=1",
+            "--eps=0.5,1"]
+    with pytest.raises(UserError, match="not finite d probe / d w of shape"):
+        np.save(tmp_path / "bad.npy", g[:, :4])
+        attribute.main(base + [f"--metagradient={tmp_path / 'bad.npy'}"])
+    table = attribute.main(base + [f"--metagradient={tmp_path / 'g.npy'}"])
+    d = SM.directions(traj.occurrences, (6, 2), 1, 0)[0]
+    assert d[4, 1] == 0 and (np.abs(np.delete(d.ravel(), 9)) == 1).all()  # the masked row has no weight to move
+    root = r.out_dir / "attribution" / "retrains" / "smooth_s0"
+    items, _ = attribute.probe_items(attribute.AttributeConfig(n_val=4), traj)
+    loss0 = attribute.measure(r.out_dir / "attribution" / "retrains" / "base" / "empty", items).mean()
+    for e, row in zip((0.5, 1.0), table.itertuples()):
+        for sign, col in ((1, "measured_plus"), (-1, "measured_minus")):
+            out = root / f"d0_{'p' if sign > 0 else 'm'}{e:g}"
+            assert np.array_equal(np.load(f"{out}_weights.npy"), 1 + sign * e * d)
+            assert checkpoint.stream_records(out)["weighted_rows"].shape == (11, 3)
+            assert getattr(row, col) == pytest.approx(attribute.measure(out, items).mean() - loss0, abs=1e-12)
+        assert row.predicted == pytest.approx(e * float((g.mean(0) * d).sum()), rel=1e-12)
+        assert row.source == "metagradient" and row.eps == e
+    assert table["measured_plus"].iloc[1] != table["measured_plus"].iloc[0]
+    assert (r.out_dir / "visualize" / "smoothness_val.png").stat().st_size > 10_000
+    fd = attribute.main(base)  # cached retrains; the central difference at eps 0.5
+    row = fd.iloc[0]
+    assert row.predicted == pytest.approx((row.measured_plus - row.measured_minus) / 2, rel=1e-12)

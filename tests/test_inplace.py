@@ -94,8 +94,8 @@ def test_the_mask_is_part_of_the_fingerprint(original, tmp_path):
 
 
 def test_masked_rows_add_nothing_to_the_gradient():
-    """train.masked_loss: its gradient is the kept rows' summed token losses over all
-    B x T tokens, and what a masked row holds does not matter (bitwise)."""
+    """train.weighted_loss with 0/1 weights: its gradient is the kept rows' summed token
+    losses over all B x T tokens, and what a masked row holds does not matter (bitwise)."""
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=16))
     w = torch.randint(0, 64, (4, 9))
@@ -105,10 +105,10 @@ def test_masked_rows_add_nothing_to_the_gradient():
         m.zero_grad(set_to_none=True)
         loss_fn(windows).backward()
         return torch.cat([p.grad.reshape(-1) for p in m.parameters()])
-    masked = grad(lambda x: train.masked_loss(m(x[:, :-1])[0], x[:, 1:], keep), w)
+    masked = grad(lambda x: train.weighted_loss(m(x[:, :-1])[0], x[:, 1:], keep), w)
     w2 = w.clone()
     w2[1] = torch.randint(0, 64, (9,))  # other tokens in the masked row
-    assert torch.equal(masked, grad(lambda x: train.masked_loss(m(x[:, :-1])[0], x[:, 1:], keep), w2))
+    assert torch.equal(masked, grad(lambda x: train.weighted_loss(m(x[:, :-1])[0], x[:, 1:], keep), w2))
     # by hand: each kept row's mean loss, summed, over the 4 rows (the denominator of no mask)
     by_hand = grad(lambda x: sum(m(x[i:i + 1, :-1], x[i:i + 1, 1:])[1] for i in (0, 2, 3)) / 4, w)
     torch.testing.assert_close(masked, by_hand, rtol=1e-5, atol=1e-7)
