@@ -204,7 +204,8 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+    """The bench's settings; validity_selection.py builds its own from these defaults (settings)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--beds", default=",".join(BEDS), help=f"comma list of {', '.join(BEDS)}")
     ap.add_argument("--seeds", type=int, default=3)
@@ -224,6 +225,21 @@ def main():
     ap.add_argument("--ref_beds", default="noisy", help="beds that also run rho_ref (its baseline is the costliest run)")
     ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (real beds)")
     ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
+    return ap
+
+
+def settings(**over) -> argparse.Namespace:
+    """Every setting of the bench, its defaults with `over` applied: what make_bed, bed_runs
+    and train_args read, so a caller never passes a namespace that lacks one."""
+    a = parser().parse_args([])
+    unknown = set(over) - set(vars(a))
+    if unknown:
+        raise TypeError(f"bench_select has no setting {sorted(unknown)[0]!r}")
+    return argparse.Namespace(**{**vars(a), **over})
+
+
+def main():
+    ap = parser()
     a = ap.parse_args()
     beds = [b for b in a.beds.split(",") if b]
     if set(beds) - set(BEDS):

@@ -24,7 +24,6 @@ $ python bench/validity.py --only=selection            # ~10 min on 2 cores unde
 import math
 import shutil
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,8 @@ from validity import Line
 
 
 def settings(quick: bool):
-    return types.SimpleNamespace(n_stories=2000 if quick else 4000, noise=0.2, holdout=0.1, seq=256, dim=64, layers=2,
+    """bench_select's settings (its defaults for the rest: no real stories, a temp folder)."""
+    return bench_select.settings(n_stories=2000 if quick else 4000, noise=0.2, holdout=0.1, seq=256, dim=64, layers=2,
                                  batch=8, eval_interval=20, pool=4, keep=0.8, seeds=2 if quick else 3,
                                  max_iters=60 if quick else 100, ref_iters=60 if quick else 100, ref_dim=64)
 
@@ -88,7 +88,7 @@ def holdout_lines(data_dir: Path, bm: pd.DataFrame, data: BatchData) -> list[Lin
 def run_lines(a, data: Path, tables: Path, root: Path, bm: pd.DataFrame, held: np.ndarray) -> list[Line]:
     """rho, rho_ref and prune on the bed, each seed; what they trained on."""
     res = bench_select.bed_runs("noisy", data, tables, a, root, methods=("rho", "prune"), matched=())
-    one = types.SimpleNamespace(**{**vars(a), "seeds": 1})  # rho_ref's lines read its record: one seed does
+    one = bench_select.settings(**{**vars(a), "seeds": 1})  # rho_ref's lines read its record: one seed does
     res["rho_ref"] = bench_select.bed_runs("noisy", data, tables, one, root, methods=("rho_ref",), matched=())["rho_ref"]
     train_ids = (bm["split"] != "val").to_numpy()
     s0 = float(bm.loc[train_ids, "noisy"].mean())  # tokens of corrupted stories among the training batches
