@@ -19,6 +19,7 @@ training stories corrupted, the noisy column of batch_metrics.csv says which tok
                                          uniform run's learning rate at its last step
 
 $ python bench/validity.py --only=selection            # ~10 min on 2 cores under load (--quick: ~6)
+$ python bench/validity.py --only=selection --smoke    # every check at tiny sizes (bench/smoke.py)
 """
 
 import math
@@ -41,11 +42,15 @@ from prebias.schedule import get_lr
 from validity import Line
 
 
-def settings(quick: bool):
+SIZES = {"full": dict(n_stories=4000, seeds=3, max_iters=100, ref_iters=100),  # by validity.SIZES
+         "quick": dict(n_stories=2000, seeds=2, max_iters=60, ref_iters=60),
+         "smoke": dict(n_stories=800, seeds=2, max_iters=4, ref_iters=4, seq=64, dim=16, batch=2, eval_interval=2)}
+
+
+def settings(size: str):
     """bench_select's settings (its defaults for the rest: no real stories, a temp folder)."""
-    return bench_select.settings(n_stories=2000 if quick else 4000, noise=0.2, holdout=0.1, seq=256, dim=64, layers=2,
-                                 batch=8, eval_interval=20, pool=4, keep=0.8, seeds=2 if quick else 3,
-                                 max_iters=60 if quick else 100, ref_iters=60 if quick else 100, ref_dim=64)
+    return bench_select.settings(**{**dict(noise=0.2, holdout=0.1, seq=256, dim=64, layers=2, batch=8,
+                                           eval_interval=20, pool=4, keep=0.8, ref_dim=64), **SIZES[size]})
 
 
 def interval(x, level=0.95) -> tuple[float, float, float]:
@@ -140,8 +145,8 @@ def compute_lines(a, res: dict) -> list[Line]:
                  "same steps; within 1% of the decay from min_lr")]
 
 
-def checks(quick: bool) -> list[Line]:
-    a = settings(quick)
+def checks(size: str) -> list[Line]:
+    a = settings(size)
     root = Path(tempfile.mkdtemp(prefix="validity_selection_"))
     try:
         data, tables = bench_select.make_bed("noisy", root, a)
@@ -155,5 +160,5 @@ def checks(quick: bool) -> list[Line]:
 
 
 if __name__ == "__main__":
-    for line in checks(quick=True):
+    for line in checks("quick"):
         print(line)
