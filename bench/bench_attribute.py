@@ -30,7 +30,7 @@ SMOKE = dict(T=16, max_batches=4, d="16,32", shapes="tiny")
 def main():
     ap = smoke.parser(__doc__)
     ap.add_argument("--T", type=int, default=256, help="tokens per batch (window)")
-    ap.add_argument("--max_batches", type=int, default=1024, help="batches timed: at most this many (attribute.py's chunk)")
+    ap.add_argument("--max_batches", type=int, default=1024, help="batches timed, at most (attribute.py's chunk)")
     ap.add_argument("--d", default="512,2048", help="comma list of projection sizes")
     ap.add_argument("--shapes", default="tiny,15M", help="comma list of the shapes' first words")
     a = smoke.parse(ap, SMOKE)

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"15M": (288, 768, 6, 6, 6, 32000, 256),  # dim, hidden, layers, heads, kv heads, vocab, seq
           "260K": bench_runc.MODELS["260K-shape"]}
 SMOKE = dict(shape="260K", repeats=1, steps=16, n_stories=200, train_steps=4, val_batches=4, top1_batches=4,
-             greedy=8)
+             greedy=8, train_flags="--batch_size=4 --eval_iters=1")
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def train_model(tmp: Path, a) -> Path:
               "--metrics=none"],
              ["train.py", f"--data_dir={data}", f"--tables_dir={tables}", f"--out_dir={out}",
               f"--max_iters={a.train_steps}", f"--eval_interval={a.train_steps // 2}", "--model_bin=none",
-              "--device=cpu"]]
+              "--device=cpu", *a.train_flags.split()]]
     t0 = time.perf_counter()
     for s in steps:
         r = subprocess.run(py + [str(ROOT / s[0]), *s[1:]], capture_output=True, text=True, cwd=tmp)
@@ -244,6 +244,7 @@ def main():
     ap.add_argument("--steps", type=int, default=256, help="1) greedy tokens per run")
     ap.add_argument("--n_stories", type=int, default=4000, help="2) stories of the sample trained on")
     ap.add_argument("--train_steps", type=int, default=400, help="2) steps of the trained model")
+    ap.add_argument("--train_flags", default="", help="2) more train.py flags, space-separated")
     ap.add_argument("--val_batches", type=int, default=256, help="2) validation batches of the loss")
     ap.add_argument("--top1_batches", type=int, default=64, help="2) validation batches of the argmax agreement")
     ap.add_argument("--greedy", type=int, default=200, help="2, 3) greedy tokens compared")

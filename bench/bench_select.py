@@ -24,7 +24,8 @@ noisy share it trained on. Mean and 95% t-interval over seeds. Runs are kept in
 call only adds what is missing; per-seed numbers go to <keep_dir>/bench_select.csv.
 
 $ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~2 h on 2 cores)
-$ python bench/bench_select.py --beds=noisy --seeds=1 --max_iters=60  # a smoke run
+$ python bench/bench_select.py --beds=noisy --seeds=1 --max_iters=60  # a short run
+$ python bench/bench_select.py --smoke       # tiny sizes, the same code paths (bench/smoke.py)
 """
 
 import argparse
@@ -46,8 +47,13 @@ from prebias import batchmetrics, checkpoint  # noqa: E402
 from prebias.compute import compute_curve, matched_steps, reach  # noqa: E402
 from prebias.data import BatchData  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+
 BEDS = ("noisy", "clean", "real", "real_noisy")
 SELECTED = ("loss", "rho", "rho_ref", "prune")
+SMOKE = dict(beds="noisy", seeds=2, n_stories=800, max_iters=4, ref_iters=4, seq=64, dim=16, ref_dim=16, batch=2,
+             eval_interval=2)
 
 
 # -----------------------------------------------------------------------------
@@ -206,7 +212,7 @@ def markdown(table: list[dict]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     """The bench's settings; validity_selection.py builds its own from these defaults (settings)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = smoke.parser(__doc__)
     ap.add_argument("--beds", default=",".join(BEDS), help=f"comma list of {', '.join(BEDS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--noise", type=float, default=0.2, help="share of training stories corrupted (noisy beds)")
@@ -240,7 +246,7 @@ def settings(**over) -> argparse.Namespace:
 
 def main():
     ap = parser()
-    a = ap.parse_args()
+    a = smoke.parse(ap, SMOKE)
     beds = [b for b in a.beds.split(",") if b]
     if set(beds) - set(BEDS):
         ap.error(f"--beds: choose from {', '.join(BEDS)}")
