@@ -92,4 +92,7 @@ def test_smoke_run(name, tmp_path):
           " s CPU")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert re.search(HEADERS[name], res.stdout), res.stdout[-3000:]
-    assert repo_files() == before, "the smoke run wrote into the repo"
+    after = repo_files()
+    touched = sorted(str(f.relative_to(ROOT)) for f in set(before) ^ set(after) | {f for f in before.keys() & after.keys()
+                                                                                 if before[f] != after[f]})
+    assert touched == [], "the smoke run wrote into the repo"
