@@ -85,11 +85,11 @@ def timed(fn, steps):
     return (time.perf_counter() - t0) / steps
 
 
-def bench_config(name, kw, steps, rounds=6, compile=True):
+def bench_config(name, kw, steps, rounds=6, use_compile=True):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         synthetic_data(root, kw["vocab_size"])
-        tr = trainer(root, kw, compile=compile)  # llama2.c's train.py compiles by default
+        tr = trainer(root, kw, compile=use_compile)  # llama2.c's train.py compiles by default
         rng = np.random.default_rng(1)
         provenance = looper(tr)
 
@@ -103,7 +103,7 @@ def bench_config(name, kw, steps, rounds=6, compile=True):
 
         t0 = time.perf_counter()
         provenance(), bare()  # warm up (torch.compile builds its kernels here)
-        print(f"{name:16s} {'torch.compile ' if compile else ''}warm-up {time.perf_counter() - t0:.0f} s")
+        print(f"{name:16s} {'torch.compile ' if use_compile else ''}warm-up {time.perf_counter() - t0:.0f} s")
         t_prov, t_bare = [], []
         for _ in range(rounds):  # alternate, so that both see the same machine noise
             t_prov.append(timed(provenance, steps))
@@ -112,7 +112,8 @@ def bench_config(name, kw, steps, rounds=6, compile=True):
         overhead = float(np.median(np.array(t_prov) / np.array(t_bare))) - 1
         tokens = 8 * 256
         flops = tr.raw_model.flops_per_token() * tokens
-        print(f"{name:16s} fp32 {'compiled' if compile else 'eager   '}  provenance {tokens / tp:8.0f} tok/s  bare {tokens / tb:8.0f} tok/s  "
+        how = "compiled" if use_compile else "eager   "
+        print(f"{name:16s} fp32 {how}  provenance {tokens / tp:8.0f} tok/s  bare {tokens / tb:8.0f} tok/s  "
               f"overhead {100 * overhead:+5.1f}% (median of {rounds} paired rounds)  MFU {100 * flops / tp / tr.mfu_peak:4.1f}% "
               f"(peak {tr.mfu_peak / 1e9:.0f} GFLOP/s)  llama2.c {LLAMA2C_TOKS[name]} tok/s "
               f"-> ratio {tokens / tp / LLAMA2C_TOKS[name]:.2f}x")
