@@ -53,7 +53,7 @@ import smoke  # noqa: E402
 BEDS = ("noisy", "clean", "real", "real_noisy")
 SELECTED = ("loss", "rho", "rho_ref", "prune")
 SMOKE = dict(beds="noisy", seeds=2, n_stories=800, max_iters=4, ref_iters=4, seq=64, dim=16, ref_dim=16, batch=2,
-             eval_interval=2)
+             eval_interval=2, peak_flops=1e12)
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +89,8 @@ def train_args(data, tables, out, seed, max_iters, a, **over) -> list[str]:
     args = dict(data_dir=data, tables_dir=tables, out_dir=out, vocab_size=512, max_seq_len=a.seq, dim=a.dim,
                 n_layers=a.layers, n_heads=4, n_kv_heads=2, batch_size=a.batch, max_iters=max_iters,
                 eval_interval=a.eval_interval, log_spaced=False, eval_iters=8, log_interval=max_iters,
-                learning_rate=5e-3, warmup_iters=10, seed=seed, device="cpu", dtype="float32", model_bin="none")
+                learning_rate=5e-3, warmup_iters=10, seed=seed, device="cpu", dtype="float32", model_bin="none",
+                peak_flops=a.peak_flops)
     args.update(over)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -231,6 +232,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref_beds", default="noisy", help="beds that also run rho_ref (its baseline is the costliest run)")
     ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (real beds)")
     ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
+    ap.add_argument("--peak_flops", type=float, default=0.0, help="train.py's MFU peak (0: measured by each run)")
     return ap
 
 

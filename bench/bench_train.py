@@ -43,7 +43,8 @@ CONFIGS = {  # llama2.c's CPU reference: batch 8, seq 256, fp32
 }
 LLAMA2C_TOKS = {"dim64_L5_V512": 16500, "dim288_L6_V4096": 3060}
 SMOKE = dict(configs="dim64_L5_V512", rounds=1, stream_rounds=1, steps=2, compile=0, denormal_steps=2,
-             denormal_batch=1)
+             denormal_batch=1, peak_flops=1e12)
+PEAK = {"flops": 0.0}  # --peak_flops: the MFU peak of every trainer (0: each measures its own, ~1-10 s)
 
 
 def synthetic_data(root: Path, vocab: int, T: int = 256, n_shards=3, n_tokens=300_000):
@@ -60,7 +61,7 @@ def synthetic_data(root: Path, vocab: int, T: int = 256, n_shards=3, n_tokens=30
 def trainer(root, model_kw, dtype="float32", compile=False, **over):
     base = dict(data_dir=str(root), out_dir=str(root / "out"), batch_size=8, max_seq_len=256,
                 gradient_accumulation_steps=1, device="cpu", dtype=dtype, eval_iters=1,
-                warmup_iters=0, decay_lr=False, learning_rate=5e-4, compile=compile)
+                warmup_iters=0, decay_lr=False, learning_rate=5e-4, compile=compile, peak_flops=PEAK["flops"])
     cfg = train.TrainConfig(**{**base, **model_kw, **over})
     return train.Trainer(cfg)
 
@@ -215,7 +216,9 @@ def main():
     ap.add_argument("--compile", type=int, default=1, help="1: torch.compile provenance and bare (as llama2.c)")
     ap.add_argument("--denormal_steps", type=int, default=80, help="steps of the denormal part (0: skip it)")
     ap.add_argument("--denormal_batch", type=int, default=16, help="batch size of the denormal part")
+    ap.add_argument("--peak_flops", type=float, default=0.0, help="MFU peak (0: measured by each trainer)")
     a = smoke.parse(ap, SMOKE)
+    PEAK["flops"] = a.peak_flops
     torch.manual_seed(0)
     names = ["dim64_L5_V512"] if a.quick else a.configs.split(",")
     for name in names:
