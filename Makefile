@@ -79,32 +79,37 @@ demo: run
 	$(PYTHON) visualize_sat_batch.py
 	$(PYTHON) report.py out
 
+# SMOKE=1 runs the bench and validity targets at smoke size: seconds per script, tiny sizes, the
+# same code paths, not a measurement (bench/smoke.py; make test runs each script so, in
+# tests/test_bench.py). Its runs go to temp folders, never to a cache a full run reuses.
+SMOKE_FLAG = $(if $(SMOKE),--smoke)
+
 # one line per benchmark script; UPSTREAM=<a llama2.c checkout> also times its run.c and runq.c
 bench: run runq
-	$(PYTHON) bench/bench_runc.py
-	$(PYTHON) bench/bench_export.py $(if $(UPSTREAM),--upstream=$(UPSTREAM))
-	$(PYTHON) bench/bench_spine.py
-	$(PYTHON) bench/bench_metrics.py
-	$(PYTHON) bench/bench_pretokenize.py
-	$(PYTHON) bench/bench_train.py
-	$(PYTHON) bench/bench_eval.py
-	$(PYTHON) bench/bench_durability.py
-	$(PYTHON) bench/bench_attribute.py
+	$(PYTHON) bench/bench_runc.py $(SMOKE_FLAG)
+	$(PYTHON) bench/bench_export.py $(SMOKE_FLAG) $(if $(UPSTREAM),--upstream=$(UPSTREAM))
+	$(PYTHON) bench/bench_spine.py $(SMOKE_FLAG)
+	$(PYTHON) bench/bench_metrics.py $(SMOKE_FLAG)
+	$(PYTHON) bench/bench_pretokenize.py $(SMOKE_FLAG)
+	$(PYTHON) bench/bench_train.py $(SMOKE_FLAG)
+	$(PYTHON) bench/bench_eval.py $(SMOKE_FLAG)
+	$(PYTHON) bench/bench_durability.py $(SMOKE_FLAG)
+	$(PYTHON) bench/bench_attribute.py $(SMOKE_FLAG)
 
 # planted truth: every research measure on problems whose answer is known (bias, coverage)
 validity:
-	$(PYTHON) bench/validity.py
+	$(PYTHON) bench/validity.py $(SMOKE_FLAG)
 
 # does batch selection pay at matched compute? uniform / loss / rho / rho_ref / pruning against
 # uniform at each budget, on the noisy and clean sample and the real stories, 3 seeds (~2 h; runs
 # kept in /tmp/bench_select and reused, so a second call only adds what is missing)
 bench-select:
-	$(PYTHON) bench/bench_select.py --keep_dir=/tmp/bench_select $(if $(REAL),--real_dir=$(REAL))
+	$(PYTHON) bench/bench_select.py $(if $(SMOKE),--smoke,--keep_dir=/tmp/bench_select) $(if $(REAL),--real_dir=$(REAL))
 
 # does attribution pass the field's test? LDS of 5 estimators, top-k vs timing-matched random-k, order-aware
 # predictions, on the sample and the real stories (~1 h each on 2 cores; cached, a rerun resumes)
 bench-attribution:
-	nice -n 10 $(PYTHON) bench/bench_attribution.py $(if $(REAL),--real_dir=$(REAL))
+	nice -n 10 $(PYTHON) bench/bench_attribution.py $(SMOKE_FLAG) $(if $(REAL),--real_dir=$(REAL))
 
 clean:
 	rm -f $(BUILDS) runq $(addsuffix .tmp.*,$(BUILDS) runq)

@@ -19,6 +19,7 @@ $ python bench/bench_attribution.py                          # ~1 h per dataset 
 $ python bench/bench_attribution.py --datasets=sample --subsets=20 --jobs=1
 $ python bench/bench_attribution.py --magic                   # magic's planted truth and cost only
 $ python bench/bench_attribution.py --datasets=sample --subsets=20 --drop_subsets=20 --directions=1 --jobs=1
+$ python bench/bench_attribution.py --smoke      # tiny sizes, the same code paths, in a temp folder (bench/smoke.py)
 
 Settings: dim 64, 4 layers, 4 heads, 2 kv heads, vocab 512 (the demo's shape) with
 max_seq_len 64 and batch_size 8 (the demo trains 256 x 16: smaller here so the ~80 retrains
@@ -27,10 +28,10 @@ checkpoints at 0, 1, 2, ..., 32 and every 50 steps with the optimizer moments ke
 probes: the first 64 validation windows; d = 512.
 """
 
-import argparse
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,16 +47,22 @@ from prebias import attribution as A  # noqa: E402
 from prebias import magic  # noqa: E402
 from prebias.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+import smoke  # noqa: E402
+
 RUN = dict(vocab_size=512, max_seq_len=64, batch_size=8, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
            max_iters=200, eval_interval=50, warmup_iters=20, eval_iters=4, log_interval=50,
            keep_optimizer=True, device="cpu", dtype="float32", model_bin="none")
 ATTR = dict(probe="val", n_val=64, d=512)
 # every estimator graded side by side (those whose extras are installed); a new one is one name here
-ESTIMATORS = ["grad_dot", "tracin", "tracin_adam", "trak", "ekfac"]
+ESTIMATORS = ["grad_dot", "tracin", "tracin_adam", "trak", "ekfac", "magic"]
 TOL = 0.1  # smoothness: first order holds while the relative error is at most this (attribute.py --tol)
+# smoke: a fresh temp root (never the cache of full runs), 8 steps on 300 stories, 4 retrains
+SMOKE = dict(root="", datasets="sample", n_stories=300, max_iters=8, subsets=4, drop_subsets=4, directions=1,
+             eps="0.1,1", k=2, n_random=2, moves=2, jobs=1, n_val=4, d=32)
 
 
-def prepare(name: str, root: Path, real_dir: str = "") -> Path | None:
+def prepare(name: str, root: Path, real_dir: str = "", n_stories: int = 4000) -> Path | None:
     """The dataset's data folder (sample generated, real stories copied), pretokenized once."""
     data = root / name / "data"
     if (data / "tok512" / f"index_T{RUN['max_seq_len']}").exists():
@@ -67,33 +74,34 @@ def prepare(name: str, root: Path, real_dir: str = "") -> Path | None:
             return None
         shutil.copytree(real_dir, data / "TinyStories_all_data", dirs_exist_ok=True)
     else:
-        tinystories.sample(data)
+        tinystories.sample(data, n_stories=n_stories)
     tinystories.train_vocab(512, data)
     tinystories.pretokenize(512, RUN["max_seq_len"], data, workers=1, metrics="none", tables_dir=root / name / "tables")
     return data
 
 
-def base_run(name: str, root: Path, data: Path) -> Path:
+def base_run(name: str, root: Path, data: Path, max_iters: int) -> Path:
     out = root / name / "run"
     found = list_checkpoints(out)
-    if not found or found[-1][0] != RUN["max_iters"]:
-        args = {**RUN, "data_dir": data, "tables_dir": root / name / "tables", "out_dir": out}
+    if not found or found[-1][0] != max_iters:
+        args = {**RUN, "max_iters": max_iters, "data_dir": data, "tables_dir": root / name / "tables", "out_dir": out}
         train.main([f"--{k}={v}" for k, v in args.items()] + (["--init_from=resume"] if found else []))
     return out
 
 
 def attribution(out: Path, args, **over):
-    a = {**ATTR, "out_dir": out, "jobs": args.jobs, "estimators": ",".join(ESTIMATORS), **over}
+    a = {**ATTR, "n_val": args.n_val, "d": args.d, "out_dir": out, "jobs": args.jobs,
+         "estimators": ",".join(ESTIMATORS), **over}
     return attribute.main([f"--{k}={v}" for k, v in a.items()])
 
 
 def dataset(name: str, args) -> dict | None:
     root = Path(args.root)
-    data = prepare(name, root, args.real_dir)
+    data = prepare(name, root, args.real_dir, args.n_stories)
     if data is None:
         return None
     t0 = time.time()
-    out = base_run(name, root, data)
+    out = base_run(name, root, data, args.max_iters)
     print(f"== {name}: run {out} ({time.time() - t0:.0f} s)")
     lds1 = attribution(out, args, validate="lds", subsets=args.drop_subsets, drop=0.01)
     lds = attribution(out, args, validate="lds", subsets=args.subsets, alpha=0.5)
@@ -180,8 +188,8 @@ def magic_cost(root: Path, data: Path, n_probes: int = 1, **over) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--root", default="/tmp/prebias_bench_attribution")
+    ap = smoke.parser(__doc__)
+    ap.add_argument("--root", default="/tmp/prebias_bench_attribution", help="the cache ('': a temp folder, removed)")
     ap.add_argument("--datasets", default="sample,real")
     ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (dataset real)")
     ap.add_argument("--subsets", type=int, default=50, help="LDS at 50%% drops: batch-level subsets")
@@ -193,18 +201,28 @@ def main():
     ap.add_argument("--moves", type=int, default=12)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--magic", action="store_true", help="only magic's planted truth and its cost on the sample")
-    args = ap.parse_args()
-    if args.magic:
-        magic_planted_truth()
-        magic_cost(Path(args.root), prepare("sample", Path(args.root)))
-        return
-    results = {}
-    for name in args.datasets.split(","):
-        r = dataset(name, args)
-        if r:
-            results[name] = r
-    for name, r in results.items():
-        summary(name, r)
+    ap.add_argument("--n_stories", type=int, default=4000, help="stories of the generated sample")
+    ap.add_argument("--max_iters", type=int, default=RUN["max_iters"], help="steps of the run (and of each retrain)")
+    ap.add_argument("--n_val", type=int, default=ATTR["n_val"], help="probes: the first validation windows")
+    ap.add_argument("--d", type=int, default=ATTR["d"], help="projection size")
+    args = smoke.parse(ap, SMOKE)
+    temp = not args.root
+    args.root = args.root or tempfile.mkdtemp(prefix="bench_attribution_")
+    try:
+        if args.magic:
+            magic_planted_truth()
+            magic_cost(Path(args.root), prepare("sample", Path(args.root)))
+            return
+        results = {}
+        for name in args.datasets.split(","):
+            r = dataset(name, args)
+            if r:
+                results[name] = r
+        for name, r in results.items():
+            summary(name, r)
+    finally:
+        if temp:
+            shutil.rmtree(args.root, ignore_errors=True)
 
 
 if __name__ == "__main__":

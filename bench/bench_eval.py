@@ -3,6 +3,7 @@ Cost of eval.py per checkpoint, and the speed-up of batched KV-cached generation
 
 $ python bench/bench_eval.py                 # ~2 minutes on 2 CPU cores
 $ python bench/bench_eval.py --device=cuda
+$ python bench/bench_eval.py --smoke         # tiny sizes, the same code paths (bench/smoke.py)
 
 In a temp folder: sample data, a 512-token vocabulary, pretokenize at max_seq_len 256,
 then two runs written by train.py itself: a tiny model (dim 64, 2 layers; 1 step, so
@@ -18,7 +19,6 @@ weights). Prints:
 Target: >= 10x for 32 prompts.
 """
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -29,14 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+
 M15 = "stories15M shape (dim 288, 6 layers)"  # 6.1M parameters at vocab 512 (15M at 32000)
+SMOKE = dict(n_stories=200, eval_flags="--val_batches=2 --n_prompts=1 --max_new_tokens=8", prompts="2,3",
+             max_new=8, nocache_prompts=1)
 
 
-def build(root: Path, device: str):
+def build(root: Path, device: str, n_stories: int):
     import tinystories
     import train
     data, tables = root / "data", root / "tables"
-    tinystories.sample(data, n_stories=800, n_shards=3, seed=1)
+    tinystories.sample(data, n_stories=n_stories, n_shards=3, seed=1)
     tinystories.train_vocab(512, data)
     tinystories.pretokenize(512, 256, data, workers=2, tables_dir=tables)
     common = dict(data_dir=data, tables_dir=tables, vocab_size=512, max_seq_len=256, batch_size=2,
@@ -51,12 +56,12 @@ def build(root: Path, device: str):
     return data, runs
 
 
-def time_eval(out: Path, device: str) -> tuple[float, int]:
+def time_eval(out: Path, device: str, flags: list[str]) -> tuple[float, int]:
     import eval as ev
     from prebias.checkpoint import list_checkpoints
     n = len(list_checkpoints(out))
     t0 = time.perf_counter()
-    ev.main([f"--out_dir={out}", f"--device={device}", "--redo=True"])
+    ev.main([f"--out_dir={out}", f"--device={device}", "--redo=True", *flags])
     return (time.perf_counter() - t0) / n, n
 
 
@@ -90,25 +95,29 @@ def speedup(out: Path, n_prompts: int, k_nocache: int, device: str, max_new: int
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = smoke.parser(__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--nocache_prompts", type=int, default=2, help="prompts timed without cache")
-    a = ap.parse_args()
+    ap.add_argument("--n_stories", type=int, default=800, help="stories of the generated sample")
+    ap.add_argument("--eval_flags", default="", help="1) eval.py flags (space-separated) beside its defaults")
+    ap.add_argument("--prompts", default="9,32", help="2) comma list of prompt counts")
+    ap.add_argument("--max_new", type=int, default=200, help="2) new tokens per prompt")
+    a = smoke.parse(ap, SMOKE)
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     try:
         t0 = time.perf_counter()
-        _, runs = build(root, a.device)
+        _, runs = build(root, a.device, a.n_stories)
         print(f"\nsetup (data + vocab + pretokenize + 2 train.py runs): {time.perf_counter() - t0:.1f} s")
-        res = {name: time_eval(out, a.device) for name, (out, _) in runs.items()}
-        print(f"\n== eval.py per checkpoint on {a.device} (defaults: 64 val batches x 256 tokens, "
-              "9 prompts x 200 new tokens, all metrics)")
+        res = {name: time_eval(out, a.device, a.eval_flags.split()) for name, (out, _) in runs.items()}
+        print(f"\n== eval.py per checkpoint on {a.device} ({a.eval_flags or 'defaults'}: by default 64 val batches "
+              "x 256 tokens, 9 prompts x 200 new tokens, all metrics)")
         for name, (sec, n) in res.items():
             print(f"{name:<38} {sec:6.2f} s/checkpoint  (mean of {n})")
         print(f"\n== generation on the 15M model, {a.device}")
         m15 = runs[M15][0]
-        for n in (9, 32):
-            speedup(m15, n, a.nocache_prompts, a.device)
+        for n in map(int, a.prompts.split(",")):
+            speedup(m15, n, a.nocache_prompts, a.device, a.max_new)
         print(f"\ntotal {time.perf_counter() - t0:.1f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -5,6 +5,7 @@ cost of int8 on a trained model, and the Hugging Face round trip.
 $ python bench/bench_export.py                                # or: make bench (~5-10 min on 2 cores)
 $ python bench/bench_export.py --upstream=/tmp/llama2.c       # also a fetched llama2.c's run.c and runq.c
 $ python bench/bench_export.py --run=out                      # the int8 cost on an existing run's model
+$ python bench/bench_export.py --smoke                        # tiny sizes, the same code paths (bench/smoke.py)
 
 1) Speed at the 15M shape (dim 288, 6 layers, 6 heads, hidden 768, vocab 32,000, seq 256)
    on random weights (speed does not depend on their values): the version-0 file for
@@ -12,24 +13,23 @@ $ python bench/bench_export.py --run=out                      # the int8 cost on
    (`make print-cmd-<build>`); llama2.c's run.c and runq.c built with the same flags on the
    same files when --upstream gives a fetched copy. Greedy, 256 steps, text to a pipe (a
    piece "[id]" per token, so every program's ids are read back the same way), the
-   programs alternated REPEATS times, best tok/s of each as it reports it on stderr.
+   programs alternated --repeats times, best tok/s of each as it reports it on stderr.
    Target: runq >= 2.5x run in the same run.
 2) The cost of int8 on a trained model: validation loss (nats/token) and perplexity of the
    version-2 model as runq computes it (weights dequantised, every matrix product's input
    quantised: export.simulate_runq, which the tests hold to runq's ids) against fp32, on
-   the first VAL_BATCHES validation batches; the same with the weights alone quantised;
+   the first --val_batches validation batches; the same with the weights alone quantised;
    and the share of greedy tokens that agree over 200 steps (fp32 against int8, from BOS
    and from validation story openings; positions compared one to one, BOS not stopping).
    Target: within 1% relative. Without --run the model is trained here: the bundled sample
    (tinystories.py sample), a 512-piece vocabulary, then train.py's default tiny shape
-   (dim 64, 4 layers, 4 heads, 2 kv heads, hidden 192: group size 64) for TRAIN_STEPS steps.
+   (dim 64, 4 layers, 4 heads, 2 kv heads, hidden 192: group size 64) for --train_steps steps.
 3) Hugging Face round trip (needs transformers, requirements-extra.txt): the trained model
    (tied classifier) and a random GQA model with its own classifier, exported with
    --version=hf; LlamaForCausalLM.from_pretrained's logits against model.py's (target
    within 1e-4, fp32), greedy 200 tokens identical, and the import bitwise.
 """
 
-import argparse
 import struct
 import subprocess
 import sys
@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_runc  # noqa: E402
+import smoke  # noqa: E402
 
 import export  # noqa: E402
 from model import ModelArgs, Transformer, mean_loss  # noqa: E402
@@ -52,13 +53,10 @@ from prebias.data import BatchData, load_stories, raw_shards  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE_15M = (288, 768, 6, 6, 6, 32000, 256)  # dim, hidden, layers, heads, kv heads, vocab, seq
-REPEATS = 5
-STEPS = 256
-TRAIN_STEPS = 400
-VAL_BATCHES = 256
-TOP1_BATCHES = 64
-GREEDY = 200
+SHAPES = {"15M": (288, 768, 6, 6, 6, 32000, 256),  # dim, hidden, layers, heads, kv heads, vocab, seq
+          "260K": bench_runc.MODELS["260K-shape"]}
+SMOKE = dict(shape="260K", repeats=1, steps=16, n_stories=200, train_steps=4, val_batches=4, top1_batches=4,
+             greedy=8, train_flags="--batch_size=4 --eval_iters=1")
 
 
 # -----------------------------------------------------------------------------
@@ -83,8 +81,8 @@ def build(name, source, outdir):
     return out, " ".join(a for a in argv if a.startswith(("-O", "-f", "-m")))
 
 
-def generate(binary, model, tok):
-    res = subprocess.run([str(binary), str(model), "-z", str(tok), "-t", "0", "-n", str(STEPS)], capture_output=True,
+def generate(binary, model, tok, steps):
+    res = subprocess.run([str(binary), str(model), "-z", str(tok), "-t", "0", "-n", str(steps)], capture_output=True,
                          text=True, timeout=300)
     if res.returncode != 0:
         sys.exit(f"{binary.name} failed on {model.name}: {res.stderr.strip()}")
@@ -92,11 +90,11 @@ def generate(binary, model, tok):
     return speed, [int(t) for t in res.stdout.replace("[", " ").replace("]", " ").split()]
 
 
-def speed(tmp: Path, upstream: Path | None):
+def speed(tmp: Path, upstream: Path | None, a):
     v0, v2, tok = tmp / "m15_v0.bin", tmp / "m15_v2.bin", tmp / "ids.bin"
-    bench_runc.write_model(v0, *SHAPE_15M)
+    bench_runc.write_model(v0, *SHAPES[a.shape])
     export.export_bin(export.load_bin(v0), v2, 2)
-    ids_tokenizer(tok, SHAPE_15M[5])
+    ids_tokenizer(tok, SHAPES[a.shape][5])
     progs = {}
     for name in ("run", "runq"):
         progs[name] = (*build(name, ROOT / f"{name}.c", tmp), v0 if name == "run" else v2)
@@ -106,12 +104,12 @@ def speed(tmp: Path, upstream: Path | None):
             subprocess.run(["gcc", "-O3", "-o", str(out), str(upstream / f"{name}.c"), "-lm"], check=True)
             progs[f"llama2.c {name} "] = (out, "-O3 (its make run)", v0 if name == "run" else v2)
     best, ids = {k: 0.0 for k in progs}, {}
-    for _ in range(REPEATS):  # alternate, so that the machine's load falls on every program alike
+    for _ in range(a.repeats):  # alternate, so that the machine's load falls on every program alike
         for k, (binary, _, model) in progs.items():
-            s, i = generate(binary, model, tok)
+            s, i = generate(binary, model, tok, a.steps)
             best[k] = max(best[k], s)
             assert ids.setdefault(k, i) == i, f"{k} is not deterministic"
-    print(f"\n1) speed at the 15M shape: greedy, {STEPS} steps, best of {REPEATS} alternated runs")
+    print(f"\n1) speed at the {a.shape} shape: greedy, {a.steps} steps, best of {a.repeats} alternated runs")
     print(f"{'program':16s} {'file':8s} {'flags':24s} {'tok/s':>9s} {'vs run':>7s}  greedy ids")
     for k, (_, flags, model) in progs.items():
         ref = "runq" if "runq" in k else "run"
@@ -120,7 +118,7 @@ def speed(tmp: Path, upstream: Path | None):
               f"{same if k != ref else ''}")
     agree = share_agree(ids["runq"], ids["run"])
     print(f"runq / run = {best['runq'] / best['run']:.2f}x (target >= 2.5x); int8 and fp32 greedy ids agree on "
-          f"{agree:.0%} of {STEPS} (random weights: a coin-flip model amplifies any difference)")
+          f"{agree:.0%} of {a.steps} (random weights: a coin-flip model amplifies any difference)")
     return best
 
 
@@ -136,25 +134,26 @@ def share_agree(a, b, n=None):
 # -----------------------------------------------------------------------------
 # 2) the int8 cost on a trained model
 
-def train_model(tmp: Path) -> Path:
+def train_model(tmp: Path, a) -> Path:
     data, tables, out = tmp / "data", tmp / "tables", tmp / "out"
     py = [sys.executable]
-    steps = [["tinystories.py", "sample", f"--data_dir={data}"],
+    steps = [["tinystories.py", "sample", f"--data_dir={data}", f"--n_stories={a.n_stories}"],
              ["tinystories.py", "train_vocab", "--vocab_size=512", f"--data_dir={data}"],
              ["tinystories.py", "pretokenize", "--vocab_size=512", f"--data_dir={data}", f"--tables_dir={tables}",
               "--metrics=none"],
              ["train.py", f"--data_dir={data}", f"--tables_dir={tables}", f"--out_dir={out}",
-              f"--max_iters={TRAIN_STEPS}", f"--eval_interval={TRAIN_STEPS // 2}", "--model_bin=none", "--device=cpu"]]
+              f"--max_iters={a.train_steps}", f"--eval_interval={a.train_steps // 2}", "--model_bin=none",
+              "--device=cpu", *a.train_flags.split()]]
     t0 = time.perf_counter()
     for s in steps:
         r = subprocess.run(py + [str(ROOT / s[0]), *s[1:]], capture_output=True, text=True, cwd=tmp)
         if r.returncode != 0:
             sys.exit(f"{' '.join(s[:2])} failed: {(r.stdout + r.stderr).strip().splitlines()[-1]}")
-    print(f"(trained the tiny default shape for {TRAIN_STEPS} steps on the sample in {time.perf_counter() - t0:.0f} s)")
+    print(f"(trained the tiny default shape for {a.train_steps} steps on the sample in {time.perf_counter() - t0:.0f} s)")
     return out
 
 
-def int8_cost(tmp: Path, run: Path) -> tuple[Transformer, Tokenizer]:
+def int8_cost(tmp: Path, run: Path, a) -> tuple[Transformer, Tokenizer]:
     ck = load_checkpoint(latest_checkpoint(run))
     cfg = run_config(run)
     fp32 = model_from_checkpoint(ck)
@@ -162,28 +161,28 @@ def int8_cost(tmp: Path, run: Path) -> tuple[Transformer, Tokenizer]:
     int8 = export.load_bin(v2)
     weights_only = export.load_bin(v2, activations=False)
     data = BatchData(cfg["data_dir"], cfg["vocab_size"], cfg["max_seq_len"])
-    ids = data.val_ids[:VAL_BATCHES]
+    ids = data.val_ids[:a.val_batches]
     torch.manual_seed(0)
     with torch.no_grad():
         loss = {k: mean_loss(m, data, ids, 16, "cpu") for k, m in
                 (("fp32", fp32), ("int8 (runq)", int8), ("int8 weights only", weights_only))}
-    a = fp32.params
-    print(f"\n2) the cost of int8: {run} step {ck['iter_num']} (dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads, "
-          f"{a.n_kv_heads} kv heads, hidden {a.hidden_dim}, vocab {a.vocab_size}; group size "
+    m = fp32.params
+    print(f"\n2) the cost of int8: {run} step {ck['iter_num']} (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads, "
+          f"{m.n_kv_heads} kv heads, hidden {m.hidden_dim}, vocab {m.vocab_size}; group size "
           f"{int8.q80_group_size}), {len(ids)} validation batches x {cfg['max_seq_len']} tokens")
     print(f"{'model':20s} {'val loss':>9s} {'ppl':>8s} {'vs fp32':>9s}")
     for k, v in loss.items():
         print(f"{k:20s} {v:9.4f} {np.exp(v):8.3f} {100 * (v - loss['fp32']) / loss['fp32']:+8.2f}%")
-    x, _ = data.get(ids[:TOP1_BATCHES])
+    x, _ = data.get(ids[:a.top1_batches])
     with torch.no_grad():
         top = {k: m(x)[0].argmax(-1) for k, m in (("fp32", fp32), ("int8", int8), ("weights", weights_only),
                                                   ("fp64", fp64_copy(fp32)))}
     same = {k: f"{(v == top['fp32']).float().mean():.2%}" for k, v in top.items()}
-    print(f"next-token argmax on the same text ({TOP1_BATCHES} validation batches) equals fp32's at: int8 (runq) "
+    print(f"next-token argmax on the same text ({len(x)} validation batches) equals fp32's at: int8 (runq) "
           f"{same['int8']}, int8 weights only {same['weights']}, float64 {same['fp64']} (the rounding noise floor)")
     enc = Tokenizer.for_vocab(cfg["vocab_size"], cfg["data_dir"])
     prompts = [[1]] + [enc.encode(s)[:9] for s in load_stories(raw_shards(cfg["data_dir"])[0])[:8]]
-    n = min(GREEDY, a.max_seq_len - max(map(len, prompts)) + 1)
+    n = min(a.greedy, m.max_seq_len - max(map(len, prompts)) + 1)
     g32 = fp32.generate(prompts, n, temperature=0.0, stop_at_bos=False)
     for name, other in (("int8", int8), ("float64", fp64_copy(fp32))):
         g = other.generate(prompts, n, temperature=0.0, stop_at_bos=False)
@@ -206,7 +205,7 @@ def fp64_copy(model: Transformer) -> Transformer:
 # -----------------------------------------------------------------------------
 # 3) Hugging Face
 
-def hf_round_trip(tmp: Path, trained: Transformer, tok_model):
+def hf_round_trip(tmp: Path, trained: Transformer, tok_model, greedy: int):
     try:
         from transformers import LlamaForCausalLM
         from transformers.utils import logging as hf_logging
@@ -221,15 +220,15 @@ def hf_round_trip(tmp: Path, trained: Transformer, tok_model):
         for p in untied.parameters():
             p.normal_(0, 0.15 if p.ndim > 1 else 0.05).add_(1.0 if p.ndim == 1 else 0.0)
     print("\n3) Hugging Face round trip (fp32)")
-    print(f"{'model':34s} {'max |logit diff|':>16s} {'greedy 200 equal':>17s} {'import bitwise':>15s}")
+    print(f"{'model':34s} {'max |logit diff|':>16s} {f'greedy {greedy} equal':>17s} {'import bitwise':>15s}")
     for name, m in (("trained (tied, GQA 4/2)", trained), ("random (untied, GQA 8/2)", untied)):
         folder = export.export_model(m.eval(), tmp / f"hf_{name.split()[0]}", "hf", tok_model)
         theirs = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         x = torch.randint(0, m.params.vocab_size, (4, m.params.max_seq_len), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             diff = (m(x)[0] - theirs(x).logits).abs().max().item()
-            ours = m.generate([[1]], GREEDY, temperature=0.0, stop_at_bos=False)[0]
-            out = theirs.generate(torch.tensor([[1]]), max_new_tokens=GREEDY, min_new_tokens=GREEDY, do_sample=False,
+            ours = m.generate([[1]], greedy, temperature=0.0, stop_at_bos=False)[0]
+            out = theirs.generate(torch.tensor([[1]]), max_new_tokens=greedy, min_new_tokens=greedy, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, 1:].tolist()
         back, _ = hf.load_hf(folder)
         bitwise = all(torch.equal(back.state_dict()[k], v) for k, v in m.state_dict().items())
@@ -237,17 +236,26 @@ def hf_round_trip(tmp: Path, trained: Transformer, tok_model):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = smoke.parser(__doc__)
     ap.add_argument("--upstream", default="", help="a fetched llama2.c checkout (its run.c and runq.c)")
     ap.add_argument("--run", default="", help="a run folder whose latest checkpoint to measure (default: train one)")
-    a = ap.parse_args()
+    ap.add_argument("--shape", default="15M", choices=sorted(SHAPES), help="1) the random model's shape")
+    ap.add_argument("--repeats", type=int, default=5, help="1) alternated runs of each program")
+    ap.add_argument("--steps", type=int, default=256, help="1) greedy tokens per run")
+    ap.add_argument("--n_stories", type=int, default=4000, help="2) stories of the sample trained on")
+    ap.add_argument("--train_steps", type=int, default=400, help="2) steps of the trained model")
+    ap.add_argument("--train_flags", default="", help="2) more train.py flags, space-separated")
+    ap.add_argument("--val_batches", type=int, default=256, help="2) validation batches of the loss")
+    ap.add_argument("--top1_batches", type=int, default=64, help="2) validation batches of the argmax agreement")
+    ap.add_argument("--greedy", type=int, default=200, help="2, 3) greedy tokens compared")
+    a = smoke.parse(ap, SMOKE)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
         tmp = Path(tmp)
-        speed(tmp, Path(a.upstream) if a.upstream else None)
-        run = Path(a.run) if a.run else train_model(tmp)
-        trained, enc = int8_cost(tmp, run)
-        hf_round_trip(tmp, trained, enc.model_path)
+        speed(tmp, Path(a.upstream) if a.upstream else None, a)
+        run = Path(a.run) if a.run else train_model(tmp, a)
+        trained, enc = int8_cost(tmp, run, a)
+        hf_round_trip(tmp, trained, enc.model_path, a.greedy)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

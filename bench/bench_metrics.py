@@ -2,6 +2,7 @@
 Throughput of metrics.py on one core.
 
 $ python bench/bench_metrics.py [--n_texts=3000] [--seed=0] [--source=synthetic|storygen] [--repeat=3]
+$ python bench/bench_metrics.py --smoke      # tiny sizes, the same code paths (bench/smoke.py)
 
 Synthesises deterministic TinyStories-like texts (~200 words, with dialogue), or
 (--source=storygen) cuts the offline sample stories of storygen.py, joined by
@@ -13,7 +14,6 @@ Target: the tokenizer encodes ~12,000 stories/s/core; all text metrics together
 should stay within 2x of that, i.e. >= ~5,000 texts/s/core.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -26,6 +26,11 @@ import numpy as np  # noqa: E402
 import metrics  # noqa: E402
 from prebias import metrics_engine  # noqa: E402
 from prebias import refscorer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+
+SMOKE = dict(n_texts=40, repeat=1, fit_tokens=20_000, score_seqs=40)
 
 NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy"]
 NOUNS = ["dog", "cat", "ball", "tree", "park", "box", "cake", "bird", "car", "flower", "toy",
@@ -97,13 +102,15 @@ def rate(fn, n_items, repeat=3):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = smoke.parser(__doc__)
     ap.add_argument("--n_texts", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--source", choices=["synthetic", "storygen"], default="synthetic")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs (CPU time)")
     ap.add_argument("--no_scorer", action="store_true", help="skip the NGramScorer part")
-    a = ap.parse_args()
+    ap.add_argument("--fit_tokens", type=int, default=5_000_000, help="NGramScorer: tokens it is fitted on")
+    ap.add_argument("--score_seqs", type=int, default=4000, help="NGramScorer: windows of 257 tokens scored")
+    a = smoke.parse(ap, SMOKE)
     try:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
     except (AttributeError, OSError):
@@ -137,13 +144,13 @@ def main():
         return
     rng = np.random.default_rng(a.seed)
     for V in (512, 4096):
-        fit_tok = rng.integers(0, V, 5_000_000, dtype=np.int64).astype(np.uint16)
+        fit_tok = rng.integers(0, V, a.fit_tokens, dtype=np.int64).astype(np.uint16)
         sc = refscorer.NGramScorer(order=3, vocab_size=V)
         r_fit, t_fit = rate(lambda: sc.fit([fit_tok]), fit_tok.size, repeat=1)
-        seqs = [rng.integers(0, V, 257).astype(np.uint16) for _ in range(4000)]  # ~1M tokens
+        seqs = [rng.integers(0, V, 257).astype(np.uint16) for _ in range(a.score_seqs)]  # 4000: ~1M tokens
         n_tok = sum(len(s) for s in seqs)
         r_sc, t_sc = rate(lambda: sc.nll_many(seqs), n_tok, repeat=2)
-        print(f"NGramScorer V={V:5d} order=3: fit {r_fit / 1e6:6.2f} M tok/s ({t_fit:.2f} s for 5M), "
+        print(f"NGramScorer V={V:5d} order=3: fit {r_fit / 1e6:6.2f} M tok/s ({t_fit:.2f} s for {a.fit_tokens / 1e6:g}M), "
               f"score {r_sc / 1e6:6.2f} M tok/s ({t_sc:.2f} s for {n_tok / 1e6:.2f}M)")
 
 

@@ -6,6 +6,7 @@ writing the CSV), and the steady-state per-story cost of the per-shard work.
 $ python bench/bench_pretokenize.py                     # 60,000 stories in 6 shards (74,592 batches)
 $ python bench/bench_pretokenize.py --n_stories=4000 --n_shards=5 --workers=1
 $ python bench/bench_pretokenize.py --repeat=3           # best of 3 for each, runs interleaved (a busy machine)
+$ python bench/bench_pretokenize.py --smoke              # tiny sizes, the same code paths (bench/smoke.py)
 
 Prints (1) the whole command's wall time with --metrics=none and --metrics=all and their
 ratio (target: at most 2x at any size, fixed costs included), and (2) the steady-state
@@ -14,7 +15,6 @@ cost per story, measured in-process after a warm-up: tokenizing a shard
 projected to the full TinyStories on 16 cores (target < 30 minutes).
 """
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -27,6 +27,11 @@ import metrics  # noqa: E402
 import tinystories  # noqa: E402
 from prebias import batchmetrics  # noqa: E402
 from prebias.data import BatchData, raw_shards, tok_dir  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+
+SMOKE = dict(n_stories=200, n_shards=2, workers=1)
 
 FULL_STORIES, CORES = 4_900_000, 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +52,13 @@ def whole_command(root: Path, metric_spec: str, workers: int) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = smoke.parser(__doc__)
     ap.add_argument("--n_stories", type=int, default=60000)
     ap.add_argument("--n_shards", type=int, default=6)
     ap.add_argument("--workers", type=int, default=0, help="pretokenize --workers (0: its default, all cores)")
     ap.add_argument("--repeat", type=int, default=1, help="whole commands: best of this many runs of each, "
                     "none and all alternating (other load on the machine only ever adds time)")
-    a = ap.parse_args()
+    a = smoke.parse(ap, SMOKE)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tinystories.sample(root, n_stories=a.n_stories, n_shards=a.n_shards)

@@ -2,15 +2,17 @@
 Speed of the run.c builds on random-weight models, and whether their greedy ids agree.
 
 $ python bench/bench_runc.py            # or: make bench
+$ python bench/bench_runc.py --smoke    # tiny sizes, the same code paths (bench/smoke.py)
 
 Writes llama2.c version-0 model files with numpy into a temp folder (a stories260K-
 shaped one and a ~15M one; plus the shared stories260K fixture when it exists),
 compiles every build of the Makefile there (with the flags `make print-cmd-<build>`
 reports), runs each on each model with `-t 0 -n 256 -d 1`, and prints tok/s as run
-reports it on stderr (best and worst of REPEATS runs: a low worst figure for runomp
+reports it on stderr (best and worst of --repeats runs: a low worst figure for runomp
 means its threads were stalled by other load), the best speed relative to
 runexact's best, and whether the generated ids equal runexact's.
-To add another benchmark, add a script next to this one and a line to `make bench`.
+To add another benchmark, add a script next to this one and a line to `make bench`
+(and follow bench/smoke.py's convention: tests/test_bench.py runs it at smoke size).
 """
 
 import os
@@ -24,17 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared/fixtures/stories260K.bin"
 BUILDS = ["runexact", "runfast", "runomp", "run"]  # runexact first: the reference
-STEPS = 256
-REPEATS = 2
 
 MODELS = {
     # name: (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len)
     "260K-shape": (64, 172, 5, 8, 4, 512, 512),
     "15M-shape": (288, 768, 6, 6, 6, 32000, 256),
 }
+SMOKE = dict(steps=16, repeats=1, models="260K-shape")
 
 
 def write_model(path, dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, seed=0):
@@ -86,11 +90,11 @@ def build(name, outdir):
     return out, " ".join(a for a in argv if a.startswith("-O") or a.startswith("-f") or a.startswith("-m"))
 
 
-def generate(binary, model, tok):
+def generate(binary, model, tok, steps, repeats):
     speeds, ids = [], None
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        res = subprocess.run([str(binary), str(model), "-z", str(tok), "-t", "0", "-n", str(STEPS), "-d", "1"],
+        res = subprocess.run([str(binary), str(model), "-z", str(tok), "-t", "0", "-n", str(steps), "-d", "1"],
                              capture_output=True, text=True, timeout=120)
         wall = time.perf_counter() - t0
         if res.returncode != 0:
@@ -105,11 +109,17 @@ def generate(binary, model, tok):
 
 
 def main():
+    ap = smoke.parser(__doc__)
+    ap.add_argument("--steps", type=int, default=256, help="greedy tokens per run")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each build on each model")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    a = smoke.parse(ap, SMOKE)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_runc_") as tmp:
         tmp = Path(tmp)
         models = []
-        for name, cfg in MODELS.items():
+        for name in a.models.split(","):
+            cfg = MODELS[name]
             path = tmp / f"{name}.bin"
             write_model(path, *cfg)
             tok = tmp / f"tok{cfg[5]}.bin"
@@ -125,12 +135,12 @@ def main():
             binaries[b], flags = build(b, tmp)
             print(f"built {b:9s} {flags}")
         threads = os.environ.get("OMP_NUM_THREADS", f"all ({os.cpu_count()} cpus)")
-        print(f"\ngreedy, {STEPS} steps, ids mode; OpenMP threads: {threads}; {REPEATS} runs each\n")
+        print(f"\ngreedy, {a.steps} steps, ids mode; OpenMP threads: {threads}; {a.repeats} runs each\n")
         print(f"{'build':10s} {'model':12s} {'best tok/s':>10s} {'worst':>9s} {'vs exact':>9s}  ids == runexact")
         for name, path, tok in models:
             ref_speed, ref_ids = None, None
             for b in BUILDS:
-                speed, worst, ids = generate(binaries[b], path, tok)
+                speed, worst, ids = generate(binaries[b], path, tok, a.steps, a.repeats)
                 if b == "runexact":
                     ref_speed, ref_ids = speed, ids
                 assert ids and all(0 <= i < abs(struct.unpack("7i", path.read_bytes()[:28])[5]) for i in ids)

@@ -24,7 +24,8 @@ noisy share it trained on. Mean and 95% t-interval over seeds. Runs are kept in
 call only adds what is missing; per-seed numbers go to <keep_dir>/bench_select.csv.
 
 $ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~2 h on 2 cores)
-$ python bench/bench_select.py --beds=noisy --seeds=1 --max_iters=60  # a smoke run
+$ python bench/bench_select.py --beds=noisy --seeds=1 --max_iters=60  # a short run
+$ python bench/bench_select.py --smoke       # tiny sizes, the same code paths (bench/smoke.py)
 """
 
 import argparse
@@ -46,8 +47,13 @@ from prebias import batchmetrics, checkpoint  # noqa: E402
 from prebias.compute import compute_curve, matched_steps, reach  # noqa: E402
 from prebias.data import BatchData  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+
 BEDS = ("noisy", "clean", "real", "real_noisy")
 SELECTED = ("loss", "rho", "rho_ref", "prune")
+SMOKE = dict(beds="noisy", seeds=2, n_stories=800, max_iters=4, ref_iters=4, seq=64, dim=16, ref_dim=16, batch=2,
+             eval_interval=2, peak_flops=1e12)
 
 
 # -----------------------------------------------------------------------------
@@ -83,7 +89,8 @@ def train_args(data, tables, out, seed, max_iters, a, **over) -> list[str]:
     args = dict(data_dir=data, tables_dir=tables, out_dir=out, vocab_size=512, max_seq_len=a.seq, dim=a.dim,
                 n_layers=a.layers, n_heads=4, n_kv_heads=2, batch_size=a.batch, max_iters=max_iters,
                 eval_interval=a.eval_interval, log_spaced=False, eval_iters=8, log_interval=max_iters,
-                learning_rate=5e-3, warmup_iters=10, seed=seed, device="cpu", dtype="float32", model_bin="none")
+                learning_rate=5e-3, warmup_iters=10, seed=seed, device="cpu", dtype="float32", model_bin="none",
+                peak_flops=a.peak_flops)
     args.update(over)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -204,8 +211,9 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    """The bench's settings; validity_selection.py builds its own from these defaults (settings)."""
+    ap = smoke.parser(__doc__)
     ap.add_argument("--beds", default=",".join(BEDS), help=f"comma list of {', '.join(BEDS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--noise", type=float, default=0.2, help="share of training stories corrupted (noisy beds)")
@@ -224,7 +232,23 @@ def main():
     ap.add_argument("--ref_beds", default="noisy", help="beds that also run rho_ref (its baseline is the costliest run)")
     ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (real beds)")
     ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
-    a = ap.parse_args()
+    ap.add_argument("--peak_flops", type=float, default=0.0, help="train.py's MFU peak (0: measured by each run)")
+    return ap
+
+
+def settings(**over) -> argparse.Namespace:
+    """Every setting of the bench, its defaults with `over` applied: what make_bed, bed_runs
+    and train_args read, so a caller never passes a namespace that lacks one."""
+    a = parser().parse_args([])
+    unknown = set(over) - set(vars(a))
+    if unknown:
+        raise TypeError(f"bench_select has no setting {sorted(unknown)[0]!r}")
+    return argparse.Namespace(**{**vars(a), **over})
+
+
+def main():
+    ap = parser()
+    a = smoke.parse(ap, SMOKE)
     beds = [b for b in a.beds.split(",") if b]
     if set(beds) - set(BEDS):
         ap.error(f"--beds: choose from {', '.join(BEDS)}")

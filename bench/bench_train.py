@@ -3,7 +3,8 @@ Training-loop benchmark: the cost of provenance, of tags and of online selection
 tokens/s and MFU, bf16 on CPU, and flushing subnormal floats late in a run.
 
 $ python bench/bench_train.py              # both configs, ~4-5 minutes on 2 cores
-$ python bench/bench_train.py --quick      # the small config only
+$ python bench/bench_train.py --quick      # the small config only, no denormal part
+$ python bench/bench_train.py --smoke      # tiny sizes, the same loops, eager (bench/smoke.py)
 
 For each config, in one process, alternating to share the machine's noise:
   provenance  train.py's loop: the stream's step (schedule ids, recorded) + Trainer.train_step
@@ -12,7 +13,8 @@ For each config, in one process, alternating to share the machine's noise:
   tags        provenance with a canary inserted every step and a conditional tag on
               every story start (the worst case; target >= 0.97x of provenance)
   select      provenance with --select=loss --select_pool=4: time per step (the scoring cost)
-Both use torch.compile, as llama2.c's train.py does by default. Prints tokens/s, MFU
+Both use torch.compile, as llama2.c's train.py does by default (--compile=0: eager; smoke
+runs eager, as torch.compile's warm-up alone takes minutes on 2 cores). Prints tokens/s, MFU
 against the measured matmul peak, the overhead ratio (target < 3%) and the ratio to
 llama2.c's figures measured on this machine. Then eager fp32 against eager
 --dtype=bfloat16 autocast: speed-up and loss.
@@ -32,11 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from prebias.data import tok_dir, write_index  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+
 CONFIGS = {  # llama2.c's CPU reference: batch 8, seq 256, fp32
     "dim64_L5_V512": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512),
     "dim288_L6_V4096": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=4096),
 }
 LLAMA2C_TOKS = {"dim64_L5_V512": 16500, "dim288_L6_V4096": 3060}
+SMOKE = dict(configs="dim64_L5_V512", rounds=1, stream_rounds=1, steps=2, compile=0, denormal_steps=2,
+             denormal_batch=1, peak_flops=1e12)
+PEAK = {"flops": 0.0}  # --peak_flops: the MFU peak of every trainer (0: each measures its own, ~1-10 s)
 
 
 def synthetic_data(root: Path, vocab: int, T: int = 256, n_shards=3, n_tokens=300_000):
@@ -53,7 +61,7 @@ def synthetic_data(root: Path, vocab: int, T: int = 256, n_shards=3, n_tokens=30
 def trainer(root, model_kw, dtype="float32", compile=False, **over):
     base = dict(data_dir=str(root), out_dir=str(root / "out"), batch_size=8, max_seq_len=256,
                 gradient_accumulation_steps=1, device="cpu", dtype=dtype, eval_iters=1,
-                warmup_iters=0, decay_lr=False, learning_rate=5e-4, compile=compile)
+                warmup_iters=0, decay_lr=False, learning_rate=5e-4, compile=compile, peak_flops=PEAK["flops"])
     cfg = train.TrainConfig(**{**base, **model_kw, **over})
     return train.Trainer(cfg)
 
@@ -78,11 +86,11 @@ def timed(fn, steps):
     return (time.perf_counter() - t0) / steps
 
 
-def bench_config(name, kw, steps, rounds=6):
+def bench_config(name, kw, steps, rounds=6, use_compile=True):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         synthetic_data(root, kw["vocab_size"])
-        tr = trainer(root, kw, compile=True)  # llama2.c's train.py compiles by default
+        tr = trainer(root, kw, compile=use_compile)  # llama2.c's train.py compiles by default
         rng = np.random.default_rng(1)
         provenance = looper(tr)
 
@@ -96,7 +104,7 @@ def bench_config(name, kw, steps, rounds=6):
 
         t0 = time.perf_counter()
         provenance(), bare()  # warm up (torch.compile builds its kernels here)
-        print(f"{name:16s} torch.compile warm-up {time.perf_counter() - t0:.0f} s")
+        print(f"{name:16s} {'torch.compile ' if use_compile else ''}warm-up {time.perf_counter() - t0:.0f} s")
         t_prov, t_bare = [], []
         for _ in range(rounds):  # alternate, so that both see the same machine noise
             t_prov.append(timed(provenance, steps))
@@ -105,7 +113,8 @@ def bench_config(name, kw, steps, rounds=6):
         overhead = float(np.median(np.array(t_prov) / np.array(t_bare))) - 1
         tokens = 8 * 256
         flops = tr.raw_model.flops_per_token() * tokens
-        print(f"{name:16s} fp32 compiled  provenance {tokens / tp:8.0f} tok/s  bare {tokens / tb:8.0f} tok/s  "
+        how = "compiled" if use_compile else "eager   "
+        print(f"{name:16s} fp32 {how}  provenance {tokens / tp:8.0f} tok/s  bare {tokens / tb:8.0f} tok/s  "
               f"overhead {100 * overhead:+5.1f}% (median of {rounds} paired rounds)  MFU {100 * flops / tp / tr.mfu_peak:4.1f}% "
               f"(peak {tr.mfu_peak / 1e9:.0f} GFLOP/s)  llama2.c {LLAMA2C_TOKS[name]} tok/s "
               f"-> ratio {tokens / tp / LLAMA2C_TOKS[name]:.2f}x")
@@ -169,7 +178,7 @@ def synthetic_tables(root: Path, vocab: int, T: int = 256):
                        "tokenizer": data.meta["tokenizer"], "tokenizer_sha256": data.meta["tokenizer_sha256"]})
 
 
-def bench_denormal(steps=80):
+def bench_denormal(steps=80, batch=16):
     """The 15M shape (vocab 512) at the tiny default's learning rate on the generated
     sample: subnormal floats can slow CPU steps late in a run unless flushed to zero.
     Same run with and without, the median step time of the last 20 steps; and the
@@ -183,7 +192,7 @@ def bench_denormal(steps=80):
         kw = dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=512)
         res = {}
         for flush in (False, True):
-            t = trainer(root, kw, learning_rate=5e-3, flush_denormal=flush, batch_size=16)
+            t = trainer(root, kw, learning_rate=5e-3, flush_denormal=flush, batch_size=batch)
             times, losses = [], []
             for s in range(steps):
                 t0 = time.perf_counter()
@@ -191,20 +200,33 @@ def bench_denormal(steps=80):
                 times.append(time.perf_counter() - t0)
             res[flush] = (float(np.median(times[:10])), float(np.median(times[-20:])), losses)
         (off0, off, l_off), (on0, on, l_on) = res[False], res[True]
-        print(f"dim288_L6_V512 batch 16 lr 5e-3: flush_denormal on: first 10 steps {1000 * on0:.0f}, last 20 "
+        print(f"dim288_L6_V512 batch {batch} lr 5e-3: flush_denormal on: first 10 steps {1000 * on0:.0f}, last 20 "
               f"{1000 * on:.0f} ms/step; off: {1000 * off0:.0f} -> {1000 * off:.0f} ms/step; late-run speed-up "
               f"{off / on:.2f}x; max loss difference {max(abs(a - b) for a, b in zip(l_on, l_off)):.2e}")
     torch.set_flush_denormal(False)
 
 
 def main():
+    ap = smoke.parser(__doc__)
+    ap.add_argument("--quick", action="store_true", help="the small config only, no denormal part")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--steps", type=int, default=0, help="steps per timing (0: 8 for dim64, 2 for dim288)")
+    ap.add_argument("--rounds", type=int, default=6, help="alternated rounds of provenance and bare")
+    ap.add_argument("--stream_rounds", type=int, default=4, help="alternated rounds of tags and selection")
+    ap.add_argument("--compile", type=int, default=1, help="1: torch.compile provenance and bare (as llama2.c)")
+    ap.add_argument("--denormal_steps", type=int, default=80, help="steps of the denormal part (0: skip it)")
+    ap.add_argument("--denormal_batch", type=int, default=16, help="batch size of the denormal part")
+    ap.add_argument("--peak_flops", type=float, default=0.0, help="MFU peak (0: measured by each trainer)")
+    a = smoke.parse(ap, SMOKE)
+    PEAK["flops"] = a.peak_flops
     torch.manual_seed(0)
-    names = ["dim64_L5_V512"] if "--quick" in sys.argv else list(CONFIGS)
+    names = ["dim64_L5_V512"] if a.quick else a.configs.split(",")
     for name in names:
-        bench_config(name, CONFIGS[name], steps=8 if name.startswith("dim64") else 2)
-    bench_stream("dim64_L5_V512", CONFIGS["dim64_L5_V512"], steps=8)
-    if "--quick" not in sys.argv:
-        bench_denormal()
+        steps = a.steps or (8 if name.startswith("dim64") else 2)
+        bench_config(name, CONFIGS[name], steps, a.rounds, bool(a.compile))
+    bench_stream("dim64_L5_V512", CONFIGS["dim64_L5_V512"], a.steps or 8, a.stream_rounds)
+    if not a.quick and a.denormal_steps:
+        bench_denormal(a.denormal_steps, a.denormal_batch)
 
 
 if __name__ == "__main__":

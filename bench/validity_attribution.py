@@ -127,6 +127,9 @@ def ratio_check(reps: int) -> Line:
                 f"ratio {top / mu:.1f}", f"coverage {c:.2f}", 0.92 <= c <= 0.98, "coverage in [0.92, 0.98]")
 
 
-def checks(quick: bool) -> list:
-    reps = 40 if quick else 200
-    return lds_checks(reps) + [corr_check(reps), quadratic_move_check(20 if quick else 60), ratio_check(reps * 5)]
+SIZES = {"full": (200, 60), "quick": (40, 20), "smoke": (2, 3)}  # (replicates, moves) by size
+
+
+def checks(size: str) -> list:
+    reps, moves = SIZES[size]
+    return lds_checks(reps) + [corr_check(reps), quadratic_move_check(moves), ratio_check(reps * 5)]

@@ -4,6 +4,7 @@ problems whose answer is known.
 
 $ python bench/validity.py --only=durability            # ~6 min on 2 cores
 $ python bench/validity.py --only=durability --quick    # ~2 min: fewer replicates, a shorter run
+$ python bench/validity.py --only=durability --smoke    # every check at tiny sizes (bench/smoke.py)
 
 1. Half-life (prebias/forgetting.decay_fit) on simulated decays y = 2^(-x/h) + noise, h = 100
    steps, the points evenly over the span: per design and n, the 95% interval's coverage over
@@ -49,6 +50,7 @@ import train  # noqa: E402
 from prebias import forgetting, stream  # noqa: E402
 from prebias import tags as tagmod  # noqa: E402
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint  # noqa: E402
+from prebias.common import parse_config  # noqa: E402
 from prebias.data import BOS_ID  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from validity import Line  # noqa: E402
@@ -58,6 +60,14 @@ DESIGNS = [(3.0, 0.1), (1.0, 0.2)]  # (span in half-lives, noise sd as a share o
 NS = (3, 4, 5, 7, 9, 13, 20)
 SECRET = "the secret number is {digits:6}"
 EXACT_BUDGET = 65536
+# by validity.SIZES: half-life replicates; the tagged run's steps; exposure at every `every`-th
+# checkpoint, `draws` redraws each; untrained pairs; durability.py's flags for the null tags
+SIZES = {"full": dict(reps=1000, n_stories=3000, max_iters=300, dim=64, batch=8, every=1, draws=200, pairs=60,
+                      flags=()),
+         "quick": dict(reps=500, n_stories=3000, max_iters=150, dim=64, batch=8, every=2, draws=50, pairs=15,
+                       flags=()),
+         "smoke": dict(reps=8, n_stories=600, max_iters=100, dim=16, batch=2, every=100, draws=4, pairs=2,
+                       flags=("--n_prompts=2", "--n_references=3", "--max_new_tokens=8"))}
 
 
 # -----------------------------------------------------------------------------
@@ -122,20 +132,19 @@ def random_story_metric(data, data_dir, metric):
     return out
 
 
-def tagged_run(root: Path, quick: bool) -> Path:
-    """A tiny model (dim 64, 2 layers) trained on a generated sample with the tags of
+def tagged_run(root: Path, n_stories: int, max_iters: int, dim: int, batch: int) -> Path:
+    """A tiny model (dim 64 at full size, 2 layers) trained on a generated sample with the tags of
     tag_file, the 'null' tag's condition replaced by noise; long enough that greedy
     generations have a sentiment to move (before ~75 steps they are all alike)."""
     data, tables = root / "data", root / "tables"
     if not (tables / "batch_metrics.csv").exists():
-        tinystories.sample(data, n_stories=3000, n_shards=4, seed=3)
+        tinystories.sample(data, n_stories=n_stories, n_shards=4, seed=3)
         tinystories.train_vocab(512, data)
         tinystories.pretokenize(512, 256, data, workers=2, tables_dir=tables, metrics="sentiment")
-    max_iters = 150 if quick else 300
     (root / "tags.json").write_text(json.dumps(tag_file(10 * max_iters)))
     out = root / "run"
-    args = dict(data_dir=data, tables_dir=tables, out_dir=out, vocab_size=512, max_seq_len=256, dim=64,
-                n_layers=2, n_heads=4, n_kv_heads=2, batch_size=8, max_iters=max_iters, eval_interval=25,
+    args = dict(data_dir=data, tables_dir=tables, out_dir=out, vocab_size=512, max_seq_len=256, dim=dim,
+                n_layers=2, n_heads=4, n_kv_heads=2, batch_size=batch, max_iters=max_iters, eval_interval=25,
                 eval_iters=2, learning_rate=5e-3, warmup_iters=10, tags=root / "tags.json", device="cpu",
                 dtype="float32", compile=False)
     real = stream.story_metric
@@ -286,8 +295,8 @@ def exposure_verdicts(d: pd.DataFrame, sims, R: int, draws: int) -> list[Line]:
 # -----------------------------------------------------------------------------
 # 3. conditional tags that do nothing
 
-def null_tag_lines(run: Path, n_pairs: int) -> list[Line]:
-    df = durability.main([f"--out_dir={run}", "--R=200", "--n_contexts=0", "--device=cpu"])
+def null_tag_lines(run: Path, n_pairs: int, flags=()) -> list[Line]:
+    df = durability.main([f"--out_dir={run}", "--R=200", "--n_contexts=0", "--device=cpu", *flags])
     out = []
     for tag, how in (("null", "inserted into random stories"), ("unseen", "never inserted")):
         d = df[df["tag"] == tag]
@@ -301,11 +310,11 @@ def null_tag_lines(run: Path, n_pairs: int) -> list[Line]:
                         f"|effect| {live['effect'].abs().max():.3f}; tag - no tag (over prompts) holds 0 at "
                         f"{none:.0%}", len(live) >= 3 and band == 1.0,
                         "the band holds 0 at every checkpoint, at least 3 checkpoints with a spread"))
-    out.append(pair_coverage(run, n_pairs))
+    out.append(pair_coverage(run, n_pairs, flags))
     return out
 
 
-def pair_coverage(run: Path, n_pairs: int) -> Line:
+def pair_coverage(run: Path, n_pairs: int, flags=()) -> Line:
     """At the last checkpoint: n_pairs (tag, control) pairs of random strings neither ever
     trained; the share of their 95% tag - control intervals that hold 0."""
     it, path = list_checkpoints(run)[-1]
@@ -313,7 +322,7 @@ def pair_coverage(run: Path, n_pairs: int) -> Line:
     data_dir = ck["config"]["data_dir"]
     enc = Tokenizer.for_vocab(512, data_dir)
     model = model_from_checkpoint(ck)
-    cfg = durability.DurabilityConfig()
+    cfg = parse_config(durability.DurabilityConfig(), list(flags))
     opens = durability.prompts(data_dir, enc, cfg.n_prompts, cfg.prompt_tokens)
     held = 0
     for i in range(n_pairs):
@@ -330,10 +339,11 @@ def pair_coverage(run: Path, n_pairs: int) -> Line:
                 share >= 0.85, "at least 0.85 (0.95 expected; string identity can lower it)")
 
 
-def checks(quick: bool) -> list[Line]:
-    lines = halflife_lines(500 if quick else 1000)
+def checks(size: str) -> list[Line]:
+    z = SIZES[size]
+    lines = halflife_lines(z["reps"])
     with tempfile.TemporaryDirectory() as tmp:
-        run = tagged_run(Path(tmp), quick)
-        lines += exposure_lines(run, every=2 if quick else 1, draws=50 if quick else 200)
-        lines += null_tag_lines(run, 15 if quick else 60)
+        run = tagged_run(Path(tmp), z["n_stories"], z["max_iters"], z["dim"], z["batch"])
+        lines += exposure_lines(run, every=z["every"], draws=z["draws"])
+        lines += null_tag_lines(run, z["pairs"], z["flags"])
     return lines

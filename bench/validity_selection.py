@@ -19,12 +19,12 @@ training stories corrupted, the noisy column of batch_metrics.csv says which tok
                                          uniform run's learning rate at its last step
 
 $ python bench/validity.py --only=selection            # ~10 min on 2 cores under load (--quick: ~6)
+$ python bench/validity.py --only=selection --smoke    # every check at tiny sizes (bench/smoke.py)
 """
 
 import math
 import shutil
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +42,16 @@ from prebias.schedule import get_lr
 from validity import Line
 
 
-def settings(quick: bool):
-    return types.SimpleNamespace(n_stories=2000 if quick else 4000, noise=0.2, holdout=0.1, seq=256, dim=64, layers=2,
-                                 batch=8, eval_interval=20, pool=4, keep=0.8, seeds=2 if quick else 3,
-                                 max_iters=60 if quick else 100, ref_iters=60 if quick else 100, ref_dim=64)
+SIZES = {"full": dict(n_stories=4000, seeds=3, max_iters=100, ref_iters=100),  # by validity.SIZES
+         "quick": dict(n_stories=2000, seeds=2, max_iters=60, ref_iters=60),
+         "smoke": dict(n_stories=800, seeds=2, max_iters=4, ref_iters=4, seq=64, dim=16, batch=2, eval_interval=2,
+                       peak_flops=1e12)}  # peak_flops: no matmul timing in each of its ~15 runs
+
+
+def settings(size: str):
+    """bench_select's settings (its defaults for the rest: no real stories, a temp folder)."""
+    return bench_select.settings(**{**dict(noise=0.2, holdout=0.1, seq=256, dim=64, layers=2, batch=8,
+                                           eval_interval=20, pool=4, keep=0.8, ref_dim=64), **SIZES[size]})
 
 
 def interval(x, level=0.95) -> tuple[float, float, float]:
@@ -88,7 +94,7 @@ def holdout_lines(data_dir: Path, bm: pd.DataFrame, data: BatchData) -> list[Lin
 def run_lines(a, data: Path, tables: Path, root: Path, bm: pd.DataFrame, held: np.ndarray) -> list[Line]:
     """rho, rho_ref and prune on the bed, each seed; what they trained on."""
     res = bench_select.bed_runs("noisy", data, tables, a, root, methods=("rho", "prune"), matched=())
-    one = types.SimpleNamespace(**{**vars(a), "seeds": 1})  # rho_ref's lines read its record: one seed does
+    one = bench_select.settings(**{**vars(a), "seeds": 1})  # rho_ref's lines read its record: one seed does
     res["rho_ref"] = bench_select.bed_runs("noisy", data, tables, one, root, methods=("rho_ref",), matched=())["rho_ref"]
     train_ids = (bm["split"] != "val").to_numpy()
     s0 = float(bm.loc[train_ids, "noisy"].mean())  # tokens of corrupted stories among the training batches
@@ -140,8 +146,8 @@ def compute_lines(a, res: dict) -> list[Line]:
                  "same steps; within 1% of the decay from min_lr")]
 
 
-def checks(quick: bool) -> list[Line]:
-    a = settings(quick)
+def checks(size: str) -> list[Line]:
+    a = settings(size)
     root = Path(tempfile.mkdtemp(prefix="validity_selection_"))
     try:
         data, tables = bench_select.make_bed("noisy", root, a)
@@ -155,5 +161,5 @@ def checks(quick: bool) -> list[Line]:
 
 
 if __name__ == "__main__":
-    for line in checks(quick=True):
+    for line in checks("quick"):
         print(line)

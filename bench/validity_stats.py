@@ -17,6 +17,13 @@ from prebias import stats
 from validity import Line
 
 SEED_SD, NOISE_SD = 0.3, 0.05
+# replicates per check and size (validity.SIZES): full, quick, smoke
+REPS = {"t_interval": (20000, 2000, 60), "type_one": (2000, 500, 20), "welch": (2000, 500, 20),
+        "simultaneous": (1000, 300, 5), "holm": (20000, 2000, 60), "mdd": (4000, 1000, 40)}
+
+
+def n_reps(check: str, size: str) -> int:
+    return REPS[check][("full", "quick", "smoke").index(size)]
 
 
 def _arms(rng, n_seeds: int, delta: float, reps: int, shared: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +44,8 @@ def _pvalues(name: str, base: np.ndarray, arm: np.ndarray) -> np.ndarray:
     return np.array([fn(pd.Series(b, index=seeds), pd.Series(a, index=seeds), 0.95)["p"] for b, a in zip(base, arm)])
 
 
-def t_interval_coverage(quick: bool) -> list[Line]:
-    rng, reps, out = np.random.default_rng(1), 2000 if quick else 20000, []
+def t_interval_coverage(size: str) -> list[Line]:
+    rng, reps, out = np.random.default_rng(1), n_reps("t_interval", size), []
     for n in (3, 5, 10):
         x = rng.normal(2.5, 0.3, (reps, n))
         ok = 0
@@ -51,10 +58,10 @@ def t_interval_coverage(quick: bool) -> list[Line]:
     return out
 
 
-def type_one_error_and_power(quick: bool) -> list[Line]:
+def type_one_error_and_power(size: str) -> list[Line]:
     """Each test on the design it is for: the paired ones on arms that share their seeds,
     the unpaired ones on arms with seeds of their own."""
-    rng, reps, out = np.random.default_rng(2), 500 if quick else 2000, []
+    rng, reps, out = np.random.default_rng(2), n_reps("type_one", size), []
     n = 8  # seeds: the exact sign-flip test cannot go below 2 / 2^n (n = 5: 0.0625 > 0.05)
     for name, fn in stats.TESTS.items():
         design = "seed-correlated (shared seeds)" if fn.paired else "independent (seeds of their own)"
@@ -69,10 +76,10 @@ def type_one_error_and_power(quick: bool) -> list[Line]:
     return out
 
 
-def paired_beats_welch(quick: bool) -> list[Line]:
+def paired_beats_welch(size: str) -> list[Line]:
     """On shared seeds Welch's variance holds the seed spread the arms share, so it is far
     too conservative there: the paired test sees a difference Welch cannot."""
-    rng, reps = np.random.default_rng(3), 500 if quick else 2000
+    rng, reps = np.random.default_rng(3), n_reps("welch", size)
     base0, arm0 = _arms(rng, 5, 0.0, reps)
     base, arm = _arms(rng, 5, 0.15, reps)
     pw, pp = _rate(_pvalues("welch", base, arm)), _rate(_pvalues("paired", base, arm))
@@ -82,10 +89,10 @@ def paired_beats_welch(quick: bool) -> list[Line]:
                  pp > 0.9 and pw < 0.3, "paired sees it (power > 0.9), Welch does not (< 0.3)")]
 
 
-def simultaneous_coverage(quick: bool) -> list[Line]:
+def simultaneous_coverage(size: str) -> list[Line]:
     """A family of m = 10 metrics, each with a true difference: how often all 10
     intervals hold their truths at once."""
-    rng, reps, m, n = np.random.default_rng(4), 300 if quick else 1000, 10, 5
+    rng, reps, m, n = np.random.default_rng(4), n_reps("simultaneous", size), 10, 5
     truth = np.linspace(-0.1, 0.1, m)
     all_sim = all_raw = 0
     for _ in range(reps):
@@ -107,18 +114,18 @@ def simultaneous_coverage(quick: bool) -> list[Line]:
                  f"95% intervals: {cr:.3f})", 0.94 <= cs <= 0.995, "family coverage in [0.94, 0.995]")]
 
 
-def holm_family_error(quick: bool) -> list[Line]:
-    rng, reps, m = np.random.default_rng(5), 2000 if quick else 20000, 12
+def holm_family_error(size: str) -> list[Line]:
+    rng, reps, m = np.random.default_rng(5), n_reps("holm", size), 12
     p = rng.uniform(size=(reps, m))  # every null true: p uniform
     fwer = float(np.mean([(stats.holm(row) < 0.05).any() for row in p]))
     return [Line(f"stats.holm over {m} true nulls", "no effect anywhere", f"family-wise error {fwer:.3f} ({reps} "
                  "replicates)", fwer <= 0.06, "family-wise error <= 0.05 (+ 0.01 for simulation error)")]
 
 
-def mdd_power(quick: bool) -> list[Line]:
+def mdd_power(size: str) -> list[Line]:
     """At a true difference equal to the design's mdd80 (computed from the true spread),
     the paired test at the same level rejects about 80% of the time."""
-    rng, reps, n, alpha = np.random.default_rng(6), 1000 if quick else 4000, 5, 0.05 / 12
+    rng, reps, n, alpha = np.random.default_rng(6), n_reps("mdd", size), 5, 0.05 / 12
     sd_d = NOISE_SD * math.sqrt(2)
     delta = stats.mdd({"se": sd_d / math.sqrt(n), "df": n - 1}, alpha)
     base, arm = _arms(rng, n, delta, reps)
@@ -129,9 +136,9 @@ def mdd_power(quick: bool) -> list[Line]:
                  "power in [0.76, 0.84]")]
 
 
-def checks(quick: bool) -> list[Line]:
+def checks(size: str) -> list[Line]:
     out = []
     for fn in (t_interval_coverage, type_one_error_and_power, paired_beats_welch, simultaneous_coverage,
                holm_family_error, mdd_power):
-        out += fn(quick)
+        out += fn(size)
     return out
