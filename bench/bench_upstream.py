@@ -163,8 +163,8 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40, help="steps per process (the first 10 are left out)")
-    ap.add_argument("--compile_too", default="True", choices=["True", "False"],
-                    help="also time the 15M shape with --compile=True on both sides")
+    ap.add_argument("--compile_too", default="True", choices=["True", "False", "only"],
+                    help="also time the 15M shape with --compile=True on both sides (only: that alone)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads of both sides (OMP_NUM_THREADS); 0 = torch's default (every core). On a "
                          "loaded machine 1 is far steadier: 2 threads stall at every parallel region")
@@ -185,11 +185,11 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     names = a.shapes.split(",")
-    cases = [(n, SHAPES[n], False) for n in names]
-    if a.compile_too == "True" and "dim288" in names:
+    cases = [(n, SHAPES[n], False) for n in names] if a.compile_too != "only" else []
+    if a.compile_too in ("True", "only") and "dim288" in names:
         cases.append(("dim288_compile", SHAPES["dim288"], True))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
-    load0 = os.getloadavg()
+    load0, commit = os.getloadavg(), git_commit()  # at the start: the code that is timed
     with tempfile.TemporaryDirectory(prefix="bench_upstream_") as tmp:
         work = Path(tmp)
         for n in names:
@@ -202,7 +202,7 @@ def main(argv=None):
     load1 = os.getloadavg()
     import torch
     threads = a.threads or torch.get_num_threads()
-    print(f"\ncommit {git_commit()}, torch {torch.__version__}, {threads} thread(s) a side, {a.rounds} "
+    print(f"\ncommit {commit}, torch {torch.__version__}, {threads} thread(s) a side, {a.rounds} "
           f"interleaved round(s) of {a.steps} steps, median ms/step after step {SKIP}, {time.time() - t0:.0f} s; "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after")
     print(table(res, cases))
