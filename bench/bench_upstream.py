@@ -105,48 +105,84 @@ PROJECT_MS = re.compile(r"^step:\d+/\d+ loss:\S+ lr:\S+ ms:([\d.]+)", re.M)
 UPSTREAM_MS = re.compile(r"^\d+ \| loss \S+ \| lr \S+ \| ([\d.]+)ms", re.M)
 
 
-def run_side(cmd: list[str], cwd: Path, pattern: re.Pattern, env: dict) -> list[float]:
-    """Per-step ms logged by one training process."""
+# runs a script with each line it prints stamped with the process's CPU time so far: on a
+# shared machine the CPU time of a step is far steadier than its wall-clock time
+CPU_STAMP = """import os, runpy, sys, time
+class Stamp:
+    def __init__(self, f):
+        self.f, self.bol = f, True
+    def write(self, s):
+        out = []
+        for part in s.splitlines(keepends=True):
+            out.append(f"[cpu {time.process_time():.6f}] " * self.bol + part)
+            self.bol = part.endswith("\\n")
+        self.f.write("".join(out))
+        self.f.flush()
+    def __getattr__(self, k):
+        return getattr(self.f, k)
+sys.stdout = Stamp(sys.stdout)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_side(cmd: list[str], cwd: Path, pattern: re.Pattern, env: dict, cpu: bool = False):
+    """Per-step ms logged by one training process; with cpu, also (wall, cpu): the CPU ms
+    of each step (from the stamps of consecutive step lines; nan for the first)."""
+    if cpu:
+        cmd = [cmd[0], "-c", CPU_STAMP, *cmd[1:]]
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"{' '.join(map(str, cmd[:2]))} failed (exit {p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-3000:]}")
-    ms = [float(m) for m in pattern.findall(p.stdout)]
-    if not ms:
+    if cpu:
+        pattern = re.compile(r"^\[cpu ([\d.]+)\] " + pattern.pattern.lstrip("^"), re.M)
+    found = pattern.findall(p.stdout)
+    if not found:
         sys.exit(f"{' '.join(map(str, cmd[:2]))}: no step times in its output:\n{p.stdout[-2000:]}")
-    return ms
+    if not cpu:
+        return [float(m) for m in found]
+    t = [float(c) for c, _ in found]
+    return [float(m) for _, m in found], [float("nan")] + [1000 * (b - a) for a, b in zip(t, t[1:])]
 
 
 def measure(cases, rounds, steps, work: Path, up: Path | None, env: dict) -> dict:
-    """{case: {"project": [per-round step times], "upstream": [...]}}, interleaved."""
-    res = {name: {"project": [], "upstream": []} for name, _, _ in cases}
+    """{case: {"project": [per-round step times], "upstream": [...], "project_cpu": [per-round CPU
+    times], "upstream_cpu": [...]}}, interleaved."""
+    res = {name: {k: [] for k in ("project", "upstream", "project_cpu", "upstream_cpu")} for name, _, _ in cases}
     for r in range(rounds):
         for name, shape, comp in cases:
             sides = ["project", "upstream"] if up else ["project"]
             for side in (sides if r % 2 == 0 else sides[::-1]):
                 out = work / "runs" / f"{side}_{name}_{r}"
                 if side == "project":
-                    ms = run_side(project_cmd(shape, steps, out, work / "data", comp), ROOT, PROJECT_MS, env)
+                    ms, cpu = run_side(project_cmd(shape, steps, out, work / "data", comp), ROOT, PROJECT_MS, env, True)
                 else:
-                    ms = run_side(upstream_cmd(shape, steps, out, comp), up, UPSTREAM_MS, env)
-                res[name][side].append(ms[SKIP:] if len(ms) > SKIP + 1 else ms[1:])
-                print(f"  round {r + 1} {name:16s} {side:8s} {statistics.median(res[name][side][-1]):9.1f} ms/step",
-                      flush=True)
+                    ms, cpu = run_side(upstream_cmd(shape, steps, out, comp), up, UPSTREAM_MS, env, True)
+                k = SKIP if len(ms) > SKIP + 1 else 1
+                res[name][side].append(ms[k:])
+                res[name][side + "_cpu"].append(cpu[k:])
+                print(f"  round {r + 1} {name:16s} {side:8s} {statistics.median(ms[k:]):9.2f} ms/step, "
+                      f"{statistics.median(cpu[k:]):9.2f} CPU ms/step", flush=True)
     return res
 
 
-def table(res: dict, cases) -> str:
-    rows = ["| shape | project ms/step | upstream ms/step | ratio (upstream / project) | per-round ratios |",
+def table(res: dict, cases, clock: str = "") -> str:
+    """The markdown table of wall-clock (clock "") or CPU (clock "_cpu") ms/step."""
+    c = "CPU " if clock else ""
+    rows = [f"| shape | project {c}ms/step | upstream {c}ms/step | ratio (upstream / project) | per-round ratios |",
             "|---|---|---|---|---|"]
     for name, shape, comp in cases:
-        p = statistics.median([t for r in res[name]["project"] for t in r])
+        proj, ups = res[name]["project" + clock], res[name]["upstream" + clock]
+        p = statistics.median([t for r in proj for t in r])
         desc = (f"dim {shape['dim']}, {shape['n_layers']} layer{'s' * (shape['n_layers'] > 1)}, V {shape['vocab_size']}, "
                 f"batch {shape['batch_size']} × {shape['max_seq_len']}{', compile' if comp else ''}")
-        if not res[name]["upstream"]:
-            rows.append(f"| {desc} | {p:.1f} | (not given) | | |")
+        if not ups:
+            rows.append(f"| {desc} | {p:.2f} | (not given) | | |")
             continue
-        u = statistics.median([t for r in res[name]["upstream"] for t in r])
-        per = [statistics.median(b) / statistics.median(a) for a, b in zip(res[name]["project"], res[name]["upstream"])]
-        rows.append(f"| {desc} | {p:.1f} | {u:.1f} | **{u / p:.2f}×** | {min(per):.2f}–{max(per):.2f} |")
+        u = statistics.median([t for r in ups for t in r])
+        per = [statistics.median(b) / statistics.median(a) for a, b in zip(proj, ups)]
+        rows.append(f"| {desc} | {p:.2f} | {u:.2f} | **{u / p:.2f}×** | {min(per):.2f}–{max(per):.2f} |")
     return "\n".join(rows)
 
 
@@ -205,7 +241,10 @@ def main(argv=None):
     print(f"\ncommit {commit}, torch {torch.__version__}, {threads} thread(s) a side, {a.rounds} "
           f"interleaved round(s) of {a.steps} steps, median ms/step after step {SKIP}, {time.time() - t0:.0f} s; "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after")
+    print("wall-clock (each side's own logged step time):")
     print(table(res, cases))
+    print("CPU time of each step (the process's, between consecutive step lines):")
+    print(table(res, cases, "_cpu"))
     return res
 
 

@@ -36,7 +36,7 @@ def test_table_pools_rounds_and_gives_upstream_over_project():
     res = {"dim16": {"project": [[2.0, 3.0, 4.0], [3.0]], "upstream": [[6.0, 6.0], [3.0, 3.0]]}}
     row = bench_upstream.table(res, [("dim16", shape, False)]).splitlines()[2]
     # pooled medians 3.0 and 4.5; per-round ratios 6/3 and 3/3
-    assert row == "| dim 16, 1 layer, V 512, batch 4 × 64 | 3.0 | 4.5 | **1.50×** | 1.00–2.00 |"
+    assert row == "| dim 16, 1 layer, V 512, batch 4 × 64 | 3.00 | 4.50 | **1.50×** | 1.00–2.00 |"
 
 
 def test_smoke_against_a_fake_upstream(tmp_path):
@@ -51,6 +51,11 @@ def test_smoke_against_a_fake_upstream(tmp_path):
     assert res["dim16"]["upstream"] == [[2.5, 2.5]]  # its steps 10 and 11 (0-based): the first 10 left out
     assert len(res["dim16"]["project"]) == 1 and len(res["dim16"]["project"][0]) == 2
     assert all(0 < t < 60_000 for t in res["dim16"]["project"][0])
+    # the CPU time of each step, from the stamps: positive, and never more than 2 threads' worth of its wall time
+    for side in ("project", "upstream"):
+        cpu, wall = res["dim16"][side + "_cpu"][0], res["dim16"][side][0]
+        assert len(cpu) == 2 and all(c > 0 for c in cpu)
+    assert all(c < 2 * w + 5 for c, w in zip(res["dim16"]["project_cpu"][0], res["dim16"]["project"][0]))
 
 
 def test_a_folder_that_is_no_llama2c_checkout_is_one_line(tmp_path):
