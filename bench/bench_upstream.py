@@ -164,6 +164,8 @@ def measure(cases, rounds, steps, work: Path, up: Path | None, env: dict) -> dic
                 res[name][side + "_cpu"].append(cpu[k:])
                 print(f"  round {r + 1} {name:16s} {side:8s} {statistics.median(ms[k:]):9.2f} ms/step, "
                       f"{statistics.median(cpu[k:]):9.2f} CPU ms/step", flush=True)
+        if up and r < rounds - 1:  # the table so far: a run stopped early still says something
+            print(f"after round {r + 1}, CPU ms/step:\n{table(res, cases, '_cpu')}", flush=True)
     return res
 
 
