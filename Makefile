@@ -32,7 +32,7 @@ FLAGS_runq     = -Ofast -march=native
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test test-fast bench bench-select bench-attribution validity demo experiment $(addprefix print-cmd-,$(BUILDS)) print-cmd-runq
+.PHONY: default all clean test test-fast bench bench-upstream gpu-check bench-select bench-attribution validity demo experiment $(addprefix print-cmd-,$(BUILDS)) print-cmd-runq
 
 default: run
 
@@ -95,6 +95,17 @@ bench: run runq
 	$(PYTHON) bench/bench_eval.py $(SMOKE_FLAG)
 	$(PYTHON) bench/bench_durability.py $(SMOKE_FLAG)
 	$(PYTHON) bench/bench_attribute.py $(SMOKE_FLAG)
+
+# training speed beside llama2.c's train.py (UPSTREAM=<a llama2.c checkout>): the same data, shapes, batch, lr,
+# fp32, 3 interleaved rounds at dim 16/64/288 and with --compile=True at 288 (~15 min on 2 quiet cores);
+# BENCH_ARGS=--threads=1 on a loaded machine
+bench-upstream:
+	$(PYTHON) bench/bench_upstream.py --upstream=$(UPSTREAM) $(BENCH_ARGS)
+
+# on a CUDA machine (under 10 min): the 15M shape in bf16 on the sample beside llama2.c's train.py (tok/s, MFU),
+# a killed and resumed run against the uninterrupted one, the 1-GPU torchrun path; DRY=1 plans it on CPU
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(if $(UPSTREAM),--upstream=$(UPSTREAM)) $(if $(DRY),--dry)
 
 # planted truth: every research measure on problems whose answer is known (bias, coverage)
 validity:

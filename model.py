@@ -200,7 +200,9 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, V), loss (mean cross-entropy, or None) and,
         with return_probs, the attention probabilities of every layer (L, B, nh, T, S)."""
         B, T = tokens.shape
-        h = self.dropout(self.tok_embeddings(tokens))
+        # contiguous: train.py's inputs are a view (windows[:, :-1]), and the embedding's backward
+        # on a strided index tensor cost ~4% of a step at dim 16 (1 thread); the same bits either way
+        h = self.dropout(self.tok_embeddings(tokens.contiguous()))
         cos = self.rope_cos[start_pos:start_pos + T]
         sin = self.rope_sin[start_pos:start_pos + T]
         all_probs = []
@@ -228,8 +230,11 @@ class Transformer(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        # fused on CPU too (llama2.c fuses on CUDA only): one kernel over all tensors, ~4x faster
+        # than the per-tensor loop (15M shape: 132 -> 34 ms a step, 1 thread), the same state dict;
+        # deterministic, so a resumed run is still bitwise the uninterrupted one
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                                 fused=device_type == "cuda")
+                                 fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self) -> float:
         """PaLM appendix B: 6N + 12 L H Q T (forward + backward)."""

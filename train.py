@@ -395,7 +395,7 @@ class Trainer:
                 tps = tokens_per_step / dt
                 mfu = flops_per_step / dt / self.mfu_peak
                 self.log(f"step:{self.iter_num}/{cfg.max_iters} loss:{loss:.4f} lr:{lr:.2e} "
-                         f"ms:{dt * 1000:.1f} tok/s:{tps:.0f} mfu:{100 * mfu:.1f}")
+                         f"ms:{dt * 1000:.2f} tok/s:{tps:.0f} mfu:{100 * mfu:.1f}")
                 if wandb:
                     wandb.log({"iter": self.iter_num, "loss": loss, "lr": lr, "tok_per_s": tps, "mfu": mfu},
                               step=self.iter_num)
