@@ -80,6 +80,7 @@ class Hyper:
     grad_clip: float
     micro: int  # micro-batches per step (gradient accumulation, one process)
     eps: float = 1e-8  # torch.optim.AdamW's default; the run never sets it
+    fused: bool = False  # the run's AdamW was torch's fused kernel (model.configure_optimizers: CPU and CUDA)
 
 
 @dataclass
@@ -177,12 +178,29 @@ class Replay:
     def update(self, s: State, G: list, t: int) -> State:
         return self.adamw(s, self.clip(G), t)
 
+    def fused_update(self, s: State, G: list, t: int) -> State:
+        """The same update by torch's fused AdamW kernel, the one a fused run trained with (its
+        float order differs from the single-tensor loop in the last bits): the forward replay
+        takes it so that the states are the run's bitwise; the reverse pass differentiates
+        adamw(), the same function, at those states."""
+        h, g = self.h, self.clip(G)
+        out = State([x.clone() for x in s.theta], [x.clone() for x in s.m], [x.clone() for x in s.v])
+        for dec in (True, False):  # model.configure_optimizers' two groups
+            idx = [i for i, d in enumerate(self.decay) if d == dec]
+            if idx:
+                torch._fused_adamw_([out.theta[i] for i in idx], [g[i].clone() for i in idx], [out.m[i] for i in idx],
+                                    [out.v[i] for i in idx], [], [torch.tensor(float(t + 1)) for _ in idx],
+                                    lr=float(h.lrs[t]), beta1=h.beta1, beta2=h.beta2,
+                                    weight_decay=h.weight_decay if dec else 0.0, eps=h.eps, amsgrad=False,
+                                    maximize=False)
+        return out
+
     def step(self, s: State, t: int, windows: torch.Tensor, w: torch.Tensor | None = None) -> tuple[State, list]:
         """(state after step t, G_t); w None: every row weighs 1 (the plain path, bitwise train.py's)."""
         theta = [p.detach().requires_grad_() for p in s.theta]
         G = [g.detach() for g in self.grad(theta, windows, w)]
         with torch.no_grad():
-            return self.update(s.detach(), G, t), G
+            return (self.fused_update if self.h.fused else self.update)(s.detach(), G, t), G
 
     def reverse(self, s: State, t: int, windows: torch.Tensor, w: torch.Tensor, G: list,
                 lams: list) -> tuple[list, np.ndarray, list]:
@@ -386,6 +404,18 @@ def _load_state(model, theta: list, opt_file: Path, it: int) -> State:
     return State(theta, m, v)
 
 
+def run_fused(traj) -> bool:
+    """Whether the run's AdamW was the fused kernel, from the optimizer file it saved (train.py
+    keeps the last checkpoint's; runs from before model.py fused on CPU saved fused=False)."""
+    for it, _ in reversed(traj.ckpts):
+        opt = optimizer_path(traj.out_dir, it)
+        if opt.exists():
+            groups = torch.load(opt, map_location="cpu", weights_only=True)["param_groups"]
+            return bool(groups[0].get("fused"))
+    raise UserError(f"{traj.out_dir} keeps no optimizer file: the replay needs the last checkpoint's "
+                    f"({optimizer_path(traj.out_dir, traj.ckpts[-1][0])}) to know how the run's AdamW computed")
+
+
 def run_of(traj, device: str = "cpu", use_saved: bool = True, weights: np.ndarray | None = None) -> Run:
     """The Run of a Trajectory: windows as trained; weights 1, 0 where masked, the recorded
     weight where the record has weighted_rows [step, row, weight] (train.py --train_weights),
@@ -415,7 +445,8 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True, weights: np.ndarra
             w[int(s), int(r)] = float(np.float32(x))
     if weights is not None:
         w = torch.as_tensor(np.asarray(weights, np.float32)[:T])
-    hyper = Hyper(lrs, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.gradient_accumulation_steps)
+    hyper = Hyper(lrs, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.gradient_accumulation_steps,
+                  fused=run_fused(traj))
     recorded, anchors = {}, {}
     for it, p in traj.ckpts:
         sd = load_checkpoint(p)["model"]

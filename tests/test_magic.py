@@ -19,18 +19,24 @@ def fresh_state(model) -> M.State:
     return M.State([p.detach().clone() for p in model.parameters()], zeros, [z.clone() for z in zeros])
 
 
-def test_the_pure_step_is_train_py_step_bitwise():
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_pure_step_is_train_py_step_bitwise(fused):
     """Six steps of train.Trainer.train_step (micro-batches, a masked step, clipping, AdamW
-    with decay) against Replay.step from the same weights: theta, m and v bitwise equal."""
+    with decay) against Replay.step from the same weights: theta, m and v bitwise equal,
+    with the fused AdamW that model.py uses and with the single-tensor loop older runs used."""
     torch.manual_seed(0)
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
     model = Transformer(args)
     ref = Transformer(args)
     ref.load_state_dict(model.state_dict())
     opt = ref.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    assert opt.param_groups[0]["fused"]  # what train.py trains with on CPU
+    if not fused:
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), foreach=False)  # the single-tensor loop
     B, micro, steps = 8, 2, 6
     lrs = np.array([1e-2 * (i + 1) / 4 for i in range(steps)])
-    rp = M.Replay(model, M.Hyper(lrs, 0.9, 0.95, 0.1, 1.0, micro))
+    rp = M.Replay(model, M.Hyper(lrs, 0.9, 0.95, 0.1, 1.0, micro, fused=fused))
     s = fresh_state(model)
     trainer = types.SimpleNamespace(rank=0, world=1, micro_steps=micro, device="cpu", ddp=False, model=ref,
                                     ctx=torch.autocast("cpu", enabled=False), cfg=types.SimpleNamespace(grad_clip=1.0),
@@ -43,7 +49,7 @@ def test_the_pure_step_is_train_py_step_bitwise():
             group["lr"] = lrs[t]
         masked = np.zeros(B, bool)
         masked[[1, 5]] = t == 3
-        train.Trainer.train_step(trainer, win.numpy(), masked if masked.any() else None)
+        train.Trainer.train_step(trainer, win.numpy(), (~masked).astype(np.float32) if masked.any() else None)
         s, G = rp.step(s, t, win, torch.from_numpy((~masked).astype(np.float32)) if masked.any() else None)
         clipped += float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in G]))) > 1.0
         st = opt.state_dict()["state"]
