@@ -171,3 +171,26 @@ def test_runs_it_cannot_replay_are_refused_with_one_line():
                                (dict(dropout=0.0, dtype="auto"), True, "--dtype=auto on a GPU")):
         with pytest.raises(UserError, match=says):
             M.check_replayable(types.SimpleNamespace(**cfg), on_cuda)
+
+
+def test_a_masked_run_replays_bitwise_and_its_kept_optimizer_states_are_anchors(tiny_data, tmp_path):
+    """--train_mask (the weighted path) and --keep_optimizer: the replay from step 0 meets every
+    checkpoint bitwise, and the saved AdamW states (theta, m, v) equal the replayed ones."""
+    from conftest import TinyRun
+    r = TinyRun(*tiny_data, tmp_path / "out")
+    args = dict(max_iters=6, eval_interval=3, batch_size=2, gradient_accumulation_steps=2, n_layers=1, dim=16,
+                n_heads=2, n_kv_heads=1, keep_optimizer=True)
+    train.main(r.train_args(**args, out_dir=tmp_path / "plain"))
+    masked = np.load(tmp_path / "plain" / "batch_ids.npy")[4, 1]
+    np.save(tmp_path / "mask.npy", np.array([masked]))
+    train.main(r.train_args(**args, train_mask=tmp_path / "mask.npy"))
+    traj = A.Trajectory(r.out_dir)
+    run0 = M.run_of(traj, use_saved=False)
+    assert float(run0.w[4, 1]) == 0.0 and int((run0.w == 0).sum()) == int((traj.rec["batch_ids"] == masked).sum())
+    seg = M._Segments(run0, every=1)  # every replayed state kept
+    seg.state_at(run0.steps)
+    assert seg.diff == 0.0
+    saved = M.run_of(traj).anchors
+    assert set(saved) == {0, 1, 2, 3}
+    for k in (1, 2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(saved[k].flat(), seg.anchors[k].flat()))
