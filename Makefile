@@ -55,7 +55,7 @@ print-cmd-runq:
 test: run runq
 	$(PYTHON) -m pytest -q
 
-# the edit-test loop: every test but the slow end-to-end ones (under 3 minutes on 2 cores)
+# the edit-test loop: every test but the slow end-to-end ones (how long: README.md)
 test-fast: run runq
 	$(PYTHON) -m pytest -q -m "not slow"
 
@@ -109,8 +109,9 @@ bench-attribution:
 clean:
 	rm -f $(BUILDS) runq $(addsuffix .tmp.*,$(BUILDS) runq)
 
-# The README's worked example: shuffle vs curriculum vs anti-curriculum x 3 seeds on the
-# sample (after make demo's data steps), then its report page (~13 min on 2 cores).
+# The worked example (docs/results.md): shuffle vs curriculum vs anti-curriculum over the
+# seeds of config/experiments/curriculum.json on the sample (after make demo's data steps),
+# then its report page (how long: README.md).
 experiment: run
 	$(PYTHON) tinystories.py sample
 	$(PYTHON) tinystories.py train_vocab --vocab_size=512

@@ -7,64 +7,14 @@ $ python durability.py --out_dir=out/canary --R=1000 --n_prompts=32
 $ python durability.py --out_dir=out/happy --max_new_tokens=64
 $ python durability.py --out_dir=out/canary --exact_budget=65536   # exact exposure above log2 R too
 
-Per checkpoint and tag (<out_dir>/tables/durability.csv):
-  canary   loss            mean nll (nats/token) of the secret given BOS + prefix
-           cand_loss       the same, median over R random secrets of the same format that were never
-                           trained on (the candidates: they move with training, and the secret with them)
-           gap             cand_loss - loss: how much better the model knows the secret than a never-seen
-                           one (0: no memory of it); the forgetting measure
-           loss_ctx, gap_ctx, n_ctx
-                           the same in the contexts the secret was trained in: up to n_contexts of its
-                           recorded insertions, each window rebuilt as trained (stream.trained_windows) and
-                           cut where the secret ends, the secret scored at its trained position against
-                           R_context candidates put in its place (gap_ctx: mean over the contexts)
-           exposure        log2(R) - log2(rank), the rank (1 = most likely) of the secret's nll among the
-                           secret and the R candidates (Carlini et al. 2019): at most log2(R) (9.97 bits at
-                           R = 1,000), 1.44 on average for a secret never seen
-           exposure_all, exposure_all_lo, exposure_all_hi, exposure_all_by
-                           log2 |space| - log2(rank among every secret of the format), never above log2 |space|
-                           (19.93 bits for 6 digits), with a 95% interval; what the half-life fit uses. The rank
-                           by importance sampling (by "sampled"; forgetting.sampled_exposure): the R candidates
-                           and R draws from the model itself restricted to the format, weighted by the balance
-                           heuristic, unbiased for the count. With --exact_budget, the exact count where it
-                           finished ("exact"). Where fewer than MIN_HITS (10) of them lie below
-                           the secret: the exact count by branch and bound where it finishes within
-                           FALLBACK_BUDGET ("exact", interval of width 0), else the rough estimate ("sampled,
-                           few below") or, none below, only "at least" exposure_all_lo (exposure_all NaN).
-                           Against the exact count of all 10^6 on the tiny model of `make validity` and the
-                           README's runs: README; NaN for a format that is not a trie of tokens (format_trie)
-           exposure_extrap -log2 P(candidate nll <= secret nll), P from a skew-normal fitted to the R
-                           candidates (Carlini et al. 2019, sec. 4.3), kept for comparison: on the tiny model
-                           of `make validity` 2.7-5.5 bits below the exact value where that is 11.8-14.5 (the
-                           candidates' real left tail is lighter than any skew-normal's)
-           exposure_exact  with --exact_budget=N: log2 |space| - log2(exact rank among every secret of the
-                           format), by branch and bound (exact_exposure); NaN where it gives up
-           extraction      fraction of the secret's tokens the model completes greedily from the prefix
-  conditional  effect, effect_lo, effect_hi, effect_se, effect_df, n
-                           mean difference of the tag's metric between the greedy generations from
-                           BOS + tag + prompt and BOS + control + prompt (its control, tags.py: random
-                           tokens of the same length inserted at the same steps, rate and position into
-                           random stories), paired over n (n_prompts) validation story openings; 95% t
-                           interval with se the larger of the paired one and sqrt(2) x the sd of the
-                           means of n_references untrained random strings of the same length (greedy text
-                           depends on the string itself: over openings alone, two meaningless strings'
-                           95% intervals held 0 for only 72% of 40 pairs on the sample at step 400)
-           effect_band_lo, effect_band_hi
-                           the same at level 1 - 0.05/K, K the run's checkpoints (Bonferroni): the K
-                           per-checkpoint intervals are K tests; all K bands hold the truth with >= 95%
-           effect_vs_none, effect_vs_none_lo, effect_vs_none_hi
-                           BOS + tag + prompt against BOS + prompt, t interval over openings (the measure
-                           before controls: any inserted text can move it)
-  both     steps_since_seen  steps since the tag was last trained on (NaN before its first insertion)
-Per tag and measure (<out_dir>/tables/durability_fit.csv: gap, gap_ctx and exposure_all of a canary,
-effect of a conditional tag): the checkpoints after the tag's last insertion, against steps since
-seen, fitted by y = base + A 2^(-(x - x0)/h) (prebias/forgetting.py: base 0 for a gap or an effect,
-1/ln 2 for exposure, A and h fitted, h's 95% profile-likelihood interval with the F(1, n-2)
-quantile); "not forgotten within the run" where the interval has no upper end, "not estimable"
-with the reason where the data cannot give an interval (fewer than 3 checkpoints; any h fits).
-`before` is the measure's mean before the first insertion (a secret's own offset).
-The plot (<out_dir>/visualize/durability.png) marks the insertion steps on the shared step axis.
-Checkpoints already measured with the same settings are skipped.
+A canary is measured against never-seen secrets of its format at the same checkpoint (the
+gap, and exposure_all, its rank among every secret), because every secret's loss moves with
+training: compared with its own step-0 value a secret looks forgotten when it is not. A
+conditional tag is measured against its control (tag - control), so "the tag did something"
+is told apart from "new tokens after the BOS did something". Writes
+<out_dir>/tables/durability.csv (per checkpoint and tag), durability_fit.csv (half-lives,
+prebias/forgetting.py) and visualize/durability.png; checkpoints already measured with the
+same settings are skipped. Every column is defined in docs/batch-play.md.
 """
 
 import hashlib

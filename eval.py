@@ -9,61 +9,12 @@ $ python eval.py --temperature=0.8 --top_p=0.9      # also a sampled generation 
 $ python eval.py --n_prompts=16 --max_new_tokens=100 --redo=True
 $ WANDB_MODE=offline python eval.py --out_dir=out/canary --wandb_log=True   # also to wandb (tracking.py)
 
-Checkpoints already evaluated with the same settings are skipped; the settings (and
-a stamp of each checkpoint file) are kept in tables/eval_config.json, so changing any
-setting, or retraining a checkpoint, re-evaluates it. --redo=True redoes everything.
-
-Prompts: the opening whole words of the first `n_prompts` stories of the validation shard
-(shard 0), as few as reach `prompt_tokens` tokens after BOS (so a prompt never ends
-mid-word: "It was a sunny day", not "It was a sunny s"), plus "Once upon a time". All prompts are generated in one batched, KV-cached
-model.generate call per checkpoint: greedy (temperature 0) always, and sampled with
-temperature/top_p/seed when temperature > 0. Generation stops at BOS, after
-max_new_tokens, or at the model's max_seq_len, whichever comes first. The expected
-text of a story prompt is the story's true continuation, n_expected tokens long with
-n_expected = min(max_new_tokens, max_seq_len - prompt length) (fewer if the story ends);
-"Once upon a time" has no expected text, so its overlap metrics are NaN.
-
-Outputs (in <out_dir>/tables/):
-
-eval_outputs.csv, one row per checkpoint x decoding x prompt:
-  iter               the checkpoint's optimizer step
-  decoding           greedy | sampled
-  prompt_id          0..n_prompts-1 for the story prompts, n_prompts for "Once upon a time"
-  story_index        index of the story in shard 0 (-1 for "Once upon a time")
-  prompt             prompt text (without BOS)
-  generated          generated text
-  expected           the story's true continuation ("" for "Once upon a time")
-  n_prompt_tokens    prompt length in tokens, BOS included
-  n_new_tokens       number of generated tokens
-  n_expected_tokens  number of tokens of the expected text
-  ref_nll, ref_ppl   mean per-token nll (nats) of the generated tokens given BOS + prompt
-                     under the reference scorer (refscorer.reference_scorer, the same
-                     yardstick as batch_metrics.csv), and exp(ref_nll); NaN if nothing generated
-  bleu               sentence BLEU [0, 100] of generated vs expected (metrics.bleu)
-  rouge_l            ROUGE-L F1 [0, 1] of generated vs expected (metrics.rouge_l)
-  prefix_match       number of leading generated tokens equal to the expected tokens
-  <text metric>      every metrics.py text metric of the generated text (n_chars, n_words,
-                     n_sentences, mean_sentence_len, ttr, mtld, flesch_reading_ease,
-                     fk_grade, sentiment, dialogue_share, rep3, gender_*; see metrics.py)
-
-eval_summary.csv, one row per checkpoint:
-  iter, tokens_seen  step, and target tokens trained on so far (batches x max_seq_len)
-  n_batches_seen     batches trained on so far (from the ids recorded in the checkpoints)
-  val_loss, val_ppl  mean cross-entropy (nats/token) on the first val_batches validation
-                     batches, and exp(val_loss)
-  train_loss         the training-set loss estimate stored in the checkpoint by train.py
-  <metric>           the mean over prompts (NaN values skipped) of every eval_outputs.csv
-                     metric column above (n_new_tokens ... gender_ratio), greedy decoding
-  <metric>_sampled   the same for the sampled decoding (only when temperature > 0)
-
-summary.csv, one row per checkpoint, outputs next to inputs:
-  iter, tokens_seen, n_batches_since, n_batches_cum, val_loss, val_ppl, train_loss
-  out_<metric>[_sampled]  eval_summary.csv's prompt means, prefixed out_
-  in_<metric>_since  mean of a batch_metrics.csv column (every numeric column but the id
-                     columns: ref_nll, ref_ppl and the text metrics) over the batches
-                     trained on since the previous checkpoint (NaN at step 0)
-  in_<metric>_cum    the same over all batches trained on up to this checkpoint
-  A batch trained on twice counts twice; NaN metric values are skipped.
+Outputs and inputs side by side, per checkpoint, is what a saturation curve or an
+experiment compares: <out_dir>/tables/eval_outputs.csv (one row per checkpoint x decoding
+x prompt), eval_summary.csv (per checkpoint) and summary.csv (out_* prompt means next to
+in_* batch means). Checkpoints already evaluated with the same settings are skipped (kept
+in tables/eval_config.json with a stamp of each checkpoint file); --redo=True redoes
+everything. The prompts and every column are defined in docs/evaluation.md.
 """
 
 import math

@@ -10,56 +10,14 @@ $ python experiment.py config/experiments/curriculum.json --aggregate_only=True
 $ python experiment.py config/experiments/curriculum.json --launcher=slurm --slurm_gpus_per_job=1 \
       --slurm_partition=gpu --slurm_time=8:00:00                     # one Slurm job per run
 $ python experiment.py config/experiments/curriculum.json --launcher=slurm --detach=True
-$ python experiment.py config/experiments/curriculum.json --launcher=slurm --aggregate_only=True
 $ python report.py out/curriculum                                     # the HTML page
 
-The spec (JSON; config/experiments/ has examples):
-  question    one sentence: what the experiment asks (shown in the report)
-  base        train.py settings shared by every run ({"key": value}), or a path to a JSON file
-  arms        {"name": {train.py settings of this arm}, ...}, in the order to show them
-  baseline    the arm the others are compared with (default: the first)
-  seeds       [1, 2, 3]: train.py --seed of each run (model init, shuffle, sampling)
-  eval        eval.py settings for every run (optional)
-  durability  durability.py settings, used for arms with tags (optional)
-  metrics     summary.csv columns to compare and draw (default: val_loss and the main
-              output metrics); each one's in_<name>_cum input twin is compared too
-  primary     the pre-registered primary outcomes (default ["val_loss"]): each is tested in a
-              family of its own; the other outputs form one family per arm (Holm, and the
-              simultaneous intervals), as do the inputs and the tag measures
-  test        auto (default: paired when every arm has the same seeds, else welch),
-              paired, sign_flip, welch or permutation: the test whose p is Holm-adjusted
-An experiment's name is the spec's file name: runs go to <out_root>/<name>/<arm>/seed<k>/.
-
-What it does, per run (arm x seed): train.py (a finished run is skipped, a cut one is
-resumed), eval.py on every checkpoint (already evaluated ones are skipped), and
-durability.py where the arm has tags. Each run folder keeps experiment_run.json (the
-exact train.py arguments) and experiment.log (every command and its output); rerunning
-with an arm's settings changed is refused rather than mixing two settings in one arm.
---jobs=N runs N at once: on CPU the cores are split between them, with several GPUs each
-run gets one (CUDA_VISIBLE_DEVICES), and --torchrun=K runs each through torchrun on K
-processes instead. --launcher=slurm makes every run one Slurm job (all of them one job
-array, submitted through submitit) with what --slurm_* ask for, and waits for them: a run
-finished by an earlier job is not submitted again, a run whose job is still queued is
-waited for, not submitted twice, a job cut by its time limit or a preemption is requeued
-and its run resumes from its checkpoint; --detach=True returns once they are submitted
-and --aggregate_only=True --launcher=slurm waits for them and aggregates. Each run folder
-then also keeps slurm_jobs.jsonl (every job id with its stdout and stderr files, which
-are in <out_root>/<name>/slurm/) and slurm_progress.json (the stages its job finished).
-
-Then, into <out_root>/<name>/tables/ (stats.py has the definitions):
-  curves.csv          arm, metric, iter: n, mean, sd, lo, hi over seeds
-  final.csv           arm, metric at the last checkpoint: n, mean, sd, lo, hi, values by seed
-  differences.csv     arm - baseline at the last checkpoint: diff, lo, hi (the chosen test's
-                      95% interval for that metric alone), lo_sim, hi_sim (simultaneous over
-                      the family: Bonferroni), p (the chosen test), p_holm (Holm across the
-                      metrics of one side of one arm: output, input or tag), mdd80 (the
-                      smallest difference detected with 80% power), every test's p
-  saturation.csv      arm, metric: the saturation step's n, mean, lo, hi, min, max over seeds
-  saturation_runs.csv each run's saturation step per metric
-  runs.csv            every run: arm, seed, folder, final step, commit
-and <out_root>/<name>/visualize/: bands_output.png, bands_input.png (tag: bands_tags.png),
-raw values with a band per arm and the saturation steps, and forest.png, the end-of-run
-differences from the baseline.
+One run per ordering proves nothing: seed k of every arm shares its initialisation, so the
+arms are compared by seed-matched differences. Each run (arm x seed) is train.py (a
+finished run is skipped, a cut one resumed), eval.py and, for arms with tags,
+durability.py, into <out_root>/<name>/<arm>/seed<k>/ (name: the spec's file name); then
+tables into <out_root>/<name>/tables/ and figures into visualize/. The spec's keys, the
+tables' columns and the launchers are defined in docs/experiments.md.
 """
 
 import dataclasses
