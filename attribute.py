@@ -1,7 +1,7 @@
 """
 Which training batches pushed a behaviour? Attribution over the run's own record (every
 checkpoint's interval lists exactly which batch was trained at which step), by a
-registered estimator (prebias/attribution.py: grad_dot, tracin, tracin_adam, trak, ekfac),
+registered estimator (prebias/attribution.py: grad_dot, tracin, tracin_adam, trak, ekfac, magic),
 graded by retraining in place: a removed batch's rows weigh 0 at its step and every other
 batch stays where it was (train.py --train_mask), so a retrain differs from the run by
 the removal alone.
@@ -14,6 +14,8 @@ $ python attribute.py --out_dir=out --probe=metric:sentiment      # needs eval.p
 $ python attribute.py --out_dir=out --probe=val --validate=topk --k=50 --n_random=5
 $ python attribute.py --out_dir=out --probe=val --n_val=64 --validate=lds --subsets=50 --alpha=0.5 --jobs=2
 $ python attribute.py --out_dir=out --probe=val --validate=order --moves=30
+$ python attribute.py --out_dir=out --probe=val --estimator=magic     # exact metagradients (prebias/magic.py)
+$ python attribute.py --out_dir=out --probe=val --validate=order --estimators=tracin,magic
 
 Probes: val (each of the first n_val validation batches is one probe; the influence table
 is their mean, i.e. the mean validation loss), text:<text>, tag:<id> (a canary's secret
@@ -32,7 +34,8 @@ estimator, reuses every finished retrain):
          the same M subsets (each batch kept with probability alpha): table lds_<probe>.csv
   order  random moves (move_rows batches of the first move_frac of the run swapped with as many
          of the last), retrained with that order (the replay strategy): the correlation of the
-         predicted change of the probe (prebias.attribution.move_effect) with the measured one
+         predicted change of the probe (prebias.attribution.move_effect; with magic in
+         --estimators also prebias.magic.move_effect_magic, exact to first order) with the measured one
 """
 
 import hashlib
@@ -49,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from prebias import attribution as A
-from prebias import batchmetrics
+from prebias import batchmetrics, magic
 from prebias import tags as tagmod
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
 from prebias.common import (UserError, atomic_path, config_to_argv, main_guard, parse_config, save_figure,
@@ -564,6 +567,15 @@ def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     rows.append({"estimator": "unrolled", "pearson": p["r"], "pearson_lo": p["lo"], "pearson_hi": p["hi"],
                  "spearman": s["r"], "spearman_lo": s["lo"], "spearman_hi": s["hi"],
                  "seconds": time.perf_counter() - t0})
+    if "magic" in estimator_list(cfg):  # exact to first order, one reverse pass (prebias/magic.py)
+        t0 = time.perf_counter()
+        pred = magic.move_effect_magic(ctx, [moves_of(traj.rec["batch_ids"], o) for o in orders])
+        table["predicted_magic"] = pred
+        p, s = A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed), \
+            A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed, "spearman")
+        rows.append({"estimator": "magic", "pearson": p["r"], "pearson_lo": p["lo"], "pearson_hi": p["hi"],
+                     "spearman": s["r"], "spearman_lo": s["lo"], "spearman_hi": s["hi"],
+                     "seconds": time.perf_counter() - t0})
     res = pd.DataFrame(rows)
     print(f"order: {len(orders)} moves of {cfg.move_rows} batches each way between the first and last "
           f"{cfg.move_frac:g} of {traj.run.max_iters} steps; measured change of the probe loss "

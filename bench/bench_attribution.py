@@ -13,6 +13,7 @@ rerun reuses the trained run, every finished retrain and the gradient caches.
 
 $ python bench/bench_attribution.py                          # ~1 h per dataset on 2 busy cores
 $ python bench/bench_attribution.py --datasets=sample --subsets=20 --jobs=1
+$ python bench/bench_attribution.py --magic                   # magic's planted truth and cost only
 
 Settings: dim 64, 4 layers, 4 heads, 2 kv heads, vocab 512 (the demo's shape) with
 max_seq_len 64 and batch_size 8 (the demo trains 256 x 16: smaller here so the ~80 retrains
@@ -22,11 +23,13 @@ probes: the first 64 validation windows; d = 512.
 """
 
 import argparse
+import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 import attribute  # noqa: E402
 import tinystories  # noqa: E402
 import train  # noqa: E402
-from prebias.checkpoint import list_checkpoints  # noqa: E402
+from prebias import attribution as A  # noqa: E402
+from prebias import magic  # noqa: E402
+from prebias.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 
 RUN = dict(vocab_size=512, max_seq_len=64, batch_size=8, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
            max_iters=200, eval_interval=50, warmup_iters=20, eval_iters=4, log_interval=50,
@@ -109,6 +114,48 @@ def summary(name: str, r: dict):
     print(f"total {r['seconds'] / 60:.0f} min (cached parts not counted again)")
 
 
+def magic_planted_truth(dim=16, n_layers=2, steps=20, pairs=50, seed=0) -> dict:
+    """d probe / d w by the reverse pass against central differences in float64 (prebias/magic.py
+    planted_truth: warmup, clipping active) at `pairs` random (step, row) pairs. Target: <= 1e-4."""
+    t0 = time.perf_counter()
+    r = magic.planted_truth(dim=dim, n_layers=n_layers, steps=steps, pairs=pairs, seed=seed)
+    e = r["rel_err"]
+    print(f"magic planted truth (dim {dim}, {n_layers} layers, {steps} steps, float64, clip active on "
+          f"{100 * r['clipped']:.0f}% of the steps): {pairs} (step, row) pairs, relative error max {e.max():.2e}, "
+          f"median {np.median(e):.2e} (target <= 1e-4: {'met' if e.max() <= 1e-4 else 'NOT met'}), "
+          f"{time.perf_counter() - t0:.0f} s")
+    return r
+
+
+def magic_cost(root: Path, data: Path, n_probes: int = 1, **over) -> dict:
+    """One probe's reverse pass against the run's own training, timed in one process on the same
+    machine: a fresh run of the bench config (RUN, with `over`; its kept optimizer files are the
+    reverse pass's anchors, without them it replays the run once more), then metagradients of
+    the first n_probes validation windows. Peak memory: the process's max RSS (ru_maxrss)."""
+    out = root / "magic_cost" / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    args = {**RUN, **over, "data_dir": data, "tables_dir": root / "magic_cost" / "tables",
+            "out_dir": out}
+    t0 = time.perf_counter()
+    train.main([f"--{k}={v}" for k, v in args.items()])
+    t_run = time.perf_counter() - t0
+    rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    traj = A.Trajectory(out)
+    t_steps = float(load_checkpoint(traj.last).get("compute", {}).get("train_s", t_run))  # the steps alone
+    probes = [A.Item(w) for w in traj.data.windows(traj.data.val_ids[:n_probes])]
+    res = magic.metagradients(traj, probes)
+    r = {"train_s": t_run, "train_steps_s": t_steps, "reverse_s": res.seconds, "ratio": res.seconds / t_run,
+         "ratio_steps": res.seconds / t_steps, "peak_rss_train_mb": rss_train,
+         "peak_rss_mb": res.peak_rss_mb, "replay_max_diff": res.replay_max_diff,
+         "steps": traj.run.max_iters}
+    print(f"magic cost ({traj.run.max_iters} steps, dim {traj.run.dim}, {traj.run.n_layers} layers, {n_probes} "
+          f"probe): training {t_run:.1f} s (whole train.py run; its steps alone {t_steps:.1f} s), reverse pass "
+          f"{res.seconds:.1f} s = {r['ratio']:.2f}x the run, {r['ratio_steps']:.2f}x its steps (target <= 3x); "
+          f"peak RSS {rss_train:.0f} MB after training, {res.peak_rss_mb:.0f} MB after the reverse pass; replay vs "
+          f"checkpoints max |diff| {res.replay_max_diff:.3g}")
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/prebias_bench_attribution")
@@ -119,7 +166,12 @@ def main():
     ap.add_argument("--n_random", type=int, default=3)
     ap.add_argument("--moves", type=int, default=12)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--magic", action="store_true", help="only magic's planted truth and its cost on the sample")
     args = ap.parse_args()
+    if args.magic:
+        magic_planted_truth()
+        magic_cost(Path(args.root), prepare("sample", Path(args.root)))
+        return
     results = {}
     for name in args.datasets.split(","):
         r = dataset(name, args)

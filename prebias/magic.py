@@ -23,8 +23,10 @@ by reverse-mode differentiation through every optimizer step, Adam's moments inc
                  (ckpt_0, zero moments) and every checkpoint whose optimizer file was kept
                  (--keep_optimizer=True), plus one every `segment` steps replayed forward; each
                  segment is replayed from its anchor keeping its states (theta, m, v and the
-                 pre-clip gradient G_t) and reversed (sqrt-T checkpointing: memory ~ (T/S + S)
-                 states of 4 parameter vectors, time ~ 1 forward replay + 1 reverse pass)
+                 pre-clip gradient G_t) and reversed. The stretches between anchors are the
+                 segments where their states fit in 1 GiB (time: 1 forward replay + 1 reverse
+                 pass); else sqrt-T checkpointing (memory ~ (T/S + S) states of 4 parameter
+                 vectors, time ~ 2 forward replays + 1 reverse pass)
 
 Why on torch autograd rather than a library: bergson (EleutherAI's MAGIC) wants torch 2.14
 and CUDA wheels (pip install --dry-run bergson replaces the pinned torch 2.13.0), and
@@ -59,7 +61,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, optimizer_path
+from model import ModelArgs, Transformer
+from prebias.checkpoint import load_checkpoint, model_from_checkpoint, optimizer_path
 from prebias.common import UserError, atomic_path, file_signature
 from prebias.schedule import get_lr
 
@@ -206,7 +209,8 @@ class Replay:
                 lam_G.append(list(d[3 * n:]))
         return back, lam_G
 
-    def _reverse_grad(self, theta: list, windows: torch.Tensor, w: torch.Tensor, lam_G: list) -> tuple[list, np.ndarray]:
+    def _reverse_grad(self, theta: list, windows: torch.Tensor, w: torch.Tensor,
+                      lam_G: list) -> tuple[list, np.ndarray]:
         """Through G(theta, w) = sum of the micro-batches' gradients: per probe, H lambda_G
         (double backward) and d <lambda_G, G> / d w. SDPA's math kernel: the fused CPU kernel
         has no double backward (same function, other rounding of the forward)."""
@@ -293,14 +297,24 @@ class _Segments:
         return states, Gs, s
 
 
+def default_segment(run: Run, budget: float = 2 ** 30) -> int:
+    """Steps per segment: the longest stretch between anchors when its states (theta, m, v, G:
+    4 parameter vectors a step) fit in `budget` bytes, so each step is replayed once; else
+    ceil(sqrt(steps)) (a first pass keeps an anchor every segment: each step replayed twice)."""
+    cuts = sorted(set(run.anchors) | {run.steps})
+    longest = max(b - a for a, b in zip(cuts, cuts[1:]))
+    per_step = 4 * sum(x.numel() * x.element_size() for x in run.anchors[0].theta)
+    return longest if longest * per_step <= budget else math.isqrt(max(run.steps - 1, 0)) + 1
+
+
 def reverse_pass(run: Run, probe_grads, segment: int = 0, extra: dict | None = None) -> Pass:
     """d probe / d w for every (step, row) of the run, for every probe at once.
     probe_grads(theta_T) -> [d probe_p / d theta] (P lists); segment: steps per segment
-    (0: ceil(sqrt(steps))); extra {step: windows (n, T+1)}: windows whose first-order effect
+    (0: default_segment); extra {step: windows (n, T+1)}: windows whose first-order effect
     at that step is wanted, <lambda_t, g_z(theta_t)> / B."""
     t0 = time.perf_counter()
     T, extra = run.steps, extra or {}
-    every = segment or math.isqrt(max(T - 1, 0)) + 1
+    every = segment or default_segment(run)
     seg = _Segments(run, every)
     bounds = sorted({c for c in range(0, T, every)} | {a for a in run.anchors if a < T})
     lams, dw, out, theta_T = None, None, {}, None
@@ -336,15 +350,16 @@ def extra_effects(replay: Replay, theta: list, windows: torch.Tensor, lam_G: lis
 # -----------------------------------------------------------------------------
 # a recorded run (attribution.Trajectory) as a Run
 
-def check_replayable(cfg) -> None:
-    """One line for a run whose step this replay cannot reproduce."""
+def check_replayable(cfg, on_cuda: bool) -> None:
+    """One line for a run whose step this replay cannot reproduce. on_cuda: the run trained on
+    a GPU (its checkpoints saved a CUDA RNG state), where --dtype=auto meant bfloat16."""
     if cfg.dropout > 0:
         raise UserError(f"--estimator=magic replays the run's steps exactly, but the run trained with "
                         f"--dropout={cfg.dropout}, whose masks the reverse pass cannot redraw (SDPA's fused "
                         "kernel draws them): use a run trained with --dropout=0")
-    if not (cfg.dtype == "float32" or (cfg.dtype == "auto" and cfg.device == "cpu")):
-        raise UserError(f"--estimator=magic replays float32 runs; this one trained with --dtype={cfg.dtype} on "
-                        f"--device={cfg.device} (autocast): retrain with --dtype=float32")
+    if not (cfg.dtype == "float32" or (cfg.dtype == "auto" and not on_cuda)):
+        raise UserError(f"--estimator=magic replays float32 runs; this one trained with --dtype={cfg.dtype}"
+                        f"{' on a GPU' if on_cuda else ''} (autocast): retrain with --dtype=float32")
 
 
 def _load_state(model, theta: list, opt_file: Path, it: int) -> State:
@@ -364,27 +379,31 @@ def _load_state(model, theta: list, opt_file: Path, it: int) -> State:
     return State(theta, m, v)
 
 
-def run_of(traj, device: str = "cpu", use_saved: bool = True) -> Run:
-    """The Run of a Trajectory: windows as trained, weights 1 (0 where masked), lr of each
+def run_of(traj, device: str = "cpu", use_saved: bool = True, weights: np.ndarray | None = None) -> Run:
+    """The Run of a Trajectory: windows as trained, weights 1 (0 where masked; or `weights`
+    (steps, B), the loss weights the run trained with where they were not 0/1), lr of each
     step from the config of the checkpoint closing its interval (a resume may change it),
     anchors at step 0 (zero moments) and, with use_saved, every checkpoint whose optimizer
     file was kept; every checkpoint's weights to hold the replay to."""
     cfg = traj.run
-    check_replayable(cfg)
+    ck0 = load_checkpoint(traj.ckpts[0][1])
+    check_replayable(cfg, "cuda" in ck0.get("rng", {}))
     if str(device).startswith("cpu"):
         torch.set_flush_denormal(bool(getattr(cfg, "flush_denormal", False)))  # as train.py set it (process-wide)
     if traj.ckpts[0][0] != 0:
         raise UserError(f"{traj.out_dir} has no ckpt_0.pt: the replay starts from step 0")
-    model = model_from_checkpoint(load_checkpoint(traj.ckpts[0][1])).to(device)
+    model = model_from_checkpoint(ck0).to(device)
     names = [n for n, _ in model.named_parameters()]
     T = traj.intervals[-1].it1
     windows, w, lrs = [None] * T, torch.zeros(T, traj.rec["batch_ids"].shape[1]), np.zeros(T)
     for iv in traj.intervals:
         ck_cfg = load_checkpoint(dict(traj.ckpts)[iv.it1])["config"]
         for j, s in enumerate(iv.steps):
-            windows[s] = torch.from_numpy(np.stack([traj.items[i].tokens for i in iv.win[j]]).astype(np.int64)).to(device)
+            windows[s] = tokens([traj.items[i].tokens for i in iv.win[j]], device)
             w[s] = torch.from_numpy(iv.keep[j].astype(np.float32))
             lrs[s] = get_lr(int(s), _Cfg(ck_cfg))
+    if weights is not None:
+        w = torch.as_tensor(np.asarray(weights, np.float32)[:T])
     hyper = Hyper(lrs, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.gradient_accumulation_steps)
     recorded, anchors = {}, {}
     for it, p in traj.ckpts:
@@ -399,6 +418,11 @@ def run_of(traj, device: str = "cpu", use_saved: bool = True) -> Run:
     return Run(Replay(model, hyper), windows, w.to(device), anchors, recorded)
 
 
+def tokens(windows: list, device: str = "cpu") -> torch.Tensor:
+    """(n, T+1) int64 on device from token arrays (the index stores uint16)."""
+    return torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
+
+
 class _Cfg:
     def __init__(self, d: dict):
         self.__dict__.update(d)
@@ -410,7 +434,8 @@ def item_loss(replay: Replay, theta: list, tokens, weight=None) -> torch.Tensor:
     logits = replay.logits(theta, t[:, :-1])
     ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2), t[:, 1:],
                          reduction="none")[0]
-    wt = torch.ones_like(ce) if weight is None else torch.as_tensor(np.asarray(weight), dtype=ce.dtype, device=ce.device)
+    wt = torch.ones_like(ce) if weight is None else torch.as_tensor(np.asarray(weight), dtype=ce.dtype,
+                                                                    device=ce.device)
     return (ce * wt).sum() / wt.sum()
 
 
@@ -424,12 +449,15 @@ def probe_gradients(replay: Replay, probes: list):
 
 
 def metagradients(traj, probes: list, device: str = "cpu", segment: int = 0, extra: dict | None = None,
-                  mean: bool = False) -> Pass:
+                  mean: bool = False, weights: np.ndarray | None = None) -> Pass:
     """One reverse pass through the run `traj` (an attribution.Trajectory) for the probes
     (Items: tokens, weight): Pass.dw (P, steps, B) = d probe_p / d w[s, r] (mean: one
     probe, their mean). Every checkpoint the replay reaches is compared with it
     (Pass.replay_max_diff); extra {step: windows (n, T+1)} as reverse_pass."""
-    run = run_of(traj, device)
+    run = run_of(traj, device, weights=weights)
+    bad = sorted(t for t in (extra or {}) if not 0 <= t < run.steps)
+    if bad:
+        raise UserError(f"step {bad[0]} is not a step of {traj.out_dir} (it trained steps 0..{run.steps - 1})")
     grads = probe_gradients(run.replay, probes)
     if mean:
         def one(theta):
@@ -489,7 +517,7 @@ def step_effect(ctx, batch_ids, steps, device: str = "cpu") -> np.ndarray:
     each batch (its plain window) at each step with weight 1, one more row of that step:
     <lambda_t, g_z(theta_t)> / B. Where in the run does a batch matter most."""
     data = ctx.traj.data
-    wins = torch.from_numpy(np.stack([data.window(int(b)) for b in batch_ids]).astype(np.int64)).to(device)
+    wins = tokens([data.window(int(b)) for b in batch_ids], device)
     res = metagradients(ctx.traj, ctx.probes, device, extra={int(t): wins for t in steps}, mean=True)
     return np.stack([res.extra[int(t)][:, 0] for t in steps], axis=1)
 
@@ -502,7 +530,7 @@ def move_effect_magic(ctx, move_sets: list, device: str = "cpu") -> np.ndarray:
         for z, a, b in ms:
             for s in (a, b):
                 want.setdefault(int(s), {}).setdefault(int(z), len(want.get(int(s), {})))
-    extra = {s: torch.from_numpy(np.stack([data.window(z) for z in zs]).astype(np.int64)).to(device) for s, zs in want.items()}
+    extra = {s: tokens([data.window(z) for z in zs], device) for s, zs in want.items()}
     res = metagradients(ctx.traj, ctx.probes, device, extra=extra, mean=True) if extra else None
     return move_sum(move_sets, lambda z, s: res.extra[int(s)][want[int(s)][int(z)], 0])
 
@@ -524,7 +552,6 @@ def planted_truth(dim: int = 16, n_layers: int = 2, steps: int = 20, B: int = 4,
     a probe's loss by the reverse pass against (f(w + h e) - f(w - h e)) / 2h at `pairs`
     random (step, row) pairs, each replayed from the stored state before its step.
     {rel_err (pairs,), dw, fd, pairs, clipped (share of steps whose norm exceeded the clip)}."""
-    from model import ModelArgs, Transformer  # noqa: PLC0415 (model is a shared module, not a command)
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=2, n_kv_heads=1, vocab_size=vocab,
                                   max_seq_len=T)).double()

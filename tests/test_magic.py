@@ -153,3 +153,15 @@ def test_an_empty_move_predicts_zero_and_the_table_scores_batches(tiny_run):
     occ = np.argwhere(table["batch_ids"] == z)
     assert S.shape == (len(traj.batches), 2)
     assert S[b] == pytest.approx(-sum(table["dw"][:, i, j] for i, j in occ), rel=1e-12)
+    curve = M.step_effect(ctx, [z], [s, 20])  # z's effect at its own step is its row's dw (mean probe)
+    assert curve.shape == (1, 2) and curve[0, 0] == pytest.approx(table["dw"][:, s, 1].mean(), rel=1e-3)
+
+
+def test_runs_it_cannot_replay_are_refused_with_one_line():
+    from prebias.common import UserError
+    M.check_replayable(types.SimpleNamespace(dropout=0.0, dtype="auto"), on_cuda=False)  # float32 on CPU
+    for cfg, on_cuda, says in ((dict(dropout=0.1, dtype="float32"), False, "--dropout=0.1"),
+                               (dict(dropout=0.0, dtype="bfloat16"), False, "--dtype=bfloat16"),
+                               (dict(dropout=0.0, dtype="auto"), True, "--dtype=auto on a GPU")):
+        with pytest.raises(UserError, match=says):
+            M.check_replayable(types.SimpleNamespace(**cfg), on_cuda)
