@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prebias import batchmetrics
+from prebias import attribution, batchmetrics
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config
 from prebias.common import (UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic,
                             write_json_atomic)
@@ -108,9 +108,10 @@ def score_batches(cfg: SelectConfig, data: BatchData, column, ids: np.ndarray, m
     score, model, how = SCORES[cfg.by], None, f"score {cfg.by}"
     device = auto_device(cfg.device)
     cost = {"flops": 0.0, "ref_fit_flops": 0.0}
+    run = None
     if score.needs_run:
         early_checkpoint(cfg.out_dir, -1, cfg.by)  # no run: one line
-        how = f"{cfg.by}: the reverse pass of {cfg.out_dir}"
+        run, how = attribution.Trajectory(cfg.out_dir), f"{cfg.by}: the reverse pass of {cfg.out_dir}"
     if score.needs_model:
         it, path = early_checkpoint(cfg.out_dir, cfg.ckpt_iter, cfg.by)
         model, how = model_from_checkpoint(load_checkpoint(path), device), f"{cfg.by} at {path} (step {it})"
@@ -121,7 +122,7 @@ def score_batches(cfg: SelectConfig, data: BatchData, column, ids: np.ndarray, m
     if irr is not None and cfg.holdout != "keep":
         irr.check_held_out(f"--by={cfg.by}")
     ctx = ScoreContext(device=device, batch_size=cfg.batch_size, batch_metric=column, metric=cfg.select_metric,
-                       target=cfg.select_target, irreducible=irr, run_dir=cfg.out_dir,
+                       target=cfg.select_target, irreducible=irr, run=run,
                        magic_steps=cfg.magic_steps, n_val=cfg.n_val)
     perm = np.random.default_rng(cfg.seed).permutation(len(ids))
     out = np.empty(len(ids))

@@ -122,7 +122,7 @@ def bed_runs(bed: str, data: Path, tables: Path, a, root: Path, methods=SELECTED
     over = {"uniform": {}, "loss": dict(select="loss", select_pool=a.pool),
             "rho": dict(select="rho", select_pool=a.pool),
             "rho_ref": dict(select="rho", select_pool=a.pool, select_ref=ref_ckpt),
-            "prune": dict(schedule_spec=spec)}
+            "prune": dict(schedule_spec=spec), "magic": {}}  # magic's spec: per seed, below
     over = {m: kw for m, kw in over.items() if m == "uniform" or m in methods}
     bm, _ = batchmetrics.load_batch_metrics(tables, BatchData(data, 512, a.seq))
     noisy = bm["noisy"].to_numpy()
@@ -219,8 +219,10 @@ def print_table(bed: str, table: list[dict], a):
     for m in methods:
         sel = [r for r in table if r["method"] == m]
         print(f"{m:8s} " + " ".join(f"{interval([r[k] for r in sel], f):>26s}" for _, k, f in cols))
-    print("uniform@budget: " + ", ".join(f"{m} {sorted({r['matched_steps'] for r in table if r['method'] == m})} steps"
-                                         for m in methods[1:]))
+    print("uniform@budget: " + ", ".join(
+        f"{m} {sorted({r['matched_steps'] for r in table if r['method'] == m})} steps" if any(
+            r["method"] == m and not math.isnan(r["gap_vs_matched"]) for r in table) else f"{m} not run"
+        for m in methods[1:]))
 
 
 def markdown(table: list[dict]) -> str:
@@ -262,7 +264,7 @@ def main():
     ap.add_argument("--proxy_dim", type=int, default=32, help="magic: the proxy's width (same depth)")
     ap.add_argument("--magic_steps", type=int, default=2, help="magic: steps of the proxy whose effects are averaged")
     ap.add_argument("--n_val", type=int, default=32, help="magic: validation windows of the target loss")
-    ap.add_argument("--magic_pool", type=int, default=0, help="magic: rank a random subset of this many batches (0: all)")
+    ap.add_argument("--magic_pool", type=int, default=0, help="magic: rank a random N of the batches (0: all)")
     ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (real beds)")
     ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
     a = ap.parse_args()

@@ -33,14 +33,20 @@ $ python -c "from prebias.selection import SCORES; print(list(SCORES))"
 """
 
 import contextlib
+import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from export import load_v0
 from model import per_row_loss
+from prebias import magic as M
 from prebias.batchmetrics import REF_COLUMNS  # the batch metrics that read the reference scorer
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, stream_records
 from prebias.common import Registry, UserError
@@ -61,7 +67,7 @@ class ScoreContext:
     irreducible: object = None  # ids -> irreducible loss of each (rho)
     metric: str = ""  # metric: the batch metric to steer by...
     target: float = 0.0  # ...toward this value
-    run_dir: str = ""  # magic: the proxy run whose reverse pass scores the batches...
+    run: object = None  # magic: the proxy run (an attribution.Trajectory) whose reverse pass scores...
     magic_steps: int = 4  # ...at this many steps spread over it...
     n_val: int = 32  # ...for the mean loss of this many validation windows
     cost: dict = field(default_factory=dict)  # what a score spends besides forward passes (magic fills it)
@@ -135,8 +141,8 @@ def metric(model, data, ids, ctx):
 
 @register("magic", needs_model=False, needs_run=True)
 def magic(model, data, ids, ctx):
-    eff, cost, _ = proxy_effects(ctx.run_dir, data.windows(ids), ctx.magic_steps, ctx.n_val, ctx.device,
-                              ctx.batch_size)
+    eff, cost, _ = proxy_effects(ctx.run, data.windows(ids), ctx.magic_steps, ctx.n_val, ctx.device,
+                                 ctx.batch_size)
     ctx.cost.update(cost)
     return -eff.mean(1)
 
@@ -261,10 +267,10 @@ def spread_steps(T: int, k: int) -> list[int]:
     return sorted({min(T - 1, int((i + 0.5) * T / k)) for i in range(min(k, T))})
 
 
-def proxy_effects(run_dir, windows: np.ndarray, k: int = 4, n_val: int = 32, device: str = "cpu",
+def proxy_effects(traj, windows: np.ndarray, k: int = 4, n_val: int = 32, device: str = "cpu",
                   chunk: int = 32, steps: list | None = None) -> tuple[np.ndarray, dict, object]:
     """(n, len(steps)) first-order change of the mean loss of the first n_val validation
-    windows at the end of the run `run_dir` from training each window (n, T+1) at each step
+    windows at the end of the run `traj` (an attribution.Trajectory) from training each window (n, T+1) at each step
     t once more with weight 1: <lambda_t, g_z(theta_t)> / B, lambda_t = d val / d G_t from
     one exact reverse pass (prebias/magic.py: the same quantity as its step_effect, and as
     d val / d w[t, r] where z is the row r it trained at t), g_z by forward-mode AD (one
@@ -272,13 +278,10 @@ def proxy_effects(run_dir, windows: np.ndarray, k: int = 4, n_val: int = 32, dev
     reverse pass's and the JVPs' FLOPs (each kind of call counted once by torch's
     FlopCounterMode, times the calls: counting every call would slow the pass 5x), with
     their seconds; and the reverse pass itself (magic.Pass: dw of every trained (step, row))."""
-    import time  # noqa: PLC0415
-    from prebias import attribution, magic as M  # noqa: PLC0415 (the replay only where it is used)
-    traj = attribution.Trajectory(run_dir)
     run = M.run_of(traj, device)
     steps = spread_steps(run.steps, k) if steps is None else list(steps)
     run.replay = cap = _Capture(run.replay, steps)
-    probes = [attribution.Item(w) for w in traj.data.windows(traj.data.val_ids[:n_val])]
+    probes = [types.SimpleNamespace(tokens=w, weight=None) for w in traj.data.windows(traj.data.val_ids[:n_val])]
     grads = M.probe_gradients(cap, probes)
 
     def mean_grad(theta):  # one adjoint: the mean probe, as magic.metagradients(mean=True)
@@ -302,7 +305,6 @@ def proxy_effects(run_dir, windows: np.ndarray, k: int = 4, n_val: int = 32, dev
 
 def counted(fn, *args):
     """(FLOPs as torch's FlopCounterMode counts them, fn(*args))."""
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
     with FlopCounterMode(display=False) as fc:
         out = fn(*args)
     return float(fc.get_total_flops()), out
@@ -320,8 +322,6 @@ def directional(replay, theta: list, lam: list, wins: torch.Tensor, chunk: int) 
     forward-mode JVP per chunk of windows (each row's loss is a function of theta alone, so
     one tangent gives every row's directional derivative), the first chunk counted. SDPA's
     math kernel: the fused one has no forward AD."""
-    from torch.func import jvp  # noqa: PLC0415
-    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
     out, per_window = [], 0.0
 
     def one(win):

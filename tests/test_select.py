@@ -15,7 +15,8 @@ from conftest import TinyRun
 from prebias import batchmetrics, checkpoint
 from prebias.common import UserError
 from prebias.data import BatchData
-from prebias.selection import SCORES, ScoreContext
+from prebias.attribution import Trajectory
+from prebias.selection import SCORES, ScoreContext, proxy_effects
 
 
 def test_keeps_the_hardest_by_ref_nll_and_train_uses_only_them(tiny_run, tmp_path):
@@ -69,7 +70,7 @@ def test_el2n_matches_its_definition(tiny_run, tmp_path):
 
 
 def test_bad_arguments_are_one_line(tiny_run):
-    with pytest.raises(UserError, match=r"--by=nope: choose a selection score \(uniform, loss, rho, el2n, metric\) or a batch metric: noisy, ref_nll"):
+    with pytest.raises(UserError, match=r"--by=nope: choose a selection score \(uniform, loss, rho, el2n, metric, magic\) or a batch metric: noisy, ref_nll"):
         select_batches.main([f"--data_dir={tiny_run.data_dir}", f"--tables_dir={tiny_run.tables_dir}",
                              "--vocab_size=512", "--max_seq_len=64", "--by=nope"])
     with pytest.raises(UserError, match=r"--keep=0.0: a fraction in \(0, 1\]"):
@@ -83,7 +84,6 @@ def test_magic_is_the_metagradient_ranks_a_repeated_token_batch_last_and_counts_
     lambda_t), which equals the reverse pass's d val / d w[t, r] where z is the row r
     trained at t (two code paths); a planted window of one repeated token ranks below 32
     clean training windows; the proxy run, the reverse pass and the JVPs are counted."""
-    from prebias.selection import proxy_effects
     spec = select_batches.main([f"--out_dir={tiny_run.out_dir}", "--by=magic", "--keep=0.5", "--pool=24",
                                 "--n_val=16", "--magic_steps=2", "--tag=test"])
     name = str(spec).replace("_spec.json", "")
@@ -99,7 +99,7 @@ def test_magic_is_the_metagradient_ranks_a_repeated_token_batch_last_and_counts_
     clean = data.windows(np.random.default_rng(0).choice(data.train_ids, 32, replace=False))
     planted = np.full((1, clean.shape[1]), int(clean[0, 5]))
     pool = data.windows(ranking["batch_id"].to_numpy())
-    eff, cost, res = proxy_effects(tiny_run.out_dir, np.concatenate([trained, clean, planted, pool]), k=2,
+    eff, cost, res = proxy_effects(Trajectory(tiny_run.out_dir), np.concatenate([trained, clean, planted, pool]), k=2,
                                    n_val=16)
     assert cost["steps"] == how["cost"]["steps"] == steps and res.replay_max_diff == 0.0
     for k, t in enumerate(steps):
