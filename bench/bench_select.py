@@ -30,7 +30,7 @@ noisy share it trained on. Mean and 95% t-interval over seeds. Runs are kept in
 --keep_dir and reused (a finished run is read back, a killed one resumes), so a second
 call only adds what is missing; per-seed numbers go to <keep_dir>/bench_select.csv.
 
-$ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~2 h on 2 cores)
+$ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~2 h without magic)
 $ python bench/bench_select.py --beds=noisy --seeds=1 --max_iters=60  # a smoke run
 $ python bench/bench_select.py --beds=real --real_dir=<folder> --methods=prune,magic --matched=prune
 """
