@@ -7,6 +7,7 @@ $ python select_batches.py --by=ref_nll --keep=0.8 --easiest       # reference-s
 $ python select_batches.py --by=el2n --keep=0.5 --out_dir=out/short  # EL2N from an early checkpoint
 $ python select_batches.py --by=rho --keep=0.8 --out_dir=out/short   # RHO-LOSS offline
 $ python select_batches.py --by=fk_grade --keep=0.3 --easiest        # any batch metric
+$ python select_batches.py --by=magic --keep=0.8 --out_dir=out/proxy  # metagradient of val loss (offline only)
 $ python train.py --schedule_spec=out/tables/select/ref_nll_hardest_0.5_spec.json --out_dir=out/pruned
 
 --by is a registered selection score (prebias/selection.py, the same functions online
@@ -15,7 +16,14 @@ batch_metrics.csv (ref_nll: the batch's loss under the reference scorer). Scores
 read a model take it from an early checkpoint of a short run (--out_dir, --ckpt_iter;
 default: the first checkpoint at or after 10% of that run's max_iters); rho's
 irreducible loss is ref_nll or --select_ref's model; metric steers toward
---select_target of --select_metric; uniform keeps a seeded random subset.
+--select_target of --select_metric; uniform keeps a seeded random subset. magic reads
+the whole recorded run --out_dir (a short proxy run, --dropout=0, float32): one exact
+reverse pass of its validation loss (the first --n_val validation windows) gives the
+adjoint lambda_t of each step's gradient, and a batch scores minus its first-order effect
+on that loss when added at step t, <lambda_t, g_z(theta_t)> / B, averaged over
+--magic_steps steps spread over the run (highest = most helpful: keep with --hardest,
+the default). --pool=N ranks a seeded random N of the batches only (a score that costs
+per batch pays only for those).
 --hardest keeps the highest scores (EL2N's and Sorscher et al.'s choice for large data),
 --easiest the lowest. NaN scores are never kept.
 
@@ -29,7 +37,10 @@ Outputs (in <tables_dir>/select/, named <by>_<hardest|easiest>_<keep>):
   _ranking.csv   batch_id, score, rank (1 = first kept), kept, and the noisy column
                  when the data has one (tinystories.py sample --noise)
   _select.json   how: the score, the holdout left out, and the cost of scoring (FLOPs of
-                 a scoring model's forward passes, seconds), for compute-matched comparisons
+                 a scoring model's forward passes, seconds; magic: the proxy run's FLOPs
+                 and seconds, its reverse pass's, its JVPs'), total_flops all of it, for
+                 compute-matched comparisons
+--tag appends _<tag> to the names (several rankings of one score side by side).
 """
 
 import re
@@ -42,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prebias import batchmetrics
+from prebias import attribution, batchmetrics
 from prebias.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, run_config
 from prebias.common import (SEED, UserError, atomic_path, auto_device, main_guard, parse_config, write_csv_atomic,
                             write_json_atomic)
@@ -62,7 +73,11 @@ class SelectConfig:
     select_ref: str = ""  # rho: a model.bin/.pt for the irreducible loss ('' = batch metrics' ref_nll)
     select_metric: str = ""  # metric: the batch metric to steer by...
     select_target: float = 0.0  # ...toward this value
-    seed: int = SEED  # uniform: the seed of the random subset
+    seed: int = SEED  # uniform: the seed of the random subset (and of --pool's)
+    pool: int = 0  # rank a seeded random subset of this many batches (0: every one)
+    magic_steps: int = 4  # magic: steps of the proxy run (spread over it) whose effects are averaged
+    n_val: int = 32  # magic: validation windows whose mean loss is the target
+    tag: str = ""  # appended to the output names
     holdout: str = "auto"  # auto: leave the holdout out exactly when the ranking reads the reference; exclude | keep
     data_dir: str = str(DATA_DIR)  # ignored when out_dir is given (the run's own data)
     tables_dir: str = str(TABLES_DIR)
@@ -93,6 +108,10 @@ def score_batches(cfg: SelectConfig, data: BatchData, column, ids: np.ndarray, m
     score, model, how = SCORES[cfg.by], None, f"score {cfg.by}"
     device = auto_device(cfg.device)
     cost = {"flops": 0.0, "ref_fit_flops": 0.0}
+    run = None
+    if score.needs_run:
+        early_checkpoint(cfg.out_dir, -1, cfg.by)  # no run: one line
+        run, how = attribution.Trajectory(cfg.out_dir), f"{cfg.by}: the reverse pass of {cfg.out_dir}"
     if score.needs_model:
         it, path = early_checkpoint(cfg.out_dir, cfg.ckpt_iter, cfg.by)
         model, how = model_from_checkpoint(load_checkpoint(path), device), f"{cfg.by} at {path} (step {it})"
@@ -103,13 +122,17 @@ def score_batches(cfg: SelectConfig, data: BatchData, column, ids: np.ndarray, m
     if irr is not None and cfg.holdout != "keep":
         irr.check_held_out(f"--by={cfg.by}")
     ctx = ScoreContext(device=device, batch_size=cfg.batch_size, batch_metric=column, metric=cfg.select_metric,
-                       target=cfg.select_target, irreducible=irr)
+                       target=cfg.select_target, irreducible=irr, run=run,
+                       magic_steps=cfg.magic_steps, n_val=cfg.n_val)
     perm = np.random.default_rng(cfg.seed).permutation(len(ids))
     out = np.empty(len(ids))
     out[perm] = score(model, data, ids[perm], ctx)
     if irr is not None:
         cost["flops"] += (forward_flops_per_window(irr.model) * irr.scored) if irr.model is not None else 0.0
         cost["ref_fit_flops"], cost["reference"] = irr.fit_flops, irr.record
+    if ctx.cost:  # magic: the proxy run (its training), its reverse pass and the JVPs
+        cost.update(ctx.cost)
+        cost["flops"] += ctx.cost["reverse_flops"] + ctx.cost["score_flops"]
     return out, how, cost
 
 
@@ -131,7 +154,15 @@ def scores(cfg: SelectConfig, data: BatchData, bm: pd.DataFrame, ids: np.ndarray
 
 def ranked_ids(cfg: SelectConfig, data: BatchData, meta: dict) -> tuple[np.ndarray, str]:
     """(the training batches to rank, the holdout mode): less the holdout where the ranking
-    reads the reference fitted on it (--holdout=auto) or --holdout=exclude."""
+    reads the reference fitted on it (--holdout=auto) or --holdout=exclude; --pool=N: a
+    seeded random N of them."""
+    ids, mode = holdout_ids(cfg, data, meta)
+    if 0 < cfg.pool < len(ids):
+        ids = np.sort(np.random.default_rng(cfg.seed).choice(ids, cfg.pool, replace=False))
+    return ids, mode
+
+
+def holdout_ids(cfg: SelectConfig, data: BatchData, meta: dict) -> tuple[np.ndarray, str]:
     mode = cfg.holdout
     if mode == "auto":
         reads = cfg.by in REF_COLUMNS or (cfg.by in SCORES and reads_reference(SCORES[cfg.by], cfg.select_metric))
@@ -151,6 +182,8 @@ def select(cfg: SelectConfig) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.by) or cfg.by.startswith("."):  # it names the output files
         raise UserError(f"--by={cfg.by!r}: a score or column name of letters, digits, '_', '-' and '.' (it names "
                         "the output files in <tables_dir>/select/)")
+    if cfg.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.tag):
+        raise UserError(f"--tag={cfg.tag!r}: letters, digits, '_', '-' and '.' (it names the output files)")
     if not 0 < cfg.keep <= 1:
         raise UserError(f"--keep={cfg.keep}: a fraction in (0, 1]")
     if cfg.which not in ("hardest", "easiest"):
@@ -167,6 +200,7 @@ def select(cfg: SelectConfig) -> Path:
     ids, mode = ranked_ids(cfg, data, meta)
     s, how, cost = scores(cfg, data, bm, ids, meta)
     cost["seconds"] = round(time.perf_counter() - t0, 3)
+    cost["total_flops"] = cost["flops"] + cost["ref_fit_flops"] + cost.get("proxy_flops", 0.0)
     key = np.where(np.isnan(s), np.inf, -s if cfg.which == "hardest" else s)
     order = np.argsort(key, kind="stable")
     n_nan, want = int(np.isnan(s).sum()), int(round(cfg.keep * len(ids)))
@@ -182,7 +216,7 @@ def select(cfg: SelectConfig) -> Path:
     rank = np.empty(len(ids), np.int64)
     rank[order] = np.arange(1, len(ids) + 1)
     kept = rank <= n_keep
-    name = f"{cfg.by}_{cfg.which}_{cfg.keep:g}"
+    name = f"{cfg.by}_{cfg.which}_{cfg.keep:g}" + (f"_{cfg.tag}" if cfg.tag else "")
     out = Path(cfg.tables_dir) / "select"
     table = pd.DataFrame({"batch_id": ids, "score": s, "rank": rank, "kept": kept})
     if "noisy" in bm.columns:
@@ -194,7 +228,8 @@ def select(cfg: SelectConfig) -> Path:
     spec = {"phases": [{"strategy": "shuffle"}], "include": str(ids_path)}
     write_json_atomic(out / f"{name}_spec.json", spec)
     write_json_atomic(out / f"{name}_select.json", {
-        "by": cfg.by, "which": cfg.which, "keep": cfg.keep, "n_kept": n_keep, "n_ranked": len(ids), "how": how,
+        "by": cfg.by, "which": cfg.which, "keep": cfg.keep, "n_kept": n_keep, "n_ranked": len(ids), "pool": cfg.pool,
+        "how": how,
         "holdout": {"mode": mode, "n_batches": len(data.holdout_ids), "sha256": data.holdout_meta.get("sha256", "")},
         "cost": cost})
     left = f", the holdout's {len(data.holdout_ids)} left out (the reference was fitted on them)" \

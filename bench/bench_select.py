@@ -12,19 +12,27 @@ seeds of:
                (train.py --holdout=only; one per bed, its training counted in every run;
                on the --ref_beds only, the noisy sample by default: its budget is the largest)
     prune      offline: keep the keep share of batches with the lowest reference loss
+    magic      offline: a short proxy run per seed (--proxy_iters steps at --proxy_dim),
+               its exact reverse pass (prebias/magic.py) and each batch's first-order
+               effect on the validation loss at --magic_steps steps (select_batches.py
+               --by=magic); keep the --keep best; the proxy run, the reverse pass and the
+               JVPs counted in the run's FLOPs
     uniform@X  a uniform run given X's FLOP budget (compute.matched_steps), its cosine
                schedule decaying to min_lr at that budget (Kaddour et al. 2023)
 
 and for each method, paired by seed: the steps to the validation loss uniform reaches at
-max_iters (as a share of max_iters), its FLOPs against uniform's, the compute-matched gap
+max_iters (as a share of max_iters), the compute to reach it (everything counted: scoring,
+the reference's fit, magic's proxy run and reverse pass) as a share of uniform's, its
+FLOPs against uniform's, the compute-matched gap
 (its final val loss minus uniform@X's) and the share of its budget it needs to reach
 uniform@X's final loss (> 1: not reached), the wall-clock against uniform@X's, and the
 noisy share it trained on. Mean and 95% t-interval over seeds. Runs are kept in
 --keep_dir and reused (a finished run is read back, a killed one resumes), so a second
 call only adds what is missing; per-seed numbers go to <keep_dir>/bench_select.csv.
 
-$ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~2 h on 2 cores)
+$ python bench/bench_select.py --keep_dir=/tmp/bench_select        # 4 beds x 3 seeds (~2 h without magic)
 $ python bench/bench_select.py --beds=noisy --seeds=1 --max_iters=60  # a short run
+$ python bench/bench_select.py --beds=real --real_dir=<folder> --methods=prune,magic --matched=prune
 $ python bench/bench_select.py --smoke       # tiny sizes, the same code paths (bench/smoke.py)
 """
 
@@ -51,9 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smoke  # noqa: E402
 
 BEDS = ("noisy", "clean", "real", "real_noisy")
-SELECTED = ("loss", "rho", "rho_ref", "prune")
+SELECTED = ("loss", "rho", "rho_ref", "prune", "magic")
+NO_MATCH = {"step": [0], "val": [math.nan], "wall_s": math.nan}  # a method run without its uniform@budget
 SMOKE = dict(beds="noisy", seeds=2, n_stories=800, max_iters=4, ref_iters=4, seq=64, dim=16, ref_dim=16, batch=2,
-             eval_interval=2, peak_flops=1e12)
+             eval_interval=2, peak_flops=1e12, proxy_iters=4, proxy_dim=16, n_val=4)
 
 
 # -----------------------------------------------------------------------------
@@ -120,18 +129,23 @@ def bed_runs(bed: str, data: Path, tables: Path, a, root: Path, methods=SELECTED
     over = {"uniform": {}, "loss": dict(select="loss", select_pool=a.pool),
             "rho": dict(select="rho", select_pool=a.pool),
             "rho_ref": dict(select="rho", select_pool=a.pool, select_ref=ref_ckpt),
-            "prune": dict(schedule_spec=spec)}
+            "prune": dict(schedule_spec=spec), "magic": {}}  # magic's spec: per seed, below
     over = {m: kw for m, kw in over.items() if m == "uniform" or m in methods}
     bm, _ = batchmetrics.load_batch_metrics(tables, BatchData(data, 512, a.seq))
     noisy = bm["noisy"].to_numpy()
     res = {m: [] for m in list(over) + [f"uniform@{m}" for m in matched]}
     for s in range(1, a.seeds + 1):
+        if "magic" in methods:
+            over["magic"], magic_cost = magic_spec(data, tables, a, d, s)
         for m, kw in over.items():
             out = run(d / f"{m}_s{s}", train_args(data, tables, d / f"{m}_s{s}", s, a.max_iters, a, **kw), a.max_iters)
             res[m].append(result(out, noisy))
         if "prune" in res:  # the offline ranking's cost (the 3-gram's: no FLOPs)
             cost = json.loads(Path(str(spec).replace("_spec.json", "_select.json")).read_text())["cost"]
-            res["prune"][-1]["flops"] = res["prune"][-1]["flops"] + cost["flops"] + cost["ref_fit_flops"]
+            res["prune"][-1]["flops"] = res["prune"][-1]["flops"] + cost["total_flops"]
+        if "magic" in res:  # the proxy run, its reverse pass and the JVPs
+            res["magic"][-1]["flops"] = res["magic"][-1]["flops"] + magic_cost["total_flops"]
+            res["magic"][-1]["select_cost"] = magic_cost
         per_step = res["uniform"][-1]["flops"][-1] / a.max_iters
         for m in matched:  # the compute-matched baseline of each selected run (shared where budgets agree)
             steps = matched_steps(res[m][-1]["flops"][-1], per_step)
@@ -139,6 +153,19 @@ def bed_runs(bed: str, data: Path, tables: Path, a, root: Path, methods=SELECTED
             argv = train_args(data, tables, out, s, steps, a, eval_interval=100)  # its end counts; 100: resumable
             res[f"uniform@{m}"].append(result(run(out, argv, steps), noisy))
     return res
+
+
+def magic_spec(data: Path, tables: Path, a, d: Path, s: int) -> tuple[dict, dict]:
+    """(train.py overrides of seed s's magic run, the ranking's cost): its proxy run
+    (seed s, trained once and reused) ranked by select_batches.py --by=magic."""
+    proxy = d / f"magic_proxy_s{s}"
+    run(proxy, train_args(data, tables, proxy, s, a.proxy_iters, a, dim=a.proxy_dim, eval_interval=a.proxy_iters),
+        a.proxy_iters)
+    name = tables / "select" / f"magic_hardest_{a.keep:g}_s{s}_select.json"
+    if not name.exists():  # the ranking is reused too: its cost is in the json
+        select_batches.main([f"--out_dir={proxy}", "--by=magic", f"--keep={a.keep}", f"--tag=s{s}",
+                             f"--magic_steps={a.magic_steps}", f"--n_val={a.n_val}", f"--pool={a.magic_pool}"])
+    return dict(schedule_spec=str(name).replace("_select.json", "_spec.json")), json.loads(name.read_text())["cost"]
 
 
 def result(out: Path, noisy) -> dict:
@@ -154,6 +181,8 @@ def result(out: Path, noisy) -> dict:
 def interval(x, fmt="{:.2f}") -> str:
     """mean [95% t-interval] over seeds; how many seeds never got there, if any."""
     x = np.asarray(x, float)
+    if np.isnan(x).all():
+        return "n/a"
     bad = int((~np.isfinite(x)).sum())
     if bad:
         return f"not reached in {bad}/{len(x)}"
@@ -169,14 +198,17 @@ def rows(bed: str, res: dict, a, methods=SELECTED) -> list[dict]:
     out = []
     for m in ["uniform", *methods]:
         for s, r in enumerate(res[m]):
-            u, match = res["uniform"][s], res[f"uniform@{m}"][s] if m != "uniform" else res["uniform"][s]
+            u = res["uniform"][s]
+            match = res["uniform"][s] if m == "uniform" else (res.get(f"uniform@{m}") or [NO_MATCH] * (s + 1))[s]
             target = u["val"][-1]
             out.append({"bed": bed, "method": m, "seed": s + 1, "final_val": r["val"][-1],
                         "steps_to_target": reach(r["step"], r["val"], target) / a.max_iters,
+                        "compute_to_target": reach(r["flops"], r["val"], target) / u["flops"][-1],
                         "flops_vs_uniform": r["flops"][-1] / u["flops"][-1],
                         "matched_steps": int(match["step"][-1]), "matched_final_val": match["val"][-1],
                         "gap_vs_matched": r["val"][-1] - match["val"][-1],
-                        "compute_to_matched_target": reach(r["flops"], r["val"], match["val"][-1]) / r["flops"][-1],
+                        "compute_to_matched_target": reach(r["flops"], r["val"], match["val"][-1]) / r["flops"][-1]
+                        if match is not NO_MATCH else math.nan,
                         "wall_vs_matched": r["wall_s"] / match["wall_s"], "noisy": r["noisy"]})
     return out
 
@@ -185,6 +217,7 @@ def print_table(bed: str, table: list[dict], a):
     print(f"\n== bed {bed}: {a.seeds} seeds, {a.max_iters} steps, pool {a.pool}, prune keeps {a.keep}; "
           f"each seed paired with uniform's own runs")
     cols = [("final val", "final_val", "{:.3f}"), ("steps to target", "steps_to_target", "{:.2f}"),
+            ("compute to target", "compute_to_target", "{:.2f}"),
             ("FLOPs / uniform", "flops_vs_uniform", "{:.2f}"), ("val - uniform@budget", "gap_vs_matched", "{:+.3f}"),
             ("budget to match", "compute_to_matched_target", "{:.2f}"), ("wall / uniform@budget", "wall_vs_matched",
                                                                          "{:.2f}"), ("noisy", "noisy", "{:.3f}")]
@@ -193,13 +226,16 @@ def print_table(bed: str, table: list[dict], a):
     for m in methods:
         sel = [r for r in table if r["method"] == m]
         print(f"{m:8s} " + " ".join(f"{interval([r[k] for r in sel], f):>26s}" for _, k, f in cols))
-    print("uniform@budget: " + ", ".join(f"{m} {sorted({r['matched_steps'] for r in table if r['method'] == m})} steps"
-                                         for m in methods[1:]))
+    print("uniform@budget: " + ", ".join(
+        f"{m} {sorted({r['matched_steps'] for r in table if r['method'] == m})} steps" if any(
+            r["method"] == m and not math.isnan(r["gap_vs_matched"]) for r in table) else f"{m} not run"
+        for m in methods[1:]))
 
 
 def markdown(table: list[dict]) -> str:
     """The README's table: one row per bed and method, mean [95% t-interval] over seeds."""
     cols = [("final val loss", "final_val", "{:.2f}"), ("steps to target", "steps_to_target", "{:.2f}"),
+            ("compute to target (all counted)", "compute_to_target", "{:.2f}"),
             ("FLOPs / uniform", "flops_vs_uniform", "{:.2f}"), ("val − uniform at its budget", "gap_vs_matched", "{:+.2f}"),
             ("budget to match uniform", "compute_to_matched_target", "{:.2f}"), ("noisy share", "noisy", "{:.3f}")]
     out = ["| bed | method | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -230,6 +266,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref_iters", type=int, default=200, help="rho_ref: steps of the model trained on the holdout")
     ap.add_argument("--ref_dim", type=int, default=64, help="rho_ref: its width (same depth)")
     ap.add_argument("--ref_beds", default="noisy", help="beds that also run rho_ref (its baseline is the costliest run)")
+    ap.add_argument("--methods", default=",".join(SELECTED), help="comma list of the selected arms to run")
+    ap.add_argument("--matched", default="", help="arms that also get their uniform@budget run ('' = every arm)")
+    ap.add_argument("--proxy_iters", type=int, default=20, help="magic: steps of the proxy run")
+    ap.add_argument("--proxy_dim", type=int, default=32, help="magic: the proxy's width (same depth)")
+    ap.add_argument("--magic_steps", type=int, default=2, help="magic: steps of the proxy whose effects are averaged")
+    ap.add_argument("--n_val", type=int, default=32, help="magic: validation windows of the target loss")
+    ap.add_argument("--magic_pool", type=int, default=0, help="magic: rank a random N of the batches (0: all)")
     ap.add_argument("--real_dir", default="", help="folder of real TinyStories dataNN.json shards (real beds)")
     ap.add_argument("--keep_dir", default="", help="keep (and reuse) the runs here instead of a temp folder")
     ap.add_argument("--peak_flops", type=float, default=0.0, help="train.py's MFU peak (0: measured by each run)")
@@ -259,8 +302,10 @@ def main():
             t0 = time.time()
             made = make_bed(bed, root, a)
             if made:
-                methods = SELECTED if bed in a.ref_beds.split(",") else tuple(m for m in SELECTED if m != "rho_ref")
-                rs = rows(bed, bed_runs(bed, *made, a, root, methods, methods), a, methods)
+                methods = tuple(m for m in SELECTED if m in a.methods.split(",") and (
+                    m != "rho_ref" or bed in a.ref_beds.split(",")))
+                matched = tuple(m for m in methods if not a.matched or m in a.matched.split(","))
+                rs = rows(bed, bed_runs(bed, *made, a, root, methods, matched), a, methods)
                 print_table(bed, rs, a)
                 print(f"bed {bed}: {time.time() - t0:.0f} s (runs already done are reused)")
                 table += rs

@@ -19,24 +19,34 @@ columns, the irreducible loss and the metric target. Registered:
     el2n     mean over the window's tokens of ||softmax(logits) - onehot(next)||_2
              (EL2N, Paul et al. 2021)
     metric   -|metric - target| of a batch metric: steer toward a value
+    magic    offline only (select_batches.py --by=magic --out_dir=<proxy run>): minus the
+             first-order change of the validation loss from adding the batch to a short
+             proxy run, <lambda_t, g_z(theta_t)> / B from the run's exact reverse pass
+             (prebias/magic.py), averaged over a few steps t spread over the run
 
 To add a score: one function here (or in your own module) under @SCORES.register("name");
 set .needs_model = False where it reads no model, .needs_ref / .needs_metric where it
-reads the irreducible loss or a metric target. train.py --select and select_batches.py
---by take it at once.
+reads the irreducible loss or a metric target, .needs_run where it reads a recorded run
+(offline only). train.py --select and select_batches.py --by take it at once.
 
 $ python -c "from prebias.selection import SCORES; print(list(SCORES))"
 """
 
 import contextlib
+import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from prebias.llama2c import load_v0
 from model import per_row_loss
+from prebias import magic as M
 from prebias.batchmetrics import REF_COLUMNS  # the batch metrics that read the reference scorer
 from prebias.checkpoint import load_checkpoint, model_from_checkpoint, stream_records
 from prebias.common import Registry, UserError
@@ -57,12 +67,18 @@ class ScoreContext:
     irreducible: object = None  # ids -> irreducible loss of each (rho)
     metric: str = ""  # metric: the batch metric to steer by...
     target: float = 0.0  # ...toward this value
+    run: object = None  # magic: the proxy run (an attribution.Trajectory) whose reverse pass scores...
+    magic_steps: int = 4  # ...at this many steps spread over it...
+    n_val: int = 32  # ...for the mean loss of this many validation windows
+    cost: dict = field(default_factory=dict)  # what a score spends besides forward passes (magic fills it)
 
 
-def register(name: str, needs_model: bool = True, needs_ref: bool = False, needs_metric: bool = False):
-    """@register("name") on a score function; the flags say what it reads."""
+def register(name: str, needs_model: bool = True, needs_ref: bool = False, needs_metric: bool = False,
+             needs_run: bool = False):
+    """@register("name") on a score function; the flags say what it reads (needs_run: a
+    recorded run, ctx.run_dir, so offline only)."""
     def deco(fn):
-        fn.needs_model, fn.needs_ref, fn.needs_metric = needs_model, needs_ref, needs_metric
+        fn.needs_model, fn.needs_ref, fn.needs_metric, fn.needs_run = needs_model, needs_ref, needs_metric, needs_run
         return SCORES.register(name)(fn)
     return deco
 
@@ -121,6 +137,14 @@ def el2n(model, data, ids, ctx):
 @register("metric", needs_model=False, needs_metric=True)
 def metric(model, data, ids, ctx):
     return -np.abs(ctx.batch_metric(ctx.metric)[ids] - ctx.target)
+
+
+@register("magic", needs_model=False, needs_run=True)
+def magic(model, data, ids, ctx):
+    eff, cost, _ = proxy_effects(ctx.run, data.windows(ids), ctx.magic_steps, ctx.n_val, ctx.device,
+                                 ctx.batch_size)
+    ctx.cost.update(cost)
+    return -eff.mean(1)
 
 
 def reads_reference(score, select_metric: str = "", metrics=()) -> bool:
@@ -232,3 +256,116 @@ def keep_best(scores: np.ndarray, n: int) -> np.ndarray:
     position), in position order."""
     s = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
     return np.sort(np.lexsort((np.arange(len(s)), -s))[:n])
+
+
+# -----------------------------------------------------------------------------
+# magic: the proxy run's adjoints, and each candidate's first-order effect
+
+def spread_steps(T: int, k: int) -> list[int]:
+    """k steps of a T-step run at the midpoints of k equal parts: a midpoint rule for the
+    mean over a uniformly random step (where a shuffled schedule puts a batch)."""
+    return sorted({min(T - 1, int((i + 0.5) * T / k)) for i in range(min(k, T))})
+
+
+def proxy_effects(traj, windows: np.ndarray, k: int = 4, n_val: int = 32, device: str = "cpu",
+                  chunk: int = 32, steps: list | None = None) -> tuple[np.ndarray, dict, object]:
+    """(n, len(steps)) first-order change of the mean loss of the first n_val validation
+    windows at the end of the run `traj` (an attribution.Trajectory) from training each window (n, T+1) at each step
+    t once more with weight 1: <lambda_t, g_z(theta_t)> / B, lambda_t = d val / d G_t from
+    one exact reverse pass (prebias/magic.py: the same quantity as its step_effect, and as
+    d val / d w[t, r] where z is the row r it trained at t), g_z by forward-mode AD (one
+    JVP per chunk of windows). Its cost: the proxy run's own (its compute record), the
+    reverse pass's and the JVPs' FLOPs (each kind of call counted once by torch's
+    FlopCounterMode, times the calls: counting every call would slow the pass 5x), with
+    their seconds; and the reverse pass itself (magic.Pass: dw of every trained (step, row))."""
+    run = M.run_of(traj, device)
+    steps = spread_steps(run.steps, k) if steps is None else list(steps)
+    run.replay = cap = _Capture(run.replay, steps)
+    probes = [types.SimpleNamespace(tokens=w, weight=None) for w in traj.data.windows(traj.data.val_ids[:n_val])]
+    grads = M.probe_gradients(cap, probes)
+
+    def mean_grad(theta):  # one adjoint: the mean probe, as magic.metagradients(mean=True)
+        flops, gs = counted(grads, theta)
+        cap.flops += flops
+        return [[sum(g[i] for g in gs) / len(gs) for i in range(len(gs[0]))]]
+    t0 = time.perf_counter()
+    res = M.reverse_pass(run, mean_grad)
+    cost = {"reverse_flops": cap.total_flops(), "reverse_s": round(time.perf_counter() - t0, 3),
+            "replay_max_diff": res.replay_max_diff, "steps": steps}
+    t0, B = time.perf_counter(), run.w.shape[1]
+    wins = torch.from_numpy(np.asarray(windows, np.int64)).to(device)
+    cols = []
+    for t in steps:
+        d, per_window = directional(cap, *cap.got[t], wins, chunk)
+        cols.append(d / B)
+    cost.update(score_flops=per_window * len(wins) * len(steps), score_s=round(time.perf_counter() - t0, 3),
+                **proxy_cost(traj))
+    return np.stack(cols, axis=1), cost, res
+
+
+def counted(fn, *args):
+    """(FLOPs as torch's FlopCounterMode counts them, fn(*args))."""
+    with FlopCounterMode(display=False) as fc:
+        out = fn(*args)
+    return float(fc.get_total_flops()), out
+
+
+def proxy_cost(traj) -> dict:
+    """The proxy run's training FLOPs and seconds, from its last checkpoint's compute record."""
+    comp = load_checkpoint(traj.last).get("compute") or {}
+    return {"proxy_flops": float(comp.get("total_flops", 0.0)), "proxy_s": float(comp.get("wall_s", 0.0)),
+            "proxy": str(traj.out_dir), "proxy_steps": int(traj.intervals[-1].it1)}
+
+
+def directional(replay, theta: list, lam: list, wins: torch.Tensor, chunk: int) -> tuple[np.ndarray, float]:
+    """((n,) <lam, grad of each window's mean token loss at theta>, FLOPs per window): one
+    forward-mode JVP per chunk of windows (each row's loss is a function of theta alone, so
+    one tangent gives every row's directional derivative), the first chunk counted. SDPA's
+    math kernel: the fused one has no forward AD."""
+    out, per_window = [], 0.0
+
+    def one(win):
+        return jvp(lambda *th: replay.token_loss(list(th), win).mean(1), tuple(theta), tuple(lam))[1]
+    with sdpa_kernel(SDPBackend.MATH):
+        for c in range(0, len(wins), chunk):
+            win = wins[c:c + chunk]
+            if c == 0:
+                flops, d = counted(one, win)
+                per_window = flops / len(win)
+            else:
+                d = one(win)
+            out.append(d.detach().double().cpu().numpy())
+    return (np.concatenate(out) if out else np.zeros(0)), per_window
+
+
+class _Capture:
+    """The run's replay (every attribute forwarded) that keeps (theta_t, lambda_t) at the
+    chosen steps on the way back, and counts its calls: the FLOPs of one step and of one
+    reverse step are counted once (the last step's, the first the pass reverses), every
+    call of each kind costs the same (same shapes)."""
+
+    def __init__(self, replay, steps):
+        self._replay, self.want, self.got = replay, set(int(t) for t in steps), {}
+        self.n_step = self.n_reverse = 0
+        self.step_flops = self.reverse_flops = self.flops = 0.0
+
+    def __getattr__(self, name):
+        return getattr(self._replay, name)
+
+    def step(self, s, t, windows, w=None):
+        self.n_step += 1
+        return self._replay.step(s, t, windows, w)
+
+    def reverse(self, s, t, windows, w, G, lams):
+        if not self.n_reverse:  # measured on copies of the inputs; the pass's own call follows
+            self.step_flops = counted(self._replay.step, s, t, windows, None if bool((w == 1).all()) else w)[0]
+            self.reverse_flops = counted(self._replay.reverse, s, t, windows, w, G, lams)[0]
+        self.n_reverse += 1
+        back, dw, lam_G = self._replay.reverse(s, t, windows, w, G, lams)
+        if t in self.want:
+            self.got[t] = ([x.detach() for x in s.theta], [x.detach() for x in lam_G[0]])
+        return back, dw, lam_G
+
+    def total_flops(self) -> float:
+        """The pass's FLOPs: its replayed steps, its reverse steps and the probes' gradient."""
+        return self.n_step * self.step_flops + self.n_reverse * self.reverse_flops + self.flops

@@ -240,6 +240,9 @@ class Selector:
         training batches, less the holdout where the run excludes it)."""
         self.method, self.K, self.B, self.data = method, K, B, data
         self.score = SCORES.lookup(method, "--select")
+        if self.score.needs_run:
+            raise UserError(f"--select={method} scores batches from a whole recorded run, offline only: python "
+                            f"select_batches.py --by={method} --out_dir=<a short proxy run>, then train on its spec")
         ids = data.train_ids if train_ids is None else train_ids
         self.aux = Schedule(spec, ids, (K - 1) * B, seed=_pool_seed(seed), max_iters=max_iters,
                             metric_of=lambda m: batch_metric(m)[ids]) if K > 1 else None

@@ -74,7 +74,7 @@ def test_a_registered_score_selects_online_and_offline(toy_units, tiny_data, tmp
     kept = np.load(str(spec).replace("_spec.json", "_ids.npy"))
     train_ids = BatchData(data_dir, 512, 64).train_ids
     assert np.array_equal(kept, np.sort(train_ids)[:round(0.25 * len(train_ids))])
-    with pytest.raises(UserError, match="--select=nope: choose one of none, uniform, loss, rho, el2n, metric, lowest_id"):
+    with pytest.raises(UserError, match="--select=nope: choose one of none, uniform, loss, rho, el2n, metric, magic, lowest_id"):
         train.main(run.train_args(out_dir=tmp_path / "x", select="nope", select_pool=2))
 
 
