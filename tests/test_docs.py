@@ -139,6 +139,8 @@ def accepted_flags(command: str) -> frozenset:
                     and isinstance(node.args[0].func, ast.Name):
                 cfg = resolve(node.args[0].func.id, tree, path)
                 flags |= {f.name for f in dataclasses.fields(cfg)}
+            elif fn == "parser" and ast.unparse(node.func) == "smoke.parser":  # bench/smoke.py adds --smoke
+                flags.add("smoke")
             elif fn == "add_argument":
                 flags |= {a.value[2:] for a in node.args if isinstance(a, ast.Constant) and
                           isinstance(a.value, str) and a.value.startswith("--")}
