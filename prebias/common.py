@@ -205,6 +205,30 @@ def remove_stale_temps(folder, names: str):
             p.unlink(missing_ok=True)
 
 
+def fault_point(path):
+    """The crash harness's hook (tests/test_crash.py), called just before every rename that
+    publishes a file (atomic_path: every output of every stage goes through it): with
+    PREBIAS_FAULT_COUNT=<file> each call appends the path to that file (so a test counts a
+    stage's writes, over all its processes); with PREBIAS_FAULT_AT=N as well, the Nth call
+    kills the command with SIGKILL, as `kill -9` would: its whole process group where the
+    command leads its own session (the harness starts it so: workers die with it), else
+    this process only. Unset (always, outside the harness), it does nothing."""
+    log = os.environ.get("PREBIAS_FAULT_COUNT")
+    if not log:
+        return
+    with open(log, "a+") as f:  # one count over the command's processes (pretokenize's workers)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(f"{path}\n")
+        f.flush()
+        f.seek(0)
+        n = sum(1 for _ in f)
+    if os.environ.get("PREBIAS_FAULT_AT", "") == str(n):
+        import signal
+        if os.getpgid(0) == os.getsid(0):
+            os.killpg(0, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path next to `path`; on success rename it onto `path`, on error
@@ -224,6 +248,7 @@ def atomic_path(path):
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
     try:
         yield Path(tmp)
+        fault_point(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
