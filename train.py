@@ -370,6 +370,8 @@ class Trainer:
                                run_id=cfg.wandb_run_id) if cfg.wandb_log and self.master else None
         if self.master and self.iter_num in ckpt_steps and not ckpt_path(cfg.out_dir, self.iter_num).exists():
             self.checkpoint()
+        elif self.master and self.iter_num:  # a resume: the numpy record may lack the last checkpoint (a kill
+            write_ids_file(cfg.out_dir)     # after it), even when the run is complete and nothing more trains
         t0, n_timed = time.perf_counter(), 0
         while self.iter_num < cfg.max_iters:
             lr = get_lr(self.iter_num, cfg)
@@ -469,10 +471,10 @@ def write_ids_file(out_dir):
     """<out_dir>/batch_ids.npy: every trained step's ids (steps, B) as plain numpy, from
     the checkpoints (Pythia keeps its order as data); pool_ids.npy, insertions.npz and
     masked_rows.npy ([step, row] trained with weight 0) too where selection, tags or a
-    --train_mask ran."""
+    --train_mask ran. batch_ids.npy goes last: when its steps are the latest checkpoint's,
+    the others were written from the same checkpoints (a kill in between leaves it stale,
+    which its reader and a resume see); insertions.npz also says its steps (n_steps)."""
     rec = stream_records(out_dir)
-    with atomic_path(Path(out_dir) / "batch_ids.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, rec["batch_ids"], allow_pickle=False)
     if rec["pool_ids"].size:
         with atomic_path(Path(out_dir) / "pool_ids.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, rec["pool_ids"], allow_pickle=False)
@@ -482,7 +484,10 @@ def write_ids_file(out_dir):
     if len(rec["insertions"]):
         with atomic_path(Path(out_dir) / "insertions.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, insertions=rec["insertions"], insert_tokens=rec["insert_tokens"],
-                     replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"))
+                     replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"),
+                     n_steps=np.int64(len(rec["batch_ids"])))
+    with atomic_path(Path(out_dir) / "batch_ids.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, rec["batch_ids"], allow_pickle=False)
 
 
 def _record_damage(path: Path, keys=()) -> str:

@@ -1,0 +1,179 @@
+"""Crash safety as a tested property, the way SQLite tests it: a stage is killed (SIGKILL,
+as `kill -9`) at one of its file writes, then run again, and what it leaves must be what
+an uninterrupted run leaves, with no temp file behind.
+
+The kill points come from prebias.common.fault_point, called before every rename that
+publishes a file (atomic_path): PREBIAS_FAULT_COUNT=<file> lists a stage's writes,
+PREBIAS_FAULT_AT=N kills it at the Nth. The stage runs as its own session
+(start_new_session), so the kill takes its workers with it.
+
+Compared: a manifest of the folder, file -> sha256, where a checkpoint (.pt) is hashed by
+its content less its wall-clock timings (compute.*_s: a rerun takes another time; torch.save
+also names the archive after the temp file, so the bytes differ run to run). Left out:
+logs and records of each start (train.log, history.jsonl, run.json's time, .lock): a
+resumed run logs its resume.
+"""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SEQ, VOCAB
+
+LOGS = {".lock", "train.log", "history.jsonl", "run.json"}  # differ by a run's time and its starts
+
+
+def run_stage(args, cwd, fault_at=None, count=None, timeout=300):
+    """python <args> as its own session, with the fault hook armed as asked."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREBIAS_FAULT")}
+    env["OMP_NUM_THREADS"] = "1"
+    if count is not None:
+        env["PREBIAS_FAULT_COUNT"] = str(count)
+    if fault_at is not None:
+        env["PREBIAS_FAULT_AT"] = str(fault_at)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+
+
+def writes(args, cwd, tmp) -> list[str]:
+    """The paths the stage publishes, in order (one uninterrupted run, counted)."""
+    log = Path(tmp) / "count.txt"
+    log.unlink(missing_ok=True)
+    r = run_stage(args, cwd, count=log)
+    assert r.returncode == 0, r.stderr
+    return log.read_text().splitlines()
+
+
+def _pt_digest(p: Path) -> str:
+    import torch
+    obj = torch.load(p, weights_only=True, map_location="cpu")
+    if isinstance(obj.get("compute"), dict):
+        obj["compute"] = {k: v for k, v in obj["compute"].items() if not k.endswith("_s")}
+    buf = io.BytesIO()
+    _canon(obj, buf)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def _canon(x, out):
+    """A byte string of x (nested dicts, lists, tensors, plain values) independent of the pickle."""
+    import torch
+    if isinstance(x, dict):
+        out.write(b"{")
+        for k in sorted(x, key=str):
+            out.write(repr(k).encode() + b":")
+            _canon(x[k], out)
+        out.write(b"}")
+    elif isinstance(x, (list, tuple)):
+        out.write(b"[")
+        for v in x:
+            _canon(v, out)
+        out.write(b"]")
+    elif isinstance(x, torch.Tensor):
+        flat = torch.empty(x.numel(), dtype=x.dtype).copy_(x.detach().reshape(-1))  # any strides, 0-dim too
+        out.write(f"T{x.dtype}{tuple(x.shape)}".encode() + flat.view(torch.uint8).numpy().tobytes())
+    else:
+        out.write(repr(x).encode() + b";")
+
+
+def manifest(folder, skip=LOGS) -> dict:
+    """{relative path: sha256} of every file under folder but the logs; temp files stay in."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and p.name not in skip:
+            out[str(p.relative_to(folder))] = _pt_digest(p) if p.suffix == ".pt" else \
+                hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def temps(folder) -> list[str]:
+    return sorted(str(p) for p in Path(folder).rglob("*.prebias.tmp"))
+
+
+# -----------------------------------------------------------------------------
+# train: the numpy record written after the last checkpoint
+
+def tagged_train_args(data, tables, out, tags):
+    return [ROOT / "train.py", f"--data_dir={data}", f"--tables_dir={tables}", f"--vocab_size={VOCAB}",
+            f"--max_seq_len={SEQ}", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--batch_size=4",
+            "--gradient_accumulation_steps=2", "--max_iters=12", "--eval_interval=8", "--eval_iters=2",
+            "--log_interval=4", "--learning_rate=3e-3", "--warmup_iters=4", "--device=cpu", "--dtype=float32",
+            f"--tags={tags}", f"--out_dir={out}", f"--model_bin={out}/model.bin"]
+
+
+def canary_file(path: Path) -> Path:
+    path.write_text(json.dumps({"seed": 1, "tags": [{"id": "secret", "kind": "canary",
+                                                     "text": "the secret number is {digits:6}",
+                                                     "steps": {"start": 0, "n": 12, "every": 1}, "rows": 1,
+                                                     "position": "random"}]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tagged_run(tiny_data, tmp_path_factory):
+    """(args, its writes, clean manifest, work folder) of a 12-step run with a canary at
+    every step; the clean run is kept in <work>/clean, <work>/run is free for a killed one."""
+    import shutil
+    data, tables = tiny_data
+    work = tmp_path_factory.mktemp("tagged")
+    args = tagged_train_args(data, tables, work / "run", canary_file(work / "tags.json"))
+    paths = writes(args, work, work)
+    clean = manifest(work / "run")
+    shutil.move(work / "run", work / "clean")
+    return args, paths, clean, work
+
+
+def view_step(out, step, cwd):
+    return run_stage([ROOT / "batch_viewer.py", f"--out_dir={out}", f"--step={step}", "--chars=0"], cwd)
+
+
+@pytest.mark.parametrize("name", ["insertions.npz", "batch_ids.npy"])
+def test_record_after_the_last_checkpoint_is_mended_by_resume(tagged_run, name):
+    """A kill after the final checkpoint, at the write of the run's numpy record: the batch
+    viewer says the record is stale (never a batch without the canary it trained on), and a
+    resume of the complete run rewrites it as the clean run has it (seen failing before: the
+    viewer showed step 11 without its canary, and the resume left batch_ids.npy stale)."""
+    import shutil
+    args, paths, clean, work = tagged_run
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    last = max(i for i, p in enumerate(paths, 1) if p.endswith(name))
+    assert any(p.endswith("ckpt_12.pt") for p in paths[:last])  # after the final checkpoint
+    r = run_stage(args, work, fault_at=last, count=work / "kill.txt")
+    (work / "kill.txt").unlink()
+    assert r.returncode == -9
+    view = view_step(out, 11, work)
+    if view.returncode == 0:  # the record it read must be the one trained on: the canary is in step 11
+        assert "tag 0" in view.stdout, view.stdout
+    else:
+        assert view.stderr.count("\n") == 1 and "resume the run" in view.stderr, view.stderr
+    r = run_stage(args + ["--init_from=resume"], work)
+    assert r.returncode == 0, r.stderr
+    assert manifest(out) == clean
+    assert temps(out) == []
+    view = view_step(out, 11, work)
+    assert view.returncode == 0 and "tag 0" in view.stdout, view.stderr
+
+
+def test_insertions_of_other_steps_are_refused(tagged_run, tmp_path):
+    """insertions.npz says the steps it was written for: one that disagrees with batch_ids.npy
+    (written from other checkpoints) is one line, not a batch shown without its tags."""
+    import shutil
+    work = tagged_run[3]
+    out = tmp_path / "copy"
+    shutil.copytree(work / "clean", out)
+    z = dict(np.load(out / "insertions.npz"))
+    keep = z["insertions"][:, 0] < 8  # as written at ckpt_8
+    n = int(z["insertions"][keep, 4].sum())
+    z.update(insertions=z["insertions"][keep], insert_tokens=z["insert_tokens"][:n],
+             replaced_tokens=z["replaced_tokens"][:n], n_steps=np.int64(8))
+    np.savez(out / "insertions.npz", **z)
+    view = view_step(out, 11, tmp_path)
+    assert view.returncode == 1 and view.stderr.count("\n") == 1, view.stdout + view.stderr
+    assert "records the insertions of 8 steps but batch_ids.npy has 12" in view.stderr
