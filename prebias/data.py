@@ -52,6 +52,7 @@ def raw_shards(data_dir) -> list[Path]:
     validation shard) would be trained on as new data, a folder or an empty file read as
     nothing."""
     shards = sorted(Path(p) for p in glob.glob(str(raw_dir(data_dir) / "data*.json")))
+    check_sample(raw_dir(data_dir), shards)
     if not shards:
         raise UserError(f"no shards in {raw_dir(data_dir)}: run python tinystories.py download "
                         "(or python tinystories.py sample offline)")
@@ -62,6 +63,28 @@ def raw_shards(data_dir) -> list[Path]:
             raise UserError(f"raw shard {p} is {what}: every data*.json must be a plain file of stories; remove it "
                             "(or rerun python tinystories.py download / sample into a fresh --data_dir)")
     return shards
+
+
+SAMPLE = "SAMPLE"  # beside a generated sample's shards (tinystories.py sample): its settings and shards
+
+
+def check_sample(raw: Path, shards: list[Path]):
+    """A generated sample is whole or refused: sample writes SAMPLE saying complete: false
+    before its first shard and, after its last, complete: true with the shards' names, so a
+    sample cut short (a kill, a full disk) is never read as a smaller data set."""
+    p = raw / SAMPLE
+    if not p.is_file():
+        return  # downloaded (or placed by hand): tinystories.check_download answers for it
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        rec = None
+    fix = f"run python tinystories.py sample --data_dir={raw.parent} again (with the options it was made with)"
+    if not isinstance(rec, dict) or rec.get("complete") is False:
+        raise UserError(f"{raw} holds an unfinished sample (the command writing it was stopped, {p} says so): {fix}")
+    if isinstance(rec.get("shards"), list) and sorted(map(str, rec["shards"])) != [q.name for q in shards]:
+        raise UserError(f"{raw} holds {len(shards)} shards but its sample wrote {len(rec['shards'])} ({p} names "
+                        f"them): {fix}")
 
 
 def llama2_vocab(data_dir) -> int:
