@@ -81,6 +81,7 @@ from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, m
 from prebias.batchmetrics import REF_COLUMNS
 from prebias.configs import (MAX_SEED, TRAIN_CHOICES, DurabilityConfig, EvalConfig, TrainConfig, check_durability,
                              check_eval, check_train)
+from prebias.inputs import read_json
 from prebias.schedule import SpecError
 from prebias.schedule import load_spec as load_schedule_spec
 from prebias.launchers import LAUNCHERS, Job, gather, launch, options_from, raise_failures
@@ -230,6 +231,38 @@ def check_values(p, spec: dict):
             raise UserError(f"{p}: {key}: {bad[0]!r} is not a column the runs' summary.csv (or durability.csv) can "
                             "have: val_loss, val_ppl, train_loss, out_<metric>[_sampled], in_<metric>_cum or _since, "
                             f"tag_<tag>_<measure>; metrics: {', '.join(metrics.output_metric_names())}")
+
+
+def spec_tag_ids(p, spec: dict) -> set[str]:
+    """The ids of the tags some arm inserts (base + arm tags files), with the "<id>:control"
+    of each conditional tag that has a control: the tags durability.csv will measure."""
+    have = set()
+    for over in spec["arms"].values():
+        path = {**spec["base"], **over}.get("tags")
+        if not path:
+            continue
+        obj = read_json(path, "a tag file", f"fix the tags setting of {p}", want=object)
+        for t in obj.get("tags", []) if isinstance(obj, dict) and isinstance(obj.get("tags"), list) else []:
+            if isinstance(t, dict) and isinstance(t.get("id"), str):
+                have.add(t["id"])
+                if t.get("kind") == "conditional" and t.get("control", True) is not False:
+                    have.add(f"{t['id']}:control")
+    return have
+
+
+def check_tag_metrics(p, spec: dict):
+    """A tag measure among metrics/primary (tag_<tag>_<measure>) must name a tag some arm
+    inserts: refused before any run trains, not after every run has (the aggregation's error)."""
+    have = None
+    for key in ("metrics", "primary"):
+        for m in spec[key]:
+            if not m.startswith("tag_") or not is_summary_column(m):
+                continue
+            have = spec_tag_ids(p, spec) if have is None else have
+            if not any(m.endswith(f"_{c}") and m[4:-len(c) - 1] in have for c in TAG_COLUMNS):
+                raise UserError(f"{p}: {key}: {m!r} names no tag the arms insert (their tags: "
+                                f"{', '.join(sorted(have)) or 'none, no arm sets tags'}): use tag_<id>_<measure> "
+                                "with the id of a tag in the arms' tag files")
 
 
 def _check_stage(p, settings: dict, cfg, choices, check, where):
@@ -525,6 +558,7 @@ def main(argv=None):
         raise UserError("--detach=True needs --launcher=slurm (local runs are processes of this command)")
     options_from(cfg)  # the --slurm_* values, checked before anything is written
     spec = load_spec(spec_args[0])
+    check_tag_metrics(spec_args[0], spec)
     name = experiment_name(cfg, spec_args[0])
     exp_dir = Path(cfg.out_root) / name
     lock = FolderLock(exp_dir, "experiment name (--name)")
