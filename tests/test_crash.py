@@ -30,14 +30,17 @@ from conftest import ROOT, SEQ, VOCAB
 LOGS = {".lock", "train.log", "history.jsonl", "run.json"}  # differ by a run's time and its starts
 
 
-def run_stage(args, cwd, fault_at=None, count=None, timeout=300):
-    """python <args> as its own session, with the fault hook armed as asked."""
+def run_stage(args, cwd, fault_at=None, count=None, timeout=300, fault_errno=None):
+    """python <args> as its own session, with the fault hook armed as asked (fault_errno:
+    the fault_at-th write fails with that error instead of a kill)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREBIAS_FAULT")}
     env["OMP_NUM_THREADS"] = "1"
     if count is not None:
         env["PREBIAS_FAULT_COUNT"] = str(count)
     if fault_at is not None:
         env["PREBIAS_FAULT_AT"] = str(fault_at)
+    if fault_errno is not None:
+        env["PREBIAS_FAULT_ERRNO"] = fault_errno
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, start_new_session=True)
 
@@ -182,25 +185,29 @@ def test_insertions_of_other_steps_are_refused(tagged_run, tmp_path):
 # -----------------------------------------------------------------------------
 # the sweep: kill a stage at each of its writes in turn, rerun, compare
 
-def crash_sweep(args, out, cwd, points=None, between=None, rerun=None) -> int:
-    """Kill `args` at each of its writes (or at `points`, 1-based), run `between(n)` on what
-    the kill left, rerun (`rerun` or the same args) and require the clean run's manifest of
-    `out` with no temp file left. Returns the number of writes."""
+def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS) -> int:
+    """Kill `args` at each of its writes (or at `points`: 1-based, negative from the end),
+    run `between(n)` on what the kill left, rerun it and require the clean run's manifest of
+    `out` with no temp file left. reset() puts the inputs back before each run (default:
+    remove out). Returns the number of writes."""
     import shutil
+    reset = reset or (lambda: shutil.rmtree(out, ignore_errors=True))
     count = Path(cwd) / "count.txt"
+    reset()
     paths = writes(args, cwd, cwd)
-    clean = manifest(out)
+    clean = manifest(out, skip)
     assert temps(out) == []
-    for n in points or range(1, len(paths) + 1):
-        shutil.rmtree(out)
+    todo = sorted({n if n > 0 else len(paths) + 1 + n for n in points} if points else range(1, len(paths) + 1))
+    for n in todo:
+        reset()
         count.unlink(missing_ok=True)
         r = run_stage(args, cwd, fault_at=n, count=count)
         assert r.returncode == -9, (n, paths[n - 1], r.stderr)
         if between:
             between(n)
-        r = run_stage(rerun or args, cwd)
+        r = run_stage(args, cwd)
         assert r.returncode == 0, (n, paths[n - 1], r.stderr)
-        assert manifest(out) == clean, (n, paths[n - 1])
+        assert manifest(out, skip) == clean, (n, paths[n - 1])
         assert temps(out) == [], (n, paths[n - 1])
     return len(paths)
 
@@ -220,3 +227,196 @@ def test_sample_killed_at_any_write_is_refused_then_rewritten_whole(tmp_path):
                 raw_shards(data)
 
     assert crash_sweep(args, data, tmp_path, between=between) == 5  # SAMPLE, 3 shards, SAMPLE
+
+
+# -----------------------------------------------------------------------------
+# every stage: its command on the tiny run (or data), the folder it writes, how to reset
+
+EVAL_ARGS = ["--n_prompts=2", "--max_new_tokens=8", "--val_batches=4", "--batch_size=4", "--device=cpu"]
+TIMED = LOGS | {"eval_config.json"}  # eval_config.json: eval's seconds per checkpoint  TODO check
+
+
+@pytest.fixture(scope="module")
+def beds(tagged_run, tiny_data):
+    """{name: pristine folder}: 'clean' (the tagged run, trained), 'evaluated' (and eval.py
+    run on it), 'raw' (the fixture's raw shards and tokenizer, not pretokenized)."""
+    import shutil
+    work = tagged_run[3]
+    ev = work / "evaluated"
+    if not ev.exists():
+        shutil.copytree(work / "clean", ev)
+        r = run_stage([ROOT / "eval.py", f"--out_dir={ev}", *EVAL_ARGS], work)
+        assert r.returncode == 0, r.stderr
+    raw = work / "raw"
+    if not raw.exists():
+        (raw / "data").mkdir(parents=True)
+        shutil.copytree(tiny_data[0] / "TinyStories_all_data", raw / "data" / "TinyStories_all_data")
+        shutil.copy(tiny_data[0] / f"tok{VOCAB}.model", raw / "data")
+    return {"clean": work / "clean", "evaluated": ev, "raw": raw, "data": tiny_data[0], "tables": tiny_data[1],
+            "train_args": tagged_run[0]}
+
+
+def stage_bed(name, beds, tmp):
+    """(args, folder written, reset, skip) of stage `name` in tmp."""
+    import shutil
+    run = tmp / "run"
+
+    def copy_of(src):
+        def reset():
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(src, run)
+        return reset
+    if name == "sample":
+        data = tmp / "data"
+        return [ROOT / "tinystories.py", "sample", f"--data_dir={data}", "--n_stories=40", "--n_shards=3"], data, \
+            None, LOGS
+    if name == "pretokenize":
+        def reset():
+            shutil.rmtree(tmp / "p", ignore_errors=True)
+            shutil.copytree(beds["raw"], tmp / "p")
+        return [ROOT / "tinystories.py", "pretokenize", f"--vocab_size={VOCAB}", f"--max_seq_len={SEQ}",
+                f"--data_dir={tmp / 'p' / 'data'}", f"--tables_dir={tmp / 'p' / 'tables'}", "--workers=1",
+                "--metrics=fk_grade,ttr"], tmp / "p", reset, LOGS
+    if name == "train":
+        args = [str(a) for a in beds["train_args"]]
+        args = [a if not a.startswith(("--out_dir=", "--model_bin=")) else a.split("=")[0] + "=" +
+                str(run) + ("/model.bin" if a.startswith("--model_bin") else "") for a in args]
+        return args, run, None, LOGS
+    if name == "resume":
+        args = [a for a in stage_bed("train", beds, tmp)[0]] + ["--init_from=resume", "--max_iters=16"]
+        return args, run, copy_of(beds["clean"]), LOGS
+    if name == "export":
+        return [ROOT / "export.py", run / "exported.bin", "--latest", f"--out_dir={run}", "--version=1"], run, \
+            copy_of(beds["clean"]), LOGS
+    if name == "eval":
+        return [ROOT / "eval.py", f"--out_dir={run}", *EVAL_ARGS], run, copy_of(beds["clean"]), TIMED
+    if name in ("visualize_attn", "visualize_embd", "visualize_sat_batch", "visualize_sat_output"):
+        return [ROOT / f"{name}.py", f"--out_dir={run}"], run, copy_of(beds["evaluated"]), TIMED
+    if name == "durability":
+        return [ROOT / "durability.py", f"--out_dir={run}", "--R=20", "--n_prompts=2", "--device=cpu"], run, \
+            copy_of(beds["clean"]), LOGS
+    if name == "report":
+        return [ROOT / "report.py", run, f"--out={run / 'report.html'}"], run, copy_of(beds["evaluated"]), TIMED
+    if name == "select_batches":
+        def reset():
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(beds["tables"], run, ignore=shutil.ignore_patterns("select"))
+        return [ROOT / "select_batches.py", "--by=fk_grade", "--keep=0.5", f"--data_dir={beds['data']}",
+                f"--tables_dir={run}", f"--vocab_size={VOCAB}", f"--max_seq_len={SEQ}"], run, reset, \
+            LOGS | {"fk_grade_hardest_0.5_select.json"}  # its cost.seconds
+    raise KeyError(name)
+
+
+STAGES = ["sample", "pretokenize", "train", "resume", "eval", "export", "visualize_attn", "visualize_embd",
+          "visualize_sat_batch", "visualize_sat_output", "durability", "select_batches", "report"]
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_count_writes(name, beds, tmp_path):
+    args, out, reset, skip = stage_bed(name, beds, tmp_path)
+    (reset or (lambda: None))()
+    paths = writes(args, tmp_path, tmp_path)
+    Path("/tmp/crash/counts").mkdir(exist_ok=True)
+    Path(f"/tmp/crash/counts/{name}.txt").write_text("\n".join(paths))
+
+
+# -----------------------------------------------------------------------------
+# the environment's faults: a full disk, a read-only folder, a device torch lacks: one line
+
+def test_main_guard_says_an_environment_fault_in_one_line(capsys):
+    import errno
+    from prebias.common import main_guard
+    for code, fix in ((errno.ENOSPC, "free some space"), (errno.EROFS, "read-only filesystem"),
+                      (errno.EACCES, "may write"), (errno.EDQUOT, "quota")):
+        def fail(code=code):
+            raise OSError(code, os.strerror(code), "/x/out/ckpt_4.pt")
+        with pytest.raises(SystemExit) as e:
+            main_guard(fail)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("error: cannot write /x/out/ckpt_4.pt: ")
+        assert fix in err
+    with pytest.raises(FileNotFoundError):  # not the environment's fault: a traceback as before
+        main_guard(lambda: open("/nonexistent/x"))
+
+
+ENOSPC_STAGES = ["train", "resume", "eval", "export", "sample", "pretokenize"]
+EROFS_STAGES = ["eval", "export", "visualize_attn", "visualize_embd", "visualize_sat_batch", "visualize_sat_output",
+                "pretokenize"]
+
+
+@pytest.mark.parametrize("name,fault", [(n, "ENOSPC") for n in ENOSPC_STAGES] + [(n, "EROFS") for n in EROFS_STAGES])
+def test_a_write_that_fails_is_one_line_naming_the_path(name, fault, beds, tmp_path):
+    """The stage's first write fails (through the hook) as on a full disk or a read-only
+    folder: exit 1, one line naming the file and the fix, no temp file left."""
+    args, out, reset, _ = stage_bed(name, beds, tmp_path)
+    (reset or (lambda: None))()
+    r = run_stage(args, tmp_path, fault_at=1, count=tmp_path / "count.txt", fault_errno=fault)
+    first = (tmp_path / "count.txt").read_text().splitlines()[0]
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: cannot write {first}: "), r.stderr
+    assert temps(out) == []
+
+
+def mount(*args) -> str:
+    """'' when `mount args` worked, else why not (no root, no CAP_SYS_ADMIN in a container)."""
+    try:
+        r = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        return str(e)
+    return "" if r.returncode == 0 else (r.stderr.strip() or f"mount exited {r.returncode}")
+
+
+def test_train_on_a_full_disk_then_resumed_with_room_is_the_clean_run(beds, tmp_path):
+    """A real full disk (a 400 KiB tmpfs): train stops with one line; remounted larger, the
+    resume finishes the run as the uninterrupted one (manifest), no temp file left."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    why = mount("-t", "tmpfs", "-o", "size=400k", "tmpfs", disk)
+    if why:
+        pytest.skip(f"cannot mount a tmpfs here ({why}); test_a_write_that_fails_is_one_line covers it by the hook")
+    try:
+        args, _, _, _ = stage_bed("train", beds, disk)
+        r = run_stage(args, tmp_path)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+        assert "No space left on device" in r.stderr and str(disk) in r.stderr
+        assert temps(disk) == []
+        assert mount("-o", "remount,size=16m", disk) == ""
+        r = run_stage(args + ["--init_from=resume"], tmp_path)
+        assert r.returncode == 0, r.stderr
+        clean = manifest(beds["clean"])
+        got = manifest(disk / "run")
+        assert got.keys() == clean.keys()
+        assert {k: v for k, v in got.items() if k.endswith(".npy") or k.endswith(".npz")} == \
+            {k: v for k, v in clean.items() if k.endswith(".npy") or k.endswith(".npz")}
+        assert temps(disk) == []
+    finally:
+        subprocess.run(["umount", disk], capture_output=True)
+
+
+def test_eval_into_a_read_only_folder_is_one_line(beds, tmp_path):
+    """A real read-only folder (a read-only bind mount of the run): eval says so in one line."""
+    import shutil
+    run, ro = tmp_path / "run", tmp_path / "ro"
+    shutil.copytree(beds["clean"], run)
+    ro.mkdir()
+    why = mount("--bind", run, ro) or mount("-o", "remount,bind,ro", ro)
+    if why:
+        subprocess.run(["umount", ro], capture_output=True)
+        pytest.skip(f"cannot make a read-only bind mount here ({why}); test_a_write_that_fails_is_one_line covers it")
+    try:
+        r = run_stage([ROOT / "eval.py", f"--out_dir={ro}", *EVAL_ARGS], tmp_path)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+        assert "Read-only file system" in r.stderr and str(ro) in r.stderr
+    finally:
+        subprocess.run(["umount", ro], capture_output=True)
+    assert temps(run) == []
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "xpu"])
+def test_a_device_torch_lacks_is_one_line(device, beds, tmp_path):
+    import torch
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    r = run_stage([ROOT / "eval.py", f"--out_dir={beds['clean']}", f"--device={device}"], tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: --device={device}: ")
