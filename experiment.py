@@ -76,8 +76,8 @@ import pandas as pd
 import metrics
 from prebias import saturation, stats, tracking
 from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
-                            write_csv_atomic, write_json_atomic)
+from prebias.common import (FolderLock, UserError, config_to_argv, git_commit, json_loads, main_guard,
+                            parse_config, write_csv_atomic, write_json_atomic)
 from prebias.batchmetrics import REF_COLUMNS
 from prebias.configs import (MAX_SEED, TRAIN_CHOICES, DurabilityConfig, EvalConfig, TrainConfig, check_durability,
                              check_eval, check_train)
@@ -151,7 +151,7 @@ def load_spec(path) -> dict:
     baseline that is not an arm are one line naming the file and the field."""
     p = Path(path)
     try:
-        spec = json.loads(p.read_text())
+        spec = json_loads(p.read_text())
     except OSError as e:
         raise UserError(f"experiment spec {p}: {e.strerror}") from None
     except ValueError as e:
@@ -164,7 +164,7 @@ def load_spec(path) -> dict:
     base = spec.get("base", {})
     if isinstance(base, str):
         try:
-            base = json.loads(Path(base).read_text())
+            base = json_loads(Path(base).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{p}: base config {spec['base']}: {e}") from None
     for k, kind in (("question", str), ("baseline", str), ("test", str), ("eval", dict), ("durability", dict)):

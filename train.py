@@ -129,7 +129,7 @@ def given_keys(argv) -> set[str]:
         if arg.startswith("--") and "=" in arg:
             keys.add(arg[2:].split("=", 1)[0])
         elif arg.endswith(".json"):  # parse_config has read it already
-            keys.update(json.loads(Path(arg).read_text()))
+            keys.update(common.json_loads(Path(arg).read_text()))
     return keys
 
 
@@ -493,7 +493,7 @@ def write_ids_file(out_dir):
 def _record_damage(path: Path, keys=()) -> str:
     """What is wrong with a JSON record of the run ('' when nothing is)."""
     try:
-        obj = json.loads(path.read_text())
+        obj = common.json_loads(path.read_text())
     except FileNotFoundError:
         return "missing"
     except (OSError, UnicodeDecodeError, ValueError) as e:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prebias.common import DoneRecord, UserError, atomic_path, write_json_atomic
+from prebias.common import DoneRecord, UserError, atomic_path, json_loads, write_json_atomic
 from prebias.inputs import read_json
 
 # -----------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def story_noise(shard: Path) -> np.ndarray:
     """Per story of a raw shard: True where `tinystories.py sample --noise` corrupted it
     (its row has a "noise" kind); all False for clean or downloaded data."""
     try:
-        rows = json.loads(Path(shard).read_text(encoding="utf-8"))
+        rows = json_loads(Path(shard).read_text(encoding="utf-8"), unique=False)
     except (OSError, ValueError) as e:
         raise UserError(f"corrupt shard {shard} ({type(e).__name__}): delete it and re-run "
                         "python tinystories.py download (or sample)") from None
@@ -156,7 +156,7 @@ def window_noise(tokens: np.ndarray, noisy: np.ndarray, offsets: np.ndarray, max
 
 def load_stories(shard: Path) -> list[str]:
     try:
-        data = json.loads(Path(shard).read_text(encoding="utf-8"))
+        data = json_loads(Path(shard).read_text(encoding="utf-8"), unique=False)
         if not isinstance(data, list) or not all(isinstance(ex, dict) and isinstance(ex.get("story"), str)
                                                  for ex in data):
             raise ValueError("a shard is a JSON list of objects, each with a 'story' string")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from model import ModelArgs, Transformer
-from prebias.common import UserError, atomic_path
+from prebias.common import UserError, atomic_path, json_loads
 from prebias.data import BOS_ID, EOS_ID, sha256_file
 
 ROPE_THETA = 10000.0  # model.py's and run.c's (rope_cache, rope())
@@ -264,9 +264,9 @@ def load_hf(folder) -> tuple[Transformer, dict]:
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json: pass a Hugging Face Llama folder")
     try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except ValueError:
-        raise UserError(f"{folder}/config.json is not JSON") from None
+        cfg = json_loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise UserError(f"{folder}/config.json is not JSON ({e})") from None
     args = _config_args(cfg, folder)
     files = _weight_files(folder)
     sd = _read_weights(files)

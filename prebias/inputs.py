@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from prebias.common import UserError
+from prebias.common import UserError, json_loads
 
 
 def read_json(path, what: str, fix: str, want: type = dict, keys=()):
@@ -23,7 +23,7 @@ def read_json(path, what: str, fix: str, want: type = dict, keys=()):
     if p.is_dir():
         raise UserError(f"{p} is a folder, not {what}: {fix}")
     try:
-        obj = json.loads(p.read_text())
+        obj = json_loads(p.read_text())
     except FileNotFoundError:
         raise UserError(f"{p} is missing ({what}): {fix}") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -153,3 +153,17 @@ def test_example_specs_load(name, tiny_run, tmp_path):
     cfg = train.parse_config(train.TrainConfig(), tiny_run.train_args(schedule_spec=path), train.CHOICES)
     s = stream.build_schedule(cfg, BatchData(tiny_run.data_dir, 512, 64))
     assert all(len(s.step_ids(t)) == 8 for t in range(24))
+
+
+def test_phase_fractions_summing_above_one_are_refused(tmp_path):
+    """[0.7, 0.5, rest]: the third phase never ran, without a word (seen failing: accepted)."""
+    from prebias.schedule import SpecError, load_spec
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps({"phases": [{"strategy": "shuffle", "fraction": 0.7},
+                                        {"strategy": "sorted", "metric": "fk_grade", "fraction": 0.5},
+                                        {"strategy": "shuffle"}]}))
+    with pytest.raises(SpecError, match=rf"schedule spec {p}: phases\[1\].fraction: the phases' fractions sum to 1.2"):
+        load_spec(p)
+    p.write_text(json.dumps({"phases": [{"strategy": "shuffle", "fraction": 0.5},
+                                        {"strategy": "sorted", "metric": "fk_grade", "fraction": 0.5}]}))
+    assert len(load_spec(p)["phases"]) == 2  # exactly 1 is the whole run
