@@ -247,3 +247,14 @@ def test_from_bin_imports_a_llama2c_file_as_a_checkpoint(tiny_run, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "export.py"), f"--from_bin={v1}", f"--out_dir={tmp_path / 'imp'}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "already holds checkpoints" in r.stderr
+
+
+@pytest.mark.parametrize("gs", ["0", "-64", "100000"])
+def test_a_group_size_out_of_range_is_one_line(tmp_path, gs):
+    """--group_size=0 was a ZeroDivisionError and a negative one never ended (seen failing:
+    the old code went on to read the run)."""
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"), "--latest",
+                        f"--out_dir={tmp_path}", "--version=2", f"--group_size={gs}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr == f"error: --group_size={gs}: values per Q8_0 group, 1..65536 " \
+                                             "(default 64)\n", r.stderr
