@@ -7,6 +7,7 @@ first-order change on a toy quadratic; retrains in place reproduce the run bitwi
 cache gives identical results; bad probes are one line; the validations run end to end."""
 
 import importlib.util
+import re
 import shutil
 import types
 
@@ -351,3 +352,13 @@ def test_a_continued_run_is_retrained_from_its_start(tiny_run, tmp_path):
     src.write_bytes(src.read_bytes() + b"x")
     with pytest.raises(UserError, match="which is gone or changed since"):
         attribute.retrain_job(traj, tmp_path / "retrains" / "other")
+
+
+def test_probe_file_names_are_distinct_for_distinct_probes():
+    """"text:a b" and "text:a!b" wrote the same tables (seen failing: both text_a_b)."""
+    probes = ["text:a b", "text:a!b", "text:a_b", "text:a_b_", "text:" + "x" * 70, "text:" + "x" * 71, "val",
+              "tag:secret", "metric:sentiment", "tag:secret_2"]
+    names = [attribute.probe_name(p) for p in probes]
+    assert len(set(names)) == len(names), names
+    assert names[-4:] == ["val", "tag_secret", "metric_sentiment", "tag_secret_2"]  # plain ids stay readable
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)
