@@ -246,8 +246,37 @@ def autocast_ctx(device: str, dtype: str):
 # -----------------------------------------------------------------------------
 # atomic writes: write to a temp file in the same folder, then rename
 
-TMP_SUFFIX = ".prebias.tmp"  # atomic_path's temp files: .<name>.<8 random characters>.prebias.tmp
-_TMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+TMP_SUFFIX = ".prebias.tmp"  # atomic_path's temp files: .<name>.<8 random characters>.<writer's pid>.prebias.tmp
+_TMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}(\.(?P<pid>\d+))?" + re.escape(TMP_SUFFIX))
+_CLEANED = set()  # the targets whose stale temps this process has removed (atomic_path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_dead_temps(path: Path):
+    """Before the first write of `path` in this process: the temps of `path` that a killed
+    writer left (its pid is no longer alive here, or the temp predates the pid in the name),
+    so a rerun of any stage leaves none. A live writer's temp (a concurrent command) stays."""
+    if path in _CLEANED:
+        return
+    _CLEANED.add(path)
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*{TMP_SUFFIX}"):
+        m = _TMP.fullmatch(p.name)
+        if m and m.group("name") == path.name and p.is_file() and not p.is_symlink() and \
+                (m.group("pid") is None or (int(m.group("pid")) != os.getpid() and not _alive(int(m.group("pid"))))):
+            p.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def remove_stale_temps(folder, names: str):
@@ -302,7 +331,8 @@ def atomic_path(path):
                         "belongs; move it away (or choose another output folder)") from None
     if path.is_dir():
         raise UserError(f"cannot write {path}: a folder is in its place; move it away")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    _remove_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}{TMP_SUFFIX}", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
