@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import ModelArgs, Transformer
+from model import MAX_POSITIONS, ModelArgs, Transformer
 from prebias.checkpoint import (build_checkpoint, ckpt_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                                 model_from_checkpoint, save_checkpoint, source_record)
 from prebias.common import UserError, atomic_path, main_guard, write_json_atomic
@@ -183,6 +183,9 @@ def read_header(raw: bytes, path) -> dict:
                                                                            and hidden % gs == 0)):
         raise UserError(f"model file {path} has an invalid header {shape}"
                         + (f" (group_size {gs})" if h["version"] == 2 else "") + f": {FIX}")
+    if seq_len > MAX_POSITIONS:  # versions 1 and 2 hold no RoPE table: the file size does not bound it
+        raise UserError(f"model file {path} has seq_len {seq_len}: at most {MAX_POSITIONS} positions are read "
+                        f"(the RoPE table is built for each): {FIX}")
     h["args"] = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
                           hidden_dim=hidden, max_seq_len=seq_len, shared_classifier=h["shared"])
     return h

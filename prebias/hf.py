@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import ModelArgs, Transformer
+from model import MAX_POSITIONS, ModelArgs, Transformer
 from prebias.common import UserError, atomic_path, json_loads
 from prebias.data import BOS_ID, EOS_ID, sha256_file
 
@@ -213,6 +213,12 @@ def _config_args(cfg: dict, where: Path) -> ModelArgs:
         raise bad(f"hidden_act={cfg.get('hidden_act')}, attention_bias={cfg.get('attention_bias')}, "
                   f"mlp_bias={cfg.get('mlp_bias')}")
     dim, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    sizes = {k: cfg.get(k, 1) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                                         "intermediate_size", "max_position_embeddings")}
+    if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or \
+            sizes["max_position_embeddings"] > MAX_POSITIONS:
+        raise bad(f"sizes {sizes}: each a positive integer, max_position_embeddings at most {MAX_POSITIONS} (its "
+                  "RoPE table is built before any weight is read)")
     if cfg.get("head_dim") not in (None, dim // nh) or dim % nh or (dim // nh) % 2:
         raise bad(f"head_dim {cfg.get('head_dim')} is not hidden_size / num_attention_heads = {dim / nh} (even)")
     return ModelArgs(dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=nh,

@@ -258,3 +258,24 @@ def test_a_group_size_out_of_range_is_one_line(tmp_path, gs):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr == f"error: --group_size={gs}: values per Q8_0 group, 1..65536 " \
                                              "(default 64)\n", r.stderr
+
+
+def test_a_header_declaring_unbounded_positions_is_refused_before_allocating(tmp_path):
+    """A version-1 file holds no RoPE table, so its seq_len is bounded by nothing: 2**31 - 1
+    built a table of ~2**31 rows before any check (not run on the old code: it would try to
+    allocate tens of GiB on a shared machine). Hugging Face's max_position_embeddings alike."""
+    import json
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=32, max_seq_len=8))
+    path = export.export_bin(model, tmp_path / "m.bin", 1)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<i", raw, 32, 2 ** 31 - 1)  # seq_len: magic, version, then the 7th int of the shape
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"has seq_len 2147483647: at most 1048576 positions"):
+        export.load_bin(path)
+    from prebias import hf
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1,
+        "vocab_size": 32, "intermediate_size": 48, "max_position_embeddings": 10 ** 12}))
+    with pytest.raises(UserError, match=r"max_position_embeddings at most 1048576"):
+        hf.load_hf(tmp_path / "hf")
