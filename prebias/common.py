@@ -32,8 +32,8 @@ class UserError(Exception):
 # the environment's faults a user fixes (errno -> what to do): one line, not a traceback
 ENV_FAULTS = {errno.ENOSPC: "free some space (or write to another disk) and run the same command again",
               errno.EDQUOT: "free some of your disk quota (or write to another disk) and run the same command again",
-              errno.EROFS: "it is on a read-only filesystem: give a writable output folder (or remount it) and run "
-                           "the same command again",
+              errno.EROFS: "give a writable output folder (or remount this one read-write) and run the same "
+                           "command again",
               errno.EACCES: "give a folder this user may write (or change its permissions) and run the same "
                             "command again",
               errno.EPERM: "give a folder this user may write (or change its permissions) and run the same "
