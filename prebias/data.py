@@ -71,7 +71,8 @@ SAMPLE = "SAMPLE"  # beside a generated sample's shards (tinystories.py sample):
 def check_sample(raw: Path, shards: list[Path]):
     """A generated sample is whole or refused: sample writes SAMPLE saying complete: false
     before its first shard and, after its last, complete: true with the shards' names, so a
-    sample cut short (a kill, a full disk) is never read as a smaller data set."""
+    sample cut short (a kill, a full disk), or one that lost a shard, is never read as a
+    smaller data set."""
     p = raw / SAMPLE
     if not p.is_file():
         return  # downloaded (or placed by hand): tinystories.check_download answers for it
@@ -82,8 +83,10 @@ def check_sample(raw: Path, shards: list[Path]):
     fix = f"run python tinystories.py sample --data_dir={raw.parent} again (with the options it was made with)"
     if not isinstance(rec, dict) or rec.get("complete") is False:
         raise UserError(f"{raw} holds an unfinished sample (the command writing it was stopped, {p} says so): {fix}")
-    if isinstance(rec.get("shards"), list) and sorted(map(str, rec["shards"])) != [q.name for q in shards]:
-        raise UserError(f"{raw} holds {len(shards)} shards but its sample wrote {len(rec['shards'])} ({p} names "
+    gone = sorted(set(map(str, rec.get("shards", []) if isinstance(rec.get("shards"), list) else [])) -
+                  {q.name for q in shards})  # a shard added by hand is the user's (and checked as any other)
+    if gone:
+        raise UserError(f"{raw} lacks {gone[0]} of the {len(rec['shards'])} shards its sample wrote ({p} names "
                         f"them): {fix}")
 
 

@@ -260,6 +260,9 @@ def test_sample_killed_at_any_write_is_refused_then_rewritten_whole(tmp_path):
                 raw_shards(data)
 
     assert crash_sweep(args, data, tmp_path, between=between) == 5  # SAMPLE, 3 shards, SAMPLE
+    (data / "TinyStories_all_data" / "data01.json").unlink()  # a finished sample that lost a shard
+    with pytest.raises(UserError, match="lacks data01.json of the 3 shards its sample wrote"):
+        raw_shards(data)
 
 
 # -----------------------------------------------------------------------------
