@@ -32,7 +32,7 @@ FLAGS_runq     = -Ofast -march=native
 BUILDS = run runfast runomp runexact
 PYTHON ?= python
 
-.PHONY: default all clean test test-fast bench bench-upstream gpu-check bench-select bench-attribution validity demo experiment $(addprefix print-cmd-,$(BUILDS)) print-cmd-runq
+.PHONY: default all clean test test-fast crash-test bench bench-upstream gpu-check bench-select bench-attribution validity demo experiment $(addprefix print-cmd-,$(BUILDS)) print-cmd-runq
 
 default: run
 
@@ -54,6 +54,11 @@ print-cmd-runq:
 
 test: run runq
 	$(PYTHON) -m pytest -q
+
+# crash safety, exhaustively: every stage killed at each of its writes in turn, rerun, compared
+# with the uninterrupted run (tests/test_crash.py; make test kills each at one write)
+crash-test:
+	PREBIAS_CRASH_ALL=1 $(PYTHON) -m pytest -q tests/test_crash.py
 
 # the edit-test loop: every test but the slow end-to-end ones (how long: README.md)
 test-fast: run runq

@@ -249,7 +249,13 @@ def influence(cfg: AttributeConfig) -> tuple[pd.DataFrame, str]:
 
 
 def probe_name(probe: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", probe)[:60].strip("_")
+    """The probe in file names: its characters a file name keeps, and a short hash of the
+    probe wherever that drops or changes anything but the kind's colon (tag:<id> and
+    metric:<name> stay readable), so that two probes never share a table."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", probe)[:60].strip("_")
+    if name == probe.replace(":", "_", 1) and not probe.startswith("text:"):
+        return name
+    return f"{name}_{hashlib.sha256(probe.encode()).hexdigest()[:8]}"
 
 
 def table_name(cfg) -> str:

@@ -34,11 +34,12 @@ import pandas as pd
 import metrics
 from prebias import saturation, stats, tracking
 from prebias.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, run_record
-from prebias.common import (ROOT, FolderLock, UserError, config_to_argv, git_commit, main_guard, parse_config,
-                            write_csv_atomic, write_json_atomic)
+from prebias.common import (ROOT, FolderLock, UserError, config_to_argv, git_commit, json_loads, main_guard,
+                            parse_config, write_csv_atomic, write_json_atomic)
 from prebias.batchmetrics import REF_COLUMNS
 from prebias.configs import (MAX_SEED, TRAIN_CHOICES, DurabilityConfig, EvalConfig, TrainConfig, check_durability,
                              check_eval, check_train)
+from prebias.inputs import read_json
 from prebias.paths import TABLES, VISUALIZE, RunPaths
 from prebias.schedule import SpecError
 from prebias.schedule import load_spec as load_schedule_spec
@@ -107,7 +108,7 @@ def load_spec(path) -> dict:
     baseline that is not an arm are one line naming the file and the field."""
     p = Path(path)
     try:
-        spec = json.loads(p.read_text())
+        spec = json_loads(p.read_text())
     except OSError as e:
         raise UserError(f"experiment spec {p}: {e.strerror}") from None
     except ValueError as e:
@@ -120,7 +121,7 @@ def load_spec(path) -> dict:
     base = spec.get("base", {})
     if isinstance(base, str):
         try:
-            base = json.loads(Path(base).read_text())
+            base = json_loads(Path(base).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{p}: base config {spec['base']}: {e}") from None
     for k, kind in (("question", str), ("baseline", str), ("test", str), ("eval", dict), ("durability", dict)):
@@ -187,6 +188,38 @@ def check_values(p, spec: dict):
             raise UserError(f"{p}: {key}: {bad[0]!r} is not a column the runs' summary.csv (or durability.csv) can "
                             "have: val_loss, val_ppl, train_loss, out_<metric>[_sampled], in_<metric>_cum or _since, "
                             f"tag_<tag>_<measure>; metrics: {', '.join(metrics.output_metric_names())}")
+
+
+def spec_tag_ids(p, spec: dict) -> set[str]:
+    """The ids of the tags some arm inserts (base + arm tags files), with the "<id>:control"
+    of each conditional tag that has a control: the tags durability.csv will measure."""
+    have = set()
+    for over in spec["arms"].values():
+        path = {**spec["base"], **over}.get("tags")
+        if not path:
+            continue
+        obj = read_json(path, "a tag file", f"fix the tags setting of {p}", want=object)
+        for t in obj.get("tags", []) if isinstance(obj, dict) and isinstance(obj.get("tags"), list) else []:
+            if isinstance(t, dict) and isinstance(t.get("id"), str):
+                have.add(t["id"])
+                if t.get("kind") == "conditional" and t.get("control", True) is not False:
+                    have.add(f"{t['id']}:control")
+    return have
+
+
+def check_tag_metrics(p, spec: dict):
+    """A tag measure among metrics/primary (tag_<tag>_<measure>) must name a tag some arm
+    inserts: refused before any run trains, not after every run has (the aggregation's error)."""
+    have = None
+    for key in ("metrics", "primary"):
+        for m in spec[key]:
+            if not m.startswith("tag_") or not is_summary_column(m):
+                continue
+            have = spec_tag_ids(p, spec) if have is None else have
+            if not any(m.endswith(f"_{c}") and m[4:-len(c) - 1] in have for c in TAG_COLUMNS):
+                raise UserError(f"{p}: {key}: {m!r} names no tag the arms insert (their tags: "
+                                f"{', '.join(sorted(have)) or 'none, no arm sets tags'}): use tag_<id>_<measure> "
+                                "with the id of a tag in the arms' tag files")
 
 
 def _check_stage(p, settings: dict, cfg, choices, check, where):
@@ -472,6 +505,7 @@ def main(argv=None):
         raise UserError("--detach=True needs --launcher=slurm (local runs are processes of this command)")
     options_from(cfg)  # the --slurm_* values, checked before anything is written
     spec = load_spec(spec_args[0])
+    check_tag_metrics(spec_args[0], spec)
     name = experiment_name(cfg, spec_args[0])
     exp_dir = Path(cfg.out_root) / name
     lock = FolderLock(exp_dir, "experiment name (--name)")

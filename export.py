@@ -155,6 +155,8 @@ def main():
         raise UserError("give --checkpoint=PATH, --latest, --from_hf=FOLDER or --from_bin=FILE")
     if a.tokenizer and not Path(a.tokenizer).is_file():
         raise UserError(f"--tokenizer={a.tokenizer}: no such file")
+    if not 0 < a.group_size <= 65536:  # 0 divided by zero, a negative one looped (group_size_for halves it)
+        raise UserError(f"--group_size={a.group_size}: values per Q8_0 group, 1..65536 (default {GROUP_SIZE})")
     model, record, ck = _load_input(a)
     # the tokenizer: a checkpoint's run's (sha256-checked), else --tokenizer, else an HF folder's own
     folder_tok = Path(a.from_hf) / "tokenizer.model" if a.from_hf else None

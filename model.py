@@ -21,6 +21,9 @@ from torch import nn
 from prebias.data import BOS_ID
 
 
+MAX_POSITIONS = 1 << 20  # the most a model file may declare: its RoPE table is built, the file cannot bound it
+
+
 @dataclass
 class ModelArgs:
     dim: int = 288

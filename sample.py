@@ -67,6 +67,8 @@ def prompt_ids(cfg: SampleConfig, enc: Tokenizer) -> list[int]:
             start = Path(start[5:]).read_text(encoding="utf-8")
         except OSError as e:
             raise UserError(f"--start={cfg.start}: {e.strerror}") from None
+        except UnicodeDecodeError as e:  # a binary file
+            raise UserError(f"--start={cfg.start}: not UTF-8 text (byte {e.start}): give a text file") from None
     return enc.encode(start, bos=True)
 
 
@@ -80,6 +82,8 @@ def draw(model: Transformer, ids: list[int], cfg: SampleConfig) -> list[list[int
 
 
 def main(argv=None):
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot print a character shows '?', not a traceback
+        sys.stdout.reconfigure(errors="replace")
     cfg = parse_config(SampleConfig(), sys.argv[1:] if argv is None else argv, CHOICES)
     for k in ("num_samples", "max_new_tokens"):
         if getattr(cfg, k) < 1:
@@ -90,6 +94,9 @@ def main(argv=None):
     if cfg.top_k > model.params.vocab_size:
         cfg.top_k = model.params.vocab_size
     ids = prompt_ids(cfg, enc)
+    if len(ids) > model.params.max_seq_len:  # generate would cut it and print a token of the cut prompt after it
+        raise UserError(f"--start: the prompt is {len(ids)} tokens (with BOS), longer than the model's context of "
+                        f"{model.params.max_seq_len}: shorten it")
     room = model.params.max_seq_len + 1 - len(ids)  # model.generate stops at the context's end
     if cfg.max_new_tokens > room:
         print(f"note: --max_new_tokens={cfg.max_new_tokens} is cut to {max(room, 0)}: the prompt ({len(ids)} tokens) "

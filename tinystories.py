@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from prebias import batchmetrics
-from prebias.common import SEED, UserError, atomic_path, main_guard, write_json_atomic
+from prebias.common import (SEED, UserError, atomic_path, main_guard, remove_stale_temps, write_json_atomic,
+                            write_text_atomic)
 from prebias.data import (BOS_ID, DATA_DIR, HOLDOUT_FRACTION, LLAMA2_RECORD, LLAMA2_TOKENIZER, MAX_SEQ_LEN, RAW_NAME,
-                          VOCAB_SIZE, load_stories, raw_dir, raw_shards, sha256_file, tok_dir, token_stamps,
+                          SAMPLE, VOCAB_SIZE, load_stories, raw_dir, raw_shards, sha256_file, tok_dir, token_stamps,
                           write_holdout, write_index)
 from prebias.inputs import read_json
 from prebias.storygen import corrupt, generate_stories, noise_plan
@@ -156,7 +157,7 @@ def download(data_dir=DATA_DIR, url=DATA_URL):
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     target = raw_dir(data_dir)
-    if list(target.glob("data*.json")) and not (target / "SAMPLE").exists():
+    if list(target.glob("data*.json")) and not (target / SAMPLE).exists():
         if (target / DOWNLOAD_RECORD).exists():
             check_download(target)
             print(f"{target} already holds the dataset (shards checked against {DOWNLOAD_RECORD}), skipping download")
@@ -184,13 +185,15 @@ def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=SEED, noise=0.0):
     if not 0 <= noise < 1:
         raise UserError(f"--noise={noise}: a fraction in [0, 1)")
     target = raw_dir(data_dir)
-    if list(target.glob("data*.json")) and not (target / "SAMPLE").exists():
+    if list(target.glob("data*.json")) and not (target / SAMPLE).exists():
         raise UserError(f"{target} holds downloaded data; sample would overwrite it. "
                         "Use --data_dir=<another folder> for the sample")
     stories = generate_stories(n_stories, seed=seed)
     chunks = np.array_split(np.arange(n_stories), n_shards)
     stories, kinds = corrupt_stories(stories, len(chunks[0]), noise, seed)
     target.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target, r"data\d+\.json|" + SAMPLE)  # of a sample killed while saving
+    write_text_atomic(target / SAMPLE, json.dumps({"complete": False}) + "\n")  # readers refuse a partial set
     for old in target.glob("data*.json"):
         old.unlink()
     for i, chunk in enumerate(chunks):
@@ -199,7 +202,9 @@ def sample(data_dir=DATA_DIR, n_stories=4000, n_shards=5, seed=SEED, noise=0.0):
                 for j in chunk]
         with atomic_path(target / f"data{i:02d}.json") as tmp:
             tmp.write_text(json.dumps(rows, ensure_ascii=False))
-    (target / "SAMPLE").write_text(json.dumps({"n_stories": n_stories, "seed": seed, "noise": noise}) + "\n")
+    write_text_atomic(target / SAMPLE, json.dumps({"n_stories": n_stories, "seed": seed, "noise": noise,
+                                                   "complete": True, "shards": [f"data{i:02d}.json" for i in
+                                                                                range(len(chunks))]}) + "\n")
     print(f"wrote {n_stories} stories in {n_shards} shards to {target}"
           + (f" ({sum(k is not None for k in kinds)} training stories corrupted)" if noise else ""))
     return target

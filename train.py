@@ -131,7 +131,7 @@ def given_keys(argv) -> set[str]:
         if arg.startswith("--") and "=" in arg:
             keys.add(arg[2:].split("=", 1)[0])
         elif arg.endswith(".json"):  # parse_config has read it already
-            keys.update(json.loads(Path(arg).read_text()))
+            keys.update(common.json_loads(Path(arg).read_text()))
     return keys
 
 
@@ -372,6 +372,8 @@ class Trainer:
                                run_id=cfg.wandb_run_id) if cfg.wandb_log and self.master else None
         if self.master and self.iter_num in ckpt_steps and not ckpt_path(cfg.out_dir, self.iter_num).exists():
             self.checkpoint()
+        elif self.master and self.iter_num:  # a resume: the numpy record may lack the last checkpoint (a kill
+            write_ids_file(cfg.out_dir)     # after it), even when the run is complete and nothing more trains
         t0, n_timed = time.perf_counter(), 0
         while self.iter_num < cfg.max_iters:
             lr = get_lr(self.iter_num, cfg)
@@ -470,10 +472,11 @@ def write_ids_file(out_dir):
     """<out_dir>/batch_ids.npy: every trained step's ids (steps, B) as plain numpy, from
     the checkpoints (Pythia keeps its order as data); pool_ids.npy, insertions.npz,
     masked_rows.npy ([step, row] trained with weight 0) and weighted_rows.npy ([step, row,
-    weight], float64) too where selection, tags, a --train_mask or --train_weights ran."""
+    weight], float64) too where selection, tags, a --train_mask or --train_weights ran.
+    batch_ids.npy goes last: when its steps are the latest checkpoint's, the others were
+    written from the same checkpoints (a kill in between leaves it stale, which its reader
+    and a resume see); insertions.npz also says its steps (n_steps)."""
     rec, paths = stream_records(out_dir), RunPaths(out_dir)
-    with atomic_path(paths.batch_ids) as tmp, open(tmp, "wb") as f:
-        np.save(f, rec["batch_ids"], allow_pickle=False)
     if rec["pool_ids"].size:
         with atomic_path(paths.pool_ids) as tmp, open(tmp, "wb") as f:
             np.save(f, rec["pool_ids"], allow_pickle=False)
@@ -486,13 +489,16 @@ def write_ids_file(out_dir):
     if len(rec["insertions"]):
         with atomic_path(paths.insertions) as tmp, open(tmp, "wb") as f:
             np.savez(f, insertions=rec["insertions"], insert_tokens=rec["insert_tokens"],
-                     replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"))
+                     replaced_tokens=rec["replaced_tokens"], columns=np.array("step,row,pos,tag,n_tokens,mode"),
+                     n_steps=np.int64(len(rec["batch_ids"])))
+    with atomic_path(paths.batch_ids) as tmp, open(tmp, "wb") as f:
+        np.save(f, rec["batch_ids"], allow_pickle=False)
 
 
 def _record_damage(path: Path, keys=()) -> str:
     """What is wrong with a JSON record of the run ('' when nothing is)."""
     try:
-        obj = json.loads(path.read_text())
+        obj = common.json_loads(path.read_text())
     except FileNotFoundError:
         return "missing"
     except (OSError, UnicodeDecodeError, ValueError) as e:

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from model import ModelArgs, Transformer
-from prebias.common import UserError, atomic_path
+from prebias.common import UserError, atomic_path, json_loads
 from prebias.data import sha256_file
 from prebias.inputs import read_json
 from prebias.paths import RunPaths
@@ -205,9 +205,9 @@ def run_identity(out_dir, first_ckpt=None) -> dict:
     p = RunPaths(out_dir).config
     if p.exists():
         try:
-            cfg = json.loads(p.read_text())
-        except ValueError:
-            raise UserError(f"{p} is not valid JSON: restore it or start a new --out_dir") from None
+            cfg = json_loads(p.read_text())
+        except ValueError as e:
+            raise UserError(f"{p} is not valid JSON ({e}): restore it or start a new --out_dir") from None
         if not isinstance(cfg, dict):
             raise UserError(f"{p} is not a run's config (a JSON object): restore it or start a new --out_dir")
     else:
@@ -246,9 +246,9 @@ def run_config(out_dir) -> dict:
     if not p.exists():
         raise UserError(f"no run in {out_dir} (no checkpoints, no config.json): run python train.py --out_dir={out_dir}")
     try:
-        return json.loads(p.read_text())
-    except ValueError:
-        raise UserError(f"{p} is not valid JSON: restore it or start a new --out_dir") from None
+        return json_loads(p.read_text())
+    except ValueError as e:
+        raise UserError(f"{p} is not valid JSON ({e}): restore it or start a new --out_dir") from None
 
 
 def run_record(out_dir) -> dict:

@@ -8,11 +8,13 @@ each of these concepts has exactly one home.
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,17 +31,63 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, never as a traceback."""
 
 
+# the environment's faults a user fixes (errno -> what to do): one line, not a traceback
+ENV_FAULTS = {errno.ENOSPC: "free some space (or write to another disk) and run the same command again",
+              errno.EDQUOT: "free some of your disk quota (or write to another disk) and run the same command again",
+              errno.EROFS: "give a writable output folder (or remount this one read-write) and run the same "
+                           "command again",
+              errno.EACCES: "give a folder this user may write (or change its permissions) and run the same "
+                            "command again",
+              errno.EPERM: "give a folder this user may write (or change its permissions) and run the same "
+                           "command again"}
+
+
+def env_fault_line(e: OSError) -> str:
+    """The one line of an environment fault (ENV_FAULTS), naming the path when known.
+    Nothing half-written is left (atomic_path removes its temp; a run resumes)."""
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot write{where}: {e.strerror or os.strerror(e.errno)}; {ENV_FAULTS[e.errno]}"
+
+
 def main_guard(fn):
-    """Run fn(); turn UserError into one line on stderr and exit code 1."""
+    """Run fn(); turn UserError, and a full disk or a folder it may not write
+    (ENV_FAULTS), into one line on stderr and exit code 1."""
     try:
         return fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:
+        if e.errno not in ENV_FAULTS:
+            raise
+        print(f"error: {env_fault_line(e)}", file=sys.stderr)
+        sys.exit(1)
     except BrokenPipeError:  # `... | head`: the reader left; say nothing more, as cat does
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")
         sys.exit(141)
+
+
+# -----------------------------------------------------------------------------
+# JSON: one checked parse for every spec, config and record the stages read
+
+def _unique_keys(pairs):
+    obj = {}
+    for k, v in pairs:
+        if k in obj:  # json keeps the last silently: two arms of one name, two values of one key
+            raise ValueError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
+def json_loads(text, unique: bool = True):
+    """json.loads that refuses duplicate keys (unique) and says so for nesting too deep for
+    the parser (RecursionError, at about 1,000 levels): both as ValueError, which every
+    reader already turns into its one line naming the file."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys if unique else None)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {sys.getrecursionlimit()} levels") from None
 
 
 # -----------------------------------------------------------------------------
@@ -80,7 +128,7 @@ def parse_config(cfg, argv, choices=None):
             sys.exit(0)
         if arg.endswith(".json") and not arg.startswith("--"):
             try:
-                obj = json.loads(Path(arg).read_text())
+                obj = json_loads(Path(arg).read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"config file {arg}: {e}") from None
             if not isinstance(obj, dict):
@@ -165,9 +213,17 @@ class Choices:
 # device and dtype
 
 def auto_device(device: str = "auto") -> str:
+    """'auto' -> cuda where there is one, else cpu; a named device this torch build or
+    machine does not have is one line (not a traceback from the first tensor moved)."""
     import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # RuntimeError (bad name, no such index), AssertionError (torch not compiled with CUDA)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--device={device}: not usable here ({why[:120]}); use --device=auto or --device=cpu") \
+            from None
     return device
 
 
@@ -192,8 +248,37 @@ def autocast_ctx(device: str, dtype: str):
 # -----------------------------------------------------------------------------
 # atomic writes: write to a temp file in the same folder, then rename
 
-TMP_SUFFIX = ".prebias.tmp"  # atomic_path's temp files: .<name>.<8 random characters>.prebias.tmp
-_TMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+TMP_SUFFIX = ".prebias.tmp"  # atomic_path's temp files: .<name>.<8 random characters>.<writer's pid>.prebias.tmp
+_TMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}(\.(?P<pid>\d+))?" + re.escape(TMP_SUFFIX))
+_CLEANED = set()  # the targets whose stale temps this process has removed (atomic_path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_dead_temps(path: Path):
+    """Before the first write of `path` in this process: the temps of `path` that a killed
+    writer left (its pid is no longer alive here, or the temp predates the pid in the name),
+    so a rerun of any stage leaves none. A live writer's temp (a concurrent command) stays."""
+    if path in _CLEANED:
+        return
+    _CLEANED.add(path)
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*{TMP_SUFFIX}"):
+        m = _TMP.fullmatch(p.name)
+        if m and m.group("name") == path.name and p.is_file() and not p.is_symlink() and \
+                (m.group("pid") is None or (int(m.group("pid")) != os.getpid() and not _alive(int(m.group("pid"))))):
+            p.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def remove_stale_temps(folder, names: str):
@@ -205,6 +290,35 @@ def remove_stale_temps(folder, names: str):
         m = _TMP.fullmatch(p.name)
         if m and want.fullmatch(m.group("name")) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
+
+
+def fault_point(path):
+    """The crash harness's hook (tests/test_crash.py), called just before every rename that
+    publishes a file (atomic_path: every output of every stage goes through it): with
+    PREBIAS_FAULT_COUNT=<file> each call appends the path to that file (so a test counts a
+    stage's writes, over all its processes); with PREBIAS_FAULT_AT=N as well, the Nth call
+    kills the command with SIGKILL, as `kill -9` would: its whole process group where the
+    command leads its own session (the harness starts it so: workers die with it), else
+    this process only; with PREBIAS_FAULT_ERRNO=ENOSPC (or EROFS, EACCES...) the Nth write
+    fails with that error instead. Unset (always, outside the harness), it does nothing."""
+    log = os.environ.get("PREBIAS_FAULT_COUNT")
+    if not log:
+        return
+    with open(log, "a+") as f:  # one count over the command's processes (pretokenize's workers)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(f"{path}\n")
+        f.flush()
+        f.seek(0)
+        n = sum(1 for _ in f)
+    if os.environ.get("PREBIAS_FAULT_AT", "") != str(n):
+        return
+    fault = os.environ.get("PREBIAS_FAULT_ERRNO")  # e.g. ENOSPC: this write fails so, as on a full disk
+    if fault:
+        raise OSError(getattr(errno, fault), os.strerror(getattr(errno, fault)), str(path))
+    import signal
+    if os.getpgid(0) == os.getsid(0):
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -219,18 +333,36 @@ def atomic_path(path):
                         "belongs; move it away (or choose another output folder)") from None
     if path.is_dir():
         raise UserError(f"cannot write {path}: a folder is in its place; move it away")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    _remove_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}{TMP_SUFFIX}", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
     try:
         yield Path(tmp)
+        fault_point(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        fault = _write_fault(e, path)
+        if fault is not None:
+            raise fault from None
         raise
+
+
+def _write_fault(e: BaseException, path: Path) -> OSError | None:
+    """The OSError naming `path` of a failed write (a full disk or a folder it may not
+    write: ENV_FAULTS), for main_guard's one line; None for anything else. np.save gives
+    no file name, torch.save a RuntimeError of its zip writer."""
+    if isinstance(e, OSError) and e.errno in ENV_FAULTS:
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+    if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
+        with contextlib.suppress(OSError):  # the zip writer's short write: a full disk when little is free
+            if shutil.disk_usage(path.parent).free < 64 << 20:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
 
 
 def write_text_atomic(path, text: str):

@@ -16,6 +16,7 @@ from prebias.common import SEED, UserError
 from prebias.data import DATA_DIR, HOLDOUT_MODES, TABLES_DIR
 from prebias.schedule import flat_strategies
 from prebias.selection import SCORES
+from prebias.tracking import check_wandb_dir
 
 
 # -----------------------------------------------------------------------------
@@ -176,6 +177,10 @@ MAX_SCHEDULE_ROWS = 2_000_000_000  # batch ids a run's schedule may hold (16 GiB
 
 def check_train(cfg: TrainConfig):
     """train.py's nonsense values (one UserError line); train.py then checks the memory."""
+    if not cfg.out_dir.strip():  # '' is the working folder: the repository's model.bin was overwritten
+        raise UserError(f"--out_dir={cfg.out_dir!r}: give a folder (the default is out)")
+    if cfg.wandb_log:
+        check_wandb_dir()
     for k in TRAIN_POSITIVE:
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be at least 1")

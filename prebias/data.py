@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prebias.common import SEED, DoneRecord, UserError, atomic_path, write_json_atomic
+from prebias.common import SEED, DoneRecord, UserError, atomic_path, json_loads, write_json_atomic
 from prebias.inputs import read_json
 from prebias.paths import RunPaths
 
@@ -53,6 +53,7 @@ def raw_shards(data_dir) -> list[Path]:
     validation shard) would be trained on as new data, a folder or an empty file read as
     nothing."""
     shards = sorted(Path(p) for p in glob.glob(str(raw_dir(data_dir) / "data*.json")))
+    check_sample(raw_dir(data_dir), shards)
     if not shards:
         raise UserError(f"no shards in {raw_dir(data_dir)}: run python tinystories.py download "
                         "(or python tinystories.py sample offline)")
@@ -63,6 +64,31 @@ def raw_shards(data_dir) -> list[Path]:
             raise UserError(f"raw shard {p} is {what}: every data*.json must be a plain file of stories; remove it "
                             "(or rerun python tinystories.py download / sample into a fresh --data_dir)")
     return shards
+
+
+SAMPLE = "SAMPLE"  # beside a generated sample's shards (tinystories.py sample): its settings and shards
+
+
+def check_sample(raw: Path, shards: list[Path]):
+    """A generated sample is whole or refused: sample writes SAMPLE saying complete: false
+    before its first shard and, after its last, complete: true with the shards' names, so a
+    sample cut short (a kill, a full disk), or one that lost a shard, is never read as a
+    smaller data set."""
+    p = raw / SAMPLE
+    if not p.is_file():
+        return  # downloaded (or placed by hand): tinystories.check_download answers for it
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        rec = None
+    fix = f"run python tinystories.py sample --data_dir={raw.parent} again (with the options it was made with)"
+    if not isinstance(rec, dict) or rec.get("complete") is False:
+        raise UserError(f"{raw} holds an unfinished sample (the command writing it was stopped, {p} says so): {fix}")
+    gone = sorted(set(map(str, rec.get("shards", []) if isinstance(rec.get("shards"), list) else [])) -
+                  {q.name for q in shards})  # a shard added by hand is the user's (and checked as any other)
+    if gone:
+        raise UserError(f"{raw} lacks {gone[0]} of the {len(rec['shards'])} shards its sample wrote ({p} names "
+                        f"them): {fix}")
 
 
 def llama2_vocab(data_dir) -> int:
@@ -104,7 +130,7 @@ def story_noise(shard: Path) -> np.ndarray:
     """Per story of a raw shard: True where `tinystories.py sample --noise` corrupted it
     (its row has a "noise" kind); all False for clean or downloaded data."""
     try:
-        rows = json.loads(Path(shard).read_text(encoding="utf-8"))
+        rows = json_loads(Path(shard).read_text(encoding="utf-8"), unique=False)
     except (OSError, ValueError) as e:
         raise UserError(f"corrupt shard {shard} ({type(e).__name__}): delete it and re-run "
                         "python tinystories.py download (or sample)") from None
@@ -134,7 +160,7 @@ def window_noise(tokens: np.ndarray, noisy: np.ndarray, offsets: np.ndarray, max
 
 def load_stories(shard: Path) -> list[str]:
     try:
-        data = json.loads(Path(shard).read_text(encoding="utf-8"))
+        data = json_loads(Path(shard).read_text(encoding="utf-8"), unique=False)
         if not isinstance(data, list) or not all(isinstance(ex, dict) and isinstance(ex.get("story"), str)
                                                  for ex in data):
             raise ValueError("a shard is a JSON list of objects, each with a 'story' string")

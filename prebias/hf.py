@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import ModelArgs, Transformer
-from prebias.common import UserError, atomic_path
+from model import MAX_POSITIONS, ModelArgs, Transformer
+from prebias.common import UserError, atomic_path, json_loads
 from prebias.data import BOS_ID, EOS_ID, sha256_file
 
 ROPE_THETA = 10000.0  # model.py's and run.c's (rope_cache, rope())
@@ -213,6 +213,12 @@ def _config_args(cfg: dict, where: Path) -> ModelArgs:
         raise bad(f"hidden_act={cfg.get('hidden_act')}, attention_bias={cfg.get('attention_bias')}, "
                   f"mlp_bias={cfg.get('mlp_bias')}")
     dim, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    sizes = {k: cfg.get(k, 1) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                                         "intermediate_size", "max_position_embeddings")}
+    if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or \
+            sizes["max_position_embeddings"] > MAX_POSITIONS:
+        raise bad(f"sizes {sizes}: each a positive integer, max_position_embeddings at most {MAX_POSITIONS} (its "
+                  "RoPE table is built before any weight is read)")
     if cfg.get("head_dim") not in (None, dim // nh) or dim % nh or (dim // nh) % 2:
         raise bad(f"head_dim {cfg.get('head_dim')} is not hidden_size / num_attention_heads = {dim / nh} (even)")
     return ModelArgs(dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=nh,
@@ -264,9 +270,9 @@ def load_hf(folder) -> tuple[Transformer, dict]:
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json: pass a Hugging Face Llama folder")
     try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except ValueError:
-        raise UserError(f"{folder}/config.json is not JSON") from None
+        cfg = json_loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise UserError(f"{folder}/config.json is not JSON ({e})") from None
     args = _config_args(cfg, folder)
     files = _weight_files(folder)
     sd = _read_weights(files)

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from prebias.common import UserError
+from prebias.common import UserError, json_loads
 
 
 MUST_EXIST = object()  # read_json's default: a missing file is an error
@@ -28,7 +28,7 @@ def read_json(path, what: str, fix: str, want: type = dict, keys=(), missing=MUS
     if p.is_dir():
         raise UserError(f"{p} is a folder, not {what}: {fix}")
     try:
-        obj = json.loads(p.read_text())
+        obj = json_loads(p.read_text())
     except FileNotFoundError:
         if missing is not MUST_EXIST:
             return missing

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import ModelArgs, Transformer
+from model import MAX_POSITIONS, ModelArgs, Transformer
 from prebias.common import UserError, atomic_path
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
@@ -152,6 +152,9 @@ def read_header(raw: bytes, path) -> dict:
                                                                            and hidden % gs == 0)):
         raise UserError(f"model file {path} has an invalid header {shape}"
                         + (f" (group_size {gs})" if h["version"] == 2 else "") + f": {FIX}")
+    if seq_len > MAX_POSITIONS:  # versions 1 and 2 hold no RoPE table: the file size does not bound it
+        raise UserError(f"model file {path} has seq_len {seq_len}: at most {MAX_POSITIONS} positions are read "
+                        f"(the RoPE table is built for each): {FIX}")
     h["args"] = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
                           hidden_dim=hidden, max_seq_len=seq_len, shared_classifier=h["shared"])
     return h

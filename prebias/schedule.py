@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prebias.common import SEED, Registry
+from prebias.common import SEED, Registry, json_loads
 
 PACINGS = ("linear", "root", "step", "exp")
 STRATEGIES = Registry("schedule strategy")  # name -> Strategy subclass (register below)
@@ -74,7 +74,7 @@ def load_spec(path) -> dict:
     """The spec file as it is (the Schedule normalises it), checked here, where it is
     read, so that every error names the file and the field and says where the fix goes."""
     try:
-        spec = json.loads(Path(path).read_text())
+        spec = json_loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise SpecError(f"schedule spec {path}: cannot read it ({type(e).__name__}: {e}); it must be a JSON "
                         "object {\"phases\": [...]} (config/schedules/ has examples)") from None
@@ -155,6 +155,11 @@ def validate_spec(spec, metrics: set | None = None, name="schedule spec") -> dic
         elif i < n - 1:
             raise SpecError(f"{where}: only the last phase may omit steps/fraction")
         out["phases"].append(q)
+    total = sum(q.get("fraction", 0) for q in out["phases"])
+    if total > 1 + 1e-9:  # the phases past the run's end would never train, without a word
+        last = max(i for i, q in enumerate(out["phases"]) if "fraction" in q)
+        raise SpecError(f"{name}: phases[{last}].fraction: the phases' fractions sum to {total:g}, more than the "
+                        "whole run (1): later phases would never run; make them sum to at most 1")
     for key in ("exclude", "include"):
         if spec.get(key):
             if not isinstance(spec[key], str):

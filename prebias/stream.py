@@ -575,9 +575,10 @@ def read_batch_ids(out_dir, cfg, n_batches: int) -> np.ndarray:
     B = int(cfg.batch_size) * int(getattr(cfg, "gradient_accumulation_steps", 1))
     ids = _int_array(p, _record_file(p, fix), (None, B), fix)
     found = list_checkpoints(out_dir)
-    if found and len(ids) < found[-1][0]:
-        raise UserError(f"{p} records {len(ids)} steps but {found[-1][1]} has trained {found[-1][0]}: it is stale; "
-                        f"{fix}")
+    if found and len(ids) != found[-1][0]:  # a kill between the last checkpoint and this record: resume mends it
+        raise UserError(f"{p} records {len(ids)} steps but {found[-1][1]} has trained {found[-1][0]}: it "
+                        f"{'is stale' if len(ids) < found[-1][0] else 'disagrees with the checkpoints'}; resume "
+                        f"the run (python train.py --init_from=resume --out_dir={out_dir}) or {fix}")
     if ids.size and (ids.min() < 0 or ids.max() >= n_batches):
         bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
         raise UserError(f"{p} holds batch id {bad}, outside the {n_batches} batches of {cfg.data_dir}: it is damaged "
@@ -594,6 +595,10 @@ def read_insertions(out_dir, ids: np.ndarray, T: int, V: int) -> dict | None:
     z = _record_file(p, fix)
     if not isinstance(z, dict) or not {"insertions", "insert_tokens", "replaced_tokens"} <= set(z):
         raise UserError(f"{p} lacks the arrays insertions, insert_tokens and replaced_tokens: {fix}")
+    if "n_steps" in z and z["n_steps"].shape == () and int(z["n_steps"]) != len(ids):  # written with other ids
+        raise UserError(f"{p} records the insertions of {int(z['n_steps'])} steps but batch_ids.npy has {len(ids)}: "
+                        f"it disagrees with the checkpoints; resume the run (python train.py --init_from=resume "
+                        f"--out_dir={out_dir}) or {fix}")
     ins = _int_array(p, z["insertions"], (None, 6), fix)
     toks = {k: _int_array(p, z[k], (None,), fix) for k in ("insert_tokens", "replaced_tokens")}
     why = _insertion_problem(ins, toks["insert_tokens"], toks["replaced_tokens"], ids.shape, T, V)

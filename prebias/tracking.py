@@ -16,10 +16,20 @@ import os
 from prebias.common import UserError
 
 
+def check_wandb_dir():
+    """$WANDB_DIR, when set, must be a folder (or not exist yet): a file there sent wandb's
+    run files to another folder without a word."""
+    d = os.environ.get("WANDB_DIR")
+    if d and os.path.exists(d) and not os.path.isdir(d):
+        raise UserError(f"WANDB_DIR={d} is a file, not a folder: set WANDB_DIR to a folder (or unset it to keep "
+                        "wandb's files in the run folder)")
+
+
 def start(*, project: str, dir, config: dict, name: str = "", group: str = "", job_type: str = "",
           run_id: str = ""):
     """A wandb run (resumed when run_id names one already started, e.g. by train.py), its
     files under $WANDB_DIR when set, else under dir."""
+    check_wandb_dir()
     try:
         import wandb
     except ImportError:

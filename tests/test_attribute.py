@@ -7,6 +7,7 @@ first-order change on a toy quadratic; retrains in place reproduce the run bitwi
 cache gives identical results; bad probes are one line; the validations run end to end."""
 
 import importlib.util
+import re
 import shutil
 import types
 
@@ -460,3 +461,13 @@ def test_smoothness_retrains_along_directions_and_compares_with_the_metagradient
     fd = attribute.main(base)  # cached retrains; the central difference at eps 0.5
     row = fd.iloc[0]
     assert row.predicted == pytest.approx((row.measured_plus - row.measured_minus) / 2, rel=1e-12)
+
+
+def test_probe_file_names_are_distinct_for_distinct_probes():
+    """"text:a b" and "text:a!b" wrote the same tables (seen failing: both text_a_b)."""
+    probes = ["text:a b", "text:a!b", "text:a_b", "text:a_b_", "text:" + "x" * 70, "text:" + "x" * 71, "val",
+              "tag:secret", "metric:sentiment", "tag:secret_2"]
+    names = [attribute.probe_name(p) for p in probes]
+    assert len(set(names)) == len(names), names
+    assert names[-4:] == ["val", "tag_secret", "metric_sentiment", "tag_secret_2"]  # plain ids stay readable
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)

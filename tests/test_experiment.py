@@ -465,3 +465,22 @@ def test_a_one_arm_experiment_writes_a_readable_empty_differences_table(tmp_path
     (exp / "experiment.json").write_text(json.dumps({**spec, "arm_order": ["shuffle"]}))
     page = report.experiment_page(exp, report.ReportConfig(viewer="none"))
     assert "No differences to show: the experiment has one arm" in page
+
+
+@pytest.mark.parametrize("key", ["metrics", "primary"])
+def test_a_tag_metric_of_no_tag_is_refused_before_any_run(tiny_data, tmp_path, key):
+    """tag_<id>_<measure> passes the up-front pattern; one whose id no arm's tag file has was
+    refused only after every run trained (the aggregation's error). Seen failing on the old
+    code: it went on to train (here into a missing data folder)."""
+    from conftest import experiment_spec
+    over = {"metrics": ["val_loss", "tag_nosuch_exposure"]} if key == "metrics" else \
+        {"primary": ["tag_secret:control_exposure"]}  # a canary has no control
+    path = experiment_spec(tiny_data, tmp_path / "exp.json", **over)
+    spec = json.loads(path.read_text())
+    spec["base"]["data_dir"] = str(tmp_path / "no_data")  # the old code would fail in train.py, not after hours
+    path.write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {key}: 'tag_\S+' names no tag the arms insert "
+                                        r"\(their tags: secret\)"):
+        experiment.main([str(path), f"--out_root={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+    experiment.check_tag_metrics(path, {**spec, "metrics": ["tag_secret_exposure"], "primary": []})  # a real tag passes

@@ -247,3 +247,35 @@ def test_from_bin_imports_a_llama2c_file_as_a_checkpoint(tiny_run, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "export.py"), f"--from_bin={v1}", f"--out_dir={tmp_path / 'imp'}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "already holds checkpoints" in r.stderr
+
+
+@pytest.mark.parametrize("gs", ["0", "-64", "100000"])
+def test_a_group_size_out_of_range_is_one_line(tmp_path, gs):
+    """--group_size=0 was a ZeroDivisionError and a negative one never ended (seen failing:
+    the old code went on to read the run)."""
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"), "--latest",
+                        f"--out_dir={tmp_path}", "--version=2", f"--group_size={gs}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr == f"error: --group_size={gs}: values per Q8_0 group, 1..65536 " \
+                                             "(default 64)\n", r.stderr
+
+
+def test_a_header_declaring_unbounded_positions_is_refused_before_allocating(tmp_path):
+    """A version-1 file holds no RoPE table, so its seq_len is bounded by nothing: 2**31 - 1
+    built a table of ~2**31 rows before any check (not run on the old code: it would try to
+    allocate tens of GiB on a shared machine). Hugging Face's max_position_embeddings alike."""
+    import json
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=32, max_seq_len=8))
+    path = export.export_bin(model, tmp_path / "m.bin", 1)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<i", raw, 32, 2 ** 31 - 1)  # seq_len: magic, version, then the 7th int of the shape
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"has seq_len 2147483647: at most 1048576 positions"):
+        export.load_bin(path)
+    from prebias import hf
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1,
+        "vocab_size": 32, "intermediate_size": 48, "max_position_embeddings": 10 ** 12}))
+    with pytest.raises(UserError, match=r"max_position_embeddings at most 1048576"):
+        hf.load_hf(tmp_path / "hf")

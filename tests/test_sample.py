@@ -1,6 +1,7 @@
 """sample.py (llama2.c's): the ids model.generate draws for a seed, from a checkpoint or a
 model file of any version, and the same samples as ./run at the seed of each sample."""
 
+import os
 import subprocess
 
 import pytest
@@ -93,3 +94,20 @@ def test_sample_flags_out_of_range_are_refused(tiny_run, flag, capsys):
     refused(lambda: sample.main([f"--checkpoint={ck}", "--max_new_tokens=4", "--device=cpu", flag]),
             flag.split("=")[0] + "=")
     assert capsys.readouterr().out == ""
+
+
+def test_prompt_files_and_terminals_that_fail_are_one_line_or_replaced(tiny_run, tmp_path):
+    """A binary prompt file was a UnicodeDecodeError traceback; a prompt longer than the
+    context was cut, and a token of the cut prompt printed after the full one; a terminal
+    that cannot print a character was a UnicodeEncodeError. Seen failing on the old code."""
+    import sys
+    ckpt = latest_checkpoint(tiny_run.out_dir)
+    (tmp_path / "bin.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(UserError, match=r"--start=FILE:.*bin.txt: not UTF-8 text \(byte 0\): give a text file"):
+        sample.main([f"--checkpoint={ckpt}", f"--start=FILE:{tmp_path / 'bin.txt'}", "--device=cpu"])
+    with pytest.raises(UserError, match=r"the prompt is \d+ tokens \(with BOS\), longer than the model's context of 64"):
+        sample.main([f"--checkpoint={ckpt}", "--start=" + "Once upon a time " * 40, "--device=cpu"])
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}", "--start=Zoë saw a café",
+                        "--max_new_tokens=4", "--device=cpu"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and r.stdout.startswith("Zo? saw a caf?"), r.stderr[-1000:]

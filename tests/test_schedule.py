@@ -239,3 +239,17 @@ def test_an_exclude_in_the_spec_names_the_spec_and_the_file(tiny_data, tmp_path)
     run = TinyRun(*tiny_data, tmp_path / "out")
     with pytest.raises(UserError, match=rf"^schedule spec {re.escape(str(path))}: exclude={re.escape(excl)}: none of"):
         train.main(run.train_args(schedule_spec=path, **SHORT))
+
+
+def test_phase_fractions_summing_above_one_are_refused(tmp_path):
+    """[0.7, 0.5, rest]: the third phase never ran, without a word (seen failing: accepted)."""
+    from prebias.schedule import SpecError, load_spec
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps({"phases": [{"strategy": "shuffle", "fraction": 0.7},
+                                        {"strategy": "sorted", "metric": "fk_grade", "fraction": 0.5},
+                                        {"strategy": "shuffle"}]}))
+    with pytest.raises(SpecError, match=rf"schedule spec {p}: phases\[1\].fraction: the phases' fractions sum to 1.2"):
+        load_spec(p)
+    p.write_text(json.dumps({"phases": [{"strategy": "shuffle", "fraction": 0.5},
+                                        {"strategy": "sorted", "metric": "fk_grade", "fraction": 0.5}]}))
+    assert len(load_spec(p)["phases"]) == 2  # exactly 1 is the whole run

@@ -374,3 +374,18 @@ def test_an_explicit_shape_flag_that_differs_from_the_init_checkpoint_is_refused
             if not a.startswith(("--dim=", "--n_layers=", "--n_heads=", "--n_kv_heads="))]
     train.main(args)  # no shape flags: the checkpoint's shape
     assert json.loads((run.out_dir / "config.json").read_text())["n_layers"] == 2
+
+
+def test_an_empty_out_dir_or_a_wandb_dir_that_is_a_file_is_refused(tmp_path, monkeypatch):
+    """--out_dir= trained into the working folder (overwriting the repository's model.bin);
+    WANDB_DIR naming a file sent wandb's run elsewhere. Both one line before anything is
+    written (seen failing on the old code: the first trained, the second started)."""
+    monkeypatch.chdir(tmp_path)
+    for out in ("", " "):
+        with pytest.raises(UserError, match="--out_dir=.*: give a folder"):
+            train.main([f"--out_dir={out}", f"--data_dir={tmp_path / 'none'}"])
+    (tmp_path / "wf").write_text("")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wf"))
+    with pytest.raises(UserError, match="WANDB_DIR=.* is a file, not a folder"):
+        train.main([f"--out_dir={tmp_path / 'run'}", "--wandb_log=True", f"--data_dir={tmp_path / 'none'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wf"]
