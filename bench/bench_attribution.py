@@ -110,9 +110,18 @@ def dataset(name: str, args) -> dict | None:
     topk = pd.read_csv(out / "tables" / f"influence_{attribute.table_name(attribute.AttributeConfig(estimator=best))}"
                                         "_validation.csv").iloc[0].to_dict()
     order = attribution(out, args, validate="order", moves=args.moves, move_rows=8, move_frac=0.1)
-    smooth = attribution(out, args, validate="smoothness", directions=args.directions, eps=args.eps, tol=TOL)
+    smooth = attribution(out, args, validate="smoothness", directions=args.directions, eps=args.eps, tol=TOL,
+                         metagradient=magic_table(out, args))
     return {"lds1": lds1, "lds": lds, "best": best, "topk": topk, "order": order, "smooth": smooth,
             "seconds": time.time() - t0}
+
+
+def magic_table(out: Path, args) -> Path:
+    """The (step, row) metagradient table the LDS above computed for the same probes: the
+    smoothness check compares retrains with its linear prediction, not a finite difference."""
+    ctx, _ = attribute.context(attribute.AttributeConfig(**{**ATTR, "n_val": args.n_val, "d": args.d,
+                                                            "out_dir": str(out)}))
+    return magic.table_path(ctx.cache_dir, ctx.traj, ctx.probes)
 
 
 def lds_lines(df: pd.DataFrame, what: str):
