@@ -22,7 +22,6 @@ faster), with the range of the per-round ratios beside it. The machine's load av
 printed before and after: on a shared machine, compare only numbers from one run.
 """
 
-import argparse
 import os
 import re
 import statistics
@@ -37,6 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from prebias.data import tok_dir, write_index  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+import smoke  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the shapes of issue 27; vocab 512 (the sample's) for the small two, 4096 (config/stories15M.json) for 15M
@@ -195,8 +197,12 @@ def git_commit() -> str:
     return (p.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
 
 
+# smoke: the tiny shape, 1 round of 12 steps, no compile, 1 thread (bench/smoke.py)
+SMOKE = dict(shapes="dim16", rounds=1, steps=12, compile_too="False", threads=1)
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = smoke.parser(__doc__)
     ap.add_argument("--upstream", default="", help="a checkout of karpathy/llama2.c (its train.py is run)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--rounds", type=int, default=3)
@@ -206,15 +212,12 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads of both sides (OMP_NUM_THREADS); 0 = torch's default (every core). On a "
                          "loaded machine 1 is far steadier: 2 threads stall at every parallel region")
-    ap.add_argument("--smoke", action="store_true", help="the tiny shape, 1 round of 12 steps, no compile, 1 thread")
-    a = ap.parse_args(argv)
+    a = smoke.parse(ap, SMOKE, argv)
     bad = [s for s in a.shapes.split(",") if s not in SHAPES]
     if bad:
         ap.error(f"--shapes: {bad[0]!r} is not one of {', '.join(SHAPES)}")
     if a.rounds < 1 or a.steps < 2:
         ap.error("--rounds must be >= 1 and --steps >= 2")
-    if a.smoke:
-        a.shapes, a.rounds, a.steps, a.compile_too, a.threads = "dim16", 1, 12, "False", a.threads or 1
     if not a.upstream and not a.smoke:
         ap.error("give --upstream=<a checkout of karpathy/llama2.c> (make bench-upstream UPSTREAM=<it>), or --smoke")
     return a

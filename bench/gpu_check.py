@@ -26,7 +26,6 @@ resume is not bitwise (train.py promises it there).
 
 import argparse
 import os
-import re
 import signal
 import statistics
 import subprocess

@@ -44,6 +44,8 @@ HEADERS = {
     "bench_select": rf"== bed noisy: 2 seeds, 4 steps(.*\n)method +final val +steps to target(.*\n)"
                     rf"uniform +{NUM}(.*\n)*\| bed \| method \| final val loss(.*\n)*\| noisy \| prune \| {NUM}",
     "bench_spine": rf"vocab 512: per-story loop +{NUM} stories/s \| batched 1 thread +{NUM} \({NUM}x\)",
+    "bench_upstream": rf"upstream not given \(--upstream=<a llama2.c checkout>\): timing the project's side only(.*\n)*"
+                      rf"\| dim 16, 1 layer, V 512, batch 4 × 64 \| {NUM} \| \(not given\)",
     "bench_train": rf"dim64_L5_V512 +fp32 eager +provenance +{NUM} tok/s +bare +{NUM} tok/s(.*\n)*"
                    rf"dim64_L5_V512 +tags on +{NUM} tok/s(.*\n)*dim288_L6_V512 batch 1 lr 5e-3: flush_denormal on",
     "validity_attribution": CHECK.format(area="attribution", n=5),
