@@ -207,6 +207,26 @@ def spec_tag_ids(p, spec: dict) -> set[str]:
     return have
 
 
+def check_statistics(p, spec: dict):
+    """Every statistic aggregate() computes, computed first on made-up values at the spec's
+    arms x seeds (and metrics, and a family as large as theirs): a test or an interval that
+    cannot be computed at this seed count is refused before any run trains, not after all of
+    them have (a 2-seed experiment stopped in the mdd search so)."""
+    wanted = [m for m in (spec["metrics"] or DEFAULT_METRICS) if not m.startswith("tag_")]
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame([{"arm": a, "seed": s, "iter": it, **{m: float(rng.normal()) for m in wanted}}
+                       for a in spec["arms"] for s in spec["seeds"] for it in (0, 1, 2, 4)])
+    side = {m: "primary" if m in spec.get("primary", []) else "output" for m in wanted}
+    try:
+        stats.curve_table(df, wanted)
+        stats.final_table(df, wanted, list(spec["arms"]))
+        stats.difference_table(df, wanted, list(spec["arms"]), spec["baseline"], side, spec["test"])
+        stats.saturation_tables(df, wanted, list(spec["arms"]), saturation.saturation_step)
+    except Exception as e:  # noqa: BLE001 (any failure of the statistics is this spec's to fix)
+        raise UserError(f"{p}: the experiment's statistics cannot be computed for {len(spec['seeds'])} seeds and "
+                        f"{len(wanted)} metrics ({type(e).__name__}: {e}); change seeds, metrics or test") from None
+
+
 def check_tag_metrics(p, spec: dict):
     """A tag measure among metrics/primary (tag_<tag>_<measure>) must name a tag some arm
     inserts: refused before any run trains, not after every run has (the aggregation's error)."""
@@ -506,6 +526,7 @@ def main(argv=None):
     options_from(cfg)  # the --slurm_* values, checked before anything is written
     spec = load_spec(spec_args[0])
     check_tag_metrics(spec_args[0], spec)
+    check_statistics(spec_args[0], spec)
     name = experiment_name(cfg, spec_args[0])
     exp_dir = Path(cfg.out_root) / name
     lock = FolderLock(exp_dir, "experiment name (--name)")

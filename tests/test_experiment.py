@@ -484,3 +484,17 @@ def test_a_tag_metric_of_no_tag_is_refused_before_any_run(tiny_data, tmp_path, k
         experiment.main([str(path), f"--out_root={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
     experiment.check_tag_metrics(path, {**spec, "metrics": ["tag_secret_exposure"], "primary": []})  # a real tag passes
+
+
+@pytest.mark.parametrize("n_seeds", [1, 2, 3, 30])
+def test_every_statistic_is_computable_at_the_seed_count(tmp_path, n_seeds):
+    """The spec check runs aggregate()'s statistics on made-up values at 1, 2, 3 and 30 seeds
+    and every main metric (a family of ~14: at 2 seeds the mdd search raised after all runs)."""
+    spec = {"arms": {"a": {}, "b": {}, "c": {}}, "baseline": "a", "seeds": list(range(1, n_seeds + 1)),
+            "metrics": [], "test": "auto"}
+    experiment.check_statistics(tmp_path / "exp.json", spec)
+    spec["test"] = "nosuch_test"
+    with pytest.raises(UserError, match=rf"exp.json: the experiment's statistics cannot be computed for {n_seeds} "
+                                        "seeds"):
+        experiment.check_statistics(tmp_path / "exp.json", spec)
+
