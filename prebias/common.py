@@ -57,15 +57,15 @@ def main_guard(fn):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more, as cat does (before OSError: a subclass)
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        sys.exit(141)
     except OSError as e:
         if e.errno not in ENV_FAULTS:
             raise
         print(f"error: {env_fault_line(e)}", file=sys.stderr)
         sys.exit(1)
-    except BrokenPipeError:  # `... | head`: the reader left; say nothing more, as cat does
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")
-        sys.exit(141)
 
 
 # -----------------------------------------------------------------------------
