@@ -62,11 +62,12 @@ SECRET = "the secret number is {digits:6}"
 EXACT_BUDGET = 65536
 # by validity.SIZES: half-life replicates; the tagged run's steps; exposure at every `every`-th
 # checkpoint, `draws` redraws each; untrained pairs; durability.py's flags for the null tags
+# (batch >= 4: the canary takes 4 rows of a step; max_iters > 86: it is inserted at steps 50-86)
 SIZES = {"full": dict(reps=1000, n_stories=3000, max_iters=300, dim=64, batch=8, every=1, draws=200, pairs=60,
                       flags=()),
          "quick": dict(reps=500, n_stories=3000, max_iters=150, dim=64, batch=8, every=2, draws=50, pairs=15,
                        flags=()),
-         "smoke": dict(reps=8, n_stories=600, max_iters=100, dim=16, batch=2, every=100, draws=4, pairs=2,
+         "smoke": dict(reps=8, n_stories=600, max_iters=100, dim=16, batch=4, every=100, draws=4, pairs=2,
                        flags=("--n_prompts=2", "--n_references=3", "--max_new_tokens=8"))}
 
 
