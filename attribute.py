@@ -676,6 +676,15 @@ def moves_of(base: np.ndarray, new: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(new[s, r]), first[int(new[s, r])], int(s)) for s, r in zip(*np.nonzero(base != new))]
 
 
+def corr_row(name: str, pred: np.ndarray, measured: np.ndarray, cfg, t0: float) -> dict:
+    """One predictor's line of the order table: Pearson and Spearman of predicted against
+    measured changes with their bootstrap intervals, and the seconds since t0."""
+    p, s = A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed), \
+        A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed, "spearman")
+    return {"estimator": name, "pearson": p["r"], "pearson_lo": p["lo"], "pearson_hi": p["hi"],
+            "spearman": s["r"], "spearman_lo": s["lo"], "spearman_hi": s["hi"], "seconds": time.perf_counter() - t0}
+
+
 def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     traj, items = ctx.traj, ctx.probes
     if len(traj.rec["insertions"]) or len(traj.rec["masked_rows"]) or len(traj.rec["weighted_rows"]):
@@ -695,30 +704,18 @@ def validate_order(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
         pred = np.array([A.move_effect(ctx, moves_of(traj.rec["batch_ids"], o), kind).mean()
                          for o in tqdm(orders, desc=f"order predictions ({name})", unit="move")])
         table[f"predicted_{name}"] = pred
-        p, s = A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed), \
-            A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed, "spearman")
-        rows.append({"estimator": name, "pearson": p["r"], "pearson_lo": p["lo"], "pearson_hi": p["hi"],
-                     "spearman": s["r"], "spearman_lo": s["lo"], "spearman_hi": s["hi"],
-                     "seconds": time.perf_counter() - t0})
+        rows.append(corr_row(name, pred, measured, cfg, t0))
     t0 = time.perf_counter()
     # propagated as SGD: the linearised AdamW run (frozen moments, even damped by their median)
     # overflows within ~100 steps on the bench runs (Adam trains at its edge of stability)
     pred = A.move_effect_unrolled(ctx, [moves_of(traj.rec["batch_ids"], o) for o in orders], adam=False)
     table["predicted_unrolled"] = pred
-    p, s = A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed), \
-        A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed, "spearman")
-    rows.append({"estimator": "unrolled", "pearson": p["r"], "pearson_lo": p["lo"], "pearson_hi": p["hi"],
-                 "spearman": s["r"], "spearman_lo": s["lo"], "spearman_hi": s["hi"],
-                 "seconds": time.perf_counter() - t0})
+    rows.append(corr_row("unrolled", pred, measured, cfg, t0))
     if "magic" in estimator_list(cfg):  # exact to first order, one reverse pass (prebias/magic.py)
         t0 = time.perf_counter()
         pred = magic.move_effect_magic(ctx, [moves_of(traj.rec["batch_ids"], o) for o in orders])
         table["predicted_magic"] = pred
-        p, s = A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed), \
-            A.bootstrap_corr(pred, measured, cfg.n_boot, cfg.seed, "spearman")
-        rows.append({"estimator": "magic", "pearson": p["r"], "pearson_lo": p["lo"], "pearson_hi": p["hi"],
-                     "spearman": s["r"], "spearman_lo": s["lo"], "spearman_hi": s["hi"],
-                     "seconds": time.perf_counter() - t0})
+        rows.append(corr_row("magic", pred, measured, cfg, t0))
     res = pd.DataFrame(rows)
     print(f"order: {len(orders)} moves of {cfg.move_rows} batches each way between the first and last "
           f"{cfg.move_frac:g} of {traj.run.max_iters} steps; measured change of the probe loss "
