@@ -350,13 +350,26 @@ def init_from(traj: A.Trajectory) -> str:
     return str(src)
 
 
+def retrain_finished(out: Path, steps: int) -> bool:
+    """Its last checkpoint is the final step and its record says as many steps: train.py
+    writes batch_ids.npy last, after the final checkpoint, so a retrain killed in between
+    has a stale record and is resumed (a resume of a finished run rewrites the record)."""
+    found = list_checkpoints(out)
+    if not found or found[-1][0] != steps:
+        return False
+    try:
+        return np.load(RunPaths(out).batch_ids, mmap_mode="r").shape[0] == steps
+    except (OSError, ValueError):
+        return False
+
+
 def retrain_job(traj: A.Trajectory, out: Path, mask=None, order=None, weights=None) -> Job | None:
     """The train.py job of one retrain: the recorded order replayed (so online selection is
     not re-run and every batch keeps its step), or `order`, with `mask` weighted 0 and
     `weights` (steps, B) the loss weight of each (step, row) (train.py --train_weights).
     None when it has finished."""
     run = vars(traj.run)
-    if list_checkpoints(out) and list_checkpoints(out)[-1][0] == run["max_iters"]:
+    if retrain_finished(out, run["max_iters"]):
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     order_path = out.parent / f"{out.name}_order.npy"
