@@ -10,7 +10,8 @@ PREBIAS_FAULT_AT=N kills it at the Nth. The stage runs as its own session
 Compared: a manifest of the folder, file -> sha256, where a checkpoint (.pt) is hashed by
 its content less its wall-clock timings (compute.*_s: a rerun takes another time; torch.save
 also names the archive after the temp file, so the bytes differ run to run), a .json less
-its keys "seconds" and "*_s" (the reference scorer's fit time, select_batches' cost), and
+its keys "seconds" and "*_s" (the reference scorer's fit time, select_batches' cost), a .csv
+less its columns so named (attribute.py's LDS table: the seconds of each estimator), and
 report.html less its "written by report.py on <minute>" line. Left out: logs and records
 of each start (train.log, history.jsonl, run.json with its start time, .lock): a resumed
 run logs its resume.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SEQ, VOCAB
+from conftest import ROOT, SEQ, VOCAB, experiment_spec
 
 LOGS = {".lock", "train.log", "history.jsonl", "run.json"}  # differ by a run's time and its starts
 
@@ -91,10 +92,23 @@ def _canon(x, out):
 
 
 def _untimed(x):
-    """A JSON value less its wall-clock fields ("seconds", "<what>_s"): a rerun takes another time."""
+    """A JSON value less its wall-clock fields ("seconds", "<what>_s"): a rerun takes another time.
+    A DoneRecord ({"settings", "done"}) keeps its items and their inputs' sizes, not the
+    inputs' mtimes (file_signature: a rerun rewrites the checkpoints it reads)."""
+    if isinstance(x, dict) and set(x) == {"settings", "done"} and isinstance(x["done"], dict):
+        return {"settings": x["settings"], "done": {k: v[0] if isinstance(v, list) and len(v) == 2 else v
+                                                    for k, v in x["done"].items()}}
     if isinstance(x, dict):
         return {k: _untimed(v) for k, v in x.items() if not (k == "seconds" or k.endswith("_s"))}
     return [_untimed(v) for v in x] if isinstance(x, list) else x
+
+
+def _untimed_csv(text: str) -> str:
+    """A CSV table less its wall-clock columns ("seconds", "<what>_s")."""
+    import csv
+    rows = list(csv.reader(io.StringIO(text)))
+    keep = [i for i, k in enumerate(rows[0] if rows else []) if not (k == "seconds" or k.endswith("_s"))]
+    return "\n".join(",".join(r[i] for i in keep if i < len(r)) for r in rows)
 
 
 def manifest(folder, skip=LOGS) -> dict:
@@ -107,6 +121,8 @@ def manifest(folder, skip=LOGS) -> dict:
                 h = _pt_digest(p)
             elif p.suffix == ".html":  # report.py's "written by report.py on <minute>" line
                 h = hashlib.sha256(re.sub(rb"written by report.py on [0-9: -]+", b"", p.read_bytes())).hexdigest()
+            elif p.suffix == ".csv":  # a table's cost columns (lds_*.csv: retrain_s, seconds)
+                h = hashlib.sha256(_untimed_csv(p.read_text()).encode()).hexdigest()
             elif p.suffix == ".json" and not p.name.endswith(".prebias.tmp"):
                 h = hashlib.sha256(json.dumps(_untimed(json.loads(p.read_text())), sort_keys=True).encode()).hexdigest()
             else:
@@ -218,8 +234,11 @@ def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS
     clean = manifest(out, skip)
     assert temps(out) == []
     at = {"middle": (len(paths) + 1) // 2}
-    todo = sorted({at.get(n, n) if at.get(n, n) > 0 else len(paths) + 1 + n for n in points} if points
-                  else range(1, len(paths) + 1))
+    if points == "sites":
+        todo = write_sites(paths, out)
+    else:
+        todo = sorted({at.get(n, n) if at.get(n, n) > 0 else len(paths) + 1 + n for n in points} if points
+                      else range(1, len(paths) + 1))
     for n in todo:
         reset()
         count.unlink(missing_ok=True)
@@ -232,6 +251,20 @@ def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS
         assert manifest(out, skip) == clean, (n, paths[n - 1])
         assert temps(out) == [], (n, paths[n - 1])
     return len(paths)
+
+
+def write_sites(paths: list[str], out) -> list[int]:
+    """The first write (1-based) of each kind of file: its path under out with every run's
+    folder (an experiment's <arm>/seed<N>, a retrain's sub<N>) and every number made generic,
+    so ckpt_4.pt of one run stands for every checkpoint of every run (the same code writes them)."""
+    seen, todo = set(), []
+    for i, p in enumerate(paths, 1):
+        rel = os.path.relpath(p, out)
+        kind = re.sub(r"\d+", "N", re.sub(r"^[^/]+/[^/]+/seed\d+/", "RUN/", rel))
+        if kind not in seen:
+            seen.add(kind)
+            todo.append(i)
+    return todo
 
 
 def rerun_args(args) -> list:
@@ -338,21 +371,39 @@ def stage_bed(name, beds, tmp):
             shutil.copytree(beds["tables"], run, ignore=shutil.ignore_patterns("select"))
         return [ROOT / "select_batches.py", "--by=fk_grade", "--keep=0.5", f"--data_dir={beds['data']}",
                 f"--tables_dir={run}", f"--vocab_size={VOCAB}", f"--max_seq_len={SEQ}"], run, reset, LOGS
+    if name == "attribute":  # an influence table, then an LDS of 2 subsets: retrains as subprocesses
+        return [ROOT / "attribute.py", f"--out_dir={run}", "--probe=val", "--n_val=2", "--d=32",
+                "--estimators=grad_dot,tracin", "--validate=lds", "--subsets=2", "--n_boot=50", "--jobs=1"], run, \
+            copy_of(beds["clean"]), LOGS | {"retrain.log"}
+    if name == "experiment":  # 2 arms x 1 seed of 12 steps, eval, durability, tables, report
+        spec = experiment_spec((beds["data"], beds["tables"]), tmp / "exp.json", seeds=[1])
+        s = json.loads(spec.read_text())
+        s["base"].update(max_iters=12, eval_interval=8, log_interval=4)
+        s["durability"]["R"] = 20
+        spec.write_text(json.dumps(s))
+        return [ROOT / "experiment.py", spec, f"--out_root={run}", "--jobs=1"], run, None, LOGS
     raise KeyError(name)
 
 
 STAGES = ["sample", "pretokenize", "train", "resume", "eval", "export", "visualize_attn", "visualize_embd",
-          "visualize_sat_batch", "visualize_sat_output", "durability", "select_batches", "report"]
+          "visualize_sat_batch", "visualize_sat_output", "durability", "select_batches", "report", "attribute",
+          "experiment"]
 
 
 # the default run kills each stage at its middle write (one kill, one rerun: about 20 s a
 # stage on 2 cores); `make crash-test` (PREBIAS_CRASH_ALL=1) kills it at every write in turn
-# (126 writes over the stages, 2 runs each: half an hour or more), too long for make test.
+# (126 writes over the first 13 stages, 55 of attribute's, 28 sites of experiment's, 2 runs
+# each: an hour or more), too long for make test.
 SWEPT = ["pretokenize", "train", "resume", "eval", "export", "visualize_attn", "visualize_embd",
-         "visualize_sat_batch", "visualize_sat_output", "durability", "select_batches", "report"]
+         "visualize_sat_batch", "visualize_sat_output", "durability", "select_batches", "report", "attribute",
+         "experiment"]
+# an experiment is 2 runs of train, eval and durability processes, ~70 s a run here: make
+# crash-test kills it at the first write of each kind (write_sites: a checkpoint of one run
+# stands for every checkpoint of every run); make test kills it once (the tiny_experiment fixture)
+SAMPLED = [s for s in SWEPT if s != "experiment"]
 
 
-@pytest.mark.parametrize("name", SWEPT)
+@pytest.mark.parametrize("name", SAMPLED)
 def test_a_stage_killed_at_a_write_reruns_to_the_clean_result(name, beds, tmp_path):
     args, out, reset, skip = stage_bed(name, beds, tmp_path)
     crash_sweep(args, out, tmp_path, points=["middle"], reset=reset, skip=skip)
@@ -364,7 +415,15 @@ def test_a_stage_killed_at_a_write_reruns_to_the_clean_result(name, beds, tmp_pa
 @pytest.mark.parametrize("name", SWEPT)
 def test_a_stage_killed_at_every_write_reruns_to_the_clean_result(name, beds, tmp_path):
     args, out, reset, skip = stage_bed(name, beds, tmp_path)
-    crash_sweep(args, out, tmp_path, reset=reset, skip=skip)
+    crash_sweep(args, out, tmp_path, points="sites" if name in ("attribute", "experiment") else None, reset=reset,
+                skip=skip)
+
+
+def test_write_sites_are_the_first_of_each_kind():
+    out = "/x/out"
+    paths = [f"{out}/exp/{a}/seed{s}/ckpt/ckpt_{k}.pt" for a in ("shuffle", "curriculum") for s in (1, 2)
+             for k in (0, 4)] + [f"{out}/exp/tables/summary.csv", f"{out}/exp/shuffle/seed1/tables/eval.csv"]
+    assert write_sites(paths, out) == [1, 9, 10]
 
 
 # -----------------------------------------------------------------------------
