@@ -52,8 +52,10 @@ $(addprefix print-cmd-,$(BUILDS)): print-cmd-%:
 print-cmd-runq:
 	@echo $(CC) $(WARN) $(FLAGS_runq) runq.c $(LDLIBS)
 
+# the suite in TEST_JOBS pytest-xdist workers (one thread each; TEST_JOBS=1: one process)
+TEST_JOBS ?= 2
 test: run runq
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS))
 
 # crash safety, exhaustively: every stage killed at each of its writes in turn, rerun, compared
 # with the uninterrupted run (tests/test_crash.py; make test kills each at one write)
@@ -62,7 +64,7 @@ crash-test:
 
 # the edit-test loop: every test but the slow end-to-end ones (how long: README.md)
 test-fast: run runq
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow" $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS))
 
 # The main job, offline on the bundled sample: data -> tokenizer -> batches + metrics ->
 # a short training with checkpoints -> model.bin -> a story from run.c -> evaluation

@@ -2,6 +2,7 @@
 folder (sample -> train_vocab -> pretokenize with metrics -> a short training run)."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,8 +15,17 @@ sys.path.insert(0, str(ROOT))
 
 VOCAB, SEQ = 512, 64
 
+# `make test` runs the suite in 2 pytest-xdist workers (its subprocess-heavy half waits on
+# process starts, not on the cores): each worker, and every process it starts, uses one thread,
+# as a retrain or a Slurm job of one CPU does, so 2 workers do not fight over 2 cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: an end-to-end test of several processes (make test runs it, "
                                        "make test-fast does not)")
 
