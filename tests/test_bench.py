@@ -25,11 +25,13 @@ CHECK = r"\[{area}\] (PASS|FAIL)  .+ \| truth: .+ \| estimate: .+ \| rule: .+\n(
 HEADERS = {
     "bench_attribute": rf"attribution tiny \(dim 64, 4 layers\), {NUM}M params, d=16: {NUM} s per 1,000 batches per "
                        rf"checkpoint \(gradients {NUM} s, projection {NUM} s; 4 batches of 16 tokens",
-    "bench_attribution": rf"==== sample\nLDS, 1% drops .*: 3 in-place retrains, 4 probes(.*\n)"
+    "bench_attribution": rf"==== sample, from scratch\nLDS, 1% drops .*: 3 in-place retrains, 4 probes(.*\n)"
                          rf"estimator +LDS \[95% CI\](.*\n)*magic +{NUM}(.*\n)*"
                          rf"LDS, 50% drops .*: 3 in-place retrains, 4 probes(.*\n)*top-2 removed in place \(\w+\): {NUM}; "
                          rf"timing-matched random-2(.*\n)*"
-                         rf"order-aware \(\w+\): Pearson ({NUM}|\+nan)",  # nan: 8 steps, no whole step in a tenth
+                         rf"order-aware \(\w+\): Pearson ({NUM}|\+nan)(.*\n)*"  # nan: 8 steps, no whole step in a tenth
+                         rf"==== sample, continued\nLDS, 1% drops .*: 3 in-place retrains, 4 probes(.*\n)"
+                         rf"estimator +LDS \[95% CI\](.*\n)*magic +{NUM}",
     "bench_durability": rf"durability tiny \(dim 64, 4 layers\): {NUM} s per checkpoint \(R=50 candidates",
     "bench_eval": rf"tiny \(dim 64, 2 layers\) +{NUM} s/checkpoint(.*\n)*\s+3 prompts x 8 new tokens \(24 generated\): "
                   rf"batched\+KV cache +{NUM} s \| prompt-by-prompt no cache +{NUM} s",
