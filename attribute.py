@@ -18,6 +18,7 @@ $ python attribute.py --out_dir=out --probe=val --validate=order --moves=30
 $ python attribute.py --out_dir=out --probe=val --estimator=magic     # exact metagradients (prebias/magic.py)
 $ python attribute.py --out_dir=out --probe=val --validate=order --estimators=tracin,magic
 $ python attribute.py --out_dir=out --probe=val --n_val=16 --validate=smoothness --directions=4 --eps=0.001,0.01,0.1,1
+$ python attribute.py --out_dir=out --probe=val --n_val=16 --validate=smoothness --steps=100:200   # late steps only
 
 Probes: val (each of the first n_val validation batches is one probe; the influence table
 is their mean, i.e. the mean validation loss), text:<text>, tag:<id> (a canary's secret
@@ -41,7 +42,8 @@ estimator, reuses every finished retrain):
          row) +-1), retrained at w = 1 +- eps d for each --eps: the probe's change against the
          linear prediction eps <g, d> (g from --metagradient, else the central difference at the
          smallest eps), and the eps up to which first order holds (prebias/smoothness.py):
-         tables/smoothness_<probe>.csv, visualize/smoothness_<probe>.png
+         tables/smoothness_<probe>.csv, visualize/smoothness_<probe>.png; --steps=a:b moves
+         only the weights of steps a..b-1 (tables/smoothness_<probe>_steps<a>-<b>.csv)
   order  random moves (move_rows batches of the first move_frac of the run swapped with as many
          of the last), retrained with that order (the replay strategy): the correlation of the
          predicted change of the probe (prebias.attribution.move_effect; with magic in
@@ -103,6 +105,8 @@ class AttributeConfig:
     directions: int = 4  # smoothness: random directions d in weight space (Rademacher on the trained occurrences)
     eps: str = "0.001,0.01,0.1,1"  # smoothness: step sizes, each retrained at w = 1 + eps d and 1 - eps d
     tol: float = 0.1  # smoothness: first order holds while the linear prediction's relative error is at most this
+    steps: str = ""  # smoothness: "a:b" moves the weights of steps a..b-1 only (the rest stay 1): where in the run
+    #                  smoothness fails; '' = every step
     metagradient: str = ""  # smoothness: d probe / d w, .npy (steps, B) or (P, steps, B), or an .npz with `dw`
     #                         (prebias/magic.py's table); '' = the central difference at the smallest eps
     launcher: str = "local"  # how retrains run (prebias/launchers.py)
@@ -135,6 +139,9 @@ def check(cfg: AttributeConfig):
                   ("move_rows", 1), ("jobs", 1), ("top", 0), ("chunk", 0), ("directions", 1)):
         if getattr(cfg, k) < lo:
             raise UserError(f"--{k}={getattr(cfg, k)}: must be at least {lo}")
+    if cfg.steps and not (re.fullmatch(r"\d+:\d+", cfg.steps) and step_window(cfg)[0] < step_window(cfg)[1]):
+        raise UserError(f"--steps={cfg.steps}: give a:b, the steps a..b-1 whose weights smoothness moves (a < b), "
+                        "or leave it empty for every step")
     if not 0 < cfg.move_frac <= 0.5:
         raise UserError(f"--move_frac={cfg.move_frac}: the share of the steps at each end, in (0, 0.5] (the first "
                         "and the last this share trade batches; above 0.5 they overlap)")
@@ -619,27 +626,40 @@ def metagradient_slopes(path: str, dirs: np.ndarray) -> np.ndarray | None:
     return np.einsum("rsb,sb->r", dirs, g)
 
 
+def step_window(cfg: AttributeConfig) -> tuple[int, int] | None:
+    """--steps=a:b as (a, b), or None for every step."""
+    return tuple(int(x) for x in cfg.steps.split(":")) if cfg.steps else None
+
+
 def validate_smoothness(cfg: AttributeConfig, ctx: A.Context) -> pd.DataFrame:
     """Retrain at w = 1 +- eps d along --directions random directions d for every --eps and
-    compare the probe's change with eps <g, d> (prebias/smoothness.py)."""
+    compare the probe's change with eps <g, d> (prebias/smoothness.py). With --steps=a:b the
+    directions move only the occurrences of steps a..b-1 (their own retrains and table)."""
     traj, items = ctx.traj, ctx.probes
     eps = SM.parse_eps(cfg.eps)
-    dirs = SM.directions(traj.occurrences, traj.rec["batch_ids"][:traj.run.max_iters].shape, cfg.directions,
-                         cfg.seed)
+    occ, window = np.asarray(traj.occurrences).reshape(-1, 2), step_window(cfg)
+    if window:
+        occ = occ[(occ[:, 0] >= window[0]) & (occ[:, 0] < window[1])]
+        if not len(occ):
+            raise UserError(f"--steps={cfg.steps}: no trained occurrence in steps {window[0]}..{window[1] - 1} of "
+                            f"{traj.run.max_iters}")
+    dirs = SM.directions(occ, traj.rec["batch_ids"][:traj.run.max_iters].shape, cfg.directions, cfg.seed)
     slope = metagradient_slopes(cfg.metagradient, dirs)
     base = base_loss(cfg, traj, items)
     specs = [(f"d{k}_{'p' if sg > 0 else 'm'}{e:g}", None, None, 1 + sg * e * dirs[k])
              for k in range(len(dirs)) for e in eps for sg in (1, -1)]
-    outs = retrain_all(cfg, traj, f"smooth_s{cfg.seed}", specs)
+    tag = f"_steps{window[0]}-{window[1]}" if window else ""  # a window's retrains are its own
+    outs = retrain_all(cfg, traj, f"smooth_s{cfg.seed}{tag}", specs)
     vals = np.array([float(measure(o, items).mean()) - base for o in outs]).reshape(len(dirs), len(eps), 2)
     table = SM.smoothness_table(eps, vals[..., 0], vals[..., 1], slope, cfg.tol)
     size = SM.first_order_size(table)
     table["first_order_size"] = table["direction"].map(size)
     table["retrain_s"] = float(np.median([retrain_seconds(o) for o in outs]))
-    name = probe_name(cfg.probe)
+    name = probe_name(cfg.probe) + tag
     write_csv_atomic(table, RunPaths(cfg.out_dir).tables / f"smoothness_{name}.csv")
-    how = (f"{len(dirs)} random directions over {len(traj.occurrences)} occurrences, {traj.run.max_iters} steps; "
-           f"prediction from the {table['source'].iloc[0]}")
+    how = (f"{len(dirs)} random directions over {len(occ)} occurrences" +
+           (f" (steps {window[0]}..{window[1] - 1} of {traj.run.max_iters})" if window else
+            f", {traj.run.max_iters} steps") + f"; prediction from the {table['source'].iloc[0]}")
     SM.plot(table, cfg.tol, f"smoothness of the mean probe loss: {how}", RunPaths(cfg.out_dir).visualize /
             f"smoothness_{name}.png")
     print(f"smoothness: probe loss {base:.4f}; {how}")

@@ -302,6 +302,8 @@ def test_cache_gives_identical_results_and_outputs_are_written(run, capsys):
     (["--probe=metric:sentiment"], "run python eval.py"),
     (["--estimator=nope"], "unknown attribution estimator 'nope'; choose one of tracin, tracin_adam"),
     (["--validate=maybe"], "choose topk, lds, order or smoothness"),
+    (["--steps=5:2"], "give a:b, the steps a..b-1"),
+    (["--steps=2-5"], "give a:b, the steps a..b-1"),
     (["--estimator=tracin_adam"], "retrain with python train.py --keep_optimizer=True"),
 ])
 def test_bad_input_is_one_line(run, args, msg):
@@ -461,6 +463,11 @@ def test_smoothness_retrains_along_directions_and_compares_with_the_metagradient
     fd = attribute.main(base)  # cached retrains; the central difference at eps 0.5
     row = fd.iloc[0]
     assert row.predicted == pytest.approx((row.measured_plus - row.measured_minus) / 2, rel=1e-12)
+    win = attribute.main(base[:-1] + ["--eps=1", "--steps=2:4"])  # steps 2 and 3 only: their own retrains
+    w = np.load(r.out_dir / "attribution" / "retrains" / "smooth_s0_steps2-4" / "d0_p1_weights.npy")
+    assert np.argwhere(w != 1).tolist() == [[2, 0], [2, 1], [3, 0], [3, 1]] and len(win) == 1
+    assert pd.read_csv(r.out_dir / "tables" / "smoothness_val_steps2-4.csv")["measured_plus"].iloc[0] == \
+        win["measured_plus"].iloc[0]
 
 
 def test_probe_file_names_are_distinct_for_distinct_probes():
