@@ -381,7 +381,7 @@ def stage_bed(name, beds, tmp):
         s["base"].update(max_iters=12, eval_interval=8, log_interval=4)
         s["durability"]["R"] = 20
         spec.write_text(json.dumps(s))
-        return [ROOT / "experiment.py", spec, f"--out_root={run}", "--jobs=1"], run, None, LOGS
+        return [ROOT / "experiment.py", spec, f"--out_root={run}", "--jobs=1"], run, None, LOGS | {"experiment.log"}
     raise KeyError(name)
 
 
