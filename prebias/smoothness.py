@@ -24,6 +24,7 @@ a share eps^2 of the occurrences: eps = 0.1 matches the 1% drops of the LDS.
 """
 
 import math
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -95,8 +96,8 @@ def plot(table: pd.DataFrame, tol: float, title: str, path):
         a.loglog(part["eps"], part["predicted"].abs(), "--", color=c, alpha=0.6)
         b.loglog(part["eps"], part["rel_err"].clip(lower=1e-6), "o-", color=c)
     a.set_xlabel("step size eps (w = 1 +- eps d)")
-    a.set_ylabel("|probe change| (o +eps, x -eps; dashed: eps <g, d>)")
-    a.set_title(title[:90], fontsize=9)
+    a.set_ylabel("|probe change|\n(o +eps, x -eps; dashed: eps <g, d>)")
+    a.set_title(textwrap.fill(title, 80), fontsize=8)  # a window's title is long: wrapped, not cut
     a.legend(fontsize=7)
     b.axhline(tol, color="0.4", lw=0.8, ls="--")
     b.set_xlabel("step size eps")
