@@ -11,7 +11,7 @@ Compared: a manifest of the folder, file -> sha256, where a checkpoint (.pt) is 
 its content less its wall-clock timings (compute.*_s: a rerun takes another time; torch.save
 also names the archive after the temp file, so the bytes differ run to run), a .json less
 its keys "seconds" and "*_s" (the reference scorer's fit time, select_batches' cost), a .csv
-less its columns so named (attribute.py's LDS table: the seconds of each estimator), and
+less those columns and "gradients" (attribute.py's LDS table: its cost, 0 when cached), and
 report.html less its "written by report.py on <minute>" line. Left out: logs and records
 of each start (train.log, history.jsonl, run.json with its start time, .lock): a resumed
 run logs its resume.
@@ -104,10 +104,11 @@ def _untimed(x):
 
 
 def _untimed_csv(text: str) -> str:
-    """A CSV table less its wall-clock columns ("seconds", "<what>_s")."""
+    """A CSV table less its cost columns ("seconds", "<what>_s", and "gradients": those this
+    invocation computed, 0 on a rerun that finds them cached)."""
     import csv
     rows = list(csv.reader(io.StringIO(text)))
-    keep = [i for i, k in enumerate(rows[0] if rows else []) if not (k == "seconds" or k.endswith("_s"))]
+    keep = [i for i, k in enumerate(rows[0] if rows else []) if not (k in ("seconds", "gradients") or k.endswith("_s"))]
     return "\n".join(",".join(r[i] for i in keep if i < len(r)) for r in rows)
 
 
