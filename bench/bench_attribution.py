@@ -15,7 +15,7 @@ retrained in place (train.py --train_mask, --train_weights) many times:
 and prints the cost per retrain and per estimator. Everything is cached under --root: a
 rerun reuses the trained run, every finished retrain and the gradient caches.
 
-$ python bench/bench_attribution.py                          # ~1 h per dataset and phase, 2 quiet cores
+$ python bench/bench_attribution.py                          # ~30 min per dataset and phase, 2 quiet cores
 $ python bench/bench_attribution.py --datasets=sample --subsets=20 --jobs=1
 $ python bench/bench_attribution.py --magic                   # magic's planted truth and cost only
 $ python bench/bench_attribution.py --datasets=sample --subsets=20 --drop_subsets=20 --directions=1 --jobs=1
@@ -28,7 +28,7 @@ steps after ~100 are smooth: docs/results.md) and the second is not.
 
 Settings: dim 64, 4 layers, 4 heads, 2 kv heads, vocab 512 (the demo's shape) with
 max_seq_len 64 and batch_size 8 (the demo trains 256 x 16: smaller here so the retrains fit
-the 2-core machine: ~9 s each when it is quiet), 200 steps, lr 5e-3, warmup 20, checkpoints
+the 2-core machine: ~6 s of training each when it is quiet), 200 steps, lr 5e-3, warmup 20, checkpoints
 at 0, 1, 2, ..., 32 and every 50 steps with the optimizer moments kept; the continued run:
 200 more steps at lr 1e-3 (warmup 20, cosine); probes: the first 16 validation windows; d = 512.
 """
@@ -122,13 +122,11 @@ def dataset(name: str, args) -> dict | None:
     data = prepare(name, root, args.real_dir, args.n_stories)
     if data is None:
         return None
-    t0 = time.time()
-    base = base_run(name, root, data, args.max_iters)
-    runs = {"from scratch": base}
-    if "continued" in args.phases.split(","):
+    phases = args.phases.split(",")
+    base = base_run(name, root, data, args.max_iters)  # the continued phase starts from its last checkpoint
+    runs = {"from scratch": base} if "scratch" in phases else {}
+    if "continued" in phases:
         runs["continued"] = continued_run(name, root, data, base, args.max_iters)
-    if "scratch" not in args.phases.split(","):
-        del runs["from scratch"]
     return {phase: analyse(name, phase, out, args) for phase, out in runs.items()}
 
 
@@ -250,6 +248,8 @@ def main():
     ap.add_argument("--n_val", type=int, default=ATTR["n_val"], help="probes: the first validation windows")
     ap.add_argument("--d", type=int, default=ATTR["d"], help="projection size")
     args = smoke.parse(ap, SMOKE)
+    if not args.phases or set(args.phases.split(",")) - {"scratch", "continued"}:
+        ap.error(f"--phases={args.phases}: scratch, continued or both (comma-separated)")
     temp = not args.root
     args.root = args.root or tempfile.mkdtemp(prefix="bench_attribution_")
     try:
