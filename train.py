@@ -229,6 +229,7 @@ class Trainer:
         self.ctx = autocast_ctx(self.device, self.dtype)
         if self.device == "cpu":
             torch.set_flush_denormal(cfg.flush_denormal)
+            common.keep_freed_memory()  # no fresh pages for each step's activations (~5% of a 15M step)
         self.data = BatchData(cfg.data_dir, cfg.vocab_size, cfg.max_seq_len)
         self.stream = build_stream(cfg, self.data, self.device, self.ctx)
         self.schedule = self.stream.schedule
