@@ -60,7 +60,7 @@ test: run runq
 # crash safety, exhaustively: every stage killed at each of its writes in turn, rerun, compared
 # with the uninterrupted run (tests/test_crash.py; make test kills each at one write)
 crash-test:
-	PREBIAS_CRASH_ALL=1 $(PYTHON) -m pytest -q tests/test_crash.py
+	PREBIAS_CRASH_ALL=1 $(PYTHON) -m pytest -q tests/test_crash.py $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS))
 
 # the edit-test loop: every test but the slow end-to-end ones (how long: README.md)
 test-fast: run runq

@@ -287,17 +287,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """(state, wall-clock start time) of process `pid` from Linux's /proc (10 ms ticks), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # fields 3 (state) and 22 (starttime)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _writer_gone(pid: int, tmp: Path) -> bool:
+    """Whether the process that wrote `tmp` (pid from its name) is gone: no process has that
+    pid; or it is a zombie (killed, not yet reaped: a killed pretokenize's workers are
+    orphans that init reaps when it gets to them, and signal 0 still finds them); or the
+    process that has that pid now started after `tmp` was last written (pids are reused:
+    pid_max is 32,768 on many machines). Both were seen in make crash-test: a rerun kept a
+    killed worker's temp as a live writer's."""
+    if not _alive(pid):
+        return True
+    st = _proc_stat(pid)
+    return st is not None and (st[0] in "ZX" or tmp.stat().st_mtime < st[1])
+
+
 def _remove_dead_temps(path: Path):
     """Before the first write of `path` in this process: the temps of `path` that a killed
-    writer left (its pid is no longer alive here, or the temp predates the pid in the name),
-    so a rerun of any stage leaves none. A live writer's temp (a concurrent command) stays."""
+    writer left (_writer_gone), so a rerun of any stage leaves none. A live writer's temp (a
+    concurrent command) stays."""
     if path in _CLEANED:
         return
     _CLEANED.add(path)
     for p in path.parent.glob(f".{glob_escape(path.name)}.*{TMP_SUFFIX}"):
         m = _TMP.fullmatch(p.name)
         if m and m.group("name") == path.name and p.is_file() and not p.is_symlink() and \
-                (m.group("pid") is None or (int(m.group("pid")) != os.getpid() and not _alive(int(m.group("pid"))))):
+                (m.group("pid") is None or _writer_gone(int(m.group("pid")), p)):
             p.unlink(missing_ok=True)
 
 

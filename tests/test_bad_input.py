@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -299,3 +300,53 @@ def test_model_and_lock_lines_name_the_file_and_the_fix(tiny_data, tmp_path):
     refused(lambda: checkpoint.load_checkpoint(foreign), str(foreign), "train.py")
     (tmp_path / "r31" / ".lock").mkdir(parents=True)
     refused(lambda: FolderLock(tmp_path / "r31"), str(tmp_path / "r31" / ".lock"), "remove")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
+def test_a_dead_writers_temp_is_removed_even_when_its_pid_is_reused(tmp_path):
+    """atomic_path removes a killed writer's temp before its first write of the file. The pid
+    in a temp's name may be held again by another process (pid_max is 32,768 here): the
+    temp is a dead writer's when the process holding that pid started after the temp was
+    last written. Seen failing in make crash-test: a killed pretokenize worker's temp was kept
+    by a rerun worker that got the same pid. A live writer's temp (written after its start) stays."""
+    import os
+    import subprocess
+    import time
+    target = tmp_path / "data01.bin"
+    live = subprocess.Popen(["sleep", "30"])  # a process that holds a pid now
+    try:
+        time.sleep(0.05)
+        reused = tmp_path / f".data01.bin.abcdefgh.{live.pid}.prebias.tmp"  # written before that process started
+        reused.write_text("half")
+        os.utime(reused, (time.time() - 60, time.time() - 60))
+        writing = tmp_path / f".data01.bin.ijklmnop.{live.pid}.prebias.tmp"  # written by it, after its start
+        writing.write_text("in progress")
+        mine = tmp_path / f".data01.bin.qrstuvwx.{os.getpid()}.prebias.tmp"  # this process's pid, an older file
+        mine.write_text("half")
+        os.utime(mine, (time.time() - 10 ** 6, time.time() - 10 ** 6))
+        common._CLEANED.discard(target)
+        with common.atomic_path(target) as tmp:
+            tmp.write_text("whole")
+        assert target.read_text() == "whole"
+        assert not reused.exists() and not mine.exists() and writing.exists()
+    finally:
+        live.kill()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
+def test_a_zombie_writers_temp_is_removed(tmp_path):
+    """A killed writer that is not reaped yet (a zombie: signal 0 still finds its pid) is gone."""
+    import os
+    import subprocess
+    import time
+    dead = subprocess.Popen(["sleep", "0"])  # exits at once; not waited for, so a zombie until reaped
+    time.sleep(0.3)
+    assert open(f"/proc/{dead.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    target = tmp_path / "data00.bin"
+    stale = tmp_path / f".data00.bin.abcdefgh.{dead.pid}.prebias.tmp"
+    stale.write_text("half")  # written after the process started, as its own temp would be
+    common._CLEANED.discard(target)
+    with common.atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert not stale.exists()
+    dead.wait()
