@@ -52,9 +52,10 @@ $(addprefix print-cmd-,$(BUILDS)): print-cmd-%:
 print-cmd-runq:
 	@echo $(CC) $(WARN) $(FLAGS_runq) runq.c $(LDLIBS)
 
-# the suite in TEST_JOBS pytest-xdist workers (one thread each; TEST_JOBS=1: one process)
+# the suite in TEST_JOBS pytest-xdist workers (one thread each; TEST_JOBS=1: one process); every C
+# build first: a fixture building runexact mid-suite raced a smoke run that checks the repo is untouched
 TEST_JOBS ?= 2
-test: run runq
+test: run runq runexact
 	$(PYTHON) -m pytest -q $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS))
 
 # crash safety, exhaustively: every stage killed at each of its writes in turn, rerun, compared
@@ -63,7 +64,7 @@ crash-test:
 	PREBIAS_CRASH_ALL=1 $(PYTHON) -m pytest -q tests/test_crash.py $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS))
 
 # the edit-test loop: every test but the slow end-to-end ones (how long: README.md)
-test-fast: run runq
+test-fast: run runq runexact
 	$(PYTHON) -m pytest -q -m "not slow" $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS))
 
 # The main job, offline on the bundled sample: data -> tokenizer -> batches + metrics ->

@@ -22,6 +22,7 @@ faster), with the range of the per-round ratios beside it. The machine's load av
 printed before and after: on a shared machine, compare only numbers from one run.
 """
 
+import math
 import os
 import re
 import statistics
@@ -36,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from prebias.data import tok_dir, write_index  # noqa: E402
+from prebias.stats import mean_interval  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import smoke  # noqa: E402
@@ -174,20 +176,32 @@ def measure(cases, rounds, steps, work: Path, up: Path | None, env: dict) -> dic
 def table(res: dict, cases, clock: str = "") -> str:
     """The markdown table of wall-clock (clock "") or CPU (clock "_cpu") ms/step."""
     c = "CPU " if clock else ""
-    rows = [f"| shape | project {c}ms/step | upstream {c}ms/step | ratio (upstream / project) | per-round ratios |",
-            "|---|---|---|---|---|"]
+    rows = [f"| shape | project {c}ms/step | upstream {c}ms/step | ratio (upstream / project) | per-round ratios | "
+            "95% interval over rounds |", "|---|---|---|---|---|---|"]
     for name, shape, comp in cases:
         proj, ups = res[name]["project" + clock], res[name]["upstream" + clock]
         p = statistics.median([t for r in proj for t in r])
         desc = (f"dim {shape['dim']}, {shape['n_layers']} layer{'s' * (shape['n_layers'] > 1)}, V {shape['vocab_size']}, "
                 f"batch {shape['batch_size']} × {shape['max_seq_len']}{', compile' if comp else ''}")
         if not ups:
-            rows.append(f"| {desc} | {p:.2f} | (not given) | | |")
+            rows.append(f"| {desc} | {p:.2f} | (not given) | | | |")
             continue
         u = statistics.median([t for r in ups for t in r])
         per = [statistics.median(b) / statistics.median(a) for a, b in zip(proj, ups)]
-        rows.append(f"| {desc} | {p:.2f} | {u:.2f} | **{u / p:.2f}×** | {min(per):.2f}–{max(per):.2f} |")
+        rows.append(f"| {desc} | {p:.2f} | {u:.2f} | **{u / p:.2f}×** | {min(per):.2f}–{max(per):.2f} | "
+                    f"{round_interval(per)} |")
     return "\n".join(rows)
+
+
+def round_interval(ratios: list) -> str:
+    """The geometric mean of the per-round ratios with a 95% t interval over rounds (on their
+    logs: a ratio and its inverse weigh alike), and whether it decides >= 1.0: a round is one
+    paired measurement, so the rounds, not the pooled steps, carry the machine's drift."""
+    n, m, _, lo, hi = mean_interval(np.log(ratios))
+    if n < 2:
+        return "(one round)"
+    verdict = "≥ 1.0" if lo >= 0 else "< 1.0" if hi < 0 else "undecided"
+    return f"{math.exp(m):.2f} [{math.exp(lo):.2f}, {math.exp(hi):.2f}]: {verdict}"
 
 
 def git_commit() -> str:

@@ -35,8 +35,13 @@ def test_table_pools_rounds_and_gives_upstream_over_project():
     shape = bench_upstream.SHAPES["dim16"]
     res = {"dim16": {"project": [[2.0, 3.0, 4.0], [3.0]], "upstream": [[6.0, 6.0], [3.0, 3.0]]}}
     row = bench_upstream.table(res, [("dim16", shape, False)]).splitlines()[2]
-    # pooled medians 3.0 and 4.5; per-round ratios 6/3 and 3/3
-    assert row == "| dim 16, 1 layer, V 512, batch 4 × 64 | 3.00 | 4.50 | **1.50×** | 1.00–2.00 |"
+    # pooled medians 3.0 and 4.5; per-round ratios 6/3 and 3/3: geometric mean sqrt(2), t(1) interval on the logs
+    assert row == ("| dim 16, 1 layer, V 512, batch 4 × 64 | 3.00 | 4.50 | **1.50×** | 1.00–2.00 | "
+                   "1.41 [0.02, 115.61]: undecided |")
+    # five rounds all above 1 decide it; one round alone cannot
+    assert bench_upstream.round_interval([1.05, 1.08, 1.06, 1.07, 1.04]).endswith(": ≥ 1.0")
+    assert bench_upstream.round_interval([0.95, 0.97, 0.96, 0.94, 0.96]).endswith(": < 1.0")
+    assert bench_upstream.round_interval([1.2]) == "(one round)"
 
 
 def test_smoke_against_a_fake_upstream(tmp_path):
