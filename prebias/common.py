@@ -302,8 +302,9 @@ def _writer_gone(pid: int, tmp: Path) -> bool:
     pid; or it is a zombie (killed, not yet reaped: a killed pretokenize's workers are
     orphans that init reaps when it gets to them, and signal 0 still finds them); or the
     process that has that pid now started after `tmp` was last written (pids are reused:
-    pid_max is 32,768 on many machines). Both were seen in make crash-test: a rerun kept a
-    killed worker's temp as a live writer's."""
+    pid_max is 32,768 on many machines). make crash-test found a rerun of pretokenize keeping
+    a killed worker's temp as a live writer's; the zombie check is what made it pass, and a
+    reused pid is the same hazard."""
     if not _alive(pid):
         return True
     st = _proc_stat(pid)
