@@ -15,8 +15,8 @@ by reverse-mode differentiation through every optimizer step, Adam's moments inc
                  corrections, eps outside the root), op for op, so a replay from ckpt_0 with
                  zero moments reproduces the recorded checkpoints bitwise on CPU (tested)
   reverse pass   from d probe / d theta_T, the adjoint of (theta, m, v) back through every step:
-                 the VJP of the clip and the AdamW update written out (elementwise, on the
-                 flattened parameters; held to autograd's in the tests),
+                 the VJP of the clip and the AdamW update written out (elementwise, tensor
+                 by tensor; held to autograd's in the tests),
                  and the Hessian-vector product through the loss gradient by double backward
                  (the gradient built with create_graph, then differentiated against the adjoint
                  of the pre-clip gradient lambda_t); the same backward gives d probe / d w[t, r]
@@ -215,12 +215,13 @@ class Replay:
         return back, dw, lam_G
 
     def _reverse_update(self, s: State, G: list, t: int, lams: list) -> tuple[list, list]:
-        """VJP of the clip and the AdamW update, written out over the flattened parameters (the
-        forward's elementwise values recomputed once, then a dozen vector ops per probe), no
-        graph: at the bench's shape (1 thread) 7 ms against autograd's 15-17 ms over the same
-        update's ~15 ops on each of 41 tensors, in a reverse step of ~90 ms whose rest is the
-        Hessian-vector product (_reverse_grad, 3.0x a training step; forward-over-reverse by
-        torch.func.jvp measured 1.6x slower than this double backward).
+        """VJP of the clip and the AdamW update, written out tensor by tensor (the forward's
+        elementwise values recomputed once per tensor and shared by the probes), no graph:
+        at the bench's shape (1 thread) 7 ms against autograd's 15-17 ms, in a reverse step
+        of ~90 ms whose rest is the Hessian-vector product (_reverse_grad, 3.0x a training
+        step; forward-over-reverse by torch.func.jvp measured 1.6x slower than this double
+        backward). Per tensor, not on the flattened parameters: at the 15M shape flattening's
+        copies made it slower than autograd (427 against 367 ms).
         The derivative of adamw() and clip() above, term by term (tests/test_magic.py holds
         it to autograd's):
           theta' = p (1 - lr wd) - step_size m' / d,  d = sqrt0(v') / bc2_sqrt + eps
@@ -228,37 +229,40 @@ class Replay:
           coef = clip / (|G| + 1e-6) where that is <= 1 (clamp passes its gradient), else 1."""
         h, lr, n = self.h, float(self.h.lrs[t]), float(t + 1)
         step_size, bc2_sqrt = lr / (1 - h.beta1 ** n), (1 - h.beta2 ** n) ** 0.5
-        shapes = [x.shape for x in s.theta]
-        sizes = [x.numel() for x in s.theta]
-        flat = lambda xs: torch.cat([x.reshape(-1) for x in xs])  # noqa: E731
-        split = lambda x: [y.view(sh) for y, sh in zip(x.split(sizes), shapes)]  # noqa: E731
-        Gf = flat(G)
         coef, active, total = 1.0, False, None
         if h.grad_clip:
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in G]), 2.0)
             c = h.grad_clip / (total + 1e-6)
             active = bool(c <= 1.0)
             coef = torch.clamp(c, max=1.0)
-        g = Gf * coef
-        m1 = torch.lerp(flat(s.m), g, 1 - h.beta1)
-        v1 = torch.addcmul(flat(s.v) * h.beta2, g, g, value=1 - h.beta2)
-        pos = v1 > 0
-        sq = torch.sqrt(torch.where(pos, v1, torch.ones_like(v1))) * pos
-        denom = sq / bc2_sqrt + h.eps
-        dsq = torch.where(pos, 0.5 / torch.where(pos, sq, torch.ones_like(sq)), torch.zeros_like(sq)) / bc2_sqrt
-        keep = flat([torch.full_like(p, 1 - lr * h.weight_decay if dec and h.weight_decay != 0 else 1.0)
-                     for p, dec in zip(s.theta, self.decay)])
-        back, lam_G = [], []
-        for lam in lams:
-            a_th, a_m, a_v = flat(lam.theta), flat(lam.m), flat(lam.v)
-            a_m = a_m - step_size * a_th / denom  # theta' through m'
-            a_v = a_v + step_size * a_th * m1 / denom ** 2 * dsq  # theta' through d(v')
-            a_g = (1 - h.beta1) * a_m + 2 * (1 - h.beta2) * g * a_v
-            a_G = a_g * coef
+        P = len(lams)
+        back = [State([], [], []) for _ in range(P)]
+        a_gs = [[] for _ in range(P)]
+        for i, (m, v, Gi, dec) in enumerate(zip(s.m, s.v, G, self.decay)):
+            g = Gi * coef
+            m1 = torch.lerp(m, g, 1 - h.beta1)
+            v1 = torch.addcmul(v * h.beta2, g, g, value=1 - h.beta2)
+            pos = v1 > 0
+            sq = torch.sqrt(torch.where(pos, v1, torch.ones_like(v1))) * pos
+            denom = sq / bc2_sqrt + h.eps
+            dv = torch.where(pos, 0.5 / torch.where(pos, sq, torch.ones_like(sq)), torch.zeros_like(sq)) \
+                * (step_size / bc2_sqrt) * m1 / denom ** 2  # d theta' / d v', less its sign
+            keep = 1 - lr * h.weight_decay if dec and h.weight_decay != 0 else 1.0
+            for p, lam in enumerate(lams):
+                a_th = lam.theta[i]
+                a_m = lam.m[i] - step_size * a_th / denom  # theta' through m'
+                a_v = lam.v[i] + a_th * dv  # theta' through d(v')
+                a_gs[p].append((1 - h.beta1) * a_m + 2 * (1 - h.beta2) * g * a_v)
+                back[p].theta.append(a_th * keep)
+                back[p].m.append(h.beta1 * a_m)
+                back[p].v.append(h.beta2 * a_v)
+        lam_G = []
+        for a_g in a_gs:
+            a_G = [x * coef for x in a_g]
             if active:  # coef = clip / (|G| + 1e-6): d coef / d G = -clip / (|G| + 1e-6)^2 G / |G|
-                a_G = a_G - (h.grad_clip / (total + 1e-6) ** 2 * (a_g @ Gf) / total) * Gf
-            back.append(State(split(a_th * keep), split(h.beta1 * a_m), split(h.beta2 * a_v)))
-            lam_G.append(split(a_G))
+                k = h.grad_clip / (total + 1e-6) ** 2 * sum((x * Gi).sum() for x, Gi in zip(a_g, G)) / total
+                a_G = [x - k * Gi for x, Gi in zip(a_G, G)]
+            lam_G.append(a_G)
         return back, lam_G
 
     def _reverse_grad(self, theta: list, windows: torch.Tensor, w: torch.Tensor,
