@@ -10,6 +10,8 @@ retrained in place (train.py --train_mask, --train_weights) many times:
   2) top-k in-place removal vs timing-matched random-k (the best estimator by 50% LDS)
   3) order-aware attribution: predicted vs measured change of the validation loss over
      random moves (batches of the first tenth of the run swapped with the last tenth)
+     and the same moves on the continued run at smaller learning rates (--order_lrs): the
+     loss a smoother run costs, against how well magic predicts its order
   4) metasmoothness: the validation loss along random directions in weight space at
      several step sizes against the linear prediction (--validate=smoothness)
 and prints the cost per retrain and per estimator. Everything is cached under --root: a
@@ -102,15 +104,15 @@ def attribution(out: Path, args, **over):
     return attribute.main([f"--{k}={v}" for k, v in a.items()])
 
 
-def continued_run(name: str, root: Path, data: Path, base: Path, max_iters: int) -> Path:
+def continued_run(name: str, root: Path, data: Path, base: Path, max_iters: int, lr: float = 0.0) -> Path:
     """The continued phase: a new run from the from-scratch run's last checkpoint
     (train.py --init_from=<ckpt>, a fresh AdamW) of max_iters more steps at CONTINUED's
-    learning rate; its retrains start from that checkpoint."""
-    out = root / name / "continued"
+    learning rate (or lr); its retrains start from that checkpoint."""
+    out = root / name / ("continued" + (f"_lr{lr:g}" if lr else ""))
     found = list_checkpoints(out)
     if not found or found[-1][0] != max_iters:
-        args = {**RUN, **CONTINUED, "max_iters": max_iters, "data_dir": data, "tables_dir": root / name / "tables",
-                "out_dir": out}
+        args = {**RUN, **CONTINUED, **({"learning_rate": lr} if lr else {}), "max_iters": max_iters,
+                "data_dir": data, "tables_dir": root / name / "tables", "out_dir": out}
         args = {k: v for k, v in args.items() if k not in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads")}
         init = ["--init_from=resume"] if found else [f"--init_from={list_checkpoints(base)[-1][1]}"]
         train.main([f"--{k}={v}" for k, v in args.items()] + init)
@@ -127,7 +129,28 @@ def dataset(name: str, args) -> dict | None:
     runs = {"from scratch": base} if "scratch" in phases else {}
     if "continued" in phases:
         runs["continued"] = continued_run(name, root, data, base, args.max_iters)
-    return {phase: analyse(name, phase, out, args) for phase, out in runs.items()}
+    res = {phase: analyse(name, phase, out, args) for phase, out in runs.items()}
+    if "continued" in phases and args.order_lrs:
+        res["continued"]["by_lr"] = order_by_lr(name, root, data, base, runs["continued"], res["continued"]["order"],
+                                                args)
+    return res
+
+
+def order_by_lr(name: str, root: Path, data: Path, base: Path, first: Path, first_order: pd.DataFrame,
+                args) -> pd.DataFrame:
+    """Metasmoothness bought with the learning rate: the continued run again at each of
+    --order_lrs, its final validation loss (what the setting costs) and magic's order
+    Pearson over the same kind of moves (seeded alike), beside the continued run's own."""
+    rows = []
+    for lr in [CONTINUED["learning_rate"]] + [float(x) for x in args.order_lrs.split(",")]:
+        out = first if lr == CONTINUED["learning_rate"] else continued_run(name, root, data, base, args.max_iters, lr)
+        o = first_order if out == first else attribution(out, args, validate="order", moves=args.moves, move_rows=8,
+                                                         move_frac=0.1, estimators="magic")
+        o = o.set_index("estimator").loc["magic"]
+        rows.append({"lr": lr, "val_loss": float(load_checkpoint(list_checkpoints(out)[-1][1])["val_loss"]),
+                     "pearson": o["pearson"], "pearson_lo": o["pearson_lo"], "pearson_hi": o["pearson_hi"],
+                     "spearman": o["spearman"]})
+    return pd.DataFrame(rows)
 
 
 def analyse(name: str, phase: str, out: Path, args) -> dict:
@@ -176,6 +199,9 @@ def summary(name: str, r: dict):
     for x in r["order"].itertuples():
         print(f"order-aware ({x.estimator}): Pearson {x.pearson:+.3f} [{x.pearson_lo:+.3f}, {x.pearson_hi:+.3f}], "
               f"Spearman {x.spearman:+.3f} [{x.spearman_lo:+.3f}, {x.spearman_hi:+.3f}]")
+    for x in r.get("by_lr", pd.DataFrame()).itertuples():
+        print(f"order-aware (magic), continued at lr {x.lr:g}: final val loss {x.val_loss:.4f}, Pearson "
+              f"{x.pearson:+.3f} [{x.pearson_lo:+.3f}, {x.pearson_hi:+.3f}], Spearman {x.spearman:+.3f}")
     sm = r["smooth"]
     size = sm.groupby("direction")["first_order_size"].first()
     print(f"smoothness ({sm['source'].iloc[0]}): first order within {int(100 * TOL)}% up to eps = {size.min():g} in "
@@ -241,6 +267,8 @@ def main():
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--n_random", type=int, default=3)
     ap.add_argument("--moves", type=int, default=30, help="order: retrained moves (the target asks >= 30)")
+    ap.add_argument("--order_lrs", default="3e-4", help="order: the continued run again at these learning rates "
+                    "(comma-separated; '' = none), its loss beside magic's order Pearson")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--magic", action="store_true", help="only magic's planted truth and its cost on the sample")
     ap.add_argument("--n_stories", type=int, default=4000, help="stories of the generated sample")

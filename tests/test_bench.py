@@ -31,7 +31,9 @@ HEADERS = {
                          rf"timing-matched random-2(.*\n)*"
                          rf"order-aware \(\w+\): Pearson ({NUM}|\+nan)(.*\n)*"  # nan: 8 steps, no whole step in a tenth
                          rf"==== sample, continued\nLDS, 1% drops .*: 3 in-place retrains, 4 probes(.*\n)"
-                         rf"estimator +LDS \[95% CI\](.*\n)*magic +{NUM}",
+                         rf"estimator +LDS \[95% CI\](.*\n)*magic +{NUM}(.*\n)*"
+                         rf"order-aware \(magic\), continued at lr 0.001: final val loss {NUM}, Pearson ({NUM}|\+nan)"
+                         rf"(.*\n)*order-aware \(magic\), continued at lr 0.0003: final val loss {NUM}",
     "bench_durability": rf"durability tiny \(dim 64, 4 layers\): {NUM} s per checkpoint \(R=50 candidates",
     "bench_eval": rf"tiny \(dim 64, 2 layers\) +{NUM} s/checkpoint(.*\n)*\s+3 prompts x 8 new tokens \(24 generated\): "
                   rf"batched\+KV cache +{NUM} s \| prompt-by-prompt no cache +{NUM} s",
