@@ -222,11 +222,12 @@ def test_insertions_of_other_steps_are_refused(tagged_run, tmp_path):
 # -----------------------------------------------------------------------------
 # the sweep: kill a stage at each of its writes in turn, rerun, compare
 
-def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS) -> int:
+def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS, shard=(0, 1)) -> int:
     """Kill `args` at each of its writes (or at `points`: 1-based, negative from the end,
     or "middle"), run `between(n)` on what the kill left, rerun it (rerun_args) and require
     the clean run's manifest of `out` with no temp file left. reset() puts the inputs back
-    before each run (default: remove out). Returns the number of writes."""
+    before each run (default: remove out). shard=(i, k) kills at every k-th of those writes
+    from the i-th, so k workers can share one stage's sweep. Returns the number of writes."""
     import shutil
     reset = reset or (lambda: shutil.rmtree(out, ignore_errors=True))
     count = Path(cwd) / "count.txt"
@@ -234,13 +235,7 @@ def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS
     paths = writes(args, cwd, cwd)
     clean = manifest(out, skip)
     assert temps(out) == []
-    at = {"middle": (len(paths) + 1) // 2}
-    if points == "sites":
-        todo = write_sites(paths, out)
-    else:
-        todo = sorted({at.get(n, n) if at.get(n, n) > 0 else len(paths) + 1 + n for n in points} if points
-                      else range(1, len(paths) + 1))
-    for n in todo:
+    for n in kill_points(len(paths), points, shard):
         reset()
         count.unlink(missing_ok=True)
         r = run_stage(args, cwd, fault_at=n, count=count)
@@ -254,18 +249,19 @@ def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS
     return len(paths)
 
 
-def write_sites(paths: list[str], out) -> list[int]:
-    """The first write (1-based) of each kind of file: its path under out with every run's
-    folder (an experiment's <arm>/seed<N>, a retrain's sub<N>) and every number made generic,
-    so ckpt_4.pt of one run stands for every checkpoint of every run (the same code writes them)."""
-    seen, todo = set(), []
-    for i, p in enumerate(paths, 1):
-        rel = os.path.relpath(p, out)
-        kind = re.sub(r"\d+", "N", re.sub(r"^[^/]+/[^/]+/seed\d+/", "RUN/", rel))
-        if kind not in seen:
-            seen.add(kind)
-            todo.append(i)
-    return todo
+def kill_points(n_writes, points=None, shard=(0, 1)) -> list[int]:
+    """The writes (1-based) crash_sweep kills at: `points` (1-based, negative from the end,
+    "middle") or all, then every shard[1]-th of them from the shard[0]-th."""
+    at = {"middle": (n_writes + 1) // 2}
+    todo = sorted({at.get(n, n) if at.get(n, n) > 0 else n_writes + 1 + n for n in points} if points
+                  else range(1, n_writes + 1))
+    return todo[shard[0]::shard[1]]
+
+
+def test_the_shards_of_a_sweep_kill_at_every_write_once():
+    assert kill_points(7, ["middle", -1, 1]) == [1, 4, 7]
+    shards = [kill_points(111, shard=(i, 4)) for i in range(4)]
+    assert sorted(sum(shards, [])) == list(range(1, 112)) and shards[3][:2] == [4, 8]
 
 
 def rerun_args(args) -> list:
@@ -392,16 +388,16 @@ STAGES = ["sample", "pretokenize", "train", "resume", "eval", "export", "visuali
 
 
 # the default run kills each stage at its middle write (one kill, one rerun: about 20 s a
-# stage on 2 cores); `make crash-test` (PREBIAS_CRASH_ALL=1) kills it at every write in turn
-# (126 writes over the first 13 stages, 55 of attribute's, 28 sites of experiment's, 2 runs
-# each: an hour or more), too long for make test.
+# stage on 2 cores); `make crash-test` (PREBIAS_CRASH_ALL=1) kills it at every write in turn:
+# 126 writes over the first 12 stages, attribute's 55 (~10 s a run here) and experiment's 111
+# (~35 s a run), each a kill and a rerun: ~70 min on 2 workers, too long for make test.
 SWEPT = ["pretokenize", "train", "resume", "eval", "export", "visualize_attn", "visualize_embd",
          "visualize_sat_batch", "visualize_sat_output", "durability", "select_batches", "report", "attribute",
          "experiment"]
-# an experiment is 2 runs of train, eval and durability processes, ~70 s a run here: make
-# crash-test kills it at the first write of each kind (write_sites: a checkpoint of one run
-# stands for every checkpoint of every run); make test kills it once (the tiny_experiment fixture)
+# make test kills an experiment once, in its own tiny experiment (the tiny_experiment fixture)
 SAMPLED = [s for s in SWEPT if s != "experiment"]
+# the long sweeps are cut into shards (every k-th write) that the workers of -n share
+SHARDS = {"attribute": 2, "experiment": 4}
 
 
 @pytest.mark.parametrize("name", SAMPLED)
@@ -413,18 +409,12 @@ def test_a_stage_killed_at_a_write_reruns_to_the_clean_result(name, beds, tmp_pa
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PREBIAS_CRASH_ALL") != "1",
                     reason="the exhaustive sweep (every write of every stage) runs in make crash-test")
-@pytest.mark.parametrize("name", SWEPT)
-def test_a_stage_killed_at_every_write_reruns_to_the_clean_result(name, beds, tmp_path):
+@pytest.mark.parametrize("name,shard", [(n, (i, SHARDS.get(n, 1))) for n in sorted(SWEPT, key=lambda n: -SHARDS.get(n, 1))
+                                         for i in range(SHARDS.get(n, 1))],  # the longest first: xdist balances
+                         ids=lambda v: f"{v[0] + 1}of{v[1]}" if isinstance(v, tuple) else v)
+def test_a_stage_killed_at_every_write_reruns_to_the_clean_result(name, shard, beds, tmp_path):
     args, out, reset, skip = stage_bed(name, beds, tmp_path)
-    crash_sweep(args, out, tmp_path, points="sites" if name in ("attribute", "experiment") else None, reset=reset,
-                skip=skip)
-
-
-def test_write_sites_are_the_first_of_each_kind():
-    out = "/x/out"
-    paths = [f"{out}/exp/{a}/seed{s}/ckpt/ckpt_{k}.pt" for a in ("shuffle", "curriculum") for s in (1, 2)
-             for k in (0, 4)] + [f"{out}/exp/tables/summary.csv", f"{out}/exp/shuffle/seed1/tables/eval.csv"]
-    assert write_sites(paths, out) == [1, 9, 10]
+    crash_sweep(args, out, tmp_path, reset=reset, skip=skip, shard=shard)
 
 
 # -----------------------------------------------------------------------------
