@@ -95,8 +95,7 @@ def save_optimizer(state: dict, path, ck: dict):
     """The optimizer's state dict, with the record of the checkpoint `ck` it belongs to (atomic)."""
     rec = {"iter_num": int(ck["iter_num"]), "identity": {k: ck["config"].get(k) for k in IDENTITY},
            "weights_sha256": weights_digest(ck["model"])}
-    with atomic_path(path) as tmp:
-        torch.save({**state, "checkpoint": rec}, tmp)
+    save_torch({**state, "checkpoint": rec}, path)
 
 
 def load_optimizer(path, ck: dict, optimizer) -> tuple[dict, str]:
@@ -160,8 +159,17 @@ def _optimizer_misfit(state: dict, optimizer) -> str:
 
 def save_checkpoint(obj: dict, path):
     """Atomic: a process killed mid-save leaves earlier checkpoints and no partial file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    save_torch(obj, path)
+
+
+def save_torch(obj, path):
+    """torch.save through atomic_path, into an open file: given a path, torch.save names the
+    zip archive inside after the file, here the temp's random name and writer pid, so a
+    checkpoint's bytes and size changed with the process that wrote it (a resumed run's
+    checkpoints were 64 bytes off the uninterrupted run's when the pid had one digit more).
+    Given a file it names the archive "archive": the same object, the same bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def list_checkpoints(out_dir) -> list[tuple[int, Path]]:

@@ -43,3 +43,13 @@ def test_the_ordering_message_names_the_checkpoint_to_restore(tiny_run, tmp_path
     torch.save(ck, p4)
     msg = refused(lambda: ev.main([f"--out_dir={run}", *EVAL]), "ckpt_4.pt", "ckpt_2.pt")
     assert "restore ckpt_1.pt" not in msg  # ckpt_1 is there: restoring it fixes nothing
+
+
+def test_the_same_checkpoint_saved_twice_is_the_same_bytes(tmp_path):
+    """torch.save given a path names the zip archive inside after it: the atomic temp's random
+    name and pid made every save's bytes (and size: a byte per entry per pid digit) differ."""
+    obj = {"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}, "iter_num": 4}
+    checkpoint.save_checkpoint(obj, tmp_path / "a" / "ckpt_4.pt")
+    checkpoint.save_checkpoint(obj, tmp_path / "ckpt_4.pt")
+    a, b = (tmp_path / "a" / "ckpt_4.pt").read_bytes(), (tmp_path / "ckpt_4.pt").read_bytes()
+    assert a == b and torch.equal(torch.load(tmp_path / "ckpt_4.pt", weights_only=True)["model"]["w"], obj["model"]["w"])
