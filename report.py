@@ -31,7 +31,7 @@ import pandas as pd
 from metrics import MAIN_METRICS
 from prebias import stats
 from prebias.checkpoint import run_config, run_record
-from prebias.common import UserError, main_guard, parse_config, write_text_atomic
+from prebias.common import ENV_FAULTS, UserError, main_guard, parse_config, write_text_atomic
 from prebias.inputs import read_csv, read_json
 from prebias.paths import RunPaths
 from prebias.stream import RunBatches
@@ -290,6 +290,8 @@ def main(argv=None):
     try:
         write_text_atomic(out, text)
     except OSError as e:
+        if e.errno in ENV_FAULTS:  # a full disk or a read-only folder: main_guard's line gives that fix
+            raise
         raise UserError(f"cannot write {out} ({e.strerror}): give a writable --out=<file.html>") from None
     print(f"wrote {out} ({len(text) / 1e6:.1f} MB)")
     return out

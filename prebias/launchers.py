@@ -169,8 +169,11 @@ def run_command(job: Job, stage: str, cmd: list, env: dict, say=print) -> int:
 
 
 def failure(stage: str, rc, log_path: Path) -> str:
+    """Why a stage failed, on one line: its own error line whole (it names the file and the
+    fix), or the start of whatever it printed last (a traceback's last line)."""
     tail = log_path.read_text().strip().splitlines()[-1:] if log_path.exists() else []
-    return f"{stage} failed (exit {rc}; {tail[0][:200] if tail else 'no output'}): see {log_path}"
+    last = (tail[0] if tail[0].startswith("error:") else tail[0][:200]) if tail else "no output"
+    return f"{stage} failed (exit {rc}; {last}): see {log_path}"
 
 
 def launch(jobs: list[Job], launcher: str = "local", opts: LaunchOptions | None = None, say=None) -> dict:
