@@ -8,8 +8,7 @@ PREBIAS_FAULT_AT=N kills it at the Nth. The stage runs as its own session
 (start_new_session), so the kill takes its workers with it.
 
 Compared: a manifest of the folder, file -> sha256, where a checkpoint (.pt) is hashed by
-its content less its wall-clock timings (compute.*_s: a rerun takes another time; torch.save
-also names the archive after the temp file, so the bytes differ run to run), a .json less
+its content less its wall-clock timings (compute.*_s: a rerun takes another time), a .json less
 its keys "seconds" and "*_s" (the reference scorer's fit time, select_batches' cost), a .csv
 less those columns and "gradients" (attribute.py's LDS table: its cost, 0 when cached), and
 report.html less its "written by report.py on <minute>" line. Left out: logs and records
@@ -222,12 +221,15 @@ def test_insertions_of_other_steps_are_refused(tagged_run, tmp_path):
 # -----------------------------------------------------------------------------
 # the sweep: kill a stage at each of its writes in turn, rerun, compare
 
-def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS, shard=(0, 1)) -> int:
+def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS, shard=(0, 1),
+                fault_errno=None) -> int:
     """Kill `args` at each of its writes (or at `points`: 1-based, negative from the end,
     or "middle"), run `between(n)` on what the kill left, rerun it (rerun_args) and require
     the clean run's manifest of `out` with no temp file left. reset() puts the inputs back
     before each run (default: remove out). shard=(i, k) kills at every k-th of those writes
-    from the i-th, so k workers can share one stage's sweep. Returns the number of writes."""
+    from the i-th, so k workers can share one stage's sweep. fault_errno="ENOSPC" (say): the
+    write fails with that error instead of a kill, and the stage must stop with exit 1 and
+    one error line, the path named, no temp left. Returns the number of writes."""
     import shutil
     reset = reset or (lambda: shutil.rmtree(out, ignore_errors=True))
     count = Path(cwd) / "count.txt"
@@ -238,8 +240,12 @@ def crash_sweep(args, out, cwd, points=None, between=None, reset=None, skip=LOGS
     for n in kill_points(len(paths), points, shard):
         reset()
         count.unlink(missing_ok=True)
-        r = run_stage(args, cwd, fault_at=n, count=count)
-        assert r.returncode == -9, (n, paths[n - 1], r.stderr)
+        r = run_stage(args, cwd, fault_at=n, count=count, fault_errno=fault_errno)
+        if fault_errno:  # a multi-run command (experiment, attribute) lists its failed runs above
+            assert r.returncode == 1 and one_error_line(r.stderr) and paths[n - 1] in r.stderr, (n, r.stderr[-2000:])
+            assert temps(out) == [], (n, paths[n - 1])
+        else:
+            assert r.returncode == -9, (n, paths[n - 1], r.stderr)
         if between:
             between(n)
         r = run_stage(rerun_args(args), cwd)
@@ -409,16 +415,16 @@ def test_a_stage_killed_at_a_write_reruns_to_the_clean_result(name, beds, tmp_pa
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PREBIAS_CRASH_ALL") != "1",
                     reason="the exhaustive sweep (every write of every stage) runs in make crash-test")
+@pytest.mark.parametrize("fault", ["kill", "ENOSPC"])
 @pytest.mark.parametrize("name,shard", [(n, (i, SHARDS.get(n, 1))) for n in sorted(SWEPT, key=lambda n: -SHARDS.get(n, 1))
                                          for i in range(SHARDS.get(n, 1))],  # the longest first: xdist balances
                          ids=lambda v: f"{v[0] + 1}of{v[1]}" if isinstance(v, tuple) else v)
-def test_a_stage_killed_at_every_write_reruns_to_the_clean_result(name, shard, beds, tmp_path):
+def test_a_stage_killed_at_every_write_reruns_to_the_clean_result(name, shard, fault, beds, tmp_path):
+    """Killed, or out of disk (ENOSPC), at each write in turn; rerun (with room): the clean result."""
     args, out, reset, skip = stage_bed(name, beds, tmp_path)
-    crash_sweep(args, out, tmp_path, reset=reset, skip=skip, shard=shard)
+    crash_sweep(args, out, tmp_path, reset=reset, skip=skip, shard=shard,
+                fault_errno=None if fault == "kill" else fault)
 
-
-# -----------------------------------------------------------------------------
-# the environment's faults: a full disk, a read-only folder, a device torch lacks: one line
 
 def test_main_guard_says_an_environment_fault_in_one_line(capsys):
     import errno
@@ -436,12 +442,9 @@ def test_main_guard_says_an_environment_fault_in_one_line(capsys):
         main_guard(lambda: open("/nonexistent/x"))
 
 
-ENOSPC_STAGES = ["train", "resume", "eval", "export", "sample", "pretokenize"]
-EROFS_STAGES = ["eval", "export", "visualize_attn", "visualize_embd", "visualize_sat_batch", "visualize_sat_output",
-                "pretokenize"]
-
-
-@pytest.mark.parametrize("name,fault", [(n, "ENOSPC") for n in ENOSPC_STAGES] + [(n, "EROFS") for n in EROFS_STAGES])
+# every stage, a full disk and a read-only folder in turn (main_guard's line for each is
+# tested above; here, that each stage's writes reach it and leave no temp)
+@pytest.mark.parametrize("name,fault", [(n, ("ENOSPC", "EROFS")[i % 2]) for i, n in enumerate(["sample", *SWEPT])])
 def test_a_write_that_fails_is_one_line_naming_the_path(name, fault, beds, tmp_path):
     """The stage's first write fails (through the hook) as on a full disk or a read-only
     folder: exit 1, one line naming the file and the fix, no temp file left."""
@@ -451,6 +454,19 @@ def test_a_write_that_fails_is_one_line_naming_the_path(name, fault, beds, tmp_p
     first = (tmp_path / "count.txt").read_text().splitlines()[0]
     assert r.returncode == 1 and one_error_line(r.stderr).startswith(f"error: cannot write {first}: "), \
         r.stderr[-2000:]
+    assert temps(out) == []
+
+
+def test_a_run_of_an_experiment_out_of_disk_is_named_whole(beds, tmp_path, fault="ENOSPC"):
+    """A run's write fails inside an experiment: the experiment lists that run with the
+    run's own error line whole (path and fix), then its one error line."""
+    args, out, _, _ = stage_bed("experiment", beds, tmp_path)
+    r = run_stage(args, tmp_path, fault_at=4, count=tmp_path / "count.txt", fault_errno=fault)
+    path = (tmp_path / "count.txt").read_text().splitlines()[3]
+    assert path.endswith("seed1/config.json") and r.returncode == 1, r.stderr[-2000:]
+    assert one_error_line(r.stderr).startswith("error: 1 of 2 runs failed")
+    failed = next(ln for ln in r.stderr.splitlines() if ln.startswith("FAILED"))
+    assert f"error: cannot write {path}: " in failed and "run the same command again): see " in failed, failed
     assert temps(out) == []
 
 
