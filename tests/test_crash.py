@@ -415,10 +415,10 @@ def test_a_stage_killed_at_a_write_reruns_to_the_clean_result(name, beds, tmp_pa
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PREBIAS_CRASH_ALL") != "1",
                     reason="the exhaustive sweep (every write of every stage) runs in make crash-test")
-@pytest.mark.parametrize("fault", ["kill", "ENOSPC"])
 @pytest.mark.parametrize("name,shard", [(n, (i, SHARDS.get(n, 1))) for n in sorted(SWEPT, key=lambda n: -SHARDS.get(n, 1))
                                          for i in range(SHARDS.get(n, 1))],  # the longest first: xdist balances
                          ids=lambda v: f"{v[0] + 1}of{v[1]}" if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("fault", ["kill", "ENOSPC"])  # every kill first
 def test_a_stage_killed_at_every_write_reruns_to_the_clean_result(name, shard, fault, beds, tmp_path):
     """Killed, or out of disk (ENOSPC), at each write in turn; rerun (with room): the clean result."""
     args, out, reset, skip = stage_bed(name, beds, tmp_path)
