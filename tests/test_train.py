@@ -88,9 +88,8 @@ def test_kill_during_checkpoint_save_keeps_previous(tiny_data, tmp_path, monkeyp
     real_save = torch.save
 
     def dying_save(obj, f, *a, **k):
-        if isinstance(obj, dict) and obj.get("iter_num") == 4:
-            with open(f, "wb") as fh:
-                fh.write(b"PK\x03\x04 half a checkpoint")
+        if isinstance(obj, dict) and obj.get("iter_num") == 4:  # f: the open temp (checkpoint.save_torch)
+            f.write(b"PK\x03\x04 half a checkpoint")
             raise KeyboardInterrupt
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(checkpoint.torch, "save", dying_save)
