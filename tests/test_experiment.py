@@ -498,3 +498,14 @@ def test_every_statistic_is_computable_at_the_seed_count(tmp_path, n_seeds):
                                         "seeds"):
         experiment.check_statistics(tmp_path / "exp.json", spec)
 
+
+
+def test_local_runs_share_the_cores_unless_the_caller_set_threads(monkeypatch):
+    """OMP_NUM_THREADS: cores // jobs, but the caller's own value when set (as on Slurm)."""
+    import os
+    from prebias.launchers import Slots
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert Slots(jobs=4, per=1).env(0).get("OMP_NUM_THREADS") in ("2", None)  # None: a GPU slot
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert Slots(jobs=2, per=1).env(1)["OMP_NUM_THREADS"] == "1"
