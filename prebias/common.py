@@ -470,6 +470,7 @@ class DoneRecord:
 
     def __init__(self, path, settings: dict, redo: bool = False):
         self.path, self.settings = Path(path), json.loads(json.dumps(settings))  # JSON-normalised
+        _remove_dead_temps(self.path)  # a rerun that finds every item done never writes the record again
         old = {}
         if self.path.exists() and not redo:
             try:

@@ -540,3 +540,14 @@ def test_a_device_torch_lacks_is_one_line(device, beds, tmp_path):
         pytest.skip("this machine has that device")
     r = run_stage([ROOT / "eval.py", f"--out_dir={beds['clean']}", f"--device={device}"], tmp_path)
     assert r.returncode == 1 and one_error_line(r.stderr).startswith(f"error: --device={device}: "), r.stderr
+
+
+def test_a_done_record_clears_its_killed_writers_temp(tmp_path):
+    """A rerun that finds every item done never writes its done-record again, so the temp of
+    the record's killed write was never removed (attribute's kill at its 54th write)."""
+    from prebias.common import DoneRecord
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "done.json").write_text(json.dumps({"settings": {"v": 1}, "done": {"a": 1}}))
+    tmp = tmp_path / f".done.json.abcd1234.{int(dead.stdout)}.prebias.tmp"
+    tmp.write_text("{}")
+    assert DoneRecord(tmp_path / "done.json", {"v": 1}).is_done("a", 1) and temps(tmp_path) == []
