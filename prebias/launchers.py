@@ -211,7 +211,7 @@ class Slots:
     """Which device slot a job takes: GPUs (CUDA_VISIBLE_DEVICES), or a share of the CPU
     cores (OMP_NUM_THREADS, unless the caller set one, as on Slurm: two experiments side by
     side, each told OMP_NUM_THREADS=1, ran each run on every core: 4 threads on 2 cores, a crash
-    sweep's kill and rerun 2-7 min instead of ~40 s)."""
+    sweep's kill and rerun 2-7 min instead of ~45 s)."""
 
     def __init__(self, jobs: int, per: int):
         import torch

@@ -396,7 +396,7 @@ STAGES = ["sample", "pretokenize", "train", "resume", "eval", "export", "visuali
 # the default run kills each stage at its middle write (one kill, one rerun: about 20 s a
 # stage on 2 cores); `make crash-test` (PREBIAS_CRASH_ALL=1) kills it at every write in turn:
 # 126 writes over the first 12 stages, attribute's 55 (~10 s a run here) and experiment's 111
-# (~35 s a run), each a kill and a rerun: ~70 min on 2 workers, too long for make test.
+# (~35 s a run), each a kill and a rerun: ~50 min on 2 workers, as long again with ENOSPC.
 SWEPT = ["pretokenize", "train", "resume", "eval", "export", "visualize_attn", "visualize_embd",
          "visualize_sat_batch", "visualize_sat_output", "durability", "select_batches", "report", "attribute",
          "experiment"]
@@ -425,6 +425,9 @@ def test_a_stage_killed_at_every_write_reruns_to_the_clean_result(name, shard, f
     crash_sweep(args, out, tmp_path, reset=reset, skip=skip, shard=shard,
                 fault_errno=None if fault == "kill" else fault)
 
+
+# -----------------------------------------------------------------------------
+# the environment's faults: a full disk, a read-only folder, a device torch lacks: one line
 
 def test_main_guard_says_an_environment_fault_in_one_line(capsys):
     import errno
@@ -457,11 +460,11 @@ def test_a_write_that_fails_is_one_line_naming_the_path(name, fault, beds, tmp_p
     assert temps(out) == []
 
 
-def test_a_run_of_an_experiment_out_of_disk_is_named_whole(beds, tmp_path, fault="ENOSPC"):
+def test_a_run_of_an_experiment_out_of_disk_is_named_whole(beds, tmp_path):
     """A run's write fails inside an experiment: the experiment lists that run with the
     run's own error line whole (path and fix), then its one error line."""
     args, out, _, _ = stage_bed("experiment", beds, tmp_path)
-    r = run_stage(args, tmp_path, fault_at=4, count=tmp_path / "count.txt", fault_errno=fault)
+    r = run_stage(args, tmp_path, fault_at=4, count=tmp_path / "count.txt", fault_errno="ENOSPC")
     path = (tmp_path / "count.txt").read_text().splitlines()[3]
     assert path.endswith("seed1/config.json") and r.returncode == 1, r.stderr[-2000:]
     assert one_error_line(r.stderr).startswith("error: 1 of 2 runs failed")
