@@ -63,6 +63,8 @@ RUN = dict(vocab_size=512, max_seq_len=64, batch_size=8, dim=64, n_layers=4, n_h
 # the continued phase: from the run's last checkpoint, as many steps again at a fifth of the rate
 CONTINUED = dict(learning_rate=1e-3)
 ATTR = dict(probe="val", n_val=16, d=512)
+# the order validation: each move trades 8 batches of the first tenth of the run with 8 of the last
+MOVES = dict(move_rows=8, move_frac=0.1)  # attribute.py --move_rows, --move_frac
 # every estimator graded side by side (those whose extras are installed); a new one is one name here
 ESTIMATORS = ["grad_dot", "tracin", "tracin_adam", "trak", "ekfac", "magic"]
 TOL = 0.1  # smoothness: first order holds while the relative error is at most this (attribute.py --tol)
@@ -144,8 +146,8 @@ def order_by_lr(name: str, root: Path, data: Path, base: Path, first: Path, firs
     rows = []
     for lr in [CONTINUED["learning_rate"]] + [float(x) for x in args.order_lrs.split(",")]:
         out = first if lr == CONTINUED["learning_rate"] else continued_run(name, root, data, base, args.max_iters, lr)
-        o = first_order if out == first else attribution(out, args, validate="order", moves=args.moves, move_rows=8,
-                                                         move_frac=0.1, estimators="magic")
+        o = first_order if out == first else attribution(out, args, validate="order", moves=args.moves, **MOVES,
+                                                         estimators="magic")
         o = o.set_index("estimator").loc["magic"]
         rows.append({"lr": lr, "val_loss": float(load_checkpoint(list_checkpoints(out)[-1][1])["val_loss"]),
                      "pearson": o["pearson"], "pearson_lo": o["pearson_lo"], "pearson_hi": o["pearson_hi"],
@@ -163,7 +165,7 @@ def analyse(name: str, phase: str, out: Path, args) -> dict:
     attribution(out, args, validate="topk", estimator=best, k=args.k, n_random=args.n_random)
     topk = pd.read_csv(out / "tables" / f"influence_{attribute.table_name(attribute.AttributeConfig(estimator=best))}"
                                         "_validation.csv").iloc[0].to_dict()
-    order = attribution(out, args, validate="order", moves=args.moves, move_rows=8, move_frac=0.1)
+    order = attribution(out, args, validate="order", moves=args.moves, **MOVES)
     smooth = attribution(out, args, validate="smoothness", directions=args.directions, eps=args.eps, tol=TOL,
                          metagradient=magic_table(out, args))
     return {"lds1": lds1, "lds": lds, "best": best, "topk": topk, "order": order, "smooth": smooth,
