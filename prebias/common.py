@@ -394,17 +394,21 @@ def atomic_path(path):
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        fault = _write_fault(e, path)
+        fault = _write_fault(e, path, tmp)
         if fault is not None:
             raise fault from None
         raise
 
 
-def _write_fault(e: BaseException, path: Path) -> OSError | None:
+def _write_fault(e: BaseException, path: Path, tmp: str) -> OSError | None:
     """The OSError naming `path` of a failed write (a full disk or a folder it may not
     write: ENV_FAULTS), for main_guard's one line; None for anything else. np.save gives
-    no file name, torch.save a RuntimeError of its zip writer."""
+    no file name, torch.save a RuntimeError of its zip writer. An error that names another
+    file is that file's (a write nested in this one's body, or a pool worker's, already
+    named by its own atomic_path) and keeps its name."""
     if isinstance(e, OSError) and e.errno in ENV_FAULTS:
+        if e.filename is not None and os.fsdecode(e.filename) not in (tmp, str(path)):
+            return None
         return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
     if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
         with contextlib.suppress(OSError):  # the zip writer's short write: a full disk when little is free

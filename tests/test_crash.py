@@ -445,6 +445,35 @@ def test_main_guard_says_an_environment_fault_in_one_line(capsys):
         main_guard(lambda: open("/nonexistent/x"))
 
 
+
+def _fill_disk(path):
+    """A pool worker's write on a full disk (np.save's error names no file)."""
+    import errno
+    from prebias.common import atomic_path
+    with atomic_path(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_write_failing_inside_another_keeps_its_own_name(tmp_path):
+    """pretokenize writes each shard's metrics (a pool worker's atomic write) inside the open
+    batch_metrics.csv: a full disk at a shard was named as the CSV (found by make crash-test)."""
+    import errno
+    from concurrent.futures import ProcessPoolExecutor
+    from prebias.common import atomic_path
+    for nested in ("inline", "worker"):
+        with pytest.raises(OSError) as e, atomic_path(tmp_path / "outer.csv") as tmp:
+            tmp.write_text("id\n")
+            if nested == "inline":
+                _fill_disk(tmp_path / "inner.npy")
+            else:
+                with ProcessPoolExecutor(1) as pool:
+                    pool.submit(_fill_disk, tmp_path / "inner.npy").result()
+        assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "inner.npy")), nested
+        assert list(tmp_path.iterdir()) == [], nested  # neither file, nor a temp of either
+    with pytest.raises(OSError) as e, atomic_path(tmp_path / "outer.csv"):  # its own write's fault: its name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.filename == str(tmp_path / "outer.csv")
+
 # every stage, a full disk and a read-only folder in turn (main_guard's line for each is
 # tested above; here, that each stage's writes reach it and leave no temp)
 @pytest.mark.parametrize("name,fault", [(n, ("ENOSPC", "EROFS")[i % 2]) for i, n in enumerate(["sample", *SWEPT])])
