@@ -445,7 +445,6 @@ def test_main_guard_says_an_environment_fault_in_one_line(capsys):
         main_guard(lambda: open("/nonexistent/x"))
 
 
-
 def _fill_disk(path):
     """A pool worker's write on a full disk (np.save's error names no file)."""
     import errno
@@ -473,6 +472,7 @@ def test_a_write_failing_inside_another_keeps_its_own_name(tmp_path):
     with pytest.raises(OSError) as e, atomic_path(tmp_path / "outer.csv"):  # its own write's fault: its name
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert e.value.filename == str(tmp_path / "outer.csv")
+
 
 # every stage, a full disk and a read-only folder in turn (main_guard's line for each is
 # tested above; here, that each stage's writes reach it and leave no temp)
